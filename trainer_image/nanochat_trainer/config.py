@@ -319,6 +319,57 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"warmup_steps": 2000},
         "steps": 50000, "batch_size": 4,
     },
+    # "tiny" with 8 routed experts (top-2) and a gated shared expert in every layer: the
+    # MoE path end to end on CPU.
+    "tiny-moe": {
+        "model": {"vocab_size": 1024, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+                  "max_seq_len": 256, "tie_embeddings": False,
+                  "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 128, "n_shared_experts": 1,
+                          "shared_expert_ffn_dim": 128}},
+        "tokenizer": {"kind": "bpe", "train_docs": 2000},
+        "optimizer": {"lr": 0.02, "adam_lr": 0.006},
+        "schedule": {"warmup_steps": 20, "decay": "cosine"},
+        "checkpoint": {"every": 100},
+        "steps": 300, "batch_size": 16, "seq_len": 256,
+    },
+    # A miniature Qwen3-Next: 3 Gated DeltaNet layers then 1 gated full-attention layer,
+    # MoE everywhere, partial RoPE. Trains on CPU.
+    "tiny-hybrid": {
+        "model": {"vocab_size": 1024, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+                  "max_seq_len": 256, "tie_embeddings": False,
+                  "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 128, "n_shared_experts": 1,
+                          "shared_expert_ffn_dim": 128},
+                  "hybrid": {"full_attention_interval": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                             "linear_key_head_dim": 32, "linear_value_head_dim": 32, "conv_kernel": 4,
+                             "chunk_size": 64, "partial_rotary_factor": 0.25}},
+        "tokenizer": {"kind": "bpe", "train_docs": 2000},
+        "optimizer": {"lr": 0.02, "adam_lr": 0.006},
+        "schedule": {"warmup_steps": 20, "decay": "cosine"},
+        "checkpoint": {"every": 100},
+        "steps": 300, "batch_size": 16, "seq_len": 256,
+    },
+    # Qwen3-Next-80B-A3B's shape (transformers' Qwen3NextConfig defaults plus the published
+    # rope_theta 1e7 and intermediate_size 5120): 48 layers at dim 2048, 3 Gated DeltaNet
+    # (16 QK / 32 V heads of 128) per gated full-attention layer (16 Q / 2 KV heads of 256,
+    # RoPE on a quarter of each head), 512 experts of 512 top-10 plus a 512 shared expert
+    # in every layer. ~79.7B parameters, ~3.3B active per token without embeddings.
+    # Trained at 4096 tokens (the released model's 262144 context is RoPE-table size only).
+    "qwen3-hybrid": {
+        "model": {"vocab_size": 151936, "dim": 2048, "n_layers": 48, "n_heads": 16, "n_kv_heads": 2,
+                  "head_dim": 256, "ffn_dim": 5120, "max_seq_len": 4096, "rope_theta": 10000000.0,
+                  "norm_eps": 1e-6, "tie_embeddings": False,
+                  "moe": {"n_experts": 512, "top_k": 10, "expert_ffn_dim": 512, "n_shared_experts": 1,
+                          "shared_expert_ffn_dim": 512, "norm_topk_prob": True, "aux_loss_weight": 0.001},
+                  "hybrid": {"full_attention_interval": 4, "linear_num_key_heads": 16,
+                             "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+                             "linear_value_head_dim": 128, "conv_kernel": 4, "chunk_size": 64,
+                             "partial_rotary_factor": 0.25}},
+        "tokenizer": {"kind": "gpt2"},
+        "optimizer": {"lr": 0.02, "adam_lr": 0.002},
+        "schedule": {"warmup_steps": 2000, "decay": "wsd"},
+        "checkpoint": {"every": 500},
+        "steps": 100000, "batch_size": 1, "seq_len": 4096, "dtype": "bfloat16", "parallel": "fsdp",
+    },
 }
 
 

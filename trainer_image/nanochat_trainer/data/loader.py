@@ -1,0 +1,192 @@
+"""Packed token batches for training, resumable from a checkpoint.
+
+    from nanochat_trainer.data.loader import TokenLoader, merge_states
+    loader = TokenLoader(cfg, tokenizer, rank, world, device)
+    x, y = loader.next_batch()                 # LongTensors (batch_size, seq_len); y is x shifted by one
+    state = loader.state_dict()                # small: two ints per lane plus a row count
+    loader.load_state_dict(state)              # the next batches are exactly those that would have come
+
+Packing: documents are tokenized, each followed by `tokenizer.eot_id`, concatenated
+and cut into rows of seq_len + 1 tokens (x = row[:-1], y = row[1:]); a document may
+run across rows and rows hold several documents, so no token is padding.
+
+One global stream of rows, whatever the world size. Documents go round-robin to
+`lanes` independent packers (document i to lane i % lanes; `lanes` is 64, or
+lcm(64, world)); global row g is the next row of lane g % lanes. Rank r of W takes
+global rows r, r + W, r + 2W, ...: its micro-batch b holds rows r + W*(b*B + j), so
+step b's batches over all ranks are exactly global rows [b*B*W, (b+1)*B*W). Because W
+divides `lanes`, rank r only ever uses lanes l with l % W == r and so only reads
+documents i with i % W == r: ranks read disjoint shares, and 1 process with batch
+2B sees the same rows at every step as 2 processes with batch B (for every W that
+divides 64; for Hugging Face data only when `datasets` splits by example, see
+sources.py).
+
+State: per lane, the document its unread tokens start in and how many of that
+document's tokens were already used. Resuming re-tokenizes that one document per
+lane; reaching it is O(1) for synthetic data and local folders and a skip through
+the stream for JSONL, Parquet and Hugging Face data. `merge_states` combines the
+states of all ranks into one, which any world size dividing `lanes` can load.
+
+Lanes consume whole documents; a lane stuck in a very long document lets the
+documents queued for it pile up in memory until it gets to them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+import torch
+
+from ..config import TrainerConfig
+from .sources import iter_indexed
+
+LANES = 64
+STATE_VERSION = 1
+
+
+@dataclass
+class _Lane:
+    doc: int = 0  # lane-local number of the document holding the first unread token
+    offset: int = 0  # tokens of that document (with its eot) already emitted
+    next_doc: int = 0  # lane-local number of the next document to tokenize
+    buf: list[int] = field(default_factory=list)
+    pos: int = 0  # first unread token in buf
+    left: deque = field(default_factory=deque)  # unread tokens of each document in buf
+
+
+class _Dispatcher:
+    """Reads this rank's documents once, in order, and queues each for its lane."""
+
+    def __init__(self, docs: Iterator[tuple[int, str]], lanes: int, first_needed: dict[int, int]):
+        self._docs = docs
+        self._lanes = lanes
+        self._floor = first_needed  # documents below a lane's floor were used before a resume
+        self._queues: dict[int, deque] = {lane: deque() for lane in first_needed}
+
+    def get(self, lane: int, index: int) -> str:
+        queue = self._queues[lane]
+        while not queue:
+            i, text = next(self._docs)
+            owner = i % self._lanes
+            if i >= self._floor[owner]:
+                self._queues[owner].append((i, text))
+        i, text = queue.popleft()
+        if i != index:
+            raise RuntimeError(f"lane {lane} expected document {index}, got {i}: inconsistent loader state")
+        return text
+
+
+class TokenLoader:
+    """Batches of packed rows for one rank; see the module docstring for the layout."""
+
+    def __init__(self, cfg: TrainerConfig, tokenizer, rank: int = 0, world: int = 1,
+                 device: Union[str, torch.device] = "cpu", lanes: int | None = None):
+        self.lanes = lanes or math.lcm(LANES, world)
+        if self.lanes % world:
+            raise ValueError(f"lanes={self.lanes} is not a multiple of world={world}")
+        self.data = cfg.data
+        self.tokenizer = tokenizer
+        self.rank, self.world = rank, world
+        self.device = torch.device(device)
+        self.batch_size = cfg.batch_size
+        self.seq_len = cfg.resolved_seq_len
+        self.rows = 0  # rows this rank has produced
+        self._lanes = {lane: _Lane() for lane in range(rank, self.lanes, world)}
+        self._dispatcher: _Dispatcher | None = None
+
+    # ------------------------------------------------------------------ batches
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for _ in range(self.batch_size):
+            g = self.rank + self.world * self.rows
+            rows.append(self._row(g % self.lanes))
+            self.rows += 1
+        batch = torch.tensor(rows, dtype=torch.long)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def _row(self, lane_id: int) -> list[int]:
+        lane, need = self._lanes[lane_id], self.seq_len + 1
+        while len(lane.buf) - lane.pos < need:
+            text = self._documents().get(lane_id, lane_id + self.lanes * lane.next_doc)
+            tokens = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
+            if lane.next_doc == lane.doc:
+                tokens = tokens[lane.offset:]  # resuming inside this document
+            lane.buf.extend(tokens)
+            lane.left.append(len(tokens))
+            lane.next_doc += 1
+        row = lane.buf[lane.pos:lane.pos + need]
+        lane.pos += need
+        if lane.pos * 2 > len(lane.buf):  # drop used tokens without copying on every row
+            del lane.buf[:lane.pos]
+            lane.pos = 0
+        used = need
+        while used:
+            if lane.left[0] <= used:
+                used -= lane.left.popleft()
+                lane.doc, lane.offset = lane.doc + 1, 0
+            else:
+                lane.left[0] -= used
+                lane.offset += used
+                used = 0
+        return row
+
+    def _documents(self) -> _Dispatcher:
+        if self._dispatcher is None:
+            first = {lane_id: lane_id + self.lanes * lane.doc for lane_id, lane in self._lanes.items()}
+            docs = iter_indexed(self.data, self.rank, self.world, start=min(first.values()))
+            self._dispatcher = _Dispatcher(docs, self.lanes, first)
+        return self._dispatcher
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "lanes": self.lanes,
+            "global_rows": self.rows * self.world,
+            "source": self.data.source,
+            "lane_state": {str(i): [lane.doc, lane.offset] for i, lane in self._lanes.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["lanes"] != self.lanes:
+            raise ValueError(f"loader state has {state['lanes']} lanes, this loader {self.lanes}: "
+                             "the world sizes do not share a lane layout")
+        if state["source"] != self.data.source:
+            raise ValueError(f"loader state is for data.source={state['source']!r}, not {self.data.source!r}")
+        if state["global_rows"] % self.world:
+            raise ValueError(f"{state['global_rows']} rows consumed cannot be split over world={self.world}")
+        lanes = {}
+        for i in self._lanes:
+            if str(i) not in state["lane_state"]:
+                raise ValueError(f"loader state lacks lane {i}: save merge_states() of all ranks to change world size")
+            doc, offset = state["lane_state"][str(i)]
+            lanes[i] = _Lane(doc=doc, offset=offset, next_doc=doc)
+        self._lanes = lanes
+        self.rows = state["global_rows"] // self.world
+        self._dispatcher = None
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state from every rank's `state_dict()` (e.g. gathered with all_gather_object)."""
+    first = states[0]
+    for s in states[1:]:
+        if (s["lanes"], s["global_rows"], s["version"]) != (first["lanes"], first["global_rows"], first["version"]):
+            raise ValueError("loader states of different layouts or positions cannot be merged")
+    merged = dict(first)
+    merged["lane_state"] = {k: v for s in states for k, v in s["lane_state"].items()}
+    return merged

@@ -1,0 +1,276 @@
+"""Mixture-of-experts feed-forward (Qwen3-MoE / Qwen3-Next style) and its bookkeeping.
+
+`model.make_ffn` builds `MoE(cfg.dim, cfg.moe)` for every layer not in
+`moe.dense_layers`. One MoE block is:
+
+    router   logits = x @ W_r^T (E experts); p = softmax(logits) in float32
+    select   top-k of p (plus a per-expert bias when balance='aux_free', selection only)
+    weights  p of the chosen experts, renormalised to sum to 1 when norm_topk_prob
+    experts  SwiGLU per expert, weights stacked as (E, out, in) parameters
+    shared   optional always-on SwiGLU expert scaled by sigmoid(x @ w_g) (Qwen3-Next)
+
+Dispatch is capacity-free: the (token, slot) pairs are sorted by expert, every expert
+runs on its contiguous slice, and results are scattered back weighted. On CUDA with
+bf16 the slices run as one `torch._grouped_mm`; elsewhere as a per-expert loop.
+
+Balancing, per `MoEConfig.balance`:
+* 'aux_loss' - Switch-style loss  E * sum_i f_i * P_i  (f_i: share of routed slots that
+  went to expert i, P_i: mean router probability of i; 1.0 when perfectly balanced),
+  times aux_loss_weight, plus the router z-loss mean(logsumexp(logits)^2) times
+  z_loss_weight. Stored in `last_aux_loss`; `GPT.aux_loss()` adds it to the loss.
+* 'aux_free' - DeepSeek-V3's bias method: no balancing loss (z-loss still applies);
+  after each optimizer step the trainer calls `update_moe_biases(model)`, which moves
+  each expert's bias by bias_update_rate towards under-loaded experts.
+
+Metrics: `last_expert_load` (routed slots per expert in the last forward, a LongTensor).
+
+    from nanochat_trainer.moe import MoE, update_moe_biases, active_params, expert_load
+    loss = model(idx, targets); loss.backward(); opt.step(); update_moe_biases(model)
+
+Optimizers: expert weights are 3-D, (E, out, in). Each [e] slice is one expert's
+ordinary matrix, so Muon must orthogonalise per expert, treating the leading dim as a
+batch (Newton-Schulz works batched on (..., m, n)); never flatten (E*out, in). AdamW
+needs nothing special. The router (E, dim) and shared_expert_gate (1, dim) are small
+2-D matrices: Muon handles them, but AdamW at the adam_lr is the safer choice
+(Moonlight/Kimi keep routers on AdamW-like updates); `expert_bias` is a buffer, never
+optimised.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, MoEConfig
+
+
+class SwiGLU(nn.Module):
+    """Same layout as model.SwiGLU (kept local so the shared expert needs no import cycle)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StackedLinear(nn.Module):
+    """E independent bias-free Linears in one (E, out, in) `weight`.
+
+    The `.weight` suffix keeps GPT.init_weights' name rules working (fan-in init from
+    the last two dims, zeros for `down_proj.weight`).
+    """
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def extra_repr(self) -> str:
+        e, o, i = self.weight.shape
+        return f"experts={e}, in_features={i}, out_features={o}"
+
+
+class Experts(nn.Module):
+    """The routed experts: SwiGLU each, weights stacked along dim 0."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = StackedLinear(n_experts, dim, hidden)
+        self.up_proj = StackedLinear(n_experts, dim, hidden)
+        self.down_proj = StackedLinear(n_experts, hidden, dim)
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        """x_sorted: (S, dim) rows grouped by expert, counts: (E,) rows per expert."""
+        wg, wu, wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if impl == "grouped_mm":
+            offs = counts.cumsum(0).to(torch.int32)
+            # _grouped_mm is not an autocast op: cast to the autocast dtype by hand.
+            dt = _compute_dtype(x_sorted)
+            x_sorted, wg, wu, wd = (t.to(dt) for t in (x_sorted, wg, wu, wd))
+            # _grouped_mm wants (E, in, out) on the right; transposed views are fine.
+            h = F.silu(torch._grouped_mm(x_sorted, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+                x_sorted, wu.transpose(1, 2), offs=offs
+            )
+            return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs)
+        # One host sync for the split sizes; experts with no tokens cost nothing.
+        outs = []
+        for e, xe in enumerate(torch.split(x_sorted, counts.tolist())):
+            if xe.numel() == 0:
+                continue
+            outs.append(F.linear(F.silu(F.linear(xe, wg[e])) * F.linear(xe, wu[e]), wd[e]))
+        if not outs:
+            return x_sorted.new_zeros(x_sorted.shape)
+        return torch.cat(outs)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's when it is on for x's device."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _grouped_mm_ok(x: torch.Tensor, dim: int, hidden: int) -> bool:
+    # The CUDA kernel wants bf16 and 16-byte aligned rows (multiples of 8 bf16 values).
+    # Under autocast the residual stream (and so x) stays float32 while matmuls run in
+    # bf16, so the autocast dtype decides, not x.dtype.
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and _compute_dtype(x) == torch.bfloat16
+            and dim % 8 == 0 and hidden % 8 == 0)
+
+
+class MoE(nn.Module):
+    """Routed experts plus an optional gated shared expert. forward(x: (B, T, dim)) -> (B, T, dim)."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = dim
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.router = nn.Linear(dim, cfg.n_experts, bias=False)
+        self.experts = Experts(cfg.n_experts, dim, cfg.expert_ffn_dim)
+        if cfg.n_shared_experts:
+            self.shared_expert = SwiGLU(dim, cfg.shared_expert_ffn_dim)
+            self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+        # Aux-free balancing bias: persistent so a resumed run keeps its routing.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
+        # Routed slots per expert summed since the last update_bias() (all micro-batches).
+        self.register_buffer("_load_since_update", torch.zeros(cfg.n_experts), persistent=False)
+        self.last_aux_loss: torch.Tensor | None = None
+        self.last_expert_load: torch.Tensor | None = None
+        # 'auto': grouped_mm on CUDA/bf16, else the loop. Tests force either.
+        self.impl: Literal["auto", "grouped_mm", "loop"] = "auto"
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, dim) -> (logits (N, E), probs float32 (N, E), top-k weights (N, k), top-k ids (N, k))."""
+        logits = self.router(x)
+        probs = logits.float().softmax(dim=-1)
+        if self.cfg.balance == "aux_free":
+            # The bias steers which experts are chosen, never how much they weigh.
+            _, idx = torch.topk(probs + self.expert_bias.float(), self.top_k, dim=-1)
+            weights = probs.gather(-1, idx)
+        else:
+            weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.dim)
+        n = x.size(0)
+        logits, probs, weights, idx = self.route(x)
+
+        # Capacity-free dispatch: order every (token, slot) pair by expert.
+        flat_expert = idx.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped_mm" if _grouped_mm_ok(x, self.dim, self.cfg.expert_ffn_dim) else "loop"
+        y_sorted = self.experts(x[token_of], counts, impl)
+        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, y_sorted.to(x.dtype))
+
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+        load = counts.detach()
+        self.last_expert_load = load
+        if self.training:
+            self._load_since_update += load.to(self._load_since_update.dtype)
+            self.last_aux_loss = self._aux_loss(logits, probs, load, n)
+        else:
+            self.last_aux_loss = None  # evaluation losses stay pure cross-entropy
+        return out.reshape(shape)
+
+    def _aux_loss(self, logits: torch.Tensor, probs: torch.Tensor, load: torch.Tensor, n: int) -> torch.Tensor:
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self.cfg.balance == "aux_loss" and self.cfg.aux_loss_weight > 0:
+            f = load.float() / (n * self.top_k)  # share of routed slots; no gradient (argmax)
+            p = probs.mean(dim=0)  # differentiable mean probability
+            total = total + self.cfg.aux_loss_weight * self.n_experts * (f * p).sum()
+        if self.cfg.z_loss_weight > 0:
+            total = total + self.cfg.z_loss_weight * torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+        return total
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-free balancing step: bias += rate * sign(mean load - load). Call after optimizer.step().
+
+        Loads are summed over every forward since the last call (gradient accumulation)
+        and all-reduced across data-parallel ranks, so every rank keeps the same bias.
+        """
+        if self.cfg.balance != "aux_free":
+            return
+        load = self._load_since_update.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if load.sum() > 0:
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self._load_since_update.zero_()
+
+
+def update_moe_biases(model: nn.Module) -> None:
+    """Run `update_bias()` on every MoE block (a no-op for balance='aux_loss')."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.update_bias()
+
+
+def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per-layer routed-slot counts of the last forward, keyed by module name (for metrics)."""
+    return {name: m.last_expert_load for name, m in model.named_modules()
+            if isinstance(m, MoE) and m.last_expert_load is not None}
+
+
+def load_imbalance(load: torch.Tensor) -> float:
+    """max/mean of an expert-load vector: 1.0 is perfect balance, n_experts/top_k is total collapse."""
+    load = load.float()
+    return float(load.max() / load.mean().clamp_min(1e-9))
+
+
+def active_params(cfg: ModelConfig) -> dict[str, int]:
+    """Total and per-token active parameter counts, built on the meta device (no memory).
+
+    active: every parameter a token touches - all dense weights, the router, the shared
+    expert, and top_k/n_experts of the routed experts; the embedding and the head
+    count in full. active_non_embedding leaves out the input embedding and the head
+    (the convention behind names such as "80B-A3B").
+    """
+    from .model import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    total = active = embedding = 0
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel()
+            total += n
+            if isinstance(mod, StackedLinear):
+                # The experts' stacked weights: a token uses top_k of n_experts slices.
+                e = p.shape[0]
+                active += n * min(cfg.moe.top_k if cfg.moe else e, e) // e
+            else:
+                active += n
+            if mod_name in ("embed_tokens", "lm_head"):
+                embedding += n
+    return {"total": total, "active": active, "embedding": embedding,
+            "active_non_embedding": active - embedding, "total_non_embedding": total - embedding}

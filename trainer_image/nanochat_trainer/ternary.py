@@ -1,0 +1,239 @@
+"""Ternary stage: BitNet b1.58 quantization-aware training of chosen linear layers.
+
+BitNet b1.58 (Ma et al., 2024) trains linear layers whose forward pass uses weights in
+{-1, 0, +1} times one per-tensor scale, and activations quantized to 8 bits per token,
+while the optimizer keeps updating full-precision latent weights through a
+straight-through estimator (STE). This module holds the training side; packing to
+1.6 bits per weight and the packed inference path are in `ternary_pack.py`.
+
+    from nanochat_trainer.config import TernaryConfig
+    from nanochat_trainer.ternary import apply_ternary, ramp_value, set_ramp
+
+    names = apply_ternary(model, TernaryConfig())   # before DDP/FSDP/compile
+    for step in range(steps):
+        set_ramp(model, ramp_value(step, cfg.ternary.ramp_steps))
+        loss = model(x, y); loss.backward(); opt.step()
+
+`apply_ternary` swaps matching `nn.Linear` modules for `BitLinear` in place and keeps
+the very same `weight`/`bias` Parameter objects, so a dense checkpoint loads
+unchanged, an optimizer built before the swap still points at the right tensors, and
+state_dict keys do not move. The ramp is a non-persistent buffer, not checkpoint
+state: the training loop sets it from the step, also after a resume.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TernaryConfig
+
+WEIGHT_EPS = 1e-5  # BitNet's clamp on mean(|W|): an all-zero matrix must not divide by zero
+ACT_EPS = 1e-5  # clamp on a token's absmax: an all-zero token quantizes to zeros, not NaN
+
+
+def weight_scale(w: torch.Tensor, eps: float = WEIGHT_EPS) -> torch.Tensor:
+    """BitNet b1.58's per-tensor scale: mean(|W|), clamped below by eps. 0-dim float32."""
+    # Computed in float32 so a bf16 latent weight gets the same scale as its fp32 copy.
+    return w.detach().float().abs().mean().clamp(min=eps)
+
+
+def ternary_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """clip(round(W / scale), -1, 1) as int8 values in {-1, 0, +1} (no gradient)."""
+    return (w.detach().float() / scale).round().clamp(-1, 1).to(torch.int8)
+
+
+def quantize_weight(w: torch.Tensor, eps: float = WEIGHT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_q, scale) with W_q = clip(round(W / scale), -1, 1) * scale, in W's dtype.
+
+    W_q is detached: the gradient path to the latent weight is the STE in `BitLinear`.
+    """
+    scale = weight_scale(w, eps)
+    q = ternary_codes(w, scale)
+    return (q.float() * scale).to(w.dtype), scale
+
+
+def quantize_activation(x: torch.Tensor, bits: int = 8, eps: float = ACT_EPS) -> torch.Tensor:
+    """Per-token absmax quantization to `bits`, returned dequantized in x's dtype.
+
+    Each token (last dim) is scaled by (2^(bits-1) - 1) / max|x|, rounded, clipped to
+    [-2^(bits-1), 2^(bits-1) - 1] and scaled back (BitNet's `activation_quant`).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.detach().float()  # float32 so rounding does not depend on the autocast dtype
+    s = qmax / xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    return ((xf * s).round().clamp(-qmax - 1, qmax) / s).to(x.dtype)
+
+
+def straight_through(latent: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Forward: exactly `value`; backward: the gradient goes to `latent` unchanged.
+
+    Same gradient as the textbook `latent + (value - latent).detach()`, but written as
+    `value + (latent - latent.detach())`: that difference is exactly 0.0, so the forward
+    value is bit-identical to `value` and the packed inference path (which never sees
+    the latent weight) reproduces training-mode logits exactly.
+    """
+    return value.detach() + (latent - latent.detach())
+
+
+class BitLinear(nn.Linear):
+    """nn.Linear whose forward uses ternary weights and k-bit activations (BitNet b1.58).
+
+    ramp (lambda in [0, 1]) mixes full precision into the quantized tensors:
+    W_eff = (1 - lambda) W + lambda W_q and x_eff = (1 - lambda) x + lambda q(x). The
+    gradient to W and x is the identity (STE through W_q and q(x)), so lambda changes
+    the forward only. lambda = 0 is exactly nn.Linear; lambda = 1 is BitNet.
+
+    No SubLN inside the layer (the BitNet paper adds an RMSNorm before each BitLinear):
+    our blocks already normalise the inputs of q/k/v and gate/up, and an extra norm would
+    add parameters a dense checkpoint does not have.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 activation_bits: int = 8, ramp: float = 1.0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation_bits = activation_bits
+        self._ramp_init = float(ramp)
+        # lambda is a 0-dim buffer, not a Python float: torch.compile would specialise on
+        # a float and recompile at every ramp step. Non-persistent, so state_dict keys stay
+        # those of nn.Linear; the loop sets it from the step (also after a resume).
+        self.register_buffer("ramp", torch.tensor(float(ramp), device=device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation_bits: int = 8, ramp: float = 1.0) -> "BitLinear":
+        """A BitLinear that shares `linear`'s weight and bias Parameters (no copy)."""
+        # Built on meta so no throwaway weight is allocated or initialised, then the
+        # original Parameters are attached: same objects, same storage, same ids.
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  activation_bits=activation_bits, ramp=ramp, device="meta")
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.ramp = torch.tensor(float(ramp), device=linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def set_ramp(self, value: float) -> None:
+        """Set lambda in place (compiled graphs read the same buffer)."""
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"ramp={value} is outside [0, 1]")
+        with torch.no_grad():
+            self.ramp.fill_(float(value))
+
+    def reset_extra_parameters(self) -> None:
+        """Called by GPT.init_weights: after meta init + to_empty the buffer holds garbage."""
+        self.set_ramp(self._ramp_init)
+
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff of the forward pass (with the STE path to the latent weight)."""
+        w_q, _ = quantize_weight(self.weight)
+        # No Python branch on lambda (that would read the buffer back to the host and
+        # break compiled graphs). torch.lerp is exact at both ends: lambda = 0 gives W,
+        # lambda = 1 gives W_q bit for bit, so the ramp's end matches packed inference.
+        target = torch.lerp(self.weight.detach(), w_q, self.ramp.to(w_q.dtype))
+        return straight_through(self.weight, target)
+
+    def effective_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x_eff of the forward pass (with the STE path to x)."""
+        x_q = quantize_activation(x, self.activation_bits)
+        target = torch.lerp(x.detach(), x_q, self.ramp.to(x_q.dtype))
+        return straight_through(x, target)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.effective_input(x), self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation_bits={self.activation_bits}, ramp={self.ramp.item():.3g}"
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_ternary(model: nn.Module, cfg: TernaryConfig) -> list[str]:
+    """Names of the nn.Linear modules `cfg` selects: match an include glob, no exclude glob.
+
+    Globs use fnmatch, where `*` also crosses dots ("layers.*.mlp.*" matches
+    "layers.3.mlp.experts.0.up_proj"). Modules that are not nn.Linear (embeddings,
+    norms, convolutions, packed layers) are never selected.
+    """
+    return [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and _matches(name, cfg.include) and not _matches(name, cfg.exclude)
+    ]
+
+
+def apply_ternary(model: nn.Module, cfg: TernaryConfig, ramp: float | None = None) -> list[str]:
+    """Replace the selected nn.Linear modules of `model` by BitLinear, in place.
+
+    Returns the replaced module names. Parameters are shared, not copied (see
+    `BitLinear.from_linear`). Modules already BitLinear are updated, not re-wrapped, so
+    calling this twice is harmless. `ramp` defaults to 0 when cfg.ramp_steps > 0 (the
+    first step is full precision) and to 1 otherwise. Call it before DDP/FSDP/compile:
+    those wrap modules and would keep pointing at the old ones.
+
+    Raises ValueError when the globs select no nn.Linear at all: a typo in a pattern
+    must not silently train a dense model in the ternary stage.
+    """
+    names = select_ternary(model, cfg)
+    if not names:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"ternary include={cfg.include} exclude={cfg.exclude} selects no nn.Linear module; "
+            f"linear modules are e.g. {linears[:6]}"
+        )
+    # Matrices the globs reach but BitLinear cannot wrap (MoE's StackedLinear experts,
+    # convolutions) stay full precision: say so rather than leave the user believing the
+    # whole block is ternary.
+    skipped = [
+        n for n, m in model.named_modules()
+        if not isinstance(m, nn.Linear) and _matches(n, cfg.include) and not _matches(n, cfg.exclude)
+        and any(p.dim() >= 2 for p in m.parameters(recurse=False))
+    ]
+    if skipped:
+        warnings.warn(f"ternary: {len(skipped)} selected modules are not nn.Linear and stay full precision: "
+                      f"{skipped[:8]}", stacklevel=2)
+    if ramp is None:
+        ramp = 0.0 if cfg.ramp_steps > 0 else 1.0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, BitLinear):
+            module.activation_bits, module._ramp_init = cfg.activation_bits, float(ramp)
+            module.set_ramp(ramp)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, BitLinear.from_linear(module, cfg.activation_bits, ramp))
+    return names
+
+
+def set_ramp(model: nn.Module, value: float) -> int:
+    """Set lambda on every BitLinear of `model`; returns how many were set."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"ramp={value} is outside [0, 1]")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.set_ramp(value)
+            count += 1
+    return count
+
+
+def ramp_value(step: int, ramp_steps: int) -> float:
+    """lambda after `step` optimizer steps of the ternary stage: linear 0 -> 1 over ramp_steps.
+
+    ramp_steps = 0 means fully ternary from the first step (training from scratch, or a
+    hard switch). Step counts the stage's own steps, so resume sets the same lambda.
+    """
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, max(0.0, step / ramp_steps))
+
+
+def ternary_modules(model: nn.Module) -> dict[str, BitLinear]:
+    """The BitLinear modules of `model` by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, BitLinear)}

@@ -1,0 +1,302 @@
+"""Tokenizers: GPT-2's BPE (tiktoken or a tokenizer.json) or a byte-level BPE trained on the data.
+
+    from nanochat_trainer.tokenizer import build_tokenizer, load_tokenizer, train_bpe
+    tok = build_tokenizer(cfg, run_dir)      # what training uses; checks cfg.model.vocab_size
+    ids = tok.encode("def f(): ...");  text = tok.decode(ids);  tok.eot_id;  tok.n_vocab
+    tok.save(run_dir)                        # writes run_dir/tokenizer.json (and what it refers to)
+    tok = load_tokenizer(run_dir)            # reads back what save wrote
+
+Kinds (`TokenizerConfig.kind`):
+
+- gpt2: GPT-2's BPE. `tokenizer.path` may name a Hugging Face `tokenizer.json` or a
+  tiktoken `.tiktoken` file; without a path, tiktoken's cached `r50k_base.tiktoken`
+  (GPT-2's vocabulary) is used if present in `$TIKTOKEN_CACHE_DIR`,
+  `$DATA_GYM_CACHE_DIR` or `<tmp>/data-gym-cache`. Nothing is downloaded here: warming
+  the cache (`python -c "import tiktoken; tiktoken.get_encoding('r50k_base')"`) is the
+  user's choice, and a missing file is a `ConfigError` that says so.
+- bpe: byte-level BPE trained with `tokenizers` on the first `tokenizer.train_docs`
+  documents of the data, with `<|endoftext|>` as its special token. It is trained
+  once and kept in `tokenizer.path` (default `<run_dir>/tokenizer.json`), so a resumed
+  run reuses it.
+
+A text that literally contains "<|endoftext|>" is encoded as ordinary text: only the
+loader inserts `eot_id`, between documents.
+
+`save` writes a Hugging Face tokenizer.json for tokenizers backed by `tokenizers`; for
+tiktoken ones it writes `tokenizer.tiktoken` plus a small tokenizer.json that points at it
+(`{"nanochat_tokenizer": "tiktoken", ...}`), which only `load_tokenizer` understands.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from .config import TrainerConfig
+from .data import ConfigError
+
+EOT = "<|endoftext|>"
+# Other spellings of end-of-text, for tokenizer.json files made elsewhere.
+_EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+_MARKER = "nanochat_tokenizer"
+
+PathLike = Union[str, os.PathLike]
+
+
+class Tokenizer:
+    """The interface every part of the trainer uses."""
+
+    n_vocab: int
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: PathLike) -> Path:
+        """Write `directory/tokenizer.json` (a path ending in .json is used as is); return it."""
+        raise NotImplementedError
+
+
+def _target(directory: PathLike) -> Path:
+    path = Path(directory)
+    if path.suffix != ".json":
+        path = path / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # Several ranks may save the same tokenizer: never let one read a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` (a trained BPE, or any tokenizer.json)."""
+
+    def __init__(self, tok, source: str = "<memory>"):
+        self._tok = tok
+        # Literal "<|endoftext|>" in the data must stay text, never become a separator.
+        self._tok.encode_special_tokens = True
+        ids = [tok.token_to_id(t) for t in _EOT_CANDIDATES]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ConfigError("tokenizer.path", source, f"has no end-of-text token (looked for {list(_EOT_CANDIDATES)})")
+        self.eot_id = found[0]
+        self.n_vocab = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: PathLike) -> Path:
+        path = _target(directory)
+        _write_atomic(path, self._tok.to_str().encode())
+        return path
+
+
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2-style BPE run by tiktoken from a table of mergeable ranks."""
+
+    def __init__(self, ranks: dict[bytes, int], name: str = "gpt2", pattern: str = GPT2_PATTERN,
+                 eot_id: Optional[int] = None):
+        import tiktoken
+
+        self._ranks = ranks
+        self._name, self._pattern = name, pattern
+        self.eot_id = len(ranks) if eot_id is None else eot_id
+        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens={EOT: self.eot_id})
+        self.n_vocab = self._enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode(list(ids), errors="replace")
+
+    def save(self, directory: PathLike) -> Path:
+        path = _target(directory)
+        ranks_file = path.with_suffix(".tiktoken")
+        _write_atomic(ranks_file, dump_tiktoken(self._ranks))
+        meta = {_MARKER: "tiktoken", "name": self._name, "pattern": self._pattern,
+                "ranks_file": ranks_file.name, "eot_id": self.eot_id}
+        _write_atomic(path, json.dumps(meta, indent=1).encode())
+        return path
+
+
+# --------------------------------------------------------------------------- files
+
+def dump_tiktoken(ranks: dict[bytes, int]) -> bytes:
+    """The .tiktoken format: `base64(token) rank` per line, by rank."""
+    return b"".join(base64.b64encode(t) + b" " + str(r).encode() + b"\n"
+                    for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def parse_tiktoken(data: bytes, source: str = "<bytes>") -> dict[bytes, int]:
+    # Parsed here rather than with tiktoken.load, which copies local files into its cache.
+    ranks = {}
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+        except ValueError as e:
+            raise ConfigError("tokenizer.path", source, f"line {number} is not `base64token rank`") from e
+    if not ranks:
+        raise ConfigError("tokenizer.path", source, "is an empty .tiktoken file")
+    return ranks
+
+
+def load_tokenizer(path: PathLike, field: str = "tokenizer.path") -> Tokenizer:
+    """A tokenizer from a directory (its tokenizer.json), a tokenizer.json or a .tiktoken file."""
+    file = Path(path)
+    if file.is_dir():
+        file = file / "tokenizer.json"
+    if not file.is_file():
+        raise ConfigError(field, str(path), "does not exist (expected a tokenizer.json, a .tiktoken file, "
+                                            "or a folder holding tokenizer.json)")
+    if file.suffix == ".tiktoken":
+        return TiktokenTokenizer(parse_tiktoken(file.read_bytes(), str(file)))
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(field, str(path), f"is not a JSON tokenizer file: {e}") from e
+    if isinstance(meta, dict) and meta.get(_MARKER) == "tiktoken":
+        ranks_file = file.parent / meta["ranks_file"]
+        if not ranks_file.is_file():
+            raise ConfigError(field, str(path), f"refers to {ranks_file}, which is missing")
+        return TiktokenTokenizer(parse_tiktoken(ranks_file.read_bytes(), str(ranks_file)),
+                                 meta["name"], meta["pattern"], meta["eot_id"])
+    from tokenizers import Tokenizer as HFTok
+
+    try:
+        tok = HFTok.from_str(json.dumps(meta))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ConfigError(field, str(path), f"is not a Hugging Face tokenizer.json: {e}") from e
+    return HFTokenizer(tok, str(file))
+
+
+def _tiktoken_cache_dirs() -> list[Path]:
+    # The same places tiktoken itself caches downloads, in its order of preference.
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            return [Path(os.environ[var])]
+    return [Path(tempfile.gettempdir()) / "data-gym-cache"]
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's BPE from tiktoken's local cache; never downloads."""
+    key = hashlib.sha1(R50K_URL.encode()).hexdigest()
+    for folder in _tiktoken_cache_dirs():
+        cached = folder / key
+        if cached.is_file():
+            data = cached.read_bytes()
+            if hashlib.sha256(data).hexdigest() == R50K_SHA256:
+                return TiktokenTokenizer(parse_tiktoken(data, str(cached)), "gpt2")
+    where = ", ".join(str(d) for d in _tiktoken_cache_dirs())
+    raise ConfigError(
+        "tokenizer.path", None,
+        f"GPT-2's BPE is not available offline (looked in tiktoken's cache: {where}). Set tokenizer.path "
+        "to a GPT-2 tokenizer.json or r50k_base.tiktoken file, or fill the cache once with "
+        "`python -c \"import tiktoken; tiktoken.get_encoding('r50k_base')\"` (set TIKTOKEN_CACHE_DIR to keep it)",
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+def train_bpe(texts: Iterable[str], vocab_size: int, field: str = "model.vocab_size") -> Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens (256 bytes, merges, `<|endoftext|>`)."""
+    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ConfigError(field, vocab_size, "a byte-level BPE needs at least 257 tokens (256 bytes + end-of-text)")
+    tok = HFTok(models.BPE())
+    # GPT-2's pre-tokenisation (ByteLevel with its regex): any text round-trips exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return HFTokenizer(tok, "<trained>")
+
+
+def _training_texts(cfg: TrainerConfig) -> Iterable[str]:
+    from .data.sources import iter_documents
+
+    return itertools.islice(iter_documents(cfg.data, 0, 1), cfg.tokenizer.train_docs)
+
+
+def check_vocab(tok: Tokenizer, cfg: TrainerConfig, where: str) -> None:
+    if tok.n_vocab > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"is smaller than the tokenizer's {tok.n_vocab} tokens ({where}); "
+                          f"set model.vocab_size to at least {tok.n_vocab}")
+
+
+def build_tokenizer(cfg: TrainerConfig, run_dir: PathLike) -> Tokenizer:
+    """The run's tokenizer, checked against `model.vocab_size` and kept in run_dir/tokenizer.json.
+
+    bpe: loads `tokenizer.path` (default run_dir/tokenizer.json) or trains and saves it
+    there. gpt2: `tokenizer.path`, else the copy in run_dir, else tiktoken's cache.
+    With several ranks, call it on rank 0 first and let the others follow after a
+    barrier, so the tokenizer is trained once.
+    """
+    saved = Path(run_dir) / "tokenizer.json"
+    t = cfg.tokenizer
+    if t.kind == "bpe":
+        keep = _target(t.path) if t.path else saved
+        if keep.is_file():
+            tok, where = load_tokenizer(keep), str(keep)
+        else:
+            tok, where = train_bpe(_training_texts(cfg), cfg.model.vocab_size), "trained"
+            check_vocab(tok, cfg, where)
+            tok.save(keep)
+    elif t.path:
+        tok, where = load_tokenizer(t.path), t.path
+    elif saved.is_file():
+        tok, where = load_tokenizer(saved, field="checkpoint.dir"), str(saved)
+    else:
+        tok, where = gpt2_tokenizer(), "tiktoken cache"
+    check_vocab(tok, cfg, where)
+    if not saved.is_file():
+        tok.save(saved)  # checkpoints in run_dir then always carry their tokenizer
+    return tok
+
+
+def train_tokenizer_cli(config: Union[PathLike, TrainerConfig], out_dir: PathLike,
+                        vocab_size: Optional[int] = None) -> Tokenizer:
+    """`nanochat tokenizer train`: train a bpe on the config's data, save out_dir/tokenizer.json."""
+    from .config import load_trainer_config
+
+    cfg = config if isinstance(config, TrainerConfig) else load_trainer_config(str(config))
+    size = vocab_size or cfg.model.vocab_size
+    tok = train_bpe(_training_texts(cfg), size, field="vocab_size" if vocab_size else "model.vocab_size")
+    tok.save(out_dir)
+    return tok
