@@ -1,0 +1,171 @@
+"""Atomic checkpoints, and loading a trained model back.
+
+Layout of a run directory (`checkpoint.dir`):
+
+    <run>/tokenizer.json
+    <run>/checkpoints/step_00000100/   model.safetensors, config.yaml, tokenizer.json, train_state.pt
+    <run>/final/                       model.safetensors, config.yaml, tokenizer.json (the finished model)
+    <run>/log.jsonl
+
+A checkpoint is written into a temporary sibling directory, every file fsynced, and
+then renamed into place, so a directory named `step_*` is always complete: a crash
+mid-write leaves only a `.tmp-*` directory that the next save removes.
+
+    model, tokenizer, cfg = load_model("runs/demo")        # newest of final/ or step_*
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .config import TrainerConfig
+from .model import GPT
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a fully written temporary directory into place, replacing an older one."""
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(final.parent)
+
+
+def _write_weights(out: Path, model_sd: dict[str, torch.Tensor], cfg: TrainerConfig, tokenizer) -> None:
+    # safetensors refuses shared storage (tied embeddings): store each tensor once, contiguous.
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, t in model_sd.items():
+        key = t.untyped_storage().data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen and t.shape == model_sd[seen[key]].shape:
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tokenizer.save(out)
+
+
+def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, cfg: TrainerConfig, tokenizer) -> Path:
+    """Write a self-contained model directory (weights, config, tokenizer) atomically."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_weights(tmp, model.state_dict(), cfg, tokenizer)
+    _publish(tmp, out)
+    return out
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model_sd: dict[str, torch.Tensor],
+                    train_state: dict[str, Any], cfg: TrainerConfig, tokenizer, keep: int) -> Path:
+    """Write checkpoint `step` (weights + optimizer/schedule/data/RNG state) and prune old ones."""
+    ckpts = Path(run_dir) / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    for stale in ckpts.glob("*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = ckpts / f"step_{step:08d}"
+    tmp = ckpts / f"{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    _write_weights(tmp, model_sd, cfg, tokenizer)
+    torch.save(train_state, tmp / "train_state.pt")
+    _publish(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete step checkpoints, oldest first."""
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    found = [p for p in ckpts.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory from a model dir itself, or a run dir (final/, else newest step)."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p
+    if (p / "final" / "model.safetensors").is_file():
+        return p / "final"
+    newest = latest_checkpoint(p)
+    if newest is not None:
+        return newest
+    raise ValueError(f"checkpoint={str(path)!r}: no model.safetensors there, nor final/ or checkpoints/step_*")
+
+
+def load_state_into(model: GPT, model_dir: Path) -> None:
+    """Load weights into a built model; a different architecture is a clear error."""
+    sd = load_file(str(model_dir / "model.safetensors"))
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not _is_tied_alias(model, k)]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected {unexpected[:3]}") \
+            or f"shape mismatch on {wrong[:3]}"
+        raise ValueError(f"checkpoint={str(model_dir)!r}: weights do not fit this architecture ({detail})")
+    model.load_state_dict(sd, strict=False)
+
+
+def _is_tied_alias(model: GPT, key: str) -> bool:
+    return key == "lm_head.weight" and model.cfg.tie_embeddings
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Any, TrainerConfig]:
+    """(model in eval mode, tokenizer, trainer config) from a model or run directory."""
+    from .tokenizer import load_tokenizer
+
+    model_dir = resolve_model_dir(path)
+    cfg = TrainerConfig.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text()))
+    model = GPT(cfg.model)
+    if cfg.stage == "ternary" and cfg.ternary is not None:
+        from .ternary import apply_ternary
+
+        apply_ternary(model, cfg.ternary, ramp=1.0)
+    load_state_into(model, model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return model.to(device).eval(), tokenizer, cfg

