@@ -80,7 +80,7 @@ def _progress_bar(total: int) -> Callable[[dict], None]:
 
     def update(record: dict) -> None:
         bar.n = record["step"]
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
         bar.refresh()
         if record["step"] >= total:
             bar.close()

@@ -112,10 +112,12 @@ def _generate_batch(model, tokenizer, prompts, n, max_new_tokens, temperature, t
             alive.append(j)
         if not alive or step == budget - 1:
             break
-        index = torch.tensor(alive, dtype=torch.long, device=device)
-        rows = [rows[j] for j in alive]
-        cache.reorder(index)
-        logits = model(nxt[index][:, None], cache=cache)[:, -1].float()
+        if len(alive) < len(rows):  # drop finished rows (copies the cache, so only when needed)
+            index = torch.tensor(alive, dtype=torch.long, device=device)
+            rows = [rows[j] for j in alive]
+            cache.reorder(index)
+            nxt = nxt[index]
+        logits = model(nxt[:, None], cache=cache)[:, -1].float()
     samples = [_finish(tokenizer, toks[s], lps[s], tops[s], finish[s], stop) for s in range(b * n)]
     return [samples[i * n:(i + 1) * n] for i in range(b)]
 

@@ -75,8 +75,9 @@ def evaluate_completions(problems: Sequence[Mapping], completions: Mapping[str, 
     }
 
 
-def summary_table(report: Mapping, file: TextIO = sys.stdout, max_rows: int = 20) -> None:
+def summary_table(report: Mapping, file: Optional[TextIO] = None, max_rows: int = 20) -> None:
     """A short terminal summary: pass@k, then the per-problem outcomes (first `max_rows`)."""
+    file = file or sys.stdout
     print(f"HumanEval: {report['problems']} problems x {report['samples']} samples "
           f"(sandbox {report['sandbox']['seconds']} s, {report['sandbox']['network']})", file=file)
     for k, v in report["pass_at_k"].items():
@@ -95,7 +96,7 @@ def compact_result(report: Mapping) -> dict:
     return {"pass_at_k": dict(report["pass_at_k"]), "problems": report["problems"], "samples": report["samples"]}
 
 
-def publish_result(report: Mapping, out: TextIO = sys.stdout) -> None:
+def publish_result(report: Mapping, out: Optional[TextIO] = None) -> None:
     """Write the compact result to $NANOCHAT_TERMINATION_LOG (if writable) and print NANOCHAT_RESULT."""
     line = json.dumps(compact_result(report), sort_keys=True)
     path = os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG)
@@ -105,4 +106,4 @@ def publish_result(report: Mapping, out: TextIO = sys.stdout) -> None:
             Path(path).write_text(line)
     except OSError:
         pass
-    print(f"NANOCHAT_RESULT {line}", file=out, flush=True)
+    print(f"NANOCHAT_RESULT {line}", file=out or sys.stdout, flush=True)

@@ -1,0 +1,93 @@
+"""Training throughput: tokens/s, step time, peak memory and MFU on the device found.
+
+    python bench/train_throughput.py --preset tiny --steps 20 [--batch-size 8] [--seq-len 256]
+
+Runs real optimizer steps (Muon + AdamW, bf16 autocast on GPU) on synthetic tokens; the
+first `--warmup` steps are not timed. For MoE presets it also prints the share of the
+forward+backward spent in routing and dispatch (measured with the profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.metrics import flops_per_token, peak_flops
+from nanochat_trainer.model import GPT, count_params
+from nanochat_trainer.optim import build_optimizers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+
+    spec = {"preset": args.preset}
+    if args.batch_size:
+        spec["batch_size"] = args.batch_size
+    if args.seq_len:
+        spec["seq_len"] = args.seq_len
+    cfg = TrainerConfig.model_validate(spec)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = GPT(cfg.model)
+    model.init_weights(0)
+    model.to(device)
+    opts = build_optimizers(model, cfg.optimizer)
+    fwd = torch.compile(model) if args.compile else model
+    b, t = cfg.batch_size, cfg.resolved_seq_len
+    x = torch.randint(0, cfg.model.vocab_size, (b, t), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            loss = fwd(x, x)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    counts = count_params(cfg.model)
+    tps = b * t / dt
+    peak = peak_flops(device)
+    mfu = tps * flops_per_token(counts["total"] - counts["embedding"], cfg.model.n_layers, cfg.model.dim, t) / peak \
+        if peak else None
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"device        {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"preset        {args.preset}: {counts['total'] / 1e6:.1f}M params, batch {b} x {t}")
+    print(f"step time     {dt * 1000:.1f} ms")
+    print(f"tokens/s      {tps:,.0f}")
+    print(f"peak memory   {mem:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process max RSS'})")
+    print(f"MFU           {f'{mfu:.1%}' if mfu is not None else 'n/a (peak FLOPs of this device unknown)'}")
+    if cfg.model.moe is not None:
+        with torch.profiler.profile() as prof:
+            step()
+        total = sum(e.cpu_time_total for e in prof.key_averages())
+        routed = sum(e.cpu_time_total for e in prof.key_averages() if any(
+            k in e.key for k in ("topk", "argsort", "index_add", "_grouped_mm", "scatter", "gather")))
+        print(f"routing+dispatch share of op time  {routed / max(total, 1):.1%} (profiler, ops: topk/sort/gather/scatter)")
+
+
+if __name__ == "__main__":
+    main()

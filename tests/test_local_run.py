@@ -1,0 +1,53 @@
+"""`nanochat run MANIFEST`: a TrainingRun, a chained TrainingRun and an EvalRun, no cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nanochat_trainer.local_run import run_manifest
+
+MANIFEST = """
+apiVersion: nanochat.io/v1alpha1
+kind: EvalRun
+metadata: {name: base-eval}
+spec:
+  model: {trainingRun: base}
+  k: [1]
+  maxProblems: 2
+---
+apiVersion: nanochat.io/v1alpha1
+kind: TrainingRun
+metadata: {name: finetune}
+spec:
+  init: {fromTrainingRun: base}
+  trainer: {preset: tiny, steps: 4}
+---
+apiVersion: nanochat.io/v1alpha1
+kind: TrainingRun
+metadata: {name: base}
+spec:
+  trainer: {preset: tiny, steps: 6}
+"""
+
+
+def test_runs_in_dependency_order(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(MANIFEST)
+    runs = tmp_path / "runs"
+    over = {"trainer": {"batch_size": 2, "tokenizer": {"train_docs": 200}}}
+    assert run_manifest(str(path), overrides=over, runs_dir=str(runs)) == 0
+    plan = capsys.readouterr().out.splitlines()
+    order = [line.split(":")[0] for line in plan[:3]]
+    assert order[0] == "TrainingRun base" and set(order[1:]) == {"TrainingRun finetune", "EvalRun base-eval"}
+    assert (runs / "finetune" / "final" / "model.safetensors").is_file()
+    results = json.loads((runs / "base-eval" / "results.json").read_text())
+    assert results["pass_at_k"]["1"] == 0.0 and results["problems"] == 2
+
+
+def test_dry_run_names_the_bad_field(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text(MANIFEST.replace("steps: 6", "steps: 0"))
+    with pytest.raises(ValueError, match=r"TrainingRun base: spec.trainer.steps=0"):
+        run_manifest(str(path), dry_run=True, runs_dir=str(tmp_path))
