@@ -9,7 +9,7 @@ server-sent events), GET /v1/models, /health, /metrics (Prometheus).
 `echo: true` prepends the prompt, and with `max_tokens: 0` returns only the prompt's
 token logprobs (first token None), which distillation uses. Requests are serialized
 through one lock and run in a worker thread. Streaming sends the finished generation as
-one event per token (it is not incremental while the model runs).
+a series of small text events (it is not incremental while the model runs).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class ModelServer:
             body = await request.json()
             prompt = body.get("prompt")
             prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not prompts or not all(isinstance(x, str) for x in prompts):
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
                 raise ValueError("prompt must be a string or a list of strings")
             p = self._params(body)
             lp = body.get("logprobs")

@@ -1,0 +1,82 @@
+"""Throughput of the eval pieces: sandbox problems/s (HumanEval canonical solutions) and
+generation tokens/s (KV cache, batched) on the device it finds.
+
+    .venv/bin/python bench/eval_throughput.py                     # all 164 problems, tiny model
+    .venv/bin/python bench/eval_throughput.py --problems 40 --workers 8 --preset tiny --batch 32
+
+Prints figures; it does not pass or fail. The model is randomly initialised (speed only)
+and is stopped neither by end-of-text nor stop strings, so every row makes --new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.eval.generate import generate_tokens
+from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems
+from nanochat_trainer.model import GPT
+
+
+class _NoEot:
+    """A stand-in tokenizer for speed runs: no token ends generation."""
+
+    eot_id = -1
+
+    def decode(self, ids) -> str:  # only used for the (empty) stop check and the final text
+        return ""
+
+
+def bench_sandbox(problems: int, workers: int) -> None:
+    probs = load_problems(problems)
+    t0 = time.monotonic()
+    report = evaluate_completions(probs, {p["task_id"]: [p["canonical_solution"]] for p in probs},
+                                  ks=[1], workers=workers, timeout=15.0)
+    dt = time.monotonic() - t0
+    print(f"sandbox: {len(probs)} problems, {workers} workers, {report['sandbox']['network']}: "
+          f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={report['pass_at_k']['1']:.3f}")
+
+
+def bench_generation(preset: str, batch: int, prompt_len: int, new: int, device: str) -> None:
+    cfg = TrainerConfig.model_validate({"preset": preset}).model
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = GPT(cfg)
+    model.init_weights(0)
+    model = model.to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (prompt_len - i % 7,), generator=gen).tolist() for i in range(batch)]
+    new = min(new, cfg.max_seq_len - prompt_len)
+    generate_tokens(model, _NoEot(), prompts[:2], max_new_tokens=4, batch_size=2)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.monotonic()
+    out = generate_tokens(model, _NoEot(), prompts, max_new_tokens=new, temperature=0.8, top_p=0.95,
+                          batch_size=batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.monotonic() - t0
+    toks = sum(len(s[0].token_ids) for s in out)
+    print(f"generation: preset={preset} device={device} dtype={str(dtype).split('.')[-1]} batch={batch} "
+          f"prompt~{prompt_len} new={new}: {toks} tokens in {dt:.2f} s = {toks / dt:.0f} tokens/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", type=int, default=164)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    bench_sandbox(args.problems, args.workers)
+    bench_generation(args.preset, args.batch, args.prompt_len, args.new, args.device)
+
+
+if __name__ == "__main__":
+    main()
