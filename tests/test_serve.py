@@ -21,31 +21,13 @@ import pytest
 import torch
 from aiohttp import web
 
-from nanochat_trainer.checkpoint import load_model, save_weights
-from nanochat_trainer.config import TrainerConfig
-from nanochat_trainer.data.synthetic import generate as synthetic_docs
+from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.eval.cli import add_eval_args, run_eval_from_args
 from nanochat_trainer.eval.client import CompletionsClient, EndpointError, parse_completion
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
-from nanochat_trainer.model import GPT
 from nanochat_trainer.serve import ModelServer
-from nanochat_trainer.tokenizer import train_bpe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vllm_completion.json"
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cfg = TrainerConfig.model_validate({"preset": "tiny"})
-    tok = train_bpe(synthetic_docs(0, 300), 1024)
-    model = GPT(cfg.model)
-    model.init_weights(0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return save_weights(tmp_path_factory.mktemp("ckpt") / "final", model, cfg, tok)
 
 
 @pytest.fixture(scope="module")

@@ -257,19 +257,7 @@ class GatedAttention(Attention):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True
-        )
-        y = y.transpose(1, 2).reshape(b, t, -1) * torch.sigmoid(self.g_proj(x))
-        return self.o_proj(y)
+        return self.o_proj(self.attend(x, cos, sin, cache, attn_mask) * torch.sigmoid(self.g_proj(x)))
 
 
 def is_full_attention(cfg: ModelConfig, layer_idx: int) -> bool:

@@ -110,6 +110,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, attn_mask=None):
+        return self.o_proj(self.attend(x, cos, sin, cache, attn_mask))
+
+    def attend(self, x, cos, sin, cache: KVCache | None = None, attn_mask=None) -> torch.Tensor:
+        """Attention output before the output projection, (B, T, n_heads * head_dim)."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim))
@@ -121,7 +125,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=True
         )
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return y.transpose(1, 2).reshape(b, t, -1)
 
 
 class SwiGLU(nn.Module):
