@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from aiohttp import web
 
 from nanochat_trainer.checkpoint import load_model
