@@ -111,3 +111,9 @@ def test_eval_cli_errors(tmp_path, capsys) -> None:
     assert run_eval_from_args(_args("--checkpoint", str(tmp_path), "--k", "5")) == 2
     assert run_eval_from_args(_args("--checkpoint", str(tmp_path))) == 2  # exists but holds no model
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_eval_results_default_beside_the_checkpoint(ckpt, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "term"))
+    assert run_eval_from_args(_args("--checkpoint", str(ckpt), "--max-problems", "1", "--max-new-tokens", "8")) == 0
+    assert json.loads((ckpt / "humaneval.json").read_text())["problems"] == 1

@@ -35,7 +35,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per completion in the sandbox")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--out", default=None, help="write the full results JSON here")
+    parser.add_argument("--out", default=None,
+                        help="write the full results JSON here (default with --checkpoint: humaneval.json beside it)")
 
 
 def _ks(text: str, samples: int) -> list[int]:
@@ -112,9 +113,14 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
                             "temperature": args.temperature, "top_p": args.top_p,
                             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "seconds": round(gen_s, 3)}
     summary_table(report, file=sys.stderr)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    out = args.out
+    if out is None and args.checkpoint:
+        from ..checkpoint import resolve_model_dir
+
+        out = resolve_model_dir(args.checkpoint) / "humaneval.json"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1))
     publish_result(report)
     return 0
 
