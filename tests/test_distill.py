@@ -1,0 +1,344 @@
+"""Distillation: the async teacher client against a real `nanochat serve` app, and the top-k KL loss.
+
+    .venv/bin/pytest tests/test_distill.py -q
+
+The teacher is a `ModelServer` of a tiny checkpoint on a free port in a background thread (as in
+test_serve.py); a middleware counts the HTTP requests it receives. Failure injection uses a small
+aiohttp app (`FlakyServer503`) and httpx.MockTransport for malformed bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from aiohttp import web
+
+from nanochat_trainer.checkpoint import load_model, save_weights
+from nanochat_trainer.config import ModelConfig, TeacherConfig, TrainerConfig
+from nanochat_trainer.data.synthetic import generate as synthetic_docs
+from nanochat_trainer.distill import (AsyncTeacher, TeacherError, mixed_loss, token_id_map, topk_kl_loss,
+                                      topk_tensors)
+from nanochat_trainer.eval.generate import generate, prompt_logprobs
+from nanochat_trainer.model import GPT
+from nanochat_trainer.serve import ModelServer
+from nanochat_trainer.tokenizer import train_bpe
+
+PROMPTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "for i in range(10):\n    x = i\n"]
+
+
+def _serve_app(app: web.Application):
+    """Start `app` on a free port in a daemon thread; returns (url, stop)."""
+    loop = asyncio.new_event_loop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runner = web.AppRunner(app)
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        loop.run_forever()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(url + "/health")
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+    return url, stop
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = TrainerConfig.model_validate({"preset": "tiny"})
+    tok = train_bpe(synthetic_docs(0, 300), 1024)
+    model = GPT(cfg.model)
+    model.init_weights(0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return save_weights(tmp_path_factory.mktemp("ckpt") / "final", model, cfg, tok)
+
+
+class _NoAmbiguousHead(torch.nn.Module):
+    """lm_head that never ranks ids whose text is shared with another id (lone UTF-8 bytes):
+    serve.py keys top_logprobs by decoded text, so such ids would collapse into one entry and
+    the client would (rightly) refuse the answer as having fewer than k entries."""
+
+    def __init__(self, head: torch.nn.Module, tok):
+        super().__init__()
+        self.head = head
+        vocab = token_id_map(tok)
+        ok = torch.zeros(tok.n_vocab, dtype=torch.bool)
+        ok[[i for i in vocab.values() if i is not None]] = True
+        self.register_buffer("bias", torch.where(ok, 0.0, -1e4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + self.bias
+
+
+@pytest.fixture(scope="module")
+def teacher_server(ckpt):
+    model, tok, _ = load_model(ckpt)
+    model.lm_head = _NoAmbiguousHead(model.lm_head, tok)
+    seen: dict = {"n": 0, "auth": []}
+
+    @web.middleware
+    async def count(request, handler):
+        if request.path == "/v1/completions":
+            seen["n"] += 1
+            seen["auth"].append(request.headers.get("Authorization"))
+        return await handler(request)
+
+    app = ModelServer(model, tok, model_name="tiny").app()
+    app.middlewares.append(count)
+    url, stop = _serve_app(app)
+    yield url, model, tok, seen
+    stop()
+
+
+def test_complete_against_real_server(teacher_server, monkeypatch) -> None:
+    url, model, tok, seen = teacher_server
+    monkeypatch.setenv("DISTILL_TEST_KEY", "sekrit")
+    cfg = TeacherConfig(url=url + "/v1", model="tiny", api_key_env="DISTILL_TEST_KEY", concurrency=2)
+    teacher = AsyncTeacher.from_config(cfg)
+    data = teacher.run_batch([teacher.complete(p, max_tokens=6) for p in PROMPTS[:2]])
+    want = generate(model, tok, PROMPTS[:2], max_new_tokens=6)
+    assert [d["choices"][0]["text"] for d in data] == [w[0] for w in want]
+    assert data[0]["model"] == "tiny" and seen["auth"][-1] == "Bearer sekrit"
+    assert teacher.requests == 2 and teacher.cache_hits == 0 and teacher.errors == 0 and teacher.latency_s > 0
+
+
+def test_prompt_topk_aligned_to_tokenizer(teacher_server) -> None:
+    url, model, tok, _ = teacher_server
+    teacher = AsyncTeacher(url, "tiny")
+    k = 5
+    entries = teacher.run_batch([teacher.prompt_topk(PROMPTS[0], k)])[0]
+    ids = tok.encode(PROMPTS[0])
+    assert [e[0] for e in entries] == [tok.decode([i]) for i in ids]
+    assert entries[0][1] is None and all(len(e[1]) == k for e in entries[1:])
+    assert [e[2] for e in entries] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    _, tops = prompt_logprobs(model, ids, k)
+    for (_, top, _), want in zip(entries[1:], tops[1:]):
+        assert top == pytest.approx({tok.decode([t]): v for t, v in want.items()}, abs=1e-5)
+    # Aligned tensors: row i holds what predicted token i+1; the actual next token is usually among them.
+    t_ids, t_lps, mask = topk_tensors(entries, token_id_map(tok), k)
+    assert t_ids.shape == (len(ids), k) and mask.tolist() == [True] * (len(ids) - 1) + [False]
+    for i in range(len(ids) - 1):
+        row = dict(zip(t_ids[i].tolist(), t_lps[i].tolist()))
+        assert row == pytest.approx(tops[i + 1], abs=1e-5)
+
+
+def test_cache_second_run_sends_no_requests(teacher_server, tmp_path) -> None:
+    url, _, _, seen = teacher_server
+    first = AsyncTeacher(url, "tiny", cache_dir=tmp_path / "cache")
+    before = seen["n"]
+    a = first.run_batch([first.prompt_topk(p, 3) for p in PROMPTS])
+    assert seen["n"] - before == 3 and first.requests == 3 and first.cache_hits == 0
+    files = sorted((tmp_path / "cache").rglob("*"))
+    assert len([f for f in files if f.is_file()]) == 3 and not any(f.name.startswith(".tmp") for f in files)
+    second = AsyncTeacher(url, "tiny", cache_dir=tmp_path / "cache")
+    b = second.run_batch([second.prompt_topk(p, 3) for p in PROMPTS])
+    assert seen["n"] - before == 3 and second.requests == 0 and second.cache_hits == 3 and a == b
+    # A different request is a miss; a torn cache file is a miss that gets rewritten.
+    second.run_batch([second.prompt_topk(PROMPTS[0], 2)])
+    assert seen["n"] - before == 4
+    victim = next(f for f in (tmp_path / "cache").rglob("*.json"))
+    victim.write_text('{"choices": [')
+    third = AsyncTeacher(url, "tiny", cache_dir=tmp_path / "cache")
+    third.run_batch([third.prompt_topk(p, 3) for p in PROMPTS] + [third.prompt_topk(PROMPTS[0], 2)])
+    assert third.requests == 1 and third.cache_hits == 3 and seen["n"] - before == 5
+
+
+class FlakyServer503:
+    """Answers 503 `failures` times, then a valid completion."""
+
+    def __init__(self, failures: int):
+        self.failures, self.hits = failures, 0
+
+    async def completions(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.hits <= self.failures:
+            return web.json_response({"error": "overloaded"}, status=503)
+        return web.json_response({"choices": [{"index": 0, "text": "ok", "logprobs": None}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.add_routes([web.post("/v1/completions", self.completions), web.get("/health", self.health)])
+        return app
+
+
+def test_retries_on_503_then_gives_up() -> None:
+    flaky = FlakyServer503(2)
+    url, stop = _serve_app(flaky.app())
+    try:
+        teacher = AsyncTeacher(url, "m", max_retries=3, backoff=0.01)
+        data = teacher.run_batch([teacher.complete("x", max_tokens=1)])[0]
+        assert data["choices"][0]["text"] == "ok"
+        assert flaky.hits == 3 and teacher.requests == 3 and teacher.retries == 2 and teacher.errors == 0
+        flaky.hits, flaky.failures = 0, 10
+        stubborn = AsyncTeacher(url, "m", max_retries=1, backoff=0.01)
+        with pytest.raises(TeacherError, match="after 2 attempts.*503"):
+            stubborn.run_batch([stubborn.complete("x", max_tokens=1)])
+        assert flaky.hits == 2 and stubborn.errors == 1 and stubborn.retries == 1
+    finally:
+        stop()
+    # Nothing listening any more: connection errors are retried, then a TeacherError.
+    down = AsyncTeacher(url, "m", max_retries=2, backoff=0.01)
+    with pytest.raises(TeacherError, match="ConnectError"):
+        down.run_batch([down.complete("x", max_tokens=1)])
+    assert down.requests == 3 and down.errors == 1
+
+
+def _mock(body, status: int = 200):
+    calls = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if isinstance(body, (bytes, str)):
+            return httpx.Response(status, content=body)
+        return httpx.Response(status, json=body)
+    return httpx.MockTransport(handler), calls
+
+
+GOOD_ECHO = {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text_offset": [0, 1],
+                                                      "token_logprobs": [None, -0.5],
+                                                      "top_logprobs": [None, {"b": -0.5, "c": -1.5}]}}]}
+
+
+@pytest.mark.parametrize("body,status,match", [
+    (b"not json {", 200, "non-JSON"),
+    ({"id": "x"}, 200, "no choices"),
+    ({"choices": []}, 200, "no choices"),
+    ({"choices": [{"text": "ab"}]}, 200, "bad prompt logprobs"),
+    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text_offset": [0, 1],
+                                              "top_logprobs": [None, {"b": -0.5}]}}]}, 200, "1 top logprobs, asked for 2"),
+    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text_offset": [0],
+                                              "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "length mismatch"),
+    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "x"], "text_offset": [0, 1],
+                                              "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "spell the prompt"),
+    ({"error": "bad request"}, 400, "HTTP 400"),
+])
+def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
+    transport, calls = _mock(body, status)
+    teacher = AsyncTeacher("http://t/v1", "m", transport=transport, backoff=0.01, cache_dir=tmp_path)
+    with pytest.raises(TeacherError, match=match):
+        teacher.run_batch([teacher.prompt_topk("ab", 2)])
+    assert len(calls) == 1 and teacher.errors == 1 and not list(tmp_path.rglob("*.json"))  # not retried, not cached
+
+
+def test_good_mock_answer_parses() -> None:
+    transport, calls = _mock(GOOD_ECHO)
+    teacher = AsyncTeacher("http://t/v1", "m", transport=transport)
+    assert teacher.run_batch([teacher.prompt_topk("ab", 2)])[0] == [("a", None, 0), ("b", {"b": -0.5, "c": -1.5}, 1)]
+    assert str(calls[0].url) == "http://t/v1/completions"
+    sent = __import__("json").loads(calls[0].content)
+    assert sent["echo"] is True and sent["max_tokens"] == 0 and sent["logprobs"] == 2
+    with pytest.raises(TeacherError, match="not in the student's vocabulary"):
+        topk_tensors(teacher.run_batch([teacher.prompt_topk("ab", 2)])[0], {"b": 1}, 2)
+
+
+# ---------------------------------------------------------------------- losses
+def test_topk_kl_hand_computed() -> None:
+    logits = torch.tensor([[[1.0, 2.0, 0.0, -1.0]]])
+    ids = torch.tensor([[[1, 0]]])
+    t_p = [0.6, 0.3]
+    lps = torch.log(torch.tensor([[t_p]]))
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    z = [math.exp(x) for x in (1.0, 2.0, 0.0, -1.0)]
+    q = [x / sum(z) for x in z]
+    s = [q[1], q[0], 1 - q[1] - q[0]]
+    t = [0.6, 0.3, 0.1]
+    want = sum(a * math.log(a / b) for a, b in zip(t, s))
+    assert topk_kl_loss(logits, ids, lps, mask, 1.0).item() == pytest.approx(want, rel=1e-5)
+    # T = 2: both (k+1)-way distributions softened, the teacher's as softmax(log p / T); scaled by T^2.
+    zt = [math.exp(x / 2) for x in (1.0, 2.0, 0.0, -1.0)]
+    qt = [x / sum(zt) for x in zt]
+    st = [qt[1], qt[0], 1 - qt[1] - qt[0]]
+    tt = [math.sqrt(a) for a in t]
+    tt = [a / sum(tt) for a in tt]
+    want2 = 4 * sum(a * math.log(a / b) for a, b in zip(tt, st))
+    assert topk_kl_loss(logits, ids, lps, mask, 2.0).item() == pytest.approx(want2, rel=1e-5)
+    assert mixed_loss(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(2.5)
+
+
+def test_topk_kl_zero_when_equal_and_grad_flows() -> None:
+    torch.manual_seed(0)
+    b, t, v = 2, 3, 7
+    teacher_logits = torch.randn(b, t, v)
+    t_lp = torch.log_softmax(teacher_logits, -1)
+    ids = torch.arange(v).expand(b, t, v).clone()
+    perm = torch.randperm(v)  # order of the k entries must not matter
+    mask = torch.ones(b, t, dtype=torch.bool)
+    same = teacher_logits.clone().requires_grad_(True)
+    loss = topk_kl_loss(same, ids[..., perm], t_lp[..., perm], mask, 1.0)
+    assert abs(loss.item()) < 1e-6
+    loss.backward()
+    assert same.grad.abs().max().item() < 1e-5
+    student = torch.randn(b, t, v, requires_grad=True)
+    k = 3
+    top_v, top_i = t_lp.topk(k, -1)
+    mask[1, 2] = False
+    loss = topk_kl_loss(student, top_i, top_v, mask, 1.0)
+    assert loss.item() > 0
+    loss.backward()
+    g = student.grad
+    assert torch.isfinite(g).all() and g[0].abs().sum() > 0 and g[1, 2].abs().sum() == 0
+    # Junk at masked positions (padding) changes nothing and leaks no NaN.
+    top_v2, top_i2 = top_v.clone(), top_i.clone()
+    top_v2[1, 2], top_i2[1, 2] = -float("inf"), 10**6
+    s2 = student.detach().clone().requires_grad_(True)
+    loss2 = topk_kl_loss(s2, top_i2, top_v2, mask, 1.0)
+    loss2.backward()
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6) and torch.isfinite(s2.grad).all()
+    assert topk_kl_loss(student, top_i, top_v, torch.zeros(b, t, dtype=torch.bool), 2.0).item() == 0.0
+
+
+def test_student_learns_teacher_topk_from_server(teacher_server) -> None:
+    url, _, tok, _ = teacher_server
+    k = 8
+    teacher = AsyncTeacher(url, "tiny", concurrency=2)
+    entries = teacher.run_batch([teacher.prompt_topk(p, k) for p in PROMPTS[:2]])
+    vocab = token_id_map(tok)
+    rows = [topk_tensors(e, vocab, k) for e in entries]
+    t = min(r[0].shape[0] for r in rows)
+    ids = torch.stack([r[0][:t] for r in rows])
+    lps = torch.stack([r[1][:t] for r in rows])
+    mask = torch.stack([r[2][:t] for r in rows])
+    mask[:, -1] = False
+    x = torch.stack([torch.tensor(tok.encode(p)[:t]) for p in PROMPTS[:2]])
+    torch.manual_seed(0)
+    student = GPT(ModelConfig(vocab_size=1024, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64))
+    student.init_weights(3)
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = topk_kl_loss(student(x), ids, lps, mask, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = topk_kl_loss(student(x), ids, lps, mask, 1.0).item()
+    assert final < 0.5 * losses[0], (losses[0], final)

@@ -1,0 +1,78 @@
+"""Distillation losses.
+
+topk_kl_loss: KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket for
+the remaining probability mass, so an API that returns only k logprobs still gives a proper KL
+between two (k+1)-way distributions:
+
+    teacher: p_j = exp(lp_j) (j < k),   p_rest = 1 - sum_j p_j   (clamped at 0)
+    student: q_j = softmax(z / T)[id_j], q_rest = 1 - sum_j q_j
+    KL = sum_j p_j (log p_j - log q_j) + p_rest (log p_rest - log q_rest)
+
+With temperature T != 1 the teacher's (k+1)-way distribution is softened as
+softmax(log p / T) (the rest bucket treated as one token, an approximation since its members'
+individual logprobs are unknown) and the loss is scaled by T^2 (Hinton et al.), so its gradients
+keep their size across temperatures. The KL is averaged over positions where mask is True.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends and finite at x = 0."""
+    x = x.clamp(max=0.0)
+    out = torch.where(x > -0.6931, torch.log((-torch.expm1(x)).clamp_min(1e-30)),
+                      torch.log1p(-torch.exp(x.clamp(max=-0.6931))))
+    return out
+
+
+def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                 teacher_topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """student_logits (B,T,V), teacher_topk_ids (B,T,k) long, teacher_topk_logprobs (B,T,k),
+    mask (B,T) bool -> scalar mean KL(teacher || student) over masked positions (0 if none)."""
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    b, t, v = student_logits.shape
+    if teacher_topk_ids.shape[:2] != (b, t) or teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError(f"shapes: logits {tuple(student_logits.shape)}, ids {tuple(teacher_topk_ids.shape)}, "
+                         f"logprobs {tuple(teacher_topk_logprobs.shape)}")
+    if mask.shape != (b, t):
+        raise ValueError(f"mask shape {tuple(mask.shape)} != {(b, t)}")
+    k = teacher_topk_ids.shape[-1]
+    mask = mask.bool()
+    m3 = mask[..., None]
+    # Masked positions may hold padding (-inf, junk ids): make them harmless so no NaN leaks into grads.
+    ids = torch.where(m3, teacher_topk_ids, torch.zeros_like(teacher_topk_ids)).clamp(0, v - 1)
+    t_lp = torch.where(m3, teacher_topk_logprobs.float().detach(),
+                       torch.full_like(teacher_topk_logprobs, -float(torch.log(torch.tensor(float(k)))),
+                                       dtype=torch.float32))
+    t_lp = t_lp.clamp(max=0.0)
+
+    # Teacher (k+1)-way log distribution.
+    t_rest = (1.0 - t_lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    t_log = torch.cat([t_lp, torch.log(t_rest.clamp_min(1e-30))], dim=-1)
+    t_zero = torch.cat([torch.zeros_like(t_lp, dtype=torch.bool), t_rest <= 0], dim=-1)
+    t_log = t_log.masked_fill(t_zero, -float("inf"))
+    if temperature != 1.0:
+        t_log = F.log_softmax(t_log / temperature, dim=-1)
+    t_p = t_log.exp()
+
+    # Student (k+1)-way log distribution, on the same ids.
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_top = s_logp.gather(-1, ids)
+    s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
+    s_log = torch.cat([s_top, s_rest], dim=-1)
+
+    terms = torch.where(t_p > 0, t_p * (t_log.masked_fill(t_zero, 0.0) - s_log), torch.zeros_like(t_p))
+    kl = terms.sum(-1)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    return kl.sum() / mask.sum().clamp_min(1) * temperature ** 2
+
+
+def mixed_loss(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(1 - alpha) * ce + alpha * kd."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError("alpha must be in [0, 1]")
+    return (1.0 - alpha) * ce + alpha * kd

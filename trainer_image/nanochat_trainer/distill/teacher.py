@@ -1,0 +1,309 @@
+"""Async client for a teacher behind an OpenAI-compatible `/v1/completions` (vLLM or `nanochat serve`).
+
+    teacher = AsyncTeacher("http://teacher:8000/v1", "qwen", cache_dir="runs/x/teacher-cache")
+    data = await teacher.complete("def f(", max_tokens=32)              # raw, validated JSON
+    top = await teacher.prompt_topk("def f(x):\n    return x\n", k=20)  # [(token, {tok: lp}|None, offset)]
+    results = teacher.run_batch([teacher.prompt_topk(p, 20) for p in prompts])   # from sync code
+
+- At most `concurrency` requests in flight (asyncio.Semaphore).
+- Retries with exponential backoff (honouring a numeric Retry-After) on 429, 5xx, timeouts and
+  connection errors; other 4xx and bad bodies fail at once.
+- Answers are cached on disk, one JSON file per sha256 of the request (URL + body), written
+  atomically (tmp + os.replace): a repeated run sends zero requests. Only validated answers are
+  cached; an unreadable cache file counts as a miss and is rewritten.
+- Counters as attributes: requests (HTTP attempts sent), cache_hits, errors (calls that raised),
+  retries, latency_s (total seconds spent in HTTP attempts).
+Anything malformed raises `TeacherError`: a distillation loss must never be silently wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Optional, Union
+
+import httpx
+import torch
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+TopkEntry = tuple[str, Optional[dict[str, float]], int]
+
+
+class TeacherError(RuntimeError):
+    """The teacher failed, or answered something we cannot trust."""
+
+
+class AsyncTeacher:
+    def __init__(self, url: str, model: str, api_key_env: Optional[str] = "TEACHER_API_KEY",
+                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
+                 cache_dir: Union[str, os.PathLike, None] = None, backoff: float = 0.5, max_backoff: float = 20.0,
+                 transport: Optional[httpx.AsyncBaseTransport] = None):
+        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+            raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0")
+        base = url.rstrip("/")
+        self.url = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+        self.model = model
+        self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._headers: dict[str, str] = {}
+        key = os.environ.get(api_key_env) if api_key_env else None
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._transport = transport
+        self._http: Optional[httpx.AsyncClient] = None
+        self._sem: Optional[asyncio.Semaphore] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.requests = self.cache_hits = self.errors = self.retries = 0
+        self.latency_s = 0.0
+
+    @classmethod
+    def from_config(cls, cfg, cache_dir: Union[str, os.PathLike, None] = None, **kw: Any) -> "AsyncTeacher":
+        """From a `TeacherConfig`; `cache_dir` is the fallback when cfg.cache_dir is unset."""
+        return cls(cfg.url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                   cache_dir=cfg.cache_dir if cfg.cache_dir is not None else cache_dir, **kw)
+
+    def stats(self) -> dict[str, float]:
+        return {"requests": self.requests, "cache_hits": self.cache_hits, "errors": self.errors,
+                "retries": self.retries, "latency_s": self.latency_s}
+
+    # ------------------------------------------------------------------ lifecycle
+    def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        # httpx connections and the semaphore belong to one event loop: make them per loop.
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._loop is not loop:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)), headers=self._headers,
+                transport=self._transport, limits=httpx.Limits(max_connections=self.concurrency))
+            self._sem, self._loop = asyncio.Semaphore(self.concurrency), loop
+        assert self._sem is not None
+        return self._http, self._sem
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            http, self._http, self._loop = self._http, None, None
+            await http.aclose()
+
+    async def __aenter__(self) -> "AsyncTeacher":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def run_batch(self, coros: Iterable[Awaitable[Any]]) -> list[Any]:
+        """Run coroutines of this teacher concurrently from sync code (new event loop, closed after)."""
+        async def go() -> list[Any]:
+            try:
+                return list(await asyncio.gather(*coros))
+            finally:
+                await self.aclose()
+        return asyncio.run(go())
+
+    # ------------------------------------------------------------------ cache
+    def _cache_path(self, body: dict) -> Optional[Path]:
+        if self.cache_dir is None:
+            return None
+        key = hashlib.sha256(json.dumps({"url": self.url, "body": body}, sort_keys=True,
+                                        separators=(",", ":")).encode()).hexdigest()
+        return self.cache_dir / key[:2] / f"{key}.json"
+
+    @staticmethod
+    def _cache_read(path: Optional[Path]) -> Optional[dict]:
+        if path is None or not path.is_file():
+            return None
+        try:
+            return _validate(json.loads(path.read_text()))
+        except (OSError, ValueError, TeacherError):
+            return None  # torn or foreign file: a miss; the fresh answer overwrites it
+
+    @staticmethod
+    def _cache_write(path: Optional[Path], data: dict) -> None:
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    # ------------------------------------------------------------------ requests
+    async def _post(self, body: dict, parse: Optional[Callable[[dict], Any]] = None) -> Any:
+        """Cached POST; `parse` checks and unpacks the answer before it is cached (a cached file
+        that fails it is a miss)."""
+        parse = parse or (lambda d: d)
+        path = self._cache_path(body)
+        cached = self._cache_read(path)
+        if cached is not None:
+            try:
+                out = parse(cached)
+                self.cache_hits += 1
+                return out
+            except TeacherError:
+                pass
+        try:
+            data = await self._send(body)
+            out = parse(data)
+        except TeacherError:
+            self.errors += 1
+            raise
+        self._cache_write(path, data)
+        return out
+
+    async def _send(self, body: dict) -> dict:
+        http, sem = self._client()
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.retries += 1
+            delay = 0.0
+            async with sem:
+                t0 = time.monotonic()
+                self.requests += 1
+                try:
+                    r = await http.post(self.url, json=body)
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                    r = None
+                finally:
+                    self.latency_s += time.monotonic() - t0
+            if r is not None:
+                if r.status_code in RETRY_STATUS:
+                    last = f"HTTP {r.status_code}: {r.text[:200]}"
+                    try:
+                        delay = float(r.headers.get("retry-after", 0))
+                    except ValueError:
+                        delay = 0.0
+                elif r.status_code >= 400:
+                    raise TeacherError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}")
+                else:
+                    try:
+                        data = r.json()
+                    except ValueError as exc:
+                        raise TeacherError(f"{self.url} returned non-JSON: {r.text[:200]!r}") from exc
+                    return _validate(data)
+            if attempt < self.max_retries:
+                await asyncio.sleep(min(self.max_backoff, max(delay, self.backoff * 2 ** attempt)))
+        raise TeacherError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
+
+    def _body(self, prompt: str, max_tokens: int, temperature: float, logprobs: Optional[int], echo: bool,
+              **extra: Any) -> dict:
+        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": int(max_tokens),
+                                "temperature": float(temperature), "echo": bool(echo), **extra}
+        if logprobs is not None:
+            body["logprobs"] = int(logprobs)
+        return body
+
+    async def complete(self, prompt: str, max_tokens: int, temperature: float = 0.0,
+                       logprobs: Optional[int] = None, echo: bool = False, **extra: Any) -> dict:
+        """POST one completion; returns the parsed JSON (validated: a non-empty `choices` list)."""
+        return await self._post(self._body(prompt, max_tokens, temperature, logprobs, echo, **extra))
+
+    async def prompt_topk(self, prompt: str, k: int) -> list[TopkEntry]:
+        """The teacher's top-k next-token logprobs at every prompt position (echo, max_tokens=0).
+
+        Entry i is (token_text, top, text_offset) for prompt token i in the teacher's tokenization;
+        `top` is the distribution that predicted token i ({token_text: logprob}, at least k entries;
+        vLLM may add the actual token as a k+1-th), None for the first token.
+        """
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        body = self._body(prompt, max_tokens=0, temperature=0.0, logprobs=k, echo=True)
+        return await self._post(body, lambda data: parse_prompt_topk(data, prompt, k, where=self.url))
+
+
+def _validate(data: Any) -> dict:
+    if not isinstance(data, dict):
+        raise TeacherError(f"teacher answer is not a JSON object: {str(data)[:200]}")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+        raise TeacherError(f"teacher answer has no choices: {str(data)[:200]}")
+    return data
+
+
+def parse_prompt_topk(data: dict, prompt: str, k: int, where: str = "teacher") -> list[TopkEntry]:
+    """Check and unpack an echo+logprobs answer (vLLM's shape) into per-token entries."""
+    try:
+        lp = data["choices"][0]["logprobs"]
+        tokens, tops, offsets = lp["tokens"], lp["top_logprobs"], lp["text_offset"]
+        if not (isinstance(tokens, list) and isinstance(tops, list) and isinstance(offsets, list)):
+            raise TypeError("tokens, top_logprobs and text_offset must be lists")
+        if not (len(tokens) == len(tops) == len(offsets)):
+            raise ValueError(f"length mismatch: {len(tokens)} tokens, {len(tops)} top_logprobs, "
+                             f"{len(offsets)} offsets")
+        out: list[TopkEntry] = []
+        for i, (tok, top, off) in enumerate(zip(tokens, tops, offsets)):
+            if not isinstance(tok, str) or not isinstance(off, int):
+                raise TypeError(f"position {i}: bad token {tok!r} or offset {off!r}")
+            if top is None and i == 0:
+                out.append((tok, None, off))
+                continue
+            if not isinstance(top, dict):
+                raise TypeError(f"position {i}: top_logprobs is {top!r}")
+            if len(top) < k:
+                raise ValueError(f"position {i}: {len(top)} top logprobs, asked for {k}")
+            clean = {}
+            for t, v in top.items():
+                v = float(v)
+                if not v <= 0.0 + 1e-4:  # also rejects NaN
+                    raise ValueError(f"position {i}: logprob {v} of {t!r} is not <= 0")
+                clean[t] = v
+            out.append((tok, clean, off))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise TeacherError(f"{where}: bad prompt logprobs ({exc})") from exc
+    if "".join(t for t, _, _ in out) != prompt:
+        raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
+    return out
+
+
+def token_id_map(tok) -> dict[str, Optional[int]]:
+    """Decoded text -> token id for a tokenizer the teacher shares; None where several ids
+    decode to the same text (e.g. lone UTF-8 bytes), which cannot be told apart."""
+    out: dict[str, Optional[int]] = {}
+    for i in range(tok.n_vocab):
+        try:
+            s = tok.decode([i])
+        except Exception:  # special or unused ids
+            continue
+        out[s] = None if s in out else i
+    return out
+
+
+def topk_tensors(entries: list[TopkEntry], vocab: dict[str, Optional[int]], k: int,
+                 device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position teacher targets for `topk_kl_loss`, aligned with the prompt's token ids.
+
+    Row i holds the top-k that predicted token i+1 (i.e. for the student's logits at position i);
+    returns ids (T, k) long, logprobs (T, k) float and mask (T,) bool, T = len(entries). The last
+    row (nothing to predict) is masked. Unknown or ambiguous token texts raise TeacherError.
+    """
+    t = len(entries)
+    ids = torch.zeros(t, k, dtype=torch.long)
+    lps = torch.full((t, k), -torch.log(torch.tensor(float(k))).item())
+    mask = torch.zeros(t, dtype=torch.bool)
+    for i in range(t - 1):
+        top = entries[i + 1][1]
+        if top is None or len(top) < k:
+            raise TeacherError(f"position {i + 1}: need {k} top logprobs")
+        best = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]
+        for j, (text, lp) in enumerate(best):
+            tid = vocab.get(text)
+            if tid is None:
+                raise TeacherError(f"position {i + 1}: teacher token {text!r} is "
+                                   f"{'ambiguous' if text in vocab else 'not'} in the student's vocabulary")
+            ids[i, j], lps[i, j] = tid, lp
+        mask[i] = True
+    return ids.to(device), lps.to(device), mask.to(device)
