@@ -156,9 +156,11 @@ def _is_tied_alias(model: GPT, key: str) -> bool:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Any, TrainerConfig]:
-    """(model in eval mode, tokenizer, trainer config) from a model or run directory."""
+    """(model in eval mode, tokenizer, trainer config) from a model or run directory, or a packed ternary file."""
     from .tokenizer import load_tokenizer
 
+    if Path(path).is_file():
+        return _load_packed(Path(path), device)
     model_dir = resolve_model_dir(path)
     cfg = TrainerConfig.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text()))
     model = GPT(cfg.model)
@@ -169,3 +171,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     load_state_into(model, model_dir)
     tokenizer = load_tokenizer(model_dir)
     return model.to(device).eval(), tokenizer, cfg
+
+
+def _load_packed(path: Path, device: str | torch.device) -> tuple[GPT, Any, TrainerConfig]:
+    """A ternary run's packed export (<run>/model.ternary.safetensors), served from packed weights."""
+    from .ternary_pack import load_packed_model, read_packed_metadata
+    from .tokenizer import load_tokenizer
+
+    try:
+        header = read_packed_metadata(path)
+    except Exception as e:  # not a safetensors file, or not one of ours
+        raise ValueError(f"checkpoint={str(path)!r}: not a packed ternary model ({e})") from None
+    run_config = path.parent / "final" / "config.yaml"
+    if run_config.is_file():
+        cfg = TrainerConfig.model_validate(yaml.safe_load(run_config.read_text()))
+    else:
+        cfg = TrainerConfig.model_validate({"stage": "ternary", "model": header["model_config"]})
+    model = load_packed_model(path, device=device, cache_unpacked=True)
+    return model, load_tokenizer(path.parent), cfg

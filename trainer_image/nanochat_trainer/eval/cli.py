@@ -117,7 +117,8 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
     if out is None and args.checkpoint:
         from ..checkpoint import resolve_model_dir
 
-        out = resolve_model_dir(args.checkpoint) / "humaneval.json"
+        source = Path(args.checkpoint)
+        out = (source.parent if source.is_file() else resolve_model_dir(source)) / "humaneval.json"
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=1))
