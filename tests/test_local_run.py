@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,8 +47,15 @@ def test_runs_in_dependency_order(tmp_path, capsys):
     assert results["pass_at_k"]["1"] == 0.0 and results["problems"] == 2
 
 
-def test_dry_run_names_the_bad_field(tmp_path):
+def test_bad_field_is_named_before_anything_runs(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text(MANIFEST.replace("steps: 6", "steps: 0"))
     with pytest.raises(ValueError, match=r"TrainingRun base: spec.trainer.steps=0"):
-        run_manifest(str(path), dry_run=True, runs_dir=str(tmp_path))
+        run_manifest(str(path), runs_dir=str(tmp_path))  # refused before anything runs
+    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["m.yaml"]
+
+
+@pytest.mark.parametrize("example", sorted(str(p) for p in (Path(__file__).parent.parent / "examples").glob("*.yaml")))
+def test_examples_pass_the_dry_run(example, tmp_path, capsys):
+    assert run_manifest(example, dry_run=True, runs_dir=str(tmp_path)) == 0
+    assert "valid:" in capsys.readouterr().out

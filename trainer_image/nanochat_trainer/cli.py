@@ -122,7 +122,7 @@ def cmd_run(args) -> int:
 def cmd_crds(args) -> int:
     from nanochat_operator.crds import write_crds
 
-    for path in write_crds(args.out):
+    for path in write_crds(args.out, chart_dir=args.chart_dir or None):
         print(path)
     return 0
 
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("crds", help="write the CRDs generated from the API models")
     p.add_argument("--out", default="crds")
+    p.add_argument("--chart-dir", default="helm/nanochat-operator/files/crds",
+                   help="the chart's copy of the CRDs (empty to skip)")
     p.set_defaults(func=cmd_crds)
 
     try:

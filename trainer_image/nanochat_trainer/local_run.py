@@ -93,6 +93,11 @@ def _order(docs: list[dict]) -> list[dict]:
 
 def run_manifest(path: str, dry_run: bool = False, overrides: dict | None = None, runs_dir: str = "runs") -> int:
     root = Path(runs_dir)
+    if dry_run:
+        # A dry run checks the file as the cluster would (schema, storage, GPU fit) too.
+        from nanochat_operator.manifests import dry_run as cluster_dry_run
+
+        print(cluster_dry_run(path))
     docs = _order(read_manifest(path))
     plans = []
     for doc in docs:

@@ -1,0 +1,64 @@
+{{/* Names and labels shared by the templates. */}}
+
+{{- define "nanochat.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nanochat.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "nanochat.labels" -}}
+{{ include "nanochat.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "nanochat.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "nanochat.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Rules on namespaced objects: exactly the calls the operator makes. */}}
+{{- define "nanochat.namespacedRules" -}}
+# The runs: kopf watches them and patches annotations (its progress storage).
+- apiGroups: ["nanochat.io"]
+  resources: ["trainingruns", "evalruns"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status is written through the status subresource.
+- apiGroups: ["nanochat.io"]
+  resources: ["trainingruns/status", "evalruns/status"]
+  verbs: ["get", "patch"]
+# The Jobs it makes: read, create, and suspend/resume (patch). Deletion is the garbage
+# collector's, through owner references.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "create", "patch"]
+# Pods of those Jobs: listed by label to compute the status (no logs are read).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
+# Trainer config, headless Service, and the PVC for spec.storage.size.
+- apiGroups: [""]
+  resources: ["configmaps", "services", "persistentvolumeclaims"]
+  verbs: ["create"]
+# Events on the runs (phase changes, refusals).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- if .Values.peering.enabled }}
+# kopf peering (namespaced mode).
+- apiGroups: ["kopf.dev"]
+  resources: ["kopfpeerings"]
+  verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+{{- end -}}

@@ -1,0 +1,102 @@
+"""Can this run actually run? Checks the API server's schema cannot make.
+
+The schema and CEL rules refuse malformed manifests. These checks catch manifests that
+are well-formed but hopeless on the resources asked for, so the run fails at once with
+a condition saying why instead of crash-looping out of memory:
+
+    problems = feasibility(spec, gpu_memory_gib=80)    # [] when it can run
+
+The memory estimate is a floor, not a prediction: parameters x 16 bytes (bf16 weights
+and gradients are 4 bytes, fp32 master weights 4, two fp32 Adam moments 8; Muon keeps
+one moment but its AdamW half keeps two, so 16 is the round figure), spread over every
+GPU when FSDP shards it, on each GPU when DDP replicates it. Activations come on top,
+so a run that passes can still run out of memory; one that fails cannot fit.
+
+The parameter count is computed from the config (no torch in the operator image); it
+matches nanochat_trainer.model.count_params within a few per cent (tested).
+"""
+
+from __future__ import annotations
+
+from nanochat_trainer.config import ModelConfig
+
+from .api import TrainingRunSpec, parse_quantity
+
+BYTES_PER_PARAM = 16
+GIB = 2**30
+FSDP_FROM_PARAMS = 1_000_000_000  # the trainer's parallel=auto switches to FSDP2 here
+
+
+def estimate_params(m: ModelConfig) -> int:
+    """Parameters of the Qwen3-style model a ModelConfig describes (all experts counted)."""
+    d, hd = m.dim, m.resolved_head_dim
+    embed = m.vocab_size * d
+    head = 0 if m.tie_embeddings else m.vocab_size * d
+    norms_per_layer = 2 * d
+
+    def full_attention(gated: bool) -> int:
+        q = d * m.n_heads * hd * (2 if gated else 1)  # gated attention adds a gate projection
+        kv = 2 * d * m.n_kv_heads * hd
+        o = m.n_heads * hd * d
+        qk = 2 * hd if m.qk_norm else 0
+        return q + kv + o + qk
+
+    def linear_attention() -> int:
+        h = m.hybrid
+        assert h is not None
+        key_dim = h.linear_num_key_heads * h.linear_key_head_dim
+        value_dim = h.linear_num_value_heads * h.linear_value_head_dim
+        nv = h.linear_num_value_heads
+        proj = d * (2 * key_dim + 2 * value_dim + 2 * nv)  # q, k, v, z, b, a
+        conv = (2 * key_dim + value_dim) * h.conv_kernel
+        return proj + conv + 2 * nv + h.linear_value_head_dim + value_dim * d  # dt_bias, A_log, norm, out
+
+    def mlp(layer: int) -> int:
+        if m.moe is None or layer in m.moe.dense_layers:
+            return 3 * d * m.resolved_ffn_dim
+        e = m.moe
+        routed = e.n_experts * 3 * d * e.expert_ffn_dim + d * e.n_experts
+        shared = (3 * d * e.shared_expert_ffn_dim + d) if e.n_shared_experts else 0
+        return routed + shared
+
+    layers = 0
+    for i in range(m.n_layers):
+        if m.hybrid is not None:
+            is_full = (i + 1) % m.hybrid.full_attention_interval == 0
+            attn = full_attention(gated=True) if is_full else linear_attention()
+        else:
+            attn = full_attention(gated=False)
+        layers += attn + mlp(i) + norms_per_layer
+    return embed + head + layers + d  # final norm
+
+
+def training_memory_bytes(params: int) -> int:
+    return params * BYTES_PER_PARAM
+
+
+def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str]:
+    """Reasons this run cannot run as asked; empty when it can."""
+    problems: list[str] = []
+    cfg = spec.trainer
+    res = spec.resources
+    gpus = res.nodes * res.gpus_per_node
+    if cfg.device == "cuda" and gpus == 0:
+        problems.append("trainer.device=cuda but resources ask for no GPUs (gpusPerNode=0)")
+    params = estimate_params(cfg.model)
+    need = training_memory_bytes(params)
+    shards = (cfg.parallel == "fsdp") or (cfg.parallel == "auto" and params >= FSDP_FROM_PARAMS)
+    if gpus > 0:
+        have = (gpus if shards else 1) * gpu_memory_gib * GIB
+        if need > have:
+            where = (f"{gpus} GPUs x {gpu_memory_gib:g} GiB (FSDP)" if shards
+                     else f"one GPU's {gpu_memory_gib:g} GiB (DDP keeps a full copy per GPU)")
+            problems.append(
+                f"model of ~{params / 1e9:.2f}B parameters needs at least {need / GIB:.0f} GiB for weights, "
+                f"gradients and optimizer state; {where} is not enough: ask for more GPUs"
+                + ("" if shards else " or set trainer.parallel=fsdp"))
+    elif res.memory is not None:
+        have = parse_quantity(res.memory) * (res.nodes if shards else 1)
+        if need > have:
+            problems.append(f"model of ~{params / 1e9:.2f}B parameters needs at least {need / GIB:.1f} GiB; "
+                            f"resources.memory={res.memory} per pod is not enough")
+    return problems

@@ -1,0 +1,80 @@
+"""Dependencies between runs (pure): may this run start, and from what?
+
+A TrainingRun with `init.fromTrainingRun: a` and an EvalRun with `model.trainingRun: a`
+wait for `a`:
+
+    source missing          -> wait  (SourceNotFound: it may be created later, e.g. by
+                                      the same `kubectl apply -f` a moment after)
+    source not finished     -> wait  (SourceNotSucceeded, with its phase and step)
+    source Failed           -> fail  (SourceFailed: it will never produce a checkpoint)
+    source without storage  -> fail  (SourceHasNoStorage: its checkpoint died with its pod)
+    source Succeeded        -> ready (its final checkpoint and the PVC holding it)
+
+A chain that loops back on itself (a -> b -> a) can never start: `find_cycle` spots it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional
+
+from . import render
+
+
+@dataclass(frozen=True)
+class Dependency:
+    state: Literal["ready", "wait", "fail"]
+    reason: str
+    message: str
+    source: Optional[str] = None
+    claim: Optional[str] = None  # the source's PVC
+    checkpoint: Optional[str] = None  # its final model, under the PVC's /data mount
+
+
+def source_claim(name: str, spec: dict[str, Any]) -> Optional[str]:
+    """The PVC of a TrainingRun from its raw spec (claimName, or the one the operator made)."""
+    storage = spec.get("storage") or {}
+    if storage.get("claimName"):
+        return storage["claimName"]
+    if storage.get("size") is not None:
+        return f"{name}-storage"
+    return None
+
+
+def resolve(source_name: str, source: Optional[dict[str, Any]]) -> Dependency:
+    """Decide from the source TrainingRun object (None when it does not exist)."""
+    if source is None:
+        return Dependency("wait", "SourceNotFound",
+                          f"TrainingRun {source_name} does not exist (yet); waiting for it", source_name)
+    status = source.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    claim = status.get("storageClaim") or source_claim(source_name, source.get("spec") or {})
+    if phase == "Failed":
+        return Dependency("fail", "SourceFailed", f"TrainingRun {source_name} Failed, so it has no final "
+                          f"checkpoint to start from", source_name)
+    if claim is None:
+        return Dependency("fail", "SourceHasNoStorage", f"TrainingRun {source_name} has no spec.storage: its "
+                          "checkpoints are not kept anywhere another pod can read", source_name)
+    if phase != "Succeeded":
+        where = f" (step {status['step']}/{status.get('totalSteps', '?')})" if status.get("step") is not None else ""
+        return Dependency("wait", "SourceNotSucceeded",
+                          f"waiting for TrainingRun {source_name} to succeed: it is {phase}{where}", source_name,
+                          claim)
+    checkpoint = status.get("finalCheckpoint") or render.final_checkpoint_path(source_name)
+    return Dependency("ready", "SourceSucceeded", f"starting from TrainingRun {source_name}'s {checkpoint}",
+                      source_name, claim, checkpoint)
+
+
+def find_cycle(start: str, source_of: Callable[[str], Optional[str]], limit: int = 32) -> Optional[list[str]]:
+    """The loop `start -> ... -> start` of init.fromTrainingRun links, if there is one.
+
+    `source_of(name)` returns the run's init.fromTrainingRun (None: no source, or no such run).
+    """
+    path = [start]
+    current = source_of(start)
+    while current is not None and len(path) <= limit:
+        if current in path:
+            return path[path.index(current):] + [current]
+        path.append(current)
+        current = source_of(current)
+    return None

@@ -1,0 +1,129 @@
+"""The `Cluster` the reconciler uses, on the official kubernetes client.
+
+Reads ask for the raw JSON (`_preload_content=False`) and hand plain camelCase dicts to
+the pure modules, exactly as the API server sent them: no model classes in between,
+and no deserialisation cost per reconcile. API errors are sorted here:
+
+    404 on read           -> None
+    409 on create         -> AlreadyExists   (fine: made earlier)
+    400/422 on create     -> Rejected        (permanent: the run fails with the message)
+    anything else         -> kopf.TemporaryError with a delay (kopf retries; no hot loop)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional, TypeVar
+
+import httpx
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from . import api
+from .reconcile import AlreadyExists, Rejected
+from .render import JOB_NAME_LABEL
+
+T = TypeVar("T")
+
+
+def _message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body or "{}").get("message") or str(err.reason)
+    except ValueError:
+        return str(err.reason)
+
+
+def temporary(err: Exception) -> kopf.TemporaryError:
+    """A retryable error with a delay that grows with how unlikely a quick fix is."""
+    if isinstance(err, ApiException):
+        if err.status == 403:
+            return kopf.TemporaryError(f"forbidden: {_message(err)} (check the operator's RBAC)", delay=120)
+        if err.status == 429:
+            return kopf.TemporaryError("API server throttling", delay=30)
+        return kopf.TemporaryError(f"API error {err.status}: {_message(err)}", delay=15)
+    return kopf.TemporaryError(f"{type(err).__name__}: {err}", delay=15)
+
+
+class KubeCluster:
+    def __init__(self, api_client: client.ApiClient, scrape_timeout: float = 2.0) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        # One pooled HTTP client for trainer scrapes; short timeouts so a dead pod cannot
+        # hold a worker thread.
+        self.http = httpx.Client(timeout=scrape_timeout)
+
+    @staticmethod
+    def _json(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        resp = call(*args, _preload_content=False, **kwargs)
+        return json.loads(resp.data)
+
+    def _read(self, call: Callable[..., Any], *args: Any) -> Optional[dict[str, Any]]:
+        try:
+            return self._json(call, *args)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise temporary(err) from err
+
+    def get_job(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        return self._read(self.batch.read_namespaced_job, name, namespace)
+
+    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        try:
+            return self._json(self.core.list_namespaced_pod, namespace,
+                              label_selector=f"{JOB_NAME_LABEL}={job_name}").get("items") or []
+        except ApiException as err:
+            raise temporary(err) from err
+
+    def get_training_run(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        return self._read(self.custom.get_namespaced_custom_object, api.GROUP, api.VERSION, namespace,
+                          api.TRAINING_PLURAL, name)
+
+    def create(self, obj: dict[str, Any]) -> None:
+        ns = obj["metadata"]["namespace"]
+        creators: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Service": self.core.create_namespaced_service,
+            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
+            "Job": self.batch.create_namespaced_job,
+        }
+        try:
+            creators[obj["kind"]](ns, obj, _preload_content=False)
+        except ApiException as err:
+            if err.status == 409:
+                raise AlreadyExists(obj["metadata"]["name"]) from err
+            if err.status in (400, 422):
+                raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {_message(err)}") from err
+            raise temporary(err) from err
+
+    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        try:
+            # Explicit content type: the client would otherwise pick JSON Patch for a dict body.
+            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}}, _preload_content=False,
+                                            _content_type="application/merge-patch+json")
+        except ApiException as err:
+            raise temporary(err) from err
+
+    def scrape(self, url: str) -> Optional[str]:
+        """A trainer's /metrics text; None when it does not answer (starting, or no network)."""
+        try:
+            resp = self.http.get(url)
+            return resp.text if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+
+def load_api_client(max_workers: int) -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else ~/.kube/config."""
+    from kubernetes import config as kconfig
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        kconfig.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    # A connection per handler thread, so threads never queue for a socket.
+    configuration.connection_pool_maxsize = max(max_workers, 4)
+    return client.ApiClient(configuration)

@@ -1,0 +1,139 @@
+"""Reading TrainingRun/EvalRun manifests without a cluster (`nanochat run --dry-run`).
+
+    runs = load_manifests("examples/phase1-quick-demo.yaml")   # validated TrainingRun/EvalRun models
+    print(dry_run("examples/phase1-quick-demo.yaml"))          # what the operator would do
+
+Every document of a multi-document YAML file is validated with the same pydantic models
+the CRDs come from. A bad document raises ManifestError (a ValueError) whose message is
+one line naming the file, the document and the field:
+
+    m.yaml: document 1 (TrainingRun demo): spec.trainer.model.dim=4: Input should be greater than or equal to 8
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import yaml
+from nanochat_trainer.config import format_validation_error
+from pydantic import ValidationError
+
+from . import api, render
+from .api import EvalRun, TrainingRun
+from .checks import estimate_params, feasibility
+
+ApiObject = Union[TrainingRun, EvalRun]
+
+
+class ManifestError(ValueError):
+    """A manifest the API server or the operator would refuse; the message is one line."""
+
+
+def parse_documents(text: str, source: str = "<manifest>") -> list[ApiObject]:
+    """Validate every non-empty YAML document in `text`."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from err
+    if not docs:
+        raise ManifestError(f"{source}: no documents")
+    out: list[ApiObject] = []
+    for i, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{source}: document {i} is not a mapping")
+        kind = doc.get("kind")
+        name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc.get("metadata"), dict) else "?"
+        where = f"{source}: document {i} ({kind} {name})"
+        model = api.KINDS.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            raise ManifestError(f"{where}: kind must be one of {', '.join(api.KINDS)}")
+        if doc.get("apiVersion") != api.API_VERSION:
+            raise ManifestError(f"{where}: apiVersion={doc.get('apiVersion')!r}: expected {api.API_VERSION}")
+        try:
+            out.append(model.model_validate(doc))  # type: ignore[arg-type]
+        except ValidationError as err:
+            raise ManifestError(f"{where}: {format_validation_error(err)}") from err
+    names = [(o.kind, o.metadata.name) for o in out]
+    dup = sorted({f"{k} {n}" for k, n in names if names.count((k, n)) > 1})
+    if dup:
+        raise ManifestError(f"{source}: {', '.join(dup)} appears more than once")
+    return out
+
+
+def load_manifests(path: str) -> list[ApiObject]:
+    """Validated TrainingRun/EvalRun objects from a (multi-document) YAML file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ManifestError(f"{path}: {err.strerror or err}") from err
+    return parse_documents(text, path)
+
+
+def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
+    s, t = run.spec, run.spec.trainer
+    params = estimate_params(t.model)
+    world = s.resources.nodes * render.procs_per_node(s)
+    tokens_per_step = t.batch_size * t.grad_accum * t.resolved_seq_len * world
+    lines = [
+        f"TrainingRun {run.metadata.name}: preset {t.preset or '-'}, stage {t.stage}, ~{params / 1e6:,.1f}M parameters"
+        + (f" ({t.model.moe.n_experts} experts, top-{t.model.moe.top_k})" if t.model.moe else ""),
+        f"  steps {t.steps:,} x {tokens_per_step:,} tokens/step = {t.steps * tokens_per_step / 1e9:.2f}B tokens; "
+        f"data {t.data.source}" + (f" ({t.data.dataset})" if t.data.source == "huggingface" else ""),
+        f"  {s.resources.nodes} node(s) x {s.resources.gpus_per_node} GPU(s): torchrun {world} process(es); "
+        f"Job {render.job_name(run.metadata.name)}",
+        f"  storage: " + (f"PVC {s.storage.pvc_name(run.metadata.name)}, run dir "
+                          f"{render.run_dir(run.metadata.name)}" if s.storage else "none (emptyDir: no resume)"),
+    ]
+    if t.stage == "distill" and t.distill:
+        lines.append(f"  distill from {t.distill.teacher.model} at {t.distill.teacher.url} ({t.distill.method})")
+    if s.init:
+        src = s.init.from_training_run
+        lines.append(f"  starts from TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded"
+                     + ("" if src in in_file else " (not in this file)"))
+    if s.suspend or s.queue_name:
+        lines.append("  created suspended" + (f"; Kueue queue {s.queue_name}" if s.queue_name else ""))
+    return lines
+
+
+def _describe_eval(run: EvalRun, in_file: set[str]) -> list[str]:
+    s = run.spec
+    if s.model.endpoint:
+        what = f"endpoint {s.model.endpoint.url} model {s.model.endpoint.model}"
+    else:
+        src = s.model.training_run or ""
+        what = (f"TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded"
+                + ("" if src in in_file else " (not in this file)"))
+    problems = f"first {s.max_problems}" if s.max_problems else "all 164"
+    return [f"EvalRun {run.metadata.name}: {s.benchmark} on {what}",
+            f"  {problems} problems x {s.samples_per_problem} sample(s), temperature {s.temperature}, "
+            f"pass@{{{','.join(map(str, s.k))}}}; Job {render.eval_job_name(run.metadata.name)}"]
+
+
+def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
+    """Validate a manifest file as the API server and the operator would, and describe the
+    plan. Raises ManifestError (one line) on the first problem, including a run that the
+    operator would fail at once (e.g. a model too large for the GPUs asked for)."""
+    objs = load_manifests(path)
+    in_file = {o.metadata.name for o in objs if isinstance(o, TrainingRun)}
+    lines: list[str] = []
+    for obj in objs:
+        if isinstance(obj, TrainingRun):
+            problems = feasibility(obj.spec, gpu_memory_gib)
+            if problems:
+                raise ManifestError(f"{path}: TrainingRun {obj.metadata.name}: {'; '.join(problems)}")
+            if obj.spec.init and obj.spec.init.from_training_run == obj.metadata.name:
+                raise ManifestError(f"{path}: TrainingRun {obj.metadata.name}: spec.init.fromTrainingRun cannot "
+                                    "name the run itself")
+            # Render too: what the operator would create must be buildable from this spec.
+            render.render_training(obj.metadata.name, obj.metadata.namespace or "default", obj.spec,
+                                   image=obj.spec.image or "trainer-image")
+            lines += _describe_training(obj, in_file)
+        else:
+            lines += _describe_eval(obj, in_file)
+    kinds: dict[str, int] = {}
+    for obj in objs:
+        kinds[obj.kind] = kinds.get(obj.kind, 0) + 1
+    head = f"{path}: valid: " + ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return "\n".join([head] + lines)
+

@@ -1,0 +1,444 @@
+"""Pure rendering: a run's spec in, Kubernetes manifests (dicts) out. No API calls.
+
+A TrainingRun `demo` becomes:
+
+    ConfigMap  demo-config   config.yaml = the resolved trainer config
+    Service    demo-train    headless; gives pod i the DNS name demo-train-<i>.demo-train
+    Job        demo-train    Indexed, completions = parallelism = nodes, pods run torchrun
+    PVC        demo-storage  only when spec.storage.size asks the operator to make one
+
+Pods run `torchrun -m nanochat_trainer.train --config /etc/nanochat/config.yaml` the
+way Kubeflow Trainer v2 starts torch jobs: torchrun takes its arguments from PET_*
+variables (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK from the Job completion
+index, PET_MASTER_ADDR = pod 0 through the headless Service, PET_MASTER_PORT).
+
+Storage layout (the contract with the trainer, see checkpoint.py): the PVC is mounted
+at /data and the run directory (`checkpoint.dir`, set by the operator whatever the
+manifest says) is /data/runs/<run>; the finished model is /data/runs/<run>/final. An
+EvalRun `e` of that run writes its full results to /data/runs/<run>/eval/<e>.json.
+
+Owner references are not set here: the handler adopts what it creates (kopf.adopt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
+
+import yaml
+from nanochat_trainer.config import TrainerConfig
+
+from . import api
+from .api import EvalRunSpec, TrainingRunSpec
+
+DATA_MOUNT = "/data"
+SOURCE_MOUNT = "/source"  # a source run's PVC, when it is not this run's own
+CONFIG_MOUNT = "/etc/nanochat"
+CONFIG_FILE = "config.yaml"
+RENDEZVOUS_PORT = 29500
+TERMINATION_LOG = "/dev/termination-log"
+TRAINER_CONTAINER = "trainer"
+EVAL_CONTAINER = "eval"
+EVAL_API_KEY_ENV = "NANOCHAT_EVAL_API_KEY"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+SPEC_ANNOTATION = "nanochat.io/applied-spec"
+SPEC_HASH_ANNOTATION = "nanochat.io/spec-hash"
+RUN_LABEL = "nanochat.io/training-run"
+EVAL_LABEL = "nanochat.io/eval-run"
+GPU_RESOURCE = "nvidia.com/gpu"
+POD_SECURITY = {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"}
+
+
+# ---------------------------------------------------------------------------- names and paths
+
+
+def job_name(run_name: str) -> str:
+    return f"{run_name}-train"
+
+
+def service_name(run_name: str) -> str:
+    return job_name(run_name)  # one name: pod i is <job>-<i>.<svc>
+
+
+def config_map_name(run_name: str) -> str:
+    return f"{run_name}-config"
+
+
+def eval_job_name(eval_name: str) -> str:
+    return f"{eval_name}-eval"
+
+
+def run_dir(run_name: str, mount: str = DATA_MOUNT) -> str:
+    """The run directory (`checkpoint.dir`) of a TrainingRun inside its PVC's mount."""
+    return f"{mount}/runs/{run_name}"
+
+
+def final_checkpoint_path(run_name: str, mount: str = DATA_MOUNT) -> str:
+    """The finished model of a TrainingRun: what init.fromTrainingRun and EvalRuns load.
+
+    The trainer writes `<checkpoint.dir>/final/` at the end of a run (checkpoint.py), and
+    the operator sets checkpoint.dir to run_dir(run_name), so this is fixed by the name.
+    """
+    return f"{run_dir(run_name, mount)}/final"
+
+
+def eval_results_path(run_name: str, eval_name: str, mount: str = DATA_MOUNT) -> str:
+    """Where `nanochat eval --out` writes an EvalRun's full results, next to the model."""
+    return f"{run_dir(run_name, mount)}/eval/{eval_name}.json"
+
+
+def checkpoint_step_path(run_name: str, step: int, mount: str = DATA_MOUNT) -> str:
+    return f"{run_dir(run_name, mount)}/checkpoints/step_{step:08d}"
+
+
+def training_labels(run_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "nanochat-trainer",
+        "app.kubernetes.io/instance": run_name,
+        "app.kubernetes.io/managed-by": "nanochat-operator",
+        RUN_LABEL: run_name,
+    }
+
+
+def eval_labels(eval_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "nanochat-eval",
+        "app.kubernetes.io/instance": eval_name,
+        "app.kubernetes.io/managed-by": "nanochat-operator",
+        EVAL_LABEL: eval_name,
+    }
+
+
+# ---------------------------------------------------------------------------- spec drift
+
+
+def applied_spec(spec: TrainingRunSpec | EvalRunSpec) -> dict[str, Any]:
+    """The part of a spec that shaped the Job: all of it except `suspend` (which may change)."""
+    return spec.model_dump(mode="json", by_alias=True, exclude={"suspend"}, exclude_none=True)
+
+
+def spec_hash(spec: TrainingRunSpec | EvalRunSpec) -> str:
+    text = json.dumps(applied_spec(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_drift(applied: dict[str, Any], spec: TrainingRunSpec | EvalRunSpec) -> list[str]:
+    """Dotted paths where the current spec differs from the one the Job was made from."""
+    return sorted(_diff(applied, applied_spec(spec), "spec"))
+
+
+def _diff(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{path}.{key}")
+        return out
+    return [] if a == b else [path]
+
+
+# ---------------------------------------------------------------------------- TrainingRun
+
+
+def resolved_trainer_config(run_name: str, spec: TrainingRunSpec, init_from: Optional[str] = None) -> TrainerConfig:
+    """The trainer config the pods get: the spec's, with the operator's paths set."""
+    cfg = spec.trainer.model_copy(deep=True)
+    cfg.checkpoint.dir = run_dir(run_name)
+    if init_from:
+        cfg.checkpoint.init_from = init_from
+    return cfg
+
+
+def trainer_config_yaml(cfg: TrainerConfig) -> str:
+    # The preset is already applied (every field is explicit), so drop its name: a later
+    # trainer image that changed the preset must not shift a run that is resuming.
+    data = cfg.model_dump(mode="json", exclude={"preset"})
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def procs_per_node(spec: TrainingRunSpec) -> int:
+    """torchrun workers per pod: one per GPU, one on CPU."""
+    return max(spec.resources.gpus_per_node, 1)
+
+
+def render_config_map(run_name: str, namespace: str, spec: TrainingRunSpec,
+                      init_from: Optional[str] = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": config_map_name(run_name), "namespace": namespace, "labels": training_labels(run_name)},
+        "data": {CONFIG_FILE: trainer_config_yaml(resolved_trainer_config(run_name, spec, init_from))},
+    }
+
+
+def render_service(run_name: str, namespace: str, spec: TrainingRunSpec) -> dict[str, Any]:
+    ports = [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    if spec.trainer.metrics.port:
+        ports.append({"name": "metrics", "port": spec.trainer.metrics.port, "targetPort": spec.trainer.metrics.port,
+                      "protocol": "TCP"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(run_name), "namespace": namespace, "labels": training_labels(run_name)},
+        "spec": {
+            "clusterIP": "None",
+            # Rendezvous happens before any pod is Ready: DNS must resolve from the start.
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_NAME_LABEL: job_name(run_name)},
+            "ports": ports,
+        },
+    }
+
+
+def render_pvc(run_name: str, namespace: str, storage: api.Storage) -> Optional[dict[str, Any]]:
+    """The PVC the operator makes for `storage.size`; None when the user names a claim."""
+    if storage.claim_name or storage.size is None:
+        return None
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": storage.pvc_name(run_name), "namespace": namespace, "labels": training_labels(run_name)},
+        "spec": {"accessModes": [storage.access_mode], "resources": {"requests": {"storage": str(storage.size)}}},
+    }
+    if storage.storage_class:
+        pvc["spec"]["storageClassName"] = storage.storage_class
+    return pvc
+
+
+def _env(user: list[api.EnvVar]) -> list[dict[str, Any]]:
+    return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in user]
+
+
+def _container_resources(res: api.PodResources, gpus: int) -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    if res.cpu is not None:
+        limits["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        limits["memory"] = str(res.memory)
+    if gpus:
+        limits[GPU_RESOURCE] = str(gpus)  # extended resources: requests must equal limits
+    return {"requests": dict(limits), "limits": limits} if limits else {}
+
+
+def _placement(pod: dict[str, Any], res: api.PodResources) -> None:
+    if res.tolerations:
+        pod["tolerations"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in res.tolerations]
+    if res.node_selector:
+        pod["nodeSelector"] = dict(res.node_selector)
+
+
+def _failure_policy(policy: api.PodFailurePolicy, container: str) -> Optional[dict[str, Any]]:
+    rules: list[dict[str, Any]] = []
+    if policy.fail_on_exit_codes:
+        rules.append({"action": "FailJob", "onExitCodes": {
+            "containerName": container, "operator": "In", "values": sorted(set(policy.fail_on_exit_codes))}})
+    if policy.ignore_disruptions:
+        rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
+    return {"rules": rules} if rules else None
+
+
+def _job_suspend(spec: api.RunCommon) -> bool:
+    # With a Kueue queue the Job starts suspended and Kueue unsuspends it on admission.
+    return spec.suspend or spec.queue_name is not None
+
+
+def _job_metadata(name: str, namespace: str, labels: dict[str, str], spec: api.RunCommon) -> dict[str, Any]:
+    job_labels = dict(labels)
+    if spec.queue_name:
+        job_labels[QUEUE_LABEL] = spec.queue_name
+    applied = json.dumps(applied_spec(spec), sort_keys=True, separators=(",", ":"))
+    return {"name": name, "namespace": namespace, "labels": job_labels,
+            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec), SPEC_ANNOTATION: applied}}
+
+
+def render_training_job(run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str,
+                        source_claim: Optional[str] = None) -> dict[str, Any]:
+    """The Indexed Job. `source_claim`: the PVC of an init.fromTrainingRun source when it is
+    not this run's own; it is mounted read-only at /source."""
+    nodes = spec.resources.nodes
+    gpus = spec.resources.gpus_per_node
+    name = job_name(run_name)
+    labels = training_labels(run_name)
+    env: list[dict[str, Any]] = [
+        {"name": "PET_NNODES", "value": str(nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(procs_per_node(spec))},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{service_name(run_name)}"},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ] + _env(spec.env)
+    ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+    if spec.trainer.metrics.port:
+        ports.append({"name": "metrics", "containerPort": spec.trainer.metrics.port, "protocol": "TCP"})
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "data", "mountPath": DATA_MOUNT},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if spec.storage is not None:
+        data_volume: dict[str, Any] = {"name": "data", "persistentVolumeClaim": {
+            "claimName": spec.storage.pvc_name(run_name)}}
+    else:
+        data_volume = {"name": "data", "emptyDir": {}}
+    volumes = [
+        {"name": "config", "configMap": {"name": config_map_name(run_name)}},
+        data_volume,
+        # NCCL and dataloader workers share memory through /dev/shm; the container default is 64Mi.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    if source_claim:
+        mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+        volumes.append({"name": "source", "persistentVolumeClaim": {"claimName": source_claim, "readOnly": True}})
+
+    container: dict[str, Any] = {
+        "name": TRAINER_CONTAINER,
+        "image": image,
+        "command": ["torchrun", "-m", "nanochat_trainer.train", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}"],
+        "env": env,
+        "ports": ports,
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        # A crash's last log lines end up in the pod status, where the operator reads them.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    resources = _container_resources(spec.resources, gpus)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",  # required by podFailurePolicy; the Job replaces failed pods
+        "subdomain": service_name(run_name),
+        "enableServiceLinks": False,
+        # The trainer image runs as UID 1000: give it the PVC through its group, and skip
+        # the recursive chown of a large PVC when the root already matches.
+        "securityContext": dict(POD_SECURITY),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    _placement(pod, spec.resources)
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": _job_suspend(spec),
+        "template": {"metadata": {"labels": labels}, "spec": pod},
+    }
+    policy = _failure_policy(spec.pod_failure_policy, TRAINER_CONTAINER)
+    if policy:
+        job_spec["podFailurePolicy"] = policy
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _job_metadata(name, namespace, labels, spec), "spec": job_spec}
+
+
+def init_source(source_name: str, source_claim: str, own_claim: Optional[str]) -> tuple[str, Optional[str]]:
+    """(checkpoint.init_from path, extra claim to mount) for a run starting from `source_name`."""
+    if source_claim == own_claim:
+        return final_checkpoint_path(source_name), None
+    return final_checkpoint_path(source_name, SOURCE_MOUNT), source_claim
+
+
+def render_training(run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str,
+                    source: Optional[tuple[str, str]] = None) -> list[dict[str, Any]]:
+    """Everything a TrainingRun needs, in creation order (PVC, ConfigMap, Service, Job).
+    `source`: (source run name, its PVC) for init.fromTrainingRun."""
+    init_from, extra_claim = None, None
+    if source is not None:
+        own = spec.storage.pvc_name(run_name) if spec.storage else None
+        init_from, extra_claim = init_source(source[0], source[1], own)
+    out = []
+    if spec.storage is not None:
+        pvc = render_pvc(run_name, namespace, spec.storage)
+        if pvc:
+            out.append(pvc)
+    out.append(render_config_map(run_name, namespace, spec, init_from))
+    out.append(render_service(run_name, namespace, spec))
+    out.append(render_training_job(run_name, namespace, spec, image=image, source_claim=extra_claim))
+    return out
+
+
+# ---------------------------------------------------------------------------- EvalRun
+
+
+def eval_command(eval_name: str, spec: EvalRunSpec, checkpoint: Optional[str] = None,
+                 out: Optional[str] = None) -> list[str]:
+    """`nanochat eval ...` for a checkpoint on the PVC, or for an endpoint."""
+    cmd = ["nanochat", "eval"]
+    if spec.model.endpoint is not None:
+        cmd += ["--endpoint", spec.model.endpoint.url, "--model", spec.model.endpoint.model,
+                "--api-key-env", EVAL_API_KEY_ENV]
+    else:
+        if checkpoint is None:
+            raise ValueError("an EvalRun of a TrainingRun needs the checkpoint path")
+        cmd += ["--checkpoint", checkpoint]
+    cmd += ["--samples", str(spec.samples_per_problem), "--temperature", str(spec.temperature),
+            "--k", ",".join(str(k) for k in sorted(set(spec.k))), "--max-new-tokens", str(spec.max_new_tokens)]
+    if spec.max_problems is not None:
+        cmd += ["--max-problems", str(spec.max_problems)]
+    if out:
+        cmd += ["--out", out]
+    return cmd
+
+
+def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image: str,
+                    source: Optional[tuple[str, str]] = None) -> dict[str, Any]:
+    """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run."""
+    name = eval_job_name(eval_name)
+    labels = eval_labels(eval_name)
+    env: list[dict[str, Any]] = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "NANOCHAT_TERMINATION_LOG", "value": TERMINATION_LOG},
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}}]
+    checkpoint = out = None
+    if spec.model.endpoint is not None:
+        secret = spec.model.endpoint.api_key_secret
+        if secret is not None:
+            env.append({"name": EVAL_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name,
+                                                                               "key": secret.key}}})
+    else:
+        if source is None:
+            raise ValueError("an EvalRun of a TrainingRun needs the source run and its PVC")
+        checkpoint = final_checkpoint_path(source[0])
+        out = eval_results_path(source[0], eval_name)
+        mounts.append({"name": "data", "mountPath": DATA_MOUNT})
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": source[1]}})
+    env += _env(spec.env)
+    container: dict[str, Any] = {
+        "name": EVAL_CONTAINER,
+        "image": image,
+        "command": eval_command(eval_name, spec, checkpoint, out),
+        "env": env,
+        "volumeMounts": mounts,
+        # The eval writes its compact JSON result here; the operator reads it from
+        # status.containerStatuses[].state.terminated.message (see nanochat_operator.results).
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    resources = _container_resources(spec.resources, spec.resources.gpus)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {"restartPolicy": "Never", "enableServiceLinks": False, "securityContext": dict(POD_SECURITY),
+                           "containers": [container], "volumes": volumes}
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    _placement(pod, spec.resources)
+    job_spec: dict[str, Any] = {
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": _job_suspend(spec),
+        "template": {"metadata": {"labels": labels}, "spec": pod},
+    }
+    policy = _failure_policy(spec.pod_failure_policy, EVAL_CONTAINER)
+    if policy:
+        job_spec["podFailurePolicy"] = policy
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _job_metadata(name, namespace, labels, spec), "spec": job_spec}

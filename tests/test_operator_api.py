@@ -1,0 +1,154 @@
+"""API models, manifests/dry run, feasibility and operator metrics (no cluster)."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from pydantic import ValidationError
+
+from nanochat_operator import api
+from nanochat_operator.checks import estimate_params, feasibility
+from nanochat_operator.manifests import ManifestError, dry_run, parse_documents
+from nanochat_operator.metrics import OperatorMetrics, serve
+
+TR = """apiVersion: nanochat.io/v1alpha1
+kind: TrainingRun
+metadata: {name: demo}
+spec:
+  trainer: {preset: tiny}
+"""
+
+
+def spec(**kw):
+    return api.TrainingRunSpec.model_validate({"trainer": {"preset": "tiny"}, **kw})
+
+
+@pytest.mark.parametrize("name", ["PET_NNODES", "PET_ANYTHING", "MASTER_ADDR", "RANK", "WORLD_SIZE"])
+def test_reserved_env_refused(name):
+    with pytest.raises(ValidationError, match="reserved"):
+        spec(env=[{"name": name, "value": "1"}])
+
+
+def test_operator_fields_are_camel_case_and_checked():
+    s = spec(resources={"gpusPerNode": 2, "nodeSelector": {"a": "b"}}, queueName="q", backoffLimit=1)
+    assert s.resources.gpus_per_node == 2 and s.queue_name == "q"
+    for bad in [{"resources": {"gpus_per_node": 2}},  # snake_case is not the wire format
+                {"storage": {"claimName": "a", "size": "1Gi"}}, {"storage": {}},
+                {"resources": {"memory": "8 GB"}}, {"init": {"fromTrainingRun": "x"}},  # init needs storage
+                {"trainer": {"device": "cuda"}}, {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}]:
+        with pytest.raises(ValidationError):
+            api.TrainingRunSpec.model_validate({"trainer": {"preset": "tiny"}, **bad})
+
+
+def test_eval_spec_rules():
+    api.EvalRunSpec.model_validate({"model": {"trainingRun": "a"}, "samplesPerProblem": 10, "k": [1, 10]})
+    for bad in [{"model": {}}, {"model": {"trainingRun": "a", "endpoint": {"url": "http://x", "model": "m"}}},
+                {"model": {"trainingRun": "a"}, "k": [5]}, {"model": {"endpoint": {"url": "ftp://x", "model": "m"}}},
+                {"model": {"trainingRun": "a"}, "maxProblems": 500}]:
+        with pytest.raises(ValidationError):
+            api.EvalRunSpec.model_validate(bad)
+
+
+def test_quantities():
+    assert api.parse_quantity("16Gi") == 16 * 2**30
+    assert api.parse_quantity("500m") == 0.5 and api.parse_quantity(4) == 4 and api.parse_quantity("1e3") == 1000
+
+
+def test_dry_run_one_line_errors_name_the_field(tmp_path):
+    cases = {
+        TR.replace("{preset: tiny}", "{preset: tiny, model: {dim: 4}}"): "spec.trainer.model.dim=4",
+        TR.replace("{preset: tiny}", "{preset: tiny, stepz: 3}"): "spec.trainer.stepz: unknown field",
+        TR.replace("kind: TrainingRun", "kind: Pod"): "kind must be one of",
+        TR.replace("v1alpha1", "v1"): "apiVersion",
+        TR + "  resources: {nodes: 0}\n": "spec.resources.nodes=0",
+        TR + "---\n" + TR: "TrainingRun demo appears more than once",
+        "a: [": "not valid YAML",
+        TR.replace("{preset: tiny}", "{preset: qwen3-hybrid}") + "  resources: {gpusPerNode: 1}\n": "more GPUs",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"m{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ManifestError) as err:
+            dry_run(str(path))
+        assert needle in str(err.value) and "\n" not in str(err.value), (needle, str(err.value))
+    with pytest.raises(ManifestError, match="No such file"):
+        dry_run(str(tmp_path / "missing.yaml"))
+
+
+def test_multi_document_parse():
+    objs = parse_documents(TR + "---\n" + """apiVersion: nanochat.io/v1alpha1
+kind: EvalRun
+metadata: {name: ev}
+spec: {model: {trainingRun: demo}}
+""")
+    assert [o.kind for o in objs] == ["TrainingRun", "EvalRun"]
+    assert objs[0].spec.trainer.model.dim == 128  # preset applied
+
+
+def test_feasibility_gpu_cpu_and_memory():
+    assert feasibility(spec(trainer={"preset": "tiny", "device": "cpu"})) == []
+    assert "no GPUs" in feasibility(api.TrainingRunSpec.model_construct(
+        trainer=api.TrainerConfig.model_validate({"preset": "tiny", "device": "cuda"}),
+        resources=api.Resources()))[0]
+    big = {"preset": "qwen3-hybrid"}
+    assert feasibility(spec(trainer=big, resources={"nodes": 2, "gpusPerNode": 8})) == []
+    assert feasibility(spec(trainer=big, resources={"nodes": 1, "gpusPerNode": 8}))
+
+
+def test_param_estimate_matches_the_model():
+    torch = pytest.importorskip("torch")  # noqa: F841
+    from nanochat_trainer.config import PRESETS, TrainerConfig
+    from nanochat_trainer.model import count_params
+
+    for name in PRESETS:
+        m = TrainerConfig.model_validate({"preset": name}).model
+        assert abs(estimate_params(m) / count_params(m)["total"] - 1) < 0.02, name
+
+
+def test_metrics_exposition_and_http():
+    m = OperatorMetrics()
+    m.observe_training("ml", "a", {"phase": "Running", "step": 10, "loss": 2.5, "tokensPerSecond": 100.0})
+    m.observe_training("ml", "b", {"phase": "Pending"})
+    m.observe_eval("ml", "e", {"phase": "Succeeded", "scores": {"pass@1": 0.2, "pass@10": 0.4}})
+    m.reconcile_total.labels("TrainingRun", "ok").inc()
+    m.reconcile_duration.labels("TrainingRun").observe(0.02)
+    text = m.exposition().decode()
+    for line in ['nanochat_runs{kind="TrainingRun",namespace="ml",phase="Running"} 1.0',
+                 'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Pending"} 1.0',
+                 'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Failed"} 0.0',
+                 'nanochat_training_step{name="a",namespace="ml"} 10.0',
+                 'nanochat_training_loss{name="a",namespace="ml"} 2.5',
+                 'nanochat_training_tokens_per_second{name="a",namespace="ml"} 100.0',
+                 'nanochat_eval_pass_at_k{k="10",name="e",namespace="ml"} 0.4',
+                 'nanochat_reconcile_total{kind="TrainingRun",result="ok"} 1.0',
+                 'nanochat_reconcile_duration_seconds_bucket{kind="TrainingRun",le="0.025"} 1.0']:
+        assert line in text, line
+    m.observe_training("ml", "a", {"phase": "Succeeded", "step": 10})  # only live runs have progress series
+    assert 'nanochat_training_step{name="a"' not in m.exposition().decode()
+    m.forget("TrainingRun", "ml", "a")
+    m.forget("EvalRun", "ml", "e")
+    text = m.exposition().decode()
+    assert 'name="a"' not in text and 'name="e"' not in text
+    assert 'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Running"} 0.0' in text
+
+    server = serve(0, "127.0.0.1", metrics=m)
+    try:
+        port = server.server_address[1]
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "nanochat_runs" in body
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+    finally:
+        server.shutdown()
+
+
+def test_settings_flags_and_env(monkeypatch):
+    from nanochat_operator.settings import parse_args
+
+    monkeypatch.setenv("NANOCHAT_NAMESPACES", "a,b")
+    monkeypatch.setenv("NANOCHAT_TRAINER_IMAGE", "img:2")
+    cfg = parse_args(["--interval", "5"])
+    assert cfg.namespaces == ["a", "b"] and cfg.trainer_image == "img:2" and cfg.interval == 5
+    assert parse_args(["--namespace", "x"]).namespaces == ["x"]
+    with pytest.raises(SystemExit):
+        parse_args(["--interval", "0"])

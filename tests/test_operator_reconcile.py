@@ -1,0 +1,318 @@
+"""The reconciler on an in-memory cluster: creation, dependency chaining, suspend, refusals.
+
+FakeCluster stands in for the API server with the same methods as
+nanochat_operator.kube.KubeCluster; the tests move Jobs and pods through their states by
+hand the way the Job controller would."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional
+
+import pytest
+
+from nanochat_operator import render
+from nanochat_operator.reconcile import (AlreadyExists, NotOwned, Rejected, reconcile_eval, reconcile_training,
+                                         status_patch)
+from nanochat_operator.settings import OperatorConfig
+from nanochat_operator.status import get_condition
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+CFG = OperatorConfig(trainer_image="trainer:test")
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict] = {}
+        self.pods: dict[str, list[dict]] = {}
+        self.runs: dict[str, dict] = {}
+        self.metrics: Optional[str] = None
+        self.reject: Optional[str] = None
+        self.calls: list[str] = []
+
+    def get_job(self, namespace: str, name: str) -> Optional[dict]:
+        self.calls.append(f"get_job {name}")
+        j = self.objects.get(("Job", namespace, name))
+        return copy.deepcopy(j) if j else None
+
+    def list_pods(self, namespace: str, job_name: str) -> list[dict]:
+        return copy.deepcopy(self.pods.get(job_name, []))
+
+    def create(self, obj: dict) -> None:
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if self.reject and obj["kind"] == self.reject:
+            raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: spec.template: Invalid value")
+        if key in self.objects:
+            raise AlreadyExists(key[2])
+        self.calls.append(f"create {obj['kind']} {key[2]}")
+        self.objects[key] = copy.deepcopy(obj)
+
+    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        self.calls.append(f"suspend {name}={suspend}")
+        self.objects[("Job", namespace, name)]["spec"]["suspend"] = suspend
+
+    def get_training_run(self, namespace: str, name: str) -> Optional[dict]:
+        r = self.runs.get(name)
+        return copy.deepcopy(r) if r else None
+
+    def scrape(self, url: str) -> Optional[str]:
+        self.calls.append(f"scrape {url}")
+        return self.metrics
+
+    # -- what the Job controller would do
+    def job(self, name: str) -> dict:
+        return self.objects[("Job", "ml", name)]
+
+    def set_job(self, name: str, *conds: str, pods: list[dict] | None = None) -> None:
+        self.job(name)["status"] = {"conditions": [{"type": c, "status": "True", "reason": c} for c in conds]}
+        if pods is not None:
+            self.pods[name] = pods
+
+
+def adopt(objs: list[dict], owner: dict) -> None:
+    for o in objs:
+        o["metadata"]["ownerReferences"] = [{"apiVersion": owner["apiVersion"], "kind": owner["kind"],
+                                             "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
+                                             "controller": True, "blockOwnerDeletion": True}]
+
+
+def running_pod(index: int = 0, ip: str = "10.1.0.5") -> dict:
+    return {"metadata": {"name": f"p{index}", "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "status": {"phase": "Running", "podIP": ip}}
+
+
+def tr(name: str = "demo", generation: int = 1, status: dict | None = None, **spec: Any) -> dict:
+    body = {"trainer": {"preset": "tiny", "steps": 100}, "storage": {"claimName": "runs"}}
+    body.update(spec)
+    return {"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
+            "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": generation},
+            "spec": body, "status": status or {}}
+
+
+def er(name: str = "ev", status: dict | None = None, **spec: Any) -> dict:
+    body = {"model": {"trainingRun": "demo"}}
+    body.update(spec)
+    return {"apiVersion": "nanochat.io/v1alpha1", "kind": "EvalRun",
+            "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": 1},
+            "spec": body, "status": status or {}}
+
+
+def step(cluster: FakeCluster, obj: dict, now: datetime = NOW, fn=reconcile_training) -> dict:
+    """One reconcile; the new status is written back to obj like kopf's status patch."""
+    out = fn(cluster, obj, CFG, now=now, adopt=adopt)
+    patch = status_patch(obj.get("status") or {}, out.status)
+    merged = {**(obj.get("status") or {}), **patch}
+    obj["status"] = {k: v for k, v in merged.items() if v is not None}
+    return obj["status"]
+
+
+def test_training_run_creates_children_and_follows_job():
+    c = FakeCluster()
+    run = tr()
+    s = step(c, run)
+    assert [x for x in c.calls if x.startswith("create")] == [
+        "create ConfigMap demo-config", "create Service demo-train", "create Job demo-train"]
+    job = c.job("demo-train")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "trainer:test"
+    assert s["phase"] == "Starting" and s["jobName"] == "demo-train" and s["observedGeneration"] == 1
+    assert get_condition(s, "Accepted")["status"] == "True"
+    assert s["storageClaim"] == "runs" and s["runDir"] == "/data/runs/demo"
+
+    c.pods["demo-train"] = [running_pod()]
+    c.metrics = "nanochat_trainer_step 40\nnanochat_trainer_total_steps 100\nnanochat_trainer_loss 1.5\n"
+    s = step(c, run)
+    assert s["phase"] == "Running" and s["step"] == 40 and s["loss"] == 1.5
+    assert "scrape http://10.1.0.5:9090/metrics" in c.calls
+    c.metrics = None  # the trainer stops answering: keep the last values
+    s = step(c, run, NOW + timedelta(seconds=30))
+    assert s["step"] == 40
+
+    c.set_job("demo-train", "Complete", pods=[])
+    s = step(c, run)
+    assert s["phase"] == "Succeeded" and s["finalCheckpoint"] == "/data/runs/demo/final"
+    calls = len(c.calls)
+    assert step(c, run)["phase"] == "Succeeded"  # final: no more reads
+    assert len(c.calls) == calls
+
+
+def test_reconcile_twice_creates_nothing_twice():
+    c = FakeCluster()
+    run = tr()
+    step(c, run)
+    step(c, run)
+    assert sum(x.startswith("create") for x in c.calls) == 3
+
+
+def test_job_of_another_owner_is_left_alone():
+    c = FakeCluster()
+    c.objects[("Job", "ml", "demo-train")] = {"metadata": {"name": "demo-train", "ownerReferences": [
+        {"uid": "old-uid"}]}, "spec": {}}
+    with pytest.raises(NotOwned):
+        step(c, tr())
+
+
+def test_invalid_spec_fails_without_touching_cluster_and_recovers_when_fixed():
+    c = FakeCluster()
+    bad = tr(trainer={"preset": "tiny", "model": {"n_heads": 4, "n_kv_heads": 3}})
+    s = step(c, bad)
+    assert s["phase"] == "Failed"
+    cond = get_condition(s, "Accepted")
+    assert cond["reason"] == "InvalidSpec" and "spec.trainer" in cond["message"] and "n_kv_heads" in cond["message"]
+    assert c.calls == []
+    first = dict(s)
+    assert step(c, bad) == first  # same answer, nothing churns
+    fixed = tr(generation=2, status=s)
+    s = step(c, fixed)
+    assert s["phase"] == "Starting" and get_condition(s, "Failed") is None and "completionTime" not in s
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ({"trainer": {"preset": "nano-1B", "parallel": "ddp", "model": {"n_layers": 200}},
+      "resources": {"nodes": 2, "gpusPerNode": 8}}, "DDP"),
+    ({"trainer": {"preset": "qwen3-hybrid"}, "resources": {"nodes": 1, "gpusPerNode": 8}}, "more GPUs"),
+    ({"trainer": {"preset": "nano-360M"}, "resources": {"memory": "1Gi"}}, "resources.memory"),
+])
+def test_infeasible_run_fails_with_reason(spec, needle):
+    c = FakeCluster()
+    s = step(c, tr(**spec))
+    assert s["phase"] == "Failed"
+    assert get_condition(s, "Accepted")["reason"] == "Infeasible" and needle in get_condition(s, "Accepted")["message"]
+    assert not any(x.startswith("create") for x in c.calls)
+
+
+def test_rejected_create_is_a_permanent_failure():
+    c = FakeCluster()
+    c.reject = "Job"
+    s = step(c, tr())
+    assert s["phase"] == "Failed" and get_condition(s, "Failed")["reason"] == "CreateRejected"
+
+
+def test_dependency_chain_waits_then_starts_from_final_checkpoint():
+    c = FakeCluster()
+    nxt = tr("next", init={"fromTrainingRun": "demo"})
+    s = step(c, nxt)
+    assert s["phase"] == "Pending"
+    assert get_condition(s, "DependenciesReady")["reason"] == "SourceNotFound"
+    c.runs["demo"] = tr(status={"phase": "Running", "step": 5, "totalSteps": 100})
+    s = step(c, nxt)
+    dep = get_condition(s, "DependenciesReady")
+    assert dep["reason"] == "SourceNotSucceeded" and "step 5/100" in dep["message"]
+    assert ("Job", "ml", "next-train") not in c.objects
+    c.runs["demo"]["status"] = {"phase": "Succeeded", "storageClaim": "runs"}
+    s = step(c, nxt)
+    assert s["phase"] == "Starting" and get_condition(s, "DependenciesReady")["status"] == "True"
+    cm = c.objects[("ConfigMap", "ml", "next-config")]
+    assert "init_from: /data/runs/demo/final" in cm["data"]["config.yaml"]
+
+
+def test_dependency_on_failed_or_storageless_source_fails():
+    c = FakeCluster()
+    c.runs["demo"] = tr(status={"phase": "Failed"})
+    s = step(c, tr("next", init={"fromTrainingRun": "demo"}))
+    assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "SourceFailed"
+    c.runs["demo"] = tr(status={"phase": "Succeeded"})
+    del c.runs["demo"]["spec"]["storage"]
+    s = step(c, tr("next2", init={"fromTrainingRun": "demo"}))
+    assert get_condition(s, "DependenciesReady")["reason"] == "SourceHasNoStorage"
+
+
+def test_dependency_cycle_fails():
+    c = FakeCluster()
+    a = tr("a", init={"fromTrainingRun": "b"})
+    c.runs["a"] = a
+    c.runs["b"] = tr("b", init={"fromTrainingRun": "a"}, status={"phase": "Pending"})
+    s = step(c, a)
+    assert s["phase"] == "Failed"
+    assert get_condition(s, "DependenciesReady")["message"].endswith("a -> b -> a")
+
+
+def test_source_on_another_claim_is_mounted_read_only():
+    c = FakeCluster()
+    c.runs["demo"] = tr(status={"phase": "Succeeded"}, storage={"size": "10Gi"})
+    step(c, tr("next", init={"fromTrainingRun": "demo"}))
+    pod = c.job("next-train")["spec"]["template"]["spec"]
+    assert {"name": "source", "persistentVolumeClaim": {"claimName": "demo-storage", "readOnly": True}} in pod["volumes"]
+
+
+def test_suspend_and_resume_patch_the_job():
+    c = FakeCluster()
+    run = tr(suspend=True)
+    s = step(c, run)
+    assert c.job("demo-train")["spec"]["suspend"] is True
+    assert s["phase"] == "Pending" and get_condition(s, "Suspended")["status"] == "True"
+    run["spec"]["suspend"] = False
+    run["metadata"]["generation"] = 2
+    s = step(c, run)
+    assert "suspend demo-train=False" in c.calls
+    assert s["phase"] == "Starting" and get_condition(s, "SpecChangeRefused") is None
+    run["spec"]["suspend"] = True
+    step(c, run)
+    assert c.job("demo-train")["spec"]["suspend"] is True
+
+
+def test_kueue_queue_waits_for_admission_and_operator_never_unsuspends():
+    c = FakeCluster()
+    run = tr(queueName="gpu")
+    s = step(c, run)
+    assert s["phase"] == "Pending" and get_condition(s, "Suspended")["reason"] == "WaitingForQueue"
+    step(c, run)
+    assert not any(x.startswith("suspend") for x in c.calls)
+    c.job("demo-train")["spec"]["suspend"] = False  # Kueue admitted it
+    c.pods["demo-train"] = [running_pod()]
+    assert step(c, run)["phase"] == "Running"
+
+
+def test_spec_change_while_running_is_refused_not_applied():
+    c = FakeCluster()
+    run = tr()
+    step(c, run)
+    job_before = copy.deepcopy(c.job("demo-train"))
+    run["spec"]["trainer"]["steps"] = 5000
+    run["spec"]["resources"] = {"nodes": 2}
+    run["metadata"]["generation"] = 2
+    s = step(c, run)
+    cond = get_condition(s, "SpecChangeRefused")
+    assert cond["status"] == "True" and "spec.resources.nodes, spec.trainer.steps" in cond["message"]
+    assert c.job("demo-train") == job_before and s["observedGeneration"] == 2
+    run["spec"]["trainer"]["steps"] = 100
+    run["spec"]["resources"] = {}
+    assert get_condition(step(c, run), "SpecChangeRefused") is None  # reverted: the refusal goes away
+
+
+def test_eval_waits_runs_and_records_scores():
+    c = FakeCluster()
+    ev = er(samplesPerProblem=2, k=[1, 2])
+    s = step(c, ev, fn=reconcile_eval)
+    assert s["phase"] == "Pending" and get_condition(s, "DependenciesReady")["reason"] == "SourceNotFound"
+    c.runs["demo"] = tr(status={"phase": "Succeeded", "storageClaim": "runs"})
+    s = step(c, ev, fn=reconcile_eval)
+    assert s["phase"] == "Starting" and s["checkpoint"] == "/data/runs/demo/final"
+    assert s["resultsPath"] == "/data/runs/demo/eval/ev.json"
+    cmd = c.job("ev-eval")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:4] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/final"]
+    done = {"metadata": {"name": "ev-eval-x"}, "status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "eval", "state": {"terminated": {"exitCode": 0, "message":
+                                                  '{"pass_at_k": {"1": 0.3, "2": 0.4}, "problems": 164, "samples": 2}'}}}]}}
+    c.set_job("ev-eval", "Complete", pods=[done])
+    s = step(c, ev, fn=reconcile_eval)
+    assert s["phase"] == "Succeeded" and s["passAt1"] == 0.3 and s["scores"] == {"pass@1": 0.3, "pass@2": 0.4}
+
+
+def test_eval_of_failed_run_fails_and_endpoint_eval_needs_no_run():
+    c = FakeCluster()
+    c.runs["demo"] = tr(status={"phase": "Failed"})
+    s = step(c, er(), fn=reconcile_eval)
+    assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "SourceFailed"
+    s = step(c, er("ep", model={"endpoint": {"url": "http://teacher:8000/v1", "model": "q"}}), fn=reconcile_eval)
+    assert s["phase"] == "Starting" and ("Job", "ml", "ep-eval") in c.objects
+
+
+def test_status_patch_nulls_removed_keys_and_keeps_kopf():
+    assert status_patch({"a": 1, "b": 2, "kopf": {}}, {"a": 1, "c": 3}) == {"c": 3, "b": None}
+
+
+def test_render_names_fit_dns_labels():
+    name = "x" * 50  # the longest name the CRD allows
+    assert len(f"{render.job_name(name)}-9999") <= 63

@@ -1,0 +1,207 @@
+"""Rendering a TrainingRun/EvalRun into Kubernetes objects: pure, no cluster.
+
+Every rendered object is validated against the Kubernetes 1.31 OpenAPI schema with
+kubernetes-validate (strict: unknown fields are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from nanochat_operator import render
+from nanochat_operator.api import EvalRunSpec, TrainingRunSpec
+
+
+def pinned(key: str) -> str:
+    """A version from e2e/versions.env, the one place tool versions are pinned."""
+    for line in (Path(__file__).resolve().parents[1] / "e2e" / "versions.env").read_text().splitlines():
+        if line.startswith(f"{key}="):
+            return line.split("=", 1)[1].strip()
+    raise KeyError(key)
+
+
+K8S = pinned("KUBERNETES_VALIDATE_VERSION")
+
+
+def validate(obj: dict) -> None:
+    kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def training(nodes: int = 1, gpus: int = 0, **extra) -> TrainingRunSpec:
+    spec = {"trainer": {"preset": "tiny", "steps": 20}, "resources": {"nodes": nodes, "gpusPerNode": gpus}}
+    spec.update(extra)
+    return TrainingRunSpec.model_validate(spec)
+
+
+def env_of(job: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 0), (1, 1), (4, 8)])
+def test_training_job_runs_torchrun_with_pet_env(nodes, gpus):
+    objs = render.render_training("demo", "ml", training(nodes, gpus), image="trainer:1")
+    for obj in objs:
+        validate(obj)
+    job = objs[-1]
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "demo-train"
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == nodes
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["subdomain"] == "demo-train"
+    c = pod["containers"][0]
+    assert c["command"] == ["torchrun", "-m", "nanochat_trainer.train", "--config", "/etc/nanochat/config.yaml"]
+    env = env_of(job)
+    assert env["PET_NNODES"] == str(nodes)
+    assert env["PET_NPROC_PER_NODE"] == str(max(gpus, 1))
+    assert env["PET_NODE_RANK"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert env["PET_MASTER_ADDR"] == "demo-train-0.demo-train"
+    assert env["PET_MASTER_PORT"] == "29500"
+    if gpus:
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == str(gpus)
+    else:
+        assert "resources" not in c
+
+
+def test_headless_service_resolves_pods_before_ready():
+    svc = render.render_service("demo", "ml", training(4))
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": "demo-train"}
+    assert {p["port"] for p in svc["spec"]["ports"]} == {29500, 9090}
+
+
+def test_config_map_holds_resolved_config_with_operator_paths():
+    spec = training(storage={"claimName": "runs"})
+    cm = render.render_config_map("demo", "ml", spec, init_from="/data/runs/src/final")
+    cfg = yaml.safe_load(cm["data"]["config.yaml"])
+    assert cfg["checkpoint"]["dir"] == "/data/runs/demo"
+    assert cfg["checkpoint"]["init_from"] == "/data/runs/src/final"
+    assert "preset" not in cfg and cfg["model"]["dim"] == 128 and cfg["steps"] == 20  # preset applied, user wins
+    from nanochat_trainer.config import TrainerConfig
+
+    TrainerConfig.model_validate(cfg)  # the trainer accepts what it is given
+
+
+def test_volumes_pvc_emptydir_shm_and_source():
+    job = render.render_training_job("demo", "ml", training(storage={"claimName": "runs"}), image="i",
+                                     source_claim="other")
+    pod = job["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "runs"
+    assert vols["config"]["configMap"]["name"] == "demo-config"
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert vols["source"]["persistentVolumeClaim"] == {"claimName": "other", "readOnly": True}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts == {"config": "/etc/nanochat", "data": "/data", "dshm": "/dev/shm", "source": "/source"}
+    no_storage = render.render_training_job("demo", "ml", training(), image="i")
+    data = next(v for v in no_storage["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert data == {"name": "data", "emptyDir": {}}
+
+
+def test_operator_made_pvc_and_creation_order():
+    objs = render.render_training("demo", "ml", training(storage={"size": "20Gi", "storageClass": "fast"}), image="i")
+    assert [o["kind"] for o in objs] == ["PersistentVolumeClaim", "ConfigMap", "Service", "Job"]
+    pvc = objs[0]
+    assert pvc["metadata"]["name"] == "demo-storage"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert pvc["spec"]["storageClassName"] == "fast"
+    for o in objs:
+        validate(o)
+
+
+def test_init_from_same_or_other_claim():
+    spec = training(storage={"claimName": "runs"}, init={"fromTrainingRun": "src"})
+    objs = render.render_training("next", "ml", spec, image="i", source=("src", "runs"))
+    cfg = yaml.safe_load(objs[0]["data"]["config.yaml"])
+    assert cfg["checkpoint"]["init_from"] == "/data/runs/src/final"
+    assert all(v["name"] != "source" for v in objs[-1]["spec"]["template"]["spec"]["volumes"])
+    objs = render.render_training("next", "ml", spec, image="i", source=("src", "src-storage"))
+    cfg = yaml.safe_load(objs[0]["data"]["config.yaml"])
+    assert cfg["checkpoint"]["init_from"] == "/source/runs/src/final"
+
+
+def test_user_env_tolerations_node_selector_cpu_memory():
+    spec = TrainingRunSpec.model_validate({
+        "trainer": {"preset": "tiny"},
+        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
+                {"name": "NCCL_DEBUG", "value": "WARN"}],
+        "resources": {"nodes": 2, "gpusPerNode": 8, "cpu": 32, "memory": "256Gi", "nodeSelector": {"pool": "h100"},
+                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}})
+    job = render.render_training_job("demo", "ml", spec, image="i")
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    env = env_of(job)
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "t"}} and env["NCCL_DEBUG"] == "WARN"
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["containers"][0]["resources"]["limits"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+
+
+def test_failure_policy_and_backoff():
+    job = render.render_training_job("demo", "ml", training(backoffLimit=7), image="i")
+    assert job["spec"]["backoffLimit"] == 7
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                             "values": [2, 126, 127]}}
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    none = render.render_training_job("demo", "ml", training(podFailurePolicy={
+        "failOnExitCodes": [], "ignoreDisruptions": False}), image="i")
+    assert "podFailurePolicy" not in none["spec"]
+
+
+def test_suspend_and_kueue_queue():
+    assert render.render_training_job("d", "ml", training(), image="i")["spec"]["suspend"] is False
+    assert render.render_training_job("d", "ml", training(suspend=True), image="i")["spec"]["suspend"] is True
+    queued = render.render_training_job("d", "ml", training(queueName="gpu"), image="i")
+    assert queued["spec"]["suspend"] is True  # Kueue admits it by unsuspending
+    assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+
+
+def test_spec_drift_ignores_suspend_and_names_changed_fields():
+    spec = training()
+    job = render.render_training_job("d", "ml", spec, image="i")
+    import json
+
+    applied = json.loads(job["metadata"]["annotations"][render.SPEC_ANNOTATION])
+    assert render.spec_drift(applied, training(suspend=True)) == []
+    changed = TrainingRunSpec.model_validate({"trainer": {"preset": "tiny", "steps": 99},
+                                              "resources": {"nodes": 2, "gpusPerNode": 0}})
+    assert render.spec_drift(applied, changed) == ["spec.resources.nodes", "spec.trainer.steps"]
+
+
+def test_eval_job_for_checkpoint_and_endpoint():
+    spec = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}, "samplesPerProblem": 10,
+                                       "temperature": 0.8, "k": [10, 1], "maxProblems": 20, "resources": {"gpus": 1}})
+    job = render.render_eval_job("ev", "ml", spec, image="i", source=("demo", "runs"))
+    validate(job)
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/final", "--samples", "10",
+                            "--temperature", "0.8", "--k", "1,10", "--max-new-tokens", "384", "--max-problems", "20",
+                            "--out", "/data/runs/demo/eval/ev.json"]
+    assert c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "NANOCHAT_TERMINATION_LOG", "value": "/dev/termination-log"} in c["env"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["metadata"]["name"] == "ev-eval" and job["spec"]["completions"] == 1
+
+    ep = EvalRunSpec.model_validate({"model": {"endpoint": {"url": "http://t:8000/v1", "model": "qwen",
+                                                            "apiKeySecret": {"name": "s", "key": "k"}}}})
+    job = render.render_eval_job("ev", "ml", ep, image="i")
+    validate(job)
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][:8] == ["nanochat", "eval", "--endpoint", "http://t:8000/v1", "--model", "qwen",
+                                "--api-key-env", "NANOCHAT_EVAL_API_KEY"]
+    assert "--out" not in c["command"]
+    assert {"name": "NANOCHAT_EVAL_API_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}} in c["env"]
+
+
+def test_final_checkpoint_path_matches_trainer_layout():
+    # checkpoint.py: <run>/final/ is the finished model; the operator sets checkpoint.dir.
+    assert render.final_checkpoint_path("demo") == "/data/runs/demo/final"
+    assert render.checkpoint_step_path("demo", 1200) == "/data/runs/demo/checkpoints/step_00001200"

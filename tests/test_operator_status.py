@@ -1,0 +1,191 @@
+"""The status machine from every Job and pod state (pure functions, no cluster)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from nanochat_operator import progress as prog
+from nanochat_operator.results import EvalResult, parse_result, terminated_message
+from nanochat_operator.status import (eval_status, get_condition, observe_job, set_condition, training_status)
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def job(*conditions: tuple[str, str], suspend: bool = False, failed: int = 0, **status) -> dict:
+    conds = [{"type": t, "status": "True", "reason": r, "message": f"{t} {r}",
+              "lastTransitionTime": "2026-01-01T11:00:00Z"} for t, r in conditions]
+    return {"metadata": {"name": "demo-train", "labels": {}}, "spec": {"suspend": suspend},
+            "status": {"conditions": conds, "failed": failed, **status}}
+
+
+def pod(index: int, phase: str, *, waiting: str | None = None, unschedulable: bool = False,
+        terminated: dict | None = None, ip: str = "10.0.0.1", deleting: bool = False) -> dict:
+    st: dict = {"phase": phase, "podIP": ip}
+    cs: dict = {"name": "trainer", "state": {}}
+    if waiting:
+        cs["state"] = {"waiting": {"reason": waiting, "message": f"{waiting}: details"}}
+    if terminated:
+        cs["state"] = {"terminated": terminated}
+    st["containerStatuses"] = [cs]
+    if unschedulable:
+        st["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                             "message": "0/3 nodes: insufficient nvidia.com/gpu"}]
+    meta = {"name": f"demo-train-{index}-abcde", "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
+            "creationTimestamp": f"2026-01-01T11:0{index}:00Z"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T11:59:00Z"
+    return {"metadata": meta, "status": st}
+
+
+# ---------------------------------------------------------------------------- observe_job
+
+CASES = [
+    # (job, pods, nodes) -> (phase, reason)
+    (None, [], 1, None, None),
+    (job(), [], 2, "Starting", "PodsStarting"),
+    (job(), [pod(0, "Pending")], 2, "Starting", "PodsStarting"),
+    (job(), [pod(0, "Running"), pod(1, "Pending")], 2, "Starting", "PodsStarting"),
+    (job(), [pod(0, "Running"), pod(1, "Running")], 2, "Running", "AllPodsRunning"),
+    (job(), [pod(0, "Running"), pod(1, "Succeeded")], 2, "Running", "AllPodsRunning"),
+    (job(), [pod(0, "Running"), pod(1, "Running", deleting=True)], 2, "Starting", "PodsStarting"),
+    (job(), [pod(0, "Pending", unschedulable=True)], 1, "Starting", "Unschedulable"),
+    (job(), [pod(0, "Pending", waiting="ImagePullBackOff")], 1, "Starting", "ImagePullBackOff"),
+    (job(), [pod(0, "Pending", waiting="CreateContainerConfigError")], 1, "Starting", "CreateContainerConfigError"),
+    (job(), [pod(0, "Pending", waiting="ContainerCreating")], 1, "Starting", "PodsStarting"),
+    (job(failed=1), [pod(0, "Failed", terminated={"exitCode": 1, "message": "NCCL timeout"}), pod(0, "Pending")], 1,
+     "Starting", "Restarting"),
+    (job(suspend=True), [], 1, "Pending", "Suspended"),
+    (job(("Suspended", "JobSuspended")), [], 1, "Pending", "Suspended"),
+    (job(("Complete", "CompletionsReached")), [pod(0, "Succeeded")], 1, "Succeeded", "Completed"),
+    (job(("SuccessCriteriaMet", "CompletionsReached")), [], 1, "Succeeded", "Completed"),
+    (job(("Failed", "BackoffLimitExceeded"), failed=4), [pod(0, "Failed", terminated={"exitCode": 1})], 1,
+     "Failed", "BackoffLimitExceeded"),
+    (job(("Failed", "PodFailurePolicy")), [pod(0, "Failed", terminated={"exitCode": 2, "message": "error: bad"})], 1,
+     "Failed", "PodFailurePolicy"),
+    (job(("FailureTarget", "PodFailurePolicy")), [], 1, "Failed", "PodFailurePolicy"),
+    (job(("Failed", "DeadlineExceeded")), [], 1, "Failed", "DeadlineExceeded"),
+]
+
+
+@pytest.mark.parametrize("j,pods,nodes,phase,reason", CASES)
+def test_observe_job_every_state(j, pods, nodes, phase, reason):
+    view = observe_job(j, pods, nodes)
+    if j is None:
+        assert view is None
+        return
+    assert (view.phase, view.reason) == (phase, reason)
+
+
+def test_failed_message_names_exit_code_and_last_log_line():
+    view = observe_job(job(("Failed", "PodFailurePolicy")),
+                       [pod(0, "Failed", terminated={"exitCode": 2, "reason": "Error",
+                                                     "message": "Traceback\nerror: steps=0 bad"})], 1)
+    assert "exited 2 (Error): error: steps=0 bad" in view.message
+
+
+def test_restarts_and_pod0():
+    view = observe_job(job(failed=3), [pod(1, "Running", ip="10.0.0.2"), pod(0, "Running", ip="10.0.0.9")], 2)
+    assert view.restarts == 3
+    assert view.pod0["status"]["podIP"] == "10.0.0.9"
+
+
+# ---------------------------------------------------------------------------- training_status
+
+
+def status_after(prev, j, pods, nodes=1, progress=None, now=NOW):
+    return training_status(prev, observe_job(j, pods, nodes), progress, now=now, generation=3, job_name="demo-train",
+                           final_checkpoint="/data/runs/demo/final",
+                           checkpoint_path=lambda s: f"/data/runs/demo/checkpoints/step_{s:08d}")
+
+
+def test_lifecycle_pending_starting_running_succeeded():
+    s = training_status({}, None, None, now=NOW, generation=1, job_name="demo-train")
+    assert s["phase"] == "Pending" and s["observedGeneration"] == 1
+    s = status_after(s, job(), [pod(0, "Pending")])
+    assert s["phase"] == "Starting" and s["jobName"] == "demo-train"
+    assert get_condition(s, "Running")["status"] == "False"
+    s = status_after(s, job(), [pod(0, "Running")], progress=prog.Progress(step=100, total_steps=1000, loss=3.2,
+                                                                           tokens_per_second=1234.56, checkpoint_step=0))
+    assert s["phase"] == "Running" and s["step"] == 100 and s["loss"] == 3.2 and s["tokensPerSecond"] == 1234.6
+    assert s["startTime"] == "2026-01-01T12:00:00Z" and "latestCheckpoint" not in s
+    running_since = get_condition(s, "Running")["lastTransitionTime"]
+    later = NOW + timedelta(seconds=100)
+    s = status_after(s, job(), [pod(0, "Running")], now=later,
+                     progress=prog.Progress(step=200, total_steps=1000, loss=3.0, checkpoint_step=200))
+    assert s["eta"] == "13m20s"  # 800 steps left at 1 step/s
+    assert s["latestCheckpoint"] == "/data/runs/demo/checkpoints/step_00000200" and s["latestCheckpointStep"] == 200
+    assert get_condition(s, "Running")["lastTransitionTime"] == running_since  # unchanged status keeps its time
+    s = status_after(s, job(("Complete", "CompletionsReached"), completionTime="2026-01-01T13:00:00Z"),
+                     [pod(0, "Succeeded")])
+    assert s["phase"] == "Succeeded" and s["step"] == 1000 and s["eta"] is None
+    assert s["finalCheckpoint"] == "/data/runs/demo/final" and s["completionTime"] == "2026-01-01T13:00:00Z"
+    assert get_condition(s, "Complete")["status"] == "True"
+
+
+def test_terminal_is_sticky_even_when_job_disappears():
+    s = status_after({}, job(("Failed", "BackoffLimitExceeded")), [])
+    assert s["phase"] == "Failed" and get_condition(s, "Failed")["reason"] == "BackoffLimitExceeded"
+    again = training_status(s, None, None, now=NOW, generation=4, job_name="demo-train")
+    assert again["phase"] == "Failed" and again["observedGeneration"] == 4
+    again = status_after(s, job(), [pod(0, "Running")])
+    assert again["phase"] == "Failed"
+
+
+def test_suspend_resume_keeps_progress():
+    s = status_after({}, job(), [pod(0, "Running")], progress=prog.Progress(step=50, total_steps=100))
+    s = status_after(s, job(suspend=True), [])
+    assert s["phase"] == "Pending" and s["step"] == 50
+    assert get_condition(s, "Suspended")["status"] == "True"
+    s = status_after(s, job(), [pod(0, "Pending")])
+    assert s["phase"] == "Starting" and get_condition(s, "Suspended")["status"] == "False"
+
+
+def test_no_progress_keeps_old_values_and_eta_needs_two_points():
+    s = status_after({}, job(), [pod(0, "Running")], progress=prog.Progress(step=10, total_steps=100))
+    assert "eta" not in s
+    s2 = status_after(s, job(), [pod(0, "Running")], progress=None)
+    assert s2["step"] == 10
+
+
+def test_set_condition_transition_time():
+    c = set_condition([], "Running", "True", "A", "m", NOW)
+    c2 = set_condition(c, "Running", "True", "B", "m2", NOW + timedelta(hours=1))
+    assert c2[0]["lastTransitionTime"] == c[0]["lastTransitionTime"] and c2[0]["reason"] == "B"
+    c3 = set_condition(c2, "Running", "False", "C", "", NOW + timedelta(hours=2))
+    assert c3[0]["lastTransitionTime"] == "2026-01-01T14:00:00Z"
+
+
+# ---------------------------------------------------------------------------- eval
+
+
+def test_eval_result_from_termination_message():
+    message = '{"pass_at_k": {"1": 0.25, "10": 0.5}, "problems": 164, "samples": 10}'
+    p = pod(0, "Succeeded", terminated={"exitCode": 0, "message": message})
+    p["status"]["containerStatuses"][0]["name"] = "eval"
+    result = parse_result(terminated_message(p, "eval"))
+    assert result == EvalResult({"pass@1": 0.25, "pass@10": 0.5}, 164, 10)
+    s = eval_status({}, observe_job(job(("Complete", "CompletionsReached")), [p], 1), result, now=NOW, generation=1,
+                    job_name="ev-eval")
+    assert s["phase"] == "Succeeded" and s["passAt1"] == 0.25 and s["scores"] == {"pass@1": 0.25, "pass@10": 0.5}
+    assert get_condition(s, "ResultsRecorded")["status"] == "True"
+
+
+def test_eval_result_from_log_fallback_and_missing():
+    logs = 'generating...\nNANOCHAT_RESULT {"pass_at_k": {"1": 0.1}, "problems": 5, "samples": 1}\n'
+    assert parse_result(logs).scores == {"pass@1": 0.1}
+    assert parse_result("Traceback: boom") is None and parse_result(None) is None
+    s = eval_status({}, observe_job(job(("Complete", "x")), [], 1), None, now=NOW, generation=1, job_name="e")
+    assert s["phase"] == "Succeeded" and get_condition(s, "ResultsRecorded")["reason"] == "NoResult"
+
+
+def test_parse_trainer_metrics_and_duration():
+    text = ("# HELP nanochat_trainer_step Optimizer steps done.\n# TYPE nanochat_trainer_step gauge\n"
+            "nanochat_trainer_step 120.0\nnanochat_trainer_total_steps 10000.0\nnanochat_trainer_loss 2.5\n"
+            "nanochat_trainer_tokens_per_second 50000.0\nnanochat_trainer_checkpoint_step NaN\n"
+            "python_gc_objects_collected_total{generation=\"0\"} 5.0\n")
+    p = prog.parse_trainer_metrics(text)
+    assert p == prog.Progress(step=120, total_steps=10000, loss=2.5, tokens_per_second=50000.0, checkpoint_step=None)
+    assert prog.parse_trainer_metrics("") == prog.Progress()
+    assert [prog.format_duration(s) for s in (5, 65, 3725, 90000)] == ["5s", "1m05s", "1h02m", "1d1h"]
