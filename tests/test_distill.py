@@ -78,27 +78,9 @@ def ckpt(tmp_path_factory):
     return save_weights(tmp_path_factory.mktemp("ckpt") / "final", model, cfg, tok)
 
 
-class _NoAmbiguousHead(torch.nn.Module):
-    """lm_head that never ranks ids whose text is shared with another id (lone UTF-8 bytes):
-    serve.py keys top_logprobs by decoded text, so such ids would collapse into one entry and
-    the client would (rightly) refuse the answer as having fewer than k entries."""
-
-    def __init__(self, head: torch.nn.Module, tok):
-        super().__init__()
-        self.head = head
-        vocab = token_id_map(tok)
-        ok = torch.zeros(tok.n_vocab, dtype=torch.bool)
-        ok[[i for i in vocab.values() if i is not None]] = True
-        self.register_buffer("bias", torch.where(ok, 0.0, -1e4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x) + self.bias
-
-
 @pytest.fixture(scope="module")
 def teacher_server(ckpt):
     model, tok, _ = load_model(ckpt)
-    model.lm_head = _NoAmbiguousHead(model.lm_head, tok)
     seen: dict = {"n": 0, "auth": []}
 
     @web.middleware
@@ -133,18 +115,41 @@ def test_prompt_topk_aligned_to_tokenizer(teacher_server) -> None:
     k = 5
     entries = teacher.run_batch([teacher.prompt_topk(PROMPTS[0], k)])[0]
     ids = tok.encode(PROMPTS[0])
-    assert [e[0] for e in entries] == [tok.decode([i]) for i in ids]
+    # return_tokens_as_token_ids: tokens and top-k keys come back as ids.
+    assert [e[0] for e in entries] == ids
     assert entries[0][1] is None and all(len(e[1]) == k for e in entries[1:])
     assert [e[2] for e in entries] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
     _, tops = prompt_logprobs(model, ids, k)
     for (_, top, _), want in zip(entries[1:], tops[1:]):
-        assert top == pytest.approx({tok.decode([t]): v for t, v in want.items()}, abs=1e-5)
+        assert top == pytest.approx(want, abs=1e-5)
     # Aligned tensors: row i holds what predicted token i+1; the actual next token is usually among them.
-    t_ids, t_lps, mask = topk_tensors(entries, token_id_map(tok), k)
+    t_ids, t_lps, mask = topk_tensors(entries, None, k)
     assert t_ids.shape == (len(ids), k) and mask.tolist() == [True] * (len(ids) - 1) + [False]
     for i in range(len(ids) - 1):
         row = dict(zip(t_ids[i].tolist(), t_lps[i].tolist()))
         assert row == pytest.approx(tops[i + 1], abs=1e-5)
+    # A token-id prompt gives the same answer (text-keyed answers: test_good_mock_answer_parses).
+    by_ids = teacher.run_batch([teacher.prompt_topk(ids, k)])[0]
+    assert by_ids == entries
+
+
+def test_ids_sharing_a_text_stay_distinct(teacher_server) -> None:
+    """Lone UTF-8 byte tokens all decode to U+FFFD: keyed by text they merged and fewer than k came
+    back; keyed by id all k survive."""
+    url, model, tok, _ = teacher_server
+    vocab = token_id_map(tok)
+    shared = [i for i in range(tok.n_vocab) if vocab.get(tok.decode([i]), i) is None]
+    assert len(shared) > 2
+    k = tok.n_vocab  # every id ranked: the shared ones are certainly among them
+    teacher = AsyncTeacher(url, "tiny")
+    ids = tok.encode(PROMPTS[1])[:6]
+    entries = teacher.run_batch([teacher.prompt_topk(ids, k)])[0]
+    assert all(len(e[1]) == k for e in entries[1:]) and set(shared) <= set(entries[1][1])
+    with pytest.raises(TeacherError, match="top logprobs, asked for"):
+        teacher.run_batch([teacher.prompt_topk(ids, k, token_ids=False)])
+    # Bad token-id prompts are a 400, not a crash.
+    with pytest.raises(TeacherError, match="HTTP 400"):
+        teacher.run_batch([teacher.prompt_topk([tok.n_vocab + 5], 2)])
 
 
 def test_cache_second_run_sends_no_requests(teacher_server, tmp_path) -> None:
@@ -238,6 +243,8 @@ GOOD_ECHO = {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text
                                               "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "length mismatch"),
     ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "x"], "text_offset": [0, 1],
                                               "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "spell the prompt"),
+    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["token_id:1", "token_id:x"], "text_offset": [0, 1],
+                                              "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "bad token id"),
     ({"error": "bad request"}, 400, "HTTP 400"),
 ])
 def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
@@ -255,6 +262,7 @@ def test_good_mock_answer_parses() -> None:
     assert str(calls[0].url) == "http://t/v1/completions"
     sent = __import__("json").loads(calls[0].content)
     assert sent["echo"] is True and sent["max_tokens"] == 0 and sent["logprobs"] == 2
+    assert sent["return_tokens_as_token_ids"] is True
     with pytest.raises(TeacherError, match="not in the student's vocabulary"):
         topk_tensors(teacher.run_batch([teacher.prompt_topk("ab", 2)])[0], {"b": 1}, 2)
 

@@ -7,7 +7,9 @@ Routes: POST /v1/completions, POST /v1/chat/completions (both with `"stream": tr
 server-sent events), GET /v1/models, /health, /metrics (Prometheus).
 `logprobs: k` returns vLLM's shape (tokens, token_logprobs, top_logprobs, text_offset);
 `echo: true` prepends the prompt, and with `max_tokens: 0` returns only the prompt's
-token logprobs (first token None), which distillation uses. Requests are serialized
+token logprobs (first token None), which distillation uses. `prompt` may also be token ids
+(a list of ints, or a list of such lists), and `return_tokens_as_token_ids: true` (vLLM's
+flag) keys tokens and top_logprobs as "token_id:N" instead of decoded text. Requests are serialized
 through one lock and run in a worker thread. Streaming sends the finished generation as
 a series of small text events (it is not incremental while the model runs).
 """
@@ -92,21 +94,28 @@ class ModelServer:
             return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
 
     def _logprobs_block(self, ids: list[int], lps: list[Optional[float]], tops: list[Optional[dict[int, float]]],
-                        start_offset: int) -> dict:
+                        start_offset: int, as_ids: bool = False) -> dict:
+        """vLLM's logprobs shape. With `as_ids` (vLLM's `return_tokens_as_token_ids`) tokens and
+        top_logprobs keys are "token_id:N", so ids that decode to the same text (lone UTF-8 bytes)
+        stay distinct; text_offset still counts decoded characters."""
+        key = (lambda t: f"token_id:{t}") if as_ids else (lambda t: self.tok.decode([t]))
         tokens, offsets, top_out = [], [], []
         offset = start_offset
         for i, t in enumerate(ids):
             s = self.tok.decode([t])
-            tokens.append(s)
+            tokens.append(key(t))
             offsets.append(offset)
             offset += len(s)
             top = tops[i] if i < len(tops) else None
-            top_out.append(None if top is None else {self.tok.decode([k]): v for k, v in top.items()})
+            top_out.append(None if top is None else {key(k): v for k, v in top.items()})
         return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_out, "text_offset": offsets}
 
-    def _complete_sync(self, prompts: list[str], p: dict, logprobs: Optional[int], echo: bool) -> tuple[list, dict]:
+    def _complete_sync(self, prompts: list, p: dict, logprobs: Optional[int], echo: bool,
+                       as_ids: bool = False) -> tuple[list, dict]:
+        """`prompts`: strings, or lists of token ids (OpenAI's pre-tokenized prompts)."""
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-        ids_list = [self.tok.encode(x) for x in prompts]
+        ids_list = [list(x) if isinstance(x, list) else self.tok.encode(x) for x in prompts]
+        prompts = [self.tok.decode(x) if isinstance(x, list) else x for x in prompts]
         samples: list[list[Sample]] = [[Sample([], "", "length")] * p["n"] for _ in prompts]
         if p["max_new_tokens"] > 0:
             samples = generate_tokens(self.model, self.tok, ids_list, top_logprobs=logprobs or 0, **p)
@@ -119,9 +128,9 @@ class ModelServer:
                 block = None
                 if logprobs is not None:
                     gen = self._logprobs_block(s.token_ids, s.logprobs, s.top_logprobs if logprobs else
-                                               [{} for _ in s.token_ids], len(prompt) if echo else 0)
+                                               [{} for _ in s.token_ids], len(prompt) if echo else 0, as_ids)
                     if echo_lp is not None:
-                        head = self._logprobs_block(ids, echo_lp[0], echo_lp[1], 0)
+                        head = self._logprobs_block(ids, echo_lp[0], echo_lp[1], 0, as_ids)
                         gen = {k: head[k] + gen[k] for k in gen}
                     block = gen
                 choices.append({"index": len(choices), "text": text, "logprobs": block,
@@ -134,17 +143,16 @@ class ModelServer:
         try:
             body = await request.json()
             prompt = body.get("prompt")
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(x, str) for x in prompts):
-                raise ValueError("prompt must be a string or a list of strings")
+            prompts = _prompt_list(prompt, self.tok.n_vocab, self.model.cfg.max_seq_len)
             p = self._params(body)
             lp = body.get("logprobs")
             lp = None if lp is None or lp is False else int(lp)
             echo = bool(body.get("echo", False))
+            as_ids = bool(body.get("return_tokens_as_token_ids", False))
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             self.metrics.requests.labels("completions", "400").inc()
             return _bad(str(exc))
-        choices, usage = await self._run(self._complete_sync, prompts, p, lp, echo)
+        choices, usage = await self._run(self._complete_sync, prompts, p, lp, echo, as_ids)
         self.metrics.tokens.inc(usage["completion_tokens"])
         self.metrics.requests.labels("completions", "200").inc()
         self.metrics.latency.labels("completions").observe(time.monotonic() - t0)
@@ -204,6 +212,29 @@ class ModelServer:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _prompt_list(prompt: Any, n_vocab: int, max_len: int) -> list:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of those."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if _is_ids(prompt):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, str) or _is_ids(x) for x in prompt):
+        prompts = prompt
+    else:
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of those")
+    for x in prompts:
+        if isinstance(x, list):
+            if not all(0 <= t < n_vocab for t in x):
+                raise ValueError(f"prompt token ids must be in [0, {n_vocab})")
+            if len(x) > max_len:
+                raise ValueError(f"prompt of {len(x)} tokens exceeds the model's {max_len}")
+    return prompts
 
 
 def run_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "nanochat") -> None:

@@ -108,8 +108,35 @@ def _init_weights_from(model: GPT, source: str) -> None:
         load_state_into(model, resolve_model_dir(path))
 
 
+IMPLEMENTED_DISTILL_METHODS = ("topk_logprobs",)
+PREFETCH_DEPTH = 4  # micro-batches whose teacher answers are fetched ahead
+
+
+def check_distill(cfg: TrainerConfig) -> None:
+    if cfg.stage == "distill" and cfg.distill is not None and cfg.distill.method not in IMPLEMENTED_DISTILL_METHODS:
+        raise NotImplementedError(
+            f"distill.method={cfg.distill.method!r} is not implemented yet; "
+            f"use one of {list(IMPLEMENTED_DISTILL_METHODS)} (a teacher sharing the student's tokenizer)")
+
+
+def _distill_setup(cfg: TrainerConfig, run_dir: Path, loader, tokenizer, limit: int):
+    from .distill import AsyncTeacher
+    from .distill.runner import TeacherPrefetcher
+
+    teacher = AsyncTeacher.from_config(cfg.distill.teacher, cache_dir=run_dir / "teacher-cache")
+    return TeacherPrefetcher(teacher, loader, cfg.distill.top_k, cfg.model.vocab_size,
+                             depth=PREFETCH_DEPTH, limit=limit, tokenizer=tokenizer)
+
+
 def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) -> dict:
-    """Run (or resume) training; returns the last step's record. Rank 0 writes all files."""
+    """Run (or resume) training; returns the last step's record. Rank 0 writes all files.
+
+    stage "distill" (method topk_logprobs): loss = mixed_loss(CE, top-k KL to the teacher, alpha);
+    the teacher's answers for the next micro-batches are prefetched in a background thread. A step
+    whose teacher request failed (after retries) trains on CE alone when
+    distill.continue_without_teacher (counted as teacher_skipped), else the run stops.
+    """
+    check_distill(cfg)
     rank, world, device = setup_distributed(cfg.device)
     run_dir = Path(cfg.checkpoint.dir)
     is_main = rank == 0
@@ -136,7 +163,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     wrapped = wrap_model(model, cfg, device, world)
     opts = build_optimizers(model, cfg.optimizer)
 
-    from .data.loader import TokenLoader, merge_states
+    from .data.loader import TokenLoader
 
     loader = TokenLoader(cfg, tokenizer, rank, world, device)
     start = 0
@@ -170,8 +197,60 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
         from .ternary import ramp_value, set_ramp
 
         ramp = lambda s: set_ramp(model, ramp_value(s, cfg.ternary.ramp_steps))  # noqa: E731
+
+    prefetch = None
+    if cfg.stage == "distill":
+        prefetch = _distill_setup(cfg, run_dir, loader, tokenizer,
+                                  limit=max(0, cfg.steps - start) * cfg.grad_accum)
+    try:
+        record = _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, device, autocast,
+                       metrics, progress, ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
+        save_weights(run_dir / "final", model, cfg, tokenizer)
+        if cfg.stage == "ternary":
+            from .ternary_pack import save_packed
+
+            save_packed(model, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
+                        dtype=torch.bfloat16)
+    _barrier(world)
+    return record
+
+
+def _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats: dict) -> torch.Tensor:
+    """The micro-batch's loss: CE, or for distill mixed_loss(CE, top-k KL) (CE only on a skipped step)."""
+    if prefetch is None:
+        return wrapped(x, y)
+    import torch.nn.functional as F
+
+    from .distill import TeacherError, mixed_loss, topk_kl_loss
+
+    try:
+        t_ids, t_lps, mask = prefetch.result(fut, x)
+    except TeacherError as exc:
+        if not cfg.distill.continue_without_teacher:
+            raise TeacherError(f"distillation teacher {cfg.distill.teacher.url} failed and "
+                               f"distill.continue_without_teacher is false: {exc}") from exc
+        stats["teacher_skipped"] += 1
+        stats["last_teacher_error"] = str(exc)[:300]
+        return wrapped(x, y)
+    logits = wrapped(x)
+    ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1) + model.aux_loss()
+    mask = mask & (y != -1)
+    kd = topk_kl_loss(logits, t_ids, t_lps, mask, cfg.distill.temperature)
+    stats["kd_sum"] += kd.detach()
+    stats["kd_n"] += 1
+    return mixed_loss(ce, kd, cfg.distill.alpha)
+
+
+def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, device, autocast, metrics, progress,
+          ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch) -> dict:
+    from .data.loader import merge_states
     from .moe import update_moe_biases
 
+    stats: dict = {"teacher_skipped": 0, "last_teacher_error": None}
     record: dict = {"step": start}
     wrapped.train()
     for step in range(start, cfg.steps):
@@ -180,12 +259,16 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
         if ramp is not None:
             ramp(step)
         loss_sum = torch.zeros((), device=device)
+        stats["kd_sum"], stats["kd_n"] = torch.zeros((), device=device), 0
         for micro in range(cfg.grad_accum):
-            x, y = loader.next_batch()
+            if prefetch is not None:
+                x, y, _, fut = prefetch.next()
+            else:
+                (x, y), fut = loader.next_batch(), None
             last = micro == cfg.grad_accum - 1
             sync = wrapped.no_sync() if (hasattr(wrapped, "no_sync") and not last) else nullcontext()
             with sync, autocast:
-                loss = wrapped(x, y) / cfg.grad_accum
+                loss = _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -203,6 +286,12 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
         record = {"step": done, "loss": loss_sum.item(), "lr": opts[-1].param_groups[0]["lr"],
                   "grad_norm": float(grad_norm), "tokens_per_second": tps, "step_time": dt,
                   "mfu": (tps * flops_tok / (peak * world)) if peak else None}
+        if prefetch is not None:
+            record["kd_loss"] = (stats["kd_sum"] / stats["kd_n"]).item() if stats["kd_n"] else None
+            record["teacher_skipped"] = stats["teacher_skipped"]
+            record["teacher"] = {k: prefetch.teacher.stats()[k] for k in ("requests", "cache_hits", "errors", "retries")}
+            if stats["last_teacher_error"]:
+                record["teacher_error"] = stats["last_teacher_error"]
         metrics.set(step=done, loss=record["loss"], tokens_per_second=tps, learning_rate=record["lr"],
                     grad_norm=record["grad_norm"], mfu=record["mfu"])
         if is_main and (done % cfg.metrics.log_every == 0 or done == cfg.steps or step == start):
@@ -210,26 +299,23 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
         if progress is not None and is_main:
             progress(record)
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-            _checkpoint(cfg, run_dir, done, model, opts, loader, tokenizer, world, is_main, device, merge_states)
+            lstate = prefetch.resume_state() if prefetch is not None else None
+            _checkpoint(cfg, run_dir, done, model, opts, loader, tokenizer, world, is_main, device, merge_states,
+                        lstate)
             metrics.set(checkpoint_step=done)
-    if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
-        save_weights(run_dir / "final", model, cfg, tokenizer)
-        if cfg.stage == "ternary":
-            from .ternary_pack import save_packed
-
-            save_packed(model, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
-                        dtype=torch.bfloat16)
-    _barrier(world)
     return record
 
 
-def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_main, device, merge_states) -> None:
+def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_main, device, merge_states,
+                loader_state=None) -> None:
+    """`loader_state`: this rank's loader state to save when batches were prefetched past it."""
     msd, osds = _full_state(model, opts)
+    mine = loader_state if loader_state is not None else loader.state_dict()
     loader_states = [None] * world
     if world > 1:
-        dist.all_gather_object(loader_states, loader.state_dict())
+        dist.all_gather_object(loader_states, mine)
     else:
-        loader_states = [loader.state_dict()]
+        loader_states = [mine]
     if is_main:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         state = {"step": step, "optimizers": osds, "loader": merge_states(loader_states), "rng": rng}

@@ -3,6 +3,11 @@
     teacher = AsyncTeacher("http://teacher:8000/v1", "qwen", cache_dir="runs/x/teacher-cache")
     data = await teacher.complete("def f(", max_tokens=32)              # raw, validated JSON
     top = await teacher.prompt_topk("def f(x):\n    return x\n", k=20)  # [(token, {tok: lp}|None, offset)]
+    top = await teacher.prompt_topk([563, 269, 7], k=20)    # token-id prompt: exact alignment
+
+- prompt_topk asks for vLLM's `return_tokens_as_token_ids`: tokens and top_logprobs keys come back
+  as "token_id:N" and are parsed into ints, so ids that decode to the same text (lone UTF-8 bytes)
+  stay distinct. A server that ignores the flag answers with text keys, which are kept as str.
     results = teacher.run_batch([teacher.prompt_topk(p, 20) for p in prompts])   # from sync code
 
 - At most `concurrency` requests in flight (asyncio.Semaphore).
@@ -32,7 +37,8 @@ import torch
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
-TopkEntry = tuple[str, Optional[dict[str, float]], int]
+TopkEntry = tuple[Union[str, int], Optional[dict[Union[str, int], float]], int]
+TOKEN_ID_PREFIX = "token_id:"
 
 
 class TeacherError(RuntimeError):
@@ -199,7 +205,7 @@ class AsyncTeacher:
                 await asyncio.sleep(min(self.max_backoff, max(delay, self.backoff * 2 ** attempt)))
         raise TeacherError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
 
-    def _body(self, prompt: str, max_tokens: int, temperature: float, logprobs: Optional[int], echo: bool,
+    def _body(self, prompt: Union[str, list[int]], max_tokens: int, temperature: float, logprobs: Optional[int], echo: bool,
               **extra: Any) -> dict:
         body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": int(max_tokens),
                                 "temperature": float(temperature), "echo": bool(echo), **extra}
@@ -212,16 +218,24 @@ class AsyncTeacher:
         """POST one completion; returns the parsed JSON (validated: a non-empty `choices` list)."""
         return await self._post(self._body(prompt, max_tokens, temperature, logprobs, echo, **extra))
 
-    async def prompt_topk(self, prompt: str, k: int) -> list[TopkEntry]:
+    async def prompt_topk(self, prompt: Union[str, list[int]], k: int, token_ids: bool = True) -> list[TopkEntry]:
         """The teacher's top-k next-token logprobs at every prompt position (echo, max_tokens=0).
 
-        Entry i is (token_text, top, text_offset) for prompt token i in the teacher's tokenization;
-        `top` is the distribution that predicted token i ({token_text: logprob}, at least k entries;
-        vLLM may add the actual token as a k+1-th), None for the first token.
+        `prompt` is text, or a list of token ids (the teacher must share the tokenizer; the echoed
+        ids must equal them). Entry i is (token, top, text_offset) for prompt token i in the
+        teacher's tokenization; `top` is the distribution that predicted token i ({token: logprob},
+        at least k entries; vLLM may add the actual token as a k+1-th), None for the first token.
+        Tokens and keys are ints where the server honours `return_tokens_as_token_ids` (asked
+        for unless token_ids=False), else decoded text.
         """
         if k < 1:
             raise ValueError("k must be >= 1")
-        body = self._body(prompt, max_tokens=0, temperature=0.0, logprobs=k, echo=True)
+        if not isinstance(prompt, str):
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise ValueError("empty token-id prompt")
+        extra = {"return_tokens_as_token_ids": True} if token_ids else {}
+        body = self._body(prompt, max_tokens=0, temperature=0.0, logprobs=k, echo=True, **extra)
         return await self._post(body, lambda data: parse_prompt_topk(data, prompt, k, where=self.url))
 
 
@@ -234,7 +248,22 @@ def _validate(data: Any) -> dict:
     return data
 
 
-def parse_prompt_topk(data: dict, prompt: str, k: int, where: str = "teacher") -> list[TopkEntry]:
+def _token_key(t: Any) -> Union[str, int]:
+    """"token_id:N" -> N; other strings unchanged."""
+    if not isinstance(t, str):
+        raise TypeError(f"token {t!r} is not a string")
+    if t.startswith(TOKEN_ID_PREFIX):
+        try:
+            n = int(t[len(TOKEN_ID_PREFIX):])
+        except ValueError:
+            raise ValueError(f"bad token id key {t!r}") from None
+        if n < 0:
+            raise ValueError(f"bad token id key {t!r}")
+        return n
+    return t
+
+
+def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: str = "teacher") -> list[TopkEntry]:
     """Check and unpack an echo+logprobs answer (vLLM's shape) into per-token entries."""
     try:
         lp = data["choices"][0]["logprobs"]
@@ -248,6 +277,7 @@ def parse_prompt_topk(data: dict, prompt: str, k: int, where: str = "teacher") -
         for i, (tok, top, off) in enumerate(zip(tokens, tops, offsets)):
             if not isinstance(tok, str) or not isinstance(off, int):
                 raise TypeError(f"position {i}: bad token {tok!r} or offset {off!r}")
+            tok = _token_key(tok)
             if top is None and i == 0:
                 out.append((tok, None, off))
                 continue
@@ -260,11 +290,23 @@ def parse_prompt_topk(data: dict, prompt: str, k: int, where: str = "teacher") -
                 v = float(v)
                 if not v <= 0.0 + 1e-4:  # also rejects NaN
                     raise ValueError(f"position {i}: logprob {v} of {t!r} is not <= 0")
-                clean[t] = v
+                clean[_token_key(t)] = v
             out.append((tok, clean, off))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise TeacherError(f"{where}: bad prompt logprobs ({exc})") from exc
-    if "".join(t for t, _, _ in out) != prompt:
+    toks = [t for t, _, _ in out]
+    if isinstance(prompt, list) and all(isinstance(t, str) for t in toks):
+        # A server without return_tokens_as_token_ids: texts; the caller maps them (topk_tensors).
+        if len(toks) != len(prompt):
+            raise TeacherError(f"{where}: {len(toks)} echoed tokens for a {len(prompt)}-token prompt")
+    elif isinstance(prompt, list):
+        if toks != prompt:
+            raise TeacherError(f"{where}: echoed tokens are not the prompt's token ids "
+                               "(does the server return token ids, and share the tokenizer?)")
+    elif all(isinstance(t, str) for t in toks):
+        if "".join(toks) != prompt:
+            raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
+    elif not all(isinstance(t, int) for t in toks) or data["choices"][0].get("text", prompt) != prompt:
         raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
     return out
 
@@ -282,13 +324,14 @@ def token_id_map(tok) -> dict[str, Optional[int]]:
     return out
 
 
-def topk_tensors(entries: list[TopkEntry], vocab: dict[str, Optional[int]], k: int,
+def topk_tensors(entries: list[TopkEntry], vocab: Optional[dict[str, Optional[int]]], k: int,
                  device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position teacher targets for `topk_kl_loss`, aligned with the prompt's token ids.
 
     Row i holds the top-k that predicted token i+1 (i.e. for the student's logits at position i);
     returns ids (T, k) long, logprobs (T, k) float and mask (T,) bool, T = len(entries). The last
-    row (nothing to predict) is masked. Unknown or ambiguous token texts raise TeacherError.
+    row (nothing to predict) is masked. Int keys (token ids) are used as they are (`vocab` may
+    be None when all are ints); unknown or ambiguous token texts raise TeacherError.
     """
     t = len(entries)
     ids = torch.zeros(t, k, dtype=torch.long)
@@ -300,10 +343,10 @@ def topk_tensors(entries: list[TopkEntry], vocab: dict[str, Optional[int]], k: i
             raise TeacherError(f"position {i + 1}: need {k} top logprobs")
         best = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]
         for j, (text, lp) in enumerate(best):
-            tid = vocab.get(text)
+            tid = text if isinstance(text, int) else (vocab or {}).get(text)
             if tid is None:
                 raise TeacherError(f"position {i + 1}: teacher token {text!r} is "
-                                   f"{'ambiguous' if text in vocab else 'not'} in the student's vocabulary")
+                                   f"{'ambiguous' if text in (vocab or {}) else 'not'} in the student's vocabulary")
             ids[i, j], lps[i, j] = tid, lp
         mask[i] = True
     return ids.to(device), lps.to(device), mask.to(device)
