@@ -9,73 +9,23 @@ aiohttp app (`FlakyServer503`) and httpx.MockTransport for malformed bodies.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import socket
-import threading
-import time
 
 import httpx
 import pytest
 import torch
 from aiohttp import web
 
-from nanochat_trainer.checkpoint import load_model, save_weights
+from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import ModelConfig, TeacherConfig, TrainerConfig
-from nanochat_trainer.data.synthetic import generate as synthetic_docs
 from nanochat_trainer.distill import (AsyncTeacher, TeacherError, mixed_loss, token_id_map, topk_kl_loss,
                                       topk_tensors)
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
 from nanochat_trainer.model import GPT
 from nanochat_trainer.serve import ModelServer
-from nanochat_trainer.tokenizer import train_bpe
+from serving import serve_app
 
 PROMPTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "for i in range(10):\n    x = i\n"]
-
-
-def _serve_app(app: web.Application):
-    """Start `app` on a free port in a daemon thread; returns (url, stop)."""
-    loop = asyncio.new_event_loop()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runner = web.AppRunner(app)
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        loop.run_forever()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(url + "/health")
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-    return url, stop
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cfg = TrainerConfig.model_validate({"preset": "tiny"})
-    tok = train_bpe(synthetic_docs(0, 300), 1024)
-    model = GPT(cfg.model)
-    model.init_weights(0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return save_weights(tmp_path_factory.mktemp("ckpt") / "final", model, cfg, tok)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +42,7 @@ def teacher_server(ckpt):
 
     app = ModelServer(model, tok, model_name="tiny").app()
     app.middlewares.append(count)
-    url, stop = _serve_app(app)
+    url, stop = serve_app(app)
     yield url, model, tok, seen
     stop()
 
@@ -196,7 +146,7 @@ class FlakyServer503:
 
 def test_retries_on_503_then_gives_up() -> None:
     flaky = FlakyServer503(2)
-    url, stop = _serve_app(flaky.app())
+    url, stop = serve_app(flaky.app())
     try:
         teacher = AsyncTeacher(url, "m", max_retries=3, backoff=0.01)
         data = teacher.run_batch([teacher.complete("x", max_tokens=1)])[0]

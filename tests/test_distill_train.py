@@ -8,14 +8,11 @@ by `ModelServer` on a free port in a background thread; a middleware counts its 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.distill import TeacherError
 from nanochat_trainer.serve import ModelServer
+from serving import serve_app
 from nanochat_trainer.train import train
 
 MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
@@ -46,37 +44,6 @@ def _cfg(run_dir: Path, **over) -> TrainerConfig:
 
 def _log(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
-
-
-def _serve_app(app: web.Application):
-    """Start `app` on a free port in a daemon thread; returns (url, stop)."""
-    loop = asyncio.new_event_loop()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runner = web.AppRunner(app)
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        loop.run_forever()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(url + "/health")
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-    return url, stop
 
 
 def _teacher_app(final_dir: Path, seen: dict) -> web.Application:
@@ -99,7 +66,7 @@ def teacher(tmp_path_factory):
     tdir = tmp_path_factory.mktemp("teacher")
     train(_cfg(tdir, steps=60))
     seen = {"n": 0}
-    url, stop = _serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(_teacher_app(tdir / "final", seen))
     yield url, tdir, seen
     stop()
 
@@ -157,7 +124,7 @@ def test_distill_resume_matches_uninterrupted(teacher, tmp_path) -> None:
 def test_teacher_down(teacher, tmp_path) -> None:
     _, tdir, _ = teacher
     seen = {"n": 0}
-    url, stop = _serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(_teacher_app(tdir / "final", seen))
     stop()  # the teacher is gone before the run starts
     steps = 6
     rec = train(_distill_cfg(tmp_path / "skip", url, tdir, steps))
@@ -182,7 +149,7 @@ def test_teacher_stops_mid_run(teacher, tmp_path) -> None:
     """The teacher dies at step 3: already-fetched answers are used, later steps train on CE."""
     _, tdir, _ = teacher
     seen = {"n": 0}
-    url, stop = _serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(_teacher_app(tdir / "final", seen))
     steps, stopped = 12, []
 
     def progress(rec: dict) -> None:
@@ -239,7 +206,7 @@ def test_teacher_on_narrow_pattern_speeds_up_student(tmp_path) -> None:
     tdir = tmp_path / "teacher"
     train(_cfg(tdir, steps=300, data={"source": "local", "path": str(many)}))
     seen = {"n": 0}
-    url, stop = _serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(_teacher_app(tdir / "final", seen))
     steps, data = 150, {"source": "local", "path": str(few)}
     try:
         train(_cfg(tmp_path / "base", steps=steps, data=data,
@@ -272,7 +239,7 @@ def test_text_keyed_teacher_still_works(teacher, tmp_path) -> None:
 
     app = web.Application()
     app.add_routes([web.post("/v1/completions", proxy), web.get("/health", health)])
-    purl, stop = _serve_app(app)
+    purl, stop = serve_app(app)
     steps = 5
     try:
         rec = train(_distill_cfg(tmp_path / "text", purl, tdir, steps))

@@ -9,22 +9,20 @@ same as `eval --checkpoint` on the same problems with greedy decoding.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
 
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.eval.cli import add_eval_args, run_eval_from_args
 from nanochat_trainer.eval.client import CompletionsClient, EndpointError, parse_completion
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
 from nanochat_trainer.serve import ModelServer
+from serving import serve_app
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vllm_completion.json"
 
@@ -32,32 +30,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "vllm_completion.json"
 @pytest.fixture(scope="module")
 def server(ckpt):
     model, tok, _ = load_model(ckpt)
-    srv = ModelServer(model, tok, model_name="tiny")
-    loop = asyncio.new_event_loop()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runner = web.AppRunner(srv.app())
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
-        loop.run_forever()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    url, stop = serve_app(ModelServer(model, tok, model_name="tiny").app())
     yield url, model, tok
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    t.join(10)
+    stop()
 
 
 def test_models_health_metrics(server) -> None:
