@@ -66,11 +66,11 @@ def helm() -> str:
     try:
         out = subprocess.run([str(ROOT / "e2e" / "tools.sh"), "helm"], capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.skip(f"cannot build helm: {err}")
+        pytest.fail(f"cannot build helm with e2e/tools.sh: {err}")
     if out.returncode != 0:
         if shutil.which("helm"):
             return "helm"
-        pytest.skip(f"cannot build helm (needs go): {out.stderr.strip()[-300:]}")
+        pytest.fail(f"cannot build helm with e2e/tools.sh (it needs go): {out.stderr.strip()[-300:]}")
     return out.stdout.strip()
 
 
