@@ -46,19 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig, MoEConfig
-
-
-class SwiGLU(nn.Module):
-    """Same layout as model.SwiGLU (kept local so the shared expert needs no import cycle)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+# model.py imports this module lazily (inside make_ffn), so this import makes no cycle.
+from .model import SwiGLU
 
 
 class StackedLinear(nn.Module):
