@@ -190,6 +190,28 @@ def _dependency(cluster: Cluster, namespace: str, name: str, source_name: str,
 # ---------------------------------------------------------------------------- TrainingRun
 
 
+def _gate_on_dependency(cluster: Cluster, namespace: str, name: str, source_name: str, follow_chain: bool,
+                        base: dict[str, Any], prev: dict[str, Any], now: datetime, generation: Optional[int],
+                        job_name: str, status_fn: Callable[..., dict[str, Any]],
+                        kind: str) -> Outcome | tuple[str, str]:
+    """Wait for, or fail on, the run this one reads; when it is ready, its (name, claim).
+
+    Sets the DependenciesReady condition on `base` either way.
+    """
+    dep = _dependency(cluster, namespace, name, source_name, follow_chain=follow_chain)
+    if dep.state == "fail":
+        return _fail(base, now, generation, dep.reason, dep.message, condition="DependenciesReady")
+    ready = dep.state != "wait"
+    base["conditions"] = set_condition(base["conditions"], "DependenciesReady", "True" if ready else "False",
+                                       dep.reason, dep.message, now)
+    if not ready:
+        base.pop("completionTime", None)
+        new = status_fn(base, None, None, now=now, generation=generation, job_name=job_name)
+        return Outcome(new, _phase_events(prev, new, kind))
+    assert dep.claim is not None
+    return dep.source or "", dep.claim
+
+
 def reconcile_training(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime,
                        adopt: Adopt) -> Outcome:
     meta = obj["metadata"]
@@ -215,7 +237,6 @@ def reconcile_training(cluster: Cluster, obj: dict[str, Any], config: OperatorCo
         return _fail(prev, now, generation, "Infeasible", "; ".join(problems))
     claim = spec.storage.pvc_name(name) if spec.storage else None
     base = {**_accepted(prev, now), "storageClaim": claim, "runDir": render.run_dir(name)}
-    conds = base["conditions"]
     events: list[tuple[str, str, str]] = []
 
     job = cluster.get_job(namespace, jname)
@@ -224,17 +245,11 @@ def reconcile_training(cluster: Cluster, obj: dict[str, Any], config: OperatorCo
     if job is None:
         source = None
         if spec.init is not None:
-            dep = _dependency(cluster, namespace, name, spec.init.from_training_run, follow_chain=True)
-            if dep.state == "fail":
-                return _fail(base, now, generation, dep.reason, dep.message, condition="DependenciesReady")
-            if dep.state == "wait":
-                base.pop("completionTime", None)
-                base["conditions"] = set_condition(conds, "DependenciesReady", "False", dep.reason, dep.message, now)
-                new = training_status(base, None, None, now=now, generation=generation, job_name=jname)
-                return Outcome(new, _phase_events(prev, new, "TrainingRun"))
-            assert dep.claim is not None
-            source = (dep.source or "", dep.claim)
-            base["conditions"] = set_condition(conds, "DependenciesReady", "True", dep.reason, dep.message, now)
+            gate = _gate_on_dependency(cluster, namespace, name, spec.init.from_training_run, True, base, prev,
+                                       now, generation, jname, training_status, "TrainingRun")
+            if isinstance(gate, Outcome):
+                return gate
+            source = gate
         objs = render.render_training(name, namespace, spec, image=spec.image or config.trainer_image, source=source)
         base.pop("completionTime", None)
         try:
@@ -287,7 +302,6 @@ def reconcile_eval(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig
     except ValidationError as err:
         return _fail(prev, now, generation, "InvalidSpec", format_validation_error(err, "spec."))
     base = _accepted(prev, now)
-    conds = base["conditions"]
     events: list[tuple[str, str, str]] = []
 
     job = cluster.get_job(namespace, jname)
@@ -295,17 +309,11 @@ def reconcile_eval(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig
     if job is None:
         source = None
         if spec.model.training_run is not None:
-            dep = _dependency(cluster, namespace, name, spec.model.training_run, follow_chain=False)
-            if dep.state == "fail":
-                return _fail(base, now, generation, dep.reason, dep.message, condition="DependenciesReady")
-            if dep.state == "wait":
-                base.pop("completionTime", None)
-                base["conditions"] = set_condition(conds, "DependenciesReady", "False", dep.reason, dep.message, now)
-                new = eval_status(base, None, None, now=now, generation=generation, job_name=jname)
-                return Outcome(new, _phase_events(prev, new, "EvalRun"))
-            assert dep.claim is not None
-            source = (dep.source or "", dep.claim)
-            base["conditions"] = set_condition(conds, "DependenciesReady", "True", dep.reason, dep.message, now)
+            gate = _gate_on_dependency(cluster, namespace, name, spec.model.training_run, False, base, prev,
+                                       now, generation, jname, eval_status, "EvalRun")
+            if isinstance(gate, Outcome):
+                return gate
+            source = gate
             base["checkpoint"] = render.final_checkpoint_path(source[0])
             base["resultsPath"] = render.eval_results_path(source[0], name)
         job_obj = render.render_eval_job(name, namespace, spec, image=spec.image or config.trainer_image,
