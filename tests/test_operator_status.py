@@ -49,6 +49,8 @@ CASES = [
     (job(), [pod(0, "Running"), pod(1, "Pending")], 2, "Starting", "PodsStarting"),
     (job(), [pod(0, "Running"), pod(1, "Running")], 2, "Running", "AllPodsRunning"),
     (job(), [pod(0, "Running"), pod(1, "Succeeded")], 2, "Running", "AllPodsRunning"),
+    # Pods done, Job not yet Complete (found on a real API server): Running, not back to Starting.
+    (job(), [pod(0, "Succeeded"), pod(1, "Succeeded")], 2, "Running", "PodsFinished"),
     (job(), [pod(0, "Running"), pod(1, "Running", deleting=True)], 2, "Starting", "PodsStarting"),
     (job(), [pod(0, "Pending", unschedulable=True)], 1, "Starting", "Unschedulable"),
     (job(), [pod(0, "Pending", waiting="ImagePullBackOff")], 1, "Starting", "ImagePullBackOff"),

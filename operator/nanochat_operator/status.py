@@ -157,8 +157,13 @@ def observe_job(job: Optional[dict[str, Any]], pods: list[dict[str, Any]], nodes
     succeeded_indexes = {_pod_index(p) for p in live if (p.get("status") or {}).get("phase") == "Succeeded"}
     pod0 = next((p for p in running if _pod_index(p) == "0"), None)
     up = len(running) + len(succeeded_indexes - {None})
-    if up >= nodes and running:
-        return JobView("Running", "AllPodsRunning", f"{len(running)}/{nodes} pods running", restarts, pod0=pod0)
+    if up >= nodes:
+        if running:
+            return JobView("Running", "AllPodsRunning", f"{len(running)}/{nodes} pods running", restarts, pod0=pod0)
+        # Every pod has exited 0 but the Job controller has not yet marked the Job Complete
+        # (it first removes its tracking finalizers): still Running, never back to Starting.
+        return JobView("Running", "PodsFinished", f"{nodes}/{nodes} pods succeeded; the Job is completing",
+                       restarts)
     stuck = _stuck(live)
     if stuck:
         return JobView("Starting", stuck[0], stuck[1], restarts, pod0=pod0)
