@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crds bench clean
+.PHONY: demo test e2e-tools e2e cluster crds bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m nanochat_trainer.demo --out runs/demo
 
-## make test: every test (unit, integration; e2e ones join when their cluster is built).
-test: $(STAMP)
+## make test: every test: unit, integration, and e2e on a real control plane.
+test: $(STAMP) e2e-tools
 	$(PY) -m pytest -q
+
+## The e2e control plane's binaries (kube-apiserver, controller manager, scheduler, kubectl,
+## etcd, kwok, helm), built with Go at the versions in e2e/versions.env into
+## ~/.cache/nanochat-tools (outside the repo), once; about 5 minutes on 2 cores the first time.
+e2e-tools:
+	e2e/tools.sh all >/dev/null
+
+## make e2e: only the end-to-end tests.
+e2e: $(STAMP) e2e-tools
+	$(PY) -m pytest -q tests/e2e
+
+## make cluster: a control plane to poke at by hand (prints its KUBECONFIG; Ctrl-C stops it).
+cluster: $(STAMP) e2e-tools
+	$(PY) e2e/cluster.py up
 
 crds: $(STAMP)
 	$(VENV)/bin/nanochat crds

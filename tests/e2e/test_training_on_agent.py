@@ -1,0 +1,140 @@
+"""Real training through the whole stack: the operator's Job, the scheduler, and the
+trainer under torchrun, run by the test node agent as processes of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2e.cluster import ControlPlane
+from e2e.node_agent import TestNodeAgent
+from e2e.operator_local import ChartOperator, events_of, wait_phase, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ["Pending", "Starting", "Running", "Succeeded"]
+
+
+def tiny(trainer: dict[str, Any], steps: int, every: int) -> None:
+    """A few dozen CPU steps of the tiny preset instead of the example's GPU-sized run."""
+    trainer.update(preset="tiny", steps=steps, batch_size=8, checkpoint={"every": every})
+    trainer["tokenizer"] = {"train_docs": 300}
+    # The example distils from a remote teacher, which this machine does not have.
+    trainer["stage"] = "pretrain"
+    trainer.pop("distill", None)
+
+
+def phase1_example(namespace: str) -> list[dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "phase1-quick-demo.yaml").read_text()) if d]
+    train = next(d for d in docs if d["kind"] == "TrainingRun")
+    evalrun = next(d for d in docs if d["kind"] == "EvalRun")
+    for d in docs:
+        d["metadata"]["namespace"] = namespace
+    tiny(train["spec"]["trainer"], steps=30, every=10)
+    train["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"}
+    evalrun["spec"].update(maxProblems=3, maxNewTokens=48)
+    evalrun["spec"]["resources"] = {"gpus": 0}
+    return docs
+
+
+def run_dir(volumes: Path, cp: ControlPlane, namespace: str, claim: str) -> Path:
+    pv = cp.get("pvc", claim, "-n", namespace)["spec"]["volumeName"]
+    return Path(cp.get("pv", pv)["spec"]["hostPath"]["path"])
+
+
+def phases_in_events(cp: ControlPlane, namespace: str, name: str) -> list[str]:
+    return [e["reason"] for e in events_of(cp, namespace, name) if e["reason"] in PHASES]
+
+
+def test_phase1_example_trains_on_two_pods_then_evaluates(control_plane: ControlPlane, operator: ChartOperator,
+                                                          node_agent: TestNodeAgent, volumes: Path,
+                                                          namespace: str) -> None:
+    cp = control_plane
+    cp.apply(phase1_example(namespace))
+    tr = wait_phase(cp, "trainingrun", "phase1-demo", {"Running", "Succeeded", "Failed"}, 240, namespace, operator)
+    pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=phase1-demo-train")["items"]
+    assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {"e2e-agent"}
+    tr = wait_phase(cp, "trainingrun", "phase1-demo", {"Succeeded", "Failed"}, 600, namespace, operator)
+    logs = "\n".join(node_agent.pod_log(namespace, p["metadata"]["name"])[-1500:] for p in pods)
+    status = tr["status"]
+    assert status["phase"] == "Succeeded", f"{json.dumps(status)}\n{logs}"
+    assert status["step"] == 30 and status["totalSteps"] == 30 and status["loss"] > 0
+    order = phases_in_events(cp, namespace, "phase1-demo")
+    assert order == sorted(order, key=PHASES.index) and order[-3:] == PHASES[1:], order
+    # Both torchrun nodes took part: the trainer reports world size 2 from rank 0.
+    root = run_dir(volumes, cp, namespace, "phase1-demo-storage")
+    final = root / "runs" / "phase1-demo" / "final"
+    assert (final / "model.safetensors").is_file()
+    assert status["finalCheckpoint"] == "/data/runs/phase1-demo/final"
+
+    ev = wait_phase(cp, "evalrun", "phase1-demo-humaneval", {"Succeeded", "Failed"}, 400, namespace, operator)
+    assert ev["status"]["phase"] == "Succeeded", json.dumps(ev["status"])
+    assert ev["status"]["problems"] == 3 and "pass@1" in ev["status"]["scores"]
+    results = json.loads((root / "runs" / "phase1-demo" / "eval" / "phase1-demo-humaneval.json").read_text())
+    assert results["problems"] == 3 and results["pass_at_k"]["1"] == ev["status"]["scores"]["pass@1"]
+
+
+def _resumable_run(name: str, namespace: str, steps: int) -> dict[str, Any]:
+    trainer: dict[str, Any] = {"data": {"source": "synthetic"}, "metrics": {"log_every": 1}}
+    tiny(trainer, steps=steps, every=5)
+    return {"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"trainer": trainer, "resources": {"nodes": 1, "gpusPerNode": 0},
+                     "storage": {"size": "10Gi"}}}
+
+
+def _steps_logged(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line]
+
+
+def test_killed_pod_is_retried_and_resumes_from_its_checkpoint(control_plane: ControlPlane, operator: ChartOperator,
+                                                               node_agent: TestNodeAgent, volumes: Path,
+                                                               namespace: str) -> None:
+    cp = control_plane
+    cp.apply(_resumable_run("resume", namespace, steps=60))
+    wait_phase(cp, "trainingrun", "resume", {"Running"}, 240, namespace, operator)
+    ckpt = wait_until(300, lambda: (cp.get("trainingrun", "resume", "-n", namespace)["status"]
+                                    .get("latestCheckpointStep") or 0) >= 10 and
+                      cp.get("trainingrun", "resume", "-n", namespace)["status"]["latestCheckpointStep"],
+                      "a checkpoint at step 10 or later")
+    pod = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=resume-train")["items"][0]
+    # The whole pod at once (torchrun and its worker), as the OOM killer or a lost node would.
+    assert node_agent.kill_pod(namespace, pod["metadata"]["name"])
+
+    done = wait_phase(cp, "trainingrun", "resume", {"Succeeded", "Failed"}, 600, namespace, operator)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"])
+    assert done["status"]["restarts"] == 1
+    pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=resume-train")["items"]
+    killed = [p for p in pods if p["status"]["phase"] == "Failed"]
+    assert [p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in killed] == [137]
+    root = run_dir(volumes, cp, namespace, "resume-storage") / "runs" / "resume"
+    steps = _steps_logged(root / "log.jsonl")
+    # Every step is logged. The retried pod starts after the newest checkpoint, which is no
+    # older than the one the operator reported before the kill: the step never goes back past it.
+    restarts = [steps[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(restarts) <= 1 and all(step > ckpt for step in restarts), (ckpt, steps)
+    assert sorted(set(steps)) == list(range(1, 61))
+    assert steps[-1] == 60 and (root / "final" / "model.safetensors").is_file()
+
+
+def test_operator_killed_mid_run_picks_up_where_it_was(control_plane: ControlPlane, operator: ChartOperator,
+                                                       node_agent: TestNodeAgent, volumes: Path,
+                                                       namespace: str) -> None:
+    cp = control_plane
+    cp.apply(_resumable_run("survivor", namespace, steps=40))
+    running = wait_phase(cp, "trainingrun", "survivor", {"Running"}, 240, namespace, operator)
+    job_uid = cp.get("job", "survivor-train", "-n", namespace)["metadata"]["uid"]
+    operator.kill()
+    time.sleep(3)  # the run keeps going without the operator
+    operator.start()
+    done = wait_phase(cp, "trainingrun", "survivor", {"Succeeded", "Failed"}, 600, namespace, operator)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"])
+    assert done["status"]["startTime"] == running["status"]["startTime"]  # the status was kept, not rebuilt
+    assert cp.get("job", "survivor-train", "-n", namespace)["metadata"]["uid"] == job_uid  # no second Job
+    assert done["status"]["step"] == 40
