@@ -6,8 +6,10 @@ It registers one Node on a real kube-apiserver, keeps it Ready (Lease renewals a
 status heartbeats), and really runs the pods bound to it as local processes of this
 machine, reporting their status back the way a kubelet does: Running with a pod IP,
 then Succeeded or Failed with the exit code and termination message, and deleting
-them once their processes are gone. Each pod is its own process group under
-`<workdir>/pods/<namespace>_<name>_<uid>/`, with its combined output in `log` there.
+them once their processes are gone. Each pod runs under
+`<workdir>/pods/<namespace>_<name>_<uid>/`, with its combined output in `log` there; its
+processes carry the pod's uid in their environment, which stands in for a container's
+cgroup: killing a pod kills all of them, even those that left its process group.
 
 What it does NOT do, because there is no container runtime here:
   * no images: the container's `command` must name an executable on this machine's
