@@ -18,8 +18,8 @@ from aiohttp import web
 
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import ModelConfig, TeacherConfig, TrainerConfig
-from nanochat_trainer.distill import (AsyncTeacher, TeacherError, mixed_loss, token_id_map, topk_kl_loss,
-                                      topk_tensors)
+from nanochat_trainer.distill import (AsyncTeacher, TeacherError, TeacherUnavailable, mixed_loss, token_id_map,
+                                      topk_kl_loss, topk_tensors)
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
 from nanochat_trainer.model import GPT
 from nanochat_trainer.serve import ModelServer
@@ -57,6 +57,14 @@ def test_complete_against_real_server(teacher_server, monkeypatch) -> None:
     assert [d["choices"][0]["text"] for d in data] == [w[0] for w in want]
     assert data[0]["model"] == "tiny" and seen["auth"][-1] == "Bearer sekrit"
     assert teacher.requests == 2 and teacher.cache_hits == 0 and teacher.errors == 0 and teacher.latency_s > 0
+
+
+def test_completion_text_and_stop(teacher_server) -> None:
+    url, model, tok, _ = teacher_server
+    teacher = AsyncTeacher(url, "tiny")
+    text, finish = teacher.run_batch([teacher.completion(PROMPTS[0], 8, stop=["\ndef "])])[0]
+    assert text == generate(model, tok, [PROMPTS[0]], max_new_tokens=8, stop=["\ndef "])[0][0]
+    assert finish in ("stop", "length")
 
 
 def test_prompt_topk_aligned_to_tokenizer(teacher_server) -> None:
@@ -161,7 +169,7 @@ def test_retries_on_503_then_gives_up() -> None:
         stop()
     # Nothing listening any more: connection errors are retried, then a TeacherError.
     down = AsyncTeacher(url, "m", max_retries=2, backoff=0.01)
-    with pytest.raises(TeacherError, match="ConnectError"):
+    with pytest.raises(TeacherUnavailable, match="ConnectError"):  # down for now: worth asking again later
         down.run_batch([down.complete("x", max_tokens=1)])
     assert down.requests == 3 and down.errors == 1
 
@@ -200,9 +208,26 @@ GOOD_ECHO = {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text
 def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
     transport, calls = _mock(body, status)
     teacher = AsyncTeacher("http://t/v1", "m", transport=transport, backoff=0.01, cache_dir=tmp_path)
-    with pytest.raises(TeacherError, match=match):
+    with pytest.raises(TeacherError, match=match) as err:
         teacher.run_batch([teacher.prompt_topk("ab", 2)])
+    assert not isinstance(err.value, TeacherUnavailable) and err.value.status == (status if status >= 400 else None)
     assert len(calls) == 1 and teacher.errors == 1 and not list(tmp_path.rglob("*.json"))  # not retried, not cached
+
+
+def test_lenient_text_answers_for_cross_tokenizer() -> None:
+    """strict=False: echoed tokens that do not spell the prompt (U+FFFD halves) are kept for the
+    aligner to judge; fewer than k logprobs still fail."""
+    body = {"choices": [{"text": "\u00e9b", "logprobs": {"tokens": ["\ufffd", "\ufffd", "b"], "text_offset": [0, 1, 2],
+                                                         "top_logprobs": [None, {"x": -0.1, "y": -2.0},
+                                                                          {"b": -0.5, "c": -1.5}]}}]}
+    transport, _ = _mock(body)
+    teacher = AsyncTeacher("http://t/v1", "m", transport=transport)
+    entries = teacher.run_batch([teacher.prompt_topk("\u00e9b", 2, token_ids=False, strict=False)])[0]
+    assert [e[0] for e in entries] == ["\ufffd", "\ufffd", "b"]
+    with pytest.raises(TeacherError, match="spell the prompt"):
+        teacher.run_batch([teacher.prompt_topk("\u00e9b", 2, token_ids=False)])
+    with pytest.raises(TeacherError, match="asked for 3"):
+        teacher.run_batch([teacher.prompt_topk("\u00e9b", 3, token_ids=False, strict=False)])
 
 
 def test_good_mock_answer_parses() -> None:

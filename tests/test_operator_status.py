@@ -191,3 +191,22 @@ def test_parse_trainer_metrics_and_duration():
     assert p == prog.Progress(step=120, total_steps=10000, loss=2.5, tokens_per_second=50000.0, checkpoint_step=None)
     assert prog.parse_trainer_metrics("") == prog.Progress()
     assert [prog.format_duration(s) for s in (5, 65, 3725, 90000)] == ["5s", "1m05s", "1h02m", "1d1h"]
+
+
+
+def test_teacher_down_keeps_the_run_running_with_a_condition_saying_so():
+    text = ("nanochat_trainer_step 40\nnanochat_trainer_total_steps 100\n"
+            "nanochat_trainer_teacher_up 0\nnanochat_trainer_teacher_skipped 7\n")
+    p = prog.parse_trainer_metrics(text)
+    assert p.teacher_up is False and p.teacher_skipped == 7
+    running = observe_job(job(active=1), [pod(0, "Running")], 1)
+    st = training_status({}, running, p, now=NOW, generation=1, job_name="demo-train")
+    assert st["phase"] == "Running"
+    cond = get_condition(st, "TeacherAvailable")
+    assert cond["status"] == "False" and cond["reason"] == "TeacherUnreachable" and "7 trained" in cond["message"]
+    back = prog.parse_trainer_metrics(text.replace("teacher_up 0", "teacher_up 1"))
+    st = training_status(st, running, back, now=NOW, generation=1, job_name="demo-train")
+    assert get_condition(st, "TeacherAvailable")["status"] == "True"
+    plain = training_status({}, running, prog.parse_trainer_metrics("nanochat_trainer_step 3\n"), now=NOW,
+                            generation=1, job_name="demo-train")
+    assert get_condition(plain, "TeacherAvailable") is None  # not a distillation run

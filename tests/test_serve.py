@@ -76,6 +76,11 @@ def test_echo_prompt_logprobs(server) -> None:
     assert c["logprobs"]["top_logprobs"][0] is None and len(c["logprobs"]["tokens"]) == len(ids)
     assert c["logprobs"]["token_logprobs"][1:] == pytest.approx(want[1:], abs=1e-6)
     assert "".join(c["logprobs"]["tokens"]) == prompt and data["usage"]["completion_tokens"] == 0
+    # Longer than the context: refused, not scored on its last tokens with shifted logprobs.
+    long = "x = 1\n" * model.cfg.max_seq_len
+    r = httpx.post(url + "/v1/completions", json={"prompt": long, "max_tokens": 0, "echo": True, "logprobs": 2},
+                   timeout=60)
+    assert r.status_code == 400 and "exceeds the model's context" in r.json()["error"]["message"]
 
 
 def test_streaming_and_chat(server) -> None:

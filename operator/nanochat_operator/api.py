@@ -382,7 +382,7 @@ class Condition(Api):
     """A condition, as in every Kubernetes API."""
 
     type: str = Field(..., description="Accepted, DependenciesReady, Suspended, Running, Complete, Failed, "
-                      "SpecChangeRefused.")
+                      "SpecChangeRefused, TeacherAvailable (distillation).")
     status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason.")
     message: str = Field("", description="What happened, for people.")

@@ -8,6 +8,8 @@ Contract with the trainer (nanochat_trainer/metrics.py): rank 0 serves `/metrics
     nanochat_trainer_loss               loss of the last step
     nanochat_trainer_tokens_per_second  throughput over all ranks
     nanochat_trainer_checkpoint_step    step of the newest complete checkpoint
+    nanochat_trainer_teacher_up         distillation: 1 while the teacher answers, 0 while down
+    nanochat_trainer_teacher_skipped    distillation: rows or batches trained without it
 
 The operator GETs http://<pod 0 IP>:<port>/metrics on each reconcile of a Running run.
 """
@@ -31,6 +33,8 @@ class Progress:
     loss: Optional[float] = None
     tokens_per_second: Optional[float] = None
     checkpoint_step: Optional[int] = None
+    teacher_up: Optional[bool] = None  # distillation runs only
+    teacher_skipped: Optional[int] = None
 
 
 def parse_trainer_metrics(text: str) -> Progress:
@@ -50,7 +54,9 @@ def parse_trainer_metrics(text: str) -> Progress:
         return None if v is None else int(v)
 
     return Progress(step=integer("step"), total_steps=integer("total_steps"), loss=num("loss"),
-                    tokens_per_second=num("tokens_per_second"), checkpoint_step=integer("checkpoint_step"))
+                    tokens_per_second=num("tokens_per_second"), checkpoint_step=integer("checkpoint_step"),
+                    teacher_up=None if num("teacher_up") is None else num("teacher_up") == 1,
+                    teacher_skipped=integer("teacher_skipped"))
 
 
 def format_duration(seconds: float) -> str:

@@ -234,6 +234,8 @@ def training_status(prev: dict[str, Any], view: Optional[JobView], progress: Opt
         if progress.checkpoint_step is not None and progress.checkpoint_step > 0 and checkpoint_path:
             new["latestCheckpointStep"] = progress.checkpoint_step
             new["latestCheckpoint"] = checkpoint_path(progress.checkpoint_step)
+        if progress.teacher_up is not None and view.phase == "Running":
+            new["conditions"] = _teacher_condition(new.get("conditions") or [], progress, now)
         if progress.step is not None:
             prev_step = prev.get("step")
             if prev_step is None or progress.step != prev_step:
@@ -254,6 +256,18 @@ def training_status(prev: dict[str, Any], view: Optional[JobView], progress: Opt
     elif view.phase == "Failed":
         new["eta"] = None
     return new
+
+
+def _teacher_condition(conds: list[dict[str, Any]], progress: prog.Progress, now: datetime) -> list[dict[str, Any]]:
+    """TeacherAvailable: a distillation run whose teacher is down stays Running and says so."""
+    skipped = progress.teacher_skipped or 0
+    if progress.teacher_up:
+        return set_condition(conds, "TeacherAvailable", "True", "TeacherAnswering",
+                             f"the distillation teacher answers ({skipped} trained without it so far)", now)
+    return set_condition(conds, "TeacherAvailable", "False", "TeacherUnreachable",
+                         f"the distillation teacher is not answering: training goes on without it where "
+                         f"distill.continue_without_teacher allows, else waits ({skipped} trained without it "
+                         f"so far)", now)
 
 
 def eval_status(prev: dict[str, Any], view: Optional[JobView], result: Optional[EvalResult], *,

@@ -195,12 +195,34 @@ class DistillConfig(Strict):
 
     teacher: TeacherConfig
     method: Literal["sequence", "topk_logprobs", "cross_tokenizer"] = Field(
-        "sequence", description="sequence-level, top-k logprob KL (shared tokenizer), or aligned across tokenizers."
+        "sequence", description="sequence: train on teacher completions of prompts (any tokenizer); "
+        "topk_logprobs: top-k logprob KL (teacher shares the student's tokenizer); cross_tokenizer: "
+        "top-k KL at positions where both tokenizations share a character boundary."
     )
-    top_k: int = Field(20, ge=1, description="Teacher logprobs per position.")
+    top_k: int = Field(20, ge=1, description="Teacher logprobs per position (topk_logprobs, cross_tokenizer).")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation loss against the LM loss.")
     temperature: float = Field(1.0, gt=0, description="Softening temperature of the KL.")
     max_new_tokens: int = Field(128, ge=1, description="Teacher completion length (sequence-level).")
+    sample_temperature: float = Field(
+        0.0, ge=0, description="Sampling temperature of teacher completions (sequence); 0 is greedy."
+    )
+    sequence_mix: float = Field(
+        1.0, gt=0, le=1, description="Share of each micro-batch's rows taken from teacher sequences "
+        "(sequence); the rest is plain data."
+    )
+    filter_tests: bool = Field(
+        True, description="Sequence-level quality filter: run a prompt's tests in the sandbox and drop "
+        "completions that fail them (completions must parse as Python either way)."
+    )
+    test_timeout_s: float = Field(5.0, gt=0, description="Sandbox time limit per completion's tests.")
+    wait_for_teacher_s: float = Field(
+        600.0, ge=0, description="Sequence-level: how long a step waits for a teacher that is down before the "
+        "run fails (only when continue_without_teacher is false)."
+    )
+    min_aligned_fraction: float = Field(
+        0.05, ge=0, le=1, description="Cross-tokenizer: a micro-batch with fewer aligned positions trains on "
+        "the LM loss alone (counted)."
+    )
     continue_without_teacher: bool = Field(
         True, description="While the teacher is down, keep training on cached or plain data."
     )
@@ -244,6 +266,10 @@ class TrainerConfig(Strict):
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto: bf16 autocast on GPU.")
     compile: bool = Field(False, description="torch.compile the model.")
     parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: FSDP2 from 1B parameters, else DDP.")
+    expert_parallel: int = Field(
+        1, ge=1, description="Expert parallelism: ranks that split each MoE layer's experts (consecutive "
+        "ranks, keep them in one node); must divide model.moe.n_experts and the world size. 1: off."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -265,6 +291,15 @@ class TrainerConfig(Strict):
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.source == "local" and not self.data.path:
             raise ValueError("data.path is required when data.source='local'")
+        return self
+
+    @model_validator(mode="after")
+    def _check_expert_parallel(self) -> "TrainerConfig":
+        ep = self.expert_parallel
+        if ep > 1 and self.model.moe is None:
+            raise ValueError(f"expert_parallel={ep} needs an MoE model (model.moe)")
+        if ep > 1 and self.model.moe.n_experts % ep:
+            raise ValueError(f"expert_parallel={ep} does not divide model.moe.n_experts={self.model.moe.n_experts}")
         return self
 
     @property

@@ -21,6 +21,13 @@ GAUGES = {
     "grad_norm": "Global gradient norm before clipping.",
     "mfu": "Model FLOPs utilisation (0-1) where the device's peak is known.",
     "checkpoint_step": "Step of the newest complete checkpoint.",
+    # Distillation only (the operator turns teacher_up into the TeacherAvailable condition).
+    "teacher_up": "1 while the distillation teacher answers, 0 while it is down (the run trains without it).",
+    "teacher_requests": "Requests sent to the teacher.",
+    "teacher_cache_hits": "Teacher answers served from the on-disk cache.",
+    "teacher_errors": "Teacher requests that failed after their retries.",
+    "teacher_latency_seconds": "Mean latency of the teacher's answers.",
+    "teacher_skipped": "Rows (sequence) or micro-batches (logprob methods) trained without the teacher.",
 }
 
 # Dense bf16 tensor-core peaks; MFU is only reported on devices listed here.

@@ -11,7 +11,10 @@
 
 Dispatch is capacity-free: the (token, slot) pairs are sorted by expert, every expert
 runs on its contiguous slice, and results are scattered back weighted. On CUDA with
-bf16 the slices run as one `torch._grouped_mm`; elsewhere as a per-expert loop.
+bf16 the slices run as one `torch._grouped_mm`; elsewhere as a per-expert loop. Under
+expert parallelism (`expert_parallel.shard_experts`) each rank holds a contiguous slice
+of the experts and `Experts.forward` exchanges the sorted rows with the ranks holding
+their experts (two all-to-alls) around the same grouped-mm / loop kernel.
 
 Balancing, per `MoEConfig.balance`:
 * 'aux_loss' - Switch-style loss  E * sum_i f_i * P_i  (f_i: share of routed slots that
@@ -29,11 +32,11 @@ Metrics: `last_expert_load` (routed slots per expert in the last forward, a Long
 
 Optimizers: expert weights are 3-D, (E, out, in). Each [e] slice is one expert's
 ordinary matrix, so Muon must orthogonalise per expert, treating the leading dim as a
-batch (Newton-Schulz works batched on (..., m, n)); never flatten (E*out, in). AdamW
-needs nothing special. The router (E, dim) and shared_expert_gate (1, dim) are small
-2-D matrices: Muon handles them, but AdamW at the adam_lr is the safer choice
-(Moonlight/Kimi keep routers on AdamW-like updates); `expert_bias` is a buffer, never
-optimised.
+batch (Newton-Schulz works batched on (..., m, n)); never flatten (E*out, in):
+`optim.BatchedMuon` does this. AdamW needs nothing special. The router (E, dim) and
+shared_expert_gate (1, dim) are small 2-D matrices: Muon handles them, but AdamW at the
+adam_lr is the safer choice (Moonlight/Kimi keep routers on AdamW-like updates);
+`expert_bias` is a buffer, never optimised.
 """
 
 from __future__ import annotations
@@ -76,9 +79,22 @@ class Experts(nn.Module):
         self.gate_proj = StackedLinear(n_experts, dim, hidden)
         self.up_proj = StackedLinear(n_experts, dim, hidden)
         self.down_proj = StackedLinear(n_experts, hidden, dim)
+        # Expert parallelism (expert_parallel.shard_experts): the process group that splits
+        # the experts; this module then holds experts [ep_offset, ep_offset + local count).
+        self.ep_group = None
+        self.ep_offset = 0
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
-        """x_sorted: (S, dim) rows grouped by expert, counts: (E,) rows per expert."""
+        """x_sorted: (S, dim) rows grouped by expert, counts: (E,) rows per expert (all E
+        experts of the layer, also under expert parallelism)."""
+        if self.ep_group is not None:
+            from .expert_parallel import ep_experts_forward
+
+            return ep_experts_forward(self, x_sorted, counts, impl)
+        return self.compute(x_sorted, counts, impl)
+
+    def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        """The experts this module holds on their rows: counts has one entry per local expert."""
         wg, wu, wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
         if impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
@@ -97,7 +113,9 @@ class Experts(nn.Module):
                 continue
             outs.append(F.linear(F.silu(F.linear(xe, wg[e])) * F.linear(xe, wu[e]), wd[e]))
         if not outs:
-            return x_sorted.new_zeros(x_sorted.shape)
+            # No rows: still run one expert on the empty batch, so that the weights (and, under
+            # expert parallelism, the all-to-all around this call) stay in the autograd graph.
+            return F.linear(F.silu(F.linear(x_sorted, wg[0])) * F.linear(x_sorted, wu[0]), wd[0])
         return torch.cat(outs)
 
 

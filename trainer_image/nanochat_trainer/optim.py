@@ -1,8 +1,9 @@
 """Optimizers and the learning-rate schedule.
 
-Muon (`torch.optim.Muon`) takes the 2-D hidden matrices of the blocks; AdamW takes
-everything else: embeddings, the head, norms and gains, routers and gates, the
-DeltaNet convolution, and the stacked 3-D expert weights (torch's Muon is 2-D only).
+Muon (`torch.optim.Muon`) takes the 2-D hidden matrices of the blocks; `BatchedMuon`
+takes the stacked 3-D expert weights (E, out, in) of MoE layers, orthogonalising each
+expert's matrix on its own (torch's Muon is 2-D only); AdamW takes everything else:
+embeddings, the head, norms and gains, routers and gates, the DeltaNet convolution.
 
     opts = build_optimizers(model, cfg.optimizer)
     for step in ...: set_lr(opts, lr_multiplier(step, cfg.steps, cfg.schedule))
@@ -26,10 +27,94 @@ def uses_muon(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and name.startswith("layers.") and not any(n in name for n in ADAMW_NAMES)
 
 
+def uses_batched_muon(name: str, p: torch.Tensor) -> bool:
+    """The stacked routed-expert weights (moe.StackedLinear): one hidden matrix per expert."""
+    return p.ndim == 3 and name.startswith("layers.") and ".experts." in name
+
+
+def _newton_schulz_batched(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int,
+                           eps: float) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz (bf16, same coefficients and normalisation) on
+    each (..., m, n) matrix of a batch independently."""
+    a, b, c = coeffs
+    x = g.to(dtype=torch.bfloat16, copy=True)
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    # Per-matrix Frobenius norm, as torch's Muon divides each 2-D matrix by its own.
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x.mT if tall else x
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    """Muon for stacks of matrices: a (E, m, n) parameter is E independent (m, n) matrices.
+
+    Per matrix it is exactly `torch.optim.Muon` (same defaults): momentum buffer
+    B = lerp(B, g, 1 - momentum), Nesterov update lerp(g, B, momentum), 5 quintic
+    Newton-Schulz steps in bf16 after dividing by the matrix's Frobenius norm, decoupled
+    weight decay, lr scaled by `adjust_lr_fn` of the matrix shape (m, n). The E
+    orthogonalisations run as batched matmuls. 2-D parameters are accepted as a batch of 1.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None):
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw", "spectral_unclamped"):
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not supported")
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
+                    "adjust_lr_fn": adjust_lr_fn}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"BatchedMuon takes 2-D or 3-D parameters, not {tuple(p.shape)}")
+
+    @staticmethod
+    def _adjust_lr(lr: float, fn: str | None, rows: int, cols: int) -> float:
+        if fn is None or fn == "original":
+            return lr * math.sqrt(max(1, rows / cols))
+        if fn == "match_rms_adamw":
+            return lr * 0.2 * math.sqrt(max(rows, cols))
+        return lr * math.sqrt(rows / cols)  # spectral_unclamped
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - mom)
+                update = grad.lerp(buf, mom) if group["nesterov"] else buf
+                squeeze = update.ndim == 2
+                update = _newton_schulz_batched(update.unsqueeze(0) if squeeze else update,
+                                                group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if squeeze:
+                    update = update.squeeze(0)
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], p.shape[-2], p.shape[-1]))
+        return loss
+
+
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim.Optimizer]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in named if cfg.name == "muon" and uses_muon(n, p)]
-    matrix_ids = {id(p) for p in matrices}
+    stacks = [p for n, p in named if cfg.name == "muon" and uses_batched_muon(n, p)]
+    matrix_ids = {id(p) for p in matrices + stacks}
     rest = [p for _, p in named if id(p) not in matrix_ids]
     adam_groups = [{"params": rest, "lr": cfg.adam_lr}]
     if cfg.name == "adamw":
@@ -43,6 +128,10 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
         # "original" scales the update by sqrt(max(1, rows/cols)), Keller Jordan's Muon, for which lr 0.02 is tuned.
         opts.append(torch.optim.Muon(matrices, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                      weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+    if stacks:
+        # Expert weights: the same Muon per expert matrix (lr scaled by that matrix's shape).
+        opts.append(BatchedMuon(stacks, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                                weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

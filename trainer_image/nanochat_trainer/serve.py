@@ -7,7 +7,8 @@ Routes: POST /v1/completions, POST /v1/chat/completions (both with `"stream": tr
 server-sent events), GET /v1/models, /health, /metrics (Prometheus).
 `logprobs: k` returns vLLM's shape (tokens, token_logprobs, top_logprobs, text_offset);
 `echo: true` prepends the prompt, and with `max_tokens: 0` returns only the prompt's
-token logprobs (first token None), which distillation uses. `prompt` may also be token ids
+token logprobs (first token None), which distillation uses; such a prompt longer than the
+model's context is refused (400) rather than scored in part. `prompt` may also be token ids
 (a list of ints, or a list of such lists), and `return_tokens_as_token_ids: true` (vLLM's
 flag) keys tokens and top_logprobs as "token_id:N" instead of decoded text. Requests are serialized
 through one lock and run in a worker thread. Streaming sends the finished generation as
@@ -149,6 +150,14 @@ class ModelServer:
             lp = None if lp is None or lp is False else int(lp)
             echo = bool(body.get("echo", False))
             as_ids = bool(body.get("return_tokens_as_token_ids", False))
+            if echo and lp is not None:
+                # Prompt logprobs are computed in one forward pass: a longer prompt would come back
+                # with its logprobs shifted against its tokens, so refuse it (as vLLM does).
+                for x in prompts:
+                    n = len(x) if isinstance(x, list) else len(self.tok.encode(x))
+                    if n > self.model.cfg.max_seq_len:
+                        raise ValueError(f"prompt of {n} tokens exceeds the model's context of "
+                                         f"{self.model.cfg.max_seq_len} tokens (echo with logprobs)")
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             self.metrics.requests.labels("completions", "400").inc()
             return _bad(str(exc))

@@ -54,10 +54,13 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int) -> torch.nn.Module:
-    """Parallelism and compilation, applied in torchtitan's order: shard, then compile."""
+def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int, ep=None) -> torch.nn.Module:
+    """Parallelism and compilation, applied in torchtitan's order: shard, then compile.
+    `ep`: the expert-parallel layout; its experts are left out of DDP's gradient averaging
+    (each rank holds different experts) and reduced by expert_parallel instead."""
     n_params = count_params(cfg.model)["total"]
-    use_fsdp = world > 1 and (cfg.parallel == "fsdp" or (cfg.parallel == "auto" and n_params >= FSDP_FROM_PARAMS))
+    use_fsdp = ep is None and world > 1 and (
+        cfg.parallel == "fsdp" or (cfg.parallel == "auto" and n_params >= FSDP_FROM_PARAMS))
     if use_fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -69,6 +72,10 @@ def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int)
     if world > 1 and not use_fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
+        if ep is not None:
+            from .expert_parallel import ddp_ignore_experts
+
+            ddp_ignore_experts(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
 
@@ -108,35 +115,43 @@ def _init_weights_from(model: GPT, source: str) -> None:
         load_state_into(model, resolve_model_dir(path))
 
 
-IMPLEMENTED_DISTILL_METHODS = ("topk_logprobs",)
 PREFETCH_DEPTH = 4  # micro-batches whose teacher answers are fetched ahead
 
 
-def check_distill(cfg: TrainerConfig) -> None:
-    if cfg.stage == "distill" and cfg.distill is not None and cfg.distill.method not in IMPLEMENTED_DISTILL_METHODS:
-        raise NotImplementedError(
-            f"distill.method={cfg.distill.method!r} is not implemented yet; "
-            f"use one of {list(IMPLEMENTED_DISTILL_METHODS)} (a teacher sharing the student's tokenizer)")
-
-
-def _distill_setup(cfg: TrainerConfig, run_dir: Path, loader, tokenizer, limit: int):
+def _distill_setup(cfg: TrainerConfig, run_dir: Path, loader, tokenizer, limit: int, rank: int, world: int,
+                   device: torch.device, state: dict | None):
+    """The micro-batch source of stage distill: a prefetcher (topk_logprobs, cross_tokenizer) or
+    the sequence-level feed. `state`: the checkpoint's train_state (for the feed's position)."""
     from .distill import AsyncTeacher
-    from .distill.runner import TeacherPrefetcher
 
     teacher = AsyncTeacher.from_config(cfg.distill.teacher, cache_dir=run_dir / "teacher-cache")
-    return TeacherPrefetcher(teacher, loader, cfg.distill.top_k, cfg.model.vocab_size,
-                             depth=PREFETCH_DEPTH, limit=limit, tokenizer=tokenizer)
+    method = cfg.distill.method
+    if method == "topk_logprobs":
+        from .distill.runner import TeacherPrefetcher
+
+        return TeacherPrefetcher(teacher, loader, cfg.distill.top_k, cfg.model.vocab_size,
+                                 depth=PREFETCH_DEPTH, limit=limit, tokenizer=tokenizer)
+    if method == "cross_tokenizer":
+        from .distill.align import CrossTokenizerPrefetcher
+
+        return CrossTokenizerPrefetcher(teacher, loader, cfg.distill.top_k, tokenizer, depth=PREFETCH_DEPTH,
+                                        limit=limit)
+    from .distill.sequence import SequenceFeed
+
+    saved = SequenceFeed.rank_state((state or {}).get("distill"), rank, world)
+    return SequenceFeed(teacher, cfg, loader, tokenizer, rank, world, device, state=saved, limit=limit)
 
 
 def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) training; returns the last step's record. Rank 0 writes all files.
 
-    stage "distill" (method topk_logprobs): loss = mixed_loss(CE, top-k KL to the teacher, alpha);
-    the teacher's answers for the next micro-batches are prefetched in a background thread. A step
-    whose teacher request failed (after retries) trains on CE alone when
-    distill.continue_without_teacher (counted as teacher_skipped), else the run stops.
+    stage "distill": method topk_logprobs (shared tokenizer) and cross_tokenizer: loss =
+    mixed_loss(CE, top-k KL to the teacher, alpha), the teacher's answers for the next micro-batches
+    prefetched in a background thread; a micro-batch whose teacher request failed (after retries)
+    trains on CE alone when distill.continue_without_teacher (counted as teacher_skipped), else
+    the run stops. Method sequence: CE on micro-batches whose rows are (in part) teacher
+    completions, produced in a background thread (distill/sequence.py).
     """
-    check_distill(cfg)
     rank, world, device = setup_distributed(cfg.device)
     run_dir = Path(cfg.checkpoint.dir)
     is_main = rank == 0
@@ -160,13 +175,16 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
         apply_ternary(model, cfg.ternary)
     model.to(device)
-    wrapped = wrap_model(model, cfg, device, world)
+    from .expert_parallel import full_experts, setup_expert_parallel, shard_full_state
+
+    ep = setup_expert_parallel(model, cfg, world, rank)  # None unless expert_parallel > 1
+    wrapped = wrap_model(model, cfg, device, world, ep)
     opts = build_optimizers(model, cfg.optimizer)
 
     from .data.loader import TokenLoader
 
     loader = TokenLoader(cfg, tokenizer, rank, world, device)
-    start = 0
+    start, state = 0, None
     if resume_from is not None:
         state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
         from safetensors.torch import load_file
@@ -174,6 +192,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
         msd = load_file(str(resume_from / "model.safetensors"))
         if cfg.model.tie_embeddings:
             msd["lm_head.weight"] = msd["embed_tokens.weight"]
+        shard_full_state(model, msd, state["optimizers"], ep)
         _load_full_state(model, opts, msd, state["optimizers"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -200,57 +219,89 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
     prefetch = None
     if cfg.stage == "distill":
-        prefetch = _distill_setup(cfg, run_dir, loader, tokenizer,
-                                  limit=max(0, cfg.steps - start) * cfg.grad_accum)
+        prefetch = _distill_setup(cfg, run_dir, loader, tokenizer, max(0, cfg.steps - start) * cfg.grad_accum,
+                                  rank, world, device, state)
     try:
         record = _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, device, autocast,
-                       metrics, progress, ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch)
+                       metrics, progress, ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep)
     finally:
         if prefetch is not None:
             prefetch.close()
-    if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
-        save_weights(run_dir / "final", model, cfg, tokenizer)
-        if cfg.stage == "ternary":
-            from .ternary_pack import save_packed
+    with full_experts(model, ep):  # collective under expert parallelism: every rank enters
+        if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
+            save_weights(run_dir / "final", model, cfg, tokenizer)
+            if cfg.stage == "ternary":
+                from .ternary_pack import save_packed
 
-            save_packed(model, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
-                        dtype=torch.bfloat16)
+                save_packed(model, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
+                            dtype=torch.bfloat16)
     _barrier(world)
     return record
 
 
 def _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats: dict) -> torch.Tensor:
-    """The micro-batch's loss: CE, or for distill mixed_loss(CE, top-k KL) (CE only on a skipped step)."""
-    if prefetch is None:
+    """The micro-batch's loss: CE, or for topk_logprobs / cross_tokenizer mixed_loss(CE, top-k KL)
+    (CE only on a skipped micro-batch). Sequence-level rows are trained on with CE: fut is None."""
+    if prefetch is None or fut is None:
         return wrapped(x, y)
     import torch.nn.functional as F
 
     from .distill import TeacherError, mixed_loss, topk_kl_loss
+    from .distill.teacher import FATAL_STATUS
 
     try:
         t_ids, t_lps, mask = prefetch.result(fut, x)
     except TeacherError as exc:
+        if exc.status in FATAL_STATUS:
+            raise TeacherError(f"distillation teacher {cfg.distill.teacher.url} refuses requests (HTTP "
+                               f"{exc.status}): check distill.teacher.url, .model and the API key: {exc}",
+                               status=exc.status) from exc
         if not cfg.distill.continue_without_teacher:
             raise TeacherError(f"distillation teacher {cfg.distill.teacher.url} failed and "
                                f"distill.continue_without_teacher is false: {exc}") from exc
         stats["teacher_skipped"] += 1
         stats["last_teacher_error"] = str(exc)[:300]
         return wrapped(x, y)
+    mask = mask & (y != -1)
+    if cfg.distill.method == "cross_tokenizer" and mask.float().mean().item() < cfg.distill.min_aligned_fraction:
+        stats["unaligned_skipped"] += 1  # too few positions to distil on: the LM loss alone
+        return wrapped(x, y)
     logits = wrapped(x)
     ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1) + model.aux_loss()
-    mask = mask & (y != -1)
     kd = topk_kl_loss(logits, t_ids, t_lps, mask, cfg.distill.temperature)
     stats["kd_sum"] += kd.detach()
     stats["kd_n"] += 1
     return mixed_loss(ce, kd, cfg.distill.alpha)
 
 
+def _distill_record(cfg, prefetch, stats: dict) -> dict:
+    """Teacher figures for the step record (log.jsonl)."""
+    t = prefetch.teacher.stats()
+    rec: dict = {"teacher": {k: t[k] for k in ("requests", "cache_hits", "errors", "retries")}}
+    rec["teacher"]["latency_s"] = round(t["latency_s"], 3)
+    if cfg.distill.method == "sequence":
+        seq = prefetch.stats()
+        rec["teacher_skipped"] = prefetch.skipped_rows  # rows of plain data where teacher rows were due
+        rec["sequences"] = seq
+        if prefetch.producer.last_error:
+            rec["teacher_error"] = prefetch.producer.last_error
+        return rec
+    rec["kd_loss"] = (stats["kd_sum"] / stats["kd_n"]).item() if stats["kd_n"] else None
+    rec["teacher_skipped"] = stats["teacher_skipped"]
+    if cfg.distill.method == "cross_tokenizer":
+        rec["alignment"] = {**prefetch.stats(), "unaligned_skipped": stats["unaligned_skipped"]}
+    if stats["last_teacher_error"]:
+        rec["teacher_error"] = stats["last_teacher_error"]
+    return rec
+
+
 def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, device, autocast, metrics, progress,
-          ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch) -> dict:
+          ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep=None) -> dict:
     from .data.loader import merge_states
+    from .expert_parallel import clip_grad_norm_, reduce_expert_grads
     from .moe import update_moe_biases
 
-    stats: dict = {"teacher_skipped": 0, "last_teacher_error": None}
+    stats: dict = {"teacher_skipped": 0, "unaligned_skipped": 0, "last_teacher_error": None}
     record: dict = {"step": start}
     wrapped.train()
     for step in range(start, cfg.steps):
@@ -271,8 +322,9 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
                 loss = _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf"))
+        if ep is not None:
+            reduce_expert_grads(model, ep)  # DDP averaged the dense weights only
+        grad_norm = clip_grad_norm_(model, cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf"), ep)
         for opt in opts:
             opt.step()
         for opt in opts:
@@ -287,11 +339,13 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
                   "grad_norm": float(grad_norm), "tokens_per_second": tps, "step_time": dt,
                   "mfu": (tps * flops_tok / (peak * world)) if peak else None}
         if prefetch is not None:
-            record["kd_loss"] = (stats["kd_sum"] / stats["kd_n"]).item() if stats["kd_n"] else None
-            record["teacher_skipped"] = stats["teacher_skipped"]
-            record["teacher"] = {k: prefetch.teacher.stats()[k] for k in ("requests", "cache_hits", "errors", "retries")}
-            if stats["last_teacher_error"]:
-                record["teacher_error"] = stats["last_teacher_error"]
+            skipped_before = record.get("teacher_skipped", 0) if step > start else 0
+            record.update(_distill_record(cfg, prefetch, stats))
+            t = record["teacher"]
+            metrics.set(teacher_up=0 if record["teacher_skipped"] > skipped_before else 1,
+                        teacher_requests=t["requests"], teacher_cache_hits=t["cache_hits"],
+                        teacher_errors=t["errors"], teacher_latency_seconds=t["latency_s"],
+                        teacher_skipped=record["teacher_skipped"])
         metrics.set(step=done, loss=record["loss"], tokens_per_second=tps, learning_rate=record["lr"],
                     grad_norm=record["grad_norm"], mfu=record["mfu"])
         if is_main and (done % cfg.metrics.log_every == 0 or done == cfg.steps or step == start):
@@ -300,25 +354,35 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
             progress(record)
         if done % cfg.checkpoint.every == 0 or done == cfg.steps:
             lstate = prefetch.resume_state() if prefetch is not None else None
+            dstate = prefetch.state_dict() if hasattr(prefetch, "state_dict") else None
             _checkpoint(cfg, run_dir, done, model, opts, loader, tokenizer, world, is_main, device, merge_states,
-                        lstate)
+                        lstate, dstate, ep)
             metrics.set(checkpoint_step=done)
     return record
 
 
 def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_main, device, merge_states,
-                loader_state=None) -> None:
-    """`loader_state`: this rank's loader state to save when batches were prefetched past it."""
+                loader_state=None, distill_state=None, ep=None) -> None:
+    """`loader_state`: this rank's loader state to save when batches were prefetched past it;
+    `distill_state`: this rank's position in the teacher-sequence stream (method sequence)."""
     msd, osds = _full_state(model, opts)
+    if ep is not None:
+        from .expert_parallel import gather_full_state
+
+        gather_full_state(model, opts, msd, osds, ep)  # collective: every rank, even with empty dicts
     mine = loader_state if loader_state is not None else loader.state_dict()
-    loader_states = [None] * world
+    loader_states, distill_states = [None] * world, [None] * world
     if world > 1:
         dist.all_gather_object(loader_states, mine)
+        if distill_state is not None:
+            dist.all_gather_object(distill_states, distill_state)
     else:
-        loader_states = [mine]
+        loader_states, distill_states = [mine], [distill_state]
     if is_main:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         state = {"step": step, "optimizers": osds, "loader": merge_states(loader_states), "rng": rng}
+        if distill_state is not None:
+            state["distill"] = distill_states
         save_checkpoint(run_dir, step, msd, state, cfg, tokenizer, cfg.checkpoint.keep)
     _barrier(world)
 

@@ -99,9 +99,12 @@ class TokenLoader:
 
     # ------------------------------------------------------------------ batches
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next `n` rows (default batch_size); n calls of next_batch(1) give the same rows
+        as one next_batch(n), so a caller may take part of a batch from elsewhere (sequence-level
+        distillation fills the rest of its micro-batches from here)."""
         rows = []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size if n is None else n):
             g = self.rank + self.world * self.rows
             rows.append(self._row(g % self.lanes))
             self.rows += 1

@@ -5,13 +5,22 @@
     ids, lps, mask = topk_tensors(entries[0], token_id_map(tok), k=20)
     loss = mixed_loss(ce, topk_kl_loss(logits, ids[None], lps[None], mask[None], 1.0), alpha=0.5)
 
-In training (stage "distill", method topk_logprobs) train.py uses `runner.TeacherPrefetcher`:
-token-id prompts, id-keyed answers (return_tokens_as_token_ids), fetched ahead of the step.
+In training (stage "distill") train.py picks the micro-batch source by `distill.method`:
+
+- sequence (`sequence.SequenceFeed`, Kim & Rush 2016): the teacher completes prompts cut from
+  the data, a quality filter (parses; passes the prompt's tests in the sandbox) keeps the good
+  ones, and the student trains on them with the LM loss.
+- topk_logprobs (`runner.TeacherPrefetcher`, Hinton et al. 2015 on the teacher's top-k): token-id
+  prompts, id-keyed answers (return_tokens_as_token_ids), fetched ahead of the step; the teacher
+  must share the student's tokenizer.
+- cross_tokenizer (`align.CrossTokenizerPrefetcher`): text prompts; teacher and student tokens
+  aligned by character offsets, teacher top-k texts mapped into the student's vocabulary
+  (exact-match MinED, Wan et al. 2024), KL at the aligned positions.
 """
 
 from .losses import mixed_loss, topk_kl_loss
 from .runner import TeacherPrefetcher
-from .teacher import AsyncTeacher, TeacherError, token_id_map, topk_tensors
+from .teacher import AsyncTeacher, TeacherError, TeacherUnavailable, token_id_map, topk_tensors
 
-__all__ = ["AsyncTeacher", "TeacherError", "TeacherPrefetcher", "mixed_loss", "token_id_map", "topk_kl_loss",
-           "topk_tensors"]
+__all__ = ["AsyncTeacher", "TeacherError", "TeacherPrefetcher", "TeacherUnavailable", "mixed_loss", "token_id_map",
+           "topk_kl_loss", "topk_tensors"]

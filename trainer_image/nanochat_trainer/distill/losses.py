@@ -12,6 +12,11 @@ With temperature T != 1 the teacher's (k+1)-way distribution is softened as
 softmax(log p / T) (the rest bucket treated as one token, an approximation since its members'
 individual logprobs are unknown) and the loss is scaled by T^2 (Hinton et al.), so its gradients
 keep their size across temperatures. The KL is averaged over positions where mask is True.
+
+A slot whose teacher logprob is -inf is empty: it is left out on both sides, so the teacher's
+probability missing from the remaining slots is rest mass, and the student's rest is everything
+but the remaining ids. The cross-tokenizer method uses this for teacher tokens that have no
+equal in the student's vocabulary (their ids are then ignored).
 """
 
 from __future__ import annotations
@@ -44,16 +49,17 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
     mask = mask.bool()
     m3 = mask[..., None]
     # Masked positions may hold padding (-inf, junk ids): make them harmless so no NaN leaks into grads.
-    ids = torch.where(m3, teacher_topk_ids, torch.zeros_like(teacher_topk_ids)).clamp(0, v - 1)
+    slot = torch.isfinite(teacher_topk_logprobs) | ~m3  # -inf at a masked-in position: an empty slot
+    ids = torch.where(m3 & slot, teacher_topk_ids, torch.zeros_like(teacher_topk_ids)).clamp(0, v - 1)
     t_lp = torch.where(m3, teacher_topk_logprobs.float().detach(),
                        torch.full_like(teacher_topk_logprobs, -float(torch.log(torch.tensor(float(k)))),
                                        dtype=torch.float32))
-    t_lp = t_lp.clamp(max=0.0)
+    t_lp = torch.where(slot, t_lp, torch.zeros_like(t_lp)).clamp(max=0.0)
 
     # Teacher (k+1)-way log distribution.
-    t_rest = (1.0 - t_lp.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    t_rest = (1.0 - torch.where(slot, t_lp.exp(), torch.zeros_like(t_lp)).sum(-1, keepdim=True)).clamp_min(0.0)
     t_log = torch.cat([t_lp, torch.log(t_rest.clamp_min(1e-30))], dim=-1)
-    t_zero = torch.cat([torch.zeros_like(t_lp, dtype=torch.bool), t_rest <= 0], dim=-1)
+    t_zero = torch.cat([~slot, t_rest <= 0], dim=-1)
     t_log = t_log.masked_fill(t_zero, -float("inf"))
     if temperature != 1.0:
         t_log = F.log_softmax(t_log / temperature, dim=-1)
@@ -61,7 +67,8 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
 
     # Student (k+1)-way log distribution, on the same ids.
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_top = s_logp.gather(-1, ids)
+    # Empty slots: a finite, negligible logprob (not -inf, whose logsumexp gradient is NaN).
+    s_top = s_logp.gather(-1, ids).masked_fill(~slot, -1e4)
     s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
     s_log = torch.cat([s_top, s_rest], dim=-1)
 

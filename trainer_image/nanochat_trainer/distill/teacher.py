@@ -2,6 +2,7 @@
 
     teacher = AsyncTeacher("http://teacher:8000/v1", "qwen", cache_dir="runs/x/teacher-cache")
     data = await teacher.complete("def f(", max_tokens=32)              # raw, validated JSON
+    text, finish = await teacher.completion("def f(", 32, stop=["\ndef "])   # just the text
     top = await teacher.prompt_topk("def f(x):\n    return x\n", k=20)  # [(token, {tok: lp}|None, offset)]
     top = await teacher.prompt_topk([563, 269, 7], k=20)    # token-id prompt: exact alignment
 
@@ -12,7 +13,8 @@
 
 - At most `concurrency` requests in flight (asyncio.Semaphore).
 - Retries with exponential backoff (honouring a numeric Retry-After) on 429, 5xx, timeouts and
-  connection errors; other 4xx and bad bodies fail at once.
+  connection errors, then raises `TeacherUnavailable` (the teacher is down: try again later);
+  other 4xx (`TeacherError.status`) and bad bodies fail at once.
 - Answers are cached on disk, one JSON file per sha256 of the request (URL + body), written
   atomically (tmp + os.replace): a repeated run sends zero requests. Only validated answers are
   cached; an unreadable cache file counts as a miss and is rewritten.
@@ -36,13 +38,24 @@ import httpx
 import torch
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+FATAL_STATUS = {401, 403, 404}  # bad API key, unknown model: no later request can succeed
 
 TopkEntry = tuple[Union[str, int], Optional[dict[Union[str, int], float]], int]
 TOKEN_ID_PREFIX = "token_id:"
 
 
 class TeacherError(RuntimeError):
-    """The teacher failed, or answered something we cannot trust."""
+    """The teacher failed, or answered something we cannot trust. `status`: the HTTP status of
+    a refused request (400, 404, ...), None for bodies we could not use."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class TeacherUnavailable(TeacherError):
+    """The teacher could not be reached or stayed overloaded (connection errors, timeouts, 429,
+    5xx) through all retries: it is down for now, and the same request may succeed later."""
 
 
 class AsyncTeacher:
@@ -194,7 +207,8 @@ class AsyncTeacher:
                     except ValueError:
                         delay = 0.0
                 elif r.status_code >= 400:
-                    raise TeacherError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}")
+                    raise TeacherError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}",
+                                       status=r.status_code)
                 else:
                     try:
                         data = r.json()
@@ -203,7 +217,7 @@ class AsyncTeacher:
                     return _validate(data)
             if attempt < self.max_retries:
                 await asyncio.sleep(min(self.max_backoff, max(delay, self.backoff * 2 ** attempt)))
-        raise TeacherError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
+        raise TeacherUnavailable(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
 
     def _body(self, prompt: Union[str, list[int]], max_tokens: int, temperature: float, logprobs: Optional[int], echo: bool,
               **extra: Any) -> dict:
@@ -218,7 +232,20 @@ class AsyncTeacher:
         """POST one completion; returns the parsed JSON (validated: a non-empty `choices` list)."""
         return await self._post(self._body(prompt, max_tokens, temperature, logprobs, echo, **extra))
 
-    async def prompt_topk(self, prompt: Union[str, list[int]], k: int, token_ids: bool = True) -> list[TopkEntry]:
+    async def completion(self, prompt: str, max_tokens: int, temperature: float = 0.0,
+                         stop: Optional[list[str]] = None, seed: Optional[int] = None) -> tuple[str, Optional[str]]:
+        """The text the teacher appends to `prompt`, and its finish_reason. A seed is sent when
+        sampling (temperature > 0), so the answer, and its cache key, are reproducible."""
+        extra: dict[str, Any] = {}
+        if stop:
+            extra["stop"] = list(stop)
+        if temperature > 0 and seed is not None:
+            extra["seed"] = int(seed)
+        body = self._body(prompt, max_tokens, temperature, None, False, **extra)
+        return await self._post(body, lambda data: parse_completion(data, where=self.url))
+
+    async def prompt_topk(self, prompt: Union[str, list[int]], k: int, token_ids: bool = True,
+                          strict: bool = True) -> list[TopkEntry]:
         """The teacher's top-k next-token logprobs at every prompt position (echo, max_tokens=0).
 
         `prompt` is text, or a list of token ids (the teacher must share the tokenizer; the echoed
@@ -226,7 +253,10 @@ class AsyncTeacher:
         teacher's tokenization; `top` is the distribution that predicted token i ({token: logprob},
         at least k entries; vLLM may add the actual token as a k+1-th), None for the first token.
         Tokens and keys are ints where the server honours `return_tokens_as_token_ids` (asked
-        for unless token_ids=False), else decoded text.
+        for unless token_ids=False), else decoded text. `strict=False` (text prompts, text tokens:
+        cross-tokenizer use) accepts echoed tokens that do not spell the prompt exactly (a
+        byte-level token holding half a UTF-8 character decodes to U+FFFD); the caller then
+        checks each token against the prompt at its text_offset.
         """
         if k < 1:
             raise ValueError("k must be >= 1")
@@ -236,7 +266,7 @@ class AsyncTeacher:
                 raise ValueError("empty token-id prompt")
         extra = {"return_tokens_as_token_ids": True} if token_ids else {}
         body = self._body(prompt, max_tokens=0, temperature=0.0, logprobs=k, echo=True, **extra)
-        return await self._post(body, lambda data: parse_prompt_topk(data, prompt, k, where=self.url))
+        return await self._post(body, lambda data: parse_prompt_topk(data, prompt, k, where=self.url, strict=strict))
 
 
 def _validate(data: Any) -> dict:
@@ -263,7 +293,17 @@ def _token_key(t: Any) -> Union[str, int]:
     return t
 
 
-def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: str = "teacher") -> list[TopkEntry]:
+def parse_completion(data: dict, where: str = "teacher") -> tuple[str, Optional[str]]:
+    """(text, finish_reason) of the first choice of a plain completion."""
+    choice = data["choices"][0]
+    text, finish = choice.get("text"), choice.get("finish_reason")
+    if not isinstance(text, str) or not (finish is None or isinstance(finish, str)):
+        raise TeacherError(f"{where}: completion without text: {str(choice)[:200]}")
+    return text, finish
+
+
+def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: str = "teacher",
+                      strict: bool = True) -> list[TopkEntry]:
     """Check and unpack an echo+logprobs answer (vLLM's shape) into per-token entries."""
     try:
         lp = data["choices"][0]["logprobs"]
@@ -304,8 +344,10 @@ def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: 
             raise TeacherError(f"{where}: echoed tokens are not the prompt's token ids "
                                "(does the server return token ids, and share the tokenizer?)")
     elif all(isinstance(t, str) for t in toks):
-        if "".join(toks) != prompt:
+        if strict and "".join(toks) != prompt:
             raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
+        if any(b < a for (_, _, a), (_, _, b) in zip(out, out[1:])):
+            raise TeacherError(f"{where}: text_offset values decrease")
     elif not all(isinstance(t, int) for t in toks) or data["choices"][0].get("text", prompt) != prompt:
         raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
     return out

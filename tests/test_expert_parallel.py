@@ -1,0 +1,324 @@
+"""Expert parallelism on 2 gloo processes against one process on the same global batch.
+
+    .venv/bin/pytest tests/test_expert_parallel.py -q
+
+One spawn of 2 ranks (EP=2) runs every distributed check and saves what it saw; the tests
+compare that with single-process runs here:
+* an MoE block (8 experts, top-2, dim 32, shared expert): outputs, input gradients, each
+  rank's expert-slice gradients against the matching slice, dense gradients summed over
+  ranks, for the loop and the grouped-mm expert kernels;
+* two optimizer steps (Muon + BatchedMuon + AdamW, gradient clipping) of a 2-layer
+  tiny-moe model under DDP with the experts left out of DDP: losses, gradient norms, all
+  weights, and the optimizer state gathered back to full size.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nanochat_trainer.config import MoEConfig, TrainerConfig
+from nanochat_trainer.model import GPT
+from nanochat_trainer.moe import MoE, update_moe_biases
+from nanochat_trainer.optim import BatchedMuon, build_optimizers
+
+WORLD = 2
+IMPLS = ["loop"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
+ATOL = 1e-5
+
+
+def _moe() -> MoE:
+    torch.manual_seed(0)
+    cfg = MoEConfig(n_experts=8, top_k=2, expert_ffn_dim=24, n_shared_experts=1, shared_expert_ffn_dim=16,
+                    aux_loss_weight=0.1, z_loss_weight=0.01)
+    return MoE(32, cfg).train()
+
+
+def _moe_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2 * WORLD, 5, 32, generator=gen), torch.randn(2 * WORLD, 5, 32, generator=gen)
+
+
+CASES = IMPLS + ["starved"]  # starved: every token goes to rank 0's experts, rank 1's get no rows
+
+
+def _case(m: MoE, case: str, x: torch.Tensor) -> torch.Tensor:
+    m.impl = "loop" if case == "starved" else case
+    if case == "starved":
+        with torch.no_grad():
+            m.router.weight[: m.n_experts // WORLD, 0] = 4.0
+        x = x.clone()
+        x[..., 0] = 4.0
+    return x
+
+
+def _moe_loss(m: MoE, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = m(x)
+    return y, (y * g).sum() + m.last_aux_loss
+
+
+def _train_cfg() -> TrainerConfig:
+    cfg = TrainerConfig(preset="tiny-moe", expert_parallel=WORLD, parallel="ddp")
+    model = cfg.model.model_copy(update={"n_layers": 2, "vocab_size": 64, "dim": 64, "n_heads": 4,
+                                         "moe": cfg.model.moe.model_copy(update={"expert_ffn_dim": 32,
+                                                                                 "shared_expert_ffn_dim": 32})})
+    # A small clip so the EP-aware norm decides the step.
+    return cfg.model_copy(update={"model": model, "optimizer": cfg.optimizer.model_copy(update={"grad_clip": 0.05})})
+
+
+def _batches(steps: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 64, (2 * WORLD, 17), generator=gen)
+        out.append((ids[:, :-1], ids[:, 1:]))
+    return out
+
+
+def _init_model(cfg: TrainerConfig) -> GPT:
+    model = GPT(cfg.model)
+    model.init_weights(seed=0)
+    with torch.no_grad():  # move the zero-initialised output projections off zero
+        gen = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+# ----------------------------------------------------------------- the two ranks
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nanochat_trainer.expert_parallel import (clip_grad_norm_, ddp_ignore_experts, full_experts,
+                                                  gather_full_state, reduce_expert_grads, setup_expert_parallel,
+                                                  shard_experts, shard_full_state)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    res: dict = {}
+    rows = slice(2 * rank, 2 * rank + 2)
+
+    # 1. One MoE block.
+    group = dist.new_group(list(range(WORLD)))
+    x_all, g_all = _moe_inputs()
+    for case in CASES:
+        m = _moe()
+        shard_experts(m, group)
+        x = _case(m, case, x_all[rows]).requires_grad_()
+        y, loss = _moe_loss(m, x, g_all[rows])
+        loss.backward()
+        res[case] = {"y": y.detach(), "x_grad": x.grad, "load": m.last_expert_load,
+                     "grads": {n: p.grad.clone() for n, p in m.named_parameters()}}
+
+    # 2. Training steps of a tiny-moe model, wired as train.py does.
+    cfg = _train_cfg()
+    model = _init_model(cfg)
+    ep = setup_expert_parallel(model, cfg, WORLD, rank)
+    ignored = ddp_ignore_experts(model)
+    wrapped = DistributedDataParallel(model)
+    opts = build_optimizers(model, cfg.optimizer)
+    losses, norms, grads, after_one = [], [], None, None
+    for step, (x, y) in enumerate(_batches()):
+        loss = wrapped(x[rows], y[rows])
+        loss.backward()
+        reduce_expert_grads(model, ep)
+        norms.append(float(clip_grad_norm_(model, cfg.optimizer.grad_clip, ep)))
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for opt in opts:
+            opt.step()
+        if step == 0:
+            after_one = {k: v.clone() for k, v in model.state_dict().items()}
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        update_moe_biases(model)
+        loss = loss.detach()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        losses.append(float(loss))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = {k: v.clone() for k, v in model.state_dict().items()}
+    osds = [get_optimizer_state_dict(model, opt, options=options) for opt in opts]
+    local_msd = {k: v.clone() for k, v in msd.items()}
+    gather_full_state(model, opts, msd, osds, ep)  # rank 1's osds are empty (cpu_offload): still collective
+    res["train"] = {"losses": losses, "norms": norms, "ignored": ignored, "msd": dict(msd), "local_msd": local_msd,
+                    "grads": grads, "after_one": after_one}
+    if rank == 0:
+        res["train"]["osd_experts"] = {k: v["momentum_buffer"] for k, v in osds[-1]["state"].items()}
+    shard_full_state(model, msd, osds, ep)
+    res["train"]["reshard_ok"] = all(torch.equal(msd[k], local_msd[k]) for k in msd)
+    with full_experts(model, ep):
+        held = {k: v.clone() for k, v in model.state_dict().items()}
+    res["train"]["full_experts_ok"] = all(torch.equal(held[k], res["train"]["msd"][k]) for k in held) and all(
+        torch.equal(v, local_msd[k]) for k, v in model.state_dict().items())  # and the slices are back
+    torch.save(res, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ep")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 150
+    while not ctx.join(timeout=5):  # raises with the worker's traceback if one failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("expert-parallel workers did not finish in 150 s (a collective hung?)")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# ----------------------------------------------------------------- checks
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("impl", CASES)
+def test_moe_block_forward_and_backward_match_one_process(ranks, impl):
+    m = _moe()
+    x_all, g_all = _moe_inputs()
+    x_all = _case(m, impl, x_all)
+    ref = []
+    for r in range(WORLD):
+        x = x_all[2 * r:2 * r + 2].clone().requires_grad_()
+        y, loss = _moe_loss(m, x, g_all[2 * r:2 * r + 2])
+        loss.backward()  # grads accumulate over the ranks' batches, as the EP ranks' sums should
+        ref.append((y.detach(), x.grad, m.last_expert_load))
+    per = m.n_experts // WORLD
+    diffs = {}
+    for r, res in enumerate(ranks):
+        got = res[impl]
+        y, x_grad, load = ref[r]
+        torch.testing.assert_close(got["y"], y, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(got["x_grad"], x_grad, atol=ATOL, rtol=ATOL)
+        assert torch.equal(got["load"], load)  # routing is local: all E experts counted
+        diffs[f"y{r}"], diffs[f"x_grad{r}"] = _max_diff(got["y"], y), _max_diff(got["x_grad"], x_grad)
+    for name, p in m.named_parameters():
+        if name.startswith("experts."):
+            for r, res in enumerate(ranks):
+                mine = res[impl]["grads"][name]
+                assert mine.shape[0] == per
+                torch.testing.assert_close(mine, p.grad[r * per:(r + 1) * per], atol=ATOL, rtol=ATOL)
+                diffs[name] = max(diffs.get(name, 0.0), _max_diff(mine, p.grad[r * per:(r + 1) * per]))
+        else:
+            summed = sum(res[impl]["grads"][name] for res in ranks)
+            torch.testing.assert_close(summed, p.grad, atol=ATOL, rtol=ATOL)
+            diffs[name] = _max_diff(summed, p.grad)
+    if impl == "starved":
+        assert int(ref[0][2][per:].sum()) == 0 and int(ref[1][2][per:].sum()) == 0
+        assert float(ranks[1][impl]["grads"]["experts.down_proj.weight"].abs().max()) == 0.0
+    print(f"\n{impl}: max abs diff EP vs 1 process: {max(diffs.values()):.2e}")
+
+
+def _assert_weights(got: dict, want: dict, r: int, per: int, atol: float, mean_atol: float) -> float:
+    """Full-size (gathered) or local expert slices; returns the largest difference."""
+    worst = 0.0
+    for k, v in want.items():
+        mine = got[k]
+        if mine.shape != v.shape:  # this rank's expert slice
+            v = v[r * per:(r + 1) * per]
+        d = (mine - v).abs()
+        assert float(d.max()) <= atol and float(d.mean()) <= mean_atol, (k, float(d.max()), float(d.mean()))
+        worst = max(worst, float(d.max()))
+    return worst
+
+
+def test_training_steps_match_one_process(ranks):
+    cfg = _train_cfg()
+    model = _init_model(cfg)
+    opts = build_optimizers(model, cfg.optimizer)
+    assert any(isinstance(o, BatchedMuon) for o in opts)
+    losses, norms = [], []
+    for step, (x, y) in enumerate(_batches()):
+        total = 0.0
+        for r in range(WORLD):  # the global batch, loss averaged over the ranks' halves as DDP does
+            loss = model(x[2 * r:2 * r + 2], y[2 * r:2 * r + 2]) / WORLD
+            loss.backward()
+            total += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)))
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        for opt in opts:
+            opt.step()
+        if step == 0:
+            after_one = {k: v.clone() for k, v in model.state_dict().items()}
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    assert norms[0] > cfg.optimizer.grad_clip  # the clip acted, so the EP-wide norm mattered
+    per = cfg.model.moe.n_experts // WORLD
+    figures = {"grad": 0.0, "step1": 0.0, "step2": 0.0}
+    for r, res in enumerate(ranks):
+        t = res["train"]
+        assert t["reshard_ok"] and t["full_experts_ok"]
+        assert len(t["ignored"]) == 3 * cfg.model.n_layers and all(".experts." in n for n in t["ignored"])
+        torch.testing.assert_close(torch.tensor(t["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(t["norms"]), torch.tensor(norms), atol=1e-5, rtol=1e-5)
+        # The gradients each optimizer sees (DDP-averaged dense, reduced expert slices, clipped).
+        figures["grad"] = max(figures["grad"], _assert_weights(t["grads"], grads, r, per, 1e-6, 1e-7))
+        # Weights: Muon orthogonalises in bf16, and one bf16 rounding flip in its input (the
+        # gradients agree to 2e-7 relative) moves its output by up to ~1e-2 (measured on torch's
+        # own Muon), so the weights after the steps agree to lr * 5e-2 at worst, much better on average.
+        lr = cfg.optimizer.lr
+        figures["step1"] = max(figures["step1"], _assert_weights(t["after_one"], after_one, r, per, lr * 0.05,
+                                                                 lr * 2**-8))
+        figures["step2"] = max(figures["step2"], _assert_weights(t["msd"], model.state_dict(), r, per, lr * 0.1,
+                                                                 lr * 2**-6))
+        for k in t["local_msd"]:
+            if ".experts." in k:
+                assert t["local_msd"][k].shape[0] == per and t["msd"][k].shape[0] == 2 * per
+    # Strict: the sharded step from the ranks' own gradients equals one full step from the same gradients.
+    ref = _init_model(cfg)
+    ref_opts = build_optimizers(ref, cfg.optimizer)
+    for n, p in ref.named_parameters():
+        parts = [res["train"]["grads"][n] for res in ranks]
+        p.grad = torch.cat(parts) if parts[0].shape != p.shape else parts[0].clone()
+    for opt in ref_opts:
+        opt.step()
+    sharded_step = {}
+    for r, res in enumerate(ranks):
+        sharded_step[r] = _assert_weights(res["train"]["after_one"], ref.state_dict(), r, per, 1e-6, 1e-7)
+    figures["sharded_step"] = max(sharded_step.values())
+    bm = next(o for o in opts if isinstance(o, BatchedMuon))
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved = ranks[0]["train"]["osd_experts"]  # rank 0's checkpoint view: full-size momentum buffers
+    assert len(saved) == len(bm.state) == 3 * cfg.model.n_layers
+    for p, state in bm.state.items():
+        torch.testing.assert_close(saved[names[id(p)]], state["momentum_buffer"], atol=1e-6, rtol=1e-5)
+    print(f"\nlosses 1 process {losses}, EP {ranks[0]['train']['losses']}; max abs diff: {figures}")
+
+
+def test_expert_parallel_setting_is_checked_by_name():
+    from pydantic import ValidationError
+
+    from nanochat_trainer.config import format_validation_error
+    from nanochat_trainer.expert_parallel import setup_expert_parallel
+
+    for bad, msg in [({"preset": "tiny-moe", "expert_parallel": 3}, "does not divide model.moe.n_experts=8"),
+                     ({"preset": "tiny", "expert_parallel": 2}, "needs an MoE model"),
+                     ({"preset": "tiny-moe", "expert_parallel": 0}, "greater than or equal to 1")]:
+        with pytest.raises(ValidationError) as err:
+            TrainerConfig.model_validate(bad)
+        assert "expert_parallel" in format_validation_error(err.value) and msg in format_validation_error(err.value)
+    cfg = TrainerConfig(preset="tiny-moe", expert_parallel=2)
+    model = GPT(cfg.model.model_copy(update={"n_layers": 1, "vocab_size": 64}))
+    assert setup_expert_parallel(model, cfg.model_copy(update={"expert_parallel": 1}), 1, 0) is None
+    with pytest.raises(ValueError, match="expert_parallel=2 does not divide the world size 3"):
+        setup_expert_parallel(model, cfg, 3, 0)
+    with pytest.raises(ValueError, match="expert_parallel=2 works with DDP only"):
+        setup_expert_parallel(model, cfg.model_copy(update={"parallel": "fsdp"}), 2, 0)
