@@ -127,6 +127,16 @@ _URL = re.compile(r"^(?P<pre>[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@)?)(?P<host>[^/
 _HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.-]+)(?P<rest>:\d+)$")
 
 
+_URL_IN_TEXT = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<host>[A-Za-z0-9.-]+)")
+
+
+def map_service_urls_in_text(text: str, namespace: str, services: set[str]) -> str:
+    """Cluster DNS stand-in inside config files: the host of every URL naming a Service
+    (a teacher endpoint in the trainer's config.yaml, say) becomes 127.0.0.1."""
+    return _URL_IN_TEXT.sub(lambda m: m["pre"] + (LOCAL_IP if _is_service_host(m["host"], namespace, services)
+                                                  else m["host"]), text)
+
+
 def map_service_hosts(value: str, namespace: str, services: set[str]) -> str:
     """Cluster DNS stand-in: a Service or headless-pod name (or a URL / host:port with
     one) becomes 127.0.0.1, since every pod of this node runs on this machine."""
@@ -712,14 +722,14 @@ class TestNodeAgent:
         containers = [(c, False) for c in spec.get("initContainers") or []] + [(spec["containers"][0], True)]
         dirs = self._volume_dirs(pod, run)
         mounts = [self._mounts(run, c, dirs, is_main) for c, is_main in containers]
-        self._fill_volumes(pod, dirs, mounts[-1])
+        services = {s["metadata"]["name"] for s in (self._get(self.core.list_namespaced_service, ns) or {})
+                    .get("items", [])}
+        self._fill_volumes(pod, dirs, mounts[-1], services)
         # subPaths exist once the volumes are filled (a subPath may name one of their files);
         # the last mapping of each container is its termination log, a file.
         for host in {h for ms in mounts for _, h in ms[:-1]}:
             if not os.path.exists(host):
                 os.makedirs(host, exist_ok=True)
-        services = {s["metadata"]["name"] for s in (self._get(self.core.list_namespaced_service, ns) or {})
-                    .get("items", [])}
         return [self._plan(pod, run, c, ms, services) for (c, _), ms in zip(containers, mounts)]
 
     def _mounts(self, run: _PodRun, c: dict[str, Any], dirs: dict[str, Path], main: bool) -> list[tuple[str, str]]:
@@ -751,28 +761,32 @@ class TestNodeAgent:
         host = ((pv.get("spec") or {}).get("hostPath") or {}).get("path")
         return Path(host) if host else self.workdir / "pvs" / pv_name
 
-    def _fill_volumes(self, pod: dict[str, Any], dirs: dict[str, Path], mounts: list[tuple[str, str]]) -> None:
+    def _fill_volumes(self, pod: dict[str, Any], dirs: dict[str, Path], mounts: list[tuple[str, str]],
+                      services: set[str]) -> None:
         for vol in pod["spec"].get("volumes") or []:
             kind = "configMap" if "configMap" in vol else "secret" if "secret" in vol else None
             if kind is None:
                 continue
             src = vol[kind]
-            files = self._source_files(kind, pod["metadata"]["namespace"], src, mounts)
+            files = self._source_files(kind, pod["metadata"]["namespace"], src, mounts, services)
             for key, data in files.items():
                 paths = [i["path"] for i in src.get("items") or [] if i["key"] == key] if src.get("items") else [key]
                 for rel in paths:
                     (dirs[vol["name"]] / rel).parent.mkdir(parents=True, exist_ok=True)
                     (dirs[vol["name"]] / rel).write_bytes(data)
 
-    def _source_files(self, kind: str, ns: str, src: dict[str, Any], mounts: list[tuple[str, str]]) -> dict[str, bytes]:
+    def _source_files(self, kind: str, ns: str, src: dict[str, Any], mounts: list[tuple[str, str]],
+                      services: set[str]) -> dict[str, bytes]:
         name = src.get("name") or src.get("secretName")
         obj = self._read_ref(kind, ns, name, bool(src.get("optional")), "ContainerCreating")
         if obj is None:
             return {}
         if kind == "secret":
             return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-        # ConfigMap text holds container paths too (the trainer's config.yaml: /data/runs/<run>).
-        files = {k: rewrite_paths_in_text(v, mounts).encode() for k, v in (obj.get("data") or {}).items()}
+        # ConfigMap text holds container paths and Service URLs too (the trainer's config.yaml:
+        # /data/runs/<run>, a teacher's http://teacher:8000/v1).
+        files = {k: map_service_urls_in_text(rewrite_paths_in_text(v, mounts), ns, services).encode()
+                 for k, v in (obj.get("data") or {}).items()}
         files.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
         return files
 

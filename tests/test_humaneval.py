@@ -65,3 +65,17 @@ def test_publish_result(tmp_path, monkeypatch) -> None:
     assert last.startswith("NANOCHAT_RESULT ") and json.loads(last.split(" ", 1)[1]) == expected
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "no" / "such" / "dir" / "log"))
     publish_result(report, out=io.StringIO())  # not writable: skipped silently, still prints
+
+
+def test_compare_sources_are_parsed_with_clear_errors(tmp_path):
+    from nanochat_trainer.eval.cli import parse_compare
+
+    (tmp_path / "ckpt").mkdir()
+    assert parse_compare(f"parent={tmp_path / 'ckpt'}").checkpoint == str(tmp_path / "ckpt")
+    teacher = parse_compare("teacher=http://t:8000/v1#Qwen/Qwen3-8B")
+    assert (teacher.endpoint, teacher.model, teacher.api_key_env) == (
+        "http://t:8000/v1", "Qwen/Qwen3-8B", "NANOCHAT_COMPARE_API_KEY_TEACHER")
+    for bad, needle in [("parent", "NAME=PATH"), ("t=http://t:8000/v1", "URL#MODEL"),
+                        (f"p={tmp_path / 'missing'}", "does not exist")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_compare(bad)

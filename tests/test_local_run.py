@@ -59,3 +59,44 @@ def test_bad_field_is_named_before_anything_runs(tmp_path):
 def test_examples_pass_the_dry_run(example, tmp_path, capsys):
     assert run_manifest(example, dry_run=True, runs_dir=str(tmp_path)) == 0
     assert "valid:" in capsys.readouterr().out
+
+
+COMPARISON = """
+apiVersion: nanochat.io/v1alpha1
+kind: TrainingRun
+metadata: {name: parent}
+spec:
+  trainer: {preset: tiny, steps: 6}
+---
+apiVersion: nanochat.io/v1alpha1
+kind: TrainingRun
+metadata: {name: tern}
+spec:
+  init: {fromTrainingRun: parent}
+  trainer: {preset: tiny, stage: ternary, steps: 4}
+---
+apiVersion: nanochat.io/v1alpha1
+kind: EvalRun
+metadata: {name: tern-vs-parent}
+spec:
+  model: {trainingRun: tern}
+  compare:
+    - {name: parent, trainingRun: parent}
+  k: [1]
+  maxProblems: 2
+  maxNewTokens: 16
+"""
+
+
+def test_ternary_student_is_scored_beside_its_parent(tmp_path, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(COMPARISON)
+    runs = tmp_path / "runs"
+    over = {"trainer": {"batch_size": 2, "tokenizer": {"train_docs": 200}}}
+    assert run_manifest(str(path), overrides=over, runs_dir=str(runs)) == 0
+    results = json.loads((runs / "tern-vs-parent" / "results.json").read_text())
+    rows = {r["name"]: r for r in results["comparison"]}
+    assert list(rows) == ["tern", "parent"] and rows["parent"]["source"].endswith("parent/final")
+    assert all(set(r["pass_at_k"]) == {"1"} for r in rows.values())
+    table = capsys.readouterr().err
+    assert "parent" in table and "pass@1" in table

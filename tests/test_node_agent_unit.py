@@ -127,3 +127,10 @@ def test_resource_field_value() -> None:
     assert na.resource_field_value(c, {"resource": "limits.memory", "divisor": "1Mi"}, cap) == "4096"
     assert na.resource_field_value({}, {"resource": "limits.cpu"}, cap) == "32"  # the node's, as a kubelet
     assert na.resource_field_value({}, {"resource": "requests.cpu"}, cap) is None
+
+
+def test_service_urls_in_config_files_map_to_loopback():
+    text = "teacher:\n  url: http://teacher:8000/v1\nother: https://example.com/x\nlocal: http://teacher.ml.svc:9/\n"
+    out = na.map_service_urls_in_text(text, "ml", {"teacher"})
+    assert "url: http://127.0.0.1:8000/v1" in out and "https://example.com/x" in out
+    assert "local: http://127.0.0.1:9/" in out

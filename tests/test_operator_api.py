@@ -152,3 +152,13 @@ def test_settings_flags_and_env(monkeypatch):
     assert parse_args(["--namespace", "x"]).namespaces == ["x"]
     with pytest.raises(SystemExit):
         parse_args(["--interval", "0"])
+
+
+def test_ternary_distilled_from_parent_needs_a_parent():
+    from nanochat_operator.api import TrainingRunSpec
+
+    spec = {"trainer": {"preset": "tiny", "stage": "ternary", "ternary": {"distill_from_parent": True}}}
+    with pytest.raises(ValueError, match="distill_from_parent needs a parent"):
+        TrainingRunSpec.model_validate(spec)
+    ok = TrainingRunSpec.model_validate({**spec, "init": {"fromTrainingRun": "base"}, "storage": {"size": "1Gi"}})
+    assert ok.trainer.ternary.distill_from_parent

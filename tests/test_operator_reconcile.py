@@ -316,3 +316,45 @@ def test_status_patch_nulls_removed_keys_and_keeps_kopf():
 def test_render_names_fit_dns_labels():
     name = "x" * 50  # the longest name the CRD allows
     assert len(f"{render.job_name(name)}-9999") <= 63
+
+
+def test_comparison_eval_waits_for_every_compared_run_and_records_side_by_side():
+    """A ternary student against its full-precision parent (another PVC) and the teacher."""
+    c = FakeCluster()
+    teacher = {"url": "http://teacher:8000/v1", "model": "Qwen/Qwen3-8B",
+               "apiKeySecret": {"name": "teacher", "key": "api-key"}}
+    ev = er(model={"trainingRun": "tern"}, compare=[{"name": "parent", "trainingRun": "base"},
+                                                    {"name": "teacher", "endpoint": teacher}])
+    c.runs["tern"] = tr("tern", status={"phase": "Succeeded", "storageClaim": "runs"})
+    c.runs["base"] = tr("base", status={"phase": "Running", "step": 5, "storageClaim": "old-runs"})
+    s = step(c, ev, fn=reconcile_eval)
+    cond = get_condition(s, "DependenciesReady")
+    assert s["phase"] == "Pending" and cond["reason"] == "SourceNotSucceeded" and "base" in cond["message"]
+    assert ("Job", "ml", "ev-eval") not in c.objects
+    c.runs["base"]["status"]["phase"] = "Succeeded"
+    s = step(c, ev, fn=reconcile_eval)
+    pod = c.job("ev-eval")["spec"]["template"]["spec"]
+    cmd = pod["containers"][0]["command"]
+    assert cmd[cmd.index("--name") + 1] == "tern"
+    compares = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--compare"]
+    assert compares == ["parent=/models/old-runs/runs/base/final",
+                        "teacher=http://teacher:8000/v1#Qwen/Qwen3-8B"]
+    assert {"name": "model-1", "persistentVolumeClaim": {"claimName": "old-runs", "readOnly": True}} in pod["volumes"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["NANOCHAT_COMPARE_API_KEY_TEACHER"]["valueFrom"]["secretKeyRef"] == {"name": "teacher",
+                                                                                    "key": "api-key"}
+    msg = ('{"pass_at_k": {"1": 0.1}, "problems": 20, "samples": 1, '
+           '"compare": {"parent": {"1": 0.15}, "teacher": {"1": 0.6}}}')
+    done = {"metadata": {"name": "ev-eval-x"}, "status": {"phase": "Succeeded", "containerStatuses": [
+        {"name": "eval", "state": {"terminated": {"exitCode": 0, "message": msg}}}]}}
+    c.set_job("ev-eval", "Complete", pods=[done])
+    s = step(c, ev, fn=reconcile_eval)
+    assert s["passAt1"] == 0.1 and s["comparison"] == {"parent": {"pass@1": 0.15}, "teacher": {"pass@1": 0.6}}
+    assert "teacher: pass@1=0.6000" in get_condition(s, "ResultsRecorded")["message"]
+
+
+def test_comparison_names_must_be_unique():
+    c = FakeCluster()
+    ev = er(compare=[{"name": "a", "trainingRun": "x"}, {"name": "a", "trainingRun": "y"}])
+    s = step(c, ev, fn=reconcile_eval)
+    assert s["phase"] == "Failed" and "names must be unique" in get_condition(s, "Failed")["message"]

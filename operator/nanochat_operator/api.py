@@ -308,6 +308,9 @@ class TrainingRunSpec(RunCommon):
             raise ValueError("init.fromTrainingRun reads the source's checkpoint from a PVC: set storage")
         if self.trainer.device == "cuda" and self.resources.gpus_per_node == 0:
             raise ValueError("trainer.device cuda needs resources.gpusPerNode > 0")
+        if (self.trainer.ternary is not None and self.trainer.ternary.distill_from_parent and self.init is None
+                and not self.trainer.checkpoint.init_from):
+            raise ValueError("trainer.ternary.distill_from_parent needs a parent: set init.fromTrainingRun")
         return self
 
 
@@ -349,6 +352,13 @@ class EvalModel(Api):
         return self
 
 
+class CompareModel(EvalModel):
+    """Another model scored beside `model`: same problems, samples, temperature and seed."""
+
+    name: str = Field(..., min_length=1, max_length=32, pattern=DNS_LABEL_PATTERN,
+                      description="Its label in the comparison, e.g. parent or teacher.")
+
+
 class EvalRunSpec(RunCommon):
     """An evaluation: one pod running `nanochat eval`, scores written to the status."""
 
@@ -362,6 +372,11 @@ class EvalRunSpec(RunCommon):
     max_new_tokens: int = Field(384, ge=1, le=8192, description="Completion length.")
     resources: EvalResources = Field(default_factory=EvalResources, description="GPUs, CPU, memory, placement.")
     backoff_limit: int = Field(1, ge=0, le=100, description="Pod failures retried before the eval fails.")
+    compare: list[CompareModel] = Field(
+        default_factory=list, max_length=4,
+        description="Other models scored on the same problems and printed side by side, e.g. a ternary student "
+                    "(model) against its full-precision parent and the teacher; the eval waits for each TrainingRun.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         cel("self.k.all(x, x >= 1 && x <= self.samplesPerProblem)", "each k must be between 1 and samplesPerProblem"),
@@ -372,6 +387,9 @@ class EvalRunSpec(RunCommon):
         bad = [x for x in self.k if x < 1 or x > self.samples_per_problem]
         if bad:
             raise ValueError(f"k={bad} must each be between 1 and samplesPerProblem={self.samples_per_problem}")
+        names = [c.name for c in self.compare]
+        if len(set(names)) != len(names):
+            raise ValueError(f"compare: names must be unique, got {names}")
         return self
 
 
@@ -422,6 +440,9 @@ class EvalRunStatus(RunStatusCommon):
     samples_per_problem: Optional[int] = Field(None, description="Completions per problem.")
     checkpoint: Optional[str] = Field(None, description="Checkpoint evaluated.")
     results_path: Optional[str] = Field(None, description="Full results JSON on the PVC.")
+    comparison: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="pass@k of each spec.compare model by name, e.g. "
+                                          "{\"parent\": {\"pass@1\": 0.2}}.")
 
 
 # ---------------------------------------------------------------------------- whole objects

@@ -316,8 +316,17 @@ def reconcile_eval(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig
             source = gate
             base["checkpoint"] = render.final_checkpoint_path(source[0])
             base["resultsPath"] = render.eval_results_path(source[0], name)
+        compare_runs: dict[str, tuple[str, str]] = {}
+        for c in spec.compare:  # every compared run must have Succeeded too
+            if c.training_run is None:
+                continue
+            gate = _gate_on_dependency(cluster, namespace, name, c.training_run, False, base, prev,
+                                       now, generation, jname, eval_status, "EvalRun")
+            if isinstance(gate, Outcome):
+                return gate
+            compare_runs[c.name] = gate
         job_obj = render.render_eval_job(name, namespace, spec, image=spec.image or config.trainer_image,
-                                         source=source)
+                                         source=source, compare_runs=compare_runs)
         base.pop("completionTime", None)
         try:
             _create_all(cluster, [job_obj], obj, adopt)

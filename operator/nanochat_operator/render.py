@@ -34,6 +34,7 @@ from .api import EvalRunSpec, TrainingRunSpec
 
 DATA_MOUNT = "/data"
 SOURCE_MOUNT = "/source"  # a source run's PVC, when it is not this run's own
+MODELS_MOUNT = "/models"  # PVCs of an EvalRun's compared runs, other than its main one
 CONFIG_MOUNT = "/etc/nanochat"
 CONFIG_FILE = "config.yaml"
 RENDEZVOUS_PORT = 29500
@@ -366,8 +367,9 @@ def render_training(run_name: str, namespace: str, spec: TrainingRunSpec, *, ima
 
 
 def eval_command(eval_name: str, spec: EvalRunSpec, checkpoint: Optional[str] = None,
-                 out: Optional[str] = None) -> list[str]:
-    """`nanochat eval ...` for a checkpoint on the PVC, or for an endpoint."""
+                 out: Optional[str] = None, compare: Optional[dict[str, str]] = None) -> list[str]:
+    """`nanochat eval ...` for a checkpoint on the PVC, or for an endpoint. `compare`: the
+    --compare source (checkpoint path or URL#MODEL) of each spec.compare entry, by name."""
     cmd = ["nanochat", "eval"]
     if spec.model.endpoint is not None:
         cmd += ["--endpoint", spec.model.endpoint.url, "--model", spec.model.endpoint.model,
@@ -382,12 +384,54 @@ def eval_command(eval_name: str, spec: EvalRunSpec, checkpoint: Optional[str] = 
         cmd += ["--max-problems", str(spec.max_problems)]
     if out:
         cmd += ["--out", out]
+    if spec.compare:
+        cmd += ["--name", main_label(spec)]
+        for c in spec.compare:
+            cmd += ["--compare", f"{c.name}={(compare or {})[c.name]}"]
     return cmd
 
 
+def main_label(spec: EvalRunSpec) -> str:
+    """The evaluated model's name beside its spec.compare models."""
+    return spec.model.training_run or "endpoint"
+
+
+def compare_key_env(name: str) -> str:
+    """Where `nanochat eval` looks for a compared endpoint's API key (eval/cli.py)."""
+    return "NANOCHAT_COMPARE_API_KEY_" + name.upper().replace("-", "_")
+
+
+def _compare_sources(spec: EvalRunSpec, main_claim: Optional[str], runs: dict[str, tuple[str, str]],
+                     mounts: list[dict[str, Any]], volumes: list[dict[str, Any]],
+                     env: list[dict[str, Any]]) -> dict[str, str]:
+    """--compare sources; mounts each compared run's PVC (read-only, once) unless it is the main one."""
+    out: dict[str, str] = {}
+    mounted: dict[str, str] = {}
+    for c in spec.compare:
+        if c.endpoint is not None:
+            out[c.name] = f"{c.endpoint.url}#{c.endpoint.model}"
+            if c.endpoint.api_key_secret is not None:
+                ref = {"name": c.endpoint.api_key_secret.name, "key": c.endpoint.api_key_secret.key}
+                env.append({"name": compare_key_env(c.name), "valueFrom": {"secretKeyRef": ref}})
+            continue
+        run, claim = runs[c.name]
+        if claim == main_claim:
+            out[c.name] = final_checkpoint_path(run)
+            continue
+        if claim not in mounted:
+            mounted[claim] = f"{MODELS_MOUNT}/{claim}"
+            vol = f"model-{len(mounted)}"
+            mounts.append({"name": vol, "mountPath": mounted[claim], "readOnly": True})
+            volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        out[c.name] = final_checkpoint_path(run, mounted[claim])
+    return out
+
+
 def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image: str,
-                    source: Optional[tuple[str, str]] = None) -> dict[str, Any]:
-    """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run."""
+                    source: Optional[tuple[str, str]] = None,
+                    compare_runs: Optional[dict[str, tuple[str, str]]] = None) -> dict[str, Any]:
+    """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run;
+    `compare_runs`: (TrainingRun name, its PVC) of each spec.compare entry naming a run."""
     name = eval_job_name(eval_name)
     labels = eval_labels(eval_name)
     env: list[dict[str, Any]] = [
@@ -409,11 +453,12 @@ def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image:
         out = eval_results_path(source[0], eval_name)
         mounts.append({"name": "data", "mountPath": DATA_MOUNT})
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": source[1]}})
+    compare = _compare_sources(spec, source[1] if source else None, compare_runs or {}, mounts, volumes, env)
     env += _env(spec.env)
     container: dict[str, Any] = {
         "name": EVAL_CONTAINER,
         "image": image,
-        "command": eval_command(eval_name, spec, checkpoint, out),
+        "command": eval_command(eval_name, spec, checkpoint, out, compare),
         "env": env,
         "volumeMounts": mounts,
         # The eval writes its compact JSON result here; the operator reads it from

@@ -14,6 +14,10 @@ The object (nanochat_trainer/eval/humaneval.py, compact_result):
 
     {"pass_at_k": {"1": 0.134, "10": 0.29}, "problems": 164, "samples": 10}
 
+and, for an EvalRun with spec.compare, the other models' scores by name:
+
+    {..., "compare": {"parent": {"1": 0.2}, "teacher": {"1": 0.61}}}
+
 The full per-problem results go to `--out`, on the PVC at
 /data/runs/<training run>/eval/<evalrun>.json (nanochat_operator.render.eval_results_path).
 """
@@ -32,6 +36,7 @@ class EvalResult:
     scores: dict[str, float] = field(default_factory=dict)  # {"pass@1": 0.13, ...}
     problems: Optional[int] = None
     samples: Optional[int] = None
+    compare: dict[str, dict[str, float]] = field(default_factory=dict)  # {"parent": {"pass@1": 0.2}}
 
 
 def parse_result(message: Optional[str]) -> Optional[EvalResult]:
@@ -51,18 +56,24 @@ def parse_result(message: Optional[str]) -> Optional[EvalResult]:
     return None
 
 
-def _from_dict(data: dict[str, Any]) -> EvalResult:
+def _scores(pass_at_k: dict[str, Any]) -> dict[str, float]:
     scores = {}
-    for k, v in data["pass_at_k"].items():
+    for k, v in pass_at_k.items():
         try:
             scores[f"pass@{int(k)}"] = float(v)
         except (TypeError, ValueError):
             continue
+    return dict(sorted(scores.items(), key=lambda kv: int(kv[0][5:])))
+
+
+def _from_dict(data: dict[str, Any]) -> EvalResult:
     problems = data.get("problems")
     samples = data.get("samples")
-    return EvalResult(scores=dict(sorted(scores.items(), key=lambda kv: int(kv[0][5:]))),
+    compare = data.get("compare") if isinstance(data.get("compare"), dict) else {}
+    return EvalResult(scores=_scores(data["pass_at_k"]),
                       problems=problems if isinstance(problems, int) else None,
-                      samples=samples if isinstance(samples, int) else None)
+                      samples=samples if isinstance(samples, int) else None,
+                      compare={str(n): _scores(v) for n, v in compare.items() if isinstance(v, dict)})
 
 
 def terminated_message(pod: dict[str, Any], container: str) -> Optional[str]:

@@ -286,8 +286,12 @@ def eval_status(prev: dict[str, Any], view: Optional[JobView], result: Optional[
             new["passAt1"] = result.scores.get("pass@1")
             new["problems"] = result.problems
             new["samplesPerProblem"] = result.samples
-            new["conditions"] = set_condition(new["conditions"], "ResultsRecorded", "True", "Scored",
-                                              ", ".join(f"{k}={v:.4f}" for k, v in result.scores.items()), now)
+            message = ", ".join(f"{k}={v:.4f}" for k, v in result.scores.items())
+            if result.compare:
+                new["comparison"] = {n: dict(v) for n, v in result.compare.items()}
+                message += "; " + "; ".join(f"{n}: " + ", ".join(f"{k}={v:.4f}" for k, v in sc.items())
+                                            for n, sc in result.compare.items())
+            new["conditions"] = set_condition(new["conditions"], "ResultsRecorded", "True", "Scored", message, now)
         else:
             new["conditions"] = set_condition(
                 new["conditions"], "ResultsRecorded", "False", "NoResult",

@@ -241,6 +241,13 @@ class TernaryConfig(Strict):
     )
     ramp_steps: int = Field(0, ge=0, description="Mix full-precision into ternary weights over the first N steps.")
     activation_bits: int = Field(8, ge=2, le=16, description="Per-token absmax activation quantization bits.")
+    distill_from_parent: bool = Field(
+        False, description="Self-distillation from the full-precision parent (checkpoint.init_from, which "
+        "init.fromTrainingRun sets): a frozen copy of it is loaded and the loss is (1 - parent_alpha) * CE + "
+        "parent_alpha * KL(parent || student) on the full vocabulary. Not with a distill block."
+    )
+    parent_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL to the parent against the LM loss.")
+    parent_temperature: float = Field(1.0, gt=0, description="Softening temperature of the KL to the parent.")
 
 
 class TrainerConfig(Strict):
@@ -255,7 +262,10 @@ class TrainerConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    distill: Optional[DistillConfig] = Field(None, description="Teacher and method; required by stage distill.")
+    distill: Optional[DistillConfig] = Field(
+        None, description="Teacher and method; required by stage distill, optional with stage ternary (the "
+        "ternary student then distils from the teacher)."
+    )
     ternary: Optional[TernaryConfig] = Field(None, description="Ternary layers; stage ternary uses defaults if absent.")
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
@@ -287,6 +297,14 @@ class TrainerConfig(Strict):
             raise ValueError("stage='distill' needs a distill block (teacher and method)")
         if self.stage == "ternary" and self.ternary is None:
             self.ternary = TernaryConfig()
+        if self.ternary is not None and self.ternary.distill_from_parent:
+            # checkpoint.init_from is checked when training starts: the operator fills it in from
+            # init.fromTrainingRun after this spec has been validated.
+            if self.stage != "ternary":
+                raise ValueError(f"ternary.distill_from_parent needs stage='ternary' (stage is {self.stage!r})")
+            if self.distill is not None:
+                raise ValueError("ternary.distill_from_parent and a distill block are exclusive (one teacher at "
+                                 "a time): drop the distill block, or set ternary.distill_from_parent=false")
         if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.source == "local" and not self.data.path:

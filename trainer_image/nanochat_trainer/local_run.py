@@ -64,9 +64,16 @@ def eval_argv(doc: dict, runs_dir: Path) -> list[str]:
     argv += ["--samples", str(spec.get("samplesPerProblem", 1)),
              "--temperature", str(spec.get("temperature", 0.0)),
              "--k", ",".join(str(k) for k in spec.get("k", [1])),
+             "--max-new-tokens", str(spec.get("maxNewTokens", 384)),
              "--out", str(runs_dir / name / "results.json")]
     if spec.get("maxProblems"):
         argv += ["--max-problems", str(spec["maxProblems"])]
+    if spec.get("compare"):
+        argv += ["--name", model.get("trainingRun") or "endpoint"]
+        for c in spec["compare"]:
+            where = (str(runs_dir / c["trainingRun"] / "final") if c.get("trainingRun")
+                     else f"{c['endpoint']['url']}#{c['endpoint']['model']}")
+            argv += ["--compare", f"{c['name']}={where}"]
     return argv
 
 
@@ -74,7 +81,9 @@ def _order(docs: list[dict]) -> list[dict]:
     """TrainingRuns before what depends on them; EvalRuns after the runs they read."""
     def deps(doc):
         spec = doc.get("spec", {})
-        return {spec.get("init", {}).get("fromTrainingRun"), spec.get("model", {}).get("trainingRun")} - {None}
+        compared = {c.get("trainingRun") for c in spec.get("compare") or []}
+        return ({spec.get("init", {}).get("fromTrainingRun"), spec.get("model", {}).get("trainingRun")}
+                | compared) - {None}
 
     names = {d["metadata"]["name"] for d in docs}
     done: set[str] = set()

@@ -54,13 +54,17 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def _uses_fsdp(cfg: TrainerConfig, world: int, ep=None) -> bool:
+    n_params = count_params(cfg.model)["total"]
+    return ep is None and world > 1 and (
+        cfg.parallel == "fsdp" or (cfg.parallel == "auto" and n_params >= FSDP_FROM_PARAMS))
+
+
 def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int, ep=None) -> torch.nn.Module:
     """Parallelism and compilation, applied in torchtitan's order: shard, then compile.
     `ep`: the expert-parallel layout; its experts are left out of DDP's gradient averaging
     (each rank holds different experts) and reduced by expert_parallel instead."""
-    n_params = count_params(cfg.model)["total"]
-    use_fsdp = ep is None and world > 1 and (
-        cfg.parallel == "fsdp" or (cfg.parallel == "auto" and n_params >= FSDP_FROM_PARAMS))
+    use_fsdp = _uses_fsdp(cfg, world, ep)
     if use_fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -115,6 +119,59 @@ def _init_weights_from(model: GPT, source: str) -> None:
         load_state_into(model, resolve_model_dir(path))
 
 
+def _inherit_tokenizer(cfg: TrainerConfig, run_dir: Path) -> None:
+    """A bpe run started from a nanochat checkpoint (checkpoint.init_from) without tokenizer.path
+    takes that checkpoint's tokenizer.json: its weights were trained with those ids (a bpe
+    trained afresh on this run's data would differ whenever the data does)."""
+    if not cfg.checkpoint.init_from or cfg.tokenizer.kind != "bpe" or cfg.tokenizer.path:
+        return
+    if (run_dir / "tokenizer.json").is_file():
+        return
+    src = Path(cfg.checkpoint.init_from)
+    if (src / "config.json").is_file() and not (src / "config.yaml").is_file():
+        return  # a Hugging Face dir: its tokenizer is named by tokenizer.path
+    try:
+        model_dir = resolve_model_dir(src)
+    except ValueError:
+        return  # _init_weights_from reports the bad path
+    if (model_dir / "tokenizer.json").is_file():
+        import shutil
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_dir / "tokenizer.json", run_dir / "tokenizer.json")
+
+
+def _load_parent(cfg: TrainerConfig, device: torch.device, world: int, ep=None) -> GPT:
+    """`ternary.distill_from_parent`: a frozen copy of `checkpoint.init_from` (the full-precision
+    parent), eval mode, no gradients, on the student's device. Loaded at every start, also on resume
+    (the student then comes from its own checkpoint, the parent still from init_from). A parent
+    that is itself a ternary run is evaluated as it was trained (BitLinear, ramp 1). Sharded with
+    FSDP2 when the student is (every rank runs its forward, so the all-gathers match)."""
+    source = cfg.checkpoint.init_from  # train() has checked that it is set
+    parent = GPT(cfg.model)
+    path = Path(source)
+    if not ((path / "config.json").is_file() and not (path / "config.yaml").is_file()):  # not a HF dir
+        import yaml
+
+        cfg_file = resolve_model_dir(path) / "config.yaml"
+        if cfg_file.is_file():
+            pcfg = TrainerConfig.model_validate(yaml.safe_load(cfg_file.read_text()))
+            if pcfg.stage == "ternary" and pcfg.ternary is not None:
+                from .ternary import apply_ternary
+
+                apply_ternary(parent, pcfg.ternary, ramp=1.0)
+    _init_weights_from(parent, source)
+    parent.requires_grad_(False)
+    parent.to(device).eval()
+    if _uses_fsdp(cfg, world, ep):
+        from torch.distributed.fsdp import fully_shard
+
+        for block in parent.layers:
+            fully_shard(block)
+        fully_shard(parent)
+    return parent
+
+
 PREFETCH_DEPTH = 4  # micro-batches whose teacher answers are fetched ahead
 
 
@@ -145,6 +202,11 @@ def _distill_setup(cfg: TrainerConfig, run_dir: Path, loader, tokenizer, limit: 
 def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) training; returns the last step's record. Rank 0 writes all files.
 
+    stage "ternary": BitLinear layers (ternary.py), started from checkpoint.init_from. With
+    ternary.distill_from_parent a frozen copy of that parent is loaded too (also on resume) and the
+    loss is mixed_loss(CE, full-vocabulary KL(parent || student), ternary.parent_alpha); with a
+    distill block instead, the student distils from the teacher exactly as in stage distill.
+
     stage "distill": method topk_logprobs (shared tokenizer) and cross_tokenizer: loss =
     mixed_loss(CE, top-k KL to the teacher, alpha), the teacher's answers for the next micro-batches
     prefetched in a background thread; a micro-batch whose teacher request failed (after retries)
@@ -152,6 +214,10 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     the run stops. Method sequence: CE on micro-batches whose rows are (in part) teacher
     completions, produced in a background thread (distill/sequence.py).
     """
+    parent_kd = cfg.stage == "ternary" and cfg.ternary is not None and cfg.ternary.distill_from_parent
+    if parent_kd and not cfg.checkpoint.init_from:
+        raise ValueError("ternary.distill_from_parent needs checkpoint.init_from (the parent's checkpoint; a "
+                         "TrainingRun gets it from init.fromTrainingRun)")
     rank, world, device = setup_distributed(cfg.device)
     run_dir = Path(cfg.checkpoint.dir)
     is_main = rank == 0
@@ -160,6 +226,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     from .tokenizer import build_tokenizer
 
     if is_main:
+        _inherit_tokenizer(cfg, run_dir)
         tokenizer = build_tokenizer(cfg, run_dir)
     _barrier(world)
     if not is_main:
@@ -217,31 +284,75 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
         ramp = lambda s: set_ramp(model, ramp_value(s, cfg.ternary.ramp_steps))  # noqa: E731
 
-    prefetch = None
-    if cfg.stage == "distill":
+    prefetch = parent = None
+    if parent_kd:
+        parent = _load_parent(cfg, device, world, ep)
+    if cfg.distill is not None and cfg.stage in ("distill", "ternary"):
         prefetch = _distill_setup(cfg, run_dir, loader, tokenizer, max(0, cfg.steps - start) * cfg.grad_accum,
                                   rank, world, device, state)
     try:
         record = _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, device, autocast,
-                       metrics, progress, ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep)
+                       metrics, progress, ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep, parent)
     finally:
         if prefetch is not None:
             prefetch.close()
     with full_experts(model, ep):  # collective under expert parallelism: every rank enters
+        whole = _unsharded(model, cfg, world, ep, is_main)  # collective under FSDP: every rank enters
         if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
-            save_weights(run_dir / "final", model, cfg, tokenizer)
+            save_weights(run_dir / "final", whole, cfg, tokenizer)
             if cfg.stage == "ternary":
                 from .ternary_pack import save_packed
 
-                save_packed(model, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
+                save_packed(whole, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
                             dtype=torch.bfloat16)
     _barrier(world)
     return record
 
 
-def _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats: dict) -> torch.Tensor:
+def _unsharded(model: GPT, cfg: TrainerConfig, world: int, ep, is_main: bool) -> GPT | None:
+    """The model whose weights go to final/: `model` itself, or under FSDP2 (whose parameters are
+    DTensor shards, which safetensors cannot write) a CPU copy built from the gathered full state
+    on rank 0 (None elsewhere). The gather is a collective: every rank calls this."""
+    if not _uses_fsdp(cfg, world, ep):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    whole = GPT(cfg.model)
+    if cfg.stage == "ternary":
+        from .ternary import apply_ternary
+
+        apply_ternary(whole, cfg.ternary, ramp=1.0)
+    if cfg.model.tie_embeddings and "lm_head.weight" not in msd:
+        msd["lm_head.weight"] = msd["embed_tokens.weight"]
+    whole.load_state_dict(msd)
+    return whole.eval()
+
+
+def _parent_loss(cfg, wrapped, model, parent, x, y, stats: dict) -> torch.Tensor:
+    """ternary.distill_from_parent: mixed_loss(CE, full-vocabulary KL(parent || student), parent_alpha)."""
+    import torch.nn.functional as F
+
+    from .distill.losses import full_kl_loss, mixed_loss
+
+    with torch.no_grad():
+        p_logits = parent(x)
+    logits = wrapped(x)
+    ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1) + model.aux_loss()
+    kd = full_kl_loss(logits, p_logits, y != -1, cfg.ternary.parent_temperature)
+    stats["kd_sum"] += kd.detach()
+    stats["kd_n"] += 1
+    return mixed_loss(ce, kd, cfg.ternary.parent_alpha)
+
+
+def _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats: dict, parent=None) -> torch.Tensor:
     """The micro-batch's loss: CE, or for topk_logprobs / cross_tokenizer mixed_loss(CE, top-k KL)
-    (CE only on a skipped micro-batch). Sequence-level rows are trained on with CE: fut is None."""
+    (CE only on a skipped micro-batch), or with a parent (ternary.distill_from_parent)
+    mixed_loss(CE, full KL to the parent). Sequence-level rows are trained on with CE: fut is None."""
+    if parent is not None:
+        return _parent_loss(cfg, wrapped, model, parent, x, y, stats)
     if prefetch is None or fut is None:
         return wrapped(x, y)
     import torch.nn.functional as F
@@ -296,13 +407,14 @@ def _distill_record(cfg, prefetch, stats: dict) -> dict:
 
 
 def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, device, autocast, metrics, progress,
-          ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep=None) -> dict:
+          ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep=None, parent=None) -> dict:
     from .data.loader import merge_states
     from .expert_parallel import clip_grad_norm_, reduce_expert_grads
     from .moe import update_moe_biases
 
     stats: dict = {"teacher_skipped": 0, "unaligned_skipped": 0, "last_teacher_error": None}
     record: dict = {"step": start}
+    skipped_before = 0  # teacher_skipped after the previous step: teacher_up says whether this step skipped
     wrapped.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -319,7 +431,7 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
             last = micro == cfg.grad_accum - 1
             sync = wrapped.no_sync() if (hasattr(wrapped, "no_sync") and not last) else nullcontext()
             with sync, autocast:
-                loss = _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats) / cfg.grad_accum
+                loss = _micro_loss(cfg, wrapped, model, x, y, prefetch, fut, stats, parent) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         if ep is not None:
@@ -332,17 +444,23 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
         update_moe_biases(model)
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            if parent is not None or prefetch is not None:  # kd_loss: the mean over every rank's micro-batches
+                kd = torch.stack([stats["kd_sum"].float(), torch.tensor(float(stats["kd_n"]), device=device)])
+                dist.all_reduce(kd)
+                stats["kd_sum"], stats["kd_n"] = kd[0], int(kd[1].item())
         done = step + 1
         dt = time.perf_counter() - t0
         tps = tokens_per_step / dt
         record = {"step": done, "loss": loss_sum.item(), "lr": opts[-1].param_groups[0]["lr"],
                   "grad_norm": float(grad_norm), "tokens_per_second": tps, "step_time": dt,
                   "mfu": (tps * flops_tok / (peak * world)) if peak else None}
+        if parent is not None:
+            record["kd_loss"] = (stats["kd_sum"] / stats["kd_n"]).item() if stats["kd_n"] else None
         if prefetch is not None:
-            skipped_before = record.get("teacher_skipped", 0) if step > start else 0
             record.update(_distill_record(cfg, prefetch, stats))
             t = record["teacher"]
-            metrics.set(teacher_up=0 if record["teacher_skipped"] > skipped_before else 1,
+            skipped_now, skipped_before = record["teacher_skipped"] > skipped_before, record["teacher_skipped"]
+            metrics.set(teacher_up=0 if skipped_now else 1,
                         teacher_requests=t["requests"], teacher_cache_hits=t["cache_hits"],
                         teacher_errors=t["errors"], teacher_latency_seconds=t["latency_s"],
                         teacher_skipped=record["teacher_skipped"])

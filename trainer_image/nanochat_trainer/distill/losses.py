@@ -1,5 +1,8 @@
 """Distillation losses.
 
+full_kl_loss: KL(teacher || student) over the whole vocabulary, for a teacher whose logits are at
+hand (the ternary stage's frozen full-precision parent): no top-k truncation, no rest bucket.
+
 topk_kl_loss: KL(teacher || student) over the teacher's top-k tokens plus one "rest" bucket for
 the remaining probability mass, so an API that returns only k logprobs still gives a proper KL
 between two (k+1)-way distributions:
@@ -74,6 +77,30 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
 
     terms = torch.where(t_p > 0, t_p * (t_log.masked_fill(t_zero, 0.0) - s_log), torch.zeros_like(t_p))
     kl = terms.sum(-1)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    return kl.sum() / mask.sum().clamp_min(1) * temperature ** 2
+
+
+def full_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on the full vocabulary (same tokenizer, e.g. a ternary student and
+    its full-precision parent): student_logits and teacher_logits (B,T,V), mask (B,T) bool or None
+    -> scalar mean KL over masked positions (0 if none), times T^2 like topk_kl_loss.
+
+    Both sides are softened by `temperature`; computed in float32; no gradient to the teacher.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"shapes: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(s_logp, t_logp, reduction="none", log_target=True).sum(-1)  # (B,T)
+    if mask is None:
+        return kl.mean() * temperature ** 2
+    if mask.shape != kl.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} != {tuple(kl.shape)}")
+    mask = mask.bool()
     kl = torch.where(mask, kl, torch.zeros_like(kl))
     return kl.sum() / mask.sum().clamp_min(1) * temperature ** 2
 

@@ -2,6 +2,8 @@
 
     nanochat eval --checkpoint runs/demo --samples 10 --temperature 0.8 --k 1,10 --out results.json
     nanochat eval --endpoint http://teacher:8000 --model Qwen/Qwen3-8B --api-key-env OPENAI_API_KEY
+    nanochat eval --checkpoint runs/ternary/final --name ternary \
+        --compare parent=runs/base/final --compare teacher=http://teacher:8000/v1#Qwen/Qwen3-8B
     nanochat serve --checkpoint runs/demo/final --port 8000
 """
 
@@ -12,8 +14,9 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .humaneval import STOP_SEQUENCES, evaluate_completions, load_problems, publish_result, summary_table
 
@@ -35,8 +38,50 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per completion in the sandbox")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--name", default="model", help="label of the model in a comparison")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=SOURCE",
+                        help="also score NAME on the same problems with the same settings, side by side: SOURCE is "
+                             "a checkpoint path, or URL#MODEL for an endpoint (API key from "
+                             f"${COMPARE_KEY_ENV}<NAME>, NAME upper-cased, - as _); repeatable")
     parser.add_argument("--out", default=None,
                         help="write the full results JSON here (default with --checkpoint: humaneval.json beside it)")
+
+
+COMPARE_KEY_ENV = "NANOCHAT_COMPARE_API_KEY_"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One model to score: a checkpoint, or an endpoint's model."""
+
+    name: str
+    checkpoint: Optional[str] = None
+    endpoint: Optional[str] = None
+    model: Optional[str] = None
+    api_key_env: Optional[str] = None
+
+    @property
+    def where(self) -> str:
+        return self.checkpoint or f"{self.endpoint} ({self.model})"
+
+
+def compare_key_env(name: str) -> str:
+    return COMPARE_KEY_ENV + name.upper().replace("-", "_")
+
+
+def parse_compare(text: str) -> Source:
+    """NAME=PATH or NAME=URL#MODEL (see --compare)."""
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise ValueError(f"--compare {text!r}: expected NAME=PATH or NAME=URL#MODEL")
+    if source.startswith(("http://", "https://")):
+        url, sep, model = source.partition("#")
+        if not sep or not model:
+            raise ValueError(f"--compare {text!r}: an endpoint needs its model, as URL#MODEL")
+        return Source(name, endpoint=url, model=model, api_key_env=compare_key_env(name))
+    if not Path(source).exists():
+        raise ValueError(f"--compare {text!r}: checkpoint {source} does not exist")
+    return Source(name, checkpoint=source)
 
 
 def _ks(text: str, samples: int) -> list[int]:
@@ -65,11 +110,11 @@ def completions_from_checkpoint(path: str, problems: Sequence[dict], args: argpa
 
 
 def completions_from_endpoint(url: str, model: str, problems: Sequence[dict], args: argparse.Namespace,
-                              parallel: int = 4) -> dict[str, list[str]]:
+                              parallel: int = 4, api_key_env: Optional[str] = None) -> dict[str, list[str]]:
     """Ask an OpenAI-compatible endpoint for `args.samples` completions per problem."""
     from .client import CompletionsClient
 
-    with CompletionsClient(url, model, api_key_env=args.api_key_env) as client:
+    with CompletionsClient(url, model, api_key_env=api_key_env or args.api_key_env) as client:
         def one(i_p: tuple[int, dict]) -> list[str]:
             i, p = i_p
             r = client.complete(p["prompt"], max_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -85,6 +130,24 @@ def completions_from_endpoint(url: str, model: str, problems: Sequence[dict], ar
     return {p["task_id"]: o for p, o in zip(problems, outs)}
 
 
+def _completions(source: Source, problems: Sequence[dict], args: argparse.Namespace) -> dict[str, list[str]]:
+    if source.checkpoint:
+        return completions_from_checkpoint(source.checkpoint, problems, args)
+    assert source.endpoint and source.model
+    return completions_from_endpoint(source.endpoint, source.model, problems, args, api_key_env=source.api_key_env)
+
+
+def comparison_table(rows: Sequence[dict], file=None) -> None:
+    """The compared models side by side, one line each, pass@k in columns."""
+    file = file or sys.stdout
+    ks = list(rows[0]["pass_at_k"])
+    width = max(len(r["name"]) for r in rows) + 2
+    print("  ".join([f"{'model':<{width}}"] + [f"pass@{k:<5}" for k in ks] + ["source"]), file=file)
+    for r in rows:
+        print("  ".join([f"{r['name']:<{width}}"] + [f"{r['pass_at_k'][k]:<10.4f}" for k in ks] + [r["source"]]),
+              file=file)
+
+
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """`nanochat eval`: 0 on success, 2 on a usage/input error, 1 when the endpoint fails."""
     from .client import EndpointError
@@ -95,13 +158,16 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
             raise ValueError("--endpoint needs --model")
         if args.checkpoint and not Path(args.checkpoint).exists():
             raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+        main = Source(args.name, checkpoint=args.checkpoint, endpoint=args.endpoint, model=args.model)
+        others = [parse_compare(c) for c in args.compare]
+        names = [main.name] + [o.name for o in others]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--name/--compare names must differ: {names}")
         problems = load_problems(args.max_problems)
         t0 = time.monotonic()
-        if args.checkpoint:
-            completions = completions_from_checkpoint(args.checkpoint, problems, args)
-        else:
-            completions = completions_from_endpoint(args.endpoint, args.model, problems, args)
+        completions = _completions(main, problems, args)
         gen_s = time.monotonic() - t0
+        other_completions = [_completions(o, problems, args) for o in others]
     except (ValueError, FileNotFoundError) as exc:
         print(f"nanochat eval: error: {exc}", file=sys.stderr)
         return 2
@@ -113,6 +179,15 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
                             "temperature": args.temperature, "top_p": args.top_p,
                             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "seconds": round(gen_s, 3)}
     summary_table(report, file=sys.stderr)
+    if others:
+        # The same problems, samples, temperature and seed for every model: only the model differs.
+        rows = [{"name": main.name, "source": main.where, "pass_at_k": report["pass_at_k"]}]
+        for o, comp in zip(others, other_completions):
+            r = evaluate_completions(problems, comp, ks=ks, workers=args.workers, timeout=args.timeout)
+            rows.append({"name": o.name, "source": o.where, "pass_at_k": r["pass_at_k"],
+                         "per_problem": r["per_problem"]})
+        report["comparison"] = rows
+        comparison_table(rows, file=sys.stderr)
     out = args.out
     if out is None and args.checkpoint:
         from ..checkpoint import resolve_model_dir

@@ -92,8 +92,12 @@ def summary_table(report: Mapping, file: Optional[TextIO] = None, max_rows: int 
 
 
 def compact_result(report: Mapping) -> dict:
-    """The operator's contract: {"pass_at_k": {...}, "problems": N, "samples": n}."""
-    return {"pass_at_k": dict(report["pass_at_k"]), "problems": report["problems"], "samples": report["samples"]}
+    """The operator's contract: {"pass_at_k": {...}, "problems": N, "samples": n}, plus
+    {"compare": {name: {k: score}}} for the other models of a comparison."""
+    out = {"pass_at_k": dict(report["pass_at_k"]), "problems": report["problems"], "samples": report["samples"]}
+    if report.get("comparison"):
+        out["compare"] = {r["name"]: dict(r["pass_at_k"]) for r in report["comparison"][1:]}
+    return out
 
 
 def publish_result(report: Mapping, out: Optional[TextIO] = None) -> None:
