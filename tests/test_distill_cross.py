@@ -26,23 +26,10 @@ from nanochat_trainer.distill import TeacherError, topk_kl_loss
 from nanochat_trainer.distill.align import align, row_pieces, segment_targets, student_ends, teacher_starts
 from nanochat_trainer.tokenizer import EOT, HFTokenizer
 from nanochat_trainer.train import train
+
+from micro import MICRO, micro_cfg, read_log
 from serving import serve_app
 from test_distill_sequence import Teacher
-
-MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
-                                     "max_seq_len": 128},
-         "tokenizer": {"train_docs": 300}, "seq_len": 64, "batch_size": 4,
-         "schedule": {"warmup_steps": 5}, "metrics": {"port": 0, "log_every": 1}}
-
-
-def _cfg(run_dir: Path, **over) -> TrainerConfig:
-    data = {**MICRO, **over}
-    data["checkpoint"] = {"dir": str(run_dir), **over.get("checkpoint", {})}
-    return TrainerConfig.model_validate(data)
-
-
-def _log(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
 
 
 class FakeTok:
@@ -151,7 +138,7 @@ def teacher_dir(tmp_path_factory) -> Path:
     """A MICRO teacher (vocab 512, its own tokenizer, context 128) trained 60 steps."""
     root = tmp_path_factory.mktemp("cross")
     tok_path = _noregex_bpe(synthetic_docs(7, 300), 512).save(root / "teacher-tokenizer")
-    train(_cfg(root / "teacher", steps=60, tokenizer={"kind": "bpe", "path": str(tok_path)}))
+    train(micro_cfg(root / "teacher", steps=60, tokenizer={"kind": "bpe", "path": str(tok_path)}))
     return root / "teacher"
 
 
@@ -164,14 +151,14 @@ def teacher(teacher_dir):
 
 def _cross_cfg(run_dir: Path, url: str, steps: int, **distill) -> TrainerConfig:
     teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, **distill.pop("teacher", {})}
-    return _cfg(run_dir, steps=steps, stage="distill", model={**MICRO["model"], "vocab_size": 1024},
+    return micro_cfg(run_dir, steps=steps, stage="distill", model={**MICRO["model"], "vocab_size": 1024},
                 distill={"method": "cross_tokenizer", "top_k": 8, "alpha": 0.5, "teacher": teacher, **distill})
 
 
 def test_cross_tokenizer_trains_and_cache_replays(teacher, tmp_path) -> None:
     steps = 20
     rec = train(_cross_cfg(tmp_path / "a", teacher.url, steps))
-    log = _log(tmp_path / "a")
+    log = read_log(tmp_path / "a")
     al = rec["alignment"]
     print(f"\ncross_tokenizer: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
           f"{rec['kd_loss']:.3f}, alignment {al}, teacher {rec['teacher']}")
@@ -183,7 +170,7 @@ def test_cross_tokenizer_trains_and_cache_replays(teacher, tmp_path) -> None:
     sent = teacher.n
     cache = tmp_path / "a" / "teacher-cache"
     rec_b = train(_cross_cfg(tmp_path / "b", teacher.url, steps, teacher={"cache_dir": str(cache)}))
-    log_b = _log(tmp_path / "b")
+    log_b = read_log(tmp_path / "b")
     assert teacher.n == sent and rec_b["teacher"]["requests"] == 0 and rec_b["teacher"]["cache_hits"] == al["pieces"]
     for s in range(1, steps + 1):
         assert log_b[s]["loss"] == pytest.approx(log[s]["loss"], rel=1e-5), s
@@ -200,7 +187,7 @@ def test_cross_teacher_killed_and_restarted(teacher, tmp_path) -> None:
             teacher.start()
 
     rec = train(_cross_cfg(tmp_path / "k", teacher.url, steps), progress)
-    log = _log(tmp_path / "k")
+    log = read_log(tmp_path / "k")
     print(f"\ncross_tokenizer, teacher killed at step 3, back at step {seen.get('restarted')}: "
           f"{rec['teacher_skipped']} micro-batches on the LM loss alone")
     assert "restarted" in seen and 0 < rec["teacher_skipped"] < steps

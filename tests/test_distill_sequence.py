@@ -32,6 +32,8 @@ from nanochat_trainer.distill.sequence import (Prompt, _Packer, check_completion
 from nanochat_trainer.eval.sandbox import Sandbox
 from nanochat_trainer.serve import ModelServer
 from nanochat_trainer.train import train
+
+from micro import MICRO, micro_cfg, read_log
 from serving import serve_app
 
 OPS = [("doubled", "x * 2", lambda x: x * 2), ("plus one", "x + 1", lambda x: x + 1),
@@ -44,21 +46,6 @@ def narrow_doc(r: random.Random) -> str:
     name, a = r.choice(NAMES) + str(r.randint(0, 99)), r.randint(-9, 9)
     return f'def {name}(x):\n    """Return x {word}."""\n    return {expr}\n\n\nassert {name}({a}) == {fn(a)}\n'
 
-
-MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
-                                     "max_seq_len": 128},
-         "tokenizer": {"train_docs": 300}, "seq_len": 64, "batch_size": 4,
-         "schedule": {"warmup_steps": 5}, "metrics": {"port": 0, "log_every": 1}}
-
-
-def _cfg(run_dir: Path, **over) -> TrainerConfig:
-    data = {**MICRO, **over}
-    data["checkpoint"] = {"dir": str(run_dir), **over.get("checkpoint", {})}
-    return TrainerConfig.model_validate(data)
-
-
-def _log(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
 
 
 def _free_port() -> int:
@@ -125,7 +112,7 @@ def narrow(tmp_path_factory):
     data = root / "narrow.jsonl"
     data.write_text("".join(json.dumps({"content": narrow_doc(r)}) + "\n" for _ in range(2000)))
     tdir = root / "teacher"
-    train(_cfg(tdir, steps=150, batch_size=8, data={"source": "local", "path": str(data)}))
+    train(micro_cfg(tdir, steps=150, batch_size=8, data={"source": "local", "path": str(data)}))
     return data, tdir
 
 
@@ -139,7 +126,7 @@ def teacher(narrow):
 def _seq_cfg(run_dir: Path, url: str, data: Path, steps: int, **distill) -> TrainerConfig:
     teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, **distill.pop("teacher", {})}
     over = {k: distill.pop(k) for k in ("checkpoint",) if k in distill}
-    return _cfg(run_dir, steps=steps, stage="distill", model={**MICRO["model"], "vocab_size": 1024}, **over,
+    return micro_cfg(run_dir, steps=steps, stage="distill", model={**MICRO["model"], "vocab_size": 1024}, **over,
                 data={"source": "local", "path": str(data)}, optimizer={"lr": 0.02, "adam_lr": 0.01},
                 distill={"method": "sequence", "max_new_tokens": 24, "teacher": teacher, **distill})
 
@@ -203,7 +190,7 @@ def test_sequence_trains_and_cache_replays(narrow, teacher, tmp_path) -> None:
     steps = 10
     t0 = time.perf_counter()
     rec = train(_seq_cfg(tmp_path / "a", teacher.url, data, steps))
-    log = _log(tmp_path / "a")
+    log = read_log(tmp_path / "a")
     seq = rec["sequences"]
     print(f"\nsequence: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, sequences {seq}, teacher {rec['teacher']}, "
           f"{time.perf_counter() - t0:.1f}s")
@@ -217,7 +204,7 @@ def test_sequence_trains_and_cache_replays(narrow, teacher, tmp_path) -> None:
     # A second run in a fresh directory sharing the cache: zero requests, the same rows and losses.
     cache = tmp_path / "a" / "teacher-cache"
     rec_b = train(_seq_cfg(tmp_path / "b", teacher.url, data, steps, teacher={"cache_dir": str(cache)}))
-    log_b = _log(tmp_path / "b")
+    log_b = read_log(tmp_path / "b")
     assert teacher.n == sent and rec_b["teacher"]["requests"] == 0 and rec_b["teacher"]["cache_hits"] > 0
     for s in range(1, steps + 1):
         assert log_b[s]["loss"] == pytest.approx(log[s]["loss"], rel=1e-5), s
@@ -226,7 +213,7 @@ def test_sequence_trains_and_cache_replays(narrow, teacher, tmp_path) -> None:
     c = {"cache_dir": str(cache)}
     train(_seq_cfg(tmp_path / "c", teacher.url, data, 4, teacher=c, checkpoint={"every": 4}))
     train(_seq_cfg(tmp_path / "c", teacher.url, data, steps, teacher=c, checkpoint={"every": 4}))
-    log_c = _log(tmp_path / "c")
+    log_c = read_log(tmp_path / "c")
     for s in range(5, steps + 1):
         assert log_c[s]["loss"] == pytest.approx(log[s]["loss"], rel=1e-5, abs=1e-6), s
 

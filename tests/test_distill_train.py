@@ -30,20 +30,7 @@ from nanochat_trainer.serve import ModelServer
 from serving import serve_app
 from nanochat_trainer.train import train
 
-MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
-                                     "max_seq_len": 64},
-         "tokenizer": {"train_docs": 300}, "seq_len": 64, "batch_size": 4,
-         "schedule": {"warmup_steps": 5}, "metrics": {"port": 0, "log_every": 1}}
-
-
-def _cfg(run_dir: Path, **over) -> TrainerConfig:
-    data = {**MICRO, **over}
-    data["checkpoint"] = {"dir": str(run_dir), **over.get("checkpoint", {})}
-    return TrainerConfig.model_validate(data)
-
-
-def _log(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+from micro import MICRO, micro_cfg, read_log
 
 
 def _teacher_app(final_dir: Path, seen: dict) -> web.Application:
@@ -64,7 +51,7 @@ def _teacher_app(final_dir: Path, seen: dict) -> web.Application:
 def teacher(tmp_path_factory):
     """(url, teacher run dir, request counter): a MICRO model trained 60 steps, served."""
     tdir = tmp_path_factory.mktemp("teacher")
-    train(_cfg(tdir, steps=60))
+    train(micro_cfg(tdir, steps=60))
     seen = {"n": 0}
     url, stop = serve_app(_teacher_app(tdir / "final", seen))
     yield url, tdir, seen
@@ -75,7 +62,7 @@ def _distill_cfg(run_dir: Path, url: str, tdir: Path, steps: int, **distill) -> 
     teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30,
                **distill.pop("teacher", {})}
     over = {k: distill.pop(k) for k in ("checkpoint", "data", "seed") if k in distill}
-    return _cfg(run_dir, steps=steps, stage="distill", tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")},
+    return micro_cfg(run_dir, steps=steps, stage="distill", tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")},
                 **over, distill={"method": "topk_logprobs", "top_k": 8, "alpha": 0.5, "teacher": teacher, **distill})
 
 
@@ -86,7 +73,7 @@ def test_distill_loss_falls_and_cache_replays(teacher, tmp_path) -> None:
     t0 = time.perf_counter()
     train(_distill_cfg(tmp_path / "a", url, tdir, steps))
     t_first = time.perf_counter() - t0
-    log = _log(tmp_path / "a")
+    log = read_log(tmp_path / "a")
     last = log[steps]
     print(f"\ndistill: loss {log[1]['loss']:.3f} -> {last['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
           f"{last['kd_loss']:.3f}, teacher {last['teacher']}, {t_first:.1f}s")
@@ -101,7 +88,7 @@ def test_distill_loss_falls_and_cache_replays(teacher, tmp_path) -> None:
     # (b) A second identical run in a fresh dir, sharing the cache: zero requests, same losses.
     before = seen["n"]
     train(_distill_cfg(tmp_path / "b", url, tdir, steps, teacher={"cache_dir": str(cache)}))
-    log_b = _log(tmp_path / "b")
+    log_b = read_log(tmp_path / "b")
     assert seen["n"] == before and log_b[steps]["teacher"]["requests"] == 0
     assert log_b[steps]["teacher"]["cache_hits"] == n_rows
     for s in range(1, steps + 1):
@@ -116,7 +103,7 @@ def test_distill_resume_matches_uninterrupted(teacher, tmp_path) -> None:
     train(_distill_cfg(tmp_path / "full", url, tdir, 8, teacher=cache, checkpoint={"every": 4}))
     train(_distill_cfg(tmp_path / "part", url, tdir, 4, teacher=cache, checkpoint={"every": 4}))
     train(_distill_cfg(tmp_path / "part", url, tdir, 8, teacher=cache, checkpoint={"every": 4}))
-    a, b = _log(tmp_path / "full"), _log(tmp_path / "part")
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "part")
     for s in range(5, 9):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), (s, a[s], b[s])
 
@@ -128,7 +115,7 @@ def test_teacher_down(teacher, tmp_path) -> None:
     stop()  # the teacher is gone before the run starts
     steps = 6
     rec = train(_distill_cfg(tmp_path / "skip", url, tdir, steps))
-    log = _log(tmp_path / "skip")
+    log = read_log(tmp_path / "skip")
     print(f"\nteacher down: skipped {rec['teacher_skipped']} micro-batches, teacher {rec['teacher']}")
     assert rec["teacher_skipped"] == steps and log[1]["teacher_skipped"] == 1
     assert rec["teacher"]["errors"] == steps * MICRO["batch_size"] and rec["kd_loss"] is None and "ConnectError" in rec["teacher_error"]
@@ -155,7 +142,7 @@ def test_teacher_stops_mid_run(teacher, tmp_path) -> None:
     finally:
         if not stopped:
             stop()
-    log = _log(tmp_path / "mid")
+    log = read_log(tmp_path / "mid")
     skipped = [log[s]["teacher_skipped"] - log[s - 1]["teacher_skipped"] if s > 1 else log[1]["teacher_skipped"]
                for s in range(1, steps + 1)]
     print(f"\nteacher stopped at step 3: skipped per step {skipped}")
@@ -196,12 +183,12 @@ def test_teacher_on_narrow_pattern_speeds_up_student(tmp_path) -> None:
     held_out = [_narrow_doc(random.Random(10_000 + i)) for i in range(64)]
     t0 = time.perf_counter()
     tdir = tmp_path / "teacher"
-    train(_cfg(tdir, steps=300, data={"source": "local", "path": str(many)}))
+    train(micro_cfg(tdir, steps=300, data={"source": "local", "path": str(many)}))
     seen = {"n": 0}
     url, stop = serve_app(_teacher_app(tdir / "final", seen))
     steps, data = 150, {"source": "local", "path": str(few)}
     try:
-        train(_cfg(tmp_path / "base", steps=steps, data=data,
+        train(micro_cfg(tmp_path / "base", steps=steps, data=data,
                    tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")}))
         train(_distill_cfg(tmp_path / "kd", url, tdir, steps, data=data, top_k=32, alpha=0.5))
     finally:
@@ -238,7 +225,7 @@ def test_text_keyed_teacher_still_works(teacher, tmp_path) -> None:
     finally:
         stop()
     train(_distill_cfg(tmp_path / "ids", url, tdir, steps))
-    a, b = _log(tmp_path / "text"), _log(tmp_path / "ids")
+    a, b = read_log(tmp_path / "text"), read_log(tmp_path / "ids")
     assert seen_flags and all(f is True for f in seen_flags)
     assert rec["teacher_skipped"] == 0 and rec["teacher"]["errors"] == 0
     for s in range(1, steps + 1):
@@ -256,7 +243,7 @@ def test_two_process_ddp_distill_matches_one_process(teacher, tmp_path) -> None:
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                     "--master-port", str(29600 + os.getpid() % 1000), "-m", "nanochat_trainer.train",
                     "--config", str(path)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     for s in range(1, 5):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4), (s, a[s], b[s])
         assert b[s]["teacher_skipped"] == 0 and b[s]["kd_loss"] is not None

@@ -3,7 +3,7 @@ or from a served teacher (a distill block with stage ternary).
 
     .venv/bin/pytest tests/test_ternary_distill.py -q -s     # -s prints the figures
 
-The parent is a MICRO dense model (tests/test_train.py) trained 200 steps; every ternary run
+The parent is a MICRO dense model (tests/micro.py) trained 200 steps; every ternary run
 starts from it through checkpoint.init_from, as a TrainingRun with init.fromTrainingRun does.
 """
 
@@ -25,7 +25,7 @@ from nanochat_trainer.distill.losses import full_kl_loss
 from nanochat_trainer.ternary import ternary_modules
 from nanochat_trainer.train import train
 from serving import serve_app
-from test_train import MICRO, cfg_for
+from micro import MICRO, micro_cfg
 
 PARENT_STEPS = 200
 
@@ -37,13 +37,13 @@ def _log(run_dir: Path) -> dict[int, dict]:
 def _ternary(run_dir: Path, parent: Path, steps: int, **over) -> TrainerConfig:
     ternary = {"ramp_steps": 0, **over.pop("ternary", {})}
     checkpoint = {"init_from": str(parent / "final"), **over.pop("checkpoint", {})}
-    return cfg_for(run_dir, steps=steps, stage="ternary", ternary=ternary, checkpoint=checkpoint, **over)
+    return micro_cfg(run_dir, steps=steps, stage="ternary", ternary=ternary, checkpoint=checkpoint, **over)
 
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("parent")
-    train(cfg_for(run, steps=PARENT_STEPS))
+    train(micro_cfg(run, steps=PARENT_STEPS))
     return run
 
 

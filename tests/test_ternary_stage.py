@@ -7,14 +7,15 @@ import json
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.ternary import ternary_modules
 from nanochat_trainer.train import train
-from test_train import cfg_for, losses
+from micro import micro_cfg
+from test_train import losses
 
 
 def test_ternary_stage_from_dense_parent(tmp_path):
     parent = tmp_path / "dense"
-    train(cfg_for(parent, steps=30))
+    train(micro_cfg(parent, steps=30))
     child = tmp_path / "ternary"
-    train(cfg_for(child, steps=10, stage="ternary", ternary={"ramp_steps": 5},
+    train(micro_cfg(child, steps=10, stage="ternary", ternary={"ramp_steps": 5},
                   checkpoint={"init_from": str(parent / "final")}))
     first = losses(child)[1]
     assert first < losses(tmp_path / "dense")[1] - 1.0, "the ternary run did not start from the parent's weights"
@@ -39,7 +40,7 @@ def test_eval_runs_from_the_packed_file(tmp_path, monkeypatch):
     from nanochat_trainer.cli import main
 
     run = tmp_path / "t"
-    train(cfg_for(run, steps=3, stage="ternary"))
+    train(micro_cfg(run, steps=3, stage="ternary"))
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "term"))
     packed = run / "model.ternary.safetensors"
     assert main(["eval", "--checkpoint", str(packed), "--max-problems", "1", "--max-new-tokens", "8"]) == 0

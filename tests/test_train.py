@@ -14,25 +14,14 @@ import yaml
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.train import train
 
-# A smaller-than-tiny model so several full runs fit in a test.
-MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
-                                     "max_seq_len": 64},
-         "tokenizer": {"train_docs": 300}, "seq_len": 64, "batch_size": 4,
-         "schedule": {"warmup_steps": 5}, "metrics": {"port": 0, "log_every": 1}}
-
-
-def cfg_for(tmp: Path, **over) -> TrainerConfig:
-    data = {**MICRO, **over}
-    data["checkpoint"] = {"dir": str(tmp), **over.get("checkpoint", {})}
-    return TrainerConfig.model_validate(data)
-
+from micro import MICRO, micro_cfg
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
 
 
 def test_loss_falls(tmp_path):
-    train(cfg_for(tmp_path, steps=40))
+    train(micro_cfg(tmp_path, steps=40))
     log = losses(tmp_path)
     assert log[40] < log[1] - 1.5, log
     assert (tmp_path / "final" / "model.safetensors").is_file()
@@ -40,11 +29,11 @@ def test_loss_falls(tmp_path):
 
 def test_resume_matches_uninterrupted(tmp_path):
     full = tmp_path / "full"
-    train(cfg_for(full, steps=12, checkpoint={"every": 6}))
+    train(micro_cfg(full, steps=12, checkpoint={"every": 6}))
     part = tmp_path / "part"
-    train(cfg_for(part, steps=6, checkpoint={"every": 6}))
+    train(micro_cfg(part, steps=6, checkpoint={"every": 6}))
     # The "interrupted" run: same config but 12 steps, resuming from its step-6 checkpoint.
-    train(cfg_for(part, steps=12, checkpoint={"every": 6}))
+    train(micro_cfg(part, steps=12, checkpoint={"every": 6}))
     a, b = losses(full), losses(part)
     for step in range(7, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
@@ -61,8 +50,8 @@ def _torchrun(nproc: int, cfg: TrainerConfig, tmp: Path) -> None:
 
 def test_two_process_ddp_matches_one_process(tmp_path):
     # Same global batch: 1 x 4 sequences against 2 ranks x 2 sequences.
-    one = cfg_for(tmp_path / "one", steps=6, batch_size=4)
-    two = cfg_for(tmp_path / "two", steps=6, batch_size=2)
+    one = micro_cfg(tmp_path / "one", steps=6, batch_size=4)
+    two = micro_cfg(tmp_path / "two", steps=6, batch_size=2)
     train(one)
     _torchrun(2, two, tmp_path)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -75,8 +64,8 @@ def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
     the same losses as plain DDP, checkpoints the full experts, and resumes."""
     moe = {"moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 64, "shared_expert_ffn_dim": 64}}
     model = {**MICRO["model"], **moe}
-    ddp = cfg_for(tmp_path / "ddp", steps=6, batch_size=2, model=model, checkpoint={"every": 3})
-    ep = cfg_for(tmp_path / "ep", steps=3, batch_size=2, model=model, checkpoint={"every": 3}, expert_parallel=2)
+    ddp = micro_cfg(tmp_path / "ddp", steps=6, batch_size=2, model=model, checkpoint={"every": 3})
+    ep = micro_cfg(tmp_path / "ep", steps=3, batch_size=2, model=model, checkpoint={"every": 3}, expert_parallel=2)
     _torchrun(2, ddp, tmp_path)
     _torchrun(2, ep, tmp_path)  # steps 1-3, checkpoint at 3
     _torchrun(2, ep.model_copy(update={"steps": 6}), tmp_path)  # resumes at 3 with sharded experts
