@@ -26,24 +26,26 @@ find_go() {
   fi
 }
 
-build_helm() {
-  local dir="$cache/helm-$HELM_VERSION" go
-  if [ ! -x "$dir/helm" ]; then
+# `go install MODULE@VERSION` of one command into <cache>/<name>-<version>/<name>, once.
+# Built into a temp dir then moved, so an interrupted build never leaves a half binary that
+# later calls would take as done. CGO off: a static binary that does not depend on libc.
+go_install_tool() {
+  local name="$1" module="$2" version="$3" dir go tmp
+  dir="$cache/$name-$version"
+  if [ ! -x "$dir/$name" ]; then
     go="$(find_go)"
     mkdir -p "$dir"
-    echo "tools.sh: building helm $HELM_VERSION into $dir (takes minutes)" >&2
-    # Build into a temp dir then move, so an interrupted build never leaves a half binary
-    # that later calls would take as done.
-    local tmp
+    echo "tools.sh: building $name $version into $dir (takes minutes)" >&2
     tmp="$(mktemp -d "$dir/.build.XXXXXX")"
-    # CGO off: a static binary that does not depend on this machine's libc.
     CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS="${GOFLAGS:-} -trimpath" \
-      nice -n 10 "$go" install "$HELM_MODULE@$HELM_VERSION" >&2
-    mv "$tmp/helm" "$dir/helm"
+      nice -n 10 "$go" install -ldflags "-s -w" "$module@$version" >&2
+    mv "$tmp/$name" "$dir/$name"
     rmdir "$tmp"
   fi
-  echo "$dir/helm"
+  echo "$dir/$name"
 }
+
+build_helm() { go_install_tool helm "$HELM_MODULE" "$HELM_VERSION"; }
 
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod points the staging modules
 # (k8s.io/api, k8s.io/client-go, ...) at ./staging/src with `replace`, which the module
@@ -105,21 +107,7 @@ build_kube() {
   echo "$dir/bin"
 }
 
-build_kwok() {
-  local dir="$cache/kwok-$KWOK_VERSION" go
-  if [ ! -x "$dir/kwok" ]; then
-    go="$(find_go)"
-    mkdir -p "$dir"
-    echo "tools.sh: building kwok $KWOK_VERSION into $dir" >&2
-    local tmp
-    tmp="$(mktemp -d "$dir/.build.XXXXXX")"
-    CGO_ENABLED=0 GOBIN="$tmp" GOFLAGS="${GOFLAGS:-} -trimpath" \
-      nice -n 10 "$go" install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" >&2
-    mv "$tmp/kwok" "$dir/kwok"
-    rmdir "$tmp"
-  fi
-  echo "$dir/kwok"
-}
+build_kwok() { go_install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"; }
 
 case "${1:-}" in
   helm) build_helm ;;
