@@ -216,7 +216,7 @@ def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
 
 def test_lenient_text_answers_for_cross_tokenizer() -> None:
     """strict=False: echoed tokens that do not spell the prompt (U+FFFD halves) are kept for the
-    aligner to judge; fewer than k logprobs still fail."""
+    aligner to judge; fewer than k logprobs fail unless byte tokens collapsed into one U+FFFD key."""
     body = {"choices": [{"text": "\u00e9b", "logprobs": {"tokens": ["\ufffd", "\ufffd", "b"], "text_offset": [0, 1, 2],
                                                          "top_logprobs": [None, {"x": -0.1, "y": -2.0},
                                                                           {"b": -0.5, "c": -1.5}]}}]}
@@ -226,8 +226,15 @@ def test_lenient_text_answers_for_cross_tokenizer() -> None:
     assert [e[0] for e in entries] == ["\ufffd", "\ufffd", "b"]
     with pytest.raises(TeacherError, match="spell the prompt"):
         teacher.run_batch([teacher.prompt_topk("\u00e9b", 2, token_ids=False)])
-    with pytest.raises(TeacherError, match="asked for 3"):
+    with pytest.raises(TeacherError, match="asked for 3"):  # short, and not by a collision
         teacher.run_batch([teacher.prompt_topk("\u00e9b", 3, token_ids=False, strict=False)])
+    lp = body["choices"][0]["logprobs"]
+    collided = {"choices": [{**body["choices"][0], "logprobs": {
+        **lp, "top_logprobs": [None, {"\ufffd": -0.1, "y": -2.0}, {"b": -0.5, "\ufffd": -1.5}]}}]}
+    transport, _ = _mock(collided)
+    teacher = AsyncTeacher("http://t/v1", "m", transport=transport)
+    entries = teacher.run_batch([teacher.prompt_topk("\u00e9b", 3, token_ids=False, strict=False)])[0]
+    assert entries[2][1] == {"b": -0.5, "\ufffd": -1.5}  # U+FFFD byte tokens share one key
 
 
 def test_good_mock_answer_parses() -> None:

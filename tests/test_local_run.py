@@ -100,3 +100,39 @@ def test_ternary_student_is_scored_beside_its_parent(tmp_path, capsys):
     assert all(set(r["pass_at_k"]) == {"1"} for r in rows.values())
     table = capsys.readouterr().err
     assert "parent" in table and "pass@1" in table
+
+
+def test_distillation_manifest_runs_locally_against_a_served_teacher(tmp_path, ckpt):
+    """`nanochat run` of a distill TrainingRun: the teacher is a real OpenAI-compatible server."""
+    from serving import serve_app
+
+    from nanochat_trainer.checkpoint import load_model
+    from nanochat_trainer.serve import ModelServer
+
+    model, tok, _ = load_model(ckpt)
+    url, stop = serve_app(ModelServer(model, tok, model_name="teacher").app())
+    try:
+        manifest = tmp_path / "m.yaml"
+        manifest.write_text(f"""
+apiVersion: nanochat.io/v1alpha1
+kind: TrainingRun
+metadata: {{name: student}}
+spec:
+  trainer:
+    preset: tiny
+    stage: distill
+    steps: 3
+    distill:
+      method: cross_tokenizer
+      top_k: 8
+      teacher: {{url: "{url}/v1", model: teacher}}
+""")
+        runs = tmp_path / "runs"
+        # Rows shorter than the teacher's context: longer pieces are refused by it (and counted).
+        over = {"trainer": {"batch_size": 2, "seq_len": 64, "tokenizer": {"train_docs": 200}}}
+        assert run_manifest(str(manifest), overrides=over, runs_dir=str(runs)) == 0
+    finally:
+        stop()
+    last = json.loads((runs / "student" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 3 and last["teacher"]["requests"] > 0 and last["teacher"]["errors"] == 0, last
+    assert last["alignment"]["aligned_fraction"] > 0.2 and last["kd_loss"] is not None

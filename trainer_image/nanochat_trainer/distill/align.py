@@ -176,5 +176,8 @@ class CrossTokenizerPrefetcher(TeacherPrefetcher):
         return ids.to(x.device), lps.to(x.device), mask.to(x.device)
 
     def stats(self) -> dict:
-        return {"aligned_fraction": round(self.aligned / self.positions, 4) if self.positions else None,
-                "pieces": self.pieces, "piece_errors": self.piece_errors}
+        out = {"aligned_fraction": round(self.aligned / self.positions, 4) if self.positions else None,
+               "pieces": self.pieces, "piece_errors": self.piece_errors}
+        if self.last_piece_error:
+            out["last_piece_error"] = self.last_piece_error  # a count alone does not say what to fix
+        return out
