@@ -97,7 +97,6 @@ def test_feasibility_gpu_cpu_and_memory():
 
 
 def test_param_estimate_matches_the_model():
-    torch = pytest.importorskip("torch")  # noqa: F841
     from nanochat_trainer.config import PRESETS, TrainerConfig
     from nanochat_trainer.model import count_params
 
