@@ -35,7 +35,6 @@ class ChartOperator:
     values: dict[str, Any] = field(default_factory=dict)
     proc: Optional[subprocess.Popen[bytes]] = None
     metrics_port: int = 0
-    restarts: int = 0
 
     @property
     def log_path(self) -> Path:
@@ -125,7 +124,6 @@ class ChartOperator:
 
     def restart(self) -> None:
         self.kill()
-        self.restarts += 1
         self.start()
 
     def peak_rss_mib(self) -> float:

@@ -53,9 +53,10 @@ def parse_trainer_metrics(text: str) -> Progress:
         v = num(key)
         return None if v is None else int(v)
 
+    up = num("teacher_up")
     return Progress(step=integer("step"), total_steps=integer("total_steps"), loss=num("loss"),
                     tokens_per_second=num("tokens_per_second"), checkpoint_step=integer("checkpoint_step"),
-                    teacher_up=None if num("teacher_up") is None else num("teacher_up") == 1,
+                    teacher_up=None if up is None else up == 1,
                     teacher_skipped=integer("teacher_skipped"))
 
 
