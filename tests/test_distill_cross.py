@@ -106,7 +106,8 @@ def test_vocabulary_mapping_and_loss_with_empty_slots() -> None:
     loss = topk_kl_loss(logits, ids[None], lps[None], mask[None], 1.0)
     q = torch.softmax(logits[0, 0].detach(), -1).tolist()
     t, s = [0.5, 0.1, 0.4], [q[1], q[2], 1 - q[1] - q[2]]
-    assert loss.item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(t, s)), rel=1e-5)
+    # float32 log-softmax against a float64 reference: a KL of 3e-3 agrees to ~1e-5 relative.
+    assert loss.item() == pytest.approx(sum(a * math.log(a / b) for a, b in zip(t, s)), rel=1e-4)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 1].abs().sum() == 0
     # Every slot empty at a masked-in position: finite, rest-only.

@@ -204,6 +204,13 @@ def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns():
             want = "AdamW"  # embeddings, head, gains, routers, gates, the DeltaNet conv (3-D, not experts)
         assert owner[id(p)] == want, name
     assert owner[id(hybrid.layers[0].attn.conv1d.weight)] == "AdamW"
+    # optimizer.name adamw: one AdamW, the hidden matrices (experts' stacks too) at lr, the rest at adam_lr.
+    ocfg = TrainerConfig(preset="tiny-hybrid", optimizer={"name": "adamw"}).optimizer
+    (adamw,) = build_optimizers(hybrid, ocfg)
+    lr_of = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
+    for name, p in hybrid.named_parameters():
+        hidden = owner[id(p)] in ("Muon", "BatchedMuon")
+        assert lr_of[id(p)] == (ocfg.lr if hidden else ocfg.adam_lr), name
 
     cfg = TrainerConfig(preset="tiny-moe")
     mcfg = cfg.model.model_copy(update={"n_layers": 2, "vocab_size": 64})

@@ -96,6 +96,21 @@ def test_feasibility_gpu_cpu_and_memory():
     assert feasibility(spec(trainer=big, resources={"nodes": 1, "gpusPerNode": 8}))
 
 
+def test_feasibility_of_expert_parallel_layouts():
+    two_nodes = {"nodes": 2, "gpusPerNode": 8}
+    # DDP keeps the dense part on every GPU and 1/ep of the 77B of experts: 8 GPUs' worth is too much.
+    ddp = feasibility(spec(trainer={"preset": "qwen3-hybrid", "parallel": "ddp", "expert_parallel": 8},
+                           resources=two_nodes))
+    assert len(ddp) == 1 and "expert_parallel=8" in ddp[0] and "1/8 of the experts" in ddp[0], ddp
+    assert feasibility(spec(trainer={"preset": "qwen3-hybrid", "expert_parallel": 8}, resources=two_nodes)) == []
+    odd = feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 4},
+                           resources={"nodes": 3, "gpusPerNode": 2}))
+    assert odd == ["trainer.expert_parallel=4 does not divide the run's 6 workers (resources.nodes=3 x "
+                   "gpusPerNode=2): use a divisor of 6"]
+    assert feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 2, "device": "cpu"},
+                            resources={"nodes": 2})) == []
+
+
 def test_param_estimate_matches_the_model():
     from nanochat_trainer.config import PRESETS, TrainerConfig
     from nanochat_trainer.model import count_params

@@ -149,7 +149,8 @@ def test_parent_kd_under_fsdp(parent, tmp_path) -> None:
     for s in range(1, 4):
         # Muon's bf16 Newton-Schulz on sharded matrices drifts slightly from one process.
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=2e-3), (s, a[s], b[s])
-        assert b[s]["kd_loss"] == pytest.approx(a[s]["kd_loss"], rel=2e-3), (s, a[s], b[s])
+        # The KL is a small difference of two distributions, so relatively noisier (3.3e-3 measured).
+        assert b[s]["kd_loss"] == pytest.approx(a[s]["kd_loss"], rel=1e-2), (s, a[s], b[s])
     final = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     last = load_file(str(tmp_path / "two" / "checkpoints" / "step_00000003" / "model.safetensors"))
     assert sorted(final) == sorted(last) and all(torch.equal(final[k], last[k]) for k in final)

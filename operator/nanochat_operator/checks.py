@@ -9,8 +9,10 @@ a condition saying why instead of crash-looping out of memory:
 The memory estimate is a floor, not a prediction: parameters x 16 bytes (bf16 weights
 and gradients are 4 bytes, fp32 master weights 4, two fp32 Adam moments 8; Muon keeps
 one moment but its AdamW half keeps two, so 16 is the round figure), spread over every
-GPU when FSDP shards it, on each GPU when DDP replicates it. Activations come on top,
-so a run that passes can still run out of memory; one that fails cannot fit.
+GPU when FSDP shards it, on each GPU when DDP replicates it (with expert parallelism
+under DDP, each GPU holds the dense part and 1/expert_parallel of the routed experts).
+Activations come on top, so a run that passes can still run out of memory; one that
+fails cannot fit.
 
 The parameter count is computed from the config (no torch in the operator image); it
 matches nanochat_trainer.model.count_params within a few per cent (tested).
@@ -18,13 +20,12 @@ matches nanochat_trainer.model.count_params within a few per cent (tested).
 
 from __future__ import annotations
 
-from nanochat_trainer.config import ModelConfig
+from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig
 
 from .api import TrainingRunSpec, parse_quantity
 
 BYTES_PER_PARAM = 16
 GIB = 2**30
-FSDP_FROM_PARAMS = 1_000_000_000  # the trainer's parallel=auto switches to FSDP2 here
 
 
 def estimate_params(m: ModelConfig) -> int:
@@ -70,6 +71,14 @@ def estimate_params(m: ModelConfig) -> int:
     return embed + head + layers + d  # final norm
 
 
+def estimate_expert_params(m: ModelConfig) -> int:
+    """The routed experts' share of estimate_params (what expert parallelism splits)."""
+    if m.moe is None:
+        return 0
+    moe_layers = sum(1 for i in range(m.n_layers) if i not in m.moe.dense_layers)
+    return moe_layers * m.moe.n_experts * 3 * m.dim * m.moe.expert_ffn_dim
+
+
 def training_memory_bytes(params: int) -> int:
     return params * BYTES_PER_PARAM
 
@@ -83,20 +92,32 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
     if cfg.device == "cuda" and gpus == 0:
         problems.append("trainer.device=cuda but resources ask for no GPUs (gpusPerNode=0)")
     params = estimate_params(cfg.model)
-    need = training_memory_bytes(params)
+    experts = estimate_expert_params(cfg.model)
+    ep = cfg.expert_parallel
+    world = res.nodes * max(res.gpus_per_node, 1)  # torchrun workers: one per GPU, one per CPU pod
+    if world % ep:
+        problems.append(f"trainer.expert_parallel={ep} does not divide the run's {world} workers "
+                        f"(resources.nodes={res.nodes} x gpusPerNode={res.gpus_per_node}): use a divisor of {world}")
     shards = (cfg.parallel == "fsdp") or (cfg.parallel == "auto" and params >= FSDP_FROM_PARAMS)
+    workers = gpus if gpus > 0 else res.nodes  # one process per GPU; CPU runs: one per pod
+    # What one worker holds: an equal share under FSDP2 (with EP: experts split over the EP
+    # group, FSDP2 over the rest, still 1/world each); the dense part plus 1/ep of the experts under DDP.
+    held = params / workers if shards else params - experts + experts / ep
+    need = training_memory_bytes(int(held))
+    what = (f"model of ~{params / 1e9:.2f}B parameters"
+            + (f" ({experts / 1e9:.2f}B in routed experts, expert_parallel={ep})" if experts else ""))
+    how = ("FSDP shards it" if shards else
+           "DDP keeps the dense weights on every GPU" + (f" and 1/{ep} of the experts" if experts else ""))
     if gpus > 0:
-        have = (gpus if shards else 1) * gpu_memory_gib * GIB
+        have = gpu_memory_gib * GIB
         if need > have:
-            where = (f"{gpus} GPUs x {gpu_memory_gib:g} GiB (FSDP)" if shards
-                     else f"one GPU's {gpu_memory_gib:g} GiB (DDP keeps a full copy per GPU)")
             problems.append(
-                f"model of ~{params / 1e9:.2f}B parameters needs at least {need / GIB:.0f} GiB for weights, "
-                f"gradients and optimizer state; {where} is not enough: ask for more GPUs"
+                f"{what} needs at least {need / GIB:.0f} GiB per GPU for weights, gradients and optimizer state "
+                f"over {gpus} GPUs ({how}); one GPU has {gpu_memory_gib:g} GiB: ask for more GPUs"
                 + ("" if shards else " or set trainer.parallel=fsdp"))
     elif res.memory is not None:
-        have = parse_quantity(res.memory) * (res.nodes if shards else 1)
+        have = parse_quantity(res.memory)
         if need > have:
-            problems.append(f"model of ~{params / 1e9:.2f}B parameters needs at least {need / GIB:.1f} GiB; "
+            problems.append(f"{what} needs at least {need / GIB:.1f} GiB per pod ({how}); "
                             f"resources.memory={res.memory} per pod is not enough")
     return problems

@@ -82,7 +82,7 @@ def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
         f"data {t.data.source}" + (f" ({t.data.dataset})" if t.data.source == "huggingface" else ""),
         f"  {s.resources.nodes} node(s) x {s.resources.gpus_per_node} GPU(s): torchrun {world} process(es); "
         f"Job {render.job_name(run.metadata.name)}",
-        f"  storage: " + (f"PVC {s.storage.pvc_name(run.metadata.name)}, run dir "
+        "  storage: " + (f"PVC {s.storage.pvc_name(run.metadata.name)}, run dir "
                           f"{render.run_dir(run.metadata.name)}" if s.storage else "none (emptyDir: no resume)"),
     ]
     if t.stage == "distill" and t.distill:

@@ -236,7 +236,7 @@ class TernaryConfig(Strict):
         description="Glob patterns of module names made ternary.",
     )
     exclude: list[str] = Field(
-        default_factory=lambda: ["*embed*", "*lm_head*", "*norm*", "*router*"],
+        default_factory=lambda: ["*embed*", "*lm_head*", "*norm*", "*router*", "*conv1d*"],
         description="Glob patterns never made ternary (wins over include).",
     )
     ramp_steps: int = Field(0, ge=0, description="Mix full-precision into ternary weights over the first N steps.")
@@ -248,6 +248,11 @@ class TernaryConfig(Strict):
     )
     parent_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL to the parent against the LM loss.")
     parent_temperature: float = Field(1.0, gt=0, description="Softening temperature of the KL to the parent.")
+
+
+# parallel=auto shards with FSDP2 from here ("1B" presets and up); the operator's feasibility check
+# uses the same figure, from its own parameter estimate.
+FSDP_FROM_PARAMS = 900_000_000
 
 
 class TrainerConfig(Strict):
@@ -275,7 +280,12 @@ class TrainerConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto: bf16 autocast on GPU.")
     compile: bool = Field(False, description="torch.compile the model.")
-    parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: FSDP2 from 1B parameters, else DDP.")
+    activation_checkpointing: bool = Field(
+        False, description="Keep only each block's input in the forward pass and recompute the block in the "
+        "backward: about a third more compute for activations of one block instead of all."
+    )
+    parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: FSDP2 from 1B parameters, else DDP; "
+                                                     "with expert_parallel, for the dense weights.")
     expert_parallel: int = Field(
         1, ge=1, description="Expert parallelism: ranks that split each MoE layer's experts (consecutive "
         "ranks, keep them in one node); must divide model.moe.n_experts and the world size. 1: off."
@@ -421,7 +431,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 0.02, "adam_lr": 0.002},
         "schedule": {"warmup_steps": 2000, "decay": "wsd"},
         "checkpoint": {"every": 500},
-        "steps": 100000, "batch_size": 1, "seq_len": 4096, "dtype": "bfloat16", "parallel": "fsdp",
+        "steps": 100000, "batch_size": 1, "seq_len": 4096, "dtype": "bfloat16",
+        # EP=8 inside a node, FSDP2 for the rest, blocks recomputed: fits 4 nodes of 8 x 80 GB (README).
+        "parallel": "fsdp", "expert_parallel": 8, "activation_checkpointing": True,
     },
 }
 

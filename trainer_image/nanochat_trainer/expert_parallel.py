@@ -22,42 +22,40 @@ exchange), so a rank's expert weights receive the gradient of every token routed
 them from the whole EP group. gloo (CPU) supports `all_to_all_single` with uneven
 splits in this torch, so the same code runs on gloo and NCCL.
 
-Gradients. DDP averages the dense gradients over the world. An expert slice's local
-gradient is already the sum over its EP group's micro-batches; `reduce_expert_grads`
-sums it over the slice's replicas and divides by the world size, giving the same
-average a single process would compute on the global batch. DDP must skip the expert
-weights (`ddp_ignore_experts`), and the gradient norm must count each expert once
-(`clip_grad_norm_`).
+Gradients. The dense gradients are averaged over the world (by DDP, or reduce-scattered
+by FSDP2). An expert slice's local gradient is already the sum over its EP group's
+micro-batches; it must be summed over the slice's replicas and divided by the world size,
+giving the same average a single process would compute on the global batch. Under DDP the
+experts are left out of DDP (`ddp_ignore_experts`) and `reduce_expert_grads` does that
+reduction; under FSDP2 (`parallel.shard_fsdp`) each MoE layer's experts are their own FSDP
+unit sharded over the replicas (dim 0, so every expert matrix stays whole on one rank),
+which averages them over the replicas, and `reduce_expert_grads` divides by ep; with no
+replicas (ep == world) FSDP ignores them and `reduce_expert_grads` does it all. The
+gradient norm counts every expert once (`clip_grad_norm_`).
 
-    ep = setup_expert_parallel(model, cfg, world, rank)       # before DDP and optimizers
-    ddp_ignore_experts(model)                                  # then wrap in DDP
+    ep = setup_expert_parallel(model, cfg, world, rank)       # before DDP/FSDP and optimizers
+    wrapped = parallel.wrap_model(model, cfg, device, world, ep)
     ... loss.backward() ...
     reduce_expert_grads(model, ep); clip_grad_norm_(model, max_norm, ep); opt.step()
 
 Checkpoints: `gather_full_state` (collective) / `shard_full_state` (local) turn the
 expert entries of model and optimizer state dicts into full (E, ...) tensors and back,
-so checkpoint files are the same with and without EP; `full_experts(model, ep)` holds
-the full experts in the model for the length of a `with` block (for `save_weights`).
+so checkpoint files are the same with and without EP (and with and without FSDP2).
 
 Every forward is collective: all ranks of an EP group must run the same number of MoE
 forwards (no rank-0-only evaluation or generation with a sharded model).
 
-Not covered: EP combined with FSDP2 (refused at setup), and overlap of the exchanges with
-compute.
+Not covered: overlap of the exchanges with compute.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-EP_ATTR = "_expert_parallel"  # set on expert weights sharded by shard_experts
-
 
 @dataclass
 class ExpertParallel:
@@ -70,6 +68,7 @@ class ExpertParallel:
     shard: int  # this rank's slice index, rank % ep
     ep_group: dist.ProcessGroup
     dp_group: Optional[dist.ProcessGroup]  # None when dp == 1
+    fsdp: bool = False  # set by parallel.wrap_model: dense weights (and experts when dp > 1) are FSDP2 shards
 
 
 class _AllToAll(torch.autograd.Function):
@@ -130,8 +129,24 @@ def _expert_weights(experts: nn.Module) -> list[nn.Parameter]:
     return [experts.gate_proj.weight, experts.up_proj.weight, experts.down_proj.weight]
 
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    return bool(getattr(p, EP_ATTR, False))
+def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    """The live weights of the sharded experts (looked up through the modules, since FSDP2
+    replaces Parameter objects when it shards them)."""
+    return [p for experts in _moe_experts(model) if experts.ep_group is not None for p in _expert_weights(experts)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _ep_slice(t: torch.Tensor) -> torch.Tensor:
+    """The whole of this rank's expert slice: an FSDP2 DTensor is gathered over the replicas (collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
@@ -154,7 +169,6 @@ def shard_experts(model: nn.Module, ep_group, shard: int | None = None) -> int:
         per = e // ep
         for p in _expert_weights(experts):
             p.data = p.data[shard * per:(shard + 1) * per].clone()
-            setattr(p, EP_ATTR, True)
         experts.ep_group, experts.ep_offset = ep_group, shard * per
         n += 1
     return n
@@ -176,9 +190,6 @@ def setup_expert_parallel(model: nn.Module, cfg, world: int, rank: int) -> Optio
         raise ValueError(f"expert_parallel={ep} does not divide model.moe.n_experts={cfg.model.moe.n_experts}")
     if world % ep:
         raise ValueError(f"expert_parallel={ep} does not divide the world size {world} (ranks of the run)")
-    if cfg.parallel == "fsdp":
-        raise ValueError(f"expert_parallel={ep} works with DDP only so far: set parallel: ddp (or auto), "
-                         "not fsdp")
     if not dist.is_initialized():
         raise RuntimeError("setup_expert_parallel needs the process group (torchrun)")
     dp = world // ep
@@ -202,7 +213,8 @@ def setup_expert_parallel(model: nn.Module, cfg, world: int, rank: int) -> Optio
 
 def expert_param_names(module: nn.Module) -> list[str]:
     """Names (as `module` spells them, e.g. with a compile or DDP prefix) of the sharded expert weights."""
-    return [n for n, p in module.named_parameters() if is_expert_param(p)]
+    ids = {id(p) for p in expert_params(module)}
+    return [n for n, p in module.named_parameters() if id(p) in ids]
 
 
 def ddp_ignore_experts(module: nn.Module) -> list[str]:
@@ -218,10 +230,15 @@ def ddp_ignore_experts(module: nn.Module) -> list[str]:
 def reduce_expert_grads(model: nn.Module, ep: ExpertParallel) -> None:
     """After the last backward of a step: expert grads := sum over the slice's replicas / world.
 
-    That is the world-mean gradient DDP gives the dense weights, for each expert.
+    That is the world-mean gradient DDP gives the dense weights, for each expert. Experts that
+    FSDP2 shards (DTensors) were already averaged over the replicas by FSDP: divided by ep here.
     """
-    for p in model.parameters():
-        if not is_expert_param(p):
+    from torch.distributed.tensor import DTensor
+
+    for p in expert_params(model):
+        if isinstance(p, DTensor):
+            if p.grad is not None:
+                _local(p.grad).div_(ep.ep)
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -232,22 +249,28 @@ def reduce_expert_grads(model: nn.Module, ep: ExpertParallel) -> None:
 
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, ep: Optional[ExpertParallel]) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model: the expert slices' squared
-    norms are summed over the EP group, so every rank gets the same norm and clip factor."""
+    """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model, the same norm and clip
+    factor on every rank. Under DDP the dense gradients are replicated (counted once) and the
+    expert slices' squared norms are summed over the EP group; under FSDP2 every element of
+    every gradient lives on exactly one rank, so the squared norms are summed over the world."""
     params = [p for p in model.parameters() if p.grad is not None]
     if ep is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    dense = [p.grad for p in params if not is_expert_param(p)]
-    experts = [p.grad for p in params if is_expert_param(p)]
-    device = params[0].grad.device if params else torch.device("cpu")
+    ids = {id(p) for p in expert_params(model)}
+    device = _local(params[0].grad).device if params else torch.device("cpu")
     zero = torch.zeros((), device=device, dtype=torch.float32)
-    dense_sq = sum((g.float().pow(2).sum() for g in dense), zero)
-    expert_sq = sum((g.float().pow(2).sum() for g in experts), zero.clone())
-    dist.all_reduce(expert_sq, group=ep.ep_group)
-    total = (dense_sq + expert_sq).sqrt()
+    dense_sq = sum((_local(p.grad).float().pow(2).sum() for p in params if id(p) not in ids), zero)
+    expert_sq = sum((_local(p.grad).float().pow(2).sum() for p in params if id(p) in ids), zero.clone())
+    if ep.fsdp:
+        total_sq = dense_sq + expert_sq
+        dist.all_reduce(total_sq)
+    else:
+        dist.all_reduce(expert_sq, group=ep.ep_group)
+        total_sq = dense_sq + expert_sq
+    total = total_sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in params:
-        p.grad.mul_(coef.to(p.grad.dtype))
+        _local(p.grad).mul_(coef.to(p.grad.dtype))
     return total
 
 
@@ -257,8 +280,9 @@ def _gather_rows(t: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _expert_fqns(model: nn.Module) -> dict[str, torch.Size]:  # local (sliced) shapes
-    return {n: p.shape for n, p in model.named_parameters() if is_expert_param(p)}
+def _expert_fqns(model: nn.Module) -> dict[str, torch.Size]:  # this rank's slice shapes (whole, not FSDP shards)
+    ids = {id(p) for p in expert_params(model)}
+    return {n: p.shape for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _dev_of(ep: ExpertParallel) -> torch.device:
@@ -274,14 +298,16 @@ def gather_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], msd: 
     parameter name, as torch.distributed.checkpoint.state_dict writes them) become full (E, ...)
     tensors. Collective over the EP group: every rank must call it, also the ranks whose dicts
     are empty (full_state_dict with cpu_offload fills rank 0's only); the slices come from the
-    live parameters and optimizer states, not from the dicts. A no-op without EP."""
+    live parameters and optimizer states (FSDP2 shards gathered over the replicas first), not
+    from the dicts. A no-op without EP."""
     if ep is None:
         return
     dev = _dev_of(ep)
+    ids = {id(p) for p in expert_params(model)}
     for name, p in model.named_parameters():
-        if not is_expert_param(p):
+        if id(p) not in ids:
             continue
-        full = _gather_rows(p.detach().to(dev), ep)
+        full = _gather_rows(_ep_slice(p.detach()).to(dev), ep)
         if name in msd:
             msd[name] = full.to(msd[name].device)
         for i, opt in enumerate(opts):
@@ -290,7 +316,7 @@ def gather_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], msd: 
                 val = state[key]
                 if not (isinstance(val, torch.Tensor) and val.shape == p.shape):
                     continue  # e.g. AdamW's scalar step
-                full = _gather_rows(val.detach().to(dev), ep)
+                full = _gather_rows(_ep_slice(val.detach()).to(dev), ep)
                 saved = (osds[i].get("state", {}).get(name) if osds is not None and i < len(osds) else None)
                 if saved is not None and key in saved:
                     saved[key] = full.to(saved[key].device)
@@ -312,22 +338,3 @@ def shard_full_state(model: nn.Module, msd: dict, osds: list[dict] | None, ep: O
                 if isinstance(val, torch.Tensor) and val.ndim == len(shape) and val.shape[0] == per * ep.ep \
                         and val.shape[1:] == shape[1:]:
                     state[key] = val[rows].clone()
-
-
-@contextmanager
-def full_experts(model: nn.Module, ep: Optional[ExpertParallel]):
-    """Within the block the model holds all experts (gathered; collective), e.g. to save weights."""
-    if ep is None:
-        yield model
-        return
-    params = [p for p in model.parameters() if is_expert_param(p)]
-    shards = [p.data for p in params]
-    dev = _dev_of(ep)
-    with torch.no_grad():
-        for p in params:
-            p.data = _gather_rows(p.data.to(dev), ep).to(p.device)
-    try:
-        yield model
-    finally:
-        for p, s in zip(params, shards):
-            p.data = s

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .model import Attention, KVCache, apply_rope
+from .model import Attention, KVCache
 
 try:  # Triton kernels for CUDA; optional.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk

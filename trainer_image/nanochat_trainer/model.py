@@ -15,10 +15,12 @@ one. The model knows nothing of parallelism: DDP/FSDP/compile are applied in
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -170,10 +172,26 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Recompute:
+    """Active while activation checkpointing re-runs a block's forward inside the backward pass:
+    a module whose forward has effects beyond its output (the MoE load counters) skips them then,
+    so they count each forward once."""
+
+    active = False
+
+    def __enter__(self) -> None:
+        Recompute.active = True
+
+    def __exit__(self, *exc) -> None:
+        Recompute.active = False
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # Training setting (TrainerConfig.activation_checkpointing), not architecture: set by the trainer.
+        self.activation_checkpointing = False
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -242,8 +260,15 @@ class GPT(nn.Module):
             attn_mask = attn_mask | diag[None]
             attn_mask = attn_mask[:, None]  # (B, 1, T, S)
         x = self.embed_tokens(idx)
+        checkpointed = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, attn_mask)
+            if checkpointed:
+                # Non-reentrant: works under FSDP2 (its hooks see the recompute as part of the
+                # backward) and lets tensors made inside the block, such as the MoE aux loss, carry gradient.
+                x = checkpoint(layer, x, cos, sin, None, attn_mask, use_reentrant=False,
+                               context_fn=lambda: (nullcontext(), Recompute()))
+            else:
+                x = layer(x, cos, sin, cache, attn_mask)
         if cache is not None:
             cache.advance(pad_mask)
         logits = self.lm_head(self.norm(x))

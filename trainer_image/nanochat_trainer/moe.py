@@ -11,7 +11,9 @@
 
 Dispatch is capacity-free: the (token, slot) pairs are sorted by expert, every expert
 runs on its contiguous slice, and results are scattered back weighted. On CUDA with
-bf16 the slices run as one `torch._grouped_mm`; elsewhere as a per-expert loop. Under
+bf16 the slices run as one `torch._grouped_mm`; elsewhere as a per-expert loop. Both read
+the weights and inputs through StackedLinear's `effective_weight` / `effective_input` hooks,
+which the ternary stage's BitStackedLinear and the packed PackedStackedLinear override. Under
 expert parallelism (`expert_parallel.shard_experts`) each rank holds a contiguous slice
 of the experts and `Experts.forward` exchanges the sorted rows with the ranks holding
 their experts (two all-to-alls) around the same grouped-mm / loop kernel.
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig, MoEConfig
 # model.py imports this module lazily (inside make_ffn), so this import makes no cycle.
-from .model import SwiGLU
+from .model import Recompute, SwiGLU
 
 
 class StackedLinear(nn.Module):
@@ -64,6 +66,16 @@ class StackedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n, out_features, in_features))
         nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (E, out, in) weight `Experts.compute` multiplies by, cast to `dtype` (the matmul's)
+        when given. Here the weight itself; ternary.BitStackedLinear (QAT) and
+        ternary_pack.PackedStackedLinear (packed inference) return their ternary weight."""
+        return self.weight if dtype is None else self.weight.to(dtype)
+
+    def effective_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows this module's matmul sees: x unchanged here; the ternary modules quantize per token."""
+        return x
 
     def extra_repr(self) -> str:
         e, o, i = self.weight.shape
@@ -94,28 +106,39 @@ class Experts(nn.Module):
         return self.compute(x_sorted, counts, impl)
 
     def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
-        """The experts this module holds on their rows: counts has one entry per local expert."""
-        wg, wu, wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        """The experts this module holds on their rows: counts has one entry per local expert.
+
+        Weights and inputs go through the projections' `effective_weight` / `effective_input`
+        hooks (identity for StackedLinear, ternary for the BitNet modules), so plain,
+        ternary-training and packed experts share this one code path.
+        """
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        # _grouped_mm is not an autocast op: cast to the autocast dtype by hand. The loop
+        # gets the same cast, so a packed module can dequantize straight into that dtype.
+        dt = _compute_dtype(x_sorted)
+        wg, wu, wd = gate.effective_weight(dt), up.effective_weight(dt), down.effective_weight(dt)
+        xg, xu = gate.effective_input(x_sorted), up.effective_input(x_sorted)
         if impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
-            # _grouped_mm is not an autocast op: cast to the autocast dtype by hand.
-            dt = _compute_dtype(x_sorted)
-            x_sorted, wg, wu, wd = (t.to(dt) for t in (x_sorted, wg, wu, wd))
+            xg, xu = xg.to(dt), xu.to(dt)
             # _grouped_mm wants (E, in, out) on the right; transposed views are fine.
-            h = F.silu(torch._grouped_mm(x_sorted, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
-                x_sorted, wu.transpose(1, 2), offs=offs
+            h = F.silu(torch._grouped_mm(xg, wg.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+                xu, wu.transpose(1, 2), offs=offs
             )
-            return torch._grouped_mm(h, wd.transpose(1, 2), offs=offs)
+            return torch._grouped_mm(down.effective_input(h), wd.transpose(1, 2), offs=offs)
         # One host sync for the split sizes; experts with no tokens cost nothing.
+        sizes = counts.tolist()
         outs = []
-        for e, xe in enumerate(torch.split(x_sorted, counts.tolist())):
-            if xe.numel() == 0:
+        for e, (xge, xue) in enumerate(zip(torch.split(xg, sizes), torch.split(xu, sizes))):
+            if xge.numel() == 0:
                 continue
-            outs.append(F.linear(F.silu(F.linear(xe, wg[e])) * F.linear(xe, wu[e]), wd[e]))
+            h = F.silu(F.linear(xge, wg[e])) * F.linear(xue, wu[e])
+            outs.append(F.linear(down.effective_input(h), wd[e]))
         if not outs:
             # No rows: still run one expert on the empty batch, so that the weights (and, under
             # expert parallelism, the all-to-all around this call) stay in the autograd graph.
-            return F.linear(F.silu(F.linear(x_sorted, wg[0])) * F.linear(x_sorted, wu[0]), wd[0])
+            h = F.silu(F.linear(xg, wg[0])) * F.linear(xu, wu[0])
+            return F.linear(down.effective_input(h), wd[0])
         return torch.cat(outs)
 
 
@@ -198,7 +221,8 @@ class MoE(nn.Module):
         load = counts.detach()
         self.last_expert_load = load
         if self.training:
-            self._load_since_update += load.to(self._load_since_update.dtype)
+            if not Recompute.active:  # activation checkpointing's re-run must not count twice
+                self._load_since_update += load.to(self._load_since_update.dtype)
             self.last_aux_loss = self._aux_loss(logits, probs, load, n)
         else:
             self.last_aux_loss = None  # evaluation losses stay pure cross-entropy

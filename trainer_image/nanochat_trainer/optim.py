@@ -58,6 +58,10 @@ class BatchedMuon(torch.optim.Optimizer):
     Newton-Schulz steps in bf16 after dividing by the matrix's Frobenius norm, decoupled
     weight decay, lr scaled by `adjust_lr_fn` of the matrix shape (m, n). The E
     orthogonalisations run as batched matmuls. 2-D parameters are accepted as a batch of 1.
+
+    An FSDP2 parameter (DTensor sharded along dim 0, as `parallel.shard_fsdp` shards expert
+    stacks) is updated on its local shard: a dim-0 shard holds whole expert matrices, so the
+    result is the unsharded update, with no communication.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -93,11 +97,11 @@ class BatchedMuon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                rows, cols = p.shape[-2], p.shape[-1]
+                p, grad, buf = (_dim0_local(t) for t in (p, p.grad, state["momentum_buffer"]))
                 buf.lerp_(grad, 1 - mom)
                 update = grad.lerp(buf, mom) if group["nesterov"] else buf
                 squeeze = update.ndim == 2
@@ -106,8 +110,21 @@ class BatchedMuon(torch.optim.Optimizer):
                 if squeeze:
                     update = update.squeeze(0)
                 p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], p.shape[-2], p.shape[-1]))
+                p.add_(update, alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], rows, cols))
         return loss
+
+
+def _dim0_local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor sharded along dim 0 only (else t): in-place updates of it
+    update the DTensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t
+    if t.ndim != 3 or any(not (pl.is_replicate() or pl == Shard(0)) for pl in t.placements):
+        raise ValueError(f"BatchedMuon: a sharded parameter must be a (E, out, in) stack sharded along dim 0, "
+                         f"not shape {tuple(t.shape)} with {t.placements}")
+    return t.to_local()
 
 
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim.Optimizer]:
@@ -118,9 +135,10 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
     rest = [p for _, p in named if id(p) not in matrix_ids]
     adam_groups = [{"params": rest, "lr": cfg.adam_lr}]
     if cfg.name == "adamw":
-        # Plain AdamW everywhere: the hidden matrices keep their own (larger) rate.
-        adam_groups = [{"params": [p for n, p in named if uses_muon(n, p)], "lr": cfg.lr},
-                       {"params": [p for n, p in named if not uses_muon(n, p)], "lr": cfg.adam_lr}]
+        # Plain AdamW everywhere: the hidden matrices (experts' too) keep their own (larger) rate.
+        hidden = {id(p) for n, p in named if uses_muon(n, p) or uses_batched_muon(n, p)}
+        adam_groups = [{"params": [p for _, p in named if id(p) in hidden], "lr": cfg.lr},
+                       {"params": [p for _, p in named if id(p) not in hidden], "lr": cfg.adam_lr}]
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
         [g for g in adam_groups if g["params"]], betas=(cfg.beta1, cfg.beta2),
         weight_decay=cfg.weight_decay, eps=1e-10, fused=False)]

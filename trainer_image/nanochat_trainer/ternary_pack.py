@@ -3,25 +3,34 @@
 A BitLinear's forward weight is codes * scale with codes in {-1, 0, +1}. The codes are
 stored base 3, five per byte (3^5 = 243 <= 256): byte = sum_i (code_i + 1) * 3^i over
 the flattened weight, zero-padded to a multiple of 5. Each layer also keeps its float32
-scale. Everything else (embeddings, head, norms) keeps its dtype.
+scale. MoE's ternary experts (BitStackedLinear, a (E, out, in) weight with one scale per
+expert) are packed the same way expert by expert: each expert's flattened (out, in)
+matrix is padded to a multiple of 5 on its own, so an expert's codes are one row of
+whole bytes. Everything else (embeddings, head, norms, router) keeps its dtype.
 
     from nanochat_trainer.ternary_pack import save_packed, load_packed_model, to_packed_inference
 
     info = save_packed(model, model_cfg.model_dump(), "model.ternary.safetensors")
-    model = load_packed_model("model.ternary.safetensors", device="cuda")  # PackedBitLinear layers
-    to_packed_inference(trained_model)   # or swap an in-memory BitLinear model in place
+    model = load_packed_model("model.ternary.safetensors", device="cuda")  # packed layers
+    to_packed_inference(trained_model)   # or swap an in-memory ternary model in place
 
-File layout (safetensors): for a ternary module `NAME`, `NAME.weight_packed` (uint8,
-1-D) and `NAME.weight_scale` (float32, shape (1,)), plus `NAME.bias` when it has one;
-every other tensor under its state_dict key. Metadata key "nanochat_ternary" holds JSON:
-format version, encoding, model config, per-module shapes and activation bits, and
-aliases for tied tensors (safetensors refuses to store one tensor under two names).
-The keys equal `PackedBitLinear`'s state_dict keys, so `load_packed(dequantize=False)`
-loads straight into a model after `to_packed_inference`.
+File layout (safetensors): for a ternary linear `NAME`, `NAME.weight_packed` (uint8,
+1-D, ceil(out*in/5)) and `NAME.weight_scale` (float32, shape (1,)), plus `NAME.bias` when
+it has one; for ternary experts `NAME`, `NAME.weight_packed` (uint8, (E, ceil(out*in/5)))
+and `NAME.weight_scale` (float32, (E,)); every other tensor under its state_dict key.
+Metadata key "nanochat_ternary" holds JSON: format version, encoding, model config,
+per-module shapes and activation bits, and aliases for tied tensors (safetensors refuses
+to store one tensor under two names). Format "nanochat-ternary-v1" has linear modules
+only; "nanochat-ternary-v2" adds expert modules, whose entries carry "kind": "stacked"
+and "n_experts" (an entry without "kind" is a linear). A file without experts is still
+written as v1, so older readers load it; both versions load here. The keys equal the
+packed modules' state_dict keys, so `load_packed(dequantize=False)` loads straight into
+a model after `to_packed_inference`.
 
-`PackedBitLinear` unpacks with a 256-entry lookup table, on every forward (weights
-stay 1.6 bits in memory) or once (cache_unpacked=True: dense-sized memory, dense
-speed). There is no fused ternary matmul kernel here: compute is a regular matmul.
+`PackedBitLinear` and `PackedStackedLinear` unpack with a 256-entry lookup table, on
+every forward (weights stay 1.6 bits in memory) or once (cache_unpacked=True:
+dense-sized memory, dense speed). There is no fused ternary matmul kernel here: compute
+is a regular matmul (for experts, `moe.Experts.compute`'s loop or grouped mm).
 """
 
 from __future__ import annotations
@@ -36,9 +45,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .ternary import BitLinear, quantize_activation, ternary_codes, weight_scale
+from .moe import StackedLinear
+from .ternary import BitLinear, BitStackedLinear, expert_scales, quantize_activation, ternary_codes, weight_scale
 
-FORMAT = "nanochat-ternary-v1"
+FORMAT_V1 = "nanochat-ternary-v1"  # linear modules only
+FORMAT = "nanochat-ternary-v2"  # v1 plus MoE expert modules ("kind": "stacked")
+READABLE_FORMATS = (FORMAT_V1, FORMAT)
 ENCODING = "base3-5-per-byte"
 META_KEY = "nanochat_ternary"
 TRITS_PER_BYTE = 5
@@ -77,6 +89,18 @@ def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         digits = torch.stack([(b // p) % 3 for p in _POW3], dim=1) - 1
         _LUT_CACHE[key] = digits.to(device=device, dtype=dtype)
     return _LUT_CACHE[key]
+
+
+def pack_ternary_rows(codes: torch.Tensor) -> torch.Tensor:
+    """Pack (R, L) codes row by row: (R, ceil(L / 5)) uint8, each row zero-padded on its own.
+
+    Used for stacked experts (one row per expert), so an expert is a whole number of bytes.
+    """
+    rows, n = codes.shape
+    pad = (-n) % TRITS_PER_BYTE
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(rows, pad)], dim=1)
+    return pack_ternary(codes).view(rows, -1)
 
 
 def unpack_ternary(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
@@ -160,36 +184,120 @@ class PackedBitLinear(nn.Module):
                 f"activation_bits={self.activation_bits}, cache_unpacked={self.cache_unpacked}")
 
 
+class PackedStackedLinear(nn.Module):
+    """Inference-only BitStackedLinear (ramp = 1): MoE experts as packed codes and per-expert scales.
+
+    Buffers: `weight_packed` (uint8, (E, ceil(out*in/5)), one row per expert) and
+    `weight_scale` (float32, (E,)). No weight Parameter: `moe.Experts.compute` reads it
+    through the same `effective_weight` / `effective_input` hooks as StackedLinear, and
+    its output equals BitStackedLinear's at ramp 1 bit for bit.
+    """
+
+    def __init__(self, n: int, in_features: int, out_features: int, *, activation_bits: int = 8,
+                 cache_unpacked: bool = False, device: torch.device | str | None = None):
+        super().__init__()
+        self.n_experts, self.in_features, self.out_features = n, in_features, out_features
+        self.activation_bits = activation_bits
+        self.cache_unpacked = cache_unpacked
+        per_expert = -(-(in_features * out_features) // TRITS_PER_BYTE)
+        self.register_buffer("weight_packed", torch.zeros(n, per_expert, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.ones(n, dtype=torch.float32, device=device))
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_bitstacked(cls, layer: BitStackedLinear, cache_unpacked: bool = False) -> "PackedStackedLinear":
+        """Pack a BitStackedLinear's current latent weight (as its ramp-1 forward would quantize it)."""
+        w = layer.weight.detach()
+        e, o, i = w.shape
+        scale = expert_scales(w)
+        new = cls(e, i, o, activation_bits=layer.activation_bits, cache_unpacked=cache_unpacked, device=w.device)
+        new.weight_packed.copy_(pack_ternary_rows(ternary_codes(w, scale.view(-1, 1, 1)).view(e, o * i)))
+        new.weight_scale.copy_(scale)
+        return new
+
+    def _unpacked(self, dtype: torch.dtype) -> torch.Tensor:
+        """(E, out, in) codes in `dtype` (exact: -1, 0, +1)."""
+        e, per_expert = self.weight_packed.shape
+        n = self.in_features * self.out_features
+        flat = unpack_ternary(self.weight_packed.reshape(-1), e * per_expert * TRITS_PER_BYTE, dtype)
+        return flat.view(e, per_expert * TRITS_PER_BYTE)[:, :n].reshape(e, self.out_features, self.in_features)
+
+    def codes(self) -> torch.Tensor:
+        """The (E, out, in) int8 codes in {-1, 0, +1}."""
+        return self._unpacked(torch.int8)
+
+    def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized (E, out, in) weight codes * scale[e] in `dtype` (default float32),
+        from cache when enabled."""
+        dtype = dtype or torch.float32
+        key = (dtype, self.weight_packed.device, self.weight_packed.data_ptr(),
+               self.weight_packed._version, self.weight_scale._version)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        # Codes are exact in any float dtype, and so is code * scale once the scale is
+        # rounded to dtype: the same +-scale and 0 that BitStackedLinear's float32 W_q
+        # becomes when cast to dtype (round to nearest even is symmetric in the sign).
+        w = self._unpacked(dtype) * self.weight_scale.to(dtype).view(-1, 1, 1)
+        if self.cache_unpacked:
+            self._cache = (key, w)
+        return w
+
+    def effective_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token activation quantization, as BitStackedLinear at ramp 1."""
+        return quantize_activation(x, self.activation_bits)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"activation_bits={self.activation_bits}, cache_unpacked={self.cache_unpacked}")
+
+
+_PACKED_TYPES = (PackedBitLinear, PackedStackedLinear)
+
+
 def to_packed_inference(model: nn.Module, cache_unpacked: bool = False) -> list[str]:
-    """Swap every BitLinear of `model` for a PackedBitLinear, in place; returns the names.
+    """Swap every BitLinear of `model` for a PackedBitLinear and every BitStackedLinear for a
+    PackedStackedLinear, in place; returns the names.
 
     The latent full-precision weights are dropped (they are what training needs, not
     inference), so do this on a copy if training continues.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (BitLinear, BitStackedLinear))]
     if not names:
-        raise ValueError("model has no BitLinear module: call apply_ternary first")
+        raise ValueError("model has no BitLinear or BitStackedLinear module: call apply_ternary first")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedBitLinear.from_bitlinear(getattr(parent, child), cache_unpacked))
+        old = getattr(parent, child)
+        if isinstance(old, BitStackedLinear):
+            new: nn.Module = PackedStackedLinear.from_bitstacked(old, cache_unpacked)
+        else:
+            new = PackedBitLinear.from_bitlinear(old, cache_unpacked)
+        setattr(parent, child, new)
     return names
 
 
 # --------------------------------------------------------------------------- export / import
 
 def _packed_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (BitLinear, PackedBitLinear))}
+    kinds = (BitLinear, PackedBitLinear, BitStackedLinear, PackedStackedLinear)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _n_weights(m: dict[str, Any]) -> int:
+    """Ternary weights of one module entry of the header (v1 entries are linear)."""
+    return m.get("n_experts", 1) * m["in_features"] * m["out_features"]
 
 
 def pack_ternary_state_dict(model: nn.Module, dtype: torch.dtype | None = None
                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of `model` with every BitLinear/PackedBitLinear packed.
+    """(tensors, meta) of `model` with every ternary module (BitLinear, BitStackedLinear, or
+    their packed counterparts) packed.
 
     tensors: safetensors-ready (contiguous, CPU, one name per storage). `dtype` casts
-    the non-ternary floating tensors (e.g. bf16 for serving); None keeps them. meta:
-    {"modules": {name: {in_features, out_features, activation_bits, bias}}, "aliases":
-    {dropped_key: kept_key}} for tied tensors.
+    the non-ternary floating tensors (e.g. bf16 for serving); None keeps them; scales
+    stay float32. meta: {"modules": {name: {in_features, out_features, activation_bits,
+    bias}, plus "kind": "stacked" and n_experts for experts}, "aliases": {dropped_key:
+    kept_key}} for tied tensors.
     """
     modules = _packed_modules(model)
     out: dict[str, torch.Tensor] = {}
@@ -197,8 +305,15 @@ def pack_ternary_state_dict(model: nn.Module, dtype: torch.dtype | None = None
     for name, m in modules.items():
         if isinstance(m, BitLinear):
             m = PackedBitLinear.from_bitlinear(m)
+        elif isinstance(m, BitStackedLinear):
+            m = PackedStackedLinear.from_bitstacked(m)
         out[f"{name}.weight_packed"] = m.weight_packed
         out[f"{name}.weight_scale"] = m.weight_scale
+        if isinstance(m, PackedStackedLinear):
+            meta_modules[name] = {"kind": "stacked", "n_experts": m.n_experts, "in_features": m.in_features,
+                                  "out_features": m.out_features, "activation_bits": m.activation_bits,
+                                  "bias": False}
+            continue
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach()
         meta_modules[name] = {"in_features": m.in_features, "out_features": m.out_features,
@@ -224,7 +339,7 @@ def pack_ternary_state_dict(model: nn.Module, dtype: torch.dtype | None = None
 
 def packed_stats(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, float]:
     """Sizes of a packed state dict: ternary weights, their bytes, bits per weight."""
-    n_tern = sum(m["in_features"] * m["out_features"] for m in meta["modules"].values())
+    n_tern = sum(_n_weights(m) for m in meta["modules"].values())
     tern_keys = {f"{n}.{s}" for n in meta["modules"] for s in ("weight_packed", "weight_scale")}
     tern_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in tern_keys)
     other = {k: t for k, t in tensors.items() if k not in tern_keys}
@@ -247,7 +362,10 @@ def save_packed(model: nn.Module, model_cfg_dict: dict[str, Any], path: str | os
     model without the training config. dtype: see `pack_ternary_state_dict`.
     """
     tensors, meta = pack_ternary_state_dict(model, dtype)
-    header = {"format": FORMAT, "encoding": ENCODING, "model_config": model_cfg_dict, **meta}
+    # v1 when there are no experts, so readers that predate v2 still load dense exports.
+    stacked = any(m.get("kind") == "stacked" for m in meta["modules"].values())
+    header = {"format": FORMAT if stacked else FORMAT_V1, "encoding": ENCODING, "model_config": model_cfg_dict,
+              **meta}
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)})
@@ -267,7 +385,7 @@ def read_packed_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if raw is None:
         raise ValueError(f"{path} is not a nanochat ternary file (no {META_KEY!r} metadata)")
     header = json.loads(raw)
-    if header.get("format") != FORMAT or header.get("encoding") != ENCODING:
+    if header.get("format") not in READABLE_FORMATS or header.get("encoding") != ENCODING:
         raise ValueError(f"{path}: unsupported format {header.get('format')!r}/{header.get('encoding')!r}")
     return header
 
@@ -277,8 +395,9 @@ def load_packed(path: str | os.PathLike, dequantize: bool = True, device: str | 
     """State dict from a packed file, tied aliases restored.
 
     dequantize=False: packed keys as stored, for a model after `to_packed_inference`.
-    dequantize=True: `NAME.weight` = codes * scale in `dtype` instead, for a plain dense
-    GPT (runs without activation quantization, so its logits are close, not equal).
+    dequantize=True: `NAME.weight` = codes * scale in `dtype` instead ((E, out, in) with
+    per-expert scales for experts), for a plain dense GPT (runs without activation
+    quantization, so its logits are close, not equal).
     Do not load dequantized weights into a BitLinear model: mean(|codes * scale|) is not
     scale (zeros lower the mean), so it would re-quantize with a different scale.
     """
@@ -288,9 +407,16 @@ def load_packed(path: str | os.PathLike, dequantize: bool = True, device: str | 
     if dequantize:
         for name, m in header["modules"].items():
             n = m["in_features"] * m["out_features"]
-            codes = unpack_ternary(sd.pop(f"{name}.weight_packed"), n, torch.float32)
-            scale = sd.pop(f"{name}.weight_scale").float()
-            sd[f"{name}.weight"] = (codes * scale).view(m["out_features"], m["in_features"]).to(dtype)
+            packed, scale = sd.pop(f"{name}.weight_packed"), sd.pop(f"{name}.weight_scale").float()
+            if m.get("kind") == "stacked":
+                e = m["n_experts"]
+                codes = unpack_ternary(packed.reshape(-1), packed.numel() * TRITS_PER_BYTE, torch.float32)
+                codes = codes.view(e, -1)[:, :n]
+                w = (codes * scale.view(-1, 1)).view(e, m["out_features"], m["in_features"])
+            else:
+                codes = unpack_ternary(packed, n, torch.float32)
+                w = (codes * scale).view(m["out_features"], m["in_features"])
+            sd[f"{name}.weight"] = w.to(dtype)
     for alias, key in header["aliases"].items():
         sd[alias] = sd[key]
     return sd
@@ -298,7 +424,8 @@ def load_packed(path: str | os.PathLike, dequantize: bool = True, device: str | 
 
 def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                       cache_unpacked: bool = False) -> nn.Module:
-    """Rebuild the GPT of a packed file with PackedBitLinear layers, ready for generation."""
+    """Rebuild the GPT of a packed file with packed layers (PackedBitLinear, and
+    PackedStackedLinear for MoE experts), ready for generation."""
     from .config import ModelConfig
     from .model import GPT
 
@@ -310,6 +437,14 @@ def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
+        if m.get("kind") == "stacked":
+            if not isinstance(old, StackedLinear):
+                raise ValueError(f"{path}: {name} holds stacked experts in the file but is "
+                                 f"{type(old).__name__} in the model")
+            setattr(parent, child, PackedStackedLinear(
+                m["n_experts"], m["in_features"], m["out_features"], activation_bits=m["activation_bits"],
+                cache_unpacked=cache_unpacked, device=device))
+            continue
         setattr(parent, child, PackedBitLinear(
             m["in_features"], m["out_features"], bias=m["bias"], activation_bits=m["activation_bits"],
             cache_unpacked=cache_unpacked, device=device,
@@ -320,7 +455,7 @@ def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu
     if len(float_dtypes) == 1:
         model.to(float_dtypes.pop())
         for mod in model.modules():
-            if isinstance(mod, PackedBitLinear):
+            if isinstance(mod, _PACKED_TYPES):
                 mod.weight_scale.data = mod.weight_scale.data.float()  # scales stay fp32
     model.load_state_dict(sd, strict=True)
     return model.eval()

@@ -5,16 +5,16 @@
 
 Under torchrun every rank reads the same config; ranks meet through env://
 rendezvous (gloo on CPU, NCCL on GPU). The model is wrapped in DDP, or FSDP2
-(`fully_shard`, one shard per block) from 1B parameters or when asked. A run
-directory with checkpoints resumes from the newest complete one: same weights,
-optimizer, schedule position, data position and RNG, so the next losses are the
-ones an uninterrupted run would have had.
+(`fully_shard`, one shard per block) from 0.9B parameters or when asked, with expert
+parallelism on top for MoE models (`parallel.py`). A run directory with checkpoints
+resumes from the newest complete one: same weights, optimizer, schedule position, data
+position and RNG, so the next losses are the ones an uninterrupted run would have had
+(on any world size that divides the data lanes, and any parallel layout).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -29,80 +29,8 @@ from .config import TrainerConfig, load_trainer_config
 from .metrics import TrainerMetrics, flops_per_token, peak_flops
 from .model import GPT, count_params
 from .optim import build_optimizers, lr_multiplier, set_lr
-
-FSDP_FROM_PARAMS = 1_000_000_000 * 0.9  # "1B" presets and up
-
-
-def setup_distributed(device_kind: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device); starts the process group when torchrun's env is present."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-    return rank, world, device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _uses_fsdp(cfg: TrainerConfig, world: int, ep=None) -> bool:
-    n_params = count_params(cfg.model)["total"]
-    return ep is None and world > 1 and (
-        cfg.parallel == "fsdp" or (cfg.parallel == "auto" and n_params >= FSDP_FROM_PARAMS))
-
-
-def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int, ep=None) -> torch.nn.Module:
-    """Parallelism and compilation, applied in torchtitan's order: shard, then compile.
-    `ep`: the expert-parallel layout; its experts are left out of DDP's gradient averaging
-    (each rank holds different experts) and reduced by expert_parallel instead."""
-    use_fsdp = _uses_fsdp(cfg, world, ep)
-    if use_fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1 and not use_fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        if ep is not None:
-            from .expert_parallel import ddp_ignore_experts
-
-            ddp_ignore_experts(model)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model
-
-
-def _full_state(model: torch.nn.Module, opts) -> tuple[dict, list[dict]]:
-    """Unsharded model and optimizer state on CPU (works for plain, DDP and FSDP2 modules)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=options)
-    osds = [get_optimizer_state_dict(model, opt, options=options) for opt in opts]
-    return msd, osds
-
-
-def _load_full_state(model: torch.nn.Module, opts, msd: dict, osds: list[dict]) -> None:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, msd, options=options)
-    for opt, osd in zip(opts, osds):
-        set_optimizer_state_dict(model, opt, osd, options=options)
+from .parallel import (barrier, full_state, load_full_state, setup_distributed, shard_fsdp, unsharded, uses_fsdp,
+                       wrap_model)
 
 
 def _init_weights_from(model: GPT, source: str) -> None:
@@ -141,12 +69,29 @@ def _inherit_tokenizer(cfg: TrainerConfig, run_dir: Path) -> None:
         shutil.copyfile(model_dir / "tokenizer.json", run_dir / "tokenizer.json")
 
 
-def _load_parent(cfg: TrainerConfig, device: torch.device, world: int, ep=None) -> GPT:
+def _matching_optimizer_states(model: GPT, opts, saved: list[dict], where: Path) -> list[dict] | None:
+    """The checkpoint's optimizer states, or None when they were written for other optimizers
+    than this run builds (a trainer version that grouped the parameters differently, or a changed
+    optimizer.name): the run then resumes the weights, schedule and data position with fresh
+    optimizer state, and says so, rather than failing on every restart."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = [sorted(names[id(p)] for g in opt.param_groups for p in g["params"]) for opt in opts]
+    have = [sorted(n for g in osd.get("param_groups", []) for n in g.get("params", [])) for osd in saved]
+    if want == have:
+        return saved
+    print(f"warning: {where}: its optimizer state ({len(saved)} optimizers) does not match this run's "
+          f"({len(opts)}: {', '.join(type(o).__name__ for o in opts)}); resuming the weights with fresh "
+          "optimizer state", file=sys.stderr, flush=True)
+    return None
+
+
+def _load_parent(cfg: TrainerConfig, device: torch.device, world: int) -> GPT:
     """`ternary.distill_from_parent`: a frozen copy of `checkpoint.init_from` (the full-precision
     parent), eval mode, no gradients, on the student's device. Loaded at every start, also on resume
     (the student then comes from its own checkpoint, the parent still from init_from). A parent
     that is itself a ternary run is evaluated as it was trained (BitLinear, ramp 1). Sharded with
-    FSDP2 when the student is (every rank runs its forward, so the all-gathers match)."""
+    FSDP2 when the student is (every rank runs its forward, so the all-gathers match); its experts
+    are never split by expert parallelism (each rank runs the parent's MoE whole)."""
     source = cfg.checkpoint.init_from  # train() has checked that it is set
     parent = GPT(cfg.model)
     path = Path(source)
@@ -163,12 +108,8 @@ def _load_parent(cfg: TrainerConfig, device: torch.device, world: int, ep=None) 
     _init_weights_from(parent, source)
     parent.requires_grad_(False)
     parent.to(device).eval()
-    if _uses_fsdp(cfg, world, ep):
-        from torch.distributed.fsdp import fully_shard
-
-        for block in parent.layers:
-            fully_shard(block)
-        fully_shard(parent)
+    if uses_fsdp(cfg, world):
+        shard_fsdp(parent, device)
     return parent
 
 
@@ -228,7 +169,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     if is_main:
         _inherit_tokenizer(cfg, run_dir)
         tokenizer = build_tokenizer(cfg, run_dir)
-    _barrier(world)
+    barrier(world)
     if not is_main:
         tokenizer = build_tokenizer(cfg, run_dir)
 
@@ -242,7 +183,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
         apply_ternary(model, cfg.ternary)
     model.to(device)
-    from .expert_parallel import full_experts, setup_expert_parallel, shard_full_state
+    from .expert_parallel import setup_expert_parallel
 
     ep = setup_expert_parallel(model, cfg, world, rank)  # None unless expert_parallel > 1
     wrapped = wrap_model(model, cfg, device, world, ep)
@@ -259,8 +200,8 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
         msd = load_file(str(resume_from / "model.safetensors"))
         if cfg.model.tie_embeddings:
             msd["lm_head.weight"] = msd["embed_tokens.weight"]
-        shard_full_state(model, msd, state["optimizers"], ep)
-        _load_full_state(model, opts, msd, state["optimizers"])
+        load_full_state(model, opts, msd, _matching_optimizer_states(model, opts, state["optimizers"], resume_from),
+                        ep)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -286,7 +227,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
     prefetch = parent = None
     if parent_kd:
-        parent = _load_parent(cfg, device, world, ep)
+        parent = _load_parent(cfg, device, world)
     if cfg.distill is not None and cfg.stage in ("distill", "ternary"):
         prefetch = _distill_setup(cfg, run_dir, loader, tokenizer, max(0, cfg.steps - start) * cfg.grad_accum,
                                   rank, world, device, state)
@@ -296,39 +237,16 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     finally:
         if prefetch is not None:
             prefetch.close()
-    with full_experts(model, ep):  # collective under expert parallelism: every rank enters
-        whole = _unsharded(model, cfg, world, ep, is_main)  # collective under FSDP: every rank enters
-        if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
-            save_weights(run_dir / "final", whole, cfg, tokenizer)
-            if cfg.stage == "ternary":
-                from .ternary_pack import save_packed
+    whole = unsharded(model, cfg, world, ep, is_main)  # collective under FSDP or EP: every rank enters
+    if is_main and (start < cfg.steps or not (run_dir / "final").is_dir()):
+        save_weights(run_dir / "final", whole, cfg, tokenizer)
+        if cfg.stage == "ternary":
+            from .ternary_pack import save_packed
 
-                save_packed(whole, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
-                            dtype=torch.bfloat16)
-    _barrier(world)
+            save_packed(whole, cfg.model.model_dump(mode="json"), run_dir / "model.ternary.safetensors",
+                        dtype=torch.bfloat16)
+    barrier(world)
     return record
-
-
-def _unsharded(model: GPT, cfg: TrainerConfig, world: int, ep, is_main: bool) -> GPT | None:
-    """The model whose weights go to final/: `model` itself, or under FSDP2 (whose parameters are
-    DTensor shards, which safetensors cannot write) a CPU copy built from the gathered full state
-    on rank 0 (None elsewhere). The gather is a collective: every rank calls this."""
-    if not _uses_fsdp(cfg, world, ep):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not is_main:
-        return None
-    whole = GPT(cfg.model)
-    if cfg.stage == "ternary":
-        from .ternary import apply_ternary
-
-        apply_ternary(whole, cfg.ternary, ramp=1.0)
-    if cfg.model.tie_embeddings and "lm_head.weight" not in msd:
-        msd["lm_head.weight"] = msd["embed_tokens.weight"]
-    whole.load_state_dict(msd)
-    return whole.eval()
 
 
 def _parent_loss(cfg, wrapped, model, parent, x, y, stats: dict) -> torch.Tensor:
@@ -483,11 +401,7 @@ def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_ma
                 loader_state=None, distill_state=None, ep=None) -> None:
     """`loader_state`: this rank's loader state to save when batches were prefetched past it;
     `distill_state`: this rank's position in the teacher-sequence stream (method sequence)."""
-    msd, osds = _full_state(model, opts)
-    if ep is not None:
-        from .expert_parallel import gather_full_state
-
-        gather_full_state(model, opts, msd, osds, ep)  # collective: every rank, even with empty dicts
+    msd, osds = full_state(model, opts, ep)  # collective: every rank, even those given empty dicts
     mine = loader_state if loader_state is not None else loader.state_dict()
     loader_states, distill_states = [None] * world, [None] * world
     if world > 1:
@@ -502,7 +416,7 @@ def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_ma
         if distill_state is not None:
             state["distill"] = distill_states
         save_checkpoint(run_dir, step, msd, state, cfg, tokenizer, cfg.checkpoint.keep)
-    _barrier(world)
+    barrier(world)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,66 @@
+"""Expert parallelism with FSDP2 for the dense part, through torchrun on gloo, against DDP.
+
+    .venv/bin/pytest tests/test_fsdp_expert_parallel.py -q
+
+Both FSDP2 + EP layouts of `parallel.shard_fsdp` run the same global batch as plain DDP:
+* 2 ranks, EP=2: no replicas, FSDP2 ignores the experts;
+* 4 ranks, EP=2: two replicas of each expert slice, the experts an FSDP2 unit on them,
+  with activation checkpointing.
+The first writes a checkpoint the second resumes (another world size, another layout), so
+checkpoints are layout-free. Also: a checkpoint whose optimizers differ from the run's
+resumes the weights with fresh optimizer state, and says so.
+"""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from nanochat_trainer.train import train
+
+from micro import MICRO, micro_cfg
+from test_train import _torchrun, losses
+
+MOE = {**MICRO["model"], "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 64, "shared_expert_ffn_dim": 64}}
+
+
+def test_fsdp_with_expert_parallel_matches_ddp_across_layouts(tmp_path):
+    ddp = micro_cfg(tmp_path / "ddp", steps=6, batch_size=2, model=MOE, checkpoint={"every": 3})
+    fsdp_ep = micro_cfg(tmp_path / "ep", steps=3, batch_size=2, model=MOE, checkpoint={"every": 3},
+                        expert_parallel=2, parallel="fsdp")
+    _torchrun(2, ddp, tmp_path)
+    _torchrun(2, fsdp_ep, tmp_path)  # steps 1-3 on 2 ranks: EP=2, FSDP2 over the dense weights
+    # Steps 4-6 on 4 ranks of batch 1 (the same global batch): EP=2 x 2 replicas, experts FSDP2-sharded,
+    # and every block recomputed in the backward pass (its all-to-alls and FSDP2 all-gathers too).
+    _torchrun(4, fsdp_ep.model_copy(update={"steps": 6, "batch_size": 1, "activation_checkpointing": True}),
+              tmp_path)
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "ep")
+    for step in range(1, 7):
+        # Muon's bf16 Newton-Schulz makes different reduction orders drift slightly.
+        assert b[step] == pytest.approx(a[step], rel=2e-3), (step, a, b)
+    ref = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    got = load_file(str(tmp_path / "ep" / "final" / "model.safetensors"))
+    assert got.keys() == ref.keys()
+    experts = [k for k in got if ".experts." in k]
+    assert experts and all(got[k].shape == ref[k].shape and got[k].shape[0] == 8 for k in experts)
+    # Muon orthogonalises in bf16: a rounding flip from another reduction order moves an update
+    # element by up to ~lr/2 (test_expert_parallel measures this on torch's own Muon), while on
+    # average the weights agree to ~1e-4.
+    worst = max(float((got[k] - ref[k]).abs().max()) for k in got)
+    mean = max(float((got[k] - ref[k]).abs().mean()) for k in got)
+    assert worst < ddp.optimizer.lr and mean < 5e-4, (worst, mean)
+    print(f"\nDDP losses {[round(a[s], 5) for s in a]}; FSDP2+EP {[round(b[s], 5) for s in b]}; "
+          f"weights differ by at most {worst:.1e}, by {mean:.1e} on average in the worst tensor")
+
+
+def test_resume_with_other_optimizers_keeps_weights(tmp_path, capfd):
+    run = tmp_path / "run"
+    train(micro_cfg(run, steps=15, checkpoint={"every": 15}))
+    record = train(micro_cfg(run, steps=17, checkpoint={"every": 17}, optimizer={"name": "adamw"}))
+    err = capfd.readouterr().err
+    assert "does not match this run's" in err and "fresh optimizer state" in err, err
+    log = losses(run)
+    assert record["step"] == 17 and {1, 15, 16, 17} <= set(log)
+    # The weights were resumed: step 16 starts from step 15's model, not from a fresh
+    # initialisation (whose loss is step 1's, ~ln(512) = 6.24).
+    assert log[16] < log[1] - 0.5, log
