@@ -3,8 +3,8 @@
     python bench/train_throughput.py --preset tiny --steps 20 [--batch-size 8] [--seq-len 256]
 
 Runs real optimizer steps (Muon + AdamW, bf16 autocast on GPU) on synthetic tokens; the
-first `--warmup` steps are not timed. For MoE presets it also prints the share of the
-forward+backward spent in routing and dispatch (measured with the profiler).
+first `--warmup` steps are not timed. For MoE presets it also prints the share of one
+step spent in the MoE forward's routing, dispatch, experts and combine (profiler ranges).
 """
 
 from __future__ import annotations
@@ -81,12 +81,28 @@ def main() -> None:
     print(f"peak memory   {mem:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else 'process max RSS'})")
     print(f"MFU           {f'{mfu:.1%}' if mfu is not None else 'n/a (peak FLOPs of this device unknown)'}")
     if cfg.model.moe is not None:
-        with torch.profiler.profile() as prof:
-            step()
-        total = sum(e.cpu_time_total for e in prof.key_averages())
-        routed = sum(e.cpu_time_total for e in prof.key_averages() if any(
-            k in e.key for k in ("topk", "argsort", "index_add", "_grouped_mm", "scatter", "gather")))
-        print(f"routing+dispatch share of op time  {routed / max(total, 1):.1%} (profiler, ops: topk/sort/gather/scatter)")
+        moe_split(step, device)
+
+
+def moe_split(step, device: torch.device) -> None:
+    """Share of one step spent in the MoE forward's stages (the `moe/*` profiler ranges of
+    moe.MoE.forward): routing, dispatch (sort, count, gather), experts, combine (weight,
+    scatter-add). Backward ops are not attributed to stages; they are in the step's total."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    # CPU: a range's inclusive CPU time; CUDA: the kernel time launched inside it.
+    spent = {e.key.removeprefix("moe/"): (e.device_time_total if device.type == "cuda" else e.cpu_time_total)
+             for e in prof.key_averages() if e.key.startswith("moe/")}
+    parts = ", ".join(f"{k} {spent.get(k, 0) / wall_us:.1%}" for k in ("route", "dispatch", "experts", "combine"))
+    print(f"MoE forward   {parts} of the step (routing + dispatch + combine: "
+          f"{(spent.get('route', 0) + spent.get('dispatch', 0) + spent.get('combine', 0)) / wall_us:.1%})")
 
 
 if __name__ == "__main__":
