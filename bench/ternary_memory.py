@@ -5,8 +5,8 @@
     .venv/bin/python bench/ternary_memory.py --preset nano-1B --no-gen   # memory only, on meta
 
 Memory is counted on the meta device (no weights allocated) with the default
-TernaryConfig: ternary layers at ceil(n/5) bytes + one fp32 scale, everything else
-bf16, tied tensors once. With generation on, the packed model is also built for real,
+TernaryConfig: ternary layers at ceil(n/5) bytes + one fp32 scale (MoE experts: that per
+expert), everything else bf16, tied tensors once. With generation on, the packed model is also built for real,
 saved with save_packed and its file size printed.
 
 Generation: batch `--batch`, prompt of `--prompt-len` random tokens, then `--tokens`
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nanochat_trainer.config import PRESETS, ModelConfig, TernaryConfig, TrainerConfig  # noqa: E402
 from nanochat_trainer.model import GPT  # noqa: E402
-from nanochat_trainer.ternary import BitLinear, apply_ternary  # noqa: E402
+from nanochat_trainer.ternary import BitStackedLinear, TernaryLayer, apply_ternary  # noqa: E402
 from nanochat_trainer.ternary_pack import save_packed, to_packed_inference  # noqa: E402
 
 
@@ -54,15 +54,17 @@ def memory_figures(cfg: ModelConfig, tcfg: TernaryConfig) -> dict[str, float]:
     with torch.device("meta"):
         model = GPT(cfg)
     apply_ternary(model, tcfg)
-    tern_ids = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    tern = {id(m.weight): m for m in model.modules() if isinstance(m, TernaryLayer)}
     bf16 = packed = n_tern = n_total = 0
     for _, p in unique_params(model):
         n = p.numel()
         n_total += n
         bf16 += 2 * n
-        if id(p) in tern_ids:
+        if id(p) in tern:
             n_tern += n
-            packed += math.ceil(n / 5) + 4
+            # A stack of experts is packed expert by expert, each with its own fp32 scale.
+            experts = p.shape[0] if isinstance(tern[id(p)], BitStackedLinear) else 1
+            packed += experts * (math.ceil(n // experts / 5) + 4)
         else:
             packed += 2 * n
     return {"params": n_total, "ternary_params": n_tern, "bf16_bytes": bf16, "packed_bytes": packed,
