@@ -32,10 +32,12 @@ IMPLS = ["loop"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
 ATOL = 1e-5
 
 
-def _moe() -> MoE:
+def _moe(scope: str = "micro_batch") -> MoE:
+    """micro_batch balancing unless asked: the EP checks compare each rank with one process on
+    that rank's rows, where a global balancing loss would need the other rank's loads."""
     torch.manual_seed(0)
     cfg = MoEConfig(n_experts=8, top_k=2, expert_ffn_dim=24, n_shared_experts=1, shared_expert_ffn_dim=16,
-                    aux_loss_weight=0.1, z_loss_weight=0.01)
+                    aux_loss_weight=0.1, z_loss_weight=0.01, balance_scope=scope)
     return MoE(32, cfg).train()
 
 
@@ -66,7 +68,8 @@ def _train_cfg() -> TrainerConfig:
     cfg = TrainerConfig(preset="tiny-moe", expert_parallel=WORLD, parallel="ddp")
     model = cfg.model.model_copy(update={"n_layers": 2, "vocab_size": 64, "dim": 64, "n_heads": 4,
                                          "moe": cfg.model.moe.model_copy(update={"expert_ffn_dim": 32,
-                                                                                 "shared_expert_ffn_dim": 32})})
+                                                                                 "shared_expert_ffn_dim": 32,
+                                                                                 "balance_scope": "micro_batch"})})
     # A small clip so the EP-aware norm decides the step.
     return cfg.model_copy(update={"model": model, "optimizer": cfg.optimizer.model_copy(update={"grad_clip": 0.05})})
 
@@ -97,8 +100,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.nn.parallel import DistributedDataParallel
 
-    from nanochat_trainer.expert_parallel import (clip_grad_norm_, ddp_ignore_experts, gather_full_state, reduce_expert_grads, setup_expert_parallel,
-                                                  shard_experts, shard_full_state)
+    from nanochat_trainer.expert_parallel import (clip_grad_norm_, ddp_ignore_experts, gather_full_state,
+                                                  reduce_expert_grads, setup_expert_parallel, shard_experts,
+                                                  shard_full_state)
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -117,7 +121,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res[case] = {"y": y.detach(), "x_grad": x.grad, "load": m.last_expert_load,
                      "grads": {n: p.grad.clone() for n, p in m.named_parameters()}}
 
-    # 2. Training steps of a tiny-moe model, wired as train.py does.
+    # 2. Global-batch balancing (no EP): each rank's aux loss uses the loads of both ranks.
+    for scope in ("global", "micro_batch"):
+        m = _moe(scope)
+        m(x_all[rows])
+        m.last_aux_loss.backward()
+        res[f"aux_{scope}"] = {"aux": m.last_aux_loss.detach(), "router_grad": m.router.weight.grad.clone()}
+
+    # 3. Training steps of a tiny-moe model, wired as train.py does.
     cfg = _train_cfg()
     model = _init_model(cfg)
     ep = setup_expert_parallel(model, cfg, WORLD, rank)
@@ -218,6 +229,21 @@ def test_moe_block_forward_and_backward_match_one_process(ranks, impl):
         assert int(ref[0][2][per:].sum()) == 0 and int(ref[1][2][per:].sum()) == 0
         assert float(ranks[1][impl]["grads"]["experts.down_proj.weight"].abs().max()) == 0.0
     print(f"\n{impl}: max abs diff EP vs 1 process: {max(diffs.values()):.2e}")
+
+
+def test_global_batch_balancing_sees_every_ranks_loads(ranks):
+    """balance_scope global: the ranks' aux losses average to one process's aux loss on the whole
+    batch, and so do their router gradients; micro_batch (each rank's own loads) does not."""
+    m = _moe("global")
+    x_all, _ = _moe_inputs()
+    m(x_all)
+    m.last_aux_loss.backward()
+    for scope, agrees in (("global", True), ("micro_batch", False)):
+        aux = sum(res[f"aux_{scope}"]["aux"] for res in ranks) / WORLD
+        grad = sum(res[f"aux_{scope}"]["router_grad"] for res in ranks) / WORLD
+        close = torch.allclose(aux, m.last_aux_loss.detach(), atol=1e-6) and torch.allclose(
+            grad, m.router.weight.grad, atol=1e-6)
+        assert close == agrees, (scope, float(aux), float(m.last_aux_loss))
 
 
 def _assert_weights(got: dict, want: dict, r: int, per: int, atol: float, mean_atol: float) -> float:

@@ -37,6 +37,11 @@ class MoEConfig(Strict):
         "aux_loss", description="Load balancing: auxiliary loss, or the auxiliary-loss-free bias method."
     )
     aux_loss_weight: float = Field(0.001, ge=0, description="Weight of the load-balancing loss.")
+    balance_scope: Literal["global", "micro_batch"] = Field(
+        "global", description="Tokens the load-balancing loss balances over: global counts every rank's "
+        "micro-batch (the expert loads are all-reduced; Qwen's global-batch balancing, which lets experts "
+        "specialise per domain), micro_batch this rank's alone."
+    )
     z_loss_weight: float = Field(0.001, ge=0, description="Weight of the router z-loss.")
     bias_update_rate: float = Field(0.001, ge=0, description="Bias step of the aux-free method.")
     dense_layers: list[int] = Field(

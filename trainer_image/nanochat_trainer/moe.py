@@ -21,6 +21,8 @@ their experts (two all-to-alls) around the same grouped-mm / loop kernel.
 Balancing, per `MoEConfig.balance`:
 * 'aux_loss' - Switch-style loss  E * sum_i f_i * P_i  (f_i: share of routed slots that
   went to expert i, P_i: mean router probability of i; 1.0 when perfectly balanced),
+  with f_i over every rank's micro-batch (balance_scope 'global', Qiu et al. 2025's
+  global-batch balancing: one all-reduce of E+1 numbers per layer) or this rank's alone,
   times aux_loss_weight, plus the router z-loss mean(logsumexp(logits)^2) times
   z_loss_weight. Stored in `last_aux_loss`; `GPT.aux_loss()` adds it to the loss.
 * 'aux_free' - DeepSeek-V3's bias method: no balancing loss (z-loss still applies);
@@ -237,7 +239,12 @@ class MoE(nn.Module):
     def _aux_loss(self, logits: torch.Tensor, probs: torch.Tensor, load: torch.Tensor, n: int) -> torch.Tensor:
         total = logits.new_zeros((), dtype=torch.float32)
         if self.cfg.balance == "aux_loss" and self.cfg.aux_loss_weight > 0:
-            f = load.float() / (n * self.top_k)  # share of routed slots; no gradient (argmax)
+            slots = torch.cat([load.float(), load.new_tensor([n * self.top_k], dtype=torch.float32)])
+            if self.cfg.balance_scope == "global" and dist.is_available() and dist.is_initialized():
+                # Every rank runs the same MoE forwards, so this collective lines up (also in
+                # activation checkpointing's recompute, which must rebuild the same f).
+                dist.all_reduce(slots)
+            f = slots[:-1] / slots[-1]  # share of routed slots; no gradient (argmax)
             p = probs.mean(dim=0)  # differentiable mean probability
             total = total + self.cfg.aux_loss_weight * self.n_experts * (f * p).sum()
         if self.cfg.z_loss_weight > 0:
