@@ -16,7 +16,7 @@ import time
 import torch
 
 from nanochat_trainer.config import TrainerConfig
-from nanochat_trainer.metrics import flops_per_token, peak_flops
+from nanochat_trainer.metrics import model_flops_per_token, peak_flops
 from nanochat_trainer.model import GPT, count_params
 from nanochat_trainer.optim import build_optimizers
 
@@ -69,8 +69,7 @@ def main() -> None:
     counts = count_params(cfg.model)
     tps = b * t / dt
     peak = peak_flops(device)
-    mfu = tps * flops_per_token(counts["total"] - counts["embedding"], cfg.model.n_layers, cfg.model.dim, t) / peak \
-        if peak else None
+    mfu = tps * model_flops_per_token(cfg.model, t) / peak if peak else None
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"device        {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} "

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from nanochat_trainer.config import MoEConfig, TrainerConfig
 from nanochat_trainer.model import GPT
-from nanochat_trainer.moe import MoE, update_moe_biases
+from nanochat_trainer.moe import MoE, step_expert_loads, update_moe_biases
 from nanochat_trainer.optim import BatchedMuon, build_optimizers
 
 WORLD = 2
@@ -149,7 +149,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             after_one = {k: v.clone() for k, v in model.state_dict().items()}
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        update_moe_biases(model)
+        update_moe_biases(model, step_expert_loads(model))
         loss = loss.detach()
         dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         losses.append(float(loss))

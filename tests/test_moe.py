@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from nanochat_trainer.config import ModelConfig, MoEConfig, TrainerConfig
 from nanochat_trainer.model import GPT
-from nanochat_trainer.moe import MoE, active_params, expert_load, load_imbalance, update_moe_biases
+from nanochat_trainer.moe import (MoE, active_params, expert_load, load_imbalance, load_summary, step_expert_loads,
+                                  update_moe_biases)
 
 
 def _moe(seed: int = 0, **kw) -> MoE:
@@ -108,7 +109,7 @@ def test_aux_free_bias_balances_without_gradients():
     recent = torch.zeros(m.n_experts)
     for step in range(80):
         m(x)
-        update_moe_biases(m)
+        update_moe_biases(m, step_expert_loads(m))
         if step >= 60:
             # Sign updates dither around balance step to step; judge the average load.
             recent += m.last_expert_load
@@ -150,6 +151,29 @@ def test_model_loss_includes_aux_loss_in_training_only():
     assert set(expert_load(model)) == {"layers.0.mlp", "layers.1.mlp"}
     model.eval()
     torch.testing.assert_close(model(idx, idx), ce)
+
+
+def test_step_loads_count_every_forward_of_a_step_once():
+    cfg = TrainerConfig(preset="tiny-moe").model.model_copy(update={"n_layers": 2, "vocab_size": 64})
+    model = GPT(cfg)
+    model.init_weights(seed=0)
+    model.train()
+    idx = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    seen = {name: torch.zeros(cfg.moe.n_experts) for name in ("layers.0.mlp", "layers.1.mlp")}
+    for _ in range(2):  # two micro-batches
+        model(idx, idx)
+        for name, load in expert_load(model).items():
+            seen[name] += load
+    loads = step_expert_loads(model)
+    assert loads.keys() == seen.keys()
+    for name, load in loads.items():
+        assert torch.equal(load, seen[name]) and int(load.sum()) == 2 * 3 * 16 * cfg.moe.top_k
+    assert all(int(v.sum()) == 0 for v in step_expert_loads(model).values())  # the counters restarted
+    model.eval()
+    model(idx)  # evaluation forwards are not training load
+    assert all(int(v.sum()) == 0 for v in step_expert_loads(model).values())
+    summary = load_summary({"a": torch.tensor([2.0, 2.0, 0.0, 4.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0])})
+    assert summary == {"load_imbalance": 2.0, "dead_experts": 1, "layer_imbalance": [2.0, 1.0]}
 
 
 def test_active_params_of_tiny_moe_by_hand():

@@ -78,3 +78,12 @@ def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
     final = load_file(str(tmp_path / "ep" / "final" / "model.safetensors"))
     experts = [v for k, v in final.items() if "experts" in k and v.dim() == 3]
     assert experts and all(v.shape[0] == 8 for v in experts)  # all experts gathered in the saved model
+    # Expert load: each step's record summarises it; each checkpoint appends the per-expert
+    # counts since the previous one, over both ranks (2 x 2 rows of 64 tokens, top-2, 3 steps).
+    assert all(b_rec["moe"]["load_imbalance"] >= 1.0 for b_rec in map(json.loads, (tmp_path / "ep" / "log.jsonl")
+                                                                      .read_text().splitlines()))
+    lines = [json.loads(x) for x in (tmp_path / "ep" / "expert_load.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6]
+    for line in lines:
+        assert sorted(line["layers"]) == ["layers.0.mlp", "layers.1.mlp"]
+        assert all(len(v) == 8 and sum(v) == 4 * 64 * 2 * 3 for v in line["layers"].values())

@@ -21,6 +21,9 @@ GAUGES = {
     "grad_norm": "Global gradient norm before clipping.",
     "mfu": "Model FLOPs utilisation (0-1) where the device's peak is known.",
     "checkpoint_step": "Step of the newest complete checkpoint.",
+    # MoE only: the step's routed slots per expert, over all ranks.
+    "moe_load_imbalance": "Max over MoE layers of the step's max/mean routed tokens per expert (1 is balanced).",
+    "moe_dead_experts": "Experts (over all MoE layers) that got no token in the step.",
     # Distillation only (the operator turns teacher_up into the TeacherAvailable condition).
     "teacher_up": "1 while the distillation teacher answers, 0 while it is down (the run trains without it).",
     "teacher_requests": "Requests sent to the teacher.",
@@ -46,6 +49,18 @@ def peak_flops(device) -> float | None:
 def flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
     return 6 * n_params_non_embedding + 12 * n_layers * dim * seq_len
+
+
+def model_flops_per_token(cfg, seq_len: int) -> float:
+    """flops_per_token of a ModelConfig: N counts the weights a token goes through (for MoE the
+    active ones, top_k of the routed experts, not all of them; the head's matmul but not the
+    embedding lookup), and the attention term only the full-attention layers (a hybrid's
+    Gated DeltaNet layers cost O(T) per token, inside 6N's order)."""
+    from .moe import active_params
+
+    n = active_params(cfg)["active_non_embedding"] + cfg.vocab_size * cfg.dim
+    attn_layers = cfg.n_layers if cfg.hybrid is None else cfg.n_layers // cfg.hybrid.full_attention_interval
+    return flops_per_token(n, attn_layers, cfg.dim, seq_len)
 
 
 class TrainerMetrics:

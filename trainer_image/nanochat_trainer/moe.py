@@ -26,13 +26,17 @@ Balancing, per `MoEConfig.balance`:
   times aux_loss_weight, plus the router z-loss mean(logsumexp(logits)^2) times
   z_loss_weight. Stored in `last_aux_loss`; `GPT.aux_loss()` adds it to the loss.
 * 'aux_free' - DeepSeek-V3's bias method: no balancing loss (z-loss still applies);
-  after each optimizer step the trainer calls `update_moe_biases(model)`, which moves
-  each expert's bias by bias_update_rate towards under-loaded experts.
+  after each optimizer step the trainer calls `update_moe_biases(model, loads)` with the
+  step's loads over all ranks, which moves each expert's bias by bias_update_rate towards
+  under-loaded experts.
 
-Metrics: `last_expert_load` (routed slots per expert in the last forward, a LongTensor).
+Metrics: `last_expert_load` (routed slots per expert in the last forward, a LongTensor);
+`step_expert_loads` (a step's loads over all ranks) and `load_summary` feed the trainer's
+`moe_load_imbalance` / `moe_dead_experts` gauges, log.jsonl and `<run>/expert_load.jsonl`.
 
-    from nanochat_trainer.moe import MoE, update_moe_biases, active_params, expert_load
-    loss = model(idx, targets); loss.backward(); opt.step(); update_moe_biases(model)
+    from nanochat_trainer.moe import MoE, step_expert_loads, update_moe_biases, active_params
+    loss = model(idx, targets); loss.backward(); opt.step()
+    loads = step_expert_loads(model); update_moe_biases(model, loads)
 
 Optimizers: expert weights are 3-D, (E, out, in). Each [e] slice is one expert's
 ordinary matrix, so Muon must orthogonalise per expert, treating the leading dim as a
@@ -179,7 +183,7 @@ class MoE(nn.Module):
             self.shared_expert_gate = None
         # Aux-free balancing bias: persistent so a resumed run keeps its routing.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
-        # Routed slots per expert summed since the last update_bias() (all micro-batches).
+        # Routed slots per expert summed since the last step_expert_loads() (all micro-batches).
         self.register_buffer("_load_since_update", torch.zeros(cfg.n_experts), persistent=False)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
@@ -252,27 +256,43 @@ class MoE(nn.Module):
         return total
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Aux-free balancing step: bias += rate * sign(mean load - load). Call after optimizer.step().
-
-        Loads are summed over every forward since the last call (gradient accumulation)
-        and all-reduced across data-parallel ranks, so every rank keeps the same bias.
-        """
-        if self.cfg.balance != "aux_free":
-            return
-        load = self._load_since_update.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load)
-        if load.sum() > 0:
-            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
-        self._load_since_update.zero_()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-free balancing step: bias += rate * sign(mean load - load), from the step's load
+        over every rank (`step_expert_loads`), so every rank keeps the same bias. A no-op for
+        balance='aux_loss'. Call after optimizer.step()."""
+        if self.cfg.balance == "aux_free" and load.sum() > 0:
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
 
 
-def update_moe_biases(model: nn.Module) -> None:
-    """Run `update_bias()` on every MoE block (a no-op for balance='aux_loss')."""
-    for m in model.modules():
+@torch.no_grad()
+def step_expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Routed slots per expert of every MoE layer, summed over the training forwards since the
+    last call (a step's micro-batches) and over all ranks, keyed by module name; the counters
+    restart. Collective under torch.distributed (one all-reduce): every rank calls it."""
+    moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+    if not moes:
+        return {}
+    loads = torch.stack([m._load_since_update for m in moes.values()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads)
+    for m in moes.values():
+        m._load_since_update.zero_()
+    return dict(zip(moes, loads.unbind()))
+
+
+def update_moe_biases(model: nn.Module, loads: dict[str, torch.Tensor]) -> None:
+    """`update_bias` on every MoE block with its layer's step load (from step_expert_loads)."""
+    for name, m in model.named_modules():
         if isinstance(m, MoE):
-            m.update_bias()
+            m.update_bias(loads[name])
+
+
+def load_summary(loads: dict[str, torch.Tensor]) -> dict:
+    """What the step record and the gauges say about expert load: the worst layer's max/mean
+    (1.0 is perfect balance), experts that got no token, and each layer's max/mean."""
+    per_layer = [load_imbalance(v) for v in loads.values()]
+    return {"load_imbalance": max(per_layer), "dead_experts": int(sum(int((v == 0).sum()) for v in loads.values())),
+            "layer_imbalance": [round(x, 3) for x in per_layer]}
 
 
 def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from .checkpoint import latest_checkpoint, load_state_into, resolve_model_dir, save_checkpoint, save_weights
 from .config import TrainerConfig, load_trainer_config
-from .metrics import TrainerMetrics, flops_per_token, peak_flops
-from .model import GPT, count_params
+from .metrics import TrainerMetrics, model_flops_per_token, peak_flops
+from .model import GPT
 from .optim import build_optimizers, lr_multiplier, set_lr
 from .parallel import (barrier, full_state, load_full_state, setup_distributed, shard_fsdp, unsharded, uses_fsdp,
                        wrap_model)
@@ -211,8 +211,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     metrics = TrainerMetrics(str(run_dir), cfg.metrics.port, enabled=is_main)
     seq_len = cfg.resolved_seq_len
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * world
-    counts = count_params(cfg.model)
-    flops_tok = flops_per_token(counts["total"] - counts["embedding"], cfg.model.n_layers, cfg.model.dim, seq_len)
+    flops_tok = model_flops_per_token(cfg.model, seq_len)
     peak = peak_flops(device)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -328,9 +327,10 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
           ramp, run_dir, tokens_per_step, flops_tok, peak, prefetch, ep=None, parent=None) -> dict:
     from .data.loader import merge_states
     from .expert_parallel import clip_grad_norm_, reduce_expert_grads
-    from .moe import update_moe_biases
+    from .moe import load_summary, step_expert_loads, update_moe_biases
 
     stats: dict = {"teacher_skipped": 0, "unaligned_skipped": 0, "last_teacher_error": None}
+    since_checkpoint: dict = {}  # per-expert loads summed since the last checkpoint (expert_load.jsonl)
     record: dict = {"step": start}
     skipped_before = 0  # teacher_skipped after the previous step: teacher_up says whether this step skipped
     wrapped.train()
@@ -359,7 +359,10 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
             opt.step()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        update_moe_biases(model)
+        loads = step_expert_loads(model)  # collective: the step's loads over all ranks
+        update_moe_biases(model, loads)
+        for name, load in loads.items():
+            since_checkpoint[name] = since_checkpoint.get(name, 0) + load
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             if parent is not None or prefetch is not None:  # kd_loss: the mean over every rank's micro-batches
@@ -372,6 +375,10 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
         record = {"step": done, "loss": loss_sum.item(), "lr": opts[-1].param_groups[0]["lr"],
                   "grad_norm": float(grad_norm), "tokens_per_second": tps, "step_time": dt,
                   "mfu": (tps * flops_tok / (peak * world)) if peak else None}
+        if loads:
+            record["moe"] = load_summary(loads)
+            metrics.set(moe_load_imbalance=record["moe"]["load_imbalance"],
+                        moe_dead_experts=record["moe"]["dead_experts"])
         if parent is not None:
             record["kd_loss"] = (stats["kd_sum"] / stats["kd_n"]).item() if stats["kd_n"] else None
         if prefetch is not None:
@@ -394,7 +401,21 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
             _checkpoint(cfg, run_dir, done, model, opts, loader, tokenizer, world, is_main, device, merge_states,
                         lstate, dstate, ep)
             metrics.set(checkpoint_step=done)
+            if since_checkpoint and is_main:
+                _log_expert_load(run_dir, done, since_checkpoint)
+            since_checkpoint = {}
     return record
+
+
+def _log_expert_load(run_dir: Path, step: int, loads: dict) -> None:
+    """Append the routed tokens per expert of every MoE layer since the previous checkpoint to
+    <run>/expert_load.jsonl (per checkpoint, not per step: at 48 layers x 512 experts a line is
+    ~150 KB)."""
+    import json
+
+    line = {"step": step, "layers": {name: [int(x) for x in load.tolist()] for name, load in loads.items()}}
+    with open(run_dir / "expert_load.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _checkpoint(cfg, run_dir, step, model, opts, loader, tokenizer, world, is_main, device, merge_states,
