@@ -138,3 +138,31 @@ def test_operator_killed_mid_run_picks_up_where_it_was(control_plane: ControlPla
     assert done["status"]["startTime"] == running["status"]["startTime"]  # the status was kept, not rebuilt
     assert cp.get("job", "survivor-train", "-n", namespace)["metadata"]["uid"] == job_uid  # no second Job
     assert done["status"]["step"] == 40
+
+
+def test_moe_run_splits_its_experts_over_two_pods(control_plane: ControlPlane, operator: ChartOperator,
+                                                  node_agent: TestNodeAgent, volumes: Path, namespace: str) -> None:
+    """A TrainingRun of a small MoE with expert_parallel 2 and FSDP2 on 2 pods: each pod's rank
+    holds half of every layer's experts, the run succeeds, and final/ holds all of them."""
+    cp = control_plane
+    trainer: dict[str, Any] = {"preset": "tiny-moe", "steps": 8, "batch_size": 4, "seq_len": 64,
+                               "tokenizer": {"train_docs": 300}, "checkpoint": {"every": 4},
+                               "metrics": {"log_every": 1}, "expert_parallel": 2, "parallel": "fsdp",
+                               "model": {"n_layers": 2, "max_seq_len": 64}}
+    cp.apply([{"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
+               "metadata": {"name": "moe-ep", "namespace": namespace},
+               "spec": {"trainer": trainer, "resources": {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"},
+                        "storage": {"size": "10Gi"}}}])
+    done = wait_phase(cp, "trainingrun", "moe-ep", {"Succeeded", "Failed"}, 600, namespace, operator)
+    pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=moe-ep-train")["items"]
+    logs = "\n".join(node_agent.pod_log(namespace, p["metadata"]["name"])[-1500:] for p in pods)
+    assert done["status"]["phase"] == "Succeeded", f"{json.dumps(done['status'])}\n{logs}"
+    assert len(pods) == 2 and done["status"]["step"] == 8
+    root = run_dir(volumes, cp, namespace, "moe-ep-storage") / "runs" / "moe-ep"
+    from safetensors.torch import load_file
+
+    final = load_file(str(root / "final" / "model.safetensors"))
+    experts = [v for k, v in final.items() if ".experts." in k]
+    assert len(experts) == 3 * 2 and all(v.shape[0] == 8 for v in experts)
+    record = json.loads((root / "log.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 8 and record["moe"]["load_imbalance"] >= 1.0
