@@ -124,6 +124,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     # 2. Global-batch balancing (no EP): each rank's aux loss uses the loads of both ranks.
     for scope in ("global", "micro_batch"):
         m = _moe(scope)
+        if scope == "global":
+            m.balance_group = dist.group.WORLD  # as parallel.wrap_model hands it over
         m(x_all[rows])
         m.last_aux_loss.backward()
         res[f"aux_{scope}"] = {"aux": m.last_aux_loss.detach(), "router_grad": m.router.weight.grad.clone()}

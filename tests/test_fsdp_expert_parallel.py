@@ -18,16 +18,19 @@ from safetensors.torch import load_file
 
 from nanochat_trainer.train import train
 
-from micro import MICRO, micro_cfg
+from micro import MICRO, micro_cfg, read_log
 from test_train import _torchrun, losses
 
 MOE = {**MICRO["model"], "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 64, "shared_expert_ffn_dim": 64}}
 
 
 def test_fsdp_with_expert_parallel_matches_ddp_across_layouts(tmp_path):
-    ddp = micro_cfg(tmp_path / "ddp", steps=6, batch_size=2, model=MOE, checkpoint={"every": 3})
+    # A small clip, so that the gradient norm (every expert counted once, over the layouts) steers
+    # each step: a wrong expert-gradient scale changes the norm, the clip factor and the losses.
+    clip = {"grad_clip": 0.05}
+    ddp = micro_cfg(tmp_path / "ddp", steps=6, batch_size=2, model=MOE, checkpoint={"every": 3}, optimizer=clip)
     fsdp_ep = micro_cfg(tmp_path / "ep", steps=3, batch_size=2, model=MOE, checkpoint={"every": 3},
-                        expert_parallel=2, parallel="fsdp")
+                        expert_parallel=2, parallel="fsdp", optimizer=clip)
     _torchrun(2, ddp, tmp_path)
     _torchrun(2, fsdp_ep, tmp_path)  # steps 1-3 on 2 ranks: EP=2, FSDP2 over the dense weights
     # Steps 4-6 on 4 ranks of batch 1 (the same global batch): EP=2 x 2 replicas, experts FSDP2-sharded,
@@ -35,9 +38,11 @@ def test_fsdp_with_expert_parallel_matches_ddp_across_layouts(tmp_path):
     _torchrun(4, fsdp_ep.model_copy(update={"steps": 6, "batch_size": 1, "activation_checkpointing": True}),
               tmp_path)
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "ep")
+    na, nb = (read_log(tmp_path / d) for d in ("ddp", "ep"))
     for step in range(1, 7):
-        # Muon's bf16 Newton-Schulz makes different reduction orders drift slightly.
-        assert b[step] == pytest.approx(a[step], rel=2e-3), (step, a, b)
+        assert na[step]["grad_norm"] > 0.05  # the clip acted at every step
+        assert nb[step]["grad_norm"] == pytest.approx(na[step]["grad_norm"], rel=1e-4), (step, na[step], nb[step])
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
     ref = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     got = load_file(str(tmp_path / "ep" / "final" / "model.safetensors"))
     assert got.keys() == ref.keys()

@@ -80,8 +80,11 @@ def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
     assert experts and all(v.shape[0] == 8 for v in experts)  # all experts gathered in the saved model
     # Expert load: each step's record summarises it; each checkpoint appends the per-expert
     # counts since the previous one, over both ranks (2 x 2 rows of 64 tokens, top-2, 3 steps).
-    assert all(b_rec["moe"]["load_imbalance"] >= 1.0 for b_rec in map(json.loads, (tmp_path / "ep" / "log.jsonl")
-                                                                      .read_text().splitlines()))
+    for rec in map(json.loads, (tmp_path / "ep" / "log.jsonl").read_text().splitlines()):
+        moe = rec["moe"]  # max/mean lies in [1, n_experts / top_k]; the worst of the two layers
+        assert 1.0 <= moe["load_imbalance"] <= 4.0 and len(moe["layer_imbalance"]) == 2
+        assert moe["load_imbalance"] == pytest.approx(max(moe["layer_imbalance"]), abs=1e-3)
+        assert 0 <= moe["dead_experts"] <= 16
     lines = [json.loads(x) for x in (tmp_path / "ep" / "expert_load.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [3, 6]
     for line in lines:

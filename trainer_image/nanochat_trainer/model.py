@@ -3,8 +3,9 @@
 GQA attention with RoPE (rotate-half convention, as Qwen3) and per-head QK RMSNorm,
 SwiGLU feed-forward, pre-norm RMSNorm blocks, untied or tied head. The layout and
 parameter names follow Hugging Face's Qwen3 so `hf_adapter.py` maps weights one to
-one. The model knows nothing of parallelism: DDP/FSDP/compile are applied in
-`parallel.py`.
+one. DDP/FSDP/compile are applied from outside, in `parallel.py`; the only process
+groups the model sees are the ones it is handed: its MoE blocks' balancing group
+(`parallel.wrap_model`) and expert-parallel group (`expert_parallel.py`).
 
     from nanochat_trainer.config import TrainerConfig
     cfg = TrainerConfig(preset="tiny").model
@@ -15,6 +16,7 @@ one. The model knows nothing of parallelism: DDP/FSDP/compile are applied in
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import nullcontext
 
 import torch
@@ -175,15 +177,19 @@ class Block(nn.Module):
 class Recompute:
     """Active while activation checkpointing re-runs a block's forward inside the backward pass:
     a module whose forward has effects beyond its output (the MoE load counters) skips them then,
-    so they count each forward once."""
+    so they count each forward once. A per-thread depth, so nested or concurrent re-runs hold."""
 
-    active = False
+    _depth = threading.local()
+
+    @classmethod
+    def active(cls) -> bool:
+        return getattr(cls._depth, "n", 0) > 0
 
     def __enter__(self) -> None:
-        Recompute.active = True
+        Recompute._depth.n = getattr(Recompute._depth, "n", 0) + 1
 
     def __exit__(self, *exc) -> None:
-        Recompute.active = False
+        Recompute._depth.n -= 1
 
 
 class GPT(nn.Module):

@@ -21,8 +21,9 @@ their experts (two all-to-alls) around the same grouped-mm / loop kernel.
 Balancing, per `MoEConfig.balance`:
 * 'aux_loss' - Switch-style loss  E * sum_i f_i * P_i  (f_i: share of routed slots that
   went to expert i, P_i: mean router probability of i; 1.0 when perfectly balanced),
-  with f_i over every rank's micro-batch (balance_scope 'global', Qiu et al. 2025's
-  global-batch balancing: one all-reduce of E+1 numbers per layer) or this rank's alone,
+  with f_i over every rank's micro-batch of the micro-step (balance_scope 'global', Qiu et
+  al. 2025's global-batch balancing: one all-reduce of E+1 numbers per layer over the
+  `balance_group` the trainer sets) or this rank's alone,
   times aux_loss_weight, plus the router z-loss mean(logsumexp(logits)^2) times
   z_loss_weight. Stored in `last_aux_loss`; `GPT.aux_loss()` adds it to the loss.
 * 'aux_free' - DeepSeek-V3's bias method: no balancing loss (z-loss still applies);
@@ -185,6 +186,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
         # Routed slots per expert summed since the last step_expert_loads() (all micro-batches).
         self.register_buffer("_load_since_update", torch.zeros(cfg.n_experts), persistent=False)
+        # balance_scope 'global': the process group whose loads the balancing loss counts, handed
+        # over by the trainer (parallel.wrap_model); None (one process, evaluation, serving): local.
+        self.balance_group = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
         # 'auto': grouped_mm on CUDA/bf16, else the loop. Tests force either.
@@ -233,7 +237,7 @@ class MoE(nn.Module):
         load = counts.detach()
         self.last_expert_load = load
         if self.training:
-            if not Recompute.active:  # activation checkpointing's re-run must not count twice
+            if not Recompute.active():  # activation checkpointing's re-run must not count twice
                 self._load_since_update += load.to(self._load_since_update.dtype)
             self.last_aux_loss = self._aux_loss(logits, probs, load, n)
         else:
@@ -244,10 +248,10 @@ class MoE(nn.Module):
         total = logits.new_zeros((), dtype=torch.float32)
         if self.cfg.balance == "aux_loss" and self.cfg.aux_loss_weight > 0:
             slots = torch.cat([load.float(), load.new_tensor([n * self.top_k], dtype=torch.float32)])
-            if self.cfg.balance_scope == "global" and dist.is_available() and dist.is_initialized():
+            if self.balance_group is not None:
                 # Every rank runs the same MoE forwards, so this collective lines up (also in
                 # activation checkpointing's recompute, which must rebuild the same f).
-                dist.all_reduce(slots)
+                dist.all_reduce(slots, group=self.balance_group)
             f = slots[:-1] / slots[-1]  # share of routed slots; no gradient (argmax)
             p = probs.mean(dim=0)  # differentiable mean probability
             total = total + self.cfg.aux_loss_weight * self.n_experts * (f * p).sum()

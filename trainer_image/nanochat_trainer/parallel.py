@@ -93,6 +93,12 @@ def wrap_model(model: GPT, cfg: TrainerConfig, device: torch.device, world: int,
     """Parallelism and compilation, applied in torchtitan's order: shard, then compile.
     `ep`: the expert-parallel layout; see the module docstring for how experts are reduced."""
     model.activation_checkpointing = cfg.activation_checkpointing
+    if world > 1 and cfg.model.moe is not None and cfg.model.moe.balance_scope == "global":
+        from .moe import MoE
+
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.balance_group = dist.group.WORLD
     use_fsdp = uses_fsdp(cfg, world)
     if use_fsdp:
         shard_fsdp(model, device, ep)

@@ -75,8 +75,10 @@ def _matching_optimizer_states(model: GPT, opts, saved: list[dict], where: Path)
     optimizer.name): the run then resumes the weights, schedule and data position with fresh
     optimizer state, and says so, rather than failing on every restart."""
     names = {id(p): n for n, p in model.named_parameters()}
-    want = [sorted(names[id(p)] for g in opt.param_groups for p in g["params"]) for opt in opts]
-    have = [sorted(n for g in osd.get("param_groups", []) for n in g.get("params", [])) for osd in saved]
+    # Per parameter group: a group's learning rate comes from the config, not the checkpoint, so a
+    # parameter that moved to another group would resume at another rate with the old moments.
+    want = [[sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups] for opt in opts]
+    have = [[sorted(g.get("params", [])) for g in osd.get("param_groups", [])] for osd in saved]
     if want == have:
         return saved
     print(f"warning: {where}: its optimizer state ({len(saved)} optimizers) does not match this run's "
