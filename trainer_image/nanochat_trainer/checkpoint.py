@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import TrainerConfig
 from .model import GPT
@@ -137,9 +137,29 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     raise ValueError(f"checkpoint={str(path)!r}: no model.safetensors there, nor final/ or checkpoints/step_*")
 
 
+def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Tensor]:
+    """model_dir/model.safetensors as a state dict for `model`. Each expert weight that expert
+    parallelism split is read as this rank's rows alone (safetensors slices the file), so no
+    rank loads all of an MoE's experts."""
+    from safetensors import safe_open
+
+    from .expert_parallel import expert_row_ranges
+
+    rows = expert_row_ranges(model)
+    sd = {}
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            if k in rows:
+                first, n = rows[k]
+                sd[k] = f.get_slice(k)[first:first + n]
+            else:
+                sd[k] = f.get_tensor(k)
+    return sd
+
+
 def load_state_into(model: GPT, model_dir: Path) -> None:
     """Load weights into a built model; a different architecture is a clear error."""
-    sd = load_file(str(model_dir / "model.safetensors"))
+    sd = read_weights(model, model_dir)
     own = model.state_dict()
     missing = [k for k in own if k not in sd and not _is_tied_alias(model, k)]
     unexpected = [k for k in sd if k not in own]

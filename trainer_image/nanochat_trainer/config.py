@@ -437,7 +437,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "schedule": {"warmup_steps": 2000, "decay": "wsd"},
         "checkpoint": {"every": 500},
         "steps": 100000, "batch_size": 1, "seq_len": 4096, "dtype": "bfloat16",
-        # EP=8 inside a node, FSDP2 for the rest, blocks recomputed: fits 4 nodes of 8 x 80 GB (README).
+        # EP=8 inside a node, FSDP2 for the rest, blocks recomputed: the README's plan for 4 nodes of 8 x 80 GB.
         "parallel": "fsdp", "expert_parallel": 8, "activation_checkpointing": True,
     },
 }

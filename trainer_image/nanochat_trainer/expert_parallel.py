@@ -211,6 +211,21 @@ def setup_expert_parallel(model: nn.Module, cfg, world: int, rank: int) -> Optio
                           dp_group=dp_group)
 
 
+def expert_row_ranges(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{state-dict key: (first row, rows)} of every sharded expert weight: the rows of the full
+    (E, out, in) tensor this rank holds. Empty without expert parallelism."""
+    from .moe import Experts
+
+    out = {}
+    for name, experts in model.named_modules():
+        if not isinstance(experts, Experts) or experts.ep_group is None:
+            continue
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(experts, proj).weight
+            out[f"{name}.{proj}.weight"] = (experts.ep_offset, w.shape[0])
+    return out
+
+
 def expert_param_names(module: nn.Module) -> list[str]:
     """Names (as `module` spells them, e.g. with a compile or DDP prefix) of the sharded expert weights."""
     ids = {id(p) for p in expert_params(module)}

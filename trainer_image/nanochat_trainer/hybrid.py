@@ -160,6 +160,11 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @torch.no_grad()
+    def reset_extra_parameters(self) -> None:
+        """Ones again (see RMSNorm.reset_extra_parameters)."""
+        self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype) * self.weight
         return (y.float() * F.silu(gate.float())).to(x.dtype)
@@ -210,7 +215,6 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.rand(self.nv, generator=gen, device="cpu") * (hi - lo) + lo)
         self.A_log.copy_(a.log())
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.norm.weight.fill_(1.0)
 
     def _conv(self, mixed: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """mixed: (B, C, T). Causal depthwise conv continuing from conv_state (B, C, K-1)."""

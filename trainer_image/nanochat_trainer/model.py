@@ -33,6 +33,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @torch.no_grad()
+    def reset_extra_parameters(self) -> None:
+        """Ones again (GPT.init_weights calls it: a model built on meta holds garbage after to_empty)."""
+        self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 like Qwen3 does, so bf16 runs match its numerics.
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
@@ -204,30 +209,49 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        rotary = cfg.resolved_head_dim
-        if cfg.hybrid is not None:
-            rotary = int(rotary * cfg.hybrid.partial_rotary_factor)
-        cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta, rotary)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        rotary = cfg.resolved_head_dim
+        if cfg.hybrid is not None:
+            rotary = int(rotary * cfg.hybrid.partial_rotary_factor)
+        return rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta, rotary)
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """nanochat-style init: fan-in scaled matrices, zeroed output projections."""
+        """nanochat-style init: fan-in scaled matrices, zeroed output projections; norms, gains and
+        buffers (RoPE tables, MoE and ternary state) reset, so a model built on the meta device
+        and materialised with `to_empty` is initialised completely.
+
+        The same weights whatever the expert-parallel layout: a rank holding a slice of a layer's
+        experts draws the whole (E, out, in) tensor from the shared generator and keeps its rows
+        (the generator then stands where it stands in one process)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows = {id(w): (m.n_experts, m.ep_offset) for m in self.modules() if getattr(m, "ep_group", None) is not None
+                for w in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)}
         for name, p in self.named_parameters():
             if p.dim() < 2:
-                continue  # norms and gains keep their own init (ones, zeros, ...)
+                continue  # norms and gains: their modules' reset_extra_parameters, below
+            full, offset = rows.get(id(p), (p.shape[0], 0))
+            shape = (full,) + tuple(p.shape[1:])
             if name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")) or (
                 name == "lm_head.weight" and not self.cfg.tie_embeddings
             ):
                 p.zero_()
-            elif name == "embed_tokens.weight":
-                p.copy_(torch.randn(p.shape, generator=gen))
+                continue
+            if name == "embed_tokens.weight":
+                value = torch.randn(shape, generator=gen)
             else:
                 fan_out, fan_in = p.shape[-2], p.shape[-1]
                 std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                value = torch.randn(shape, generator=gen) * std
+            p.copy_(value[offset:offset + p.shape[0]])
+        cos, sin = self._rope_tables()
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         for m in self.modules():
             if hasattr(m, "reset_extra_parameters"):
                 m.reset_extra_parameters()

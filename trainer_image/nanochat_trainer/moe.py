@@ -194,6 +194,12 @@ class MoE(nn.Module):
         # 'auto': grouped_mm on CUDA/bf16, else the loop. Tests force either.
         self.impl: Literal["auto", "grouped_mm", "loop"] = "auto"
 
+    @torch.no_grad()
+    def reset_extra_parameters(self) -> None:
+        """Zero balancing bias and load counters (GPT.init_weights: after meta + to_empty they hold garbage)."""
+        self.expert_bias.zero_()
+        self._load_since_update.zero_()
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, dim) -> (logits (N, E), probs float32 (N, E), top-k weights (N, k), top-k ids (N, k))."""
         logits = self.router(x)

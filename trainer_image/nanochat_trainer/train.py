@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .checkpoint import latest_checkpoint, load_state_into, resolve_model_dir, save_checkpoint, save_weights
+from .checkpoint import (latest_checkpoint, load_state_into, read_weights, resolve_model_dir, save_checkpoint,
+                         save_weights)
 from .config import TrainerConfig, load_trainer_config
 from .metrics import TrainerMetrics, model_flops_per_token, peak_flops
 from .model import GPT
@@ -33,16 +34,23 @@ from .parallel import (barrier, full_state, load_full_state, setup_distributed, 
                        wrap_model)
 
 
-def _init_weights_from(model: GPT, source: str) -> None:
-    """`checkpoint.init_from`: a nanochat model/run dir, or a Hugging Face Qwen3 dir."""
+def _init_weights_from(model: GPT, source: str, ep=None) -> None:
+    """`checkpoint.init_from`: a nanochat model/run dir, or a Hugging Face Qwen3 dir. Under expert
+    parallelism (`ep`) the model holds this rank's experts and takes their rows."""
     path = Path(source)
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         from .hf_adapter import load_hf_checkpoint
 
         hf_model, hf_cfg = load_hf_checkpoint(str(path), max_seq_len=model.cfg.max_seq_len)
-        if hf_cfg.model_dump(exclude={"max_seq_len"}) != model.cfg.model_dump(exclude={"max_seq_len"}):
+        # Training settings (not in a Hugging Face config) do not make another architecture.
+        same = {"max_seq_len": True, "moe": {"balance_scope"}}
+        if hf_cfg.model_dump(exclude=same) != model.cfg.model_dump(exclude=same):
             raise ValueError(f"checkpoint.init_from={source!r}: its architecture differs from trainer.model")
-        model.load_state_dict(hf_model.state_dict())
+        from .expert_parallel import shard_full_state
+
+        msd = hf_model.state_dict()  # the whole model, on every rank (see README: known gaps)
+        shard_full_state(model, msd, None, ep)
+        model.load_state_dict(msd)
     else:
         load_state_into(model, resolve_model_dir(path))
 
@@ -175,19 +183,23 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     if not is_main:
         tokenizer = build_tokenizer(cfg, run_dir)
 
-    model = GPT(cfg.model)
-    model.init_weights(cfg.seed)
-    resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    if cfg.checkpoint.init_from and resume_from is None:
-        _init_weights_from(model, cfg.checkpoint.init_from)
+    # Built on the meta device and materialised on `device` only once expert parallelism has cut
+    # the experts down to this rank's slice: no rank ever holds all of an MoE's experts (the
+    # dense part is whole until FSDP2 shards it, in wrap_model).
+    with torch.device("meta"):
+        model = GPT(cfg.model)
     if cfg.stage == "ternary":
         from .ternary import apply_ternary
 
         apply_ternary(model, cfg.ternary)
-    model.to(device)
     from .expert_parallel import setup_expert_parallel
 
     ep = setup_expert_parallel(model, cfg, world, rank)  # None unless expert_parallel > 1
+    model.to_empty(device=device)
+    model.init_weights(cfg.seed)  # the same weights whatever the layout
+    resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    if cfg.checkpoint.init_from and resume_from is None:
+        _init_weights_from(model, cfg.checkpoint.init_from, ep)
     wrapped = wrap_model(model, cfg, device, world, ep)
     opts = build_optimizers(model, cfg.optimizer)
 
@@ -196,10 +208,9 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     loader = TokenLoader(cfg, tokenizer, rank, world, device)
     start, state = 0, None
     if resume_from is not None:
-        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False)
-        from safetensors.torch import load_file
-
-        msd = load_file(str(resume_from / "model.safetensors"))
+        # mmap: each rank reads the parts it keeps, not the whole optimizer state.
+        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=False, mmap=True)
+        msd = read_weights(model, resume_from)  # this rank's expert rows only
         if cfg.model.tie_embeddings:
             msd["lm_head.weight"] = msd["embed_tokens.weight"]
         load_full_state(model, opts, msd, _matching_optimizer_states(model, opts, state["optimizers"], resume_from),

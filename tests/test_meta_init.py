@@ -1,0 +1,65 @@
+"""A model built on the meta device, materialised with `to_empty` and initialised equals one
+built eagerly: every parameter and buffer. The trainer builds models that way, so no rank ever
+holds the whole of a model it shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanochat_trainer.config import TernaryConfig, TrainerConfig
+from nanochat_trainer.model import GPT
+from nanochat_trainer.ternary import apply_ternary
+
+
+@pytest.mark.parametrize("preset, ternary", [("tiny", False), ("tiny-moe", False), ("tiny-hybrid", False),
+                                             ("tiny-hybrid", True)])
+def test_meta_built_model_initialises_like_an_eager_one(preset, ternary):
+    cfg = TrainerConfig.model_validate({"preset": preset}).model
+    eager = GPT(cfg)
+    with torch.device("meta"):
+        lazy = GPT(cfg)
+    if ternary:
+        apply_ternary(eager, TernaryConfig(ramp_steps=10))
+        apply_ternary(lazy, TernaryConfig(ramp_steps=10))
+    eager.init_weights(7)
+    lazy.to_empty(device="cpu")
+    with torch.no_grad():  # garbage, loudly: nothing may survive from to_empty
+        for t in list(lazy.parameters()) + list(lazy.buffers()):
+            t.fill_(float("nan")) if t.is_floating_point() else t.fill_(3)
+    lazy.init_weights(7)
+    a = dict(eager.named_parameters()) | dict(eager.named_buffers())
+    b = dict(lazy.named_parameters()) | dict(lazy.named_buffers())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_expert_slices_initialise_and_load_as_rows_of_the_whole(tmp_path):
+    """A model holding experts [4, 8) of 8 (as rank 1 of EP=2 does) gets exactly those rows of the
+    one-process init, and reads exactly those rows of a saved checkpoint, nothing else."""
+    from nanochat_trainer.checkpoint import read_weights, save_weights
+    from nanochat_trainer.expert_parallel import expert_row_ranges
+    from nanochat_trainer.moe import Experts
+    from nanochat_trainer.tokenizer import train_bpe
+
+    cfg = TrainerConfig.model_validate({"preset": "tiny-moe"})
+    whole = GPT(cfg.model)
+    whole.init_weights(3)
+    with torch.device("meta"):
+        part = GPT(cfg.model)
+    for experts in (m for m in part.modules() if isinstance(m, Experts)):
+        experts.ep_group, experts.ep_offset = "rank 1 of 2", 4  # what shard_experts sets, without a group
+        for proj in (experts.gate_proj, experts.up_proj, experts.down_proj):
+            proj.weight.data = proj.weight.data[4:8]
+    part.to_empty(device="cpu")
+    part.init_weights(3)
+    ranges = expert_row_ranges(part)
+    assert len(ranges) == 3 * cfg.model.n_layers and set(ranges.values()) == {(4, 4)}
+    full = whole.state_dict()
+    for k, v in part.state_dict().items():
+        assert torch.equal(v, full[k][4:8] if k in ranges else full[k]), k
+    save_weights(tmp_path, whole, cfg, train_bpe(["def f():\n    return 1\n"] * 20, 300))
+    loaded = read_weights(part, tmp_path)
+    for k, v in part.state_dict().items():
+        assert torch.equal(loaded[k], v), k
