@@ -388,7 +388,7 @@ def _loop(cfg, start, wrapped, model, opts, loader, tokenizer, world, is_main, d
         record = {"step": done, "loss": loss_sum.item(), "lr": opts[-1].param_groups[0]["lr"],
                   "grad_norm": float(grad_norm), "tokens_per_second": tps, "step_time": dt,
                   "mfu": (tps * flops_tok / (peak * world)) if peak else None}
-        if loads:
+        if loads and is_main:  # the summary reads the loads back to the host: only where it is logged
             record["moe"] = load_summary(loads)
             metrics.set(moe_load_imbalance=record["moe"]["load_imbalance"],
                         moe_dead_experts=record["moe"]["dead_experts"])
