@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from nanochat_trainer.config import TrainerConfig
 
 MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
@@ -23,3 +25,14 @@ def micro_cfg(run_dir: Path, **over) -> TrainerConfig:
 def read_log(run_dir: Path) -> dict[int, dict]:
     """log.jsonl by step."""
     return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
+    """Add seeded noise of `scale` to every matrix: the zero-initialised output projections stop
+    being zero, so a test's model is not degenerate (every greedy completion alike)."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model

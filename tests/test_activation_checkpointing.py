@@ -10,6 +10,8 @@ from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.model import GPT
 from nanochat_trainer.moe import MoE
 
+from micro import perturb
+
 SMALL = {"dim": 64, "n_layers": 2, "vocab_size": 128, "max_seq_len": 64}
 
 
@@ -24,11 +26,7 @@ def _model(preset: str) -> GPT:
     torch.manual_seed(0)
     model = GPT(cfg.model_copy(update=update))
     model.init_weights(seed=0)
-    with torch.no_grad():  # move the zero-initialised output projections off zero
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn_like(p) * 0.02)
-    return model.train()
+    return perturb(model, 0.02).train()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-hybrid"])

@@ -27,6 +27,8 @@ from nanochat_trainer.model import GPT
 from nanochat_trainer.moe import MoE, step_expert_loads, update_moe_biases
 from nanochat_trainer.optim import BatchedMuon, build_optimizers
 
+from micro import perturb
+
 WORLD = 2
 IMPLS = ["loop"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
 ATOL = 1e-5
@@ -86,12 +88,7 @@ def _batches(steps: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _init_model(cfg: TrainerConfig) -> GPT:
     model = GPT(cfg.model)
     model.init_weights(seed=0)
-    with torch.no_grad():  # move the zero-initialised output projections off zero
-        gen = torch.Generator().manual_seed(3)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
+    return perturb(model, 0.02, seed=3)
 
 
 # ----------------------------------------------------------------- the two ranks

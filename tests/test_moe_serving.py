@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from nanochat_trainer.checkpoint import load_model, save_weights
 from nanochat_trainer.config import TrainerConfig
@@ -21,6 +20,7 @@ from nanochat_trainer.eval.cli import add_eval_args, run_eval_from_args
 from nanochat_trainer.model import GPT
 from nanochat_trainer.serve import ModelServer
 from nanochat_trainer.tokenizer import train_bpe
+from micro import perturb
 from serving import serve_app
 
 COMMON = ["--max-problems", "3", "--max-new-tokens", "12", "--workers", "2", "--temperature", "0"]
@@ -51,11 +51,7 @@ def _checkpoint(cfg: TrainerConfig, tokenizer, where: Path, ternary: bool = Fals
     """Small random (nonzero) weights, so greedy completions differ from problem to problem."""
     model = GPT(cfg.model)
     model.init_weights(0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb(model, 0.05)
     if ternary:
         from nanochat_trainer.ternary import apply_ternary, ternary_modules
         from nanochat_trainer.ternary_pack import save_packed
