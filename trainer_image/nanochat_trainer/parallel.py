@@ -1,12 +1,14 @@
 """Data parallelism for the trainer: DDP or FSDP2, with or without expert parallelism.
 
     rank, world, device = setup_distributed(cfg.device)                  # torchrun's env, or one process
+    with torch.device("meta"): model = GPT(cfg.model)                    # nothing allocated yet
     ep = expert_parallel.setup_expert_parallel(model, cfg, world, rank)   # None unless expert_parallel > 1
+    model.to_empty(device=device); model.init_weights(cfg.seed)         # this rank's experts only
     wrapped = wrap_model(model, cfg, device, world, ep)                  # forward/backward through this
     opts = build_optimizers(model, cfg.optimizer)                        # on the (now sharded) model
-    msd, osds = full_state(model, opts)                                  # unsharded, for checkpoints
+    msd, osds = full_state(model, opts, ep)                              # unsharded, for checkpoints
 
-FSDP2 (`fully_shard`, one unit per block plus the root) is used from ~1B parameters or with
+FSDP2 (`fully_shard`, one unit per block plus the root) is used from 0.9B parameters or with
 `parallel: fsdp`; DDP otherwise. Under expert parallelism the dense weights follow the same
 rule, while the experts, already split over the EP group, are handled apart:
 
