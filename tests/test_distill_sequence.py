@@ -319,3 +319,31 @@ def test_malformed_answers_are_counted_skips(narrow, tmp_path) -> None:
     seq = rec["sequences"]
     assert seq["accepted"] == 0 and seq["teacher_errors"] >= 256 and seq["plain_rows"] == 2 * MICRO["batch_size"]
     assert "non-JSON" in rec["teacher_error"]
+
+
+def test_slow_rejected_teacher_costs_at_most_row_wait_per_micro_batch(narrow, tmp_path) -> None:
+    """A teacher that answers, slowly, with text the filter rejects (it does not parse) never
+    reaches the starved mark in a short run: each micro-batch waits distill.row_wait_s, then
+    trains on plain rows, counted as skipped."""
+    data, _ = narrow
+    answers = 0
+
+    async def slow_wrong(request: web.Request) -> web.Response:
+        nonlocal answers
+        await asyncio.sleep(0.2)
+        answers += 1
+        return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": "teacher",
+                                  "choices": [{"index": 0, "text": "    return (((\n", "logprobs": None,
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}})
+
+    url, stop = _stub(slow_wrong)
+    try:
+        rec = train(_seq_cfg(tmp_path / "s", url, data, 2, row_wait_s=1.0, filter_tests=False))
+    finally:
+        stop()
+    seq = rec["sequences"]
+    assert answers > 0 and seq["accepted"] == 0 and sum(seq["rejected"].values()) < 256  # not starved
+    assert seq["plain_rows"] == 2 * MICRO["batch_size"] and rec["teacher_skipped"] == 2 * MICRO["batch_size"]
+    # Two micro-batches, each waiting its second (and a little more for the poll and the last answer).
+    assert seq["wait_s"] < 2 * (1.0 + 1.0), seq

@@ -224,6 +224,11 @@ class DistillConfig(Strict):
         600.0, ge=0, description="Sequence-level: how long a step waits for a teacher that is down before the "
         "run fails (only when continue_without_teacher is false)."
     )
+    row_wait_s: float = Field(
+        60.0, ge=0, description="Sequence-level, with continue_without_teacher: how long a micro-batch waits "
+        "for accepted teacher rows from a teacher that answers (slowly, or mostly rejected by the filter) "
+        "before plain data fills the missing rows (counted as teacher_skipped)."
+    )
     min_aligned_fraction: float = Field(
         0.05, ge=0, le=1, description="Cross-tokenizer: a micro-batch with fewer aligned positions trains on "
         "the LM loss alone (counted)."

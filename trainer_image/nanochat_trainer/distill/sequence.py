@@ -24,8 +24,10 @@ A background thread (its own asyncio loop) asks the teacher for a window of prom
 filters the answers and queues the accepted texts in prompt order, staying about four
 micro-batches of tokens ahead, so training rarely waits on HTTP and the rows are the same on a
 rerun (answers come from the teacher's disk cache; the look-ahead is counted in tokens, not
-time, so a rerun asks for exactly the same prompts: zero requests). When the
-teacher is down (`TeacherUnavailable` after the client's retries) the thread retries the same
+time, so a rerun asks for exactly the same prompts: zero requests). A micro-batch waits for
+teacher rows up to distill.row_wait_s, then (with continue_without_teacher) takes plain rows
+for the missing ones, counted as teacher_skipped: a teacher slower than training, or one whose
+answers the filter mostly rejects, slows steps by at most that much. When the teacher is down (`TeacherUnavailable` after the client's retries) the thread retries the same
 window with backoff; meanwhile the trainer takes the missing rows from plain data when
 distill.continue_without_teacher (counted as teacher_skipped), else waits up to
 distill.wait_for_teacher_s and then fails with a clear error. 401/403/404 (bad key, unknown
@@ -398,8 +400,10 @@ class SequenceFeed:
         return self.packer.take()
 
     def _get(self) -> Optional[tuple[int, list[int]]]:
-        """The next accepted text; None when there is none and the teacher is down (or every
-        answer is rejected) and the config allows plain data instead."""
+        """The next accepted text; None when there is none and the config allows plain data
+        instead: the teacher is down, every recent answer was rejected, or this micro-batch has
+        waited distill.row_wait_s for a teacher that answers too slowly or is mostly rejected
+        (the texts it does accept still come, in later micro-batches)."""
         p, t0 = self.producer, time.monotonic()
         try:
             while True:
@@ -410,7 +414,9 @@ class SequenceFeed:
                         if p.fatal is not None:
                             raise TeacherError(f"sequence-level distillation stopped: {p.fatal}") from p.fatal
                         raise TeacherError("the teacher-sequence producer has stopped") from None
-                if p.down_since is None and not p.starved:
+                waited = time.monotonic() - t0
+                if p.down_since is None and not p.starved and (
+                        waited < self.dcfg.row_wait_s or not self.dcfg.continue_without_teacher):
                     continue  # the teacher is working on it: wait, so reruns see the same rows
                 if self.dcfg.continue_without_teacher:
                     return None
