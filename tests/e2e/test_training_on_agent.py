@@ -166,3 +166,71 @@ def test_moe_run_splits_its_experts_over_two_pods(control_plane: ControlPlane, o
     assert len(experts) == 3 * 2 and all(v.shape[0] == 8 for v in experts)
     record = json.loads((root / "log.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 8 and record["moe"]["load_imbalance"] >= 1.0
+
+
+def _teacher(namespace: str, claim: str) -> list[dict[str, Any]]:
+    """`nanochat serve` of the model on `claim`, as a Deployment behind Service `teacher`."""
+    labels = {"app": "teacher"}
+    pod = {"metadata": {"labels": labels},
+           "spec": {"containers": [{"name": "serve", "image": "nanochat-trainer:e2e",
+                                    "command": ["nanochat", "serve", "--checkpoint", "/models/final", "--host",
+                                                "0.0.0.0", "--port", "8000", "--model-name", "teacher"],
+                                    "ports": [{"containerPort": 8000}],
+                                    "volumeMounts": [{"name": "model", "mountPath": "/models"}]}],
+                    "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": claim}}]}}
+    return [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "teacher", "namespace": namespace},
+             "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": pod}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "teacher", "namespace": namespace},
+             "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]}}]
+
+
+def test_phase1_distills_from_a_teacher_served_in_the_cluster(control_plane: ControlPlane, operator: ChartOperator,
+                                                              node_agent: TestNodeAgent, volumes: Path,
+                                                              namespace: str) -> None:
+    """The phase-1 example as written (sequence-level distillation from the `teacher` Service), with a
+    tiny teacher served by a Deployment in the cluster: the trainer pod reaches it by its Service
+    name, every request is answered, and the run succeeds."""
+    from nanochat_trainer.checkpoint import save_weights
+    from nanochat_trainer.config import TrainerConfig
+    from nanochat_trainer.data.synthetic import generate as synthetic_docs
+    from nanochat_trainer.model import GPT
+    from nanochat_trainer.tokenizer import train_bpe
+
+    cp = control_plane
+    cp.apply([{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "teacher-model", "namespace": namespace},
+               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}])
+    wait_until(60, lambda: cp.get("pvc", "teacher-model", "-n", namespace)["status"].get("phase") == "Bound",
+               "the teacher's claim bound")
+    tcfg = TrainerConfig.model_validate({"preset": "tiny"})
+    teacher = GPT(tcfg.model)
+    teacher.init_weights(0)
+    save_weights(run_dir(volumes, cp, namespace, "teacher-model") / "final", teacher, tcfg,
+                 train_bpe(synthetic_docs(0, 300), 1024))
+    cp.apply(_teacher(namespace, "teacher-model"))
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "phase1-quick-demo.yaml").read_text()) if d]
+    train = next(d for d in docs if d["kind"] == "TrainingRun")
+    train["metadata"]["namespace"] = namespace
+    trainer = train["spec"]["trainer"]
+    distill = trainer["distill"]
+    assert distill["teacher"]["url"].startswith("http://teacher.")  # the example's own Service name
+    distill["teacher"].update(url=f"http://teacher.{namespace}.svc:8000/v1", model="teacher")
+    # An untrained teacher's completions are mostly rejected: wait a second per micro-batch, not a minute.
+    distill.update(max_new_tokens=16, row_wait_s=1.0)
+    trainer.update(preset="tiny", steps=6, batch_size=4, tokenizer={"train_docs": 300}, checkpoint={"every": 3},
+                   metrics={"log_every": 1})
+    train["spec"]["resources"] = {"nodes": 1, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"}
+    cp.apply([train])
+
+    done = wait_phase(cp, "trainingrun", "phase1-demo", {"Succeeded", "Failed"}, 600, namespace, operator)
+    pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=phase1-demo-train")["items"]
+    logs = "\n".join(node_agent.pod_log(namespace, p["metadata"]["name"])[-1500:] for p in pods)
+    assert done["status"]["phase"] == "Succeeded", f"{json.dumps(done['status'])}\n{logs}"
+    root = run_dir(volumes, cp, namespace, "phase1-demo-storage") / "runs" / "phase1-demo"
+    records = [json.loads(line) for line in (root / "log.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert last["step"] == 6 and last["teacher"]["requests"] > 0 and last["teacher"]["errors"] == 0, last
+    seq = last["sequences"]
+    assert seq["accepted"] + sum(seq["rejected"].values()) > 0, seq  # answers came back and were judged
+    print(f"\nteacher in the cluster: {last['teacher']}; sequences {seq}")
