@@ -69,3 +69,31 @@ def test_resume_with_other_optimizers_keeps_weights(tmp_path, capfd):
     # The weights were resumed: step 16 starts from step 15's model, not from a fresh
     # initialisation (whose loss is step 1's, ~ln(512) = 6.24).
     assert log[16] < log[1] - 0.5, log
+
+
+def test_init_from_hugging_face_reads_each_ranks_experts(tmp_path):
+    """A Qwen3-MoE checkpoint in Hugging Face format as checkpoint.init_from, on 2 ranks with EP=2
+    (each reads only its 4 of the 8 experts) and in one process: the same first loss, which the
+    initial weights alone decide (rank 1 reading rank 0's rows would change it)."""
+    import torch
+
+    from nanochat_trainer.config import ModelConfig
+    from nanochat_trainer.hf_adapter import export_hf
+    from nanochat_trainer.model import GPT
+    from nanochat_trainer.train import train
+
+    from micro import perturb
+
+    model_cfg = {**MICRO["model"], "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 64, "n_shared_experts": 0}}
+    mcfg = ModelConfig.model_validate(model_cfg)
+    model = GPT(mcfg)
+    model.init_weights(5)
+    export_hf(perturb(model, 0.05), mcfg, str(tmp_path / "hf"), dtype=torch.float32)
+    init = {"init_from": str(tmp_path / "hf"), "every": 2}
+    train(micro_cfg(tmp_path / "one", steps=2, batch_size=4, model=model_cfg, checkpoint=init))
+    _torchrun(2, micro_cfg(tmp_path / "ep", steps=2, batch_size=2, model=model_cfg, checkpoint=init,
+                           expert_parallel=2), tmp_path)
+    train(micro_cfg(tmp_path / "fresh", steps=1, batch_size=4, model=model_cfg))
+    a, b, fresh = losses(tmp_path / "one"), losses(tmp_path / "ep"), losses(tmp_path / "fresh")
+    assert b[1] == pytest.approx(a[1], rel=1e-5), (a, b)
+    assert abs(a[1] - fresh[1]) > 0.05, (a, fresh)  # the checkpoint's weights, not a fresh init

@@ -291,6 +291,21 @@ def test_qwen3_moe_checkpoint_gives_transformers_logits(tmp_path, kw):
         torch.testing.assert_close(model.eval()(ids), hf(ids).logits, atol=1e-5, rtol=1e-4)
 
 
+def test_hf_experts_read_as_one_ranks_rows(tmp_path):
+    """Under expert parallelism a rank reads only its experts of a Hugging Face checkpoint: the same
+    tensors as the whole read, cut to those rows, everything else unchanged."""
+    from nanochat_trainer.hf_adapter import read_hf_state
+
+    _hf_qwen3_moe().save_pretrained(tmp_path)
+    whole, cfg = read_hf_state(str(tmp_path))
+    part, _ = read_hf_state(str(tmp_path), experts=(2, 2))
+    assert part.keys() == whole.keys()
+    experts = [k for k in whole if ".experts." in k]
+    assert len(experts) == 3 * 3 and all(whole[k].shape[0] == 6 for k in experts)
+    for k in whole:
+        torch.testing.assert_close(part[k], whole[k][2:4] if k in experts else whole[k], atol=0, rtol=0)
+
+
 def test_our_moe_exports_to_transformers(tmp_path):
     from nanochat_trainer.hf_adapter import export_hf
 

@@ -217,13 +217,16 @@ def _is_linear_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.hybrid is not None and (i + 1) % cfg.hybrid.full_attention_interval != 0
 
 
-def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
+               experts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Rename and reshape a Hugging Face state dict into our GPT's parameter names.
 
     Keys we do not know raise (a silently dropped weight is a wrong model), except
     Qwen3-Next's multi-token-prediction head (`mtp.*`), which the GPT does not have.
+    `experts` (first, count): only those routed experts of every MoE layer, as a rank under
+    expert parallelism holds them; with a lazy `hf_sd` (read_hf_state) the others are never read.
     """
-    src = {k: v for k, v in hf_sd.items() if not k.startswith("mtp.")}
+    src = {k for k in hf_sd if not k.startswith("mtp.")}
     used: set[str] = set()
     next_ = cfg.hybrid is not None
     # Qwen3-Next norms compute x_hat * (1 + w); ours compute x_hat * w.
@@ -233,7 +236,7 @@ def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         if key not in src:
             raise KeyError(f"checkpoint lacks {key}")
         used.add(key)
-        return src[key]
+        return hf_sd[key]
 
     out: dict[str, torch.Tensor] = {
         "embed_tokens.weight": take("model.embed_tokens.weight"),
@@ -283,11 +286,14 @@ def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             moe = cfg.moe
             assert moe is not None
             out[o + "mlp.router.weight"] = take(m + "gate.weight")
+            first, count = experts or (0, moe.n_experts)
             if m + "experts.gate_up_proj" in src:  # transformers 5 fused layout
-                gate, up = take(m + "experts.gate_up_proj").chunk(2, dim=1)
-                down = take(m + "experts.down_proj")
+                gate, up = take(m + "experts.gate_up_proj")[first:first + count].chunk(2, dim=1)
+                down = take(m + "experts.down_proj")[first:first + count]
             else:
-                e_range = range(moe.n_experts)
+                used.update(f"{m}experts.{e}.{w}.weight" for e in range(moe.n_experts)
+                            for w in ("gate_proj", "up_proj", "down_proj"))  # known, even when not read
+                e_range = range(first, first + count)
                 gate = torch.stack([take(f"{m}experts.{e}.gate_proj.weight") for e in e_range])
                 up = torch.stack([take(f"{m}experts.{e}.up_proj.weight") for e in e_range])
                 down = torch.stack([take(f"{m}experts.{e}.down_proj.weight") for e in e_range])
@@ -388,27 +394,50 @@ def _safetensors_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def _read_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+class _LazyTensors(Mapping):
+    """The tensors of safetensors files by name, each read when it is asked for (memory-mapped
+    files: nothing is loaded whole)."""
 
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self._file: dict[str, str] = {}
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                self._file.update(dict.fromkeys(f.keys(), file))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._file[key], framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+
+def read_hf_state(path: str, max_seq_len: int | None = None,
+                  experts: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """(state dict in our names, model config) of a Hugging Face Qwen3 / Qwen3-MoE / Qwen3-Next
+    directory: config.json and the safetensors (one file, or shards with an index), each tensor
+    read as it is converted. `experts`: see hf_to_ours."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf_cfg = json.load(f)
+    cfg = model_config_from_hf(hf_cfg, max_seq_len=max_seq_len)
+    return hf_to_ours(_LazyTensors(_safetensors_files(path)), cfg, experts), cfg
 
 
 def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
                        device: str | torch.device = "cpu") -> tuple[GPT, ModelConfig]:
     """Build our GPT from a Hugging Face Qwen3 / Qwen3-MoE / Qwen3-Next directory.
 
-    Reads config.json and the safetensors (single file or sharded with an index). The
-    model is built on the meta device and the checkpoint's tensors are assigned to it,
+    The model is built on the meta device and the checkpoint's tensors are assigned to it,
     so memory holds one copy of the weights, not two.
     """
-    with open(os.path.join(path, "config.json")) as f:
-        hf_cfg = json.load(f)
-    cfg = model_config_from_hf(hf_cfg, max_seq_len=max_seq_len)
-    sd = hf_to_ours(dict(_read_tensors(_safetensors_files(path))), cfg)
+    sd, cfg = read_hf_state(path, max_seq_len)
     return model_from_state_dict(sd, cfg, dtype=dtype, device=device), cfg
 
 

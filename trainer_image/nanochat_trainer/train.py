@@ -34,25 +34,50 @@ from .parallel import (barrier, full_state, load_full_state, setup_distributed, 
                        wrap_model)
 
 
-def _init_weights_from(model: GPT, source: str, ep=None) -> None:
+def _init_weights_from(model: GPT, source: str) -> None:
     """`checkpoint.init_from`: a nanochat model/run dir, or a Hugging Face Qwen3 dir. Under expert
-    parallelism (`ep`) the model holds this rank's experts and takes their rows."""
+    parallelism the model holds this rank's experts, and only their rows are read."""
     path = Path(source)
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
-        from .hf_adapter import load_hf_checkpoint
+        from .expert_parallel import expert_row_ranges
+        from .hf_adapter import read_hf_state
 
-        hf_model, hf_cfg = load_hf_checkpoint(str(path), max_seq_len=model.cfg.max_seq_len)
-        # Training settings (not in a Hugging Face config) do not make another architecture.
-        same = {"max_seq_len": True, "moe": {"balance_scope"}}
-        if hf_cfg.model_dump(exclude=same) != model.cfg.model_dump(exclude=same):
-            raise ValueError(f"checkpoint.init_from={source!r}: its architecture differs from trainer.model")
-        from .expert_parallel import shard_full_state
-
-        msd = hf_model.state_dict()  # the whole model, on every rank (see README: known gaps)
-        shard_full_state(model, msd, None, ep)
-        model.load_state_dict(msd)
+        rows = set(expert_row_ranges(model).values())  # one (first, count) for every MoE layer, or none
+        sd, hf_cfg = read_hf_state(str(path), model.cfg.max_seq_len, next(iter(rows)) if rows else None)
+        differ = _architecture_differences(hf_cfg, model.cfg)
+        if differ:
+            raise ValueError(f"checkpoint.init_from={source!r}: its architecture differs from trainer.model "
+                             f"({'; '.join(differ[:4])})")
+        if model.cfg.tie_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        # Hugging Face has no aux-free router bias: it keeps its zero init.
+        if unexpected or any(not k.endswith("expert_bias") for k in missing):
+            raise ValueError(f"checkpoint.init_from={source!r}: weights do not fit ({missing[:3]}, {unexpected[:3]})")
     else:
         load_state_into(model, resolve_model_dir(path))
+
+
+def _architecture_differences(theirs, ours) -> list[str]:
+    """What makes two ModelConfigs different models: parameter names and shapes, and the settings
+    that change the function they compute. How a config spells a shape (head_dim unset or equal
+    to dim / n_heads) and training settings (balancing, z-loss) do not count."""
+    def shapes(cfg) -> dict[str, tuple]:
+        with torch.device("meta"):
+            return {n: tuple(t.shape) for n, t in GPT(cfg).state_dict().items()}
+
+    def function(cfg) -> dict:
+        out = cfg.model_dump(include={"rope_theta", "norm_eps", "qk_norm", "tie_embeddings"})
+        if cfg.moe is not None:
+            out["moe"] = cfg.moe.model_dump(include={"top_k", "norm_topk_prob", "dense_layers"})
+        if cfg.hybrid is not None:
+            out["hybrid"] = cfg.hybrid.model_dump(include={"full_attention_interval", "partial_rotary_factor"})
+        return out
+
+    a, b = shapes(theirs.model_copy(update={"max_seq_len": ours.max_seq_len})), shapes(ours)
+    differ = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    fa, fb = function(theirs), function(ours)
+    return differ + [f"{k}: {fa.get(k)} vs {fb.get(k)}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
 
 
 def _inherit_tokenizer(cfg: TrainerConfig, run_dir: Path) -> None:
@@ -199,7 +224,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
     model.init_weights(cfg.seed)  # the same weights whatever the layout
     resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
     if cfg.checkpoint.init_from and resume_from is None:
-        _init_weights_from(model, cfg.checkpoint.init_from, ep)
+        _init_weights_from(model, cfg.checkpoint.init_from)
     wrapped = wrap_model(model, cfg, device, world, ep)
     opts = build_optimizers(model, cfg.optimizer)
 
