@@ -97,3 +97,22 @@ def test_init_from_hugging_face_reads_each_ranks_experts(tmp_path):
     a, b, fresh = losses(tmp_path / "one"), losses(tmp_path / "ep"), losses(tmp_path / "fresh")
     assert b[1] == pytest.approx(a[1], rel=1e-5), (a, b)
     assert abs(a[1] - fresh[1]) > 0.05, (a, fresh)  # the checkpoint's weights, not a fresh init
+
+
+def test_ternary_student_and_its_parent_split_their_experts(tmp_path):
+    """ternary.distill_from_parent on 2 ranks with EP=2 and FSDP2: student and frozen parent both
+    hold half of each layer's experts; the first step's loss and KL to the parent equal one
+    process's (they depend on the weights each rank loaded and on the exchanges only)."""
+    from nanochat_trainer.train import train
+
+    train(micro_cfg(tmp_path / "parent", steps=3, batch_size=4, model=MOE))
+    tern = {"distill_from_parent": True}
+    init = {"init_from": str(tmp_path / "parent"), "every": 2}
+    train(micro_cfg(tmp_path / "one", steps=2, batch_size=4, model=MOE, stage="ternary", ternary=tern,
+                    checkpoint=init))
+    _torchrun(2, micro_cfg(tmp_path / "ep", steps=2, batch_size=2, model=MOE, stage="ternary", ternary=tern,
+                           checkpoint=init, expert_parallel=2, parallel="fsdp"), tmp_path)
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "ep")
+    assert a[1]["kd_loss"] > 0
+    for key in ("loss", "kd_loss"):
+        assert b[1][key] == pytest.approx(a[1][key], rel=1e-5), (key, a[1], b[1])

@@ -120,15 +120,17 @@ def _matching_optimizer_states(model: GPT, opts, saved: list[dict], where: Path)
     return None
 
 
-def _load_parent(cfg: TrainerConfig, device: torch.device, world: int) -> GPT:
+def _load_parent(cfg: TrainerConfig, device: torch.device, world: int, ep=None) -> GPT:
     """`ternary.distill_from_parent`: a frozen copy of `checkpoint.init_from` (the full-precision
     parent), eval mode, no gradients, on the student's device. Loaded at every start, also on resume
     (the student then comes from its own checkpoint, the parent still from init_from). A parent
-    that is itself a ternary run is evaluated as it was trained (BitLinear, ramp 1). Sharded with
-    FSDP2 when the student is (every rank runs its forward, so the all-gathers match); its experts
-    are never split by expert parallelism (each rank runs the parent's MoE whole)."""
+    that is itself a ternary run is evaluated as it was trained (BitLinear, ramp 1). Laid out as the
+    student is: its experts split over the same expert-parallel groups (each rank reads only its
+    rows) and sharded with FSDP2 when the student is (every rank runs its forward, so the
+    exchanges and all-gathers match)."""
     source = cfg.checkpoint.init_from  # train() has checked that it is set
-    parent = GPT(cfg.model)
+    with torch.device("meta"):
+        parent = GPT(cfg.model)
     path = Path(source)
     if not ((path / "config.json").is_file() and not (path / "config.yaml").is_file()):  # not a HF dir
         import yaml
@@ -140,11 +142,17 @@ def _load_parent(cfg: TrainerConfig, device: torch.device, world: int) -> GPT:
                 from .ternary import apply_ternary
 
                 apply_ternary(parent, pcfg.ternary, ramp=1.0)
+    if ep is not None:
+        from .expert_parallel import shard_experts
+
+        shard_experts(parent, ep.ep_group, ep.shard)
+    parent.to_empty(device=device)
+    parent.init_weights(cfg.seed)  # buffers and anything the checkpoint lacks (the aux-free bias)
     _init_weights_from(parent, source)
     parent.requires_grad_(False)
-    parent.to(device).eval()
+    parent.eval()
     if uses_fsdp(cfg, world):
-        shard_fsdp(parent, device)
+        shard_fsdp(parent, device, ep)
     return parent
 
 
@@ -264,7 +272,7 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
     prefetch = parent = None
     if parent_kd:
-        parent = _load_parent(cfg, device, world)
+        parent = _load_parent(cfg, device, world, ep)
     if cfg.distill is not None and cfg.stage in ("distill", "ternary"):
         prefetch = _distill_setup(cfg, run_dir, loader, tokenizer, max(0, cfg.steps - start) * cfg.grad_accum,
                                   rank, world, device, state)
