@@ -442,10 +442,16 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32, max_seq_le
 
 
 def model_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu") -> GPT:
-    """A GPT holding `sd` (our names), built without a throwaway random initialisation."""
+                          device: str | torch.device = "cpu", ternary=None) -> GPT:
+    """A GPT holding `sd` (our names), built without a throwaway random initialisation: the
+    tensors of `sd` become its parameters (no copy when they already have that dtype and
+    device). `ternary`: a TernaryConfig, for a ternary run's weights (BitLinear, ramp 1)."""
     with torch.device("meta"):
         model = GPT(cfg)
+    if ternary is not None:
+        from .ternary import apply_ternary
+
+        apply_ternary(model, ternary, ramp=1.0)
     full = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     # Persistent buffers Hugging Face does not know (the aux-free router bias) start at zero.
     for name, buf in model.state_dict().items():
@@ -467,6 +473,10 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, dtyp
         for name, buf in list(mod._buffers.items()):
             if buf is not None and buf.is_meta:
                 mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+    if ternary is not None:
+        from .ternary import set_ramp
+
+        set_ramp(model, 1.0)  # the ramp buffers were zeroed with the other non-persistent ones
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left on the meta device after loading: {leftover[:5]}")

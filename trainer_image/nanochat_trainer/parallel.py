@@ -150,18 +150,14 @@ def load_full_state(model: nn.Module, opts, msd: dict, osds: list[dict] | None, 
 def unsharded(model: GPT, cfg: TrainerConfig, world: int, ep, is_main: bool) -> GPT | None:
     """The model whose weights go to final/: `model` itself when it holds all its weights; under
     FSDP2 (DTensor shards, which safetensors cannot write) or EP (a slice of the experts) a CPU
-    copy built from the gathered full state on rank 0 (None elsewhere). Collective."""
+    model on rank 0 (None elsewhere) whose parameters are the gathered full state's tensors
+    themselves, not a copy. Collective."""
     if ep is None and not uses_fsdp(cfg, world):
         return model
     msd, _ = full_state(model, [], ep)
     if not is_main:
         return None
-    whole = GPT(cfg.model)
-    if cfg.stage == "ternary":
-        from .ternary import apply_ternary
+    from .hf_adapter import model_from_state_dict
 
-        apply_ternary(whole, cfg.ternary, ramp=1.0)
-    if cfg.model.tie_embeddings and "lm_head.weight" not in msd:
-        msd["lm_head.weight"] = msd["embed_tokens.weight"]
-    whole.load_state_dict(msd)
+    whole = model_from_state_dict(msd, cfg.model, ternary=cfg.ternary if cfg.stage == "ternary" else None)
     return whole.eval()
