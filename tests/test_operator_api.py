@@ -109,6 +109,10 @@ def test_feasibility_of_expert_parallel_layouts():
                    "gpusPerNode=2): use a divisor of 6"]
     assert feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 2, "device": "cpu"},
                             resources={"nodes": 2})) == []
+    # Pod 0 holds a whole checkpoint: 80B parameters x 8 bytes do not fit in 500Gi.
+    small_host = feasibility(spec(trainer={"preset": "qwen3-hybrid"},
+                                  resources={"nodes": 4, "gpusPerNode": 8, "memory": "500Gi"}))
+    assert len(small_host) == 1 and "a checkpoint gathers at least 594 GiB" in small_host[0], small_host
 
 
 def test_param_estimate_matches_the_model():

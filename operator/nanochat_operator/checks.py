@@ -12,7 +12,8 @@ one moment but its AdamW half keeps two, so 16 is the round figure), spread over
 GPU when FSDP shards it, on each GPU when DDP replicates it (with expert parallelism
 under DDP, each GPU holds the dense part and 1/expert_parallel of the routed experts).
 Activations come on top, so a run that passes can still run out of memory; one that
-fails cannot fit.
+fails cannot fit. Pod 0's host memory must also hold a checkpoint, which rank 0 gathers
+whole (8 bytes per parameter at least: the fp32 weight and one optimizer moment).
 
 The parameter count is computed from the config (no torch in the operator image); it
 matches nanochat_trainer.model.count_params within a few per cent (tested).
@@ -25,6 +26,7 @@ from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig
 from .api import TrainingRunSpec, parse_quantity
 
 BYTES_PER_PARAM = 16
+CHECKPOINT_BYTES_PER_PARAM = 8  # fp32 weight + one fp32 moment (Muon); AdamW parameters keep two
 GIB = 2**30
 
 
@@ -115,6 +117,12 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
                 f"{what} needs at least {need / GIB:.0f} GiB per GPU for weights, gradients and optimizer state "
                 f"over {gpus} GPUs ({how}); one GPU has {gpu_memory_gib:g} GiB: ask for more GPUs"
                 + ("" if shards else " or set trainer.parallel=fsdp"))
+        # Checkpoints are gathered whole on rank 0's host: fp32 weights plus at least one fp32
+        # optimizer moment per parameter must fit in pod 0's memory.
+        gathered = params * CHECKPOINT_BYTES_PER_PARAM
+        if res.memory is not None and gathered > parse_quantity(res.memory):
+            problems.append(f"{what}: a checkpoint gathers at least {gathered / GIB:.0f} GiB (weights and "
+                            f"optimizer state) in pod 0; resources.memory={res.memory} is not enough")
     elif res.memory is not None:
         have = parse_quantity(res.memory)
         if need > have:
