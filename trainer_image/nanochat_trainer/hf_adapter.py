@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .config import HybridConfig, ModelConfig, MoEConfig
-from .model import GPT, rope_tables
+from .model import GPT
 
 ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
@@ -463,10 +463,7 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, dtyp
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
     # Non-persistent RoPE tables are not in any state dict: rebuild them as GPT.__init__ does.
-    rotary = cfg.resolved_head_dim
-    if cfg.hybrid is not None:
-        rotary = int(rotary * cfg.hybrid.partial_rotary_factor)
-    cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta, rotary)
+    cos, sin = model.rope_buffers()
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     # Other non-persistent buffers (running counters such as the MoE load tally) start at zero.
     for mod in model.modules():

@@ -209,11 +209,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = self._rope_tables()
+        cos, sin = self.rope_buffers()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rope_cos, rope_sin) for this config (partial rotary for the hybrid's attention)."""
         cfg = self.cfg
         rotary = cfg.resolved_head_dim
         if cfg.hybrid is not None:
@@ -249,7 +250,7 @@ class GPT(nn.Module):
                 std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
                 value = torch.randn(shape, generator=gen) * std
             p.copy_(value[offset:offset + p.shape[0]])
-        cos, sin = self._rope_tables()
+        cos, sin = self.rope_buffers()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for m in self.modules():
