@@ -250,6 +250,13 @@ class GPT(nn.Module):
                 std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
                 value = torch.randn(shape, generator=gen) * std
             p.copy_(value[offset:offset + p.shape[0]])
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Everything init_weights sets but the random matrices: RoPE tables, norms and gains,
+        the modules' own state (reset_extra_parameters). Enough for a model materialised with
+        `to_empty` whose weights a checkpoint is about to replace."""
         cos, sin = self.rope_buffers()
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -147,7 +147,7 @@ def _load_parent(cfg: TrainerConfig, device: torch.device, world: int, ep=None) 
 
         shard_experts(parent, ep.ep_group, ep.shard)
     parent.to_empty(device=device)
-    parent.init_weights(cfg.seed)  # buffers and anything the checkpoint lacks (the aux-free bias)
+    parent.init_buffers()  # and the aux-free bias, which a Hugging Face checkpoint lacks
     _init_weights_from(parent, source)
     parent.requires_grad_(False)
     parent.eval()
@@ -229,10 +229,14 @@ def train(cfg: TrainerConfig, progress: Callable[[dict], None] | None = None) ->
 
     ep = setup_expert_parallel(model, cfg, world, rank)  # None unless expert_parallel > 1
     model.to_empty(device=device)
-    model.init_weights(cfg.seed)  # the same weights whatever the layout
     resume_from = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    if cfg.checkpoint.init_from and resume_from is None:
+    if resume_from is not None:
+        model.init_buffers()  # the checkpoint's weights are loaded below, once the optimizers exist
+    elif cfg.checkpoint.init_from:
+        model.init_buffers()
         _init_weights_from(model, cfg.checkpoint.init_from)
+    else:
+        model.init_weights(cfg.seed)  # the same weights whatever the layout
     wrapped = wrap_model(model, cfg, device, world, ep)
     opts = build_optimizers(model, cfg.optimizer)
 
