@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test e2e-tools e2e cluster crds bench clean
+.PHONY: demo test test-fast lint e2e-tools e2e cluster crds bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,19 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m nanochat_trainer.demo --out runs/demo
 
-## make test: every test: unit, integration, and e2e on a real control plane.
-test: $(STAMP) e2e-tools
+## make test: the lint checks, then every test: unit, integration, and e2e on a real control plane.
+test: lint $(STAMP) e2e-tools
 	$(PY) -m pytest -q
+
+## make test-fast: the lint checks and the tests not marked slow or e2e (a few minutes; no Go tools).
+test-fast: lint $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+## make lint: ruff (lint and format) and the import-layering contracts (pyproject.toml); seconds.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 ## The e2e control plane's binaries (kube-apiserver, controller manager, scheduler, kubectl,
 ## etcd, kwok, helm), built with Go at the versions in e2e/versions.env into

@@ -19,7 +19,7 @@ import torch
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.eval.generate import generate_tokens
 from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems
-from nanochat_trainer.model import GPT
+from nanochat_trainer.models.gpt import GPT
 
 
 class _NoEot:
@@ -34,11 +34,14 @@ class _NoEot:
 def bench_sandbox(problems: int, workers: int) -> None:
     probs = load_problems(problems)
     t0 = time.monotonic()
-    report = evaluate_completions(probs, {p["task_id"]: [p["canonical_solution"]] for p in probs},
-                                  ks=[1], workers=workers, timeout=15.0)
+    report = evaluate_completions(
+        probs, {p["task_id"]: [p["canonical_solution"]] for p in probs}, ks=[1], workers=workers, timeout=15.0
+    )
     dt = time.monotonic() - t0
-    print(f"sandbox: {len(probs)} problems, {workers} workers, {report['sandbox']['network']}: "
-          f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={report['pass_at_k']['1']:.3f}")
+    print(
+        f"sandbox: {len(probs)} problems, {workers} workers, {report['sandbox']['network']}: "
+        f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={report['pass_at_k']['1']:.3f}"
+    )
 
 
 def bench_generation(preset: str, batch: int, prompt_len: int, new: int, device: str) -> None:
@@ -54,14 +57,15 @@ def bench_generation(preset: str, batch: int, prompt_len: int, new: int, device:
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.monotonic()
-    out = generate_tokens(model, _NoEot(), prompts, max_new_tokens=new, temperature=0.8, top_p=0.95,
-                          batch_size=batch)
+    out = generate_tokens(model, _NoEot(), prompts, max_new_tokens=new, temperature=0.8, top_p=0.95, batch_size=batch)
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.monotonic() - t0
     toks = sum(len(s[0].token_ids) for s in out)
-    print(f"generation: preset={preset} device={device} dtype={str(dtype).split('.')[-1]} batch={batch} "
-          f"prompt~{prompt_len} new={new}: {toks} tokens in {dt:.2f} s = {toks / dt:.0f} tokens/s")
+    print(
+        f"generation: preset={preset} device={device} dtype={str(dtype).split('.')[-1]} batch={batch} "
+        f"prompt~{prompt_len} new={new}: {toks} tokens in {dt:.2f} s = {toks / dt:.0f} tokens/s"
+    )
 
 
 def main() -> None:

@@ -34,9 +34,9 @@ import torch.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trainer_image"))
 
 from nanochat_trainer.config import PRESETS, ModelConfig, TernaryConfig, TrainerConfig  # noqa: E402
-from nanochat_trainer.model import GPT  # noqa: E402
-from nanochat_trainer.ternary import BitStackedLinear, TernaryLayer, apply_ternary  # noqa: E402
-from nanochat_trainer.ternary_pack import save_packed, to_packed_inference  # noqa: E402
+from nanochat_trainer.models.gpt import GPT  # noqa: E402
+from nanochat_trainer.models.ternary import BitStackedLinear, TernaryLayer, apply_ternary  # noqa: E402
+from nanochat_trainer.models.ternary_pack import save_packed, to_packed_inference  # noqa: E402
 
 
 def unique_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -67,15 +67,24 @@ def memory_figures(cfg: ModelConfig, tcfg: TernaryConfig) -> dict[str, float]:
             packed += experts * (math.ceil(n // experts / 5) + 4)
         else:
             packed += 2 * n
-    return {"params": n_total, "ternary_params": n_tern, "bf16_bytes": bf16, "packed_bytes": packed,
-            "ternary_bf16_bytes": 2 * n_tern, "ternary_packed_bytes": packed - 2 * (n_total - n_tern)}
+    return {
+        "params": n_total,
+        "ternary_params": n_tern,
+        "bf16_bytes": bf16,
+        "packed_bytes": packed,
+        "ternary_bf16_bytes": 2 * n_tern,
+        "ternary_packed_bytes": packed - 2 * (n_total - n_tern),
+    }
 
 
 def module_bytes(model: nn.Module) -> int:
     """Bytes of unique parameters and persistent buffers actually held by `model`."""
     total = sum(p.numel() * p.element_size() for _, p in unique_params(model))
-    return total + sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
-                       if k.endswith(("weight_packed", "weight_scale")))
+    return total + sum(
+        t.numel() * t.element_size()
+        for k, t in model.state_dict().items()
+        if k.endswith(("weight_packed", "weight_scale"))
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -116,20 +125,29 @@ def main() -> None:
     cfg = TrainerConfig.model_validate({"preset": args.preset}).model
     tcfg = TernaryConfig()
     mem = memory_figures(cfg, tcfg)
-    mib = 2 ** 20
-    print(f"preset {args.preset}: {mem['params'] / 1e6:.2f}M params, {mem['ternary_params'] / 1e6:.2f}M ternary "
-          f"({100 * mem['ternary_params'] / mem['params']:.1f}%; include={tcfg.include})")
+    mib = 2**20
+    print(
+        f"preset {args.preset}: {mem['params'] / 1e6:.2f}M params, {mem['ternary_params'] / 1e6:.2f}M ternary "
+        f"({100 * mem['ternary_params'] / mem['params']:.1f}%; include={tcfg.include})"
+    )
     print(f"  bf16 model            {mem['bf16_bytes'] / mib:9.2f} MiB")
-    print(f"  packed model          {mem['packed_bytes'] / mib:9.2f} MiB  "
-          f"({mem['bf16_bytes'] / mem['packed_bytes']:.2f}x smaller; non-ternary tensors stay bf16)")
-    print(f"  ternary layers: bf16 {mem['ternary_bf16_bytes'] / mib:.2f} MiB -> packed "
-          f"{mem['ternary_packed_bytes'] / mib:.2f} MiB "
-          f"({8 * mem['ternary_packed_bytes'] / mem['ternary_params']:.3f} bits/weight)")
+    print(
+        f"  packed model          {mem['packed_bytes'] / mib:9.2f} MiB  "
+        f"({mem['bf16_bytes'] / mem['packed_bytes']:.2f}x smaller; non-ternary tensors stay bf16)"
+    )
+    print(
+        f"  ternary layers: bf16 {mem['ternary_bf16_bytes'] / mib:.2f} MiB -> packed "
+        f"{mem['ternary_packed_bytes'] / mib:.2f} MiB "
+        f"({8 * mem['ternary_packed_bytes'] / mem['ternary_params']:.3f} bits/weight)"
+    )
     if args.no_gen:
         return
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     dense = GPT(cfg)
@@ -146,19 +164,28 @@ def main() -> None:
     to_packed_inference(cached, cache_unpacked=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        info = save_packed(bit, cfg.model_dump(), os.path.join(tmp, "m.safetensors"), dtype=torch.bfloat16,
-                           verbose=False)
-    print(f"  save_packed file      {info['file_bytes'] / mib:9.2f} MiB  "
-          f"({info['bits_per_ternary_weight']:.3f} bits/ternary weight, bf16 elsewhere)")
-    print(f"  held in memory ({dtype}): dense {module_bytes(dense) / mib:.2f} MiB, "
-          f"packed {module_bytes(packed) / mib:.2f} MiB")
+        info = save_packed(
+            bit, cfg.model_dump(), os.path.join(tmp, "m.safetensors"), dtype=torch.bfloat16, verbose=False
+        )
+    print(
+        f"  save_packed file      {info['file_bytes'] / mib:9.2f} MiB  "
+        f"({info['bits_per_ternary_weight']:.3f} bits/ternary weight, bf16 elsewhere)"
+    )
+    print(
+        f"  held in memory ({dtype}): dense {module_bytes(dense) / mib:.2f} MiB, "
+        f"packed {module_bytes(packed) / mib:.2f} MiB"
+    )
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"generation on {name}, {dtype}, batch {args.batch}, prompt {args.prompt_len}, {args.tokens} tokens:")
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), device=device)
     results = {}
-    for label, model in (("dense nn.Linear", dense), ("BitLinear (unpacked)", bit),
-                         ("packed, unpack per step", packed), ("packed, cached unpack", cached)):
+    for label, model in (
+        ("dense nn.Linear", dense),
+        ("BitLinear (unpacked)", bit),
+        ("packed, unpack per step", packed),
+        ("packed, cached unpack", cached),
+    ):
         # Warm-up over the same lengths: CPU kernels are set up per shape, and the KV length
         # grows every step, so a short warm-up left the first variant 20x slow.
         greedy(model, prompt, args.tokens, device)
@@ -168,8 +195,9 @@ def main() -> None:
         peak = f", peak {torch.cuda.max_memory_allocated(device) / mib:.0f} MiB" if device.type == "cuda" else ""
         results[label] = toks
         print(f"  {label:26s} {tps:10.1f} tok/s{peak}")
-    same = torch.equal(results["BitLinear (unpacked)"], results["packed, unpack per step"]) and \
-        torch.equal(results["BitLinear (unpacked)"], results["packed, cached unpack"])
+    same = torch.equal(results["BitLinear (unpacked)"], results["packed, unpack per step"]) and torch.equal(
+        results["BitLinear (unpacked)"], results["packed, cached unpack"]
+    )
     print(f"  packed tokens == BitLinear tokens: {same}")
 
 

@@ -17,6 +17,7 @@ run go to `e2e/node_agent.py`'s node instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import yaml
@@ -59,13 +60,54 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_certs(pki: Path) -> None:
     """A CA, the API server's serving certificate for 127.0.0.1, and the SA signing key pair."""
     pki.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "3", "-subj", "/CN=nanochat-e2e-ca", cwd=pki)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
-             "-subj", "/CN=kube-apiserver", cwd=pki)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3",
+        "-subj",
+        "/CN=nanochat-e2e-ca",
+        cwd=pki,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+        "-subj",
+        "/CN=kube-apiserver",
+        cwd=pki,
+    )
     (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n")
-    _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "apiserver.crt", "-days", "3", "-extfile", "san.ext", cwd=pki)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "apiserver.crt",
+        "-days",
+        "3",
+        "-extfile",
+        "san.ext",
+        cwd=pki,
+    )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
@@ -95,7 +137,7 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 180.0) -> "ControlPlane":
+    def start(self, timeout: float = 180.0) -> ControlPlane:
         self.bin_dir = tool("kube")
         kwok = tool("kwok") if self.with_kwok else None
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -109,50 +151,132 @@ class ControlPlane:
         self.server = f"https://127.0.0.1:{api_port}"
         self.kubeconfig = write_kubeconfig(self.workdir / "kubeconfig", self.server, pki / "ca.crt", token)
         try:
-            self._spawn("etcd", [
-                str(self.bin_dir / "etcd"), "--data-dir", str(self.workdir / "etcd"), "--name", "e2e",
-                "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-                "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-                "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-                "--initial-cluster", f"e2e=http://127.0.0.1:{etcd_peer}",
-                # A throwaway test cluster: durability is not worth an fsync per write.
-                "--unsafe-no-fsync", "--log-level", "warn"])
-            self._spawn("kube-apiserver", [
-                str(self.bin_dir / "kube-apiserver"),
-                "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(api_port),
-                "--tls-cert-file", str(pki / "apiserver.crt"), "--tls-private-key-file", str(pki / "apiserver.key"),
-                "--client-ca-file", str(pki / "ca.crt"), "--token-auth-file", str(pki / "tokens.csv"),
-                "--authorization-mode", "RBAC",
-                "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-                "--service-account-key-file", str(pki / "sa.pub"),
-                "--service-account-signing-key-file", str(pki / "sa.key"),
-                "--service-cluster-ip-range", "10.96.0.0/16", "--allow-privileged=true", "--profiling=false",
-                "--cert-dir", str(pki / "generated")])
+            self._spawn(
+                "etcd",
+                [
+                    str(self.bin_dir / "etcd"),
+                    "--data-dir",
+                    str(self.workdir / "etcd"),
+                    "--name",
+                    "e2e",
+                    "--listen-client-urls",
+                    f"http://127.0.0.1:{etcd_port}",
+                    "--advertise-client-urls",
+                    f"http://127.0.0.1:{etcd_port}",
+                    "--listen-peer-urls",
+                    f"http://127.0.0.1:{etcd_peer}",
+                    "--initial-advertise-peer-urls",
+                    f"http://127.0.0.1:{etcd_peer}",
+                    "--initial-cluster",
+                    f"e2e=http://127.0.0.1:{etcd_peer}",
+                    # A throwaway test cluster: durability is not worth an fsync per write.
+                    "--unsafe-no-fsync",
+                    "--log-level",
+                    "warn",
+                ],
+            )
+            self._spawn(
+                "kube-apiserver",
+                [
+                    str(self.bin_dir / "kube-apiserver"),
+                    "--etcd-servers",
+                    f"http://127.0.0.1:{etcd_port}",
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--advertise-address",
+                    "127.0.0.1",
+                    "--secure-port",
+                    str(api_port),
+                    "--tls-cert-file",
+                    str(pki / "apiserver.crt"),
+                    "--tls-private-key-file",
+                    str(pki / "apiserver.key"),
+                    "--client-ca-file",
+                    str(pki / "ca.crt"),
+                    "--token-auth-file",
+                    str(pki / "tokens.csv"),
+                    "--authorization-mode",
+                    "RBAC",
+                    "--service-account-issuer",
+                    "https://kubernetes.default.svc.cluster.local",
+                    "--service-account-key-file",
+                    str(pki / "sa.pub"),
+                    "--service-account-signing-key-file",
+                    str(pki / "sa.key"),
+                    "--service-cluster-ip-range",
+                    "10.96.0.0/16",
+                    "--allow-privileged=true",
+                    "--profiling=false",
+                    "--cert-dir",
+                    str(pki / "generated"),
+                ],
+            )
             self._wait_ready(timeout)
-            common = ["--kubeconfig", str(self.kubeconfig), "--authentication-kubeconfig", str(self.kubeconfig),
-                      "--authorization-kubeconfig", str(self.kubeconfig), "--bind-address", "127.0.0.1",
-                      "--leader-elect=false", "--profiling=false"]
-            self._spawn("kube-controller-manager", [
-                str(self.bin_dir / "kube-controller-manager"), *common, "--secure-port", str(free_port()),
-                "--service-account-private-key-file", str(pki / "sa.key"), "--root-ca-file", str(pki / "ca.crt"),
-                "--use-service-account-credentials=false",
-                # The scale tests create hundreds of Jobs at once: let the controllers keep up.
-                "--kube-api-qps", "200", "--kube-api-burst", "400", "--concurrent-job-syncs", "20"])
-            self._spawn("kube-scheduler", [
-                str(self.bin_dir / "kube-scheduler"), *common, "--secure-port", str(free_port())])
+            common = [
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--authentication-kubeconfig",
+                str(self.kubeconfig),
+                "--authorization-kubeconfig",
+                str(self.kubeconfig),
+                "--bind-address",
+                "127.0.0.1",
+                "--leader-elect=false",
+                "--profiling=false",
+            ]
+            self._spawn(
+                "kube-controller-manager",
+                [
+                    str(self.bin_dir / "kube-controller-manager"),
+                    *common,
+                    "--secure-port",
+                    str(free_port()),
+                    "--service-account-private-key-file",
+                    str(pki / "sa.key"),
+                    "--root-ca-file",
+                    str(pki / "ca.crt"),
+                    "--use-service-account-credentials=false",
+                    # The scale tests create hundreds of Jobs at once: let the controllers keep up.
+                    "--kube-api-qps",
+                    "200",
+                    "--kube-api-burst",
+                    "400",
+                    "--concurrent-job-syncs",
+                    "20",
+                ],
+            )
+            self._spawn(
+                "kube-scheduler", [str(self.bin_dir / "kube-scheduler"), *common, "--secure-port", str(free_port())]
+            )
             if kwok is not None:
-                self._spawn("kwok", [
-                    str(kwok), "--kubeconfig", str(self.kubeconfig), "-c", str(E2E / "kwok-stages.yaml"),
-                    "--manage-nodes-with-annotation-selector", f"{KWOK_ANNOTATION}=fake",
-                    # Pod IPs on loopback: a scrape of a fake pod is refused at once instead
-                    # of hanging until its timeout on an unroutable address.
-                    "--cidr", "127.1.0.0/16", "--node-ip", "127.0.0.1", "--node-lease-duration-seconds", "40",
-                    "--server-address", f"127.0.0.1:{free_port()}"])
+                self._spawn(
+                    "kwok",
+                    [
+                        str(kwok),
+                        "--kubeconfig",
+                        str(self.kubeconfig),
+                        "-c",
+                        str(E2E / "kwok-stages.yaml"),
+                        "--manage-nodes-with-annotation-selector",
+                        f"{KWOK_ANNOTATION}=fake",
+                        # Pod IPs on loopback: a scrape of a fake pod is refused at once instead
+                        # of hanging until its timeout on an unroutable address.
+                        "--cidr",
+                        "127.1.0.0/16",
+                        "--node-ip",
+                        "127.0.0.1",
+                        "--node-lease-duration-seconds",
+                        "40",
+                        "--server-address",
+                        f"127.0.0.1:{free_port()}",
+                    ],
+                )
             # The service-account controller makes `default` in each namespace; pods need it.
-            self.wait_for(lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
-                          timeout, "the default ServiceAccount")
+            self.wait_for(
+                lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
+                timeout,
+                "the default ServiceAccount",
+            )
         except BaseException:
             self.stop()
             raise
@@ -171,7 +295,7 @@ class ControlPlane:
                 proc.wait()
         self.procs.clear()
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -179,8 +303,9 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / "logs" / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
 
     def log_tail(self, name: str, lines: int = 40) -> str:
@@ -201,8 +326,9 @@ class ControlPlane:
 
         def ready() -> bool:
             try:
-                r = httpx.get(f"{self.server}/readyz", verify=ca, headers={"Authorization": f"Bearer {token}"},
-                              timeout=5)
+                r = httpx.get(
+                    f"{self.server}/readyz", verify=ca, headers={"Authorization": f"Bearer {token}"}, timeout=5
+                )
                 return r.status_code == 200
             except httpx.HTTPError:
                 return False
@@ -226,8 +352,9 @@ class ControlPlane:
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def kubectl(self, *args: str, input: Optional[str] = None, check: bool = True,
-                kubeconfig: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args]
         out = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
         if check and out.returncode != 0:
@@ -239,28 +366,42 @@ class ControlPlane:
         return self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs), **kw)
 
     def get(self, *args: str) -> Any:
-        import json
-
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
     def add_kwok_nodes(self, count: int, gpus: int = 8, prefix: str = "kwok-gpu") -> list[str]:
         """Fake GPU nodes that kwok runs: capacity and allocatable advertise nvidia.com/gpu."""
         names = [f"{prefix}-{i}" for i in range(count)]
         capacity = {"cpu": "96", "memory": "1Ti", "pods": "110", "nvidia.com/gpu": str(gpus)}
-        nodes = [{
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": n, "annotations": {KWOK_ANNOTATION: "fake"},
-                         "labels": {"type": "kwok", "kubernetes.io/hostname": n, "kubernetes.io/os": "linux",
-                                    "kubernetes.io/arch": "amd64", "nvidia.com/gpu.present": "true"}},
-            "spec": {"taints": [KWOK_TAINT]},
-            "status": {"capacity": capacity, "allocatable": capacity},
-        } for n in names]
+        nodes = [
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": n,
+                    "annotations": {KWOK_ANNOTATION: "fake"},
+                    "labels": {
+                        "type": "kwok",
+                        "kubernetes.io/hostname": n,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "nvidia.com/gpu.present": "true",
+                    },
+                },
+                "spec": {"taints": [KWOK_TAINT]},
+                "status": {"capacity": capacity, "allocatable": capacity},
+            }
+            for n in names
+        ]
         self.apply(nodes)
 
         def all_ready() -> bool:
             items = self.get("nodes", "-l", "type=kwok")["items"]
-            ready = {i["metadata"]["name"] for i in items for c in i.get("status", {}).get("conditions", [])
-                     if c["type"] == "Ready" and c["status"] == "True"}
+            ready = {
+                i["metadata"]["name"]
+                for i in items
+                for c in i.get("status", {}).get("conditions", [])
+                if c["type"] == "Ready" and c["status"] == "True"
+            }
             return set(names) <= ready
 
         self.wait_for(all_ready, 120, f"{count} kwok nodes Ready")

@@ -38,10 +38,11 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import urllib3
 from kubernetes import client, config
@@ -60,8 +61,9 @@ MERGE = "application/merge-patch+json"
 
 # ---------------------------------------------------------------- pure helpers
 
+
 def now(micro: bool = False) -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if micro else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def expand_vars(s: str, env: Mapping[str, str]) -> str:
@@ -75,8 +77,8 @@ def expand_vars(s: str, env: Mapping[str, str]) -> str:
                 continue
             end = s.find(")", i + 2) if s[i + 1] == "(" else -1
             if end != -1:
-                name = s[i + 2:end]
-                out.append(env[name] if name in env else s[i:end + 1])
+                name = s[i + 2 : end]
+                out.append(env[name] if name in env else s[i : end + 1])
                 i = end + 1
                 continue
         out.append(s[i])
@@ -94,7 +96,7 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
     """A container path (a mountPath or below one) as the host path the process really sees."""
     for mount, host in _by_length(mounts):
         if value == mount or value.startswith(mount + "/"):
-            return host + value[len(mount):]
+            return host + value[len(mount) :]
     return value
 
 
@@ -106,7 +108,7 @@ def rewrite_paths_in_text(text: str, mounts: list[tuple[str, str]]) -> str:
     hosts = dict(ordered)
     alternatives = "|".join(re.escape(m) for m, _ in ordered)
     # A path starts at the start, after whitespace, a quote, `=`, `:`, `,` or a YAML flow `[`.
-    pattern = re.compile(r"""(?<![^\s"'=:,\[])(%s)(?=/|$|[\s"',\]}])""" % alternatives, re.MULTILINE)
+    pattern = re.compile(r"""(?<![^\s"'=:,\[])(""" + alternatives + r""")(?=/|$|[\s"',\]}])""", re.MULTILINE)
     # One pass, so a host path that itself contains a mount path is never rewritten twice.
     return pattern.sub(lambda m: hosts[m.group(1)], text)
 
@@ -114,8 +116,8 @@ def rewrite_paths_in_text(text: str, mounts: list[tuple[str, str]]) -> str:
 def _is_service_host(host: str, namespace: str, services: set[str]) -> bool:
     labels = host.lower().split(".")
     for suffix in ([], [namespace], [namespace, "svc"], [namespace, "svc", "cluster", "local"]):
-        rest = labels[:len(labels) - len(suffix)] if suffix else labels
-        if suffix and labels[len(rest):] != suffix:
+        rest = labels[: len(labels) - len(suffix)] if suffix else labels
+        if suffix and labels[len(rest) :] != suffix:
             continue
         # <svc>[.suffix] or <pod hostname>.<headless svc>[.suffix]
         if (len(rest) == 1 and rest[0] in services) or (len(rest) == 2 and rest[0] and rest[1] in services):
@@ -133,8 +135,9 @@ _URL_IN_TEXT = re.compile(r"(?P<pre>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<host>[A-Za-
 def map_service_urls_in_text(text: str, namespace: str, services: set[str]) -> str:
     """Cluster DNS stand-in inside config files: the host of every URL naming a Service
     (a teacher endpoint in the trainer's config.yaml, say) becomes 127.0.0.1."""
-    return _URL_IN_TEXT.sub(lambda m: m["pre"] + (LOCAL_IP if _is_service_host(m["host"], namespace, services)
-                                                  else m["host"]), text)
+    return _URL_IN_TEXT.sub(
+        lambda m: m["pre"] + (LOCAL_IP if _is_service_host(m["host"], namespace, services) else m["host"]), text
+    )
 
 
 def map_service_hosts(value: str, namespace: str, services: set[str]) -> str:
@@ -164,18 +167,35 @@ def termination_message(term: bytes, log_tail: bytes, policy: str, exit_code: in
 
 def field_ref_value(pod: dict[str, Any], path: str) -> str:
     meta, spec = pod["metadata"], pod.get("spec") or {}
-    simple = {"metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace"),
-              "metadata.uid": meta.get("uid"), "spec.nodeName": spec.get("nodeName"),
-              "spec.serviceAccountName": spec.get("serviceAccountName"), "status.podIP": LOCAL_IP,
-              "status.podIPs": LOCAL_IP, "status.hostIP": LOCAL_IP, "status.hostIPs": LOCAL_IP}
+    simple = {
+        "metadata.name": meta.get("name"),
+        "metadata.namespace": meta.get("namespace"),
+        "metadata.uid": meta.get("uid"),
+        "spec.nodeName": spec.get("nodeName"),
+        "spec.serviceAccountName": spec.get("serviceAccountName"),
+        "status.podIP": LOCAL_IP,
+        "status.podIPs": LOCAL_IP,
+        "status.hostIP": LOCAL_IP,
+        "status.hostIPs": LOCAL_IP,
+    }
     if path in simple:
         return simple[path] or ""
     m = re.fullmatch(r"metadata\.(labels|annotations)\['(.*)'\]", path)
     return (meta.get(m[1]) or {}).get(m[2], "") if m else ""
 
 
-_SUFFIX = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20,
-           "Gi": 2**30, "Ti": 2**40}
+_SUFFIX = {
+    "m": 1e-3,
+    "": 1,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
 
 
 def parse_quantity(q: str) -> float:
@@ -185,7 +205,7 @@ def parse_quantity(q: str) -> float:
     return float(m[1]) * _SUFFIX[m[2]]
 
 
-def resource_field_value(container: dict[str, Any], ref: dict[str, Any], capacity: dict[str, str]) -> Optional[str]:
+def resource_field_value(container: dict[str, Any], ref: dict[str, Any], capacity: dict[str, str]) -> str | None:
     """Best effort: limits fall back to the node's capacity, as the kubelet does; rounded up."""
     kind, _, name = ref.get("resource", "").partition(".")
     q = ((container.get("resources") or {}).get(kind) or {}).get(name)
@@ -198,6 +218,7 @@ def resource_field_value(container: dict[str, Any], ref: dict[str, Any], capacit
 
 
 # ---------------------------------------------------------------- the agent
+
 
 class _Gone(Exception):
     """The pod no longer exists on the API server."""
@@ -231,7 +252,7 @@ class _PodRun:
     name: str
     uid: str
     dir: Path
-    proc: Optional[subprocess.Popen] = None
+    proc: subprocess.Popen | None = None
     deleting: bool = False
     restarts: int = 0
     finished: bool = False  # a terminal status was reported; nothing may overwrite it
@@ -267,7 +288,7 @@ def processes_of_pod(uid: str) -> list[int]:
     return pids
 
 
-def _signal_pod(run: "_PodRun", sig: int) -> None:
+def _signal_pod(run: _PodRun, sig: int) -> None:
     """Signal every process of a pod, as a container runtime signals a container's cgroup."""
     if run.proc is not None:
         _signal_group(run.proc.pid, sig)
@@ -283,8 +304,15 @@ class TestNodeAgent:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, kubeconfig: str, node_name: str, workdir: Path, capacity: Optional[dict[str, str]] = None,
-                 labels: Optional[dict[str, str]] = None, extra_env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: str,
+        node_name: str,
+        workdir: Path,
+        capacity: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.node_name = node_name
         self.workdir = Path(workdir).resolve()
         self.capacity = dict(capacity or DEFAULT_CAPACITY)
@@ -326,7 +354,7 @@ class TestNodeAgent:
             t.join(timeout=WATCH_TIMEOUT_S + 5)
         self._threads.clear()
 
-    def pod_pid(self, namespace: str, name: str) -> Optional[int]:
+    def pod_pid(self, namespace: str, name: str) -> int | None:
         with self._lock:
             for r in self._pods.values():
                 if (r.namespace, r.name) == (namespace, name) and r.proc is not None and r.proc.poll() is None:
@@ -337,8 +365,11 @@ class TestNodeAgent:
         """SIGKILL every process of a running pod at once, as the OOM killer or a lost node
         would end a container; the pod then reports exit code 137. False if none runs."""
         with self._lock:
-            runs = [r for r in self._pods.values() if (r.namespace, r.name) == (namespace, name)
-                    and r.proc is not None and r.proc.poll() is None]
+            runs = [
+                r
+                for r in self._pods.values()
+                if (r.namespace, r.name) == (namespace, name) and r.proc is not None and r.proc.poll() is None
+            ]
         for r in runs:
             _signal_pod(r, signal.SIGKILL)
         return bool(runs)
@@ -366,9 +397,9 @@ class TestNodeAgent:
             except (urllib3.exceptions.HTTPError, OSError):
                 if attempt == 4:
                     raise
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(0.2 * 2**attempt)
 
-    def _get(self, fn: Callable[..., Any], *args: Any) -> Optional[dict[str, Any]]:
+    def _get(self, fn: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
         try:
             return json.loads(self._call(fn, *args).data)
         except _Gone:
@@ -380,8 +411,13 @@ class TestNodeAgent:
             if run.finished:
                 return
             try:
-                self._call(self.core.patch_namespaced_pod_status, run.name, run.namespace, {"status": status},
-                           _content_type=SMP)
+                self._call(
+                    self.core.patch_namespaced_pod_status,
+                    run.name,
+                    run.namespace,
+                    {"status": status},
+                    _content_type=SMP,
+                )
             except _Gone:
                 self._forget(run)
             run.finished = final
@@ -389,11 +425,20 @@ class TestNodeAgent:
     # ------------------------------------------------------------ node and heartbeat
 
     def _register_node(self) -> None:
-        labels = {**self.labels, "kubernetes.io/hostname": self.node_name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64", "type": "nanochat-e2e-agent"}
+        labels = {
+            **self.labels,
+            "kubernetes.io/hostname": self.node_name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "type": "nanochat-e2e-agent",
+        }
         for attempt in range(5):
-            body: dict[str, Any] = {"apiVersion": "v1", "kind": "Node", "spec": {},
-                                    "metadata": {"name": self.node_name, "labels": labels}}
+            body: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "spec": {},
+                "metadata": {"name": self.node_name, "labels": labels},
+            }
             try:
                 old = self._get(self.core.read_node, self.node_name)
                 if old is None:
@@ -409,19 +454,45 @@ class TestNodeAgent:
 
     def _patch_node_status(self) -> None:
         t = now()
-        conditions = [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                       "message": "nanochat e2e test node agent is posting ready status",
-                       "lastHeartbeatTime": t, "lastTransitionTime": t}]
+        conditions = [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "nanochat e2e test node agent is posting ready status",
+                "lastHeartbeatTime": t,
+                "lastTransitionTime": t,
+            }
+        ]
         for kind in ("MemoryPressure", "DiskPressure", "PIDPressure"):
-            conditions.append({"type": kind, "status": "False", "reason": f"KubeletHasNo{kind}",
-                               "lastHeartbeatTime": t, "lastTransitionTime": t})
-        info = {"machineID": "nanochat-e2e", "systemUUID": "nanochat-e2e", "bootID": "nanochat-e2e",
-                "kernelVersion": os.uname().release, "osImage": "nanochat e2e test node agent",
-                "containerRuntimeVersion": "nanochat-e2e://0", "kubeletVersion": "v1.36.3",
-                "kubeProxyVersion": "v1.36.3", "operatingSystem": "linux", "architecture": "amd64"}
-        status = {"capacity": self.capacity, "allocatable": self.capacity, "conditions": conditions,
-                  "addresses": [{"type": "InternalIP", "address": LOCAL_IP},
-                                {"type": "Hostname", "address": self.node_name}], "nodeInfo": info}
+            conditions.append(
+                {
+                    "type": kind,
+                    "status": "False",
+                    "reason": f"KubeletHasNo{kind}",
+                    "lastHeartbeatTime": t,
+                    "lastTransitionTime": t,
+                }
+            )
+        info = {
+            "machineID": "nanochat-e2e",
+            "systemUUID": "nanochat-e2e",
+            "bootID": "nanochat-e2e",
+            "kernelVersion": os.uname().release,
+            "osImage": "nanochat e2e test node agent",
+            "containerRuntimeVersion": "nanochat-e2e://0",
+            "kubeletVersion": "v1.36.3",
+            "kubeProxyVersion": "v1.36.3",
+            "operatingSystem": "linux",
+            "architecture": "amd64",
+        }
+        status = {
+            "capacity": self.capacity,
+            "allocatable": self.capacity,
+            "conditions": conditions,
+            "addresses": [{"type": "InternalIP", "address": LOCAL_IP}, {"type": "Hostname", "address": self.node_name}],
+            "nodeInfo": info,
+        }
         self._call(self.core.patch_node_status, self.node_name, {"status": status}, _content_type=SMP)
 
     def _renew_lease(self) -> None:
@@ -430,8 +501,10 @@ class TestNodeAgent:
             self._call(self.coord.patch_namespaced_lease, self.node_name, LEASE_NAMESPACE, patch, _content_type=MERGE)
         except _Gone:
             # Created without renewTime (a typed field) and patched, so the MicroTime string goes through as-is.
-            lease = {"metadata": {"name": self.node_name, "namespace": LEASE_NAMESPACE},
-                     "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": 40}}
+            lease = {
+                "metadata": {"name": self.node_name, "namespace": LEASE_NAMESPACE},
+                "spec": {"holderIdentity": self.node_name, "leaseDurationSeconds": 40},
+            }
             self._call(self.coord.create_namespaced_lease, LEASE_NAMESPACE, lease)
             self._call(self.coord.patch_namespaced_lease, self.node_name, LEASE_NAMESPACE, patch, _content_type=MERGE)
 
@@ -449,7 +522,7 @@ class TestNodeAgent:
     # ------------------------------------------------------------ pod watch
 
     def _watch_loop(self) -> None:
-        rv: Optional[str] = None
+        rv: str | None = None
         while not self._stop.is_set():
             try:
                 rv = self._watch_once(rv) if rv else self._relist()
@@ -463,8 +536,9 @@ class TestNodeAgent:
                 self._stop.wait(1)
 
     def _relist(self) -> str:
-        pods = json.loads(self._call(self.core.list_pod_for_all_namespaces,
-                                     field_selector=f"spec.nodeName={self.node_name}").data)
+        pods = json.loads(
+            self._call(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={self.node_name}").data
+        )
         seen = {p["metadata"]["uid"] for p in pods["items"]}
         with self._lock:
             missing = [uid for uid in self._pods if uid not in seen]
@@ -474,11 +548,16 @@ class TestNodeAgent:
             self._on_pod(pod)
         return pods["metadata"]["resourceVersion"]
 
-    def _watch_once(self, rv: str) -> Optional[str]:
+    def _watch_once(self, rv: str) -> str | None:
         """Events from `rv` until the server's timeout; the new rv, or None to re-list."""
         resp = self.core.list_pod_for_all_namespaces(
-            watch=True, field_selector=f"spec.nodeName={self.node_name}", resource_version=rv,
-            allow_watch_bookmarks=True, timeout_seconds=WATCH_TIMEOUT_S, _preload_content=False)
+            watch=True,
+            field_selector=f"spec.nodeName={self.node_name}",
+            resource_version=rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_TIMEOUT_S,
+            _preload_content=False,
+        )
         try:
             for line in iter_resp_lines(resp):
                 event = json.loads(line)
@@ -554,8 +633,12 @@ class TestNodeAgent:
                 _signal_pod(run, signal.SIGKILL)  # what the main process left behind
             if proc is not None:
                 self._report_exit(run, pod, exit_code_of(proc.returncode), started=run.start_time)
-            self.core.delete_namespaced_pod(run.name, run.namespace, _preload_content=False,
-                                            body={"gracePeriodSeconds": 0, "preconditions": {"uid": run.uid}})
+            self.core.delete_namespaced_pod(
+                run.name,
+                run.namespace,
+                _preload_content=False,
+                body={"gracePeriodSeconds": 0, "preconditions": {"uid": run.uid}},
+            )
         except _Gone:
             pass
         except ApiException as e:
@@ -632,20 +715,33 @@ class TestNodeAgent:
             self._report_exit(run, pod, code, started=started)
             return
 
-    def _spawn(self, run: _PodRun, plan: _Plan) -> Optional[subprocess.Popen]:
+    def _spawn(self, run: _PodRun, plan: _Plan) -> subprocess.Popen | None:
         with self._lock:  # the same lock stop() takes, so no process escapes it
             if self._abandoned(run):
                 return None
             plan.term_file.write_bytes(b"")
             try:
                 with open(run.dir / "log", "ab") as log:
-                    run.proc = subprocess.Popen(plan.argv, executable=plan.executable, cwd=plan.cwd, env=plan.env,
-                                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True)  # the pod is its own process group
+                    run.proc = subprocess.Popen(
+                        plan.argv,
+                        executable=plan.executable,
+                        cwd=plan.cwd,
+                        env=plan.env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )  # the pod is its own process group
             except OSError as e:
                 raise _StartError(f"cannot run {plan.executable}: {e}") from e
-            LOG.info("pod %s/%s container %s: pid %d: %s", run.namespace, run.name, plan.container["name"],
-                     run.proc.pid, " ".join(plan.argv))
+            LOG.info(
+                "pod %s/%s container %s: pid %d: %s",
+                run.namespace,
+                run.name,
+                plan.container["name"],
+                run.proc.pid,
+                " ".join(plan.argv),
+            )
             return run.proc
 
     def _message(self, run: _PodRun, container: dict[str, Any], term: Path, code: int) -> str:
@@ -658,8 +754,15 @@ class TestNodeAgent:
                 log_tail = f.read()
         return termination_message(term_bytes, log_tail, policy, code)
 
-    def _report_exit(self, run: _PodRun, pod: dict[str, Any], code: int, started: str = "",
-                     reason: str = "", message: Optional[str] = None) -> None:
+    def _report_exit(
+        self,
+        run: _PodRun,
+        pod: dict[str, Any],
+        code: int,
+        started: str = "",
+        reason: str = "",
+        message: str | None = None,
+    ) -> None:
         main = pod["spec"]["containers"][0]
         if message is None:
             message = self._message(run, main, self._term_file(run, main, True), code)
@@ -670,22 +773,42 @@ class TestNodeAgent:
 
     # ------------------------------------------------------------ status documents
 
-    def _status(self, run: _PodRun, phase: str, ready: bool, statuses: list[dict[str, Any]],
-                init_statuses: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    def _status(
+        self,
+        run: _PodRun,
+        phase: str,
+        ready: bool,
+        statuses: list[dict[str, Any]],
+        init_statuses: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         t = now()
         terminal = phase in ("Succeeded", "Failed")
         not_ready = "PodCompleted" if terminal else "ContainersNotReady"
 
         def cond(kind: str, ok: bool, reason: str = "") -> dict[str, Any]:
-            return {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": t,
-                    **({"reason": reason} if reason and not ok else {})}
+            return {
+                "type": kind,
+                "status": "True" if ok else "False",
+                "lastTransitionTime": t,
+                **({"reason": reason} if reason and not ok else {}),
+            }
+
         status: dict[str, Any] = {
-            "phase": phase, "hostIP": LOCAL_IP, "hostIPs": [{"ip": LOCAL_IP}], "podIP": LOCAL_IP,
-            "podIPs": [{"ip": LOCAL_IP}], "startTime": run.start_time,
-            "conditions": [cond("PodReadyToStartContainers", True), cond("PodScheduled", True),
-                           cond("Initialized", init_statuses is None, "ContainersNotInitialized"),
-                           cond("ContainersReady", ready, not_ready), cond("Ready", ready, not_ready)],
-            "containerStatuses": statuses}
+            "phase": phase,
+            "hostIP": LOCAL_IP,
+            "hostIPs": [{"ip": LOCAL_IP}],
+            "podIP": LOCAL_IP,
+            "podIPs": [{"ip": LOCAL_IP}],
+            "startTime": run.start_time,
+            "conditions": [
+                cond("PodReadyToStartContainers", True),
+                cond("PodScheduled", True),
+                cond("Initialized", init_statuses is None, "ContainersNotInitialized"),
+                cond("ContainersReady", ready, not_ready),
+                cond("Ready", ready, not_ready),
+            ],
+            "containerStatuses": statuses,
+        }
         if init_statuses is not None:
             status["initContainerStatuses"] = init_statuses
         return status
@@ -696,19 +819,38 @@ class TestNodeAgent:
 
     def _waiting(self, c: dict[str, Any], reason: str, message: str = "") -> dict[str, Any]:
         # Explicit nulls: a strategic merge patch merges `state` maps, and only one state may remain.
-        return {**self._base(c), "ready": False, "started": False,
-                "state": {"waiting": {"reason": reason, "message": message}, "running": None, "terminated": None}}
+        return {
+            **self._base(c),
+            "ready": False,
+            "started": False,
+            "state": {"waiting": {"reason": reason, "message": message}, "running": None, "terminated": None},
+        }
 
     def _running(self, c: dict[str, Any], pid: int, started: str, run: _PodRun) -> dict[str, Any]:
-        return {**self._base(c, run.restarts), "containerID": f"nanochat-e2e://{pid}", "ready": True,
-                "started": True, "state": {"running": {"startedAt": started}, "waiting": None, "terminated": None}}
+        return {
+            **self._base(c, run.restarts),
+            "containerID": f"nanochat-e2e://{pid}",
+            "ready": True,
+            "started": True,
+            "state": {"running": {"startedAt": started}, "waiting": None, "terminated": None},
+        }
 
-    def _terminated(self, c: dict[str, Any], code: int, started: str, message: str, reason: str = "",
-                    restarts: int = 0) -> dict[str, Any]:
-        term = {"exitCode": code, "reason": reason or ("Completed" if code == 0 else "Error"),
-                "startedAt": started, "finishedAt": now(), "message": message}
-        return {**self._base(c, restarts), "ready": False, "started": False,
-                "state": {"terminated": term, "running": None, "waiting": None}}
+    def _terminated(
+        self, c: dict[str, Any], code: int, started: str, message: str, reason: str = "", restarts: int = 0
+    ) -> dict[str, Any]:
+        term = {
+            "exitCode": code,
+            "reason": reason or ("Completed" if code == 0 else "Error"),
+            "startedAt": started,
+            "finishedAt": now(),
+            "message": message,
+        }
+        return {
+            **self._base(c, restarts),
+            "ready": False,
+            "started": False,
+            "state": {"terminated": term, "running": None, "waiting": None},
+        }
 
     # ------------------------------------------------------------ volumes, env, command
 
@@ -722,8 +864,9 @@ class TestNodeAgent:
         containers = [(c, False) for c in spec.get("initContainers") or []] + [(spec["containers"][0], True)]
         dirs = self._volume_dirs(pod, run)
         mounts = [self._mounts(run, c, dirs, is_main) for c, is_main in containers]
-        services = {s["metadata"]["name"] for s in (self._get(self.core.list_namespaced_service, ns) or {})
-                    .get("items", [])}
+        services = {
+            s["metadata"]["name"] for s in (self._get(self.core.list_namespaced_service, ns) or {}).get("items", [])
+        }
         self._fill_volumes(pod, dirs, mounts[-1], services)
         # subPaths exist once the volumes are filled (a subPath may name one of their files);
         # the last mapping of each container is its termination log, a file.
@@ -733,8 +876,11 @@ class TestNodeAgent:
         return [self._plan(pod, run, c, ms, services) for (c, _), ms in zip(containers, mounts)]
 
     def _mounts(self, run: _PodRun, c: dict[str, Any], dirs: dict[str, Path], main: bool) -> list[tuple[str, str]]:
-        mounts = [(m["mountPath"], str(dirs[m["name"]] / m.get("subPath", "")).rstrip("/"))
-                  for m in c.get("volumeMounts") or [] if m["name"] in dirs]
+        mounts = [
+            (m["mountPath"], str(dirs[m["name"]] / m.get("subPath", "")).rstrip("/"))
+            for m in c.get("volumeMounts") or []
+            if m["name"] in dirs
+        ]
         term = c.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH
         return mounts + [(term, str(self._term_file(run, c, main)))]
 
@@ -761,8 +907,9 @@ class TestNodeAgent:
         host = ((pv.get("spec") or {}).get("hostPath") or {}).get("path")
         return Path(host) if host else self.workdir / "pvs" / pv_name
 
-    def _fill_volumes(self, pod: dict[str, Any], dirs: dict[str, Path], mounts: list[tuple[str, str]],
-                      services: set[str]) -> None:
+    def _fill_volumes(
+        self, pod: dict[str, Any], dirs: dict[str, Path], mounts: list[tuple[str, str]], services: set[str]
+    ) -> None:
         for vol in pod["spec"].get("volumes") or []:
             kind = "configMap" if "configMap" in vol else "secret" if "secret" in vol else None
             if kind is None:
@@ -775,8 +922,9 @@ class TestNodeAgent:
                     (dirs[vol["name"]] / rel).parent.mkdir(parents=True, exist_ok=True)
                     (dirs[vol["name"]] / rel).write_bytes(data)
 
-    def _source_files(self, kind: str, ns: str, src: dict[str, Any], mounts: list[tuple[str, str]],
-                      services: set[str]) -> dict[str, bytes]:
+    def _source_files(
+        self, kind: str, ns: str, src: dict[str, Any], mounts: list[tuple[str, str]], services: set[str]
+    ) -> dict[str, bytes]:
         name = src.get("name") or src.get("secretName")
         obj = self._read_ref(kind, ns, name, bool(src.get("optional")), "ContainerCreating")
         if obj is None:
@@ -785,12 +933,14 @@ class TestNodeAgent:
             return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
         # ConfigMap text holds container paths and Service URLs too (the trainer's config.yaml:
         # /data/runs/<run>, a teacher's http://teacher:8000/v1).
-        files = {k: map_service_urls_in_text(rewrite_paths_in_text(v, mounts), ns, services).encode()
-                 for k, v in (obj.get("data") or {}).items()}
+        files = {
+            k: map_service_urls_in_text(rewrite_paths_in_text(v, mounts), ns, services).encode()
+            for k, v in (obj.get("data") or {}).items()
+        }
         files.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
         return files
 
-    def _read_ref(self, kind: str, ns: str, name: str, optional: bool, reason: str) -> Optional[dict[str, Any]]:
+    def _read_ref(self, kind: str, ns: str, name: str, optional: bool, reason: str) -> dict[str, Any] | None:
         """A ConfigMap or Secret; None when it is missing and optional, else a _ConfigError."""
         secret = kind.startswith("secret")
         obj = self._get(self.core.read_namespaced_secret if secret else self.core.read_namespaced_config_map, name, ns)
@@ -798,7 +948,7 @@ class TestNodeAgent:
             raise _ConfigError(reason, f'{"secret" if secret else "configmap"} "{name}" not found')
         return obj
 
-    def _ref_data(self, kind: str, ns: str, ref: dict[str, Any]) -> Optional[dict[str, str]]:
+    def _ref_data(self, kind: str, ns: str, ref: dict[str, Any]) -> dict[str, str] | None:
         obj = self._read_ref(kind, ns, ref["name"], bool(ref.get("optional")), "CreateContainerConfigError")
         if obj is None:
             return None
@@ -822,8 +972,7 @@ class TestNodeAgent:
                 env[e["name"]] = value
         return env
 
-    def _env_value(self, pod: dict[str, Any], c: dict[str, Any], e: dict[str, Any],
-                   env: dict[str, str]) -> Optional[str]:
+    def _env_value(self, pod: dict[str, Any], c: dict[str, Any], e: dict[str, Any], env: dict[str, str]) -> str | None:
         vf = e.get("valueFrom")
         if not vf:
             return expand_vars(e.get("value", ""), env)
@@ -838,12 +987,14 @@ class TestNodeAgent:
                 if data is not None and ref["key"] in data:
                     return data[ref["key"]]
                 if data is not None and not ref.get("optional"):
-                    raise _ConfigError("CreateContainerConfigError",
-                                       f"couldn't find key {ref['key']} in {kind[:-6]} {ref['name']}")
+                    raise _ConfigError(
+                        "CreateContainerConfigError", f"couldn't find key {ref['key']} in {kind[:-6]} {ref['name']}"
+                    )
         return None
 
-    def _plan(self, pod: dict[str, Any], run: _PodRun, c: dict[str, Any], mounts: list[tuple[str, str]],
-              services: set[str]) -> _Plan:
+    def _plan(
+        self, pod: dict[str, Any], run: _PodRun, c: dict[str, Any], mounts: list[tuple[str, str]], services: set[str]
+    ) -> _Plan:
         ns = run.namespace
 
         def localize(value: str) -> str:
@@ -851,13 +1002,18 @@ class TestNodeAgent:
 
         declared = self._declared_env(pod, c)
         # Rewritten once, after expansion: a host path must never go through the mapping again.
-        env = {**self.base_env, "HOSTNAME": pod["spec"].get("hostname") or pod["metadata"]["name"],
-               POD_MARKER: run.uid,
-               **{k: localize(v) for k, v in declared.items()}}
+        env = {
+            **self.base_env,
+            "HOSTNAME": pod["spec"].get("hostname") or pod["metadata"]["name"],
+            POD_MARKER: run.uid,
+            **{k: localize(v) for k, v in declared.items()},
+        }
         command = c.get("command") or []
         if not command:
-            raise _StartError(f"container {c['name']!r} has no command: the e2e test node agent runs no images, "
-                              "so it cannot fall back to an image entrypoint")
+            raise _StartError(
+                f"container {c['name']!r} has no command: the e2e test node agent runs no images, "
+                "so it cannot fall back to an image entrypoint"
+            )
         argv = [localize(expand_vars(a, declared)) for a in command + (c.get("args") or [])]
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
         if not exe:

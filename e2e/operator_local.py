@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import yaml
@@ -33,14 +33,14 @@ class ChartOperator:
     namespace: str = "nanochat-system"
     release: str = "nanochat"
     values: dict[str, Any] = field(default_factory=dict)
-    proc: Optional[subprocess.Popen[bytes]] = None
+    proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
 
     @property
     def log_path(self) -> Path:
         return self.cp.workdir / "logs" / "operator.log"
 
-    def install(self) -> "ChartOperator":
+    def install(self) -> ChartOperator:
         self.metrics_port = free_port()
         values = {
             "replicaCount": 0,  # the operator runs as a local process (see the module doc)
@@ -52,9 +52,26 @@ class ChartOperator:
         values_file = self.cp.workdir / "operator-values.yaml"
         values_file.write_text(yaml.safe_dump(values))
         helm = tool("helm")
-        subprocess.run([str(helm), "install", self.release, str(CHART), "--namespace", self.namespace,
-                        "--create-namespace", "--values", str(values_file), "--wait", "--timeout", "2m"],
-                       env=self.cp.env(), check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                str(helm),
+                "install",
+                self.release,
+                str(CHART),
+                "--namespace",
+                self.namespace,
+                "--create-namespace",
+                "--values",
+                str(values_file),
+                "--wait",
+                "--timeout",
+                "2m",
+            ],
+            env=self.cp.env(),
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         self.cp.wait_for(self._crds_established, 60, "the CRDs Established")
         return self
 
@@ -62,12 +79,18 @@ class ChartOperator:
         crds = self.cp.get("crd", "trainingruns.nanochat.io", "evalruns.nanochat.io")["items"]
         return len(crds) == 2 and all(
             any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"].get("conditions", []))
-            for crd in crds)
+            for crd in crds
+        )
 
     def deployment(self) -> dict[str, Any]:
         """The operator Deployment Helm installed (the source of the command line)."""
-        out = subprocess.run([str(tool("helm")), "get", "manifest", self.release, "--namespace", self.namespace],
-                             env=self.cp.env(), check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [str(tool("helm")), "get", "manifest", self.release, "--namespace", self.namespace],
+            env=self.cp.env(),
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         for doc in yaml.safe_load_all(out):
             if doc and doc.get("kind") == "Deployment":
                 return doc
@@ -76,10 +99,12 @@ class ChartOperator:
     def service_account_kubeconfig(self) -> Path:
         pod = self.deployment()["spec"]["template"]["spec"]
         sa = pod["serviceAccountName"]
-        token = self.cp.kubectl("create", "token", sa, "--namespace", self.namespace,
-                                "--duration", "24h").stdout.strip()
-        return write_kubeconfig(self.cp.workdir / "operator-kubeconfig", self.cp.server,
-                                self.cp.workdir / "pki" / "ca.crt", token, user=sa)
+        token = self.cp.kubectl(
+            "create", "token", sa, "--namespace", self.namespace, "--duration", "24h"
+        ).stdout.strip()
+        return write_kubeconfig(
+            self.cp.workdir / "operator-kubeconfig", self.cp.server, self.cp.workdir / "pki" / "ca.crt", token, user=sa
+        )
 
     def command(self) -> tuple[list[str], dict[str, str]]:
         container = self.deployment()["spec"]["template"]["spec"]["containers"][0]
@@ -88,14 +113,21 @@ class ChartOperator:
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         return argv, env
 
-    def start(self) -> "ChartOperator":
+    def start(self) -> ChartOperator:
         argv, chart_env = self.command()
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env.update(chart_env)
         env["KUBECONFIG"] = str(self.service_account_kubeconfig())
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=str(self.cp.workdir), start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(self.cp.workdir),
+            start_new_session=True,
+        )
         log.close()
         self.cp.wait_for(self._ready, 60, "the operator's /readyz")
         return self
@@ -151,8 +183,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
             base[k] = v
 
 
-def wait_phase(cp: ControlPlane, kind: str, name: str, phases: set[str], timeout: float,
-               namespace: str = "default", operator: Optional[ChartOperator] = None) -> dict[str, Any]:
+def wait_phase(
+    cp: ControlPlane,
+    kind: str,
+    name: str,
+    phases: set[str],
+    timeout: float,
+    namespace: str = "default",
+    operator: ChartOperator | None = None,
+) -> dict[str, Any]:
     """Poll a run until its phase is one of `phases`; the error says where it got stuck."""
     last: dict[str, Any] = {}
 

@@ -33,19 +33,25 @@ class ScaleResult:
     never_running: list[str] = field(default_factory=list)  # runs never seen Running
 
     def line(self) -> str:
-        return (f"N={self.runs:4d}  all Running {self.to_all_running_s:6.1f} s  all Succeeded "
-                f"{self.to_all_succeeded_s:6.1f} s  reconciles/s {self.reconciles_per_s:5.1f}  "
-                f"operator peak RSS {self.operator_peak_rss_mib:6.1f} MiB")
+        return (
+            f"N={self.runs:4d}  all Running {self.to_all_running_s:6.1f} s  all Succeeded "
+            f"{self.to_all_succeeded_s:6.1f} s  reconciles/s {self.reconciles_per_s:5.1f}  "
+            f"operator peak RSS {self.operator_peak_rss_mib:6.1f} MiB"
+        )
 
 
 def kwok_run(name: str, namespace: str) -> dict[str, Any]:
     return {
-        "apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
+        "apiVersion": "nanochat.io/v1alpha1",
+        "kind": "TrainingRun",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "trainer": {"preset": "nano-125M", "steps": 1000},
-            "resources": {"gpusPerNode": 1, "nodeSelector": {"type": "kwok"},
-                          "tolerations": [{"key": KWOK_ANNOTATION, "operator": "Exists", "effect": "NoSchedule"}]},
+            "resources": {
+                "gpusPerNode": 1,
+                "nodeSelector": {"type": "kwok"},
+                "tolerations": [{"key": KWOK_ANNOTATION, "operator": "Exists", "effect": "NoSchedule"}],
+            },
         },
     }
 
@@ -68,8 +74,11 @@ def reconcile_count(op: ChartOperator) -> float:
 def run_scale(cp: ControlPlane, op: ChartOperator, n: int, namespace: str, timeout: float = 900.0) -> ScaleResult:
     ensure_kwok_nodes(cp, n)
     cp.kubectl("create", "namespace", namespace)
-    cp.wait_for(lambda: cp.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0,
-                60, f"the default ServiceAccount in {namespace}")
+    cp.wait_for(
+        lambda: cp.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0,
+        60,
+        f"the default ServiceAccount in {namespace}",
+    )
     names = [f"scale-{i:04d}" for i in range(n)]
     seen: dict[str, set[str]] = {name: set() for name in names}
     reconciles0 = reconcile_count(op)
@@ -96,9 +105,16 @@ def run_scale(cp: ControlPlane, op: ChartOperator, n: int, namespace: str, timeo
     counts: dict[str, int] = {}
     for x in names:
         counts[phases.get(x, "")] = counts.get(phases.get(x, ""), 0) + 1
-    return ScaleResult(runs=n, to_all_running_s=all_running, to_all_succeeded_s=all_done, reconciles=reconciles,
-                       reconciles_per_s=reconciles / elapsed, operator_peak_rss_mib=op.peak_rss_mib(),
-                       phases=counts, never_running=sorted(x for x in names if "Running" not in seen[x]))
+    return ScaleResult(
+        runs=n,
+        to_all_running_s=all_running,
+        to_all_succeeded_s=all_done,
+        reconciles=reconciles,
+        reconciles_per_s=reconciles / elapsed,
+        operator_peak_rss_mib=op.peak_rss_mib(),
+        phases=counts,
+        never_running=sorted(x for x in names if "Running" not in seen[x]),
+    )
 
 
 def delete_namespace(cp: ControlPlane, namespace: str) -> None:

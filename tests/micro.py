@@ -1,18 +1,31 @@
-"""A smaller-than-tiny trainer config shared by the training tests: several full runs fit in a test."""
+"""Helpers the training tests share: a smaller-than-tiny config (several full runs fit in a test),
+its MoE and hybrid variants, reading a run's log, and running a config under torchrun."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
-from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.config import ModelConfig, TrainerConfig
+from nanochat_trainer.models.gpt import GPT
 
-MICRO = {"preset": "tiny", "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
-                                     "max_seq_len": 128},
-         "tokenizer": {"train_docs": 300}, "seq_len": 64, "batch_size": 4,
-         "schedule": {"warmup_steps": 5}, "metrics": {"port": 0, "log_every": 1}}
+MICRO = {
+    "preset": "tiny",
+    "model": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "max_seq_len": 128},
+    "tokenizer": {"train_docs": 300},
+    "seq_len": 64,
+    "batch_size": 4,
+    "schedule": {"warmup_steps": 5},
+    "metrics": {"port": 0, "log_every": 1},
+}
 
 
 def micro_cfg(run_dir: Path, **over) -> TrainerConfig:
@@ -27,6 +40,41 @@ def read_log(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """The loss of every logged step."""
+    return {step: r["loss"] for step, r in read_log(run_dir).items()}
+
+
+def torchrun(nproc: int, cfg: TrainerConfig, tmp: Path) -> None:
+    """Train `cfg` under torchrun with `nproc` CPU processes (one thread each), as a pod does."""
+    path = tmp / f"cfg{nproc}-{Path(cfg.checkpoint.dir).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "nanochat_trainer.train",
+            "--config",
+            str(path),
+        ],
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @torch.no_grad()
 def perturb(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Module:
     """Add seeded noise of `scale` to every matrix: the zero-initialised output projections stop
@@ -35,4 +83,55 @@ def perturb(model: torch.nn.Module, scale: float, seed: int = 1) -> torch.nn.Mod
     for p in model.parameters():
         if p.dim() >= 2:
             p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def distill_cfg(run_dir: Path, url: str, tdir: Path, steps: int, **distill) -> TrainerConfig:
+    """MICRO, stage distill by top-k logprobs from the teacher at `url`, sharing the tokenizer of
+    the teacher's run `tdir`; `distill` overrides the distill block (and checkpoint, data, seed)."""
+    teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, **distill.pop("teacher", {})}
+    over = {k: distill.pop(k) for k in ("checkpoint", "data", "seed") if k in distill}
+    return micro_cfg(
+        run_dir,
+        steps=steps,
+        stage="distill",
+        tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")},
+        **over,
+        distill={"method": "topk_logprobs", "top_k": 8, "alpha": 0.5, "teacher": teacher, **distill},
+    )
+
+
+# MoE and hybrid students at MICRO size: 4 experts; the hybrid adds one Gated DeltaNet layer.
+MOE = {"n_experts": 4, "top_k": 2, "expert_ffn_dim": 32, "n_shared_experts": 1, "shared_expert_ffn_dim": 32}
+# full_attention_interval 2: the two layers are one Gated DeltaNet and one gated full attention.
+HYBRID = {
+    "full_attention_interval": 2,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "conv_kernel": 4,
+    "chunk_size": 32,
+    "partial_rotary_factor": 0.25,
+}
+PRESET = {"moe": "tiny-moe", "hybrid": "tiny-hybrid"}
+
+
+def model_over(kind: str) -> dict:
+    """MICRO's model (dim 64, 2 layers, vocab 512) with 4 experts, plus the hybrid stack for 'hybrid'."""
+    model = {**MICRO["model"], "moe": MOE}
+    if kind == "hybrid":
+        model.update(head_dim=16, hybrid=HYBRID)
+    return model
+
+
+def random_gpt(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A GPT with every matrix random (init_weights zeroes o/down/head, which would make
+    ternary scales degenerate and logits trivially equal)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
     return model

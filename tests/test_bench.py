@@ -12,18 +12,35 @@ import pytest
 BENCH = Path(__file__).parent.parent / "bench"
 
 
-@pytest.mark.parametrize("script, args, expect", [
-    ("train_throughput.py", ["--preset", "tiny-moe", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                             "--seq-len", "32"], ["tokens/s", "MoE forward   route"]),
-    ("ternary_memory.py", ["--preset", "tiny-hybrid", "--tokens", "2", "--threads", "1"],
-     ["packed model", "packed tokens == BitLinear tokens: True"]),
-    ("ternary_memory.py", ["--preset", "qwen3-hybrid", "--no-gen"], ["79674.39M params"]),
-    ("eval_throughput.py", ["--problems", "4", "--workers", "2", "--batch", "2", "--new", "4",
-                            "--prompt-len", "8"], ["problems/s, pass@1=1.000", "tokens/s"]),
-])
+@pytest.mark.parametrize(
+    "script, args, expect",
+    [
+        (
+            "train_throughput.py",
+            ["--preset", "tiny-moe", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--seq-len", "32"],
+            ["tokens/s", "MoE forward   route"],
+        ),
+        (
+            "ternary_memory.py",
+            ["--preset", "tiny-hybrid", "--tokens", "2", "--threads", "1"],
+            ["packed model", "packed tokens == BitLinear tokens: True"],
+        ),
+        ("ternary_memory.py", ["--preset", "qwen3-hybrid", "--no-gen"], ["79674.39M params"]),
+        (
+            "eval_throughput.py",
+            ["--problems", "4", "--workers", "2", "--batch", "2", "--new", "4", "--prompt-len", "8"],
+            ["problems/s, pass@1=1.000", "tokens/s"],
+        ),
+    ],
+)
 def test_bench_script_runs(script, args, expect):
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for line in expect:
         assert line in out.stdout, out.stdout

@@ -10,11 +10,15 @@ import pytest
 import yaml
 
 from nanochat_trainer.config import TrainerConfig
-from nanochat_trainer.model import count_params
+from nanochat_trainer.data.synthetic import generate
+from nanochat_trainer.models.gpt import count_params
+from nanochat_trainer.tokenizer import train_bpe
 
 
-@pytest.mark.parametrize("preset,low,high", [("tiny", 0.5e6, 2e6), ("nano-125M", 115e6, 130e6),
-                                             ("nano-360M", 350e6, 380e6), ("nano-1B", 0.95e9, 1.05e9)])
+@pytest.mark.parametrize(
+    "preset,low,high",
+    [("tiny", 0.5e6, 2e6), ("nano-125M", 115e6, 130e6), ("nano-360M", 350e6, 380e6), ("nano-1B", 0.95e9, 1.05e9)],
+)
 def test_preset_parameter_counts(preset, low, high):
     total = count_params(TrainerConfig.model_validate({"preset": preset}).model)["total"]
     assert low <= total <= high, total
@@ -23,8 +27,15 @@ def test_preset_parameter_counts(preset, low, high):
 def test_nano_360m_is_the_shape_asked_for():
     cfg = TrainerConfig.model_validate({"preset": "nano-360M"})
     m = cfg.model
-    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_mult, m.vocab_size, m.max_seq_len) == \
-        (1024, 24, 16, 4, 2.667, 50257, 2048)
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_mult, m.vocab_size, m.max_seq_len) == (
+        1024,
+        24,
+        16,
+        4,
+        2.667,
+        50257,
+        2048,
+    )
     assert (cfg.batch_size, cfg.optimizer.lr, cfg.steps, cfg.schedule.warmup_steps) == (4, 0.02, 50000, 2000)
 
 
@@ -34,8 +45,9 @@ def test_user_fields_win_over_preset():
 
 
 def nanochat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nanochat_trainer.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "nanochat_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_params_command(tmp_path):
@@ -55,8 +67,6 @@ BAD = [
 
 @pytest.mark.parametrize("config,expected", BAD)
 def test_bad_config_is_one_line_exit_2(tmp_path, config, expected):
-    from nanochat_trainer.data.synthetic import generate
-    from nanochat_trainer.tokenizer import train_bpe
 
     if config.get("tokenizer", {}).get("path") == "TOK":
         train_bpe(generate(0, 200), 512).save(tmp_path / "tok")

@@ -5,16 +5,17 @@ refreshes the chart's copy) when this fails after a model change."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 
 from nanochat_operator import crds
+from nanochat_trainer.contract import PHASES, ConditionType
 
-from test_operator_render import pinned
+from operator_support import pinned, schema_of, validator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,42 +30,6 @@ def walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, 
         yield from walk(node["additionalProperties"], f"{path}{{}}")
 
 
-def schema_of(kind: str) -> dict[str, Any]:
-    return crds.crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-
-
-def openapi_to_jsonschema(node: Any) -> Any:
-    """OpenAPI v3.0 (as the API server reads it) -> JSON Schema, to validate objects here."""
-    if isinstance(node, list):
-        return [openapi_to_jsonschema(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {}
-    for k, v in node.items():
-        if k.startswith("x-kubernetes-") or k == "nullable":
-            continue
-        if k in ("properties", "additionalProperties") and isinstance(v, dict):
-            out[k] = ({p: openapi_to_jsonschema(s) for p, s in v.items()} if k == "properties"
-                      else openapi_to_jsonschema(v))
-        elif k == "exclusiveMinimum" and v is True:
-            out["exclusiveMinimum"] = node["minimum"]
-        elif k == "exclusiveMaximum" and v is True:
-            out["exclusiveMaximum"] = node["maximum"]
-        else:
-            out[k] = openapi_to_jsonschema(v)
-    if node.get("exclusiveMinimum") is True:
-        out.pop("minimum", None)
-    if node.get("exclusiveMaximum") is True:
-        out.pop("maximum", None)
-    if node.get("nullable"):
-        return {"anyOf": [out, {"type": "null"}]}
-    return out
-
-
-def validator(kind: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(openapi_to_jsonschema(schema_of(kind)))
-
-
 @pytest.mark.parametrize("filename,kind", list(crds.FILES.items()))
 def test_crds_on_disk_are_current(filename, kind):
     expected = crds.render_crd_yaml(kind)
@@ -72,6 +37,27 @@ def test_crds_on_disk_are_current(filename, kind):
         path = folder / filename
         assert path.exists(), f"{path} missing: run `python -m nanochat_operator.crds`"
         assert path.read_text() == expected, f"{path} is stale: run `python -m nanochat_operator.crds`"
+
+
+def test_write_crds_writes_both_copies(tmp_path):
+    written = crds.write_crds(str(tmp_path / "crds"), chart_dir=str(tmp_path / "chart"))
+    assert sorted(Path(p).relative_to(tmp_path).as_posix() for p in written) == [
+        "chart/evalrun.yaml",
+        "chart/trainingrun.yaml",
+        "crds/evalrun.yaml",
+        "crds/trainingrun.yaml",
+    ]
+    for filename, kind in crds.FILES.items():
+        for folder in ("crds", "chart"):
+            assert (tmp_path / folder / filename).read_text() == crds.render_crd_yaml(kind)
+
+
+@pytest.mark.parametrize("kind", ["TrainingRun", "EvalRun"])
+def test_status_schema_names_every_phase_and_condition_type(kind):
+    status = schema_of(kind)["properties"]["status"]["properties"]
+    assert status["phase"]["enum"] == list(PHASES)
+    described = status["conditions"]["items"]["properties"]["type"]["description"]
+    assert [t for t in ConditionType if t not in described] == []
 
 
 @pytest.mark.parametrize("kind", ["TrainingRun", "EvalRun"])
@@ -106,7 +92,12 @@ def test_no_defaults_inside_trainer_but_operator_fields_have_them():
 def test_columns_and_cel_rules_present():
     tr = crds.crd("TrainingRun")["spec"]["versions"][0]
     assert [c["name"] for c in tr["additionalPrinterColumns"] if not c.get("priority")] == [
-        "Phase", "Step", "Loss", "Tokens/s", "Age"]
+        "Phase",
+        "Step",
+        "Loss",
+        "Tokens/s",
+        "Age",
+    ]
     er = crds.crd("EvalRun")["spec"]["versions"][0]
     assert [c["name"] for c in er["additionalPrinterColumns"] if not c.get("priority")] == ["Phase", "pass@1", "Age"]
     rules = [r["rule"] for _, n in walk(schema_of("TrainingRun")) for r in n.get("x-kubernetes-validations", [])]
@@ -116,9 +107,15 @@ def test_columns_and_cel_rules_present():
 
 def test_schema_accepts_good_and_refuses_bad_fields():
     v = validator("TrainingRun")
-    good = {"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "x"},
-            "spec": {"trainer": {"preset": "tiny", "model": {"head_dim": None}},
-                     "resources": {"nodes": 2, "cpu": 4, "memory": "8Gi"}}}
+    good = {
+        "apiVersion": "nanochat.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "x"},
+        "spec": {
+            "trainer": {"preset": "tiny", "model": {"head_dim": None}},
+            "resources": {"nodes": 2, "cpu": 4, "memory": "8Gi"},
+        },
+    }
     v.validate(good)
     for bad, field in [
         ({"trainer": {"preset": "nope"}}, "preset"),

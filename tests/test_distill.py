@@ -17,12 +17,13 @@ import torch
 from aiohttp import web
 
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.config import ModelConfig, TeacherConfig, TrainerConfig
-from nanochat_trainer.distill import (AsyncTeacher, TeacherError, TeacherUnavailable, mixed_loss, token_id_map,
-                                      topk_kl_loss, topk_tensors)
+from nanochat_trainer.config import ModelConfig, TeacherConfig
+from nanochat_trainer.distill.teacher import AsyncTeacher, TeacherError, TeacherUnavailable, token_id_map, topk_tensors
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
-from nanochat_trainer.model import GPT
+from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.serve import ModelServer
+from nanochat_trainer.train.losses import mixed_loss, topk_kl_loss
+
 from serving import serve_app
 
 PROMPTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "for i in range(10):\n    x = i\n"]
@@ -182,29 +183,95 @@ def _mock(body, status: int = 200):
         if isinstance(body, (bytes, str)):
             return httpx.Response(status, content=body)
         return httpx.Response(status, json=body)
+
     return httpx.MockTransport(handler), calls
 
 
-GOOD_ECHO = {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text_offset": [0, 1],
-                                                      "token_logprobs": [None, -0.5],
-                                                      "top_logprobs": [None, {"b": -0.5, "c": -1.5}]}}]}
+GOOD_ECHO = {
+    "choices": [
+        {
+            "text": "ab",
+            "logprobs": {
+                "tokens": ["a", "b"],
+                "text_offset": [0, 1],
+                "token_logprobs": [None, -0.5],
+                "top_logprobs": [None, {"b": -0.5, "c": -1.5}],
+            },
+        }
+    ]
+}
 
 
-@pytest.mark.parametrize("body,status,match", [
-    (b"not json {", 200, "non-JSON"),
-    ({"id": "x"}, 200, "no choices"),
-    ({"choices": []}, 200, "no choices"),
-    ({"choices": [{"text": "ab"}]}, 200, "bad prompt logprobs"),
-    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text_offset": [0, 1],
-                                              "top_logprobs": [None, {"b": -0.5}]}}]}, 200, "1 top logprobs, asked for 2"),
-    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "text_offset": [0],
-                                              "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "length mismatch"),
-    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "x"], "text_offset": [0, 1],
-                                              "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "spell the prompt"),
-    ({"choices": [{"text": "ab", "logprobs": {"tokens": ["token_id:1", "token_id:x"], "text_offset": [0, 1],
-                                              "top_logprobs": [None, {"b": -0.5, "c": -1}]}}]}, 200, "bad token id"),
-    ({"error": "bad request"}, 400, "HTTP 400"),
-])
+@pytest.mark.parametrize(
+    "body,status,match",
+    [
+        (b"not json {", 200, "non-JSON"),
+        ({"id": "x"}, 200, "no choices"),
+        ({"choices": []}, 200, "no choices"),
+        ({"choices": [{"text": "ab"}]}, 200, "bad prompt logprobs"),
+        (
+            {
+                "choices": [
+                    {
+                        "text": "ab",
+                        "logprobs": {"tokens": ["a", "b"], "text_offset": [0, 1], "top_logprobs": [None, {"b": -0.5}]},
+                    }
+                ]
+            },
+            200,
+            "1 top logprobs, asked for 2",
+        ),
+        (
+            {
+                "choices": [
+                    {
+                        "text": "ab",
+                        "logprobs": {
+                            "tokens": ["a", "b"],
+                            "text_offset": [0],
+                            "top_logprobs": [None, {"b": -0.5, "c": -1}],
+                        },
+                    }
+                ]
+            },
+            200,
+            "length mismatch",
+        ),
+        (
+            {
+                "choices": [
+                    {
+                        "text": "ab",
+                        "logprobs": {
+                            "tokens": ["a", "x"],
+                            "text_offset": [0, 1],
+                            "top_logprobs": [None, {"b": -0.5, "c": -1}],
+                        },
+                    }
+                ]
+            },
+            200,
+            "spell the prompt",
+        ),
+        (
+            {
+                "choices": [
+                    {
+                        "text": "ab",
+                        "logprobs": {
+                            "tokens": ["token_id:1", "token_id:x"],
+                            "text_offset": [0, 1],
+                            "top_logprobs": [None, {"b": -0.5, "c": -1}],
+                        },
+                    }
+                ]
+            },
+            200,
+            "bad token id",
+        ),
+        ({"error": "bad request"}, 400, "HTTP 400"),
+    ],
+)
 def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
     transport, calls = _mock(body, status)
     teacher = AsyncTeacher("http://t/v1", "m", transport=transport, backoff=0.01, cache_dir=tmp_path)
@@ -217,9 +284,18 @@ def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
 def test_lenient_text_answers_for_cross_tokenizer() -> None:
     """strict=False: echoed tokens that do not spell the prompt (U+FFFD halves) are kept for the
     aligner to judge; fewer than k logprobs fail unless byte tokens collapsed into one U+FFFD key."""
-    body = {"choices": [{"text": "\u00e9b", "logprobs": {"tokens": ["\ufffd", "\ufffd", "b"], "text_offset": [0, 1, 2],
-                                                         "top_logprobs": [None, {"x": -0.1, "y": -2.0},
-                                                                          {"b": -0.5, "c": -1.5}]}}]}
+    body = {
+        "choices": [
+            {
+                "text": "\u00e9b",
+                "logprobs": {
+                    "tokens": ["\ufffd", "\ufffd", "b"],
+                    "text_offset": [0, 1, 2],
+                    "top_logprobs": [None, {"x": -0.1, "y": -2.0}, {"b": -0.5, "c": -1.5}],
+                },
+            }
+        ]
+    }
     transport, _ = _mock(body)
     teacher = AsyncTeacher("http://t/v1", "m", transport=transport)
     entries = teacher.run_batch([teacher.prompt_topk("\u00e9b", 2, token_ids=False, strict=False)])[0]
@@ -229,8 +305,14 @@ def test_lenient_text_answers_for_cross_tokenizer() -> None:
     with pytest.raises(TeacherError, match="asked for 3"):  # short, and not by a collision
         teacher.run_batch([teacher.prompt_topk("\u00e9b", 3, token_ids=False, strict=False)])
     lp = body["choices"][0]["logprobs"]
-    collided = {"choices": [{**body["choices"][0], "logprobs": {
-        **lp, "top_logprobs": [None, {"\ufffd": -0.1, "y": -2.0}, {"b": -0.5, "\ufffd": -1.5}]}}]}
+    collided = {
+        "choices": [
+            {
+                **body["choices"][0],
+                "logprobs": {**lp, "top_logprobs": [None, {"\ufffd": -0.1, "y": -2.0}, {"b": -0.5, "\ufffd": -1.5}]},
+            }
+        ]
+    }
     transport, _ = _mock(collided)
     teacher = AsyncTeacher("http://t/v1", "m", transport=transport)
     entries = teacher.run_batch([teacher.prompt_topk("\u00e9b", 3, token_ids=False, strict=False)])[0]

@@ -12,24 +12,26 @@ the student's vocabulary.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from aiohttp import web
+from tokenizers import Tokenizer as HFTok
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.data.synthetic import generate as synthetic_docs
-from nanochat_trainer.distill import TeacherError, topk_kl_loss
 from nanochat_trainer.distill.align import align, row_pieces, segment_targets, student_ends, teacher_starts
+from nanochat_trainer.distill.teacher import TeacherError
 from nanochat_trainer.tokenizer import EOT, HFTokenizer
 from nanochat_trainer.train import train
+from nanochat_trainer.train.losses import topk_kl_loss
 
 from micro import MICRO, micro_cfg, read_log
-from serving import serve_app
-from test_distill_sequence import Teacher
+from serving import Teacher, serve_app
 
 
 class FakeTok:
@@ -44,7 +46,7 @@ class FakeTok:
 
 # ---------------------------------------------------------------------- alignment on hand-written offsets
 def test_align_def_f_two_ways() -> None:
-    """"def f(x):" as the student's ["def", " f", "(x", "):"] and the teacher's
+    """ "def f(x):" as the student's ["def", " f", "(x", "):"] and the teacher's
     ["de", "f", " f", "(", "x", "):"] (text_offset 0, 2, 3, 5, 6, 7)."""
     student = FakeTok(["def", " f", "(x", "):"])
     text, ends = student_ends(student, [0, 1, 2, 3])
@@ -77,7 +79,6 @@ def test_teacher_tokens_that_do_not_spell_the_text() -> None:
 
 
 def test_student_ends_with_a_split_character(ckpt) -> None:
-    from nanochat_trainer.checkpoint import load_model
 
     _, tok, _ = load_model(ckpt)
     ids = tok.encode("x = 'é'\n")
@@ -86,7 +87,7 @@ def test_student_ends_with_a_split_character(ckpt) -> None:
     assert text == "x = 'é'\n" and ends[-1] == len(text)
     if "\ufffd" in "".join(pieces):  # é split over two byte tokens: the point between them is no boundary
         assert None in ends
-    assert all(e is None or text[:e] == tok.decode(ids[:i + 1]) for i, e in enumerate(ends))
+    assert all(e is None or text[:e] == tok.decode(ids[: i + 1]) for i, e in enumerate(ends))
 
 
 def test_vocabulary_mapping_and_loss_with_empty_slots() -> None:
@@ -124,13 +125,19 @@ def test_row_pieces() -> None:
 
 # ---------------------------------------------------------------------- training against a served teacher
 def _noregex_bpe(docs: list[str], vocab_size: int) -> HFTokenizer:
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
 
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return HFTokenizer(tok)
 
 
@@ -152,8 +159,13 @@ def teacher(teacher_dir):
 
 def _cross_cfg(run_dir: Path, url: str, steps: int, **distill) -> TrainerConfig:
     teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, **distill.pop("teacher", {})}
-    return micro_cfg(run_dir, steps=steps, stage="distill", model={**MICRO["model"], "vocab_size": 1024},
-                distill={"method": "cross_tokenizer", "top_k": 8, "alpha": 0.5, "teacher": teacher, **distill})
+    return micro_cfg(
+        run_dir,
+        steps=steps,
+        stage="distill",
+        model={**MICRO["model"], "vocab_size": 1024},
+        distill={"method": "cross_tokenizer", "top_k": 8, "alpha": 0.5, "teacher": teacher, **distill},
+    )
 
 
 def test_cross_tokenizer_trains_and_cache_replays(teacher, tmp_path) -> None:
@@ -161,8 +173,10 @@ def test_cross_tokenizer_trains_and_cache_replays(teacher, tmp_path) -> None:
     rec = train(_cross_cfg(tmp_path / "a", teacher.url, steps))
     log = read_log(tmp_path / "a")
     al = rec["alignment"]
-    print(f"\ncross_tokenizer: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
-          f"{rec['kd_loss']:.3f}, alignment {al}, teacher {rec['teacher']}")
+    print(
+        f"\ncross_tokenizer: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
+        f"{rec['kd_loss']:.3f}, alignment {al}, teacher {rec['teacher']}"
+    )
     assert rec["loss"] < log[1]["loss"] - 0.5 and rec["kd_loss"] < 0.6 * log[1]["kd_loss"]
     assert 0.2 < al["aligned_fraction"] < 0.9 and al["piece_errors"] == 0 and al["unaligned_skipped"] == 0
     assert rec["teacher_skipped"] == 0 and rec["teacher"]["errors"] == 0
@@ -189,8 +203,10 @@ def test_cross_teacher_killed_and_restarted(teacher, tmp_path) -> None:
 
     rec = train(_cross_cfg(tmp_path / "k", teacher.url, steps), progress)
     log = read_log(tmp_path / "k")
-    print(f"\ncross_tokenizer, teacher killed at step 3, back at step {seen.get('restarted')}: "
-          f"{rec['teacher_skipped']} micro-batches on the LM loss alone")
+    print(
+        f"\ncross_tokenizer, teacher killed at step 3, back at step {seen.get('restarted')}: "
+        f"{rec['teacher_skipped']} micro-batches on the LM loss alone"
+    )
     assert "restarted" in seen and 0 < rec["teacher_skipped"] < steps
     assert log[steps]["kd_loss"] is not None  # distilling again after the restart
     assert (tmp_path / "k" / "final" / "model.safetensors").is_file()
@@ -199,13 +215,25 @@ def test_cross_teacher_killed_and_restarted(teacher, tmp_path) -> None:
 def test_short_logprobs_are_counted_not_trained_on(tmp_path) -> None:
     """A teacher that returns fewer than k logprobs: each piece is a counted error, the
     micro-batch trains on the LM loss alone (no alignment), and the run goes on."""
+
     async def short(request: web.Request) -> web.Response:
         body = await request.json()
         text = body["prompt"]
-        return web.json_response({"choices": [{"text": text, "logprobs": {
-            "tokens": list(text), "text_offset": list(range(len(text))),
-            "token_logprobs": [None] + [-1.0] * (len(text) - 1),
-            "top_logprobs": [None] + [{text[i]: -1.0} for i in range(1, len(text))]}}]})
+        return web.json_response(
+            {
+                "choices": [
+                    {
+                        "text": text,
+                        "logprobs": {
+                            "tokens": list(text),
+                            "text_offset": list(range(len(text))),
+                            "token_logprobs": [None] + [-1.0] * (len(text) - 1),
+                            "top_logprobs": [None] + [{text[i]: -1.0} for i in range(1, len(text))],
+                        },
+                    }
+                ]
+            }
+        )
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

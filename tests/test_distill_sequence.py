@@ -13,31 +13,37 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import httpx
 import pytest
 from aiohttp import web
 
-from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.data.synthetic import generate as synthetic_docs
-from nanochat_trainer.distill import TeacherError
-from nanochat_trainer.distill.sequence import (Prompt, _Packer, check_completion, filter_completions, function_body,
-                                               split_prompt)
+from nanochat_trainer.distill.sequence import (
+    Prompt,
+    _Packer,
+    check_completion,
+    filter_completions,
+    function_body,
+    split_prompt,
+)
+from nanochat_trainer.distill.teacher import TeacherError
 from nanochat_trainer.eval.sandbox import Sandbox
-from nanochat_trainer.serve import ModelServer
 from nanochat_trainer.train import train
 
 from micro import MICRO, micro_cfg, read_log
-from serving import serve_app
+from serving import Teacher, free_port, serve_app
 
-OPS = [("doubled", "x * 2", lambda x: x * 2), ("plus one", "x + 1", lambda x: x + 1),
-       ("squared", "x * x", lambda x: x * x), ("negated", "-x", lambda x: -x)]
+OPS = [
+    ("doubled", "x * 2", lambda x: x * 2),
+    ("plus one", "x + 1", lambda x: x + 1),
+    ("squared", "x * x", lambda x: x * x),
+    ("negated", "-x", lambda x: -x),
+]
 NAMES = ["f", "g", "h", "calc", "transform", "apply", "step", "fn"]
 
 
@@ -45,63 +51,6 @@ def narrow_doc(r: random.Random) -> str:
     word, expr, fn = r.choice(OPS)
     name, a = r.choice(NAMES) + str(r.randint(0, 99)), r.randint(-9, 9)
     return f'def {name}(x):\n    """Return x {word}."""\n    return {expr}\n\n\nassert {name}({a}) == {fn(a)}\n'
-
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Teacher:
-    """A ModelServer of `final_dir` on a fixed loopback port that can be stopped and started
-    again on the same port (a teacher killed and restarted); counts its completion requests."""
-
-    def __init__(self, final_dir: Path):
-        self.model, self.tok, _ = load_model(final_dir)
-        self.port, self.n = _free_port(), 0
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._stop = None
-
-    def app(self) -> web.Application:
-        @web.middleware
-        async def count(request, handler):
-            if request.path == "/v1/completions":
-                self.n += 1
-            return await handler(request)
-
-        app = ModelServer(self.model, self.tok, model_name="teacher").app()
-        app.middlewares.append(count)
-        return app
-
-    def start(self) -> "Teacher":
-        loop, runner = asyncio.new_event_loop(), web.AppRunner(self.app())
-        up = threading.Event()
-
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-            up.set()
-            loop.run_forever()
-
-        t = threading.Thread(target=serve, daemon=True)
-        t.start()
-        assert up.wait(10)
-        httpx.get(self.url + "/health").raise_for_status()
-
-        def stop() -> None:
-            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-            loop.call_soon_threadsafe(loop.stop)
-            t.join(10)
-        self._stop = stop
-        return self
-
-    def stop(self) -> None:
-        if self._stop is not None:
-            self._stop()
-            self._stop = None
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +75,16 @@ def teacher(narrow):
 def _seq_cfg(run_dir: Path, url: str, data: Path, steps: int, **distill) -> TrainerConfig:
     teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, **distill.pop("teacher", {})}
     over = {k: distill.pop(k) for k in ("checkpoint",) if k in distill}
-    return micro_cfg(run_dir, steps=steps, stage="distill", model={**MICRO["model"], "vocab_size": 1024}, **over,
-                data={"source": "local", "path": str(data)}, optimizer={"lr": 0.02, "adam_lr": 0.01},
-                distill={"method": "sequence", "max_new_tokens": 24, "teacher": teacher, **distill})
+    return micro_cfg(
+        run_dir,
+        steps=steps,
+        stage="distill",
+        model={**MICRO["model"], "vocab_size": 1024},
+        **over,
+        data={"source": "local", "path": str(data)},
+        optimizer={"lr": 0.02, "adam_lr": 0.01},
+        distill={"method": "sequence", "max_new_tokens": 24, "teacher": teacher, **distill},
+    )
 
 
 # ---------------------------------------------------------------------- prompts and the filter
@@ -136,7 +92,7 @@ def test_split_prompt_on_synthetic_documents() -> None:
     for doc in synthetic_docs(0, 30):
         prompt, tests = split_prompt(doc)
         assert doc.startswith(prompt) and prompt.rstrip().endswith('"""') and tests.startswith("assert")
-        body = function_body(doc[len(prompt):])
+        body = function_body(doc[len(prompt) :])
         assert (prompt + body) in doc and check_completion(prompt, body) is None
     prompt, tests = split_prompt("import os\n\ndef g(a):  # note\n    return a\n\nassert g(1) == 1\nassert h(2)\n")
     assert prompt == "import os\n\ndef g(a):  # note" and tests == "assert g(1) == 1"
@@ -153,12 +109,14 @@ def test_function_body_stops_at_the_next_top_level_line() -> None:
 def test_quality_filter() -> None:
     p = Prompt(0, 'def double(x):\n    """Return x doubled."""', "assert double(3) == 6\nassert double(-1) == -2")
     no_tests = Prompt(1, p.text, "")
-    items = [(p, "\n    return x * 2\n"),       # right
-             (p, "\n    return x + 2\n"),       # parses, fails its tests
-             (p, "\n    return x *\n"),         # not Python
-             (p, ""),                           # nothing came back
-             (p, "\n    while True: pass\n"),   # hangs: the sandbox's time limit
-             (no_tests, "\n    return x + 2\n")]  # no tests: parsing is all that is checked
+    items = [
+        (p, "\n    return x * 2\n"),  # right
+        (p, "\n    return x + 2\n"),  # parses, fails its tests
+        (p, "\n    return x *\n"),  # not Python
+        (p, ""),  # nothing came back
+        (p, "\n    while True: pass\n"),  # hangs: the sandbox's time limit
+        (no_tests, "\n    return x + 2\n"),
+    ]  # no tests: parsing is all that is checked
     reasons = filter_completions(items, Sandbox(timeout=2.0, workers=2))
     assert reasons == [None, "tests", "syntax", "empty", "tests", None]
     assert filter_completions(items[:2], None) == [None, None]  # distill.filter_tests off
@@ -185,6 +143,7 @@ def test_packer_resumes_inside_a_text() -> None:
 
 
 # ---------------------------------------------------------------------- training against a served teacher
+@pytest.mark.slow
 def test_sequence_trains_and_cache_replays(narrow, teacher, tmp_path) -> None:
     data, _ = narrow
     steps = 10
@@ -192,8 +151,10 @@ def test_sequence_trains_and_cache_replays(narrow, teacher, tmp_path) -> None:
     rec = train(_seq_cfg(tmp_path / "a", teacher.url, data, steps))
     log = read_log(tmp_path / "a")
     seq = rec["sequences"]
-    print(f"\nsequence: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, sequences {seq}, teacher {rec['teacher']}, "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"\nsequence: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, sequences {seq}, teacher {rec['teacher']}, "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     assert rec["loss"] < log[1]["loss"] - 1.0
     assert seq["teacher_rows"] == steps * MICRO["batch_size"] and seq["plain_rows"] == 0 and rec["teacher_skipped"] == 0
     assert seq["accepted"] > 0 and rec["teacher"]["errors"] == 0
@@ -218,6 +179,7 @@ def test_sequence_trains_and_cache_replays(narrow, teacher, tmp_path) -> None:
         assert log_c[s]["loss"] == pytest.approx(log[s]["loss"], rel=1e-5, abs=1e-6), s
 
 
+@pytest.mark.slow
 def test_teacher_killed_and_restarted(narrow, teacher, tmp_path) -> None:
     """continue_without_teacher (default): the teacher dies at step 2; once the buffered teacher
     sequences run out, rows come from plain data (counted); it comes back on the same port and
@@ -245,6 +207,7 @@ def test_teacher_killed_and_restarted(narrow, teacher, tmp_path) -> None:
     assert (tmp_path / "k" / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_strict_run_waits_for_the_teacher(narrow, teacher, tmp_path) -> None:
     """continue_without_teacher false: a teacher killed mid-run and restarted 2 s later makes the
     run wait, not fail, and every row is a teacher row; one that stays down fails the run after
@@ -274,7 +237,7 @@ def test_strict_run_waits_for_the_teacher(narrow, teacher, tmp_path) -> None:
 
 def test_teacher_down_at_start_trains_on_plain_data(narrow, tmp_path) -> None:
     data, _ = narrow
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     rec = train(_seq_cfg(tmp_path / "p", url, data, 3))
     assert rec["teacher_skipped"] == 3 * MICRO["batch_size"] and rec["sequences"]["plain_rows"] == 12
     assert "ConnectError" in rec["teacher_error"] and rec["sequences"]["outages"] == 1
@@ -332,10 +295,15 @@ def test_slow_rejected_teacher_costs_at_most_row_wait_per_micro_batch(narrow, tm
         nonlocal answers
         await asyncio.sleep(0.2)
         answers += 1
-        return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": "teacher",
-                                  "choices": [{"index": 0, "text": "    return (((\n", "logprobs": None,
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}})
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "model": "teacher",
+                "choices": [{"index": 0, "text": "    return (((\n", "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+            }
+        )
 
     url, stop = _stub(slow_wrong)
     try:

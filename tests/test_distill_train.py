@@ -9,10 +9,7 @@ by `ModelServer` on a free port in a background thread; a middleware counts its 
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,63 +17,29 @@ import httpx
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from aiohttp import web
 
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.config import TrainerConfig
-from nanochat_trainer.distill import TeacherError
-from nanochat_trainer.serve import ModelServer
-from serving import serve_app
+from nanochat_trainer.distill.teacher import TeacherError
 from nanochat_trainer.train import train
 
-from micro import MICRO, micro_cfg, read_log
+from micro import MICRO, distill_cfg, micro_cfg, read_log, torchrun
+from serving import serve_app, teacher_app
 
 
-def _teacher_app(final_dir: Path, seen: dict) -> web.Application:
-    model, tok, _ = load_model(final_dir)
-
-    @web.middleware
-    async def count(request, handler):
-        if request.path == "/v1/completions":
-            seen["n"] += 1
-        return await handler(request)
-
-    app = ModelServer(model, tok, model_name="teacher").app()
-    app.middlewares.append(count)
-    return app
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """(url, teacher run dir, request counter): a MICRO model trained 60 steps, served."""
-    tdir = tmp_path_factory.mktemp("teacher")
-    train(micro_cfg(tdir, steps=60))
-    seen = {"n": 0}
-    url, stop = serve_app(_teacher_app(tdir / "final", seen))
-    yield url, tdir, seen
-    stop()
-
-
-def _distill_cfg(run_dir: Path, url: str, tdir: Path, steps: int, **distill) -> TrainerConfig:
-    teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30,
-               **distill.pop("teacher", {})}
-    over = {k: distill.pop(k) for k in ("checkpoint", "data", "seed") if k in distill}
-    return micro_cfg(run_dir, steps=steps, stage="distill", tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")},
-                **over, distill={"method": "topk_logprobs", "top_k": 8, "alpha": 0.5, "teacher": teacher, **distill})
-
-
-def test_distill_loss_falls_and_cache_replays(teacher, tmp_path) -> None:
-    url, tdir, seen = teacher
+def test_distill_loss_falls_and_cache_replays(narrow_teacher, tmp_path) -> None:
+    url, tdir, seen = narrow_teacher
     steps = 20
     before = seen["n"]
     t0 = time.perf_counter()
-    train(_distill_cfg(tmp_path / "a", url, tdir, steps))
+    train(distill_cfg(tmp_path / "a", url, tdir, steps))
     t_first = time.perf_counter() - t0
     log = read_log(tmp_path / "a")
     last = log[steps]
-    print(f"\ndistill: loss {log[1]['loss']:.3f} -> {last['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
-          f"{last['kd_loss']:.3f}, teacher {last['teacher']}, {t_first:.1f}s")
+    print(
+        f"\ndistill: loss {log[1]['loss']:.3f} -> {last['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
+        f"{last['kd_loss']:.3f}, teacher {last['teacher']}, {t_first:.1f}s"
+    )
     assert last["loss"] < log[1]["loss"] - 1.0 and last["kd_loss"] < log[1]["kd_loss"] - 0.5, log
     assert last["teacher_skipped"] == 0 and last["teacher"]["errors"] == 0
     n_rows = steps * MICRO["batch_size"]
@@ -87,7 +50,7 @@ def test_distill_loss_falls_and_cache_replays(teacher, tmp_path) -> None:
 
     # (b) A second identical run in a fresh dir, sharing the cache: zero requests, same losses.
     before = seen["n"]
-    train(_distill_cfg(tmp_path / "b", url, tdir, steps, teacher={"cache_dir": str(cache)}))
+    train(distill_cfg(tmp_path / "b", url, tdir, steps, teacher={"cache_dir": str(cache)}))
     log_b = read_log(tmp_path / "b")
     assert seen["n"] == before and log_b[steps]["teacher"]["requests"] == 0
     assert log_b[steps]["teacher"]["cache_hits"] == n_rows
@@ -95,40 +58,44 @@ def test_distill_loss_falls_and_cache_replays(teacher, tmp_path) -> None:
         assert log_b[s]["loss"] == pytest.approx(log[s]["loss"], rel=1e-5), s
 
 
-def test_distill_resume_matches_uninterrupted(teacher, tmp_path) -> None:
+def test_distill_resume_matches_uninterrupted(narrow_teacher, tmp_path) -> None:
     """Prefetching runs ahead of the loader: the checkpoint must hold the state of the next
     untrained batch, so a resumed run sees the same batches (and teacher answers)."""
-    url, tdir, _ = teacher
+    url, tdir, _ = narrow_teacher
     cache = {"cache_dir": str(tmp_path / "cache")}
-    train(_distill_cfg(tmp_path / "full", url, tdir, 8, teacher=cache, checkpoint={"every": 4}))
-    train(_distill_cfg(tmp_path / "part", url, tdir, 4, teacher=cache, checkpoint={"every": 4}))
-    train(_distill_cfg(tmp_path / "part", url, tdir, 8, teacher=cache, checkpoint={"every": 4}))
+    train(distill_cfg(tmp_path / "full", url, tdir, 8, teacher=cache, checkpoint={"every": 4}))
+    train(distill_cfg(tmp_path / "part", url, tdir, 4, teacher=cache, checkpoint={"every": 4}))
+    train(distill_cfg(tmp_path / "part", url, tdir, 8, teacher=cache, checkpoint={"every": 4}))
     a, b = read_log(tmp_path / "full"), read_log(tmp_path / "part")
     for s in range(5, 9):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), (s, a[s], b[s])
 
 
-def test_teacher_down(teacher, tmp_path) -> None:
-    _, tdir, _ = teacher
+def test_teacher_down(narrow_teacher, tmp_path) -> None:
+    _, tdir, _ = narrow_teacher
     seen = {"n": 0}
-    url, stop = serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(teacher_app(tdir / "final", seen))
     stop()  # the teacher is gone before the run starts
     steps = 6
-    rec = train(_distill_cfg(tmp_path / "skip", url, tdir, steps))
+    rec = train(distill_cfg(tmp_path / "skip", url, tdir, steps))
     log = read_log(tmp_path / "skip")
     print(f"\nteacher down: skipped {rec['teacher_skipped']} micro-batches, teacher {rec['teacher']}")
     assert rec["teacher_skipped"] == steps and log[1]["teacher_skipped"] == 1
-    assert rec["teacher"]["errors"] == steps * MICRO["batch_size"] and rec["kd_loss"] is None and "ConnectError" in rec["teacher_error"]
+    assert (
+        rec["teacher"]["errors"] == steps * MICRO["batch_size"]
+        and rec["kd_loss"] is None
+        and "ConnectError" in rec["teacher_error"]
+    )
     assert (tmp_path / "skip" / "final" / "model.safetensors").is_file()
     with pytest.raises(TeacherError, match="continue_without_teacher is false"):
-        train(_distill_cfg(tmp_path / "strict", url, tdir, steps, continue_without_teacher=False))
+        train(distill_cfg(tmp_path / "strict", url, tdir, steps, continue_without_teacher=False))
 
 
-def test_teacher_stops_mid_run(teacher, tmp_path) -> None:
+def test_teacher_stops_mid_run(narrow_teacher, tmp_path) -> None:
     """The teacher dies at step 3: already-fetched answers are used, later steps train on CE."""
-    _, tdir, _ = teacher
+    _, tdir, _ = narrow_teacher
     seen = {"n": 0}
-    url, stop = serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(teacher_app(tdir / "final", seen))
     steps, stopped = 12, []
 
     def progress(rec: dict) -> None:
@@ -136,15 +103,17 @@ def test_teacher_stops_mid_run(teacher, tmp_path) -> None:
             stop()
             stopped.append(True)
 
-    cfg = _distill_cfg(tmp_path / "mid", url, tdir, steps)
+    cfg = distill_cfg(tmp_path / "mid", url, tdir, steps)
     try:
         rec = train(cfg, progress)
     finally:
         if not stopped:
             stop()
     log = read_log(tmp_path / "mid")
-    skipped = [log[s]["teacher_skipped"] - log[s - 1]["teacher_skipped"] if s > 1 else log[1]["teacher_skipped"]
-               for s in range(1, steps + 1)]
+    skipped = [
+        log[s]["teacher_skipped"] - log[s - 1]["teacher_skipped"] if s > 1 else log[1]["teacher_skipped"]
+        for s in range(1, steps + 1)
+    ]
     print(f"\nteacher stopped at step 3: skipped per step {skipped}")
     assert 0 < rec["teacher_skipped"] < steps and skipped[:3] == [0, 0, 0]
     first = skipped.index(1)
@@ -172,6 +141,7 @@ def _eval_loss(final_dir: Path, texts: list[str]) -> float:
     return total / n
 
 
+@pytest.mark.slow
 def test_teacher_on_narrow_pattern_speeds_up_student(tmp_path) -> None:
     """(d) A teacher trained on many progressions; two students with the same seed see only 40 of
     them for 150 steps, one with the teacher (alpha 0.5, top-32). Held-out loss on new progressions:
@@ -185,25 +155,33 @@ def test_teacher_on_narrow_pattern_speeds_up_student(tmp_path) -> None:
     tdir = tmp_path / "teacher"
     train(micro_cfg(tdir, steps=300, data={"source": "local", "path": str(many)}))
     seen = {"n": 0}
-    url, stop = serve_app(_teacher_app(tdir / "final", seen))
+    url, stop = serve_app(teacher_app(tdir / "final", seen))
     steps, data = 150, {"source": "local", "path": str(few)}
     try:
-        train(micro_cfg(tmp_path / "base", steps=steps, data=data,
-                   tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")}))
-        train(_distill_cfg(tmp_path / "kd", url, tdir, steps, data=data, top_k=32, alpha=0.5))
+        train(
+            micro_cfg(
+                tmp_path / "base",
+                steps=steps,
+                data=data,
+                tokenizer={"kind": "bpe", "path": str(tdir / "tokenizer.json")},
+            )
+        )
+        train(distill_cfg(tmp_path / "kd", url, tdir, steps, data=data, top_k=32, alpha=0.5))
     finally:
         stop()
     teacher_l = _eval_loss(tdir / "final", held_out)
     base_l, kd_l = _eval_loss(tmp_path / "base" / "final", held_out), _eval_loss(tmp_path / "kd" / "final", held_out)
-    print(f"\nheld-out loss (nats/token): teacher {teacher_l:.3f}, student CE-only {base_l:.3f}, "
-          f"student distilled {kd_l:.3f} ({time.perf_counter() - t0:.1f}s)")
+    print(
+        f"\nheld-out loss (nats/token): teacher {teacher_l:.3f}, student CE-only {base_l:.3f}, "
+        f"student distilled {kd_l:.3f} ({time.perf_counter() - t0:.1f}s)"
+    )
     assert seen["n"] > 0 and kd_l < base_l - 0.25, (teacher_l, base_l, kd_l)
 
 
-def test_text_keyed_teacher_still_works(teacher, tmp_path) -> None:
+def test_text_keyed_teacher_still_works(narrow_teacher, tmp_path) -> None:
     """A server that ignores return_tokens_as_token_ids (older vLLM) answers with token texts:
     they are mapped through the shared tokenizer, and give the same losses as id keys."""
-    url, tdir, _ = teacher
+    url, tdir, _ = narrow_teacher
     seen_flags = []
 
     async def proxy(request: web.Request) -> web.Response:
@@ -221,10 +199,10 @@ def test_text_keyed_teacher_still_works(teacher, tmp_path) -> None:
     purl, stop = serve_app(app)
     steps = 5
     try:
-        rec = train(_distill_cfg(tmp_path / "text", purl, tdir, steps))
+        rec = train(distill_cfg(tmp_path / "text", purl, tdir, steps))
     finally:
         stop()
-    train(_distill_cfg(tmp_path / "ids", url, tdir, steps))
+    train(distill_cfg(tmp_path / "ids", url, tdir, steps))
     a, b = read_log(tmp_path / "text"), read_log(tmp_path / "ids")
     assert seen_flags and all(f is True for f in seen_flags)
     assert rec["teacher_skipped"] == 0 and rec["teacher"]["errors"] == 0
@@ -232,17 +210,14 @@ def test_text_keyed_teacher_still_works(teacher, tmp_path) -> None:
         assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), s
 
 
-def test_two_process_ddp_distill_matches_one_process(teacher, tmp_path) -> None:
+@pytest.mark.slow
+def test_two_process_ddp_distill_matches_one_process(narrow_teacher, tmp_path) -> None:
     """Each rank prefetches its own rows' teacher answers: 2 ranks x 2 rows == 1 x 4 rows."""
-    url, tdir, _ = teacher
-    one = _distill_cfg(tmp_path / "one", url, tdir, 4)
-    two = _distill_cfg(tmp_path / "two", url, tdir, 4).model_copy(update={"batch_size": 2})
+    url, tdir, _ = narrow_teacher
+    one = distill_cfg(tmp_path / "one", url, tdir, 4)
+    two = distill_cfg(tmp_path / "two", url, tdir, 4).model_copy(update={"batch_size": 2})
     train(one)
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(two.model_dump(mode="json")))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", str(29600 + os.getpid() % 1000), "-m", "nanochat_trainer.train",
-                    "--config", str(path)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    torchrun(2, two, tmp_path)
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     for s in range(1, 5):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4), (s, a[s], b[s])

@@ -13,7 +13,7 @@ from nanochat_operator import api, render
 from nanochat_operator.checks import feasibility
 from nanochat_operator.manifests import dry_run, load_manifests
 
-from test_crds import validator
+from operator_support import validator
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

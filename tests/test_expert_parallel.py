@@ -8,8 +8,8 @@ compare that with single-process runs here:
   rank's expert-slice gradients against the matching slice, dense gradients summed over
   ranks, for the loop and the grouped-mm expert kernels;
 * two optimizer steps (Muon + BatchedMuon + AdamW, gradient clipping) of a 2-layer
-  tiny-moe model under DDP with the experts left out of DDP: losses, gradient norms, all
-  weights, and the optimizer state gathered back to full size.
+  tiny-moe model, wrapped and stepped by the trainer itself (DDP with the experts left out of
+  DDP): losses, gradient norms, all weights, and the optimizer state gathered back to full size.
 """
 
 from __future__ import annotations
@@ -21,13 +21,28 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pydantic import ValidationError
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-from nanochat_trainer.config import MoEConfig, TrainerConfig
-from nanochat_trainer.model import GPT
-from nanochat_trainer.moe import MoE, step_expert_loads, update_moe_biases
-from nanochat_trainer.optim import BatchedMuon, build_optimizers
+from nanochat_trainer.config import MoEConfig, TrainerConfig, format_validation_error
+from nanochat_trainer.data.feed import TensorFeed
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.models.moe import MoE
+from nanochat_trainer.parallel.apply import global_balancing, wrap_model
+from nanochat_trainer.parallel.distributed import Env
+from nanochat_trainer.parallel.expert_parallel import (
+    gather_full_state,
+    setup_expert_parallel,
+    shard_experts,
+    shard_full_state,
+)
+from nanochat_trainer.train.losses import model_loss
+from nanochat_trainer.train.optim import BatchedMuon, build_optimizers
+from nanochat_trainer.train.trainer import Trainer
 
 from micro import perturb
+
+pytestmark = pytest.mark.slow  # torchrun or spawned process groups: tens of seconds
 
 WORLD = 2
 IMPLS = ["loop"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else [])
@@ -38,8 +53,16 @@ def _moe(scope: str = "micro_batch") -> MoE:
     """micro_batch balancing unless asked: the EP checks compare each rank with one process on
     that rank's rows, where a global balancing loss would need the other rank's loads."""
     torch.manual_seed(0)
-    cfg = MoEConfig(n_experts=8, top_k=2, expert_ffn_dim=24, n_shared_experts=1, shared_expert_ffn_dim=16,
-                    aux_loss_weight=0.1, z_loss_weight=0.01, balance_scope=scope)
+    cfg = MoEConfig(
+        n_experts=8,
+        top_k=2,
+        expert_ffn_dim=24,
+        n_shared_experts=1,
+        shared_expert_ffn_dim=16,
+        aux_loss_weight=0.1,
+        z_loss_weight=0.01,
+        balance_scope=scope,
+    )
     return MoE(32, cfg).train()
 
 
@@ -68,12 +91,27 @@ def _moe_loss(m: MoE, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _train_cfg() -> TrainerConfig:
     cfg = TrainerConfig(preset="tiny-moe", expert_parallel=WORLD, parallel="ddp")
-    model = cfg.model.model_copy(update={"n_layers": 2, "vocab_size": 64, "dim": 64, "n_heads": 4,
-                                         "moe": cfg.model.moe.model_copy(update={"expert_ffn_dim": 32,
-                                                                                 "shared_expert_ffn_dim": 32,
-                                                                                 "balance_scope": "micro_batch"})})
-    # A small clip so the EP-aware norm decides the step.
-    return cfg.model_copy(update={"model": model, "optimizer": cfg.optimizer.model_copy(update={"grad_clip": 0.05})})
+    model = cfg.model.model_copy(
+        update={
+            "n_layers": 2,
+            "vocab_size": 64,
+            "dim": 64,
+            "n_heads": 4,
+            "moe": cfg.model.moe.model_copy(
+                update={"expert_ffn_dim": 32, "shared_expert_ffn_dim": 32, "balance_scope": "micro_batch"}
+            ),
+        }
+    )
+    # A small clip so the EP-aware norm decides the step; the peak learning rate from the first step,
+    # as the one-process reference below steps.
+    return cfg.model_copy(
+        update={
+            "model": model,
+            "steps": 2,
+            "optimizer": cfg.optimizer.model_copy(update={"grad_clip": 0.05}),
+            "schedule": cfg.schedule.model_copy(update={"warmup_steps": 0, "decay": "constant"}),
+        }
+    )
 
 
 def _batches(steps: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -93,14 +131,8 @@ def _init_model(cfg: TrainerConfig) -> GPT:
 
 # ----------------------------------------------------------------- the two ranks
 
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    from torch.nn.parallel import DistributedDataParallel
-
-    from nanochat_trainer.expert_parallel import (clip_grad_norm_, ddp_ignore_experts, gather_full_state,
-                                                  reduce_expert_grads, setup_expert_parallel, shard_experts,
-                                                  shard_full_state)
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     res: dict = {}
@@ -115,50 +147,60 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         x = _case(m, case, x_all[rows]).requires_grad_()
         y, loss = _moe_loss(m, x, g_all[rows])
         loss.backward()
-        res[case] = {"y": y.detach(), "x_grad": x.grad, "load": m.last_expert_load,
-                     "grads": {n: p.grad.clone() for n, p in m.named_parameters()}}
+        res[case] = {
+            "y": y.detach(),
+            "x_grad": x.grad,
+            "load": m.last_expert_load,
+            "grads": {n: p.grad.clone() for n, p in m.named_parameters()},
+        }
 
     # 2. Global-batch balancing (no EP): each rank's aux loss uses the loads of both ranks.
     for scope in ("global", "micro_batch"):
         m = _moe(scope)
         if scope == "global":
-            m.balance_group = dist.group.WORLD  # as parallel.wrap_model hands it over
+            global_balancing(m)  # as parallel.apply.wrap_model does
         m(x_all[rows])
         m.last_aux_loss.backward()
         res[f"aux_{scope}"] = {"aux": m.last_aux_loss.detach(), "router_grad": m.router.weight.grad.clone()}
 
-    # 3. Training steps of a tiny-moe model, wired as train.py does.
+    # 3. Training steps of a tiny-moe model: the trainer's own wrapping and step.
     cfg = _train_cfg()
     model = _init_model(cfg)
+    env = Env(rank, WORLD, torch.device("cpu"))
     ep = setup_expert_parallel(model, cfg, WORLD, rank)
-    ignored = ddp_ignore_experts(model)
-    wrapped = DistributedDataParallel(model)
+    wrapped = wrap_model(model, cfg, env, ep)
+    ignored = sorted(wrapped.parameters_to_ignore)
     opts = build_optimizers(model, cfg.optimizer)
-    losses, norms, grads, after_one = [], [], None, None
-    for step, (x, y) in enumerate(_batches()):
-        loss = wrapped(x[rows], y[rows])
-        loss.backward()
-        reduce_expert_grads(model, ep)
-        norms.append(float(clip_grad_norm_(model, cfg.optimizer.grad_clip, ep)))
-        if step == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        for opt in opts:
-            opt.step()
+    trainer = Trainer(cfg, model, wrapped, opts, TensorFeed([(x[rows], y[rows]) for x, y in _batches()]), env, ep=ep)
+    seen: dict = {}
+
+    def catch_grads(*_) -> None:
+        """The gradients the optimizers see (reduced and clipped), caught before the first one steps."""
+        seen.setdefault("grads", {n: p.grad.clone() for n, p in model.named_parameters()})
+
+    opts[0].register_step_pre_hook(catch_grads)
+    losses, norms = [], []
+    for step in range(cfg.steps):
+        record = trainer.step()
+        losses.append(record["loss"])
+        norms.append(record["grad_norm"])
         if step == 0:
             after_one = {k: v.clone() for k, v in model.state_dict().items()}
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        update_moe_biases(model, step_expert_loads(model))
-        loss = loss.detach()
-        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        losses.append(float(loss))
+    grads = seen["grads"]
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = {k: v.clone() for k, v in model.state_dict().items()}
     osds = [get_optimizer_state_dict(model, opt, options=options) for opt in opts]
     local_msd = {k: v.clone() for k, v in msd.items()}
     gather_full_state(model, opts, msd, osds, ep)  # rank 1's osds are empty (cpu_offload): still collective
-    res["train"] = {"losses": losses, "norms": norms, "ignored": ignored, "msd": dict(msd), "local_msd": local_msd,
-                    "grads": grads, "after_one": after_one}
+    res["train"] = {
+        "losses": losses,
+        "norms": norms,
+        "ignored": ignored,
+        "msd": dict(msd),
+        "local_msd": local_msd,
+        "grads": grads,
+        "after_one": after_one,
+    }
     if rank == 0:
         res["train"]["osd_experts"] = {k: v["momentum_buffer"] for k, v in osds[-1]["state"].items()}
     shard_full_state(model, msd, osds, ep)
@@ -176,8 +218,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 150
     while not ctx.join(timeout=5):  # raises with the worker's traceback if one failed
         if time.monotonic() > deadline:
@@ -188,6 +229,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 # ----------------------------------------------------------------- checks
+
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
@@ -200,8 +242,8 @@ def test_moe_block_forward_and_backward_match_one_process(ranks, impl):
     x_all = _case(m, impl, x_all)
     ref = []
     for r in range(WORLD):
-        x = x_all[2 * r:2 * r + 2].clone().requires_grad_()
-        y, loss = _moe_loss(m, x, g_all[2 * r:2 * r + 2])
+        x = x_all[2 * r : 2 * r + 2].clone().requires_grad_()
+        y, loss = _moe_loss(m, x, g_all[2 * r : 2 * r + 2])
         loss.backward()  # grads accumulate over the ranks' batches, as the EP ranks' sums should
         ref.append((y.detach(), x.grad, m.last_expert_load))
     per = m.n_experts // WORLD
@@ -218,8 +260,8 @@ def test_moe_block_forward_and_backward_match_one_process(ranks, impl):
             for r, res in enumerate(ranks):
                 mine = res[impl]["grads"][name]
                 assert mine.shape[0] == per
-                torch.testing.assert_close(mine, p.grad[r * per:(r + 1) * per], atol=ATOL, rtol=ATOL)
-                diffs[name] = max(diffs.get(name, 0.0), _max_diff(mine, p.grad[r * per:(r + 1) * per]))
+                torch.testing.assert_close(mine, p.grad[r * per : (r + 1) * per], atol=ATOL, rtol=ATOL)
+                diffs[name] = max(diffs.get(name, 0.0), _max_diff(mine, p.grad[r * per : (r + 1) * per]))
         else:
             summed = sum(res[impl]["grads"][name] for res in ranks)
             torch.testing.assert_close(summed, p.grad, atol=ATOL, rtol=ATOL)
@@ -241,7 +283,8 @@ def test_global_batch_balancing_sees_every_ranks_loads(ranks):
         aux = sum(res[f"aux_{scope}"]["aux"] for res in ranks) / WORLD
         grad = sum(res[f"aux_{scope}"]["router_grad"] for res in ranks) / WORLD
         close = torch.allclose(aux, m.last_aux_loss.detach(), atol=1e-6) and torch.allclose(
-            grad, m.router.weight.grad, atol=1e-6)
+            grad, m.router.weight.grad, atol=1e-6
+        )
         assert close == agrees, (scope, float(aux), float(m.last_aux_loss))
 
 
@@ -251,7 +294,7 @@ def _assert_weights(got: dict, want: dict, r: int, per: int, atol: float, mean_a
     for k, v in want.items():
         mine = got[k]
         if mine.shape != v.shape:  # this rank's expert slice
-            v = v[r * per:(r + 1) * per]
+            v = v[r * per : (r + 1) * per]
         d = (mine - v).abs()
         assert float(d.max()) <= atol and float(d.mean()) <= mean_atol, (k, float(d.max()), float(d.mean()))
         worst = max(worst, float(d.max()))
@@ -267,7 +310,7 @@ def test_training_steps_match_one_process(ranks):
     for step, (x, y) in enumerate(_batches()):
         total = 0.0
         for r in range(WORLD):  # the global batch, loss averaged over the ranks' halves as DDP does
-            loss = model(x[2 * r:2 * r + 2], y[2 * r:2 * r + 2]) / WORLD
+            loss = model_loss(model, model(x[2 * r : 2 * r + 2]), y[2 * r : 2 * r + 2]) / WORLD
             loss.backward()
             total += float(loss.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)))
@@ -295,11 +338,13 @@ def test_training_steps_match_one_process(ranks):
         # gradients agree to 2e-7 relative) moves its output by up to ~1e-2 (measured on torch's
         # own Muon), so the weights after the steps agree to lr * 5e-2 at worst, much better on average.
         lr = cfg.optimizer.lr
-        figures["step1"] = max(figures["step1"], _assert_weights(t["after_one"], after_one, r, per, lr * 0.05,
-                                                                 lr * 2**-8))
+        figures["step1"] = max(
+            figures["step1"], _assert_weights(t["after_one"], after_one, r, per, lr * 0.05, lr * 2**-8)
+        )
         # Two steps compound the flips (measured up to lr * 0.11 on one CPU, lr * 0.1 on another).
-        figures["step2"] = max(figures["step2"], _assert_weights(t["msd"], model.state_dict(), r, per, lr * 0.25,
-                                                                 lr * 2**-6))
+        figures["step2"] = max(
+            figures["step2"], _assert_weights(t["msd"], model.state_dict(), r, per, lr * 0.25, lr * 2**-6)
+        )
         for k in t["local_msd"]:
             if ".experts." in k:
                 assert t["local_msd"][k].shape[0] == per and t["msd"][k].shape[0] == 2 * per
@@ -325,14 +370,11 @@ def test_training_steps_match_one_process(ranks):
 
 
 def test_expert_parallel_setting_is_checked_by_name():
-    from pydantic import ValidationError
-
-    from nanochat_trainer.config import format_validation_error
-    from nanochat_trainer.expert_parallel import setup_expert_parallel
-
-    for bad, msg in [({"preset": "tiny-moe", "expert_parallel": 3}, "does not divide model.moe.n_experts=8"),
-                     ({"preset": "tiny", "expert_parallel": 2}, "needs an MoE model"),
-                     ({"preset": "tiny-moe", "expert_parallel": 0}, "greater than or equal to 1")]:
+    for bad, msg in [
+        ({"preset": "tiny-moe", "expert_parallel": 3}, "does not divide model.moe.n_experts=8"),
+        ({"preset": "tiny", "expert_parallel": 2}, "needs an MoE model"),
+        ({"preset": "tiny-moe", "expert_parallel": 0}, "greater than or equal to 1"),
+    ]:
         with pytest.raises(ValidationError) as err:
             TrainerConfig.model_validate(bad)
         assert "expert_parallel" in format_validation_error(err.value) and msg in format_validation_error(err.value)

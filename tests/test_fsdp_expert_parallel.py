@@ -14,12 +14,17 @@ resumes the weights with fresh optimizer state, and says so.
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from nanochat_trainer.config import ModelConfig
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.models.hf_adapter import export_hf
 from nanochat_trainer.train import train
 
-from micro import MICRO, micro_cfg, read_log
-from test_train import _torchrun, losses
+from micro import MICRO, losses, micro_cfg, perturb, read_log, torchrun
+
+pytestmark = pytest.mark.slow  # torchrun or spawned process groups: tens of seconds
 
 MOE = {**MICRO["model"], "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 64, "shared_expert_ffn_dim": 64}}
 
@@ -29,14 +34,21 @@ def test_fsdp_with_expert_parallel_matches_ddp_across_layouts(tmp_path):
     # each step: a wrong expert-gradient scale changes the norm, the clip factor and the losses.
     clip = {"grad_clip": 0.05}
     ddp = micro_cfg(tmp_path / "ddp", steps=6, batch_size=2, model=MOE, checkpoint={"every": 3}, optimizer=clip)
-    fsdp_ep = micro_cfg(tmp_path / "ep", steps=3, batch_size=2, model=MOE, checkpoint={"every": 3},
-                        expert_parallel=2, parallel="fsdp", optimizer=clip)
-    _torchrun(2, ddp, tmp_path)
-    _torchrun(2, fsdp_ep, tmp_path)  # steps 1-3 on 2 ranks: EP=2, FSDP2 over the dense weights
+    fsdp_ep = micro_cfg(
+        tmp_path / "ep",
+        steps=3,
+        batch_size=2,
+        model=MOE,
+        checkpoint={"every": 3},
+        expert_parallel=2,
+        parallel="fsdp",
+        optimizer=clip,
+    )
+    torchrun(2, ddp, tmp_path)
+    torchrun(2, fsdp_ep, tmp_path)  # steps 1-3 on 2 ranks: EP=2, FSDP2 over the dense weights
     # Steps 4-6 on 4 ranks of batch 1 (the same global batch): EP=2 x 2 replicas, experts FSDP2-sharded,
     # and every block recomputed in the backward pass (its all-to-alls and FSDP2 all-gathers too).
-    _torchrun(4, fsdp_ep.model_copy(update={"steps": 6, "batch_size": 1, "activation_checkpointing": True}),
-              tmp_path)
+    torchrun(4, fsdp_ep.model_copy(update={"steps": 6, "batch_size": 1, "activation_checkpointing": True}), tmp_path)
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "ep")
     na, nb = (read_log(tmp_path / d) for d in ("ddp", "ep"))
     for step in range(1, 7):
@@ -54,8 +66,10 @@ def test_fsdp_with_expert_parallel_matches_ddp_across_layouts(tmp_path):
     worst = max(float((got[k] - ref[k]).abs().max()) for k in got)
     mean = max(float((got[k] - ref[k]).abs().mean()) for k in got)
     assert worst < ddp.optimizer.lr and mean < 5e-4, (worst, mean)
-    print(f"\nDDP losses {[round(a[s], 5) for s in a]}; FSDP2+EP {[round(b[s], 5) for s in b]}; "
-          f"weights differ by at most {worst:.1e}, by {mean:.1e} on average in the worst tensor")
+    print(
+        f"\nDDP losses {[round(a[s], 5) for s in a]}; FSDP2+EP {[round(b[s], 5) for s in b]}; "
+        f"weights differ by at most {worst:.1e}, by {mean:.1e} on average in the worst tensor"
+    )
 
 
 def test_resume_with_other_optimizers_keeps_weights(tmp_path, capfd):
@@ -75,14 +89,6 @@ def test_init_from_hugging_face_reads_each_ranks_experts(tmp_path):
     """A Qwen3-MoE checkpoint in Hugging Face format as checkpoint.init_from, on 2 ranks with EP=2
     (each reads only its 4 of the 8 experts) and in one process: the same first loss, which the
     initial weights alone decide (rank 1 reading rank 0's rows would change it)."""
-    import torch
-
-    from nanochat_trainer.config import ModelConfig
-    from nanochat_trainer.hf_adapter import export_hf
-    from nanochat_trainer.model import GPT
-    from nanochat_trainer.train import train
-
-    from micro import perturb
 
     model_cfg = {**MICRO["model"], "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 64, "n_shared_experts": 0}}
     mcfg = ModelConfig.model_validate(model_cfg)
@@ -91,8 +97,11 @@ def test_init_from_hugging_face_reads_each_ranks_experts(tmp_path):
     export_hf(perturb(model, 0.05), mcfg, str(tmp_path / "hf"), dtype=torch.float32)
     init = {"init_from": str(tmp_path / "hf"), "every": 2}
     train(micro_cfg(tmp_path / "one", steps=2, batch_size=4, model=model_cfg, checkpoint=init))
-    _torchrun(2, micro_cfg(tmp_path / "ep", steps=2, batch_size=2, model=model_cfg, checkpoint=init,
-                           expert_parallel=2), tmp_path)
+    torchrun(
+        2,
+        micro_cfg(tmp_path / "ep", steps=2, batch_size=2, model=model_cfg, checkpoint=init, expert_parallel=2),
+        tmp_path,
+    )
     train(micro_cfg(tmp_path / "fresh", steps=1, batch_size=4, model=model_cfg))
     a, b, fresh = losses(tmp_path / "one"), losses(tmp_path / "ep"), losses(tmp_path / "fresh")
     assert b[1] == pytest.approx(a[1], rel=1e-5), (a, b)
@@ -103,15 +112,26 @@ def test_ternary_student_and_its_parent_split_their_experts(tmp_path):
     """ternary.distill_from_parent on 2 ranks with EP=2 and FSDP2: student and frozen parent both
     hold half of each layer's experts; the first step's loss and KL to the parent equal one
     process's (they depend on the weights each rank loaded and on the exchanges only)."""
-    from nanochat_trainer.train import train
 
     train(micro_cfg(tmp_path / "parent", steps=3, batch_size=4, model=MOE))
     tern = {"distill_from_parent": True}
     init = {"init_from": str(tmp_path / "parent"), "every": 2}
-    train(micro_cfg(tmp_path / "one", steps=2, batch_size=4, model=MOE, stage="ternary", ternary=tern,
-                    checkpoint=init))
-    _torchrun(2, micro_cfg(tmp_path / "ep", steps=2, batch_size=2, model=MOE, stage="ternary", ternary=tern,
-                           checkpoint=init, expert_parallel=2, parallel="fsdp"), tmp_path)
+    train(micro_cfg(tmp_path / "one", steps=2, batch_size=4, model=MOE, stage="ternary", ternary=tern, checkpoint=init))
+    torchrun(
+        2,
+        micro_cfg(
+            tmp_path / "ep",
+            steps=2,
+            batch_size=2,
+            model=MOE,
+            stage="ternary",
+            ternary=tern,
+            checkpoint=init,
+            expert_parallel=2,
+            parallel="fsdp",
+        ),
+        tmp_path,
+    )
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "ep")
     assert a[1]["kd_loss"] > 0
     for key in ("loss", "kd_loss"):

@@ -1,6 +1,6 @@
 """Generation with the KV cache (batched, left-padded, sampled, stopped) and `nanochat eval --checkpoint`.
 
-    .venv/bin/pytest tests/test_generate.py -q
+.venv/bin/pytest tests/test_generate.py -q
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
+from nanochat_cli.eval import add_eval_args, run_eval_from_args
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.eval.cli import add_eval_args, run_eval_from_args
 from nanochat_trainer.eval.generate import generate, generate_tokens, prompt_logprobs
 
 
@@ -44,8 +44,9 @@ def test_batched_greedy_matches_uncached(loaded) -> None:
         assert row[0].finish_reason == ("length" if len(want) == 12 else "stop")
         assert len(row[0].logprobs) == len(want) and all(lp <= 0 for lp in row[0].logprobs)
     # batch_size=1 (no padding) gives the same as a padded batch
-    assert [s[0].token_ids for s in generate_tokens(model, tok, ids, max_new_tokens=12, batch_size=1)] == \
-        [r[0].token_ids for r in res]
+    assert [s[0].token_ids for s in generate_tokens(model, tok, ids, max_new_tokens=12, batch_size=1)] == [
+        r[0].token_ids for r in res
+    ]
 
 
 def test_sampling_seeded_and_top_p(loaded) -> None:
@@ -67,7 +68,7 @@ def test_stop_sequences_cut(loaded) -> None:
     assert len(full) > 4
     stop = full[2:4]
     res = generate_tokens(model, tok, [tok.encode("def g():\n")], max_new_tokens=40, stop=[stop])[0][0]
-    assert res.text == full[:full.find(stop)] and res.finish_reason == "stop"
+    assert res.text == full[: full.find(stop)] and res.finish_reason == "stop"
     assert tok.decode(res.token_ids) == res.text or len(tok.decode(res.token_ids)) <= len(res.text)
 
 
@@ -91,14 +92,33 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_eval_checkpoint_cli(ckpt, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "term"))
     out = tmp_path / "results.json"
-    rc = run_eval_from_args(_args("--checkpoint", str(ckpt.parent), "--max-problems", "3", "--samples", "2",
-                                  "--temperature", "0.8", "--k", "1,2", "--max-new-tokens", "24", "--workers", "2",
-                                  "--out", str(out)))
+    rc = run_eval_from_args(
+        _args(
+            "--checkpoint",
+            str(ckpt.parent),
+            "--max-problems",
+            "3",
+            "--samples",
+            "2",
+            "--temperature",
+            "0.8",
+            "--k",
+            "1,2",
+            "--max-new-tokens",
+            "24",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+        )
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["problems"] == 3 and report["samples"] == 2 and set(report["pass_at_k"]) == {"1", "2"}
-    assert all(len(r["samples"]) == 2 and r["samples"][0]["status"] in ("passed", "failed", "timed out")
-               for r in report["per_problem"])
+    assert all(
+        len(r["samples"]) == 2 and r["samples"][0]["status"] in ("passed", "failed", "timed out")
+        for r in report["per_problem"]
+    )
     stdout = capsys.readouterr().out.strip().splitlines()
     assert stdout[-1].startswith("NANOCHAT_RESULT ")
     assert json.loads(stdout[-1].split(" ", 1)[1]) == json.loads((tmp_path / "term").read_text())

@@ -51,9 +51,11 @@ ALL_ON = {
     "podAnnotations": {"p": "q"},
     "podLabels": {"team": "ml"},
     "priorityClassName": "system-cluster-critical",
-    "metrics": {"service": {"type": "ClusterIP", "annotations": {"prometheus.io/scrape": "true"}},
-                "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
-                "podMonitor": {"enabled": True, "labels": {"release": "kps"}}},
+    "metrics": {
+        "service": {"type": "ClusterIP", "annotations": {"prometheus.io/scrape": "true"}},
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+        "podMonitor": {"enabled": True, "labels": {"release": "kps"}},
+    },
     "prometheusRule": {"enabled": True, "labels": {"release": "kps"}, "noProgressMinutes": 20},
     "grafanaDashboard": {"enabled": True, "namespace": "monitoring"},
 }
@@ -109,8 +111,15 @@ def test_default_render_validates_and_matches_snapshot(helm, tmp_path):
     text = template(helm, None, tmp_path)
     objs = docs(text)
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "CustomResourceDefinition",
-                     "Deployment", "Service", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
     for obj in objs:
         kubernetes_validate.validate(obj, K8S, strict=True)
     if os.environ.get("NANOCHAT_UPDATE_SNAPSHOTS"):
@@ -146,23 +155,33 @@ def test_all_on_render_validates(helm, tmp_path):
     sm = by_kind(objs, "ServiceMonitor")[0]
     assert sm["metadata"]["labels"]["release"] == "kps" and sm["spec"]["endpoints"][0]["port"] == "metrics"
     rules = by_kind(objs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
-    assert {r["alert"] for r in rules} == {"NanochatRunFailed", "NanochatTrainingNoProgress",
-                                           "NanochatReconcileErrors", "NanochatOperatorDown"}
+    assert {r["alert"] for r in rules} == {
+        "NanochatRunFailed",
+        "NanochatTrainingNoProgress",
+        "NanochatReconcileErrors",
+        "NanochatOperatorDown",
+    }
     assert all(r["expr"].strip() for r in rules)
     assert "[20m]" in next(r["expr"] for r in rules if r["alert"] == "NanochatTrainingNoProgress")
     dash_cm = by_kind(objs, "ConfigMap")[0]
     assert dash_cm["metadata"]["namespace"] == "monitoring"
     dash = json.loads(dash_cm["data"]["nanochat.json"])
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
-    for metric in ("nanochat_runs", "nanochat_training_loss", "nanochat_training_tokens_per_second",
-                   "nanochat_eval_pass_at_k", "nanochat_reconcile_duration_seconds_bucket"):
+    for metric in (
+        "nanochat_runs",
+        "nanochat_training_loss",
+        "nanochat_training_tokens_per_second",
+        "nanochat_eval_pass_at_k",
+        "nanochat_reconcile_duration_seconds_bucket",
+    ):
         assert metric in exprs, metric
 
 
 def test_crds_off_and_chart_crds_equal_generated(helm, tmp_path):
     assert not by_kind(docs(template(helm, {"crds": {"enabled": False}}, tmp_path)), "CustomResourceDefinition")
-    rendered = {o["metadata"]["name"]: o for o in by_kind(docs(template(helm, None, tmp_path)),
-                                                          "CustomResourceDefinition")}
+    rendered = {
+        o["metadata"]["name"]: o for o in by_kind(docs(template(helm, None, tmp_path)), "CustomResourceDefinition")
+    }
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
         assert rendered[crd["metadata"]["name"]] == crd, f"chart CRD differs from {path}"
@@ -197,8 +216,10 @@ def test_pod_security(helm, tmp_path):
     assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
-@pytest.mark.parametrize("values", [{"operator": {"logFormat": "xml"}}, {"replicaCount": "two"},
-                                    {"typo": 1}, {"watchNamespaces": ["Bad_NS"]}])
+@pytest.mark.parametrize(
+    "values",
+    [{"operator": {"logFormat": "xml"}}, {"replicaCount": "two"}, {"typo": 1}, {"watchNamespaces": ["Bad_NS"]}],
+)
 def test_values_schema_refuses_bad_values(helm, tmp_path, values):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(values))

@@ -1,6 +1,6 @@
 """Hugging Face Qwen3 <-> our GPT: the same logits both ways, and clear rejections.
 
-    .venv/bin/pytest tests/test_hf_qwen3.py -q
+.venv/bin/pytest tests/test_hf_qwen3.py -q
 """
 
 from __future__ import annotations
@@ -10,22 +10,31 @@ import os
 
 import pytest
 import torch
-
 import transformers  # noqa: E402  (a dev dependency: missing, the parity tests fail)
+from safetensors.torch import load_file, save_file
 
 from nanochat_trainer.config import ModelConfig  # noqa: E402
-from nanochat_trainer.hf_adapter import (  # noqa: E402
+from nanochat_trainer.models.gpt import GPT  # noqa: E402
+from nanochat_trainer.models.hf_adapter import (  # noqa: E402
     export_hf,
     load_hf_checkpoint,
     model_config_from_hf,
 )
-from nanochat_trainer.model import GPT  # noqa: E402
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=1000.0)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    rope_theta=1000.0,
+)
 
 
-def _hf_qwen3(tie: bool, seed: int = 0) -> "transformers.Qwen3ForCausalLM":
+def _hf_qwen3(tie: bool, seed: int = 0) -> transformers.Qwen3ForCausalLM:
     torch.manual_seed(seed)
     cfg = transformers.Qwen3Config(**TINY, tie_word_embeddings=tie, attn_implementation="eager")
     model = transformers.Qwen3ForCausalLM(cfg).float().eval()
@@ -58,8 +67,18 @@ def test_hf_to_ours_same_logits(tmp_path, tie):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_ours_to_hf_same_logits(tmp_path, tie):
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
-                      max_seq_len=64, rope_theta=5000.0, tie_embeddings=tie)
+    cfg = ModelConfig(
+        vocab_size=128,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=96,
+        max_seq_len=64,
+        rope_theta=5000.0,
+        tie_embeddings=tie,
+    )
     model = GPT(cfg)
     model.init_weights(seed=3)
     with torch.no_grad():
@@ -92,8 +111,9 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 def test_export_shards_and_transformers_reads_them(tmp_path):
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
-                      max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, max_seq_len=64
+    )
     model = GPT(cfg)
     model.init_weights(seed=1)
     export_hf(model, cfg, str(tmp_path), max_shard_bytes=40_000)
@@ -104,8 +124,16 @@ def test_export_shards_and_transformers_reads_them(tmp_path):
         torch.testing.assert_close(hf(_ids()).logits, model.eval()(_ids()), atol=1e-5, rtol=1e-4)
 
 
-BASE = {"model_type": "qwen3", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+BASE = {
+    "model_type": "qwen3",
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 @pytest.mark.parametrize(
@@ -125,17 +153,32 @@ def test_unsupported_configs_are_rejected_by_name(override, field):
 
 
 def test_config_mapping_reads_both_rope_layouts():
-    old = model_config_from_hf({**BASE, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 512,
-                                "tie_word_embeddings": True, "sliding_window": 4096, "use_sliding_window": False})
-    new = model_config_from_hf({**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-                                "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "tie_word_embeddings": True})
+    old = model_config_from_hf(
+        {
+            **BASE,
+            "rope_theta": 1e6,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+            "sliding_window": 4096,
+            "use_sliding_window": False,
+        }
+    )
+    new = model_config_from_hf(
+        {
+            **BASE,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+        }
+    )
     assert old == new
     got = (old.rope_theta, old.norm_eps, old.max_seq_len, old.tie_embeddings, old.ffn_dim)
     assert got == (1e6, 1e-5, 512, True, 96)
 
 
 def test_unknown_tensors_are_an_error(tmp_path):
-    from safetensors.torch import load_file, save_file
 
     hf = _hf_qwen3(False)
     hf.save_pretrained(tmp_path)

@@ -1,6 +1,6 @@
 """HumanEval scoring: all 164 canonical solutions pass, wrong ones fail, the result contract.
 
-    .venv/bin/pytest tests/test_humaneval.py -q
+.venv/bin/pytest tests/test_humaneval.py -q
 """
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ import json
 
 import pytest
 
-from nanochat_trainer.eval.humaneval import (compact_result, evaluate_completions, load_problems, publish_result,
-                                             summary_table)
+from nanochat_cli.eval import parse_compare
+from nanochat_trainer.contract import EvalResult, parse_result
+from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems, publish_result, summary_table
 
 
 def test_canonical_solutions_all_pass() -> None:
     problems = load_problems()
     assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"
-    report = evaluate_completions(problems, {p["task_id"]: [p["canonical_solution"]] for p in problems},
-                                  ks=[1], workers=2, timeout=15.0)
+    report = evaluate_completions(
+        problems, {p["task_id"]: [p["canonical_solution"]] for p in problems}, ks=[1], workers=2, timeout=15.0
+    )
     failed = [r["task_id"] for r in report["per_problem"] if r["correct"] != 1]
     assert failed == []
     assert report["pass_at_k"] == {"1": 1.0} and report["problems"] == 164 and report["samples"] == 1
@@ -60,7 +62,8 @@ def test_publish_result(tmp_path, monkeypatch) -> None:
     out = io.StringIO()
     publish_result(report, out=out)
     expected = {"pass_at_k": {"1": 0.25, "10": 0.5}, "problems": 4, "samples": 10}
-    assert json.loads(log.read_text()) == expected == compact_result(report)
+    assert json.loads(log.read_text()) == expected
+    assert parse_result(log.read_text()) == EvalResult({"pass@1": 0.25, "pass@10": 0.5}, problems=4, samples=10)
     last = out.getvalue().strip().splitlines()[-1]
     assert last.startswith("NANOCHAT_RESULT ") and json.loads(last.split(" ", 1)[1]) == expected
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "no" / "such" / "dir" / "log"))
@@ -68,14 +71,19 @@ def test_publish_result(tmp_path, monkeypatch) -> None:
 
 
 def test_compare_sources_are_parsed_with_clear_errors(tmp_path):
-    from nanochat_trainer.eval.cli import parse_compare
 
     (tmp_path / "ckpt").mkdir()
     assert parse_compare(f"parent={tmp_path / 'ckpt'}").checkpoint == str(tmp_path / "ckpt")
     teacher = parse_compare("teacher=http://t:8000/v1#Qwen/Qwen3-8B")
     assert (teacher.endpoint, teacher.model, teacher.api_key_env) == (
-        "http://t:8000/v1", "Qwen/Qwen3-8B", "NANOCHAT_COMPARE_API_KEY_TEACHER")
-    for bad, needle in [("parent", "NAME=PATH"), ("t=http://t:8000/v1", "URL#MODEL"),
-                        (f"p={tmp_path / 'missing'}", "does not exist")]:
+        "http://t:8000/v1",
+        "Qwen/Qwen3-8B",
+        "NANOCHAT_COMPARE_API_KEY_TEACHER",
+    )
+    for bad, needle in [
+        ("parent", "NAME=PATH"),
+        ("t=http://t:8000/v1", "URL#MODEL"),
+        (f"p={tmp_path / 'missing'}", "does not exist"),
+    ]:
         with pytest.raises(ValueError, match=needle):
             parse_compare(bad)

@@ -9,16 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from nanochat_trainer.config import ModelConfig, TrainerConfig
-from nanochat_trainer.hybrid import (
+from nanochat_trainer.models.gpt import GPT, active_params
+from nanochat_trainer.models.hf_adapter import export_hf, load_hf_checkpoint
+from nanochat_trainer.models.hybrid import (
     GatedAttention,
     GatedDeltaNet,
     chunk_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
-from nanochat_trainer.model import GPT
-from nanochat_trainer.moe import active_params
+from nanochat_trainer.train.losses import model_loss
 
 
 def _naive_reference(q, k, v, g, beta, s0):
@@ -37,7 +39,8 @@ def _naive_reference(q, k, v, g, beta, s0):
                 ki = F.normalize(k[bi, i, kh].double(), dim=0)
                 a, bt = torch.exp(g[bi, i, h].double()), beta[bi, i, h].double()
                 s = a * s @ (torch.eye(dk, dtype=torch.float64) - bt * torch.outer(ki, ki)) + bt * torch.outer(
-                    v[bi, i, h].double(), ki)
+                    v[bi, i, h].double(), ki
+                )
                 out[bi, i, h] = s @ qi
             final[bi, h] = s.T
     return out, final
@@ -83,8 +86,13 @@ def test_layer_pattern_and_names():
     kinds = [type(layer.attn) for layer in model.layers]
     assert kinds == [GatedDeltaNet] * 3 + [GatedAttention] + [GatedDeltaNet] * 3 + [GatedAttention]
     names = {n for n, _ in model.named_parameters()}
-    assert {"layers.0.attn.conv1d.weight", "layers.0.attn.A_log", "layers.3.attn.g_proj.weight",
-            "layers.3.mlp.experts.gate_proj.weight", "layers.3.mlp.shared_expert_gate.weight"} <= names
+    assert {
+        "layers.0.attn.conv1d.weight",
+        "layers.0.attn.A_log",
+        "layers.3.attn.g_proj.weight",
+        "layers.3.mlp.experts.gate_proj.weight",
+        "layers.3.mlp.shared_expert_gate.weight",
+    } <= names
 
 
 @torch.no_grad()
@@ -102,7 +110,7 @@ def test_cached_generation_matches_full_forward():
     cache = model.new_cache(2, 32)
     steps = [model(ids[:, :9], cache=cache)]
     for i in range(9, 14):
-        steps.append(model(ids[:, i:i + 1], cache=cache))
+        steps.append(model(ids[:, i : i + 1], cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
 
     # Left padding: a short prompt padded on the left gives the logits it gives alone.
@@ -118,8 +126,9 @@ def test_cached_generation_matches_full_forward():
     torch.testing.assert_close(nxt[1, 0], alone[0, 5], atol=1e-4, rtol=1e-4)
     # reorder keeps the recurrent states aligned with their rows.
     cache.reorder(torch.tensor([1]))
-    torch.testing.assert_close(model(ids[1:2, 10:11], cache=cache)[0, 0], model(ids[1:2, 4:11])[0, -1],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        model(ids[1:2, 10:11], cache=cache)[0, 0], model(ids[1:2, 4:11])[0, -1], atol=1e-4, rtol=1e-4
+    )
 
 
 def test_tiny_hybrid_moe_loss_falls():
@@ -133,7 +142,7 @@ def test_tiny_hybrid_moe_loss_falls():
     x, y = batch[:, :-1], batch[:, 1:]
     losses = []
     for _ in range(30):
-        loss = model(x, y)
+        loss = model_loss(model, model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -148,8 +157,9 @@ def test_qwen3_hybrid_preset_counts():
     # Closed form, independent of the modules: Qwen3-Next-80B-A3B.
     d, v, layers = 2048, 151936, 48
     full = 16 * 256 * d * 2 + 2 * (2 * 256 * d) + 16 * 256 * d + 2 * 256  # q, gate, k, v, o, q/k norms
-    lin = (2 * 16 * 128 + 2 * 32 * 128 + 2 * 32) * d + (2 * 16 * 128 + 32 * 128) * 4 + 32 * 128 * d \
-        + 2 * 32 + 128  # q k v z b a, conv, out, A_log dt_bias, gated norm
+    lin = (
+        (2 * 16 * 128 + 2 * 32 * 128 + 2 * 32) * d + (2 * 16 * 128 + 32 * 128) * 4 + 32 * 128 * d + 2 * 32 + 128
+    )  # q k v z b a, conv, out, A_log dt_bias, gated norm
     routed = 512 * 3 * d * 512
     moe = routed + 3 * d * 512 + d + 512 * d  # routed, shared, shared gate, router
     total = 2 * v * d + d + layers * (2 * d + moe) + 12 * full + 36 * lin
@@ -161,17 +171,29 @@ def test_qwen3_hybrid_preset_counts():
 
 # ----------------------------------------------------------------- Qwen3-Next parity
 
-import transformers  # noqa: E402  (a dev dependency: missing, the parity tests fail)
-
 
 def _hf_qwen3_next():
     torch.manual_seed(0)
     cfg = transformers.Qwen3NextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=80, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=16, linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=32, shared_expert_intermediate_size=24, mlp_only_layers=[1],
-        max_position_embeddings=64, attn_implementation="eager")
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=24,
+        mlp_only_layers=[1],
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     model = transformers.Qwen3NextForCausalLM(cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -183,7 +205,6 @@ def _hf_qwen3_next():
 
 
 def test_qwen3_next_checkpoint_gives_transformers_logits(tmp_path):
-    from nanochat_trainer.hf_adapter import load_hf_checkpoint
 
     hf = _hf_qwen3_next()
     hf.save_pretrained(tmp_path)
@@ -200,7 +221,6 @@ def test_qwen3_next_checkpoint_gives_transformers_logits(tmp_path):
 
 @pytest.mark.parametrize("with_moe", [True, False])
 def test_our_hybrid_exports_to_transformers(tmp_path, with_moe):
-    from nanochat_trainer.hf_adapter import export_hf, load_hf_checkpoint
 
     cfg = _tiny_hybrid(dim=64, head_dim=16, vocab_size=128, ffn_dim=96)
     if not with_moe:

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_trainer.local_run import run_manifest
+from nanochat_cli.local import run_manifest
+from nanochat_trainer.checkpoint import load_model
+from nanochat_trainer.serve import ModelServer
+
+from serving import serve_app
 
 MANIFEST = """
 apiVersion: nanochat.io/v1alpha1
@@ -23,12 +27,14 @@ kind: TrainingRun
 metadata: {name: finetune}
 spec:
   init: {fromTrainingRun: base}
+  storage: {size: 1Gi}  # the cluster's PVC; locally, the runs directory
   trainer: {preset: tiny, steps: 4}
 ---
 apiVersion: nanochat.io/v1alpha1
 kind: TrainingRun
 metadata: {name: base}
 spec:
+  storage: {size: 1Gi}
   trainer: {preset: tiny, steps: 6}
 """
 
@@ -43,16 +49,17 @@ def test_runs_in_dependency_order(tmp_path, capsys):
     order = [line.split(":")[0] for line in plan[:3]]
     assert order[0] == "TrainingRun base" and set(order[1:]) == {"TrainingRun finetune", "EvalRun base-eval"}
     assert (runs / "finetune" / "final" / "model.safetensors").is_file()
-    results = json.loads((runs / "base-eval" / "results.json").read_text())
+    # Full results where the operator writes them: beside the evaluated run.
+    results = json.loads((runs / "base" / "eval" / "base-eval.json").read_text())
     assert results["pass_at_k"]["1"] == 0.0 and results["problems"] == 2
 
 
 def test_bad_field_is_named_before_anything_runs(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text(MANIFEST.replace("steps: 6", "steps: 0"))
-    with pytest.raises(ValueError, match=r"TrainingRun base: spec.trainer.steps=0"):
-        run_manifest(str(path), runs_dir=str(tmp_path))  # refused before anything runs
-    assert not any(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == ["m.yaml"]
+    with pytest.raises(ValueError, match=r"\(TrainingRun base\): spec.trainer.steps=0"):
+        run_manifest(str(path), runs_dir=str(tmp_path / "runs"))  # refused before anything runs
+    assert [p.name for p in tmp_path.iterdir()] == ["m.yaml"]
 
 
 @pytest.mark.parametrize("example", sorted(str(p) for p in (Path(__file__).parent.parent / "examples").glob("*.yaml")))
@@ -66,6 +73,7 @@ apiVersion: nanochat.io/v1alpha1
 kind: TrainingRun
 metadata: {name: parent}
 spec:
+  storage: {size: 1Gi}
   trainer: {preset: tiny, steps: 6}
 ---
 apiVersion: nanochat.io/v1alpha1
@@ -73,6 +81,7 @@ kind: TrainingRun
 metadata: {name: tern}
 spec:
   init: {fromTrainingRun: parent}
+  storage: {size: 1Gi}
   trainer: {preset: tiny, stage: ternary, steps: 4}
 ---
 apiVersion: nanochat.io/v1alpha1
@@ -94,7 +103,7 @@ def test_ternary_student_is_scored_beside_its_parent(tmp_path, capsys):
     runs = tmp_path / "runs"
     over = {"trainer": {"batch_size": 2, "tokenizer": {"train_docs": 200}}}
     assert run_manifest(str(path), overrides=over, runs_dir=str(runs)) == 0
-    results = json.loads((runs / "tern-vs-parent" / "results.json").read_text())
+    results = json.loads((runs / "tern" / "eval" / "tern-vs-parent.json").read_text())
     rows = {r["name"]: r for r in results["comparison"]}
     assert list(rows) == ["tern", "parent"] and rows["parent"]["source"].endswith("parent/final")
     assert all(set(r["pass_at_k"]) == {"1"} for r in rows.values())
@@ -104,10 +113,6 @@ def test_ternary_student_is_scored_beside_its_parent(tmp_path, capsys):
 
 def test_distillation_manifest_runs_locally_against_a_served_teacher(tmp_path, ckpt):
     """`nanochat run` of a distill TrainingRun: the teacher is a real OpenAI-compatible server."""
-    from serving import serve_app
-
-    from nanochat_trainer.checkpoint import load_model
-    from nanochat_trainer.serve import ModelServer
 
     model, tok, _ = load_model(ckpt)
     url, stop = serve_app(ModelServer(model, tok, model_name="teacher").app())

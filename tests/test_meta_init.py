@@ -7,13 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanochat_trainer.checkpoint import read_weights, save_weights
 from nanochat_trainer.config import TernaryConfig, TrainerConfig
-from nanochat_trainer.model import GPT
-from nanochat_trainer.ternary import apply_ternary
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.models.moe import Experts, held_expert_rows
+from nanochat_trainer.models.ternary import apply_ternary
+from nanochat_trainer.tokenizer import train_bpe
 
 
-@pytest.mark.parametrize("preset, ternary", [("tiny", False), ("tiny-moe", False), ("tiny-hybrid", False),
-                                             ("tiny-hybrid", True)])
+@pytest.mark.parametrize(
+    "preset, ternary", [("tiny", False), ("tiny-moe", False), ("tiny-hybrid", False), ("tiny-hybrid", True)]
+)
 def test_meta_built_model_initialises_like_an_eager_one(preset, ternary):
     cfg = TrainerConfig.model_validate({"preset": preset}).model
     eager = GPT(cfg)
@@ -38,10 +42,6 @@ def test_meta_built_model_initialises_like_an_eager_one(preset, ternary):
 def test_expert_slices_initialise_and_load_as_rows_of_the_whole(tmp_path):
     """A model holding experts [4, 8) of 8 (as rank 1 of EP=2 does) gets exactly those rows of the
     one-process init, and reads exactly those rows of a saved checkpoint, nothing else."""
-    from nanochat_trainer.checkpoint import read_weights, save_weights
-    from nanochat_trainer.expert_parallel import expert_row_ranges
-    from nanochat_trainer.moe import Experts
-    from nanochat_trainer.tokenizer import train_bpe
 
     cfg = TrainerConfig.model_validate({"preset": "tiny-moe"})
     whole = GPT(cfg.model)
@@ -49,12 +49,12 @@ def test_expert_slices_initialise_and_load_as_rows_of_the_whole(tmp_path):
     with torch.device("meta"):
         part = GPT(cfg.model)
     for experts in (m for m in part.modules() if isinstance(m, Experts)):
-        experts.ep_group, experts.ep_offset = "rank 1 of 2", 4  # what shard_experts sets, without a group
+        experts.first_expert = 4  # what shard_experts sets, without a process group
         for proj in (experts.gate_proj, experts.up_proj, experts.down_proj):
             proj.weight.data = proj.weight.data[4:8]
     part.to_empty(device="cpu")
     part.init_weights(3)
-    ranges = expert_row_ranges(part)
+    ranges = held_expert_rows(part)
     assert len(ranges) == 3 * cfg.model.n_layers and set(ranges.values()) == {(4, 4)}
     full = whole.state_dict()
     for k, v in part.state_dict().items():

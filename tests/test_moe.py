@@ -1,6 +1,6 @@
 """Mixture of experts: routing and dispatch, balancing, Qwen3-MoE parity with transformers.
 
-    .venv/bin/pytest tests/test_moe.py -q
+.venv/bin/pytest tests/test_moe.py -q
 """
 
 from __future__ import annotations
@@ -8,17 +8,28 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from nanochat_trainer.config import ModelConfig, MoEConfig, TrainerConfig
-from nanochat_trainer.model import GPT
-from nanochat_trainer.moe import (MoE, active_params, expert_load, load_imbalance, load_summary, step_expert_loads,
-                                  update_moe_biases)
+from nanochat_trainer.models.gpt import GPT, active_params
+from nanochat_trainer.models.hf_adapter import export_hf, load_hf_checkpoint, read_hf_state
+from nanochat_trainer.models.moe import (
+    MoE,
+    expert_load,
+    load_imbalance,
+    load_summary,
+    take_expert_loads,
+    update_moe_biases,
+)
+from nanochat_trainer.train.losses import model_loss
+from nanochat_trainer.train.optim import BatchedMuon, build_optimizers
 
 
 def _moe(seed: int = 0, **kw) -> MoE:
     torch.manual_seed(seed)
-    cfg = MoEConfig(**{"n_experts": 6, "top_k": 2, "expert_ffn_dim": 24, "n_shared_experts": 1,
-                       "shared_expert_ffn_dim": 16, **kw})
+    cfg = MoEConfig(
+        **{"n_experts": 6, "top_k": 2, "expert_ffn_dim": 24, "n_shared_experts": 1, "shared_expert_ffn_dim": 16, **kw}
+    )
     return MoE(32, cfg)
 
 
@@ -34,8 +45,10 @@ def _dense_reference(m: MoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(flat)
     ex = m.experts
     for e in range(m.n_experts):
-        y = F.linear(F.silu(F.linear(flat, ex.gate_proj.weight[e])) * F.linear(flat, ex.up_proj.weight[e]),
-                     ex.down_proj.weight[e])
+        y = F.linear(
+            F.silu(F.linear(flat, ex.gate_proj.weight[e])) * F.linear(flat, ex.up_proj.weight[e]),
+            ex.down_proj.weight[e],
+        )
         coef = (w * (idx == e)).sum(-1, keepdim=True)  # 0 for tokens not routed to e
         out = out + coef * y
     if m.shared_expert is not None:
@@ -109,7 +122,7 @@ def test_aux_free_bias_balances_without_gradients():
     recent = torch.zeros(m.n_experts)
     for step in range(80):
         m(x)
-        update_moe_biases(m, step_expert_loads(m))
+        update_moe_biases(m, take_expert_loads(m))
         if step >= 60:
             # Sign updates dither around balance step to step; judge the average load.
             recent += m.last_expert_load
@@ -143,14 +156,14 @@ def test_model_loss_includes_aux_loss_in_training_only():
     model.init_weights(seed=0)
     idx = torch.randint(0, 64, (2, 16))
     model.train()
-    loss = model(idx, idx)
+    loss = model_loss(model, model(idx), idx)
     aux = model.aux_loss()
     assert isinstance(aux, torch.Tensor) and float(aux.detach()) > 0
     ce = F.cross_entropy(model(idx).view(-1, 64), idx.view(-1))
     torch.testing.assert_close(loss, ce + model.aux_loss())
     assert set(expert_load(model)) == {"layers.0.mlp", "layers.1.mlp"}
     model.eval()
-    torch.testing.assert_close(model(idx, idx), ce)
+    torch.testing.assert_close(model_loss(model, model(idx), idx), ce)
 
 
 def test_step_loads_count_every_forward_of_a_step_once():
@@ -161,17 +174,17 @@ def test_step_loads_count_every_forward_of_a_step_once():
     idx = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
     seen = {name: torch.zeros(cfg.moe.n_experts) for name in ("layers.0.mlp", "layers.1.mlp")}
     for _ in range(2):  # two micro-batches
-        model(idx, idx)
+        model(idx)
         for name, load in expert_load(model).items():
             seen[name] += load
-    loads = step_expert_loads(model)
+    loads = take_expert_loads(model)
     assert loads.keys() == seen.keys()
     for name, load in loads.items():
         assert torch.equal(load, seen[name]) and int(load.sum()) == 2 * 3 * 16 * cfg.moe.top_k
-    assert all(int(v.sum()) == 0 for v in step_expert_loads(model).values())  # the counters restarted
+    assert all(int(v.sum()) == 0 for v in take_expert_loads(model).values())  # the counters restarted
     model.eval()
     model(idx)  # evaluation forwards are not training load
-    assert all(int(v.sum()) == 0 for v in step_expert_loads(model).values())
+    assert all(int(v.sum()) == 0 for v in take_expert_loads(model).values())
     summary = load_summary({"a": torch.tensor([2.0, 2.0, 0.0, 4.0]), "b": torch.tensor([1.0, 1.0, 1.0, 1.0])})
     assert summary == {"load_imbalance": 2.0, "dead_experts": 1, "layer_imbalance": [2.0, 1.0]}
 
@@ -188,9 +201,9 @@ def test_active_params_of_tiny_moe_by_hand():
 
 # ----------------------------------------------------------------- Muon for stacked experts
 
+
 @pytest.mark.parametrize("shape,nesterov", [((5, 24, 40), True), ((4, 40, 24), True), ((3, 16, 16), False)])
 def test_batched_muon_equals_torch_muon_per_expert(shape, nesterov):
-    from nanochat_trainer.optim import BatchedMuon
 
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(shape, generator=gen)
@@ -209,12 +222,12 @@ def test_batched_muon_equals_torch_muon_per_expert(shape, nesterov):
     want = torch.stack([p.detach() for p in slices])
     assert float((stacked.detach() - w).abs().max()) > 1e-3  # it moved
     torch.testing.assert_close(stacked.detach(), want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(batched.state[stacked]["momentum_buffer"],
-                               torch.stack([per_expert.state[p]["momentum_buffer"] for p in slices]))
+    torch.testing.assert_close(
+        batched.state[stacked]["momentum_buffer"], torch.stack([per_expert.state[p]["momentum_buffer"] for p in slices])
+    )
 
 
 def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns():
-    from nanochat_trainer.optim import BatchedMuon, build_optimizers
 
     hybrid = GPT(TrainerConfig(preset="tiny-hybrid").model)
     opts = build_optimizers(hybrid, TrainerConfig(preset="tiny-hybrid").optimizer)
@@ -246,7 +259,7 @@ def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns():
     x, y = batch[:, :-1], batch[:, 1:]
     losses = []
     for _ in range(12):  # 4.17 -> 0.52 in 12 steps (memorising one batch)
-        loss = model(x, y)
+        loss = model_loss(model, model(x), y)
         loss.backward()
         for opt in opts:
             opt.step()
@@ -258,15 +271,24 @@ def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns():
 
 # ----------------------------------------------------------------- Qwen3-MoE parity
 
-import transformers  # noqa: E402  (a dev dependency: missing, the parity tests fail)
-
 
 def _hf_qwen3_moe(**kw):
     torch.manual_seed(0)
     cfg = transformers.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
-        max_position_embeddings=64, attn_implementation="eager", **kw)
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        **kw,
+    )
     model = transformers.Qwen3MoeForCausalLM(cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -279,7 +301,6 @@ def _hf_qwen3_moe(**kw):
 
 @pytest.mark.parametrize("kw", [{"norm_topk_prob": False}, {"norm_topk_prob": True, "decoder_sparse_step": 2}])
 def test_qwen3_moe_checkpoint_gives_transformers_logits(tmp_path, kw):
-    from nanochat_trainer.hf_adapter import load_hf_checkpoint
 
     hf = _hf_qwen3_moe(**kw)
     hf.save_pretrained(tmp_path)
@@ -294,7 +315,6 @@ def test_qwen3_moe_checkpoint_gives_transformers_logits(tmp_path, kw):
 def test_hf_experts_read_as_one_ranks_rows(tmp_path):
     """Under expert parallelism a rank reads only its experts of a Hugging Face checkpoint: the same
     tensors as the whole read, cut to those rows, everything else unchanged."""
-    from nanochat_trainer.hf_adapter import read_hf_state
 
     _hf_qwen3_moe().save_pretrained(tmp_path)
     whole, cfg = read_hf_state(str(tmp_path))
@@ -307,11 +327,18 @@ def test_hf_experts_read_as_one_ranks_rows(tmp_path):
 
 
 def test_our_moe_exports_to_transformers(tmp_path):
-    from nanochat_trainer.hf_adapter import export_hf
 
-    cfg = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=80,
-                      max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=32, n_shared_experts=0,
-                                                    dense_layers=[1]))
+    cfg = ModelConfig(
+        vocab_size=128,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=80,
+        max_seq_len=64,
+        moe=MoEConfig(n_experts=4, top_k=2, expert_ffn_dim=32, n_shared_experts=0, dense_layers=[1]),
+    )
     model = GPT(cfg)
     model.init_weights(seed=5)
     with torch.no_grad():
@@ -325,5 +352,8 @@ def test_our_moe_exports_to_transformers(tmp_path):
         torch.testing.assert_close(hf(ids).logits, model.eval()(ids), atol=1e-5, rtol=1e-4)
     # Shapes Hugging Face cannot express are refused, by field name.
     with pytest.raises(ValueError, match="n_shared_experts"):
-        export_hf(model, cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"n_shared_experts": 1})}),
-                  str(tmp_path / "x"))
+        export_hf(
+            model,
+            cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"n_shared_experts": 1})}),
+            str(tmp_path / "x"),
+        )

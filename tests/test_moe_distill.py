@@ -2,7 +2,7 @@
 
     .venv/bin/pytest tests/test_moe_distill.py -q -s     # -s prints the figures
 
-The teacher is test_distill_train.py's: a MICRO dense model trained first and served by
+The teacher is conftest.py's `narrow_teacher`: a MICRO dense model trained first and served by
 `ModelServer` on a free port, its requests counted. The students are micro tiny-moe and
 tiny-hybrid models (test_ternary_moe.py's shapes) sharing its tokenizer and vocabulary.
 """
@@ -15,28 +15,32 @@ import pytest
 
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import TrainerConfig
-from nanochat_trainer.moe import MoE
+from nanochat_trainer.models.moe import MoE
 from nanochat_trainer.train import train
-from micro import MICRO, read_log
-from test_distill_train import _distill_cfg, teacher  # noqa: F401  (teacher: the module-scoped served model)
-from test_ternary_moe import PRESET, _model_over, one_thread  # noqa: F401  (one_thread: autouse)
+
+from micro import MICRO, PRESET, distill_cfg, model_over, read_log
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind", ["moe", "hybrid"])
-def test_moe_student_distills_from_a_served_teacher(kind, teacher, tmp_path) -> None:  # noqa: F811
-    url, tdir, seen = teacher
+def test_moe_student_distills_from_a_served_teacher(kind, narrow_teacher, tmp_path) -> None:
+    url, tdir, seen = narrow_teacher
     steps = 4
-    base = _distill_cfg(tmp_path / kind, url, tdir, steps)
+    base = distill_cfg(tmp_path / kind, url, tdir, steps)
     # The shared helper builds a MICRO dense student: swap in the MoE / hybrid model, same vocabulary.
-    cfg = TrainerConfig.model_validate({**base.model_dump(mode="json"), "preset": PRESET[kind],
-                                        "model": _model_over(kind)})
+    cfg = TrainerConfig.model_validate(
+        {**base.model_dump(mode="json"), "preset": PRESET[kind], "model": model_over(kind)}
+    )
     assert cfg.model.moe is not None and cfg.model.vocab_size == MICRO["model"]["vocab_size"]
     assert (cfg.model.hybrid is not None) == (kind == "hybrid")
     before = seen["n"]
     rec = train(cfg)
     log = read_log(tmp_path / kind)
-    print(f"\n{kind} student: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
-          f"{rec['kd_loss']:.3f}, teacher {rec['teacher']}")
+    print(
+        f"\n{kind} student: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
+        f"{rec['kd_loss']:.3f}, teacher {rec['teacher']}"
+    )
     assert sorted(log) == list(range(1, steps + 1))
     for s in log:
         assert math.isfinite(log[s]["loss"]), log[s]

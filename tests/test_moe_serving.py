@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from nanochat_cli.eval import add_eval_args, run_eval_from_args
 from nanochat_trainer.checkpoint import load_model, save_weights
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.data.synthetic import generate as synthetic_docs
-from nanochat_trainer.eval.cli import add_eval_args, run_eval_from_args
-from nanochat_trainer.model import GPT
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.models.ternary import apply_ternary, ternary_modules
+from nanochat_trainer.models.ternary_pack import save_packed
 from nanochat_trainer.serve import ModelServer
 from nanochat_trainer.tokenizer import train_bpe
+
 from micro import perturb
 from serving import serve_app
 
@@ -37,8 +40,9 @@ def _small(preset: str, **extra) -> TrainerConfig:
     update: dict = {"dim": 64, "n_layers": 2, "head_dim": 16}
     update["moe"] = cfg.model.moe.model_copy(update={"expert_ffn_dim": 32, "shared_expert_ffn_dim": 32})
     if cfg.model.hybrid is not None:  # one Gated DeltaNet layer, one gated attention layer
-        update["hybrid"] = cfg.model.hybrid.model_copy(update={"full_attention_interval": 2,
-                                                              "linear_key_head_dim": 16, "linear_value_head_dim": 16})
+        update["hybrid"] = cfg.model.hybrid.model_copy(
+            update={"full_attention_interval": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16}
+        )
     return cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
 
 
@@ -53,9 +57,6 @@ def _checkpoint(cfg: TrainerConfig, tokenizer, where: Path, ternary: bool = Fals
     model.init_weights(0)
     perturb(model, 0.05)
     if ternary:
-        from nanochat_trainer.ternary import apply_ternary, ternary_modules
-        from nanochat_trainer.ternary_pack import save_packed
-
         apply_ternary(model, cfg.ternary, ramp=1.0)
         assert any(".experts." in n for n in ternary_modules(model))
         save_packed(model, cfg.model.model_dump(mode="json"), where / "model.ternary.safetensors", verbose=False)

@@ -2,60 +2,65 @@
 
 from __future__ import annotations
 
-import importlib.util
 import signal
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("node_agent", ROOT / "e2e" / "node_agent.py")
-assert _spec is not None and _spec.loader is not None
-na = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("node_agent", na)
-_spec.loader.exec_module(na)
+from e2e import node_agent as na
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("$(A)/x", "1/x"),
-    ("$(A)$(B)", "12"),
-    ("$$(A)", "$(A)"),            # escaped: stays literal
-    ("$$$(A)", "$1"),
-    ("$(NOPE)-$(A)", "$(NOPE)-1"),  # unknown: left as written
-    ("cost $5 and $", "cost $5 and $"),
-    ("$(A", "$(A"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("$(A)/x", "1/x"),
+        ("$(A)$(B)", "12"),
+        ("$$(A)", "$(A)"),  # escaped: stays literal
+        ("$$$(A)", "$1"),
+        ("$(NOPE)-$(A)", "$(NOPE)-1"),  # unknown: left as written
+        ("cost $5 and $", "cost $5 and $"),
+        ("$(A", "$(A"),
+        ("", ""),
+    ],
+)
 def test_expand_vars(text: str, expected: str) -> None:
     assert na.expand_vars(text, {"A": "1", "B": "2"}) == expected
 
 
-MOUNTS = [("/data", "/h/pv"), ("/data/runs", "/h/runs"), ("/etc/nanochat", "/h/cfg"),
-          ("/dev/termination-log", "/h/pod/termination-log")]
-
-
-@pytest.mark.parametrize("value, expected", [
+MOUNTS = [
     ("/data", "/h/pv"),
-    ("/data/", "/h/pv/"),
-    ("/data/x/y", "/h/pv/x/y"),
-    ("/data/runs/r1/final", "/h/runs/r1/final"),  # the longest mount wins
-    ("/database", "/database"),
-    ("/etc/nanochat/config.yaml", "/h/cfg/config.yaml"),
+    ("/data/runs", "/h/runs"),
+    ("/etc/nanochat", "/h/cfg"),
     ("/dev/termination-log", "/h/pod/termination-log"),
-    ("data/x", "data/x"),
-    ("--out=/data/x", "--out=/data/x"),  # only whole values are paths
-])
+]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("/data", "/h/pv"),
+        ("/data/", "/h/pv/"),
+        ("/data/x/y", "/h/pv/x/y"),
+        ("/data/runs/r1/final", "/h/runs/r1/final"),  # the longest mount wins
+        ("/database", "/database"),
+        ("/etc/nanochat/config.yaml", "/h/cfg/config.yaml"),
+        ("/dev/termination-log", "/h/pod/termination-log"),
+        ("data/x", "data/x"),
+        ("--out=/data/x", "--out=/data/x"),  # only whole values are paths
+    ],
+)
 def test_rewrite_path(value: str, expected: str) -> None:
     assert na.rewrite_path(value, MOUNTS) == expected
 
 
 def test_rewrite_paths_in_text() -> None:
-    text = ("run_dir: /data/runs/x\nother: /data\nlist: [/data/a, '/data/b', \"/etc/nanochat\"]\n"
-            "db: /database/x\nurl: http://h/data/x\nrel: data/x\nkv: --out=/data/y,/data/z\n")
+    text = (
+        "run_dir: /data/runs/x\nother: /data\nlist: [/data/a, '/data/b', \"/etc/nanochat\"]\n"
+        "db: /database/x\nurl: http://h/data/x\nrel: data/x\nkv: --out=/data/y,/data/z\n"
+    )
     assert na.rewrite_paths_in_text(text, MOUNTS) == (
         "run_dir: /h/runs/x\nother: /h/pv\nlist: [/h/pv/a, '/h/pv/b', \"/h/cfg\"]\n"
-        "db: /database/x\nurl: http://h/data/x\nrel: data/x\nkv: --out=/h/pv/y,/h/pv/z\n")
+        "db: /database/x\nurl: http://h/data/x\nrel: data/x\nkv: --out=/h/pv/y,/h/pv/z\n"
+    )
     # A host path that contains a mount path is not rewritten a second time.
     assert na.rewrite_paths_in_text("dir: /data/x", [("/data", "/tmp/data")]) == "dir: /tmp/data/x"
     assert na.rewrite_paths_in_text("dir: /data/x", []) == "dir: /data/x"
@@ -64,34 +69,39 @@ def test_rewrite_paths_in_text() -> None:
 SERVICES = {"tr-demo", "api"}
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("api", "127.0.0.1"),
-    ("api.ns1", "127.0.0.1"),
-    ("api.ns1.svc", "127.0.0.1"),
-    ("api.ns1.svc.cluster.local", "127.0.0.1"),
-    ("tr-0.tr-demo", "127.0.0.1"),                   # a pod behind a headless Service
-    ("tr-0.tr-demo.ns1", "127.0.0.1"),
-    ("tr-0.tr-demo.ns1.svc", "127.0.0.1"),
-    ("tr-0.tr-demo.ns1.svc.cluster.local", "127.0.0.1"),
-    ("api:8000", "127.0.0.1:8000"),
-    ("http://api:8000/v1/chat", "http://127.0.0.1:8000/v1/chat"),
-    ("https://user:pw@tr-0.tr-demo.ns1.svc/x?q=1", "https://user:pw@127.0.0.1/x?q=1"),
-    ("http://api.ns1.svc.cluster.local", "http://127.0.0.1"),
-    ("api.other-ns", "api.other-ns"),                # another namespace's Service is not this one
-    ("a.b.tr-demo", "a.b.tr-demo"),
-    ("apis", "apis"),
-    ("example.com", "example.com"),
-    ("http://example.com/api", "http://example.com/api"),
-    ("/data/api", "/data/api"),
-    ("1", "1"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("api", "127.0.0.1"),
+        ("api.ns1", "127.0.0.1"),
+        ("api.ns1.svc", "127.0.0.1"),
+        ("api.ns1.svc.cluster.local", "127.0.0.1"),
+        ("tr-0.tr-demo", "127.0.0.1"),  # a pod behind a headless Service
+        ("tr-0.tr-demo.ns1", "127.0.0.1"),
+        ("tr-0.tr-demo.ns1.svc", "127.0.0.1"),
+        ("tr-0.tr-demo.ns1.svc.cluster.local", "127.0.0.1"),
+        ("api:8000", "127.0.0.1:8000"),
+        ("http://api:8000/v1/chat", "http://127.0.0.1:8000/v1/chat"),
+        ("https://user:pw@tr-0.tr-demo.ns1.svc/x?q=1", "https://user:pw@127.0.0.1/x?q=1"),
+        ("http://api.ns1.svc.cluster.local", "http://127.0.0.1"),
+        ("api.other-ns", "api.other-ns"),  # another namespace's Service is not this one
+        ("a.b.tr-demo", "a.b.tr-demo"),
+        ("apis", "apis"),
+        ("example.com", "example.com"),
+        ("http://example.com/api", "http://example.com/api"),
+        ("/data/api", "/data/api"),
+        ("1", "1"),
+        ("", ""),
+    ],
+)
 def test_map_service_hosts(value: str, expected: str) -> None:
     assert na.map_service_hosts(value, "ns1", SERVICES) == expected
 
 
-@pytest.mark.parametrize("returncode, expected", [
-    (0, 0), (1, 1), (137, 137), (-signal.SIGKILL, 137), (-signal.SIGTERM, 143), (-signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    "returncode, expected",
+    [(0, 0), (1, 1), (137, 137), (-signal.SIGKILL, 137), (-signal.SIGTERM, 143), (-signal.SIGINT, 130)],
+)
 def test_exit_code_of(returncode: int, expected: int) -> None:
     assert na.exit_code_of(returncode) == expected
 
@@ -108,13 +118,29 @@ def test_termination_message() -> None:
 
 
 def test_field_ref_value() -> None:
-    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": {"a": "b"},
-                        "annotations": {"batch.kubernetes.io/job-completion-index": "1"}},
-           "spec": {"nodeName": "n", "serviceAccountName": "sa"}}
+    pod = {
+        "metadata": {
+            "name": "p",
+            "namespace": "ns",
+            "uid": "u",
+            "labels": {"a": "b"},
+            "annotations": {"batch.kubernetes.io/job-completion-index": "1"},
+        },
+        "spec": {"nodeName": "n", "serviceAccountName": "sa"},
+    }
     get = na.field_ref_value
-    assert [get(pod, f) for f in ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
-                                  "spec.serviceAccountName", "status.podIP", "status.hostIP")] == \
-        ["p", "ns", "u", "n", "sa", "127.0.0.1", "127.0.0.1"]
+    assert [
+        get(pod, f)
+        for f in (
+            "metadata.name",
+            "metadata.namespace",
+            "metadata.uid",
+            "spec.nodeName",
+            "spec.serviceAccountName",
+            "status.podIP",
+            "status.hostIP",
+        )
+    ] == ["p", "ns", "u", "n", "sa", "127.0.0.1", "127.0.0.1"]
     assert get(pod, "metadata.annotations['batch.kubernetes.io/job-completion-index']") == "1"
     assert get(pod, "metadata.labels['a']") == "b"
     assert get(pod, "metadata.labels['missing']") == ""

@@ -5,12 +5,17 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from nanochat_operator import api
+from nanochat_operator.api import EvalRunStatus, TrainingRunSpec, TrainingRunStatus
 from nanochat_operator.checks import estimate_params, feasibility
-from nanochat_operator.manifests import ManifestError, dry_run, parse_documents
+from nanochat_operator.manifests import ManifestError, dry_run, parse_documents, validate_documents
 from nanochat_operator.metrics import OperatorMetrics, serve
+from nanochat_operator.settings import parse_args
+from nanochat_trainer.config import PRESETS, TrainerConfig
+from nanochat_trainer.models.gpt import count_params
 
 TR = """apiVersion: nanochat.io/v1alpha1
 kind: TrainingRun
@@ -33,19 +38,28 @@ def test_reserved_env_refused(name):
 def test_operator_fields_are_camel_case_and_checked():
     s = spec(resources={"gpusPerNode": 2, "nodeSelector": {"a": "b"}}, queueName="q", backoffLimit=1)
     assert s.resources.gpus_per_node == 2 and s.queue_name == "q"
-    for bad in [{"resources": {"gpus_per_node": 2}},  # snake_case is not the wire format
-                {"storage": {"claimName": "a", "size": "1Gi"}}, {"storage": {}},
-                {"resources": {"memory": "8 GB"}}, {"init": {"fromTrainingRun": "x"}},  # init needs storage
-                {"trainer": {"device": "cuda"}}, {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}]:
+    for bad in [
+        {"resources": {"gpus_per_node": 2}},  # snake_case is not the wire format
+        {"storage": {"claimName": "a", "size": "1Gi"}},
+        {"storage": {}},
+        {"resources": {"memory": "8 GB"}},
+        {"init": {"fromTrainingRun": "x"}},  # init needs storage
+        {"trainer": {"device": "cuda"}},
+        {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]},
+    ]:
         with pytest.raises(ValidationError):
             api.TrainingRunSpec.model_validate({"trainer": {"preset": "tiny"}, **bad})
 
 
 def test_eval_spec_rules():
     api.EvalRunSpec.model_validate({"model": {"trainingRun": "a"}, "samplesPerProblem": 10, "k": [1, 10]})
-    for bad in [{"model": {}}, {"model": {"trainingRun": "a", "endpoint": {"url": "http://x", "model": "m"}}},
-                {"model": {"trainingRun": "a"}, "k": [5]}, {"model": {"endpoint": {"url": "ftp://x", "model": "m"}}},
-                {"model": {"trainingRun": "a"}, "maxProblems": 500}]:
+    for bad in [
+        {"model": {}},
+        {"model": {"trainingRun": "a", "endpoint": {"url": "http://x", "model": "m"}}},
+        {"model": {"trainingRun": "a"}, "k": [5]},
+        {"model": {"endpoint": {"url": "ftp://x", "model": "m"}}},
+        {"model": {"trainingRun": "a"}, "maxProblems": 500},
+    ]:
         with pytest.raises(ValidationError):
             api.EvalRunSpec.model_validate(bad)
 
@@ -77,20 +91,41 @@ def test_dry_run_one_line_errors_name_the_field(tmp_path):
 
 
 def test_multi_document_parse():
-    objs = parse_documents(TR + "---\n" + """apiVersion: nanochat.io/v1alpha1
+    objs = parse_documents(
+        TR
+        + "---\n"
+        + """apiVersion: nanochat.io/v1alpha1
 kind: EvalRun
 metadata: {name: ev}
 spec: {model: {trainingRun: demo}}
-""")
+"""
+    )
     assert [o.kind for o in objs] == ["TrainingRun", "EvalRun"]
     assert objs[0].spec.trainer.model.dim == 128  # preset applied
 
 
+def test_validate_documents_already_read():
+    """What `nanochat run` does after laying its --set overrides over the documents."""
+    doc = yaml.safe_load(TR)
+    doc["spec"]["trainer"]["steps"] = 7
+    assert validate_documents([doc], "m.yaml")[0].spec.trainer.steps == 7
+    with pytest.raises(ManifestError, match=r"^m.yaml: document 2 \(TrainingRun demo\): spec.trainer.steps=0"):
+        validate_documents([doc, {**doc, "spec": {"trainer": {"preset": "tiny", "steps": 0}}}], "m.yaml")
+    with pytest.raises(ManifestError, match="m.yaml: no documents"):
+        validate_documents([], "m.yaml")
+
+
 def test_feasibility_gpu_cpu_and_memory():
     assert feasibility(spec(trainer={"preset": "tiny", "device": "cpu"})) == []
-    assert "no GPUs" in feasibility(api.TrainingRunSpec.model_construct(
-        trainer=api.TrainerConfig.model_validate({"preset": "tiny", "device": "cuda"}),
-        resources=api.Resources()))[0]
+    assert (
+        "no GPUs"
+        in feasibility(
+            api.TrainingRunSpec.model_construct(
+                trainer=api.TrainerConfig.model_validate({"preset": "tiny", "device": "cuda"}),
+                resources=api.Resources(),
+            )
+        )[0]
+    )
     big = {"preset": "qwen3-hybrid"}
     assert feasibility(spec(trainer=big, resources={"nodes": 2, "gpusPerNode": 8})) == []
     assert feasibility(spec(trainer=big, resources={"nodes": 1, "gpusPerNode": 8}))
@@ -99,25 +134,30 @@ def test_feasibility_gpu_cpu_and_memory():
 def test_feasibility_of_expert_parallel_layouts():
     two_nodes = {"nodes": 2, "gpusPerNode": 8}
     # DDP keeps the dense part on every GPU and 1/ep of the 77B of experts: 8 GPUs' worth is too much.
-    ddp = feasibility(spec(trainer={"preset": "qwen3-hybrid", "parallel": "ddp", "expert_parallel": 8},
-                           resources=two_nodes))
+    ddp = feasibility(
+        spec(trainer={"preset": "qwen3-hybrid", "parallel": "ddp", "expert_parallel": 8}, resources=two_nodes)
+    )
     assert len(ddp) == 1 and "expert_parallel=8" in ddp[0] and "1/8 of the experts" in ddp[0], ddp
     assert feasibility(spec(trainer={"preset": "qwen3-hybrid", "expert_parallel": 8}, resources=two_nodes)) == []
-    odd = feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 4},
-                           resources={"nodes": 3, "gpusPerNode": 2}))
-    assert odd == ["trainer.expert_parallel=4 does not divide the run's 6 workers (resources.nodes=3 x "
-                   "gpusPerNode=2): use a divisor of 6"]
-    assert feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 2, "device": "cpu"},
-                            resources={"nodes": 2})) == []
+    odd = feasibility(
+        spec(trainer={"preset": "tiny-moe", "expert_parallel": 4}, resources={"nodes": 3, "gpusPerNode": 2})
+    )
+    assert odd == [
+        "trainer.expert_parallel=4 does not divide the run's 6 workers (resources.nodes=3 x "
+        "gpusPerNode=2): use a divisor of 6"
+    ]
+    assert (
+        feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 2, "device": "cpu"}, resources={"nodes": 2}))
+        == []
+    )
     # Pod 0 holds a whole checkpoint: 80B parameters x 8 bytes do not fit in 500Gi.
-    small_host = feasibility(spec(trainer={"preset": "qwen3-hybrid"},
-                                  resources={"nodes": 4, "gpusPerNode": 8, "memory": "500Gi"}))
+    small_host = feasibility(
+        spec(trainer={"preset": "qwen3-hybrid"}, resources={"nodes": 4, "gpusPerNode": 8, "memory": "500Gi"})
+    )
     assert len(small_host) == 1 and "a checkpoint gathers at least 594 GiB" in small_host[0], small_host
 
 
 def test_param_estimate_matches_the_model():
-    from nanochat_trainer.config import PRESETS, TrainerConfig
-    from nanochat_trainer.model import count_params
 
     for name in PRESETS:
         m = TrainerConfig.model_validate({"preset": name}).model
@@ -126,23 +166,25 @@ def test_param_estimate_matches_the_model():
 
 def test_metrics_exposition_and_http():
     m = OperatorMetrics()
-    m.observe_training("ml", "a", {"phase": "Running", "step": 10, "loss": 2.5, "tokensPerSecond": 100.0})
-    m.observe_training("ml", "b", {"phase": "Pending"})
-    m.observe_eval("ml", "e", {"phase": "Succeeded", "scores": {"pass@1": 0.2, "pass@10": 0.4}})
+    m.observe_training("ml", "a", TrainingRunStatus(phase="Running", step=10, loss=2.5, tokens_per_second=100.0))
+    m.observe_training("ml", "b", TrainingRunStatus(phase="Pending"))
+    m.observe_eval("ml", "e", EvalRunStatus(phase="Succeeded", scores={"pass@1": 0.2, "pass@10": 0.4}))
     m.reconcile_total.labels("TrainingRun", "ok").inc()
     m.reconcile_duration.labels("TrainingRun").observe(0.02)
     text = m.exposition().decode()
-    for line in ['nanochat_runs{kind="TrainingRun",namespace="ml",phase="Running"} 1.0',
-                 'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Pending"} 1.0',
-                 'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Failed"} 0.0',
-                 'nanochat_training_step{name="a",namespace="ml"} 10.0',
-                 'nanochat_training_loss{name="a",namespace="ml"} 2.5',
-                 'nanochat_training_tokens_per_second{name="a",namespace="ml"} 100.0',
-                 'nanochat_eval_pass_at_k{k="10",name="e",namespace="ml"} 0.4',
-                 'nanochat_reconcile_total{kind="TrainingRun",result="ok"} 1.0',
-                 'nanochat_reconcile_duration_seconds_bucket{kind="TrainingRun",le="0.025"} 1.0']:
+    for line in [
+        'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Running"} 1.0',
+        'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Pending"} 1.0',
+        'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Failed"} 0.0',
+        'nanochat_training_step{name="a",namespace="ml"} 10.0',
+        'nanochat_training_loss{name="a",namespace="ml"} 2.5',
+        'nanochat_training_tokens_per_second{name="a",namespace="ml"} 100.0',
+        'nanochat_eval_pass_at_k{k="10",name="e",namespace="ml"} 0.4',
+        'nanochat_reconcile_total{kind="TrainingRun",result="ok"} 1.0',
+        'nanochat_reconcile_duration_seconds_bucket{kind="TrainingRun",le="0.025"} 1.0',
+    ]:
         assert line in text, line
-    m.observe_training("ml", "a", {"phase": "Succeeded", "step": 10})  # only live runs have progress series
+    m.observe_training("ml", "a", TrainingRunStatus(phase="Succeeded", step=10))  # only live runs have progress series
     assert 'nanochat_training_step{name="a"' not in m.exposition().decode()
     m.forget("TrainingRun", "ml", "a")
     m.forget("EvalRun", "ml", "e")
@@ -161,8 +203,6 @@ def test_metrics_exposition_and_http():
 
 
 def test_settings_flags_and_env(monkeypatch):
-    from nanochat_operator.settings import parse_args
-
     monkeypatch.setenv("NANOCHAT_NAMESPACES", "a,b")
     monkeypatch.setenv("NANOCHAT_TRAINER_IMAGE", "img:2")
     cfg = parse_args(["--interval", "5"])
@@ -173,8 +213,6 @@ def test_settings_flags_and_env(monkeypatch):
 
 
 def test_ternary_distilled_from_parent_needs_a_parent():
-    from nanochat_operator.api import TrainingRunSpec
-
     spec = {"trainer": {"preset": "tiny", "stage": "ternary", "ternary": {"distill_from_parent": True}}}
     with pytest.raises(ValueError, match="distill_from_parent needs a parent"):
         TrainingRunSpec.model_validate(spec)

@@ -7,101 +7,55 @@ hand the way the Job controller would."""
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from nanochat_operator import render
-from nanochat_operator.reconcile import (AlreadyExists, NotOwned, Rejected, reconcile_eval, reconcile_training,
-                                         status_patch)
+from nanochat_operator.reconcile import (
+    NotOwned,
+    reconcile_eval,
+    reconcile_training,
+    status_patch,
+)
 from nanochat_operator.settings import OperatorConfig
-from nanochat_operator.status import get_condition
+from nanochat_operator.status import dump_status
 
-NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+from operator_support import FakeCluster, adopt, get_condition, tr
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CFG = OperatorConfig(trainer_image="trainer:test")
 
 
-class FakeCluster:
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict] = {}
-        self.pods: dict[str, list[dict]] = {}
-        self.runs: dict[str, dict] = {}
-        self.metrics: Optional[str] = None
-        self.reject: Optional[str] = None
-        self.calls: list[str] = []
-
-    def get_job(self, namespace: str, name: str) -> Optional[dict]:
-        self.calls.append(f"get_job {name}")
-        j = self.objects.get(("Job", namespace, name))
-        return copy.deepcopy(j) if j else None
-
-    def list_pods(self, namespace: str, job_name: str) -> list[dict]:
-        return copy.deepcopy(self.pods.get(job_name, []))
-
-    def create(self, obj: dict) -> None:
-        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        if self.reject and obj["kind"] == self.reject:
-            raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: spec.template: Invalid value")
-        if key in self.objects:
-            raise AlreadyExists(key[2])
-        self.calls.append(f"create {obj['kind']} {key[2]}")
-        self.objects[key] = copy.deepcopy(obj)
-
-    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        self.calls.append(f"suspend {name}={suspend}")
-        self.objects[("Job", namespace, name)]["spec"]["suspend"] = suspend
-
-    def get_training_run(self, namespace: str, name: str) -> Optional[dict]:
-        r = self.runs.get(name)
-        return copy.deepcopy(r) if r else None
-
-    def scrape(self, url: str) -> Optional[str]:
-        self.calls.append(f"scrape {url}")
-        return self.metrics
-
-    # -- what the Job controller would do
-    def job(self, name: str) -> dict:
-        return self.objects[("Job", "ml", name)]
-
-    def set_job(self, name: str, *conds: str, pods: list[dict] | None = None) -> None:
-        self.job(name)["status"] = {"conditions": [{"type": c, "status": "True", "reason": c} for c in conds]}
-        if pods is not None:
-            self.pods[name] = pods
-
-
-def adopt(objs: list[dict], owner: dict) -> None:
-    for o in objs:
-        o["metadata"]["ownerReferences"] = [{"apiVersion": owner["apiVersion"], "kind": owner["kind"],
-                                             "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"],
-                                             "controller": True, "blockOwnerDeletion": True}]
-
-
 def running_pod(index: int = 0, ip: str = "10.1.0.5") -> dict:
-    return {"metadata": {"name": f"p{index}", "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
-            "status": {"phase": "Running", "podIP": ip}}
-
-
-def tr(name: str = "demo", generation: int = 1, status: dict | None = None, **spec: Any) -> dict:
-    body = {"trainer": {"preset": "tiny", "steps": 100}, "storage": {"claimName": "runs"}}
-    body.update(spec)
-    return {"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
-            "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": generation},
-            "spec": body, "status": status or {}}
+    return {
+        "metadata": {"name": f"p{index}", "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+        "status": {"phase": "Running", "podIP": ip},
+    }
 
 
 def er(name: str = "ev", status: dict | None = None, **spec: Any) -> dict:
     body = {"model": {"trainingRun": "demo"}}
     body.update(spec)
-    return {"apiVersion": "nanochat.io/v1alpha1", "kind": "EvalRun",
-            "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": 1},
-            "spec": body, "status": status or {}}
+    return {
+        "apiVersion": "nanochat.io/v1alpha1",
+        "kind": "EvalRun",
+        "metadata": {"name": name, "namespace": "ml", "uid": f"uid-{name}", "generation": 1},
+        "spec": body,
+        "status": status or {},
+    }
+
+
+def reconcile_patch(cluster: FakeCluster, obj: dict, now: datetime = NOW, fn=reconcile_training) -> dict:
+    """One reconcile; the status patch kopf would apply (as handlers._run makes it)."""
+    out = fn(cluster, obj, CFG, now=now, adopt=adopt)
+    return status_patch(obj.get("status") or {}, dump_status(out.status))
 
 
 def step(cluster: FakeCluster, obj: dict, now: datetime = NOW, fn=reconcile_training) -> dict:
     """One reconcile; the new status is written back to obj like kopf's status patch."""
-    out = fn(cluster, obj, CFG, now=now, adopt=adopt)
-    patch = status_patch(obj.get("status") or {}, out.status)
+    patch = reconcile_patch(cluster, obj, now, fn)
     merged = {**(obj.get("status") or {}), **patch}
     obj["status"] = {k: v for k, v in merged.items() if v is not None}
     return obj["status"]
@@ -112,7 +66,10 @@ def test_training_run_creates_children_and_follows_job():
     run = tr()
     s = step(c, run)
     assert [x for x in c.calls if x.startswith("create")] == [
-        "create ConfigMap demo-config", "create Service demo-train", "create Job demo-train"]
+        "create ConfigMap demo-config",
+        "create Service demo-train",
+        "create Job demo-train",
+    ]
     job = c.job("demo-train")
     assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "trainer:test"
@@ -137,6 +94,26 @@ def test_training_run_creates_children_and_follows_job():
     assert len(c.calls) == calls
 
 
+def test_patch_clears_eta_when_the_run_succeeds_and_never_writes_kopf():
+    c = FakeCluster()
+    run = tr()
+    step(c, run)
+    c.pods["demo-train"] = [running_pod()]
+    c.metrics = "nanochat_trainer_step 10\nnanochat_trainer_total_steps 100\n"
+    step(c, run)
+    c.metrics = "nanochat_trainer_step 20\nnanochat_trainer_total_steps 100\n"
+    assert step(c, run, NOW + timedelta(seconds=10))["eta"] == "1m20s"
+    run["status"]["kopf"] = {"progress": {"training-create": {"success": True}}}
+    c.set_job("demo-train", "Complete", pods=[])
+    patch = reconcile_patch(c, run, NOW + timedelta(seconds=20))
+    assert patch["phase"] == "Succeeded" and patch["step"] == 100
+    assert "eta" in patch and patch["eta"] is None  # null in a merge patch removes the stale estimate
+    assert "kopf" not in patch
+    run["status"] = {k: v for k, v in {**run["status"], **patch}.items() if v is not None}
+    assert "eta" not in run["status"] and "kopf" in run["status"]
+    assert reconcile_patch(c, run, NOW + timedelta(seconds=30)) == {}  # final: nothing more to write
+
+
 def test_reconcile_twice_creates_nothing_twice():
     c = FakeCluster()
     run = tr()
@@ -147,8 +124,10 @@ def test_reconcile_twice_creates_nothing_twice():
 
 def test_job_of_another_owner_is_left_alone():
     c = FakeCluster()
-    c.objects[("Job", "ml", "demo-train")] = {"metadata": {"name": "demo-train", "ownerReferences": [
-        {"uid": "old-uid"}]}, "spec": {}}
+    c.objects[("Job", "ml", "demo-train")] = {
+        "metadata": {"name": "demo-train", "ownerReferences": [{"uid": "old-uid"}]},
+        "spec": {},
+    }
     with pytest.raises(NotOwned):
         step(c, tr())
 
@@ -168,12 +147,20 @@ def test_invalid_spec_fails_without_touching_cluster_and_recovers_when_fixed():
     assert s["phase"] == "Starting" and get_condition(s, "Failed") is None and "completionTime" not in s
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ({"trainer": {"preset": "nano-1B", "parallel": "ddp", "model": {"n_layers": 200}},
-      "resources": {"nodes": 2, "gpusPerNode": 8}}, "DDP"),
-    ({"trainer": {"preset": "qwen3-hybrid"}, "resources": {"nodes": 1, "gpusPerNode": 8}}, "more GPUs"),
-    ({"trainer": {"preset": "nano-360M"}, "resources": {"memory": "1Gi"}}, "resources.memory"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        (
+            {
+                "trainer": {"preset": "nano-1B", "parallel": "ddp", "model": {"n_layers": 200}},
+                "resources": {"nodes": 2, "gpusPerNode": 8},
+            },
+            "DDP",
+        ),
+        ({"trainer": {"preset": "qwen3-hybrid"}, "resources": {"nodes": 1, "gpusPerNode": 8}}, "more GPUs"),
+        ({"trainer": {"preset": "nano-360M"}, "resources": {"memory": "1Gi"}}, "resources.memory"),
+    ],
+)
 def test_infeasible_run_fails_with_reason(spec, needle):
     c = FakeCluster()
     s = step(c, tr(**spec))
@@ -233,7 +220,9 @@ def test_source_on_another_claim_is_mounted_read_only():
     c.runs["demo"] = tr(status={"phase": "Succeeded"}, storage={"size": "10Gi"})
     step(c, tr("next", init={"fromTrainingRun": "demo"}))
     pod = c.job("next-train")["spec"]["template"]["spec"]
-    assert {"name": "source", "persistentVolumeClaim": {"claimName": "demo-storage", "readOnly": True}} in pod["volumes"]
+    assert {"name": "source", "persistentVolumeClaim": {"claimName": "demo-storage", "readOnly": True}} in pod[
+        "volumes"
+    ]
 
 
 def test_suspend_and_resume_patch_the_job():
@@ -292,9 +281,23 @@ def test_eval_waits_runs_and_records_scores():
     assert s["resultsPath"] == "/data/runs/demo/eval/ev.json"
     cmd = c.job("ev-eval")["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[:4] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/final"]
-    done = {"metadata": {"name": "ev-eval-x"}, "status": {"phase": "Succeeded", "containerStatuses": [
-        {"name": "eval", "state": {"terminated": {"exitCode": 0, "message":
-                                                  '{"pass_at_k": {"1": 0.3, "2": 0.4}, "problems": 164, "samples": 2}'}}}]}}
+    done = {
+        "metadata": {"name": "ev-eval-x"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "eval",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 0,
+                            "message": '{"pass_at_k": {"1": 0.3, "2": 0.4}, "problems": 164, "samples": 2}',
+                        }
+                    },
+                }
+            ],
+        },
+    }
     c.set_job("ev-eval", "Complete", pods=[done])
     s = step(c, ev, fn=reconcile_eval)
     assert s["phase"] == "Succeeded" and s["passAt1"] == 0.3 and s["scores"] == {"pass@1": 0.3, "pass@2": 0.4}
@@ -305,6 +308,7 @@ def test_eval_of_failed_run_fails_and_endpoint_eval_needs_no_run():
     c.runs["demo"] = tr(status={"phase": "Failed"})
     s = step(c, er(), fn=reconcile_eval)
     assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "SourceFailed"
+    assert "eta" not in s  # a training run's field only
     s = step(c, er("ep", model={"endpoint": {"url": "http://teacher:8000/v1", "model": "q"}}), fn=reconcile_eval)
     assert s["phase"] == "Starting" and ("Job", "ml", "ep-eval") in c.objects
 
@@ -321,10 +325,15 @@ def test_render_names_fit_dns_labels():
 def test_comparison_eval_waits_for_every_compared_run_and_records_side_by_side():
     """A ternary student against its full-precision parent (another PVC) and the teacher."""
     c = FakeCluster()
-    teacher = {"url": "http://teacher:8000/v1", "model": "Qwen/Qwen3-8B",
-               "apiKeySecret": {"name": "teacher", "key": "api-key"}}
-    ev = er(model={"trainingRun": "tern"}, compare=[{"name": "parent", "trainingRun": "base"},
-                                                    {"name": "teacher", "endpoint": teacher}])
+    teacher = {
+        "url": "http://teacher:8000/v1",
+        "model": "Qwen/Qwen3-8B",
+        "apiKeySecret": {"name": "teacher", "key": "api-key"},
+    }
+    ev = er(
+        model={"trainingRun": "tern"},
+        compare=[{"name": "parent", "trainingRun": "base"}, {"name": "teacher", "endpoint": teacher}],
+    )
     c.runs["tern"] = tr("tern", status={"phase": "Succeeded", "storageClaim": "runs"})
     c.runs["base"] = tr("base", status={"phase": "Running", "step": 5, "storageClaim": "old-runs"})
     s = step(c, ev, fn=reconcile_eval)
@@ -337,16 +346,21 @@ def test_comparison_eval_waits_for_every_compared_run_and_records_side_by_side()
     cmd = pod["containers"][0]["command"]
     assert cmd[cmd.index("--name") + 1] == "tern"
     compares = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--compare"]
-    assert compares == ["parent=/models/old-runs/runs/base/final",
-                        "teacher=http://teacher:8000/v1#Qwen/Qwen3-8B"]
+    assert compares == ["parent=/models/old-runs/runs/base/final", "teacher=http://teacher:8000/v1#Qwen/Qwen3-8B"]
     assert {"name": "model-1", "persistentVolumeClaim": {"claimName": "old-runs", "readOnly": True}} in pod["volumes"]
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
-    assert env["NANOCHAT_COMPARE_API_KEY_TEACHER"]["valueFrom"]["secretKeyRef"] == {"name": "teacher",
-                                                                                    "key": "api-key"}
-    msg = ('{"pass_at_k": {"1": 0.1}, "problems": 20, "samples": 1, '
-           '"compare": {"parent": {"1": 0.15}, "teacher": {"1": 0.6}}}')
-    done = {"metadata": {"name": "ev-eval-x"}, "status": {"phase": "Succeeded", "containerStatuses": [
-        {"name": "eval", "state": {"terminated": {"exitCode": 0, "message": msg}}}]}}
+    assert env["NANOCHAT_COMPARE_API_KEY_TEACHER"]["valueFrom"]["secretKeyRef"] == {"name": "teacher", "key": "api-key"}
+    msg = (
+        '{"pass_at_k": {"1": 0.1}, "problems": 20, "samples": 1, '
+        '"compare": {"parent": {"1": 0.15}, "teacher": {"1": 0.6}}}'
+    )
+    done = {
+        "metadata": {"name": "ev-eval-x"},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [{"name": "eval", "state": {"terminated": {"exitCode": 0, "message": msg}}}],
+        },
+    }
     c.set_job("ev-eval", "Complete", pods=[done])
     s = step(c, ev, fn=reconcile_eval)
     assert s["passAt1"] == 0.1 and s["comparison"] == {"parent": {"pass@1": 0.15}, "teacher": {"pass@1": 0.6}}

@@ -5,23 +5,19 @@ kubernetes-validate (strict: unknown fields are errors)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from pathlib import PurePosixPath
 
 import kubernetes_validate
 import pytest
 import yaml
 
 from nanochat_operator import render
-from nanochat_operator.api import EvalRunSpec, TrainingRunSpec
+from nanochat_operator.api import Endpoint, EvalRunSpec, TrainingRunSpec
+from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.contract import RunLayout
 
-
-def pinned(key: str) -> str:
-    """A version from e2e/versions.env, the one place tool versions are pinned."""
-    for line in (Path(__file__).resolve().parents[1] / "e2e" / "versions.env").read_text().splitlines():
-        if line.startswith(f"{key}="):
-            return line.split("=", 1)[1].strip()
-    raise KeyError(key)
-
+from operator_support import pinned
 
 K8S = pinned("KUBERNETES_VALIDATE_VERSION")
 
@@ -37,7 +33,9 @@ def training(nodes: int = 1, gpus: int = 0, **extra) -> TrainingRunSpec:
 
 
 def env_of(job: dict) -> dict:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return {
+        e["name"]: e.get("value", e.get("valueFrom")) for e in job["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
 
 
 @pytest.mark.parametrize("nodes,gpus", [(1, 0), (1, 1), (4, 8)])
@@ -57,8 +55,9 @@ def test_training_job_runs_torchrun_with_pet_env(nodes, gpus):
     env = env_of(job)
     assert env["PET_NNODES"] == str(nodes)
     assert env["PET_NPROC_PER_NODE"] == str(max(gpus, 1))
-    assert env["PET_NODE_RANK"] == {"fieldRef": {
-        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert env["PET_NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
     assert env["PET_MASTER_ADDR"] == "demo-train-0.demo-train"
     assert env["PET_MASTER_PORT"] == "29500"
     if gpus:
@@ -83,14 +82,13 @@ def test_config_map_holds_resolved_config_with_operator_paths():
     assert cfg["checkpoint"]["dir"] == "/data/runs/demo"
     assert cfg["checkpoint"]["init_from"] == "/data/runs/src/final"
     assert "preset" not in cfg and cfg["model"]["dim"] == 128 and cfg["steps"] == 20  # preset applied, user wins
-    from nanochat_trainer.config import TrainerConfig
-
     TrainerConfig.model_validate(cfg)  # the trainer accepts what it is given
 
 
 def test_volumes_pvc_emptydir_shm_and_source():
-    job = render.render_training_job("demo", "ml", training(storage={"claimName": "runs"}), image="i",
-                                     source_claim="other")
+    job = render.render_training_job(
+        "demo", "ml", training(storage={"claimName": "runs"}), image="i", source_claim="other"
+    )
     pod = job["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "runs"
@@ -127,12 +125,23 @@ def test_init_from_same_or_other_claim():
 
 
 def test_user_env_tolerations_node_selector_cpu_memory():
-    spec = TrainingRunSpec.model_validate({
-        "trainer": {"preset": "tiny"},
-        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
-                {"name": "NCCL_DEBUG", "value": "WARN"}],
-        "resources": {"nodes": 2, "gpusPerNode": 8, "cpu": 32, "memory": "256Gi", "nodeSelector": {"pool": "h100"},
-                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}})
+    spec = TrainingRunSpec.model_validate(
+        {
+            "trainer": {"preset": "tiny"},
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}},
+                {"name": "NCCL_DEBUG", "value": "WARN"},
+            ],
+            "resources": {
+                "nodes": 2,
+                "gpusPerNode": 8,
+                "cpu": 32,
+                "memory": "256Gi",
+                "nodeSelector": {"pool": "h100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        }
+    )
     job = render.render_training_job("demo", "ml", spec, image="i")
     validate(job)
     pod = job["spec"]["template"]["spec"]
@@ -147,11 +156,14 @@ def test_failure_policy_and_backoff():
     job = render.render_training_job("demo", "ml", training(backoffLimit=7), image="i")
     assert job["spec"]["backoffLimit"] == 7
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                             "values": [2, 126, 127]}}
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 126, 127]},
+    }
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
-    none = render.render_training_job("demo", "ml", training(podFailurePolicy={
-        "failOnExitCodes": [], "ignoreDisruptions": False}), image="i")
+    none = render.render_training_job(
+        "demo", "ml", training(podFailurePolicy={"failOnExitCodes": [], "ignoreDisruptions": False}), image="i"
+    )
     assert "podFailurePolicy" not in none["spec"]
 
 
@@ -166,37 +178,68 @@ def test_suspend_and_kueue_queue():
 def test_spec_drift_ignores_suspend_and_names_changed_fields():
     spec = training()
     job = render.render_training_job("d", "ml", spec, image="i")
-    import json
-
     applied = json.loads(job["metadata"]["annotations"][render.SPEC_ANNOTATION])
     assert render.spec_drift(applied, training(suspend=True)) == []
-    changed = TrainingRunSpec.model_validate({"trainer": {"preset": "tiny", "steps": 99},
-                                              "resources": {"nodes": 2, "gpusPerNode": 0}})
+    changed = TrainingRunSpec.model_validate(
+        {"trainer": {"preset": "tiny", "steps": 99}, "resources": {"nodes": 2, "gpusPerNode": 0}}
+    )
     assert render.spec_drift(applied, changed) == ["spec.resources.nodes", "spec.trainer.steps"]
 
 
 def test_eval_job_for_checkpoint_and_endpoint():
-    spec = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}, "samplesPerProblem": 10,
-                                       "temperature": 0.8, "k": [10, 1], "maxProblems": 20, "resources": {"gpus": 1}})
+    spec = EvalRunSpec.model_validate(
+        {
+            "model": {"trainingRun": "demo"},
+            "samplesPerProblem": 10,
+            "temperature": 0.8,
+            "k": [10, 1],
+            "maxProblems": 20,
+            "resources": {"gpus": 1},
+        }
+    )
     job = render.render_eval_job("ev", "ml", spec, image="i", source=("demo", "runs"))
     validate(job)
     c = job["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/final", "--samples", "10",
-                            "--temperature", "0.8", "--k", "1,10", "--max-new-tokens", "384", "--max-problems", "20",
-                            "--out", "/data/runs/demo/eval/ev.json"]
+    assert c["command"] == [
+        "nanochat",
+        "eval",
+        "--checkpoint",
+        "/data/runs/demo/final",
+        "--samples",
+        "10",
+        "--temperature",
+        "0.8",
+        "--k",
+        "1,10",
+        "--max-new-tokens",
+        "384",
+        "--max-problems",
+        "20",
+        "--out",
+        "/data/runs/demo/eval/ev.json",
+    ]
     assert c["terminationMessagePath"] == "/dev/termination-log"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert {"name": "NANOCHAT_TERMINATION_LOG", "value": "/dev/termination-log"} in c["env"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert job["metadata"]["name"] == "ev-eval" and job["spec"]["completions"] == 1
 
-    ep = EvalRunSpec.model_validate({"model": {"endpoint": {"url": "http://t:8000/v1", "model": "qwen",
-                                                            "apiKeySecret": {"name": "s", "key": "k"}}}})
+    ep = EvalRunSpec.model_validate(
+        {"model": {"endpoint": {"url": "http://t:8000/v1", "model": "qwen", "apiKeySecret": {"name": "s", "key": "k"}}}}
+    )
     job = render.render_eval_job("ev", "ml", ep, image="i")
     validate(job)
     c = job["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"][:8] == ["nanochat", "eval", "--endpoint", "http://t:8000/v1", "--model", "qwen",
-                                "--api-key-env", "NANOCHAT_EVAL_API_KEY"]
+    assert c["command"][:8] == [
+        "nanochat",
+        "eval",
+        "--endpoint",
+        "http://t:8000/v1",
+        "--model",
+        "qwen",
+        "--api-key-env",
+        "NANOCHAT_EVAL_API_KEY",
+    ]
     assert "--out" not in c["command"]
     assert {"name": "NANOCHAT_EVAL_API_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}} in c["env"]
 
@@ -205,3 +248,83 @@ def test_final_checkpoint_path_matches_trainer_layout():
     # checkpoint.py: <run>/final/ is the finished model; the operator sets checkpoint.dir.
     assert render.final_checkpoint_path("demo") == "/data/runs/demo/final"
     assert render.checkpoint_step_path("demo", 1200) == "/data/runs/demo/checkpoints/step_00001200"
+    assert render.run_dir("demo") == "/data/runs/demo"
+    assert render.eval_results_path("demo", "ev") == "/data/runs/demo/eval/ev.json"
+    assert render.final_checkpoint_path("src", render.SOURCE_MOUNT) == "/source/runs/src/final"
+    assert render.pod_layout("demo") == RunLayout(PurePosixPath("/data/runs/demo"))
+
+
+def test_resolved_trainer_config_with_a_local_runs_directory(tmp_path):
+    """`nanochat run` renders a run's config with its own runs directory in place of /data/runs."""
+    spec = training(storage={"claimName": "runs"})
+    assert render.resolved_trainer_config("demo", spec).checkpoint.dir == "/data/runs/demo"
+    local = render.resolved_trainer_config("demo", spec, init_from=str(tmp_path / "src" / "final"), runs_root=tmp_path)
+    assert local.checkpoint.dir == str(tmp_path / "demo")
+    assert local.checkpoint.init_from == str(tmp_path / "src" / "final")
+    assert spec.trainer.checkpoint.dir == "runs/default"  # the spec itself is left alone
+
+
+def test_eval_command_and_endpoint_source():
+    endpoint = Endpoint.model_validate({"url": "http://teacher:8000/v1", "model": "Qwen/Qwen3-8B"})
+    assert render.endpoint_source(endpoint) == "http://teacher:8000/v1#Qwen/Qwen3-8B"
+    teacher = endpoint.model_dump(by_alias=True, exclude_none=True)
+    spec = EvalRunSpec.model_validate(
+        {
+            "model": {"trainingRun": "tern"},
+            "maxProblems": 2,
+            "compare": [{"name": "parent", "trainingRun": "base"}, {"name": "teacher", "endpoint": teacher}],
+        }
+    )
+    cmd = render.eval_command(
+        "ev",
+        spec,
+        "runs/tern/final",
+        "runs/tern/eval/ev.json",
+        {"parent": "runs/base/final", "teacher": render.endpoint_source(endpoint)},
+    )
+    assert cmd == [
+        "nanochat",
+        "eval",
+        "--checkpoint",
+        "runs/tern/final",
+        "--samples",
+        "1",
+        "--temperature",
+        "0.0",
+        "--k",
+        "1",
+        "--max-new-tokens",
+        "384",
+        "--max-problems",
+        "2",
+        "--out",
+        "runs/tern/eval/ev.json",
+        "--name",
+        "tern",
+        "--compare",
+        "parent=runs/base/final",
+        "--compare",
+        "teacher=http://teacher:8000/v1#Qwen/Qwen3-8B",
+    ]
+    with pytest.raises(ValueError, match="checkpoint"):
+        render.eval_command("ev", spec)
+
+
+def test_labels_and_annotations_as_the_cluster_sees_them():
+    """The names other tools select on (kubectl -l, Kueue, the Job controller): fixed strings."""
+    job = render.render_training_job("demo", "ml", training(queueName="gpu"), image="i")
+    assert job["metadata"]["labels"]["nanochat.io/training-run"] == "demo"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert set(job["metadata"]["annotations"]) == {"nanochat.io/spec-hash", "nanochat.io/applied-spec"}
+    assert job["spec"]["template"]["metadata"]["labels"]["nanochat.io/training-run"] == "demo"
+    ev = render.render_eval_job(
+        "ev", "ml", EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}}), image="i", source=("demo", "runs")
+    )
+    assert ev["spec"]["template"]["metadata"]["labels"]["nanochat.io/eval-run"] == "ev"
+    teacher = {"url": "http://t/v1", "model": "m", "apiKeySecret": {"name": "s", "key": "k"}}
+    compare = EvalRunSpec.model_validate(
+        {"model": {"trainingRun": "demo"}, "compare": [{"name": "my-teacher", "endpoint": teacher}]}
+    )
+    env = env_of(render.render_eval_job("ev", "ml", compare, image="i", source=("demo", "runs")))
+    assert env["NANOCHAT_COMPARE_API_KEY_MY_TEACHER"] == {"secretKeyRef": {"name": "s", "key": "k"}}
+    assert env["NANOCHAT_TERMINATION_LOG"] == "/dev/termination-log"

@@ -1,6 +1,6 @@
 """The sandbox contains hostile completions, and pass@k matches hand-worked cases.
 
-    .venv/bin/pytest tests/test_sandbox.py -q
+.venv/bin/pytest tests/test_sandbox.py -q
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def test_good_and_wrong(box: Sandbox) -> None:
 
 def test_runs_in_fresh_process_and_tmp_cwd(box: Sandbox, tmp_path) -> None:
     marker = tmp_path / "evaluator-pid"
-    r = box.run(f"import os, sys\nassert os.getpid() != {os.getpid()}\nassert 'nanochat-sandbox-' in os.environ['HOME']\n"
-                f"assert not os.path.exists({str(marker)!r})")
+    r = box.run(
+        f"import os, sys\nassert os.getpid() != {os.getpid()}\nassert 'nanochat-sandbox-' in os.environ['HOME']\n"
+        f"assert not os.path.exists({str(marker)!r})"
+    )
     assert r.passed, r
 
 
@@ -54,15 +56,23 @@ def test_fork_bomb(box: Sandbox) -> None:
     assert r.status == FAILED and r.error == "TypeError", r
     r = box.run("import subprocess\nsubprocess.Popen(['sleep', '100'])")
     assert r.status == FAILED, r
-    r = box.run("import multiprocessing as mp\nps = [mp.Process(target=print) for _ in range(3)]\n[p.start() for p in ps]")
+    r = box.run(
+        "import multiprocessing as mp\nps = [mp.Process(target=print) for _ in range(3)]\n[p.start() for p in ps]"
+    )
     assert r.status == FAILED, r
 
 
-@pytest.mark.parametrize("how", [
-    "import os; os.remove(P)", "import os; os.unlink(P)", "import pathlib; pathlib.Path(P).unlink()",
-    "import shutil; shutil.rmtree(os.path.dirname(P))", "import os; os.rename(P, P + '.x')",
-    "import os; os.system('rm -f ' + P)",
-])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "import os; os.remove(P)",
+        "import os; os.unlink(P)",
+        "import pathlib; pathlib.Path(P).unlink()",
+        "import shutil; shutil.rmtree(os.path.dirname(P))",
+        "import os; os.rename(P, P + '.x')",
+        "import os; os.system('rm -f ' + P)",
+    ],
+)
 def test_cannot_delete_outside_tmp(box: Sandbox, tmp_path, how: str) -> None:
     sentinel = tmp_path / "sentinel.txt"
     sentinel.write_text("keep me")

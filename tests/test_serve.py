@@ -17,11 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+import nanochat_trainer.eval.client as client_mod
+from nanochat_cli.eval import add_eval_args, run_eval_from_args
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.eval.cli import add_eval_args, run_eval_from_args
 from nanochat_trainer.eval.client import CompletionsClient, EndpointError, parse_completion
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
 from nanochat_trainer.serve import ModelServer
+
 from serving import serve_app
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vllm_completion.json"
@@ -58,7 +60,7 @@ def test_completion_logprobs_and_shape(server) -> None:
     lp = choice["logprobs"]
     assert "".join(lp["tokens"]) == choice["text"] and len(lp["token_logprobs"]) == len(lp["tokens"])
     assert lp["text_offset"][0] == 0 and all(len(t) == 3 for t in lp["top_logprobs"])
-    assert all(abs(max(t.values()) - l) < 1e-5 for t, l in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy
+    assert all(abs(max(t.values()) - lp_) < 1e-5 for t, lp_ in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy
     assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
     parsed = parse_completion(data)
     assert parsed.choices[0].logprobs.tokens == lp["tokens"]
@@ -67,8 +69,9 @@ def test_completion_logprobs_and_shape(server) -> None:
 def test_echo_prompt_logprobs(server) -> None:
     url, model, tok = server
     prompt = "def add(a, b):\n    return a + b\n"
-    data = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True,
-                                                     "logprobs": 2}, timeout=60).json()
+    data = httpx.post(
+        url + "/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}, timeout=60
+    ).json()
     c = data["choices"][0]
     ids = tok.encode(prompt)
     want, _ = prompt_logprobs(model, ids, 2)
@@ -78,8 +81,9 @@ def test_echo_prompt_logprobs(server) -> None:
     assert "".join(c["logprobs"]["tokens"]) == prompt and data["usage"]["completion_tokens"] == 0
     # Longer than the context: refused, not scored on its last tokens with shifted logprobs.
     long = "x = 1\n" * model.cfg.max_seq_len
-    r = httpx.post(url + "/v1/completions", json={"prompt": long, "max_tokens": 0, "echo": True, "logprobs": 2},
-                   timeout=60)
+    r = httpx.post(
+        url + "/v1/completions", json={"prompt": long, "max_tokens": 0, "echo": True, "logprobs": 2}, timeout=60
+    )
     assert r.status_code == 400 and "exceeds the model's context" in r.json()["error"]["message"]
 
 
@@ -96,13 +100,19 @@ def test_streaming_and_chat(server) -> None:
             elif line.startswith("data: "):
                 text += json.loads(line[6:])["choices"][0]["text"]
     assert done and text == full
-    chat = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                           "max_tokens": 5, "temperature": 0}, timeout=60).json()
+    chat = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0},
+        timeout=60,
+    ).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
     pieces = []
-    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
-                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
-                            "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "stream": True},
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
@@ -120,13 +130,17 @@ def test_endpoint_eval_matches_checkpoint_eval(server, ckpt, tmp_path, monkeypat
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "term"))
     common = ["--max-problems", "3", "--max-new-tokens", "16", "--workers", "2", "--temperature", "0"]
     assert run_eval_from_args(_args("--checkpoint", str(ckpt), "--out", str(tmp_path / "a.json"), *common)) == 0
-    assert run_eval_from_args(_args("--endpoint", url, "--model", "tiny", "--out", str(tmp_path / "b.json"),
-                                    *common)) == 0
+    assert (
+        run_eval_from_args(_args("--endpoint", url, "--model", "tiny", "--out", str(tmp_path / "b.json"), *common)) == 0
+    )
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["pass_at_k"] == b["pass_at_k"]
-    assert [r["samples"][0]["completion"] for r in a["per_problem"]] == \
-        [r["samples"][0]["completion"] for r in b["per_problem"]]
-    assert [r["samples"][0]["status"] for r in a["per_problem"]] == [r["samples"][0]["status"] for r in b["per_problem"]]
+    assert [r["samples"][0]["completion"] for r in a["per_problem"]] == [
+        r["samples"][0]["completion"] for r in b["per_problem"]
+    ]
+    assert [r["samples"][0]["status"] for r in a["per_problem"]] == [
+        r["samples"][0]["status"] for r in b["per_problem"]
+    ]
 
 
 def test_parse_vllm_fixture() -> None:
@@ -153,8 +167,9 @@ def test_client_retries_then_succeeds(monkeypatch) -> None:
             return httpx.Response(503 if len(calls) == 2 else 429, text="busy")
         return httpx.Response(200, json=body)
 
-    with CompletionsClient("http://x/v1", "m", api_key_env="TEST_KEY", backoff=0.01,
-                           transport=httpx.MockTransport(handler)) as client:
+    with CompletionsClient(
+        "http://x/v1", "m", api_key_env="TEST_KEY", backoff=0.01, transport=httpx.MockTransport(handler)
+    ) as client:
         r = client.complete("def f():", max_tokens=4, stop=["\ndef"], logprobs=1)
     assert len(calls) == 4 and r.choices[0].text == body["choices"][0]["text"]
     assert str(calls[-1].url) == "http://x/v1/completions" and calls[-1].headers["authorization"] == "Bearer sekret"
@@ -173,8 +188,9 @@ def test_client_errors_clearly() -> None:
     with pytest.raises(EndpointError, match="after 3 attempts.*503"):
         CompletionsClient("http://x", "m", max_retries=2, backoff=0.01, transport=always).complete("p")
     with pytest.raises(EndpointError, match="HTTP 401"):
-        CompletionsClient("http://x", "m", transport=httpx.MockTransport(
-            lambda req: httpx.Response(401, text="no key"))).complete("p")
+        CompletionsClient(
+            "http://x", "m", transport=httpx.MockTransport(lambda req: httpx.Response(401, text="no key"))
+        ).complete("p")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,7 +204,6 @@ def test_eval_endpoint_down_exits_1(tmp_path, capsys) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    import nanochat_trainer.eval.client as client_mod
 
     orig = client_mod.CompletionsClient.__init__
 

@@ -9,29 +9,41 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from nanochat_trainer.config import ModelConfig, TernaryConfig, TrainerConfig
-from nanochat_trainer.model import GPT
-from nanochat_trainer.ternary import (BitLinear, apply_ternary, quantize_activation, quantize_weight,
-                                      ramp_value, select_ternary, set_ramp, ternary_modules)
-from nanochat_trainer.ternary_pack import (PackedBitLinear, load_packed, load_packed_model, pack_ternary,
-                                           pack_ternary_state_dict, read_packed_metadata, save_packed,
-                                           to_packed_inference, unpack_ternary)
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.models.ternary import (
+    BitLinear,
+    apply_ternary,
+    quantize_activation,
+    quantize_weight,
+    ramp_value,
+    select_ternary,
+    set_ramp,
+    ternary_modules,
+)
+from nanochat_trainer.models.ternary_pack import (
+    PackedBitLinear,
+    load_packed,
+    load_packed_model,
+    pack_ternary,
+    pack_ternary_state_dict,
+    read_packed_metadata,
+    save_packed,
+    to_packed_inference,
+    unpack_ternary,
+)
+from nanochat_trainer.train.losses import model_loss
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the QAT numbers are the same on every box, and on a shared CPU
-    two threads contending with another process spin and run these small ops ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from micro import random_gpt
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -40,23 +52,11 @@ def tiny_cfg(**over) -> ModelConfig:
     return TrainerConfig.model_validate({"preset": "tiny", "model": over}).model
 
 
-def random_gpt(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """A GPT with every matrix random (init_weights zeroes o/down/head, which would make
-    ternary scales degenerate and logits trivially equal)."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-    return model
-
-
 # --------------------------------------------------------------------------- quantizers
 
+
 def test_weight_quant_worked_example():
-    w = torch.tensor([[0.40, -0.05, 1.20],
-                      [-0.80, 0.00, 0.25]])
+    w = torch.tensor([[0.40, -0.05, 1.20], [-0.80, 0.00, 0.25]])
     # mean|W| = (0.40 + 0.05 + 1.20 + 0.80 + 0 + 0.25) / 6 = 2.70 / 6 = 0.45
     # W / 0.45 = [[0.889, -0.111, 2.667], [-1.778, 0, 0.556]]
     # round -> [[1, 0, 3], [-2, 0, 1]] ; clip to [-1, 1] -> [[1, 0, 1], [-1, 0, 1]]
@@ -83,16 +83,14 @@ def test_weight_quant_random_matches_formula_and_eps():
 
 
 def test_activation_quant_worked_example():
-    x = torch.tensor([[0.30, -1.00, 0.25, 0.10],
-                      [2.00, 0.01, -0.50, 1.10]])
+    x = torch.tensor([[0.30, -1.00, 0.25, 0.10], [2.00, 0.01, -0.50, 1.10]])
     # token 0: absmax 1.0, s = 127 -> [38.1, -127, 31.75, 12.7] -> [38, -127, 32, 13] / 127
     # token 1: absmax 2.0, s = 63.5 -> [127, 0.635, -31.75, 69.85] -> [127, 1, -32, 70] / 63.5
     expected = torch.tensor([[38, -127, 32, 13], [127, 1, -32, 70]], dtype=torch.float32)
     expected = expected / torch.tensor([[127.0], [63.5]])
     torch.testing.assert_close(quantize_activation(x, 8), expected, rtol=0, atol=1e-7)
     # 4 bits: qmax 7, token 0: [2.1, -7, 1.75, 0.7] -> [2, -7, 2, 1] / 7
-    torch.testing.assert_close(quantize_activation(x[:1], 4), torch.tensor([[2.0, -7, 2, 1]]) / 7,
-                               rtol=0, atol=1e-7)
+    torch.testing.assert_close(quantize_activation(x[:1], 4), torch.tensor([[2.0, -7, 2, 1]]) / 7, rtol=0, atol=1e-7)
     # Per token: each row's absmax survives exactly, and an all-zero token stays zero.
     assert quantize_activation(torch.zeros(2, 3), 8).eq(0).all()
 
@@ -106,6 +104,7 @@ def test_activation_quant_random_matches_formula():
 
 
 # --------------------------------------------------------------------------- BitLinear and STE
+
 
 def test_ste_gradients_reach_latent_weight():
     torch.manual_seed(0)
@@ -151,7 +150,6 @@ def test_ramp_mixes_full_precision_and_ternary():
 def test_ramp_changes_do_not_recompile():
     """lambda is a buffer, so torch.compile traces once for the whole ramp (a Python float
     attribute would be specialised and recompile at every step)."""
-    from torch._dynamo.testing import CompileCounterWithBackend
 
     net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     apply_ternary(net, TernaryConfig(include=["*"], exclude=[], ramp_steps=4))
@@ -170,6 +168,7 @@ def test_ramp_changes_do_not_recompile():
 
 # --------------------------------------------------------------------------- selection
 
+
 def test_default_selection_is_exactly_the_block_projections():
     cfg = tiny_cfg()
     model = GPT(cfg)
@@ -179,8 +178,11 @@ def test_default_selection_is_exactly_the_block_projections():
 
     names = apply_ternary(model, TernaryConfig())
 
-    expected = {f"layers.{i}.{'attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
-                for i in range(cfg.n_layers) for p in PROJ}
+    expected = {
+        f"layers.{i}.{'attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
+        for i in range(cfg.n_layers)
+        for p in PROJ
+    }
     assert set(names) == expected and len(names) == 7 * cfg.n_layers
     bit = {n for n, m in model.named_modules() if isinstance(m, BitLinear)}
     assert bit == expected
@@ -195,13 +197,21 @@ def test_default_selection_is_exactly_the_block_projections():
 
 def test_include_exclude_and_errors():
     model = GPT(tiny_cfg())
-    cfg = TernaryConfig(include=["layers.0.*", "layers.2.mlp.*"], exclude=["*down_proj", "*norm*"],
-                        activation_bits=6, ramp_steps=100)
+    cfg = TernaryConfig(
+        include=["layers.0.*", "layers.2.mlp.*"], exclude=["*down_proj", "*norm*"], activation_bits=6, ramp_steps=100
+    )
     names = apply_ternary(model, cfg)
     assert names == select_ternary(model, cfg)
-    assert set(names) == {"layers.0.attn.q_proj", "layers.0.attn.k_proj", "layers.0.attn.v_proj",
-                          "layers.0.attn.o_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.up_proj",
-                          "layers.2.mlp.gate_proj", "layers.2.mlp.up_proj"}
+    assert set(names) == {
+        "layers.0.attn.q_proj",
+        "layers.0.attn.k_proj",
+        "layers.0.attn.v_proj",
+        "layers.0.attn.o_proj",
+        "layers.0.mlp.gate_proj",
+        "layers.0.mlp.up_proj",
+        "layers.2.mlp.gate_proj",
+        "layers.2.mlp.up_proj",
+    }
     bit = ternary_modules(model)
     assert set(bit) == set(names)
     assert all(m.activation_bits == 6 and m.ramp == 0.0 for m in bit.values())  # ramp_steps > 0 starts at 0
@@ -229,6 +239,7 @@ def test_include_exclude_and_errors():
 
 
 # --------------------------------------------------------------------------- packing
+
 
 @pytest.mark.parametrize("n", [1, 2, 4, 5, 6, 7, 11, 24, 25, 1000, 4099, 91 * 13])
 def test_pack_unpack_lossless(n):
@@ -278,12 +289,12 @@ def test_save_load_packed_roundtrip(tmp_path):
     tensors, _ = pack_ternary_state_dict(model)
     assert all(torch.equal(packed_sd[k], v) for k, v in tensors.items())
     with pytest.raises(ValueError, match="not a nanochat ternary"):
-        from safetensors.torch import save_file
         save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
         load_packed(tmp_path / "plain.safetensors")
 
 
 # --------------------------------------------------------------------------- packed inference
+
 
 def test_packed_model_logits_equal_unpacked(tmp_path):
     cfg = tiny_cfg()
@@ -342,6 +353,7 @@ def test_packed_bitlinear_matches_bitlinear_with_bias_under_bf16():
 
 # --------------------------------------------------------------------------- QAT recovers a trained model
 
+
 def test_ternary_finetune_recovers_dense_loss():
     """Train a dense model on a copy task, switch to ternary, fine-tune; most loss comes back.
 
@@ -357,9 +369,9 @@ def test_ternary_finetune_recovers_dense_loss():
 
     def batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         r = torch.randint(0, V, (n, P), generator=g)
-        s = r.repeat(1, T // P + 1)[:, :T + 1]
+        s = r.repeat(1, T // P + 1)[:, : T + 1]
         y = s[:, 1:].clone()
-        y[:, :P - 1] = -1  # the first block is random: nothing to learn there
+        y[:, : P - 1] = -1  # the first block is random: nothing to learn there
         return s[:, :-1], y
 
     torch.manual_seed(0)
@@ -367,14 +379,17 @@ def test_ternary_finetune_recovers_dense_loss():
     model.init_weights(0)
     eval_batch = batch(64, torch.Generator().manual_seed(123))
 
+    def loss_on(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model_loss(model, model(x), y)
+
     def eval_loss() -> float:
         with torch.no_grad():
-            return model(*eval_batch).item()
+            return loss_on(*eval_batch).item()
 
     loss_init = eval_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(100):
-        loss = model(*batch(16, gen))
+        loss = loss_on(*batch(16, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -388,7 +403,7 @@ def test_ternary_finetune_recovers_dense_loss():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     for step in range(100):
         set_ramp(model, ramp_value(step, tcfg.ramp_steps))
-        loss = model(*batch(16, gen))
+        loss = loss_on(*batch(16, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -397,8 +412,10 @@ def test_ternary_finetune_recovers_dense_loss():
 
     ratio_switch = (loss_init - loss_switch) / (loss_init - loss_dense)
     ratio = (loss_init - loss_ternary) / (loss_init - loss_dense)
-    print(f"\nternary QAT: init {loss_init:.3f} dense {loss_dense:.3f} switched {loss_switch:.3f} "
-          f"ternary-ft {loss_ternary:.3f}; recovery ratio {ratio:.3f} (at switch {ratio_switch:.3f})")
+    print(
+        f"\nternary QAT: init {loss_init:.3f} dense {loss_dense:.3f} switched {loss_switch:.3f} "
+        f"ternary-ft {loss_ternary:.3f}; recovery ratio {ratio:.3f} (at switch {ratio_switch:.3f})"
+    )
     assert loss_dense < 1.0  # the dense model learnt the task, else the ratio means nothing
     assert ratio >= 0.9
     assert ratio - ratio_switch >= 0.2  # the fine-tuning, not the switch, brings the loss back

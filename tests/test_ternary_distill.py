@@ -17,21 +17,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import TrainerConfig, format_validation_error
 from nanochat_trainer.data.synthetic import generate
-from nanochat_trainer.distill.losses import full_kl_loss
-from nanochat_trainer.ternary import ternary_modules
+from nanochat_trainer.models.ternary import ternary_modules
+from nanochat_trainer.serve import ModelServer
 from nanochat_trainer.train import train
+from nanochat_trainer.train.__main__ import main
+from nanochat_trainer.train.losses import full_kl_loss
+
+from micro import MICRO, micro_cfg, read_log, torchrun
 from serving import serve_app
-from micro import MICRO, micro_cfg
 
 PARENT_STEPS = 200
-
-
-def _log(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
 
 
 def _ternary(run_dir: Path, parent: Path, steps: int, **over) -> TrainerConfig:
@@ -92,10 +92,10 @@ def test_parent_kd_pulls_the_ternary_student_to_its_parent(parent, tmp_path) -> 
     steps = 30
     train(_ternary(tmp_path / "ce", parent, steps))
     train(_ternary(tmp_path / "kd", parent, steps, ternary={"distill_from_parent": True, "parent_alpha": 0.5}))
-    log = _log(tmp_path / "kd")
+    log = read_log(tmp_path / "kd")
     kd = [log[s]["kd_loss"] for s in range(1, steps + 1)]
     assert all(k is not None and math.isfinite(k) for k in kd) and all(math.isfinite(log[s]["loss"]) for s in log)
-    assert "kd_loss" not in _log(tmp_path / "ce")[steps]
+    assert "kd_loss" not in read_log(tmp_path / "ce")[steps]
     late = sum(kd[-5:]) / 5
     assert late < 0.8 * kd[0], kd
 
@@ -103,8 +103,10 @@ def test_parent_kd_pulls_the_ternary_student_to_its_parent(parent, tmp_path) -> 
     p_ce, _ = _held_out(parent / "final")
     ce_ce, ce_kl = _held_out(tmp_path / "ce" / "final", ref)
     kd_ce, kd_kl = _held_out(tmp_path / "kd" / "final", ref)
-    print(f"\nparent KD: log kd {kd[0]:.3f} -> {late:.3f} (mean of last 5); held-out CE parent {p_ce:.3f}, "
-          f"ternary CE-only {ce_ce:.3f} (KL {ce_kl:.3f}), ternary distilled {kd_ce:.3f} (KL {kd_kl:.3f})")
+    print(
+        f"\nparent KD: log kd {kd[0]:.3f} -> {late:.3f} (mean of last 5); held-out CE parent {p_ce:.3f}, "
+        f"ternary CE-only {ce_ce:.3f} (KL {ce_kl:.3f}), ternary distilled {kd_ce:.3f} (KL {kd_kl:.3f})"
+    )
     assert kd_kl < 0.75 * ce_kl, (ce_kl, kd_kl)
     assert abs(kd_ce - p_ce) < abs(ce_ce - p_ce), (p_ce, ce_ce, kd_ce)
     assert ternary_modules(load_model(tmp_path / "kd" / "final")[0])
@@ -119,33 +121,24 @@ def test_parent_kd_resume_matches_uninterrupted(parent, tmp_path) -> None:
     train(_ternary(tmp_path / "full", parent, 8, ternary=tern, checkpoint=every))
     train(_ternary(tmp_path / "part", parent, 4, ternary=tern, checkpoint=every))
     train(_ternary(tmp_path / "part", parent, 8, ternary=tern, checkpoint=every))
-    a, b = _log(tmp_path / "full"), _log(tmp_path / "part")
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "part")
     for s in range(5, 9):
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), (s, a[s], b[s])
         assert b[s]["kd_loss"] == pytest.approx(a[s]["kd_loss"], rel=1e-5, abs=1e-6), (s, a[s], b[s])
 
 
+@pytest.mark.slow
 def test_parent_kd_under_fsdp(parent, tmp_path) -> None:
     """2 ranks under FSDP2 (student and parent sharded per block): the same losses and KL as one
     process with the same global batch, and final/ (gathered from the shards) equals the last
     checkpoint's weights."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-    from safetensors.torch import load_file
 
     tern = {"distill_from_parent": True}
     one = _ternary(tmp_path / "one", parent, 3, ternary=tern)
     two = _ternary(tmp_path / "two", parent, 3, ternary=tern, batch_size=2, parallel="fsdp")
     train(one)
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(two.model_dump(mode="json")))
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", str(29700 + os.getpid() % 1000), "-m", "nanochat_trainer.train",
-                    "--config", str(path)], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    torchrun(2, two, tmp_path)
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     for s in range(1, 4):
         # Muon's bf16 Newton-Schulz on sharded matrices drifts slightly from one process.
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=2e-3), (s, a[s], b[s])
@@ -168,20 +161,28 @@ def test_ternary_takes_the_parents_tokenizer(parent, tmp_path) -> None:
 def test_ternary_distills_from_a_served_teacher(parent, tmp_path) -> None:
     """(c) stage ternary with a distill block: topk_logprobs against `nanochat serve`'s server
     (ModelServer, here serving the parent), a few steps."""
-    from nanochat_trainer.serve import ModelServer
 
     model, tok, _ = load_model(parent / "final")
     url, stop = serve_app(ModelServer(model, tok, model_name="teacher").app())
     steps = 4
     teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30}
     try:
-        rec = train(_ternary(tmp_path / "t", parent, steps, ternary={"ramp_steps": 2},
-                             distill={"method": "topk_logprobs", "top_k": 8, "alpha": 0.5, "teacher": teacher}))
+        rec = train(
+            _ternary(
+                tmp_path / "t",
+                parent,
+                steps,
+                ternary={"ramp_steps": 2},
+                distill={"method": "topk_logprobs", "top_k": 8, "alpha": 0.5, "teacher": teacher},
+            )
+        )
     finally:
         stop()
-    log = _log(tmp_path / "t")
-    print(f"\nternary + teacher: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
-          f"{rec['kd_loss']:.3f}, teacher {rec['teacher']}")
+    log = read_log(tmp_path / "t")
+    print(
+        f"\nternary + teacher: loss {log[1]['loss']:.3f} -> {rec['loss']:.3f}, kd {log[1]['kd_loss']:.3f} -> "
+        f"{rec['kd_loss']:.3f}, teacher {rec['teacher']}"
+    )
     assert all(math.isfinite(log[s]["loss"]) and log[s]["kd_loss"] is not None for s in range(1, steps + 1))
     assert rec["teacher"]["requests"] == steps * MICRO["batch_size"] and rec["teacher"]["errors"] == 0
     assert rec["teacher_skipped"] == 0
@@ -211,10 +212,17 @@ def test_config_errors_name_the_field(tmp_path, capsys) -> None:
     with pytest.raises(ValueError, match=r"ternary.distill_from_parent needs checkpoint.init_from"):
         train(cfg)
     # The CLI turns it into one line and exit status 2.
-    from nanochat_trainer.train import main
 
     path = tmp_path / "run.yaml"
-    path.write_text(json.dumps({**MICRO, "stage": "ternary", "ternary": {"distill_from_parent": True},
-                                "checkpoint": {"dir": str(tmp_path / "r")}}))
+    path.write_text(
+        json.dumps(
+            {
+                **MICRO,
+                "stage": "ternary",
+                "ternary": {"distill_from_parent": True},
+                "checkpoint": {"dir": str(tmp_path / "r")},
+            }
+        )
+    )
     assert main(["--config", str(path)]) == 2
     assert "ternary.distill_from_parent needs checkpoint.init_from" in capsys.readouterr().err

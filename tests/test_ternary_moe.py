@@ -19,52 +19,51 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch._dynamo.testing import CompileCounterWithBackend
 
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.config import ModelConfig, MoEConfig, TernaryConfig, TrainerConfig
-from nanochat_trainer.model import GPT
-from nanochat_trainer.moe import MoE, StackedLinear
-from nanochat_trainer.ternary import (BitLinear, BitStackedLinear, TernaryLayer, apply_ternary, expert_scales,
-                                      quantize_expert_weight, quantize_weight, ramp_value, set_ramp,
-                                      ternary_modules)
-from nanochat_trainer.ternary_pack import (FORMAT, FORMAT_V1, META_KEY, PackedStackedLinear, load_packed,
-                                           load_packed_model, read_packed_metadata, save_packed,
-                                           to_packed_inference)
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.models.moe import MoE, StackedLinear
+from nanochat_trainer.models.ternary import (
+    BitLinear,
+    BitStackedLinear,
+    TernaryLayer,
+    apply_ternary,
+    expert_scales,
+    quantize_expert_weight,
+    quantize_weight,
+    ramp_value,
+    set_ramp,
+    ternary_modules,
+)
+from nanochat_trainer.models.ternary_pack import (
+    FORMAT,
+    FORMAT_V1,
+    META_KEY,
+    PackedStackedLinear,
+    load_packed,
+    load_packed_model,
+    read_packed_metadata,
+    save_packed,
+    to_packed_inference,
+)
 from nanochat_trainer.train import train
-from micro import MICRO, micro_cfg, read_log
-from test_ternary import random_gpt
 
-GROUPED = pytest.param("grouped_mm", marks=pytest.mark.skipif(not hasattr(torch, "_grouped_mm"),
-                                                             reason="torch._grouped_mm is not in this torch"))
+from micro import PRESET, micro_cfg, model_over, random_gpt, read_log
+
+GROUPED = pytest.param(
+    "grouped_mm",
+    marks=pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is not in this torch"),
+)
 EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
-MOE = {"n_experts": 4, "top_k": 2, "expert_ffn_dim": 32, "n_shared_experts": 1, "shared_expert_ffn_dim": 32}
-# full_attention_interval 2: the two layers are one Gated DeltaNet and one gated full attention.
-HYBRID = {"full_attention_interval": 2, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
-          "linear_key_head_dim": 16, "linear_value_head_dim": 16, "conv_kernel": 4, "chunk_size": 32,
-          "partial_rotary_factor": 0.25}
-PRESET = {"moe": "tiny-moe", "hybrid": "tiny-hybrid"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as in test_ternary.py: on a shared 2-core box, two threads contending
-    with another process run these small ops far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model_over(kind: str) -> dict:
-    """MICRO's model (dim 64, 2 layers, vocab 512) with 4 experts, plus the hybrid stack for 'hybrid'."""
-    model = {**MICRO["model"], "moe": MOE}
-    if kind == "hybrid":
-        model.update(head_dim=16, hybrid=HYBRID)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_cfg(kind: str) -> ModelConfig:
-    over = {**_model_over(kind), "vocab_size": 96, "max_seq_len": 64}
+    over = {**model_over(kind), "vocab_size": 96, "max_seq_len": 64}
     return TrainerConfig.model_validate({"preset": PRESET[kind], "model": over, "seq_len": 32}).model
 
 
@@ -80,6 +79,7 @@ def _ternary_block(m: MoE, ramp: float = 1.0) -> MoE:
 
 
 # --------------------------------------------------------------------------- per-expert quantizer
+
 
 def test_expert_scale_is_each_slices_absmean():
     g = torch.Generator().manual_seed(0)
@@ -119,6 +119,7 @@ def test_expert_scales_do_not_depend_on_the_expert_split():
 
 # --------------------------------------------------------------------------- BitStackedLinear in the block
 
+
 def test_bitstacked_shares_the_parameter_and_keys():
     m = _moe_block()
     params = dict(m.named_parameters())
@@ -130,7 +131,8 @@ def test_bitstacked_shares_the_parameter_and_keys():
     assert type(m.router) is nn.Linear
     assert list(m.state_dict()) == keys
     assert set(ternary_modules(m)) == {f"experts.{p}" for p in EXPERT_PROJ} | {
-        f"shared_expert.{p}" for p in EXPERT_PROJ} | {"shared_expert_gate"}
+        f"shared_expert.{p}" for p in EXPERT_PROJ
+    } | {"shared_expert_gate"}
     assert set_ramp(m, 0.5) == 7 and all(mod.ramp.item() == 0.5 for mod in ternary_modules(m).values())
     # GPT.init_weights' hook restores the ramp a meta-built module would hold as garbage.
     m.experts.up_proj.reset_extra_parameters()
@@ -216,7 +218,6 @@ def test_ternary_block_equals_per_expert_bitlinear_forward_and_backward(impl, ra
 def test_ramp_changes_do_not_recompile_the_experts():
     """lambda is a buffer in BitStackedLinear too: the compiled grouped-mm experts trace once
     for the whole ramp, and match eager at every step."""
-    from torch._dynamo.testing import CompileCounterWithBackend
 
     m = _ternary_block(_moe_block(seed=3), ramp=0.0)
     counter = CompileCounterWithBackend("aot_eager")  # traces dynamo + autograd, no C++ build
@@ -233,6 +234,7 @@ def test_ramp_changes_do_not_recompile_the_experts():
 
 
 # --------------------------------------------------------------------------- selection on the presets
+
 
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-hybrid"])
 def test_apply_ternary_selects_the_experts_of_the_presets(preset):
@@ -284,8 +286,9 @@ def test_packed_moe_logits_equal_training_mode(kind, tmp_path):
             names = to_packed_inference(packed, cache_unpacked=cache_unpacked)
             assert set(names) == set(ternary_modules(model))
             assert not any(isinstance(m, TernaryLayer) for m in packed.modules())
-            assert all(isinstance(packed.layers[i].mlp.experts.gate_proj, PackedStackedLinear)
-                       for i in range(cfg.n_layers))
+            assert all(
+                isinstance(packed.layers[i].mlp.experts.gate_proj, PackedStackedLinear) for i in range(cfg.n_layers)
+            )
             for impl in IMPLS:
                 _set_impl((model, packed), impl)
                 assert torch.equal(packed(idx), model(idx)), (cache_unpacked, impl)
@@ -315,8 +318,14 @@ def test_packed_moe_logits_equal_training_mode(kind, tmp_path):
     header = read_packed_metadata(tmp_path / "m.safetensors")
     assert header["format"] == FORMAT
     gate = header["modules"]["layers.0.mlp.experts.gate_proj"]
-    assert gate == {"kind": "stacked", "n_experts": 4, "in_features": 64, "out_features": 32,
-                    "activation_bits": 8, "bias": False}
+    assert gate == {
+        "kind": "stacked",
+        "n_experts": 4,
+        "in_features": 64,
+        "out_features": 32,
+        "activation_bits": 8,
+        "bias": False,
+    }
     raw = load_packed(tmp_path / "m.safetensors", dequantize=False)
     assert raw["layers.0.mlp.experts.gate_proj.weight_packed"].shape == (4, math.ceil(64 * 32 / 5))
     assert raw["layers.0.mlp.experts.down_proj.weight_scale"].shape == (4,)
@@ -343,10 +352,12 @@ def test_packed_size_of_tiny_moe_and_old_files_still_load(tmp_path):
     expert_w = sum(m.weight.numel() for m in stacked)
     # Each expert is padded to whole bytes on its own and has a 4-byte scale.
     expert_bytes = sum(e * (math.ceil(o * i / 5) + 4) for e, o, i in (m.weight.shape for m in stacked))
-    print(f"\ntiny-moe: {info['file_bytes'] / 2**20:.3f} MiB packed vs {bf16_bytes / 2**20:.3f} MiB bf16 "
-          f"({bf16_bytes / info['file_bytes']:.1f}x); experts {expert_w:,} weights in {expert_bytes:,} bytes "
-          f"({8 * expert_bytes / expert_w:.3f} bits/weight); all ternary {info['bits_per_ternary_weight']:.3f} "
-          f"bits/weight, overall {info['bits_per_weight_overall']:.2f}")
+    print(
+        f"\ntiny-moe: {info['file_bytes'] / 2**20:.3f} MiB packed vs {bf16_bytes / 2**20:.3f} MiB bf16 "
+        f"({bf16_bytes / info['file_bytes']:.1f}x); experts {expert_w:,} weights in {expert_bytes:,} bytes "
+        f"({8 * expert_bytes / expert_w:.3f} bits/weight); all ternary {info['bits_per_ternary_weight']:.3f} "
+        f"bits/weight, overall {info['bits_per_weight_overall']:.2f}"
+    )
     assert expert_w > 0.5 * info["ternary_params"]  # the experts are most of the ternary weights
     assert 1.6 < info["bits_per_ternary_weight"] < 1.62
     assert info["file_bytes"] < 0.4 * bf16_bytes
@@ -361,18 +372,19 @@ def test_packed_size_of_tiny_moe_and_old_files_still_load(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_packed_model(tmp_path / "dense.safetensors")(idx), dense(idx))
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     with safe_open(str(tmp_path / "dense.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, tmp_path / "future.safetensors",
-              metadata={META_KEY: json.dumps({**header, "format": "nanochat-ternary-v9"})})
+    save_file(
+        tensors,
+        tmp_path / "future.safetensors",
+        metadata={META_KEY: json.dumps({**header, "format": "nanochat-ternary-v9"})},
+    )
     with pytest.raises(ValueError, match="unsupported format"):
         read_packed_metadata(tmp_path / "future.safetensors")
 
 
 # --------------------------------------------------------------------------- the ternary stage end to end
+
 
 def _bf16_rounded_reference(final_dir: Path) -> GPT:
     """final/ as BitLinear/BitStackedLinear (ramp 1), with every tensor the packed export stores
@@ -391,16 +403,24 @@ def test_ternary_stage_with_parent_kd_on_moe(kind, tmp_path):
     """A ~10-step pretrain of a micro MoE / hybrid model, then a ternary run from it distilling from
     its frozen parent: losses finite, KL to the parent logged, and the packed export gives the
     logits of final/ under BitLinear/BitStackedLinear."""
-    preset, model_over = PRESET[kind], _model_over(kind)
+    preset, over = PRESET[kind], model_over(kind)
     parent = tmp_path / "parent"
-    train(micro_cfg(parent, preset=preset, model=model_over, steps=10))
+    train(micro_cfg(parent, preset=preset, model=over, steps=10))
     child = tmp_path / "ternary"
     steps = 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rec = train(micro_cfg(child, preset=preset, model=model_over, steps=steps, stage="ternary",
-                              ternary={"distill_from_parent": True, "ramp_steps": 2},
-                              checkpoint={"init_from": str(parent / "final")}))
+        rec = train(
+            micro_cfg(
+                child,
+                preset=preset,
+                model=over,
+                steps=steps,
+                stage="ternary",
+                ternary={"distill_from_parent": True, "ramp_steps": 2},
+                checkpoint={"init_from": str(parent / "final")},
+            )
+        )
     assert not any("experts" in str(w.message) for w in caught)
     log = read_log(child)
     assert sorted(log) == list(range(1, steps + 1))

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 
+import torch
+
+from nanochat_cli.main import main
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.ternary import ternary_modules
+from nanochat_trainer.models.ternary import ternary_modules
 from nanochat_trainer.train import train
-from micro import micro_cfg
-from test_train import losses
+
+from micro import losses, micro_cfg
 
 
 def test_ternary_stage_from_dense_parent(tmp_path):
     parent = tmp_path / "dense"
     train(micro_cfg(parent, steps=30))
     child = tmp_path / "ternary"
-    train(micro_cfg(child, steps=10, stage="ternary", ternary={"ramp_steps": 5},
-                  checkpoint={"init_from": str(parent / "final")}))
+    train(
+        micro_cfg(
+            child, steps=10, stage="ternary", ternary={"ramp_steps": 5}, checkpoint={"init_from": str(parent / "final")}
+        )
+    )
     first = losses(child)[1]
     assert first < losses(tmp_path / "dense")[1] - 1.0, "the ternary run did not start from the parent's weights"
     packed = child / "model.ternary.safetensors"
@@ -25,7 +31,6 @@ def test_ternary_stage_from_dense_parent(tmp_path):
     assert cfg.stage == "ternary" and tok.n_vocab <= cfg.model.vocab_size
     dense_view, _, _ = load_model(child / "final")
     assert ternary_modules(dense_view), "final/ of a ternary run loads as BitLinear layers"
-    import torch
 
     ids = torch.tensor([tok.encode("def add(a, b):\n    return a + b\n")])
     with torch.no_grad():
@@ -37,7 +42,6 @@ def test_ternary_stage_from_dense_parent(tmp_path):
 
 
 def test_eval_runs_from_the_packed_file(tmp_path, monkeypatch):
-    from nanochat_trainer.cli import main
 
     run = tmp_path / "t"
     train(micro_cfg(run, steps=3, stage="ternary"))

@@ -16,10 +16,18 @@ import yaml
 
 from nanochat_trainer import tokenizer as tk
 from nanochat_trainer.config import TrainerConfig
-from nanochat_trainer.data import ConfigError
 from nanochat_trainer.data.synthetic import generate
-from nanochat_trainer.tokenizer import (EOT, HFTokenizer, TiktokenTokenizer, build_tokenizer, dump_tiktoken,
-                                        load_tokenizer, train_bpe, train_tokenizer_cli)
+from nanochat_trainer.errors import ConfigError
+from nanochat_trainer.tokenizer import (
+    EOT,
+    HFTokenizer,
+    TiktokenTokenizer,
+    build_tokenizer,
+    dump_tiktoken,
+    load_tokenizer,
+    train_bpe,
+    train_tokenizer_cli,
+)
 
 TEXT = "def naïve(x):\n    return x * 2  # 世界 \t tab\n\n"
 

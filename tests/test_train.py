@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+from safetensors.torch import load_file
 
-from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.train import train
 
-from micro import MICRO, micro_cfg
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())}
+from micro import MICRO, losses, micro_cfg, read_log, torchrun
 
 
 def test_loss_falls(tmp_path):
@@ -39,26 +31,19 @@ def test_resume_matches_uninterrupted(tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
 
 
-def _torchrun(nproc: int, cfg: TrainerConfig, tmp: Path) -> None:
-    path = tmp / f"cfg{nproc}.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--master-port", str(29500 + nproc + os.getpid() % 1000),
-                    "-m", "nanochat_trainer.train", "--config", str(path)], check=True, env=env, timeout=300)
-
-
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     # Same global batch: 1 x 4 sequences against 2 ranks x 2 sequences.
     one = micro_cfg(tmp_path / "one", steps=6, batch_size=4)
     two = micro_cfg(tmp_path / "two", steps=6, batch_size=2)
     train(one)
-    _torchrun(2, two, tmp_path)
+    torchrun(2, two, tmp_path)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     for step in range(1, 7):
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
 
 
+@pytest.mark.slow
 def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
     """tiny-moe shapes under torchrun: EP=2 (each rank holds 4 of the 8 experts) follows
     the same losses as plain DDP, checkpoints the full experts, and resumes."""
@@ -66,27 +51,32 @@ def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
     model = {**MICRO["model"], **moe}
     ddp = micro_cfg(tmp_path / "ddp", steps=6, batch_size=2, model=model, checkpoint={"every": 3})
     ep = micro_cfg(tmp_path / "ep", steps=3, batch_size=2, model=model, checkpoint={"every": 3}, expert_parallel=2)
-    _torchrun(2, ddp, tmp_path)
-    _torchrun(2, ep, tmp_path)  # steps 1-3, checkpoint at 3
-    _torchrun(2, ep.model_copy(update={"steps": 6}), tmp_path)  # resumes at 3 with sharded experts
+    torchrun(2, ddp, tmp_path)
+    torchrun(2, ep, tmp_path)  # steps 1-3, checkpoint at 3
+    torchrun(2, ep.model_copy(update={"steps": 6}), tmp_path)  # resumes at 3 with sharded experts
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "ep")
     for step in range(1, 7):
         # Muon's bf16 Newton-Schulz makes the two reduction orders drift slightly.
         assert b[step] == pytest.approx(a[step], rel=2e-3), (step, a, b)
-    from safetensors.torch import load_file
 
     final = load_file(str(tmp_path / "ep" / "final" / "model.safetensors"))
     experts = [v for k, v in final.items() if "experts" in k and v.dim() == 3]
     assert experts and all(v.shape[0] == 8 for v in experts)  # all experts gathered in the saved model
-    # Expert load: each step's record summarises it; each checkpoint appends the per-expert
-    # counts since the previous one, over both ranks (2 x 2 rows of 64 tokens, top-2, 3 steps).
-    for rec in map(json.loads, (tmp_path / "ep" / "log.jsonl").read_text().splitlines()):
-        moe = rec["moe"]  # max/mean lies in [1, n_experts / top_k]; the worst of the two layers
-        assert 1.0 <= moe["load_imbalance"] <= 4.0 and len(moe["layer_imbalance"]) == 2
-        assert moe["load_imbalance"] == pytest.approx(max(moe["layer_imbalance"]), abs=1e-3)
-        assert 0 <= moe["dead_experts"] <= 16
-    lines = [json.loads(x) for x in (tmp_path / "ep" / "expert_load.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [3, 6]
-    for line in lines:
-        assert sorted(line["layers"]) == ["layers.0.mlp", "layers.1.mlp"]
-        assert all(len(v) == 8 and sum(v) == 4 * 64 * 2 * 3 for v in line["layers"].values())
+    # Expert load, counted over both ranks: each step's record summarises it and each checkpoint
+    # appends the per-expert counts since the previous one. Split over ranks, the experts see the
+    # tokens DDP's whole experts see: the same summary at step 1 (same weights, same rows), and
+    # per-expert counts that differ only by the few tokens whose routing the drift above moved.
+    ddp_log, ep_log = read_log(tmp_path / "ddp"), read_log(tmp_path / "ep")
+    assert ep_log[1]["moe"] == ddp_log[1]["moe"], (ep_log[1]["moe"], ddp_log[1]["moe"])
+    ddp_lines, ep_lines = (
+        [json.loads(x) for x in (tmp_path / run / "expert_load.jsonl").read_text().splitlines()]
+        for run in ("ddp", "ep")
+    )
+    assert [x["step"] for x in ep_lines] == [3, 6]
+    for mine, theirs in zip(ep_lines, ddp_lines):
+        assert sorted(mine["layers"]) == ["layers.0.mlp", "layers.1.mlp"]
+        for name, counts in mine["layers"].items():
+            # Every routed slot once: 2 ranks x 2 rows of 64 tokens, top-2, 3 steps.
+            assert len(counts) == 8 and sum(counts) == 4 * 64 * 2 * 3, counts
+            moved = sum(abs(a - b) for a, b in zip(counts, theirs["layers"][name]))
+            assert moved <= 0.02 * sum(counts), (name, counts, theirs["layers"][name])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import kopf
 
@@ -19,12 +19,13 @@ from . import settings
 from .metrics import serve
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     config = settings.parse_args(argv)
     # The handlers read settings.CONFIG when they are registered (the timer interval).
     settings.CONFIG.__dict__.update(config.__dict__)
-    kopf.configure(log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.PLAIN,
-                   verbose=False)
+    kopf.configure(
+        log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.PLAIN, verbose=False
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per trainer scrape otherwise
     # kopf logs every handler and timer success per object at INFO: with hundreds of runs on a
     # 15 s timer that is tens of lines a second. Phase changes are Events; keep warnings here.

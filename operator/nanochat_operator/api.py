@@ -17,20 +17,21 @@ check both refuse the same examples.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
-from nanochat_trainer.config import TrainerConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "nanochat.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-TRAINING_KIND, TRAINING_PLURAL = "TrainingRun", "trainingruns"
-EVAL_KIND, EVAL_PLURAL = "EvalRun", "evalruns"
-
-PHASES = ("Pending", "Starting", "Running", "Succeeded", "Failed")
-TERMINAL_PHASES = ("Succeeded", "Failed")
+from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.contract import (
+    API_VERSION,
+    EVAL_KIND,
+    PHASES,
+    TRAINING_KIND,
+    ConditionType,
+    Phase,
+    storage_claim_name,
+)
 
 # Longest run name: the Job is `<name>-train`, its pods' hostnames `<name>-train-<index>`,
 # and a hostname is a DNS label (63 characters). 50 leaves room for the suffix and 4-digit
@@ -39,24 +40,35 @@ MAX_NAME_LENGTH = 50
 
 # torchrun reads PET_* for its own arguments and sets these in every worker; a user value
 # would either be overwritten or silently break rendezvous, so the API refuses them.
-TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                "GROUP_RANK", "ROLE_RANK", "NODE_RANK")
+TORCHRUN_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "NODE_RANK",
+)
 RESERVED_ENV_PREFIX = "PET_"
 
 # Kubernetes' resource.Quantity grammar (as controller-gen emits it for CRDs).
-QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-                    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 # RFC 1123 label, as Kubernetes names of Services, ConfigMaps and runs are.
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
-Quantity = Union[int, str]
+Quantity = int | str
 # The CRD schema of a quantity: int-or-string with the grammar, exactly as Kubernetes' own.
 _QUANTITY_SCHEMA: dict[str, Any] = {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}
 
 
-def _check_quantity(value: Optional[Quantity], field: str) -> Optional[Quantity]:
+def _check_quantity(value: Quantity | None, field: str) -> Quantity | None:
     if value is None or isinstance(value, int):
         return value
     if not _QUANTITY_RE.match(value):
@@ -86,8 +98,7 @@ class Api(BaseModel):
     """Operator-level models: camelCase on the wire, unknown fields refused."""
 
     # Aliases only: the wire format is camelCase, as the API server (CRD schema) sees it.
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=False,
-                              validate_by_alias=True)
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=False, validate_by_alias=True)
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -96,12 +107,13 @@ class Api(BaseModel):
 class Toleration(Api):
     """A pod toleration (the fields of core/v1 Toleration)."""
 
-    key: Optional[str] = Field(None, max_length=316, description="Taint key; empty with Exists matches all.")
+    key: str | None = Field(None, max_length=316, description="Taint key; empty with Exists matches all.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: Optional[str] = Field(None, max_length=63, description="Taint value (operator Equal).")
-    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
-        None, description="Taint effect matched; empty matches all.")
-    toleration_seconds: Optional[int] = Field(None, description="NoExecute: how long the pod stays bound.")
+    value: str | None = Field(None, max_length=63, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect matched; empty matches all."
+    )
+    toleration_seconds: int | None = Field(None, description="NoExecute: how long the pod stays bound.")
 
 
 class KeyRef(Api):
@@ -109,48 +121,69 @@ class KeyRef(Api):
 
     name: str = Field(..., min_length=1, max_length=253, description="Secret or ConfigMap name.")
     key: str = Field(..., min_length=1, max_length=253, description="Key inside it.")
-    optional: Optional[bool] = Field(None, description="Start even when it is missing.")
+    optional: bool | None = Field(None, description="Start even when it is missing.")
 
 
 class EnvSource(Api):
     """Where an environment variable's value comes from."""
 
-    secret_key_ref: Optional[KeyRef] = Field(None, description="A key of a Secret.")
-    config_map_key_ref: Optional[KeyRef] = Field(None, description="A key of a ConfigMap.")
+    secret_key_ref: KeyRef | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(None, description="A key of a ConfigMap.")
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("has(self.secretKeyRef) != has(self.configMapKeyRef)", "set exactly one of secretKeyRef, configMapKeyRef"),
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+                    "set exactly one of secretKeyRef, configMapKeyRef",
+                ),
+            ]
+        }
+    )
 
     @model_validator(mode="after")
-    def _one(self) -> "EnvSource":
+    def _one(self) -> EnvSource:
         if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
             raise ValueError("set exactly one of secretKeyRef, configMapKeyRef")
         return self
 
 
-ENV_RULE = ("!self.name.startsWith('" + RESERVED_ENV_PREFIX + "') && !(self.name in ["
-            + ", ".join(f"'{n}'" for n in TORCHRUN_ENV) + "])")
+ENV_RULE = (
+    "!self.name.startsWith('"
+    + RESERVED_ENV_PREFIX
+    + "') && !(self.name in ["
+    + ", ".join(f"'{n}'" for n in TORCHRUN_ENV)
+    + "])"
+)
 
 
 class EnvVar(Api):
     """A user environment variable of the run's containers (tokens, proxies, NCCL knobs)."""
 
     name: str = Field(..., min_length=1, max_length=128, pattern=ENV_NAME_PATTERN, description="Variable name.")
-    value: Optional[str] = Field(None, max_length=32768, description="Literal value.")
-    value_from: Optional[EnvSource] = Field(None, description="Value from a Secret or ConfigMap key.")
+    value: str | None = Field(None, max_length=32768, description="Literal value.")
+    value_from: EnvSource | None = Field(None, description="Value from a Secret or ConfigMap key.")
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel(ENV_RULE, f"{RESERVED_ENV_PREFIX}* and torchrun's variables ({', '.join(TORCHRUN_ENV)}) "
-                      "are set by the operator and torchrun"),
-        cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    ENV_RULE,
+                    f"{RESERVED_ENV_PREFIX}* and torchrun's variables ({', '.join(TORCHRUN_ENV)}) "
+                    "are set by the operator and torchrun",
+                ),
+                cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"),
+            ]
+        }
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "EnvVar":
+    def _check(self) -> EnvVar:
         if self.name.startswith(RESERVED_ENV_PREFIX) or self.name in TORCHRUN_ENV:
-            raise ValueError(f"name={self.name!r} is reserved: {RESERVED_ENV_PREFIX}* and torchrun's variables "
-                             f"({', '.join(TORCHRUN_ENV)}) are set by the operator and torchrun")
+            raise ValueError(
+                f"name={self.name!r} is reserved: {RESERVED_ENV_PREFIX}* and torchrun's variables "
+                f"({', '.join(TORCHRUN_ENV)}) are set by the operator and torchrun"
+            )
         if self.value is not None and self.value_from is not None:
             raise ValueError("set value or valueFrom, not both")
         return self
@@ -159,17 +192,20 @@ class EnvVar(Api):
 class PodResources(Api):
     """Per-pod CPU and memory, and where pods may run."""
 
-    cpu: Optional[Quantity] = Field(None, description="CPU request and limit per pod, e.g. 8 or 7500m.",
-                                    json_schema_extra=_QUANTITY_SCHEMA)
-    memory: Optional[Quantity] = Field(None, description="Memory request and limit per pod, e.g. 64Gi.",
-                                       json_schema_extra=_QUANTITY_SCHEMA)
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32,
-                                          description="Tolerations of the pods (e.g. for GPU taints).")
+    cpu: Quantity | None = Field(
+        None, description="CPU request and limit per pod, e.g. 8 or 7500m.", json_schema_extra=_QUANTITY_SCHEMA
+    )
+    memory: Quantity | None = Field(
+        None, description="Memory request and limit per pod, e.g. 64Gi.", json_schema_extra=_QUANTITY_SCHEMA
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations of the pods (e.g. for GPU taints)."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods require.")
 
     @field_validator("cpu", "memory")
     @classmethod
-    def _quantity(cls, v: Optional[Quantity], info: Any) -> Optional[Quantity]:
+    def _quantity(cls, v: Quantity | None, info: Any) -> Quantity | None:
         return _check_quantity(v, info.field_name)
 
 
@@ -177,8 +213,9 @@ class Resources(PodResources):
     """How many machines a run takes: `nodes` pods, each with `gpusPerNode` GPUs."""
 
     nodes: int = Field(1, ge=1, le=1024, description="Pods (torchrun nodes); the Job's completions and parallelism.")
-    gpus_per_node: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per pod; 0 trains on CPU "
-                               "(one process per pod).")
+    gpus_per_node: int = Field(
+        0, ge=0, le=16, description="nvidia.com/gpu per pod; 0 trains on CPU (one process per pod)."
+    )
 
 
 class EvalResources(PodResources):
@@ -196,31 +233,36 @@ class Storage(Api):
     its checkpoints. Multi-node runs need a ReadWriteMany claim.
     """
 
-    claim_name: Optional[str] = Field(None, max_length=253, pattern=DNS_LABEL_PATTERN,
-                                      description="Existing PVC to use.")
-    size: Optional[Quantity] = Field(None, description="Size of the PVC the operator creates (no claimName).",
-                                     json_schema_extra=_QUANTITY_SCHEMA)
-    storage_class: Optional[str] = Field(None, max_length=253, description="StorageClass of the created PVC.")
+    claim_name: str | None = Field(None, max_length=253, pattern=DNS_LABEL_PATTERN, description="Existing PVC to use.")
+    size: Quantity | None = Field(
+        None, description="Size of the PVC the operator creates (no claimName).", json_schema_extra=_QUANTITY_SCHEMA
+    )
+    storage_class: str | None = Field(None, max_length=253, description="StorageClass of the created PVC.")
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
-        "ReadWriteOnce", description="Access mode of the created PVC; multi-node runs need ReadWriteMany.")
+        "ReadWriteOnce", description="Access mode of the created PVC; multi-node runs need ReadWriteMany."
+    )
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("has(self.claimName) != has(self.size)", "set exactly one of claimName, size"),
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.claimName) != has(self.size)", "set exactly one of claimName, size"),
+            ]
+        }
+    )
 
     @field_validator("size")
     @classmethod
-    def _quantity(cls, v: Optional[Quantity]) -> Optional[Quantity]:
+    def _quantity(cls, v: Quantity | None) -> Quantity | None:
         return _check_quantity(v, "size")
 
     @model_validator(mode="after")
-    def _one(self) -> "Storage":
+    def _one(self) -> Storage:
         if (self.claim_name is None) == (self.size is None):
             raise ValueError("set exactly one of claimName, size")
         return self
 
     def pvc_name(self, run_name: str) -> str:
-        return self.claim_name or f"{run_name}-storage"
+        return self.claim_name or storage_claim_name(run_name)
 
 
 class PodFailurePolicy(Api):
@@ -238,9 +280,11 @@ class PodFailurePolicy(Api):
 
     # A plain default (pydantic copies it per instance) so the CRD shows it too.
     fail_on_exit_codes: list[Annotated[int, Field(ge=1, le=255)]] = Field(
-        [2, 126, 127], max_length=255, description="Container exit codes that fail the run at once.")
-    ignore_disruptions: bool = Field(True, description="Pod disruptions (preemption, node loss) are retried "
-                                     "without counting against backoffLimit.")
+        [2, 126, 127], max_length=255, description="Container exit codes that fail the run at once."
+    )
+    ignore_disruptions: bool = Field(
+        True, description="Pod disruptions (preemption, node loss) are retried without counting against backoffLimit."
+    )
 
     @field_validator("fail_on_exit_codes")
     @classmethod
@@ -251,9 +295,14 @@ class PodFailurePolicy(Api):
 class Init(Api):
     """Where a run's weights start from."""
 
-    from_training_run: str = Field(..., min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN,
-                                   description="A TrainingRun in this namespace: this run waits until it "
-                                               "Succeeded, then starts from its final checkpoint.")
+    from_training_run: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=DNS_LABEL_PATTERN,
+        description="A TrainingRun in this namespace: this run waits until it "
+        "Succeeded, then starts from its final checkpoint.",
+    )
 
 
 # ---------------------------------------------------------------------------- TrainingRun
@@ -262,18 +311,26 @@ class Init(Api):
 class RunCommon(Api):
     """Fields both kinds share: image, scheduling, env and retries."""
 
-    image: Optional[str] = Field(None, max_length=512, description="Trainer image; default: the operator's "
-                                 "--trainer-image.")
-    suspend: bool = Field(False, description="Create the Job suspended, or suspend it (pods stop; a training "
-                          "run resumes from its newest checkpoint when unsuspended).")
-    queue_name: Optional[str] = Field(None, max_length=63, pattern=DNS_LABEL_PATTERN,
-                                      description="Kueue LocalQueue; the Job is created suspended and Kueue "
-                                                  "admits it.")
+    image: str | None = Field(
+        None, max_length=512, description="Trainer image; default: the operator's --trainer-image."
+    )
+    suspend: bool = Field(
+        False,
+        description="Create the Job suspended, or suspend it (pods stop; a training "
+        "run resumes from its newest checkpoint when unsuspended).",
+    )
+    queue_name: str | None = Field(
+        None,
+        max_length=63,
+        pattern=DNS_LABEL_PATTERN,
+        description="Kueue LocalQueue; the Job is created suspended and Kueue admits it.",
+    )
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment variables.")
     backoff_limit: int = Field(3, ge=0, le=100, description="Pod failures retried before the run fails.")
-    pod_failure_policy: PodFailurePolicy = Field(default_factory=PodFailurePolicy,
-                                                 description="Failures that end the run at once.")
-    service_account_name: Optional[str] = Field(None, max_length=253, description="ServiceAccount of the pods.")
+    pod_failure_policy: PodFailurePolicy = Field(
+        default_factory=PodFailurePolicy, description="Failures that end the run at once."
+    )
+    service_account_name: str | None = Field(None, max_length=253, description="ServiceAccount of the pods.")
 
     @field_validator("env")
     @classmethod
@@ -288,28 +345,46 @@ class RunCommon(Api):
 class TrainingRunSpec(RunCommon):
     """What to train (`trainer`, the trainer config verbatim) and on what."""
 
-    trainer: TrainerConfig = Field(..., description="The trainer config (nanochat_trainer.config.TrainerConfig), "
-                                   "snake_case as the trainer reads it; `preset` fills what is not written.")
+    trainer: TrainerConfig = Field(
+        ...,
+        description="The trainer config (nanochat_trainer.config.TrainerConfig), "
+        "snake_case as the trainer reads it; `preset` fills what is not written.",
+    )
     resources: Resources = Field(default_factory=Resources, description="Pods, GPUs, CPU, memory, placement.")
-    storage: Optional[Storage] = Field(None, description="PVC for checkpoints and data; without it the run "
-                                       "writes to an emptyDir (lost with the pod; no resume, no dependents).")
-    init: Optional[Init] = Field(None, description="Start from another run's final checkpoint.")
+    storage: Storage | None = Field(
+        None,
+        description="PVC for checkpoints and data; without it the run "
+        "writes to an emptyDir (lost with the pod; no resume, no dependents).",
+    )
+    init: Init | None = Field(None, description="Start from another run's final checkpoint.")
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("!has(self.init) || has(self.storage)",
-            "init.fromTrainingRun reads the source's checkpoint from a PVC: set storage"),
-        cel("!has(self.trainer.device) || self.trainer.device != 'cuda' || self.resources.gpusPerNode > 0",
-            "trainer.device cuda needs resources.gpusPerNode > 0"),
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.init) || has(self.storage)",
+                    "init.fromTrainingRun reads the source's checkpoint from a PVC: set storage",
+                ),
+                cel(
+                    "!has(self.trainer.device) || self.trainer.device != 'cuda' || self.resources.gpusPerNode > 0",
+                    "trainer.device cuda needs resources.gpusPerNode > 0",
+                ),
+            ]
+        }
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainingRunSpec":
+    def _check(self) -> TrainingRunSpec:
         if self.init is not None and self.storage is None:
             raise ValueError("init.fromTrainingRun reads the source's checkpoint from a PVC: set storage")
         if self.trainer.device == "cuda" and self.resources.gpus_per_node == 0:
             raise ValueError("trainer.device cuda needs resources.gpusPerNode > 0")
-        if (self.trainer.ternary is not None and self.trainer.ternary.distill_from_parent and self.init is None
-                and not self.trainer.checkpoint.init_from):
+        if (
+            self.trainer.ternary is not None
+            and self.trainer.ternary.distill_from_parent
+            and self.init is None
+            and not self.trainer.checkpoint.init_from
+        ):
             raise ValueError("trainer.ternary.distill_from_parent needs a parent: set init.fromTrainingRun")
         return self
 
@@ -327,26 +402,35 @@ class SecretRef(Api):
 class Endpoint(Api):
     """An OpenAI-compatible completions server (vLLM, `nanochat serve`, the teacher)."""
 
-    url: str = Field(..., min_length=1, max_length=2048, pattern=r"^https?://",
-                     description="Base URL, e.g. http://teacher:8000/v1.")
+    url: str = Field(
+        ..., min_length=1, max_length=2048, pattern=r"^https?://", description="Base URL, e.g. http://teacher:8000/v1."
+    )
     model: str = Field(..., min_length=1, max_length=512, description="Model name the endpoint serves.")
-    api_key_secret: Optional[SecretRef] = Field(None, description="Secret key holding the API key.")
+    api_key_secret: SecretRef | None = Field(None, description="Secret key holding the API key.")
 
 
 class EvalModel(Api):
     """What is evaluated: a TrainingRun's final checkpoint, or an endpoint."""
 
-    training_run: Optional[str] = Field(None, min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN,
-                                        description="A TrainingRun in this namespace; the eval waits until it "
-                                                    "Succeeded.")
-    endpoint: Optional[Endpoint] = Field(None, description="An OpenAI-compatible endpoint.")
+    training_run: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        pattern=DNS_LABEL_PATTERN,
+        description="A TrainingRun in this namespace; the eval waits until it Succeeded.",
+    )
+    endpoint: Endpoint | None = Field(None, description="An OpenAI-compatible endpoint.")
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("has(self.trainingRun) != has(self.endpoint)", "set exactly one of trainingRun, endpoint"),
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("has(self.trainingRun) != has(self.endpoint)", "set exactly one of trainingRun, endpoint"),
+            ]
+        }
+    )
 
     @model_validator(mode="after")
-    def _one(self) -> "EvalModel":
+    def _one(self) -> EvalModel:
         if (self.training_run is None) == (self.endpoint is None):
             raise ValueError("set exactly one of trainingRun, endpoint")
         return self
@@ -355,8 +439,13 @@ class EvalModel(Api):
 class CompareModel(EvalModel):
     """Another model scored beside `model`: same problems, samples, temperature and seed."""
 
-    name: str = Field(..., min_length=1, max_length=32, pattern=DNS_LABEL_PATTERN,
-                      description="Its label in the comparison, e.g. parent or teacher.")
+    name: str = Field(
+        ...,
+        min_length=1,
+        max_length=32,
+        pattern=DNS_LABEL_PATTERN,
+        description="Its label in the comparison, e.g. parent or teacher.",
+    )
 
 
 class EvalRunSpec(RunCommon):
@@ -366,24 +455,34 @@ class EvalRunSpec(RunCommon):
     benchmark: Literal["humaneval"] = Field("humaneval", description="Benchmark.")
     samples_per_problem: int = Field(1, ge=1, le=200, description="Completions per problem (n of pass@k).")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
-    k: list[int] = Field([1], min_length=1, max_length=16,
-                         description="k values of pass@k; each at most samplesPerProblem.")
-    max_problems: Optional[int] = Field(None, ge=1, le=164, description="Only the first N problems (quick runs).")
+    k: list[int] = Field(
+        [1], min_length=1, max_length=16, description="k values of pass@k; each at most samplesPerProblem."
+    )
+    max_problems: int | None = Field(None, ge=1, le=164, description="Only the first N problems (quick runs).")
     max_new_tokens: int = Field(384, ge=1, le=8192, description="Completion length.")
     resources: EvalResources = Field(default_factory=EvalResources, description="GPUs, CPU, memory, placement.")
     backoff_limit: int = Field(1, ge=0, le=100, description="Pod failures retried before the eval fails.")
     compare: list[CompareModel] = Field(
-        default_factory=list, max_length=4,
+        default_factory=list,
+        max_length=4,
         description="Other models scored on the same problems and printed side by side, e.g. a ternary student "
-                    "(model) against its full-precision parent and the teacher; the eval waits for each TrainingRun.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+        "(model) against its full-precision parent and the teacher; the eval waits for each TrainingRun.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("self.k.all(x, x >= 1 && x <= self.samplesPerProblem)", "each k must be between 1 and samplesPerProblem"),
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.k.all(x, x >= 1 && x <= self.samplesPerProblem)",
+                    "each k must be between 1 and samplesPerProblem",
+                ),
+            ]
+        }
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalRunSpec":
+    def _check(self) -> EvalRunSpec:
         bad = [x for x in self.k if x < 1 or x > self.samples_per_problem]
         if bad:
             raise ValueError(f"k={bad} must each be between 1 and samplesPerProblem={self.samples_per_problem}")
@@ -396,53 +495,67 @@ class EvalRunSpec(RunCommon):
 # ---------------------------------------------------------------------------- status
 
 
-class Condition(Api):
+def _listed(values: tuple[str, ...]) -> str:
+    """'A, B or C.': a schema description naming every allowed value."""
+    return f"{', '.join(values[:-1])} or {values[-1]}."
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class StatusModel(Api):
+    """Status models: the operator builds them in Python, so they also take field names;
+    assignments are validated, so the code cannot write what the schema refuses."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_assignment=True)
+
+
+class Condition(StatusModel):
     """A condition, as in every Kubernetes API."""
 
-    type: str = Field(..., description="Accepted, DependenciesReady, Suspended, Running, Complete, Failed, "
-                      "SpecChangeRefused, TeacherAvailable (distillation).")
-    status: Literal["True", "False", "Unknown"] = Field(..., description="True, False or Unknown.")
+    # A plain string, not the enum: a status written by another operator version still loads.
+    type: str = Field(..., description=_listed(tuple(ConditionType)))
+    status: ConditionStatus = Field(..., description="True, False or Unknown.")
     reason: str = Field("", description="CamelCase reason.")
     message: str = Field("", description="What happened, for people.")
-    last_transition_time: Optional[str] = Field(None, description="When status last changed (RFC 3339).")
+    last_transition_time: str | None = Field(None, description="When status last changed (RFC 3339).")
 
 
-class RunStatusCommon(Api):
-    phase: Optional[Literal["Pending", "Starting", "Running", "Succeeded", "Failed"]] = Field(
-        None, description="Pending, Starting, Running, Succeeded or Failed.")
+class RunStatusCommon(StatusModel):
+    phase: Phase | None = Field(None, description=_listed(PHASES))
     conditions: list[Condition] = Field(default_factory=list, description="Conditions with reasons.")
-    observed_generation: Optional[int] = Field(None, description="metadata.generation this status reflects.")
-    job_name: Optional[str] = Field(None, description="The Job running the pods.")
-    restarts: Optional[int] = Field(None, description="Pods that failed and were replaced.")
-    start_time: Optional[str] = Field(None, description="When the pods first all ran.")
-    completion_time: Optional[str] = Field(None, description="When the run Succeeded or Failed.")
-    kopf: Optional[dict[str, Any]] = Field(None, description="The operator framework's own bookkeeping.")
+    observed_generation: int | None = Field(None, description="metadata.generation this status reflects.")
+    job_name: str | None = Field(None, description="The Job running the pods.")
+    restarts: int | None = Field(None, description="Pods that failed and were replaced.")
+    start_time: str | None = Field(None, description="When the pods first all ran.")
+    completion_time: str | None = Field(None, description="When the run Succeeded or Failed.")
+    kopf: dict[str, Any] | None = Field(None, description="The operator framework's own bookkeeping.")
 
 
 class TrainingRunStatus(RunStatusCommon):
-    step: Optional[int] = Field(None, description="Optimizer steps done.")
-    total_steps: Optional[int] = Field(None, description="Optimizer steps the run takes.")
-    loss: Optional[float] = Field(None, description="Training loss of the last step.")
-    tokens_per_second: Optional[float] = Field(None, description="Throughput over all ranks.")
-    eta: Optional[str] = Field(None, description="Time left at the current pace, e.g. 2h13m.")
-    last_progress_time: Optional[str] = Field(None, description="When step last increased.")
-    latest_checkpoint: Optional[str] = Field(None, description="Path of the newest complete checkpoint.")
-    latest_checkpoint_step: Optional[int] = Field(None, description="Its step.")
-    final_checkpoint: Optional[str] = Field(None, description="The finished model (set when Succeeded).")
-    storage_claim: Optional[str] = Field(None, description="The PVC holding the run directory.")
-    run_dir: Optional[str] = Field(None, description="The run directory inside the PVC's mount.")
+    step: int | None = Field(None, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, description="Optimizer steps the run takes.")
+    loss: float | None = Field(None, description="Training loss of the last step.")
+    tokens_per_second: float | None = Field(None, description="Throughput over all ranks.")
+    eta: str | None = Field(None, description="Time left at the current pace, e.g. 2h13m.")
+    last_progress_time: str | None = Field(None, description="When step last increased.")
+    latest_checkpoint: str | None = Field(None, description="Path of the newest complete checkpoint.")
+    latest_checkpoint_step: int | None = Field(None, description="Its step.")
+    final_checkpoint: str | None = Field(None, description="The finished model (set when Succeeded).")
+    storage_claim: str | None = Field(None, description="The PVC holding the run directory.")
+    run_dir: str | None = Field(None, description="The run directory inside the PVC's mount.")
 
 
 class EvalRunStatus(RunStatusCommon):
-    scores: dict[str, float] = Field(default_factory=dict, description="pass@k by k, e.g. {\"pass@1\": 0.12}.")
-    pass_at_1: Optional[float] = Field(None, alias="passAt1", description="pass@1 (for kubectl get).")
-    problems: Optional[int] = Field(None, description="Problems evaluated.")
-    samples_per_problem: Optional[int] = Field(None, description="Completions per problem.")
-    checkpoint: Optional[str] = Field(None, description="Checkpoint evaluated.")
-    results_path: Optional[str] = Field(None, description="Full results JSON on the PVC.")
+    scores: dict[str, float] = Field(default_factory=dict, description='pass@k by k, e.g. {"pass@1": 0.12}.')
+    pass_at_1: float | None = Field(None, alias="passAt1", description="pass@1 (for kubectl get).")
+    problems: int | None = Field(None, description="Problems evaluated.")
+    samples_per_problem: int | None = Field(None, description="Completions per problem.")
+    checkpoint: str | None = Field(None, description="Checkpoint evaluated.")
+    results_path: str | None = Field(None, description="Full results JSON on the PVC.")
     comparison: dict[str, dict[str, float]] = Field(
-        default_factory=dict, description="pass@k of each spec.compare model by name, e.g. "
-                                          "{\"parent\": {\"pass@1\": 0.2}}.")
+        default_factory=dict, description='pass@k of each spec.compare model by name, e.g. {"parent": {"pass@1": 0.2}}.'
+    )
 
 
 # ---------------------------------------------------------------------------- whole objects
@@ -454,7 +567,7 @@ class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(..., min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN)
-    namespace: Optional[str] = None
+    namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -464,11 +577,11 @@ class TrainingRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    api_version: Literal["nanochat.io/v1alpha1"] = Field(alias="apiVersion")
-    kind: Literal["TrainingRun"]
+    api_version: Literal[API_VERSION] = Field(alias="apiVersion")
+    kind: Literal[TRAINING_KIND]
     metadata: ObjectMeta
     spec: TrainingRunSpec
-    status: Optional[dict[str, Any]] = None
+    status: dict[str, Any] | None = None
 
 
 class EvalRun(BaseModel):
@@ -476,11 +589,11 @@ class EvalRun(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    api_version: Literal["nanochat.io/v1alpha1"] = Field(alias="apiVersion")
-    kind: Literal["EvalRun"]
+    api_version: Literal[API_VERSION] = Field(alias="apiVersion")
+    kind: Literal[EVAL_KIND]
     metadata: ObjectMeta
     spec: EvalRunSpec
-    status: Optional[dict[str, Any]] = None
+    status: dict[str, Any] | None = None
 
 
 KINDS: dict[str, type[BaseModel]] = {TRAINING_KIND: TrainingRun, EVAL_KIND: EvalRun}

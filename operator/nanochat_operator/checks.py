@@ -98,34 +98,45 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
     ep = cfg.expert_parallel
     world = res.nodes * max(res.gpus_per_node, 1)  # torchrun workers: one per GPU, one per CPU pod
     if world % ep:
-        problems.append(f"trainer.expert_parallel={ep} does not divide the run's {world} workers "
-                        f"(resources.nodes={res.nodes} x gpusPerNode={res.gpus_per_node}): use a divisor of {world}")
+        problems.append(
+            f"trainer.expert_parallel={ep} does not divide the run's {world} workers "
+            f"(resources.nodes={res.nodes} x gpusPerNode={res.gpus_per_node}): use a divisor of {world}"
+        )
     shards = (cfg.parallel == "fsdp") or (cfg.parallel == "auto" and params >= FSDP_FROM_PARAMS)
     workers = gpus if gpus > 0 else res.nodes  # one process per GPU; CPU runs: one per pod
     # What one worker holds: an equal share under FSDP2 (with EP: experts split over the EP
     # group, FSDP2 over the rest, still 1/world each); the dense part plus 1/ep of the experts under DDP.
     held = params / workers if shards else params - experts + experts / ep
     need = training_memory_bytes(int(held))
-    what = (f"model of ~{params / 1e9:.2f}B parameters"
-            + (f" ({experts / 1e9:.2f}B in routed experts, expert_parallel={ep})" if experts else ""))
-    how = ("FSDP shards it" if shards else
-           "DDP keeps the dense weights on every GPU" + (f" and 1/{ep} of the experts" if experts else ""))
+    what = f"model of ~{params / 1e9:.2f}B parameters" + (
+        f" ({experts / 1e9:.2f}B in routed experts, expert_parallel={ep})" if experts else ""
+    )
+    how = (
+        "FSDP shards it"
+        if shards
+        else "DDP keeps the dense weights on every GPU" + (f" and 1/{ep} of the experts" if experts else "")
+    )
     if gpus > 0:
         have = gpu_memory_gib * GIB
         if need > have:
             problems.append(
                 f"{what} needs at least {need / GIB:.0f} GiB per GPU for weights, gradients and optimizer state "
                 f"over {gpus} GPUs ({how}); one GPU has {gpu_memory_gib:g} GiB: ask for more GPUs"
-                + ("" if shards else " or set trainer.parallel=fsdp"))
+                + ("" if shards else " or set trainer.parallel=fsdp")
+            )
         # Checkpoints are gathered whole on rank 0's host: fp32 weights plus at least one fp32
         # optimizer moment per parameter must fit in pod 0's memory.
         gathered = params * CHECKPOINT_BYTES_PER_PARAM
         if res.memory is not None and gathered > parse_quantity(res.memory):
-            problems.append(f"{what}: a checkpoint gathers at least {gathered / GIB:.0f} GiB (weights and "
-                            f"optimizer state) in pod 0; resources.memory={res.memory} is not enough")
+            problems.append(
+                f"{what}: a checkpoint gathers at least {gathered / GIB:.0f} GiB (weights and "
+                f"optimizer state) in pod 0; resources.memory={res.memory} is not enough"
+            )
     elif res.memory is not None:
         have = parse_quantity(res.memory)
         if need > have:
-            problems.append(f"{what} needs at least {need / GIB:.1f} GiB per pod ({how}); "
-                            f"resources.memory={res.memory} per pod is not enough")
+            problems.append(
+                f"{what} needs at least {need / GIB:.1f} GiB per pod ({how}); "
+                f"resources.memory={res.memory} per pod is not enough"
+            )
     return problems

@@ -21,11 +21,13 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
-from nanochat_trainer.config import PRESETS
 from pydantic import BaseModel
+
+from nanochat_trainer.config import PRESETS
+from nanochat_trainer.contract import EVAL_KIND, EVAL_PLURAL, GROUP, TRAINING_KIND, TRAINING_PLURAL, VERSION
 
 from . import api
 from .api import cel
@@ -37,22 +39,30 @@ from .api import cel
 # rest and fails the run with a condition naming the field.
 TRAINER_RULES: dict[str, list[dict[str, str]]] = {
     "TrainerConfig": [
-        cel("!has(self.stage) || self.stage != 'distill' || has(self.distill)",
-            "stage distill needs a distill block (teacher and method)"),
+        cel(
+            "!has(self.stage) || self.stage != 'distill' || has(self.distill)",
+            "stage distill needs a distill block (teacher and method)",
+        ),
     ],
     "ModelConfig": [
-        cel("!has(self.n_heads) || !has(self.n_kv_heads) || "
+        cel(
+            "!has(self.n_heads) || !has(self.n_kv_heads) || "
             "(self.n_kv_heads <= self.n_heads && self.n_heads % self.n_kv_heads == 0)",
-            "n_kv_heads must divide n_heads (and so be at most n_heads)"),
+            "n_kv_heads must divide n_heads (and so be at most n_heads)",
+        ),
     ],
     "MoEConfig": [
-        cel("!has(self.top_k) || !has(self.n_experts) || self.top_k <= self.n_experts",
-            "top_k must be at most n_experts"),
+        cel(
+            "!has(self.top_k) || !has(self.n_experts) || self.top_k <= self.n_experts",
+            "top_k must be at most n_experts",
+        ),
     ],
     "HybridConfig": [
-        cel("!has(self.linear_num_key_heads) || !has(self.linear_num_value_heads) || "
+        cel(
+            "!has(self.linear_num_key_heads) || !has(self.linear_num_value_heads) || "
             "self.linear_num_value_heads % self.linear_num_key_heads == 0",
-            "linear_num_value_heads must be a multiple of linear_num_key_heads"),
+            "linear_num_value_heads must be a multiple of linear_num_key_heads",
+        ),
     ],
     "DataConfig": [
         cel("!has(self.source) || self.source != 'local' || has(self.path)", "data.source local needs data.path"),
@@ -74,7 +84,7 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
     return _convert(schema, defs, in_trainer=False, name=None)
 
 
-def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """Inline a `$ref` (siblings such as `description` win) and a one-element allOf."""
     name = None
     if "allOf" in node and len(node["allOf"]) == 1:
@@ -86,7 +96,7 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> tuple[dict[str, Any]
     return node, name
 
 
-def _convert(node: dict[str, Any], defs: dict[str, Any], in_trainer: bool, name: Optional[str]) -> dict[str, Any]:
+def _convert(node: dict[str, Any], defs: dict[str, Any], in_trainer: bool, name: str | None) -> dict[str, Any]:
     node, ref_name = _resolve(copy.deepcopy(node), defs)
     name = ref_name or name or node.get("title")
     out: dict[str, Any] = {}
@@ -106,8 +116,11 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], in_trainer: bool, name:
         else:
             inner, inner_name = _resolve(options[0], defs)
             name = inner_name or name
-            node = {**{k: v for k, v in node.items() if k != "anyOf"}, **inner,
-                    **{k: node[k] for k in ("description", "default") if k in node}}
+            node = {
+                **{k: v for k, v in node.items() if k != "anyOf"},
+                **inner,
+                **{k: node[k] for k in ("description", "default") if k in node},
+            }
         if node.get("default") is None:
             node.pop("default", None)
 
@@ -157,8 +170,14 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], in_trainer: bool, name:
         # server fills in *their* defaults too (nested defaults apply only under an
         # object that exists). Nullable ones stay absent: absent means "none".
         for prop, sub in out["properties"].items():
-            if (prop not in out.get("required", []) and sub.get("type") == "object" and "properties" in sub
-                    and not sub.get("required") and "default" not in sub and not sub.get("nullable")):
+            if (
+                prop not in out.get("required", [])
+                and sub.get("type") == "object"
+                and "properties" in sub
+                and not sub.get("required")
+                and "default" not in sub
+                and not sub.get("nullable")
+            ):
                 sub["default"] = {}
     return out
 
@@ -182,15 +201,20 @@ EVAL_COLUMNS = [
 ]
 
 # Rules on the whole object: they can see metadata.name.
-NAME_RULE = cel(f"size(self.metadata.name) <= {api.MAX_NAME_LENGTH}",
-                f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters (pod hostnames are "
-                "<name>-train-<index> and must fit a DNS label)")
-SELF_INIT_RULE = cel("!has(self.spec.init) || self.spec.init.fromTrainingRun != self.metadata.name",
-                     "spec.init.fromTrainingRun cannot name the run itself")
+NAME_RULE = cel(
+    f"size(self.metadata.name) <= {api.MAX_NAME_LENGTH}",
+    f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters (pod hostnames are "
+    "<name>-train-<index> and must fit a DNS label)",
+)
+SELF_INIT_RULE = cel(
+    "!has(self.spec.init) || self.spec.init.fromTrainingRun != self.metadata.name",
+    "spec.init.fromTrainingRun cannot name the run itself",
+)
 
 
-def _object_schema(spec_model: type[BaseModel], status_model: type[BaseModel],
-                   rules: list[dict[str, str]]) -> dict[str, Any]:
+def _object_schema(
+    spec_model: type[BaseModel], status_model: type[BaseModel], rules: list[dict[str, str]]
+) -> dict[str, Any]:
     spec = structural(spec_model.model_json_schema(by_alias=True))
     spec.pop("description", None)
     spec["description"] = (spec_model.__doc__ or "").strip().splitlines()[0]
@@ -214,11 +238,11 @@ def _object_schema(spec_model: type[BaseModel], status_model: type[BaseModel],
 
 def crd(kind: str) -> dict[str, Any]:
     """The CustomResourceDefinition of TrainingRun or EvalRun, as a dict."""
-    if kind == api.TRAINING_KIND:
-        plural, short, columns = api.TRAINING_PLURAL, "tr", TRAINING_COLUMNS
+    if kind == TRAINING_KIND:
+        plural, short, columns = TRAINING_PLURAL, "tr", TRAINING_COLUMNS
         schema = _object_schema(api.TrainingRunSpec, api.TrainingRunStatus, [NAME_RULE, SELF_INIT_RULE])
-    elif kind == api.EVAL_KIND:
-        plural, short, columns = api.EVAL_PLURAL, "er", EVAL_COLUMNS
+    elif kind == EVAL_KIND:
+        plural, short, columns = EVAL_PLURAL, "er", EVAL_COLUMNS
         schema = _object_schema(api.EvalRunSpec, api.EvalRunStatus, [NAME_RULE])
     else:
         raise ValueError(f"kind={kind!r} is not one of {list(api.KINDS)}")
@@ -226,32 +250,42 @@ def crd(kind: str) -> dict[str, Any]:
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{plural}.{api.GROUP}",
+            "name": f"{plural}.{GROUP}",
             # Helm never upgrades or deletes CRDs it did not keep: with this, `helm
             # uninstall` leaves the CRDs (and so every run) in place. Ignored by kubectl.
             "annotations": {"helm.sh/resource-policy": "keep"},
             "labels": {"app.kubernetes.io/part-of": "nanochat"},
         },
         "spec": {
-            "group": api.GROUP,
+            "group": GROUP,
             "scope": "Namespaced",
-            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
-                      "singular": kind.lower(), "shortNames": [short], "categories": ["nanochat"]},
-            "versions": [{
-                "name": api.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": columns,
-                "schema": {"openAPIV3Schema": schema},
-            }],
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
+                "categories": ["nanochat"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
         },
     }
 
 
-HEADER = ("# Generated by nanochat_operator.crds from the pydantic models (nanochat crds). Do not edit.\n"
-          "# The chart carries a byte-identical copy; tests/test_crds.py fails when either is stale.\n")
-FILES = {"trainingrun.yaml": api.TRAINING_KIND, "evalrun.yaml": api.EVAL_KIND}
+HEADER = (
+    "# Generated by nanochat_operator.crds from the pydantic models (nanochat crds). Do not edit.\n"
+    "# The chart carries a byte-identical copy; tests/test_crds.py fails when either is stale.\n"
+)
+FILES = {"trainingrun.yaml": TRAINING_KIND, "evalrun.yaml": EVAL_KIND}
 CHART_CRD_DIR = Path("helm/nanochat-operator/files/crds")
 
 
@@ -260,7 +294,7 @@ def render_crd_yaml(kind: str) -> str:
     return HEADER + yaml.safe_dump(crd(kind), sort_keys=False, width=120, allow_unicode=True)
 
 
-def write_crds(out_dir: str = "crds", chart_dir: Optional[str] = None) -> list[str]:
+def write_crds(out_dir: str = "crds", chart_dir: str | None = None) -> list[str]:
     """Write crds/trainingrun.yaml and crds/evalrun.yaml (and the chart's copy when
     `chart_dir` is given, e.g. helm/nanochat-operator/files/crds). Returns the paths."""
     written = []

@@ -15,10 +15,15 @@ A chain that loops back on itself (a -> b -> a) can never start: `find_cycle` sp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
+
+from nanochat_trainer.contract import Phase, storage_claim_name
 
 from . import render
+from .api import TrainingRunStatus
+from .status import load_status
 
 
 @dataclass(frozen=True)
@@ -26,46 +31,69 @@ class Dependency:
     state: Literal["ready", "wait", "fail"]
     reason: str
     message: str
-    source: Optional[str] = None
-    claim: Optional[str] = None  # the source's PVC
-    checkpoint: Optional[str] = None  # its final model, under the PVC's /data mount
+    source: str | None = None
+    claim: str | None = None  # the source's PVC
+    checkpoint: str | None = None  # its final model, under the PVC's /data mount
 
 
-def source_claim(name: str, spec: dict[str, Any]) -> Optional[str]:
+def source_claim(name: str, spec: dict[str, Any]) -> str | None:
     """The PVC of a TrainingRun from its raw spec (claimName, or the one the operator made)."""
     storage = spec.get("storage") or {}
     if storage.get("claimName"):
         return storage["claimName"]
     if storage.get("size") is not None:
-        return f"{name}-storage"
+        return storage_claim_name(name)
     return None
 
 
-def resolve(source_name: str, source: Optional[dict[str, Any]]) -> Dependency:
+def resolve(source_name: str, source: dict[str, Any] | None) -> Dependency:
     """Decide from the source TrainingRun object (None when it does not exist)."""
     if source is None:
-        return Dependency("wait", "SourceNotFound",
-                          f"TrainingRun {source_name} does not exist (yet); waiting for it", source_name)
-    status = source.get("status") or {}
-    phase = status.get("phase") or "Pending"
-    claim = status.get("storageClaim") or source_claim(source_name, source.get("spec") or {})
-    if phase == "Failed":
-        return Dependency("fail", "SourceFailed", f"TrainingRun {source_name} Failed, so it has no final "
-                          f"checkpoint to start from", source_name)
+        return Dependency(
+            "wait", "SourceNotFound", f"TrainingRun {source_name} does not exist (yet); waiting for it", source_name
+        )
+    # The source's spec is read raw (it may be invalid: a run that Failed on it); its status
+    # is the operator's own, as the schema has it.
+    status = load_status(TrainingRunStatus, source.get("status"))
+    phase = status.phase or Phase.PENDING
+    claim = status.storage_claim or source_claim(source_name, source.get("spec") or {})
+    if phase == Phase.FAILED:
+        return Dependency(
+            "fail",
+            "SourceFailed",
+            f"TrainingRun {source_name} Failed, so it has no final checkpoint to start from",
+            source_name,
+        )
     if claim is None:
-        return Dependency("fail", "SourceHasNoStorage", f"TrainingRun {source_name} has no spec.storage: its "
-                          "checkpoints are not kept anywhere another pod can read", source_name)
-    if phase != "Succeeded":
-        where = f" (step {status['step']}/{status.get('totalSteps', '?')})" if status.get("step") is not None else ""
-        return Dependency("wait", "SourceNotSucceeded",
-                          f"waiting for TrainingRun {source_name} to succeed: it is {phase}{where}", source_name,
-                          claim)
-    checkpoint = status.get("finalCheckpoint") or render.final_checkpoint_path(source_name)
-    return Dependency("ready", "SourceSucceeded", f"starting from TrainingRun {source_name}'s {checkpoint}",
-                      source_name, claim, checkpoint)
+        return Dependency(
+            "fail",
+            "SourceHasNoStorage",
+            f"TrainingRun {source_name} has no spec.storage: its "
+            "checkpoints are not kept anywhere another pod can read",
+            source_name,
+        )
+    if phase != Phase.SUCCEEDED:
+        total = "?" if status.total_steps is None else status.total_steps
+        where = f" (step {status.step}/{total})" if status.step is not None else ""
+        return Dependency(
+            "wait",
+            "SourceNotSucceeded",
+            f"waiting for TrainingRun {source_name} to succeed: it is {phase}{where}",
+            source_name,
+            claim,
+        )
+    checkpoint = status.final_checkpoint or render.final_checkpoint_path(source_name)
+    return Dependency(
+        "ready",
+        "SourceSucceeded",
+        f"starting from TrainingRun {source_name}'s {checkpoint}",
+        source_name,
+        claim,
+        checkpoint,
+    )
 
 
-def find_cycle(start: str, source_of: Callable[[str], Optional[str]], limit: int = 32) -> Optional[list[str]]:
+def find_cycle(start: str, source_of: Callable[[str], str | None], limit: int = 32) -> list[str] | None:
     """The loop `start -> ... -> start` of init.fromTrainingRun links, if there is one.
 
     `source_of(name)` returns the run's init.fromTrainingRun (None: no source, or no such run).
@@ -74,7 +102,7 @@ def find_cycle(start: str, source_of: Callable[[str], Optional[str]], limit: int
     current = source_of(start)
     while current is not None and len(path) <= limit:
         if current in path:
-            return path[path.index(current):] + [current]
+            return path[path.index(current) :] + [current]
         path.append(current)
         current = source_of(current)
     return None

@@ -18,20 +18,30 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from . import api
+from nanochat_trainer.contract import (
+    EVAL_KIND,
+    EVAL_PLURAL,
+    GROUP,
+    TERMINAL_PHASES,
+    TRAINING_KIND,
+    TRAINING_PLURAL,
+    VERSION,
+)
+
+from .api import EvalRunStatus, TrainingRunStatus
 from .kube import KubeCluster, load_api_client, temporary
 from .metrics import METRICS, READY
 from .reconcile import NotOwned, Outcome, reconcile_eval, reconcile_training, status_patch
 from .settings import CONFIG
-from .status import now_utc
+from .status import dump_status, now_utc
 
-PREFIX = "nanochat.io"
 _cluster: KubeCluster | None = None
 
 
@@ -40,9 +50,9 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     global _cluster
     settings.execution.max_workers = CONFIG.max_workers
     # Keep kopf's bookkeeping in annotations, out of our structural status schema.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
-    settings.persistence.finalizer = f"{PREFIX}/kopf-finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
     # Watches time out server-side and reconnect, so a silently dead connection heals.
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -93,15 +103,20 @@ def _run(kind: str, fn: Callable[..., Outcome], body: kopf.Body, patch: kopf.Pat
     finally:
         METRICS.reconcile_total.labels(kind, result).inc()
         METRICS.reconcile_duration.labels(kind).observe(time.monotonic() - started)
-    changes = status_patch(obj.get("status") or {}, outcome.status)
+    # The kopf boundary: the status model becomes the JSON merge patch kopf applies.
+    changes = status_patch(obj.get("status") or {}, dump_status(outcome.status))
     if changes:
         patch.status.update(changes)
     for typ, reason, message in outcome.events:
         kopf.event(body, type=typ, reason=reason, message=message)
-    if kind == api.TRAINING_KIND:
-        METRICS.observe_training(meta["namespace"], meta["name"], outcome.status)
+    _observe(meta["namespace"], meta["name"], outcome.status)
+
+
+def _observe(namespace: str, name: str, status: TrainingRunStatus | EvalRunStatus) -> None:
+    if isinstance(status, TrainingRunStatus):
+        METRICS.observe_training(namespace, name, status)
     else:
-        METRICS.observe_eval(meta["namespace"], meta["name"], outcome.status)
+        METRICS.observe_eval(namespace, name, status)
 
 
 def _adopt(objs: list[dict[str, Any]], owner: dict[str, Any]) -> None:
@@ -109,11 +124,11 @@ def _adopt(objs: list[dict[str, Any]], owner: dict[str, Any]) -> None:
 
 
 def _live(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in api.TERMINAL_PHASES
+    return status.get("phase") not in TERMINAL_PHASES
 
 
-TR = (api.GROUP, api.VERSION, api.TRAINING_PLURAL)
-ER = (api.GROUP, api.VERSION, api.EVAL_PLURAL)
+TR = (GROUP, VERSION, TRAINING_PLURAL)
+ER = (GROUP, VERSION, EVAL_PLURAL)
 
 
 # Explicit ids: kopf keys its progress records by handler id, and one function under
@@ -122,32 +137,32 @@ ER = (api.GROUP, api.VERSION, api.EVAL_PLURAL)
 @kopf.on.update(*TR, field="spec", id="training-update")
 @kopf.on.resume(*TR, id="training-resume")
 def training_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _run(api.TRAINING_KIND, reconcile_training, body, patch)
+    _run(TRAINING_KIND, reconcile_training, body, patch)
 
 
 @kopf.timer(*TR, interval=CONFIG.interval, initial_delay=CONFIG.interval, when=_live)
 def training_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _run(api.TRAINING_KIND, reconcile_training, body, patch)
+    _run(TRAINING_KIND, reconcile_training, body, patch)
 
 
 @kopf.on.create(*ER, id="eval-create")
 @kopf.on.update(*ER, field="spec", id="eval-update")
 @kopf.on.resume(*ER, id="eval-resume")
 def eval_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _run(api.EVAL_KIND, reconcile_eval, body, patch)
+    _run(EVAL_KIND, reconcile_eval, body, patch)
 
 
 @kopf.timer(*ER, interval=CONFIG.interval, initial_delay=CONFIG.interval, when=_live)
 def eval_tick(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    _run(api.EVAL_KIND, reconcile_eval, body, patch)
+    _run(EVAL_KIND, reconcile_eval, body, patch)
 
 
 # optional=True: no finalizer is added for these, so a deletion never waits on the operator.
 @kopf.on.delete(*TR, optional=True)
 def training_deleted(name: str, namespace: str, **_: Any) -> None:
-    METRICS.forget(api.TRAINING_KIND, namespace, name)
+    METRICS.forget(TRAINING_KIND, namespace, name)
 
 
 @kopf.on.delete(*ER, optional=True)
 def eval_deleted(name: str, namespace: str, **_: Any) -> None:
-    METRICS.forget(api.EVAL_KIND, namespace, name)
+    METRICS.forget(EVAL_KIND, namespace, name)

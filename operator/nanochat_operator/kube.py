@@ -13,16 +13,18 @@ and no deserialisation cost per reconcile. API errors are sorted here:
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
 import kopf
 from kubernetes import client
+from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 
-from . import api
+from nanochat_trainer.contract import GROUP, JOB_NAME_LABEL, TRAINING_PLURAL, VERSION
+
 from .reconcile import AlreadyExists, Rejected
-from .render import JOB_NAME_LABEL
 
 T = TypeVar("T")
 
@@ -59,7 +61,7 @@ class KubeCluster:
         resp = call(*args, _preload_content=False, **kwargs)
         return json.loads(resp.data)
 
-    def _read(self, call: Callable[..., Any], *args: Any) -> Optional[dict[str, Any]]:
+    def _read(self, call: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
         try:
             return self._json(call, *args)
         except ApiException as err:
@@ -67,19 +69,22 @@ class KubeCluster:
                 return None
             raise temporary(err) from err
 
-    def get_job(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._read(self.batch.read_namespaced_job, name, namespace)
 
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         try:
-            return self._json(self.core.list_namespaced_pod, namespace,
-                              label_selector=f"{JOB_NAME_LABEL}={job_name}").get("items") or []
+            return (
+                self._json(self.core.list_namespaced_pod, namespace, label_selector=f"{JOB_NAME_LABEL}={job_name}").get(
+                    "items"
+                )
+                or []
+            )
         except ApiException as err:
             raise temporary(err) from err
 
-    def get_training_run(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
-        return self._read(self.custom.get_namespaced_custom_object, api.GROUP, api.VERSION, namespace,
-                          api.TRAINING_PLURAL, name)
+    def get_training_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, TRAINING_PLURAL, name)
 
     def create(self, obj: dict[str, Any]) -> None:
         ns = obj["metadata"]["namespace"]
@@ -101,12 +106,17 @@ class KubeCluster:
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         try:
             # Explicit content type: the client would otherwise pick JSON Patch for a dict body.
-            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}}, _preload_content=False,
-                                            _content_type="application/merge-patch+json")
+            self.batch.patch_namespaced_job(
+                name,
+                namespace,
+                {"spec": {"suspend": suspend}},
+                _preload_content=False,
+                _content_type="application/merge-patch+json",
+            )
         except ApiException as err:
             raise temporary(err) from err
 
-    def scrape(self, url: str) -> Optional[str]:
+    def scrape(self, url: str) -> str | None:
         """A trainer's /metrics text; None when it does not answer (starting, or no network)."""
         try:
             resp = self.http.get(url)
@@ -117,8 +127,6 @@ class KubeCluster:
 
 def load_api_client(max_workers: int) -> client.ApiClient:
     """In-cluster credentials when running in a pod, else ~/.kube/config."""
-    from kubernetes import config as kconfig
-
     try:
         kconfig.load_incluster_config()
     except kconfig.ConfigException:

@@ -13,17 +13,19 @@ one line naming the file, the document and the field:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Any
 
 import yaml
-from nanochat_trainer.config import format_validation_error
 from pydantic import ValidationError
+
+from nanochat_trainer.config import format_validation_error
+from nanochat_trainer.contract import API_VERSION
 
 from . import api, render
 from .api import EvalRun, TrainingRun
 from .checks import estimate_params, feasibility
 
-ApiObject = Union[TrainingRun, EvalRun]
+ApiObject = TrainingRun | EvalRun
 
 
 class ManifestError(ValueError):
@@ -36,29 +38,37 @@ def parse_documents(text: str, source: str = "<manifest>") -> list[ApiObject]:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
         raise ManifestError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from err
+    return validate_documents(docs, source)
+
+
+def validate_documents(docs: list[Any], source: str = "<manifest>") -> list[ApiObject]:
+    """Validate documents already read from YAML (`nanochat run` lays its --set overrides over
+    them first)."""
     if not docs:
         raise ManifestError(f"{source}: no documents")
-    out: list[ApiObject] = []
-    for i, doc in enumerate(docs, 1):
-        if not isinstance(doc, dict):
-            raise ManifestError(f"{source}: document {i} is not a mapping")
-        kind = doc.get("kind")
-        name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc.get("metadata"), dict) else "?"
-        where = f"{source}: document {i} ({kind} {name})"
-        model = api.KINDS.get(kind) if isinstance(kind, str) else None
-        if model is None:
-            raise ManifestError(f"{where}: kind must be one of {', '.join(api.KINDS)}")
-        if doc.get("apiVersion") != api.API_VERSION:
-            raise ManifestError(f"{where}: apiVersion={doc.get('apiVersion')!r}: expected {api.API_VERSION}")
-        try:
-            out.append(model.model_validate(doc))  # type: ignore[arg-type]
-        except ValidationError as err:
-            raise ManifestError(f"{where}: {format_validation_error(err)}") from err
+    out = [_validate_document(doc, i, source) for i, doc in enumerate(docs, 1)]
     names = [(o.kind, o.metadata.name) for o in out]
     dup = sorted({f"{k} {n}" for k, n in names if names.count((k, n)) > 1})
     if dup:
         raise ManifestError(f"{source}: {', '.join(dup)} appears more than once")
     return out
+
+
+def _validate_document(doc: Any, index: int, source: str) -> ApiObject:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{source}: document {index} is not a mapping")
+    kind = doc.get("kind")
+    name = (doc.get("metadata") or {}).get("name", "?") if isinstance(doc.get("metadata"), dict) else "?"
+    where = f"{source}: document {index} ({kind} {name})"
+    model = api.KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ManifestError(f"{where}: kind must be one of {', '.join(api.KINDS)}")
+    if doc.get("apiVersion") != API_VERSION:
+        raise ManifestError(f"{where}: apiVersion={doc.get('apiVersion')!r}: expected {API_VERSION}")
+    try:
+        return model.model_validate(doc)  # type: ignore[return-value]
+    except ValidationError as err:
+        raise ManifestError(f"{where}: {format_validation_error(err)}") from err
 
 
 def load_manifests(path: str) -> list[ApiObject]:
@@ -82,15 +92,21 @@ def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
         f"data {t.data.source}" + (f" ({t.data.dataset})" if t.data.source == "huggingface" else ""),
         f"  {s.resources.nodes} node(s) x {s.resources.gpus_per_node} GPU(s): torchrun {world} process(es); "
         f"Job {render.job_name(run.metadata.name)}",
-        "  storage: " + (f"PVC {s.storage.pvc_name(run.metadata.name)}, run dir "
-                          f"{render.run_dir(run.metadata.name)}" if s.storage else "none (emptyDir: no resume)"),
+        "  storage: "
+        + (
+            f"PVC {s.storage.pvc_name(run.metadata.name)}, run dir {render.run_dir(run.metadata.name)}"
+            if s.storage
+            else "none (emptyDir: no resume)"
+        ),
     ]
     if t.stage == "distill" and t.distill:
         lines.append(f"  distill from {t.distill.teacher.model} at {t.distill.teacher.url} ({t.distill.method})")
     if s.init:
         src = s.init.from_training_run
-        lines.append(f"  starts from TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded"
-                     + ("" if src in in_file else " (not in this file)"))
+        lines.append(
+            f"  starts from TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded"
+            + ("" if src in in_file else " (not in this file)")
+        )
     if s.suspend or s.queue_name:
         lines.append("  created suspended" + (f"; Kueue queue {s.queue_name}" if s.queue_name else ""))
     return lines
@@ -102,12 +118,15 @@ def _describe_eval(run: EvalRun, in_file: set[str]) -> list[str]:
         what = f"endpoint {s.model.endpoint.url} model {s.model.endpoint.model}"
     else:
         src = s.model.training_run or ""
-        what = (f"TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded"
-                + ("" if src in in_file else " (not in this file)"))
+        what = f"TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded" + (
+            "" if src in in_file else " (not in this file)"
+        )
     problems = f"first {s.max_problems}" if s.max_problems else "all 164"
-    return [f"EvalRun {run.metadata.name}: {s.benchmark} on {what}",
-            f"  {problems} problems x {s.samples_per_problem} sample(s), temperature {s.temperature}, "
-            f"pass@{{{','.join(map(str, s.k))}}}; Job {render.eval_job_name(run.metadata.name)}"]
+    return [
+        f"EvalRun {run.metadata.name}: {s.benchmark} on {what}",
+        f"  {problems} problems x {s.samples_per_problem} sample(s), temperature {s.temperature}, "
+        f"pass@{{{','.join(map(str, s.k))}}}; Job {render.eval_job_name(run.metadata.name)}",
+    ]
 
 
 def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
@@ -123,11 +142,16 @@ def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
             if problems:
                 raise ManifestError(f"{path}: TrainingRun {obj.metadata.name}: {'; '.join(problems)}")
             if obj.spec.init and obj.spec.init.from_training_run == obj.metadata.name:
-                raise ManifestError(f"{path}: TrainingRun {obj.metadata.name}: spec.init.fromTrainingRun cannot "
-                                    "name the run itself")
+                raise ManifestError(
+                    f"{path}: TrainingRun {obj.metadata.name}: spec.init.fromTrainingRun cannot name the run itself"
+                )
             # Render too: what the operator would create must be buildable from this spec.
-            render.render_training(obj.metadata.name, obj.metadata.namespace or "default", obj.spec,
-                                   image=obj.spec.image or "trainer-image")
+            render.render_training(
+                obj.metadata.name,
+                obj.metadata.namespace or "default",
+                obj.spec,
+                image=obj.spec.image or "trainer-image",
+            )
             lines += _describe_training(obj, in_file)
         else:
             lines += _describe_eval(obj, in_file)
@@ -136,4 +160,3 @@ def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
         kinds[obj.kind] = kinds.get(obj.kind, 0) + 1
     head = f"{path}: valid: " + ", ".join(f"{n} {k}" for k, n in kinds.items())
     return "\n".join([head] + lines)
-

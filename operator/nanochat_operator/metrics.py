@@ -7,22 +7,25 @@
 (Liveness proper is kopf's probe endpoint, --liveness=http://0.0.0.0:8080/healthz, which
 fails when kopf's watch loops are stuck.)
 
-Metric names are fixed by DESIGN.md. `nanochat_runs` is computed at scrape time from
-the last phase seen per run, so a deleted run disappears instead of leaving a stale series.
+Metric names are part of the product: the chart's dashboard and alerts read them. `nanochat_runs`
+is computed at scrape time from the last phase seen per run, so a deleted run disappears instead
+of leaving a stale series.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from .api import PHASES
+from nanochat_trainer.contract import EVAL_KIND, PHASES, TRAINING_KIND, Phase, score_k
+
+from .api import EvalRunStatus, TrainingRunStatus
 
 RunKey = tuple[str, str, str]  # kind, namespace, name
 
@@ -34,7 +37,7 @@ class RunsCollector(Collector):
         self._phases: dict[RunKey, str] = {}
         self._lock = threading.Lock()
 
-    def set_phase(self, kind: str, namespace: str, name: str, phase: Optional[str]) -> None:
+    def set_phase(self, kind: str, namespace: str, name: str, phase: str | None) -> None:
         with self._lock:
             if phase:
                 self._phases[(kind, namespace, name)] = phase
@@ -45,8 +48,9 @@ class RunsCollector(Collector):
         self.set_phase(kind, namespace, name, None)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily("nanochat_runs", "Runs by kind, phase and namespace.",
-                                   labels=["kind", "phase", "namespace"])
+        family = GaugeMetricFamily(
+            "nanochat_runs", "Runs by kind, phase and namespace.", labels=["kind", "phase", "namespace"]
+        )
         with self._lock:
             counts: dict[tuple[str, str, str], int] = {}
             kinds_ns = set()
@@ -64,46 +68,58 @@ class RunsCollector(Collector):
 class OperatorMetrics:
     """All of the operator's metrics, on their own registry (tests make fresh ones)."""
 
-    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.runs = RunsCollector()
         self.registry.register(self.runs)
-        self.reconcile_total = Counter("nanochat_reconcile_total", "Reconciles by kind and result.",
-                                       ["kind", "result"], registry=self.registry)
+        self.reconcile_total = Counter(
+            "nanochat_reconcile_total", "Reconciles by kind and result.", ["kind", "result"], registry=self.registry
+        )
         self.reconcile_duration = Histogram(
-            "nanochat_reconcile_duration_seconds", "Time one reconcile takes, API calls included.", ["kind"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+            "nanochat_reconcile_duration_seconds",
+            "Time one reconcile takes, API calls included.",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
         labels = ["namespace", "name"]
-        self.training_step = Gauge("nanochat_training_step", "Optimizer steps done by a TrainingRun.", labels,
-                                   registry=self.registry)
-        self.training_loss = Gauge("nanochat_training_loss", "Last training loss of a TrainingRun.", labels,
-                                   registry=self.registry)
-        self.training_tps = Gauge("nanochat_training_tokens_per_second", "Throughput of a TrainingRun.", labels,
-                                  registry=self.registry)
-        self.eval_pass_at_k = Gauge("nanochat_eval_pass_at_k", "pass@k of an EvalRun.", labels + ["k"],
-                                    registry=self.registry)
+        self.training_step = Gauge(
+            "nanochat_training_step", "Optimizer steps done by a TrainingRun.", labels, registry=self.registry
+        )
+        self.training_loss = Gauge(
+            "nanochat_training_loss", "Last training loss of a TrainingRun.", labels, registry=self.registry
+        )
+        self.training_tps = Gauge(
+            "nanochat_training_tokens_per_second", "Throughput of a TrainingRun.", labels, registry=self.registry
+        )
+        self.eval_pass_at_k = Gauge(
+            "nanochat_eval_pass_at_k", "pass@k of an EvalRun.", labels + ["k"], registry=self.registry
+        )
 
-    def observe_training(self, namespace: str, name: str, status: dict) -> None:
+    def observe_training(self, namespace: str, name: str, status: TrainingRunStatus) -> None:
         """Progress series exist only while a run is Running: a suspended, restarting or
         finished run has no series, so "step did not change for N minutes" alerts mean a
         stuck run (the final values stay in the run's status)."""
-        self.runs.set_phase("TrainingRun", namespace, name, status.get("phase"))
-        for gauge, key in ((self.training_step, "step"), (self.training_loss, "loss"),
-                           (self.training_tps, "tokensPerSecond")):
-            if status.get("phase") == "Running" and status.get(key) is not None:
-                gauge.labels(namespace, name).set(status[key])
+        self.runs.set_phase(TRAINING_KIND, namespace, name, status.phase)
+        for gauge, value in (
+            (self.training_step, status.step),
+            (self.training_loss, status.loss),
+            (self.training_tps, status.tokens_per_second),
+        ):
+            if status.phase == Phase.RUNNING and value is not None:
+                gauge.labels(namespace, name).set(value)
             else:
                 _remove(gauge, namespace, name)
 
-    def observe_eval(self, namespace: str, name: str, status: dict) -> None:
-        self.runs.set_phase("EvalRun", namespace, name, status.get("phase"))
-        for key, value in (status.get("scores") or {}).items():
-            self.eval_pass_at_k.labels(namespace, name, key.removeprefix("pass@")).set(value)
+    def observe_eval(self, namespace: str, name: str, status: EvalRunStatus) -> None:
+        self.runs.set_phase(EVAL_KIND, namespace, name, status.phase)
+        for key, value in status.scores.items():
+            self.eval_pass_at_k.labels(namespace, name, str(score_k(key))).set(value)
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         """Drop a deleted run's series."""
         self.runs.forget(kind, namespace, name)
-        if kind == "TrainingRun":
+        if kind == TRAINING_KIND:
             for gauge in (self.training_step, self.training_loss, self.training_tps):
                 _remove(gauge, namespace, name)
         else:

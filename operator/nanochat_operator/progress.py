@@ -1,17 +1,10 @@
 """Reading the trainer's progress from its Prometheus text exposition (pure).
 
-Contract with the trainer (nanochat_trainer/metrics.py): rank 0 serves `/metrics` on
-`trainer.metrics.port` with the gauges
-
-    nanochat_trainer_step               optimizer steps done
-    nanochat_trainer_total_steps        steps the run takes
-    nanochat_trainer_loss               loss of the last step
-    nanochat_trainer_tokens_per_second  throughput over all ranks
-    nanochat_trainer_checkpoint_step    step of the newest complete checkpoint
-    nanochat_trainer_teacher_up         distillation: 1 while the teacher answers, 0 while down
-    nanochat_trainer_teacher_skipped    distillation: rows or batches trained without it
-
-The operator GETs http://<pod 0 IP>:<port>/metrics on each reconcile of a Running run.
+Rank 0 of a run serves `/metrics` on `trainer.metrics.port` with the gauges the contract
+names (`nanochat_trainer.contract.TrainerGauge`); the operator GETs
+http://<pod 0 IP>:<port>/metrics on each reconcile of a Running run and keeps the few a
+TrainingRun's status shows: step, total steps, loss, throughput, the newest checkpoint's
+step, and for distillation whether the teacher answers.
 """
 
 from __future__ import annotations
@@ -19,45 +12,60 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 
-PREFIX = "nanochat_trainer_"
+from nanochat_trainer.contract import TrainerGauge
+
+_GAUGES = {gauge.metric: gauge for gauge in TrainerGauge}
 
 
 @dataclass(frozen=True)
 class Progress:
-    step: Optional[int] = None
-    total_steps: Optional[int] = None
-    loss: Optional[float] = None
-    tokens_per_second: Optional[float] = None
-    checkpoint_step: Optional[int] = None
-    teacher_up: Optional[bool] = None  # distillation runs only
-    teacher_skipped: Optional[int] = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    checkpoint_step: int | None = None
+    teacher_up: bool | None = None  # distillation runs only
+    teacher_skipped: int | None = None
+
+
+def _gauge_values(text: str) -> dict[TrainerGauge, float]:
+    """The trainer's unlabelled gauges in a /metrics body (the process collectors' are ignored)."""
+    values: dict[TrainerGauge, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            gauge = _GAUGES.get(sample.name)
+            if gauge is not None and not sample.labels:
+                values[gauge] = sample.value
+    return values
+
+
+def _number(values: dict[TrainerGauge, float], gauge: TrainerGauge) -> float | None:
+    # The trainer serves NaN for what it does not know yet (no checkpoint, no loss).
+    v = values.get(gauge)
+    return None if v is None or math.isnan(v) or math.isinf(v) else float(v)
+
+
+def _integer(values: dict[TrainerGauge, float], gauge: TrainerGauge) -> int | None:
+    v = _number(values, gauge)
+    return None if v is None else int(v)
 
 
 def parse_trainer_metrics(text: str) -> Progress:
     """Progress from a /metrics body; missing or NaN gauges are None. Bad text raises ValueError."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith(PREFIX) and not sample.labels:
-                values[sample.name[len(PREFIX):]] = sample.value
-
-    def num(key: str) -> Optional[float]:
-        v = values.get(key)
-        return None if v is None or math.isnan(v) or math.isinf(v) else float(v)
-
-    def integer(key: str) -> Optional[int]:
-        v = num(key)
-        return None if v is None else int(v)
-
-    up = num("teacher_up")
-    return Progress(step=integer("step"), total_steps=integer("total_steps"), loss=num("loss"),
-                    tokens_per_second=num("tokens_per_second"), checkpoint_step=integer("checkpoint_step"),
-                    teacher_up=None if up is None else up == 1,
-                    teacher_skipped=integer("teacher_skipped"))
+    values = _gauge_values(text)
+    up = _number(values, TrainerGauge.TEACHER_UP)
+    return Progress(
+        step=_integer(values, TrainerGauge.STEP),
+        total_steps=_integer(values, TrainerGauge.TOTAL_STEPS),
+        loss=_number(values, TrainerGauge.LOSS),
+        tokens_per_second=_number(values, TrainerGauge.TOKENS_PER_SECOND),
+        checkpoint_step=_integer(values, TrainerGauge.CHECKPOINT_STEP),
+        teacher_up=None if up is None else up == 1,
+        teacher_skipped=_integer(values, TrainerGauge.TEACHER_SKIPPED),
+    )
 
 
 def format_duration(seconds: float) -> str:
@@ -75,8 +83,7 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def eta(step: int, total: int, prev_step: Optional[int], prev_time: Optional[datetime],
-        now: datetime) -> Optional[timedelta]:
+def eta(step: int, total: int, prev_step: int | None, prev_time: datetime | None, now: datetime) -> timedelta | None:
     """Time left at the pace between the previous observation and now; None if unknown."""
     if prev_step is None or prev_time is None or step <= prev_step:
         return None

@@ -4,11 +4,12 @@ One function per kind, called alike from kopf's create/update/resume handlers an
 its timer, so a missed event is repaired on the next tick:
 
     outcome = reconcile_training(cluster, obj, config, now=now_utc(), adopt=adopt)
-    patch.status.update(status_patch(obj["status"], outcome.status))
+    patch.status.update(status_patch(obj["status"], dump_status(outcome.status)))
 
-`cluster` is anything with the `Cluster` methods (nanochat_operator.kube.KubeCluster for
-a real API server, an in-memory fake in the tests); `adopt(objs, owner)` sets owner
-references (kopf.adopt), so deleting a run deletes what it made.
+The status is worked on as the API's pydantic model (TrainingRunStatus, EvalRunStatus);
+it becomes JSON only there, at kopf's door. `cluster` is anything with the `Cluster` methods
+(nanochat_operator.kube.KubeCluster for a real API server, an in-memory fake in the tests);
+`adopt(objs, owner)` sets owner references (kopf.adopt), so deleting a run deletes what it made.
 
 Errors: a spec that cannot run (invalid, infeasible, depends on a failed run, rejected
 by the API server) becomes phase Failed with a condition: a permanent answer written
@@ -19,21 +20,43 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol, TypeVar
 
-from nanochat_trainer.config import format_validation_error
 from pydantic import ValidationError
 
+from nanochat_trainer.config import format_validation_error
+from nanochat_trainer.contract import (
+    EVAL_KIND,
+    SPEC_ANNOTATION,
+    TRAINING_KIND,
+    ConditionType,
+    EvalResult,
+    Phase,
+    parse_result,
+)
+
 from . import deps, render
-from .api import EvalRunSpec, TrainingRunSpec
+from .api import Condition, EvalRunSpec, EvalRunStatus, TrainingRunSpec, TrainingRunStatus
 from .checks import feasibility
 from .progress import Progress, parse_trainer_metrics
-from .results import parse_result, terminated_message
 from .settings import OperatorConfig
-from .status import (JobView, eval_status, get_condition, is_final, observe_job, remove_condition,
-                     rfc3339, set_condition, training_status)
+from .status import (
+    MAX_MESSAGE,
+    JobView,
+    eval_status,
+    get_condition,
+    is_final,
+    load_status,
+    observe_job,
+    remove_condition,
+    rfc3339,
+    set_condition,
+    terminated_message,
+    training_status,
+)
 
 
 class AlreadyExists(Exception):
@@ -50,33 +73,37 @@ class NotOwned(Exception):
 
 
 class Cluster(Protocol):
-    def get_job(self, namespace: str, name: str) -> Optional[dict[str, Any]]: ...
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None: ...
-    def get_training_run(self, namespace: str, name: str) -> Optional[dict[str, Any]]: ...
-    def scrape(self, url: str) -> Optional[str]: ...
+    def get_training_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def scrape(self, url: str) -> str | None: ...
 
 
 Adopt = Callable[[list[dict[str, Any]], dict[str, Any]], None]
+Event = tuple[str, str, str]  # (Normal|Warning, reason, message)
+RunSpec = TrainingRunSpec | EvalRunSpec
+S = TypeVar("S", TrainingRunStatus, EvalRunStatus)
 
 
 @dataclass
 class Outcome:
-    status: dict[str, Any]
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
+    status: TrainingRunStatus | EvalRunStatus  # the handler turns it into JSON (status.dump_status)
+    events: list[Event] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def owned_by(obj: dict[str, Any], uid: Optional[str]) -> bool:
+def owned_by(obj: dict[str, Any], uid: str | None) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
     return any(r.get("uid") == uid for r in refs)
 
 
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning `old` status into `new` (keys gone from new become null)."""
+    """A JSON merge patch turning `old` status into `new` (keys gone from new become null;
+    kopf's bookkeeping is kopf's to write)."""
     patch = {k: v for k, v in new.items() if old.get(k) != v}
     for key in old:
         if key not in new and key != "kopf":
@@ -84,14 +111,23 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return patch
 
 
-def _fail(prev: dict[str, Any], now: datetime, generation: Optional[int], reason: str, message: str,
-          condition: str = "Accepted") -> Outcome:
-    conds = set_condition(prev.get("conditions") or [], condition, "False", reason, message, now)
-    conds = set_condition(conds, "Failed", "True", reason, message, now)
-    status = {k: v for k, v in prev.items() if k != "kopf"}
+def _fail(
+    prev: S,
+    now: datetime,
+    generation: int | None,
+    reason: str,
+    message: str,
+    condition: ConditionType = ConditionType.ACCEPTED,
+) -> Outcome:
+    status = prev.model_copy(deep=True)
+    conds = set_condition(prev.conditions, condition, "False", reason, message, now)
+    status.conditions = set_condition(conds, ConditionType.FAILED, "True", reason, message, now)
+    status.phase = Phase.FAILED
+    status.observed_generation = generation
     # Same answer on every reconcile: keep the first completionTime so nothing churns.
-    status.update(phase="Failed", conditions=conds, observedGeneration=generation, eta=None,
-                  completionTime=prev.get("completionTime") or rfc3339(now))
+    status.completion_time = prev.completion_time or rfc3339(now)
+    if isinstance(status, TrainingRunStatus):
+        status.eta = None  # a failed run has no time left
     return Outcome(status, [("Warning", reason, message)])
 
 
@@ -104,32 +140,36 @@ def _create_all(cluster: Cluster, objs: list[dict[str, Any]], owner: dict[str, A
             pass  # made by an earlier attempt; the Job is checked for ownership by the caller
 
 
-def _check_owned(job: Optional[dict[str, Any]], uid: Optional[str], name: str) -> None:
+def _check_owned(job: dict[str, Any] | None, uid: str | None, name: str) -> None:
     if job is not None and uid and not owned_by(job, uid):
-        raise NotOwned(f"Job {name} exists but does not belong to this run (an older run's, still being "
-                       "deleted?); waiting")
+        raise NotOwned(
+            f"Job {name} exists but does not belong to this run (an older run's, still being deleted?); waiting"
+        )
 
 
-def _drift(job: dict[str, Any], spec: TrainingRunSpec | EvalRunSpec, prev_conds: list[dict[str, Any]],
-           now: datetime) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
+def _drift(
+    job: dict[str, Any], spec: RunSpec, prev_conds: list[Condition], now: datetime
+) -> tuple[list[Condition], list[Event]]:
     """SpecChangeRefused while the spec differs from the one the Job was made from."""
-    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(render.SPEC_ANNOTATION)
+    refused = ConditionType.SPEC_CHANGE_REFUSED
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
     changed = render.spec_drift(json.loads(raw), spec) if raw else []
     if not changed:
-        return remove_condition(prev_conds, "SpecChangeRefused"), []
-    msg = (f"{', '.join(changed)} changed after the Job was created; not applied (only spec.suspend may change "
-           f"once a run has started). Delete and re-create the run to apply it")
-    already = any(c.get("type") == "SpecChangeRefused" and c.get("message") == msg[:1024] for c in prev_conds)
-    conds = set_condition(prev_conds, "SpecChangeRefused", "True", "SpecImmutable", msg, now)
-    return conds, [] if already else [("Warning", "SpecChangeRefused", msg)]
+        return remove_condition(prev_conds, refused), []
+    msg = (
+        f"{', '.join(changed)} changed after the Job was created; not applied (only spec.suspend may change "
+        f"once a run has started). Delete and re-create the run to apply it"
+    )
+    already = any(c.type == refused and c.message == msg[:MAX_MESSAGE] for c in prev_conds)
+    conds = set_condition(prev_conds, refused, "True", "SpecImmutable", msg, now)
+    return conds, [] if already else [("Warning", refused.value, msg)]
 
 
-def _sync_suspend(cluster: Cluster, job: dict[str, Any], spec: TrainingRunSpec | EvalRunSpec, namespace: str,
-                  name: str) -> dict[str, Any]:
+def _sync_suspend(cluster: Cluster, job: dict[str, Any], spec: RunSpec, namespace: str, name: str) -> dict[str, Any]:
     """Make the Job's suspend follow spec.suspend. With a Kueue queue the operator only ever
     suspends: unsuspending is Kueue's decision (admission)."""
     current = bool((job.get("spec") or {}).get("suspend"))
-    want: Optional[bool] = spec.suspend
+    want: bool | None = spec.suspend
     if spec.queue_name and not spec.suspend:
         want = None
     if want is None or want == current:
@@ -138,42 +178,59 @@ def _sync_suspend(cluster: Cluster, job: dict[str, Any], spec: TrainingRunSpec |
     return {**job, "spec": {**(job.get("spec") or {}), "suspend": want}}
 
 
-def _queue_view(view: Optional[JobView], spec: TrainingRunSpec | EvalRunSpec) -> Optional[JobView]:
+def _follow_job(
+    cluster: Cluster, job: dict[str, Any], spec: RunSpec, base: S, namespace: str, name: str, now: datetime
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[Event]]:
+    """An existing Job: refuse spec drift (a condition on `base`), follow spec.suspend, read its pods."""
+    base.conditions, events = _drift(job, spec, base.conditions, now)
+    job = _sync_suspend(cluster, job, spec, namespace, name)
+    return job, cluster.list_pods(namespace, name), events
+
+
+def _queue_view(view: JobView | None, spec: RunSpec) -> JobView | None:
     if view is not None and view.suspended and spec.queue_name and not spec.suspend:
-        return dataclasses.replace(view, reason="WaitingForQueue",
-                                   message=f"waiting for Kueue to admit the Job (queue {spec.queue_name})")
+        return dataclasses.replace(
+            view, reason="WaitingForQueue", message=f"waiting for Kueue to admit the Job (queue {spec.queue_name})"
+        )
     return view
 
 
-def _phase_events(prev: dict[str, Any], new: dict[str, Any], kind: str) -> list[tuple[str, str, str]]:
-    if prev.get("phase") == new.get("phase"):
+def _phase_events(prev: S, new: S, kind: str) -> list[Event]:
+    if prev.phase == new.phase:
         return []
-    phase = new.get("phase")
-    reason = next((c.get("reason") for c in new.get("conditions") or [] if c.get("type") == "Failed"), "")
-    typ = "Warning" if phase == "Failed" else "Normal"
-    return [(typ, phase or "Unknown", f"{kind} is {phase}" + (f": {reason}" if reason and phase == "Failed" else ""))]
+    phase = new.phase
+    failed = get_condition(new, ConditionType.FAILED)
+    reason = failed.reason if failed is not None else ""
+    typ = "Warning" if phase == Phase.FAILED else "Normal"
+    return [
+        (
+            typ,
+            phase.value if phase else "Unknown",
+            f"{kind} is {phase}" + (f": {reason}" if reason and phase == Phase.FAILED else ""),
+        )
+    ]
 
 
-def _accepted(prev: dict[str, Any], now: datetime) -> dict[str, Any]:
+def _accepted(prev: S, now: datetime) -> S:
     """The status of a spec that passed validation. A run that Failed before it had a Job
     (invalid spec, failed source) starts over when its spec is fixed: drop that failure."""
-    status = dict(prev)
-    conds = prev.get("conditions") or []
-    if not prev.get("jobName"):
-        conds = remove_condition(remove_condition(conds, "Failed"), "DependenciesReady")
-    status["conditions"] = set_condition(conds, "Accepted", "True", "Valid",
-                                         "the spec is valid and fits its resources", now)
+    status = prev.model_copy(deep=True)
+    conds = prev.conditions
+    if not prev.job_name:
+        conds = remove_condition(remove_condition(conds, ConditionType.FAILED), ConditionType.DEPENDENCIES_READY)
+    status.conditions = set_condition(
+        conds, ConditionType.ACCEPTED, "True", "Valid", "the spec is valid and fits its resources", now
+    )
     return status
 
 
-def _dependency(cluster: Cluster, namespace: str, name: str, source_name: str,
-                follow_chain: bool) -> deps.Dependency:
+def _dependency(cluster: Cluster, namespace: str, name: str, source_name: str, follow_chain: bool) -> deps.Dependency:
     source = cluster.get_training_run(namespace, source_name)
     dep = deps.resolve(source_name, source)
     if dep.state == "wait" and follow_chain and source is not None:
         cache = {source_name: source}
 
-        def source_of(run: str) -> Optional[str]:
+        def source_of(run: str) -> str | None:
             obj = cache.get(run) if run in cache else cluster.get_training_run(namespace, run)
             cache[run] = obj
             if obj is None:
@@ -182,51 +239,83 @@ def _dependency(cluster: Cluster, namespace: str, name: str, source_name: str,
 
         cycle = deps.find_cycle(name, source_of)
         if cycle and cycle[0] == name:
-            return deps.Dependency("fail", "DependencyCycle",
-                                   "init.fromTrainingRun forms a loop: " + " -> ".join(cycle), source_name)
+            return deps.Dependency(
+                "fail", "DependencyCycle", "init.fromTrainingRun forms a loop: " + " -> ".join(cycle), source_name
+            )
     return dep
 
 
-# ---------------------------------------------------------------------------- TrainingRun
-
-
-def _gate_on_dependency(cluster: Cluster, namespace: str, name: str, source_name: str, follow_chain: bool,
-                        base: dict[str, Any], prev: dict[str, Any], now: datetime, generation: Optional[int],
-                        job_name: str, status_fn: Callable[..., dict[str, Any]],
-                        kind: str) -> Outcome | tuple[str, str]:
+def _gate_on_dependency(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    source_name: str,
+    follow_chain: bool,
+    base: S,
+    prev: S,
+    now: datetime,
+    generation: int | None,
+    job_name: str,
+    status_fn: Callable[..., S],
+    kind: str,
+) -> Outcome | tuple[str, str]:
     """Wait for, or fail on, the run this one reads; when it is ready, its (name, claim).
 
     Sets the DependenciesReady condition on `base` either way.
     """
     dep = _dependency(cluster, namespace, name, source_name, follow_chain=follow_chain)
     if dep.state == "fail":
-        return _fail(base, now, generation, dep.reason, dep.message, condition="DependenciesReady")
+        return _fail(base, now, generation, dep.reason, dep.message, condition=ConditionType.DEPENDENCIES_READY)
     ready = dep.state != "wait"
-    base["conditions"] = set_condition(base["conditions"], "DependenciesReady", "True" if ready else "False",
-                                       dep.reason, dep.message, now)
+    base.conditions = set_condition(
+        base.conditions, ConditionType.DEPENDENCIES_READY, "True" if ready else "False", dep.reason, dep.message, now
+    )
     if not ready:
-        base.pop("completionTime", None)
+        base.completion_time = None  # cleared: a run that waits has not completed
         new = status_fn(base, None, None, now=now, generation=generation, job_name=job_name)
         return Outcome(new, _phase_events(prev, new, kind))
     assert dep.claim is not None
     return dep.source or "", dep.claim
 
 
-def reconcile_training(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime,
-                       adopt: Adopt) -> Outcome:
+# ---------------------------------------------------------------------------- TrainingRun
+
+
+def _finished_training(prev: TrainingRunStatus, generation: int | None, now: datetime) -> Outcome:
+    """A finished run stays as it is; a spec edit after the end is refused, with a condition."""
+    if generation is None or prev.observed_generation in (None, generation):
+        return Outcome(prev)
+    msg = "the run already finished; spec changes are not applied. Create a new run instead"
+    new = prev.model_copy(deep=True)
+    new.conditions = set_condition(prev.conditions, ConditionType.SPEC_CHANGE_REFUSED, "True", "RunFinished", msg, now)
+    new.observed_generation = generation
+    return Outcome(new, [("Warning", ConditionType.SPEC_CHANGE_REFUSED.value, msg)])
+
+
+def _scrape_progress(cluster: Cluster, view: JobView | None, port: int | None) -> Progress | None:
+    """The trainer's progress from pod 0's /metrics; None while it does not answer, or answers nonsense."""
+    if view is None or view.pod0 is None or not port:
+        return None
+    ip = (view.pod0.get("status") or {}).get("podIP")
+    text = cluster.scrape(f"http://{ip}:{port}/metrics") if ip else None
+    if not text:
+        return None
+    try:
+        return parse_trainer_metrics(text)
+    except ValueError:
+        return None
+
+
+def reconcile_training(
+    cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime, adopt: Adopt
+) -> Outcome:
     meta = obj["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
     generation = meta.get("generation")
-    prev = {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
+    prev = load_status(TrainingRunStatus, obj.get("status"))
     jname = render.job_name(name)
-
     if is_final(prev):
-        if generation is not None and prev.get("observedGeneration") not in (None, generation):
-            msg = "the run already finished; spec changes are not applied. Create a new run instead"
-            conds = set_condition(prev.get("conditions") or [], "SpecChangeRefused", "True", "RunFinished", msg, now)
-            return Outcome({**prev, "conditions": conds, "observedGeneration": generation},
-                           [("Warning", "SpecChangeRefused", msg)])
-        return Outcome(prev)
+        return _finished_training(prev, generation, now)
 
     try:
         spec = TrainingRunSpec.model_validate(obj.get("spec") or {})
@@ -235,99 +324,154 @@ def reconcile_training(cluster: Cluster, obj: dict[str, Any], config: OperatorCo
     problems = feasibility(spec, config.gpu_memory_gib)
     if problems:
         return _fail(prev, now, generation, "Infeasible", "; ".join(problems))
-    claim = spec.storage.pvc_name(name) if spec.storage else None
-    base = {**_accepted(prev, now), "storageClaim": claim, "runDir": render.run_dir(name)}
-    events: list[tuple[str, str, str]] = []
+    base = _accepted(prev, now)
+    base.storage_claim = spec.storage.pvc_name(name) if spec.storage else None
+    base.run_dir = render.run_dir(name)
+    events: list[Event] = []
 
     job = cluster.get_job(namespace, jname)
     _check_owned(job, uid, jname)
-    progress: Optional[Progress] = None
     if job is None:
         source = None
         if spec.init is not None:
-            gate = _gate_on_dependency(cluster, namespace, name, spec.init.from_training_run, True, base, prev,
-                                       now, generation, jname, training_status, "TrainingRun")
+            gate = _gate_on_dependency(
+                cluster,
+                namespace,
+                name,
+                spec.init.from_training_run,
+                True,
+                base,
+                prev,
+                now,
+                generation,
+                jname,
+                training_status,
+                TRAINING_KIND,
+            )
             if isinstance(gate, Outcome):
                 return gate
             source = gate
         objs = render.render_training(name, namespace, spec, image=spec.image or config.trainer_image, source=source)
-        base.pop("completionTime", None)
+        base.completion_time = None  # a run that (re)starts has not completed
         try:
             _create_all(cluster, objs, obj, adopt)
         except Rejected as err:
             return _fail(base, now, generation, "CreateRejected", str(err))
         job = cluster.get_job(namespace, jname) or objs[-1]
         _check_owned(job, uid, jname)
-        events.append(("Normal", "Created", f"created Job {jname} ({spec.resources.nodes} node(s) x "
-                                            f"{render.procs_per_node(spec)} process(es))"))
+        events.append(
+            (
+                "Normal",
+                "Created",
+                f"created Job {jname} ({spec.resources.nodes} node(s) x {render.procs_per_node(spec)} process(es))",
+            )
+        )
         pods: list[dict[str, Any]] = []
     else:
-        base["conditions"], drift_events = _drift(job, spec, base["conditions"], now)
+        job, pods, drift_events = _follow_job(cluster, job, spec, base, namespace, jname, now)
         events += drift_events
-        job = _sync_suspend(cluster, job, spec, namespace, jname)
-        pods = cluster.list_pods(namespace, jname)
 
     view = _queue_view(observe_job(job, pods, spec.resources.nodes), spec)
-    port = spec.trainer.metrics.port
-    if view is not None and view.pod0 is not None and port:
-        ip = (view.pod0.get("status") or {}).get("podIP")
-        if ip:
-            text = cluster.scrape(f"http://{ip}:{port}/metrics")
-            if text:
-                try:
-                    progress = parse_trainer_metrics(text)
-                except ValueError:
-                    progress = None
-    new = training_status(base, view, progress, now=now, generation=generation, job_name=jname,
-                          final_checkpoint=render.final_checkpoint_path(name) if spec.storage else None,
-                          checkpoint_path=lambda step: render.checkpoint_step_path(name, step))
-    return Outcome(new, events + _phase_events(prev, new, "TrainingRun"))
+    progress = _scrape_progress(cluster, view, spec.trainer.metrics.port)
+    new = training_status(
+        base,
+        view,
+        progress,
+        now=now,
+        generation=generation,
+        job_name=jname,
+        final_checkpoint=render.final_checkpoint_path(name) if spec.storage else None,
+        checkpoint_path=lambda step: render.checkpoint_step_path(name, step),
+    )
+    return Outcome(new, events + _phase_events(prev, new, TRAINING_KIND))
 
 
 # ---------------------------------------------------------------------------- EvalRun
 
 
-def reconcile_eval(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime,
-                   adopt: Adopt) -> Outcome:
+def _eval_result(view: JobView | None, pods: list[dict[str, Any]]) -> EvalResult | None:
+    """The scores a succeeded eval pod left in its termination message."""
+    if view is None or view.phase != Phase.SUCCEEDED:
+        return None
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") == "Succeeded":
+            result = parse_result(terminated_message(pod, render.EVAL_CONTAINER))
+            if result is not None:
+                return result
+    return None
+
+
+def reconcile_eval(
+    cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime, adopt: Adopt
+) -> Outcome:
     meta = obj["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta.get("uid")
     generation = meta.get("generation")
-    prev = {k: v for k, v in (obj.get("status") or {}).items() if k != "kopf"}
+    prev = load_status(EvalRunStatus, obj.get("status"))
     jname = render.eval_job_name(name)
     if is_final(prev):
-        return Outcome({**prev, "observedGeneration": generation} if generation is not None else prev)
+        if generation is None:
+            return Outcome(prev)
+        final = prev.model_copy(deep=True)
+        final.observed_generation = generation
+        return Outcome(final)
 
     try:
         spec = EvalRunSpec.model_validate(obj.get("spec") or {})
     except ValidationError as err:
         return _fail(prev, now, generation, "InvalidSpec", format_validation_error(err, "spec."))
     base = _accepted(prev, now)
-    events: list[tuple[str, str, str]] = []
+    events: list[Event] = []
 
     job = cluster.get_job(namespace, jname)
     _check_owned(job, uid, jname)
     if job is None:
         source = None
         if spec.model.training_run is not None:
-            gate = _gate_on_dependency(cluster, namespace, name, spec.model.training_run, False, base, prev,
-                                       now, generation, jname, eval_status, "EvalRun")
+            gate = _gate_on_dependency(
+                cluster,
+                namespace,
+                name,
+                spec.model.training_run,
+                False,
+                base,
+                prev,
+                now,
+                generation,
+                jname,
+                eval_status,
+                EVAL_KIND,
+            )
             if isinstance(gate, Outcome):
                 return gate
             source = gate
-            base["checkpoint"] = render.final_checkpoint_path(source[0])
-            base["resultsPath"] = render.eval_results_path(source[0], name)
+            base.checkpoint = render.final_checkpoint_path(source[0])
+            base.results_path = render.eval_results_path(source[0], name)
         compare_runs: dict[str, tuple[str, str]] = {}
         for c in spec.compare:  # every compared run must have Succeeded too
             if c.training_run is None:
                 continue
-            gate = _gate_on_dependency(cluster, namespace, name, c.training_run, False, base, prev,
-                                       now, generation, jname, eval_status, "EvalRun")
+            gate = _gate_on_dependency(
+                cluster,
+                namespace,
+                name,
+                c.training_run,
+                False,
+                base,
+                prev,
+                now,
+                generation,
+                jname,
+                eval_status,
+                EVAL_KIND,
+            )
             if isinstance(gate, Outcome):
                 return gate
             compare_runs[c.name] = gate
-        job_obj = render.render_eval_job(name, namespace, spec, image=spec.image or config.trainer_image,
-                                         source=source, compare_runs=compare_runs)
-        base.pop("completionTime", None)
+        job_obj = render.render_eval_job(
+            name, namespace, spec, image=spec.image or config.trainer_image, source=source, compare_runs=compare_runs
+        )
+        base.completion_time = None  # a run that (re)starts has not completed
         try:
             _create_all(cluster, [job_obj], obj, adopt)
         except Rejected as err:
@@ -337,23 +481,9 @@ def reconcile_eval(cluster: Cluster, obj: dict[str, Any], config: OperatorConfig
         events.append(("Normal", "Created", f"created Job {jname}"))
         pods: list[dict[str, Any]] = []
     else:
-        base["conditions"], drift_events = _drift(job, spec, base["conditions"], now)
+        job, pods, drift_events = _follow_job(cluster, job, spec, base, namespace, jname, now)
         events += drift_events
-        job = _sync_suspend(cluster, job, spec, namespace, jname)
-        pods = cluster.list_pods(namespace, jname)
 
     view = _queue_view(observe_job(job, pods, 1), spec)
-    result = None
-    if view is not None and view.phase == "Succeeded":
-        for pod in pods:
-            if (pod.get("status") or {}).get("phase") == "Succeeded":
-                result = parse_result(terminated_message(pod, render.EVAL_CONTAINER))
-                if result is not None:
-                    break
-    new = eval_status(base, view, result, now=now, generation=generation, job_name=jname)
-    return Outcome(new, events + _phase_events(prev, new, "EvalRun"))
-
-
-def has_condition(status: dict[str, Any], type_: str, value: str = "True") -> bool:
-    cond = get_condition(status, type_)
-    return cond is not None and cond.get("status") == value
+    new = eval_status(base, view, _eval_result(view, pods), now=now, generation=generation, job_name=jname)
+    return Outcome(new, events + _phase_events(prev, new, EVAL_KIND))

@@ -12,10 +12,12 @@ way Kubeflow Trainer v2 starts torch jobs: torchrun takes its arguments from PET
 variables (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK from the Job completion
 index, PET_MASTER_ADDR = pod 0 through the headless Service, PET_MASTER_PORT).
 
-Storage layout (the contract with the trainer, see checkpoint.py): the PVC is mounted
-at /data and the run directory (`checkpoint.dir`, set by the operator whatever the
-manifest says) is /data/runs/<run>; the finished model is /data/runs/<run>/final. An
-EvalRun `e` of that run writes its full results to /data/runs/<run>/eval/<e>.json.
+Storage layout: the PVC is mounted at /data and its `runs/` folder is the runs root, so
+the run directory (`checkpoint.dir`, set by the operator whatever the manifest says) is
+/data/runs/<run>; inside it, the contract's `RunLayout` places everything else (the
+finished model /data/runs/<run>/final, an EvalRun `e`'s full results
+/data/runs/<run>/eval/<e>.json). `nanochat run` renders with its own runs directory as
+the runs root (`resolved_trainer_config(..., runs_root=...)`).
 
 Owner references are not set here: the handler adopts what it creates (kopf.adopt).
 """
@@ -24,10 +26,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Optional
+from pathlib import PurePath, PurePosixPath
+from typing import Any
 
 import yaml
+
 from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.contract import (
+    COMPLETION_INDEX_ANNOTATION,
+    DEFAULT_TERMINATION_LOG,
+    EVAL_API_KEY_ENV,
+    EVAL_LABEL,
+    JOB_NAME_LABEL,
+    QUEUE_LABEL,
+    RUN_LABEL,
+    SPEC_ANNOTATION,
+    SPEC_HASH_ANNOTATION,
+    TERMINATION_LOG_ENV,
+    RunLayout,
+    compare_key_env,
+    run_layout,
+)
+from nanochat_trainer.contract import endpoint_source as contract_endpoint_source
 
 from . import api
 from .api import EvalRunSpec, TrainingRunSpec
@@ -35,20 +55,13 @@ from .api import EvalRunSpec, TrainingRunSpec
 DATA_MOUNT = "/data"
 SOURCE_MOUNT = "/source"  # a source run's PVC, when it is not this run's own
 MODELS_MOUNT = "/models"  # PVCs of an EvalRun's compared runs, other than its main one
+RUNS_DIR = "runs"  # the runs root inside every PVC, so a claim can hold other data beside it
+RUNS_ROOT = PurePosixPath(DATA_MOUNT) / RUNS_DIR  # in the run's own pods
 CONFIG_MOUNT = "/etc/nanochat"
 CONFIG_FILE = "config.yaml"
 RENDEZVOUS_PORT = 29500
-TERMINATION_LOG = "/dev/termination-log"
 TRAINER_CONTAINER = "trainer"
 EVAL_CONTAINER = "eval"
-EVAL_API_KEY_ENV = "NANOCHAT_EVAL_API_KEY"
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-SPEC_ANNOTATION = "nanochat.io/applied-spec"
-SPEC_HASH_ANNOTATION = "nanochat.io/spec-hash"
-RUN_LABEL = "nanochat.io/training-run"
-EVAL_LABEL = "nanochat.io/eval-run"
 GPU_RESOURCE = "nvidia.com/gpu"
 POD_SECURITY = {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"}
 
@@ -72,27 +85,30 @@ def eval_job_name(eval_name: str) -> str:
     return f"{eval_name}-eval"
 
 
+def pod_layout(run_name: str, mount: str = DATA_MOUNT) -> RunLayout[PurePosixPath]:
+    """A TrainingRun's run directory as a pod sees it: `runs/<run>` on the PVC mounted at `mount`."""
+    return run_layout(PurePosixPath(mount) / RUNS_DIR, run_name)
+
+
+# Strings, because manifests and the status hold strings.
 def run_dir(run_name: str, mount: str = DATA_MOUNT) -> str:
     """The run directory (`checkpoint.dir`) of a TrainingRun inside its PVC's mount."""
-    return f"{mount}/runs/{run_name}"
+    return str(pod_layout(run_name, mount).root)
 
 
 def final_checkpoint_path(run_name: str, mount: str = DATA_MOUNT) -> str:
     """The finished model of a TrainingRun: what init.fromTrainingRun and EvalRuns load.
-
-    The trainer writes `<checkpoint.dir>/final/` at the end of a run (checkpoint.py), and
-    the operator sets checkpoint.dir to run_dir(run_name), so this is fixed by the name.
-    """
-    return f"{run_dir(run_name, mount)}/final"
+    Fixed by the name, since the operator sets every run's checkpoint.dir."""
+    return str(pod_layout(run_name, mount).final)
 
 
 def eval_results_path(run_name: str, eval_name: str, mount: str = DATA_MOUNT) -> str:
     """Where `nanochat eval --out` writes an EvalRun's full results, next to the model."""
-    return f"{run_dir(run_name, mount)}/eval/{eval_name}.json"
+    return str(pod_layout(run_name, mount).eval_results(eval_name))
 
 
 def checkpoint_step_path(run_name: str, step: int, mount: str = DATA_MOUNT) -> str:
-    return f"{run_dir(run_name, mount)}/checkpoints/step_{step:08d}"
+    return str(pod_layout(run_name, mount).step(step))
 
 
 def training_labels(run_name: str) -> dict[str, str]:
@@ -143,10 +159,13 @@ def _diff(a: Any, b: Any, path: str) -> list[str]:
 # ---------------------------------------------------------------------------- TrainingRun
 
 
-def resolved_trainer_config(run_name: str, spec: TrainingRunSpec, init_from: Optional[str] = None) -> TrainerConfig:
-    """The trainer config the pods get: the spec's, with the operator's paths set."""
+def resolved_trainer_config(
+    run_name: str, spec: TrainingRunSpec, init_from: str | None = None, runs_root: PurePath = RUNS_ROOT
+) -> TrainerConfig:
+    """The trainer config the pods get: the spec's, with the operator's paths set. `runs_root`:
+    where run directories live (a local directory for `nanochat run`)."""
     cfg = spec.trainer.model_copy(deep=True)
-    cfg.checkpoint.dir = run_dir(run_name)
+    cfg.checkpoint.dir = str(run_layout(runs_root, run_name).root)
     if init_from:
         cfg.checkpoint.init_from = init_from
     return cfg
@@ -164,8 +183,9 @@ def procs_per_node(spec: TrainingRunSpec) -> int:
     return max(spec.resources.gpus_per_node, 1)
 
 
-def render_config_map(run_name: str, namespace: str, spec: TrainingRunSpec,
-                      init_from: Optional[str] = None) -> dict[str, Any]:
+def render_config_map(
+    run_name: str, namespace: str, spec: TrainingRunSpec, init_from: str | None = None
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -177,8 +197,14 @@ def render_config_map(run_name: str, namespace: str, spec: TrainingRunSpec,
 def render_service(run_name: str, namespace: str, spec: TrainingRunSpec) -> dict[str, Any]:
     ports = [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     if spec.trainer.metrics.port:
-        ports.append({"name": "metrics", "port": spec.trainer.metrics.port, "targetPort": spec.trainer.metrics.port,
-                      "protocol": "TCP"})
+        ports.append(
+            {
+                "name": "metrics",
+                "port": spec.trainer.metrics.port,
+                "targetPort": spec.trainer.metrics.port,
+                "protocol": "TCP",
+            }
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -193,7 +219,7 @@ def render_service(run_name: str, namespace: str, spec: TrainingRunSpec) -> dict
     }
 
 
-def render_pvc(run_name: str, namespace: str, storage: api.Storage) -> Optional[dict[str, Any]]:
+def render_pvc(run_name: str, namespace: str, storage: api.Storage) -> dict[str, Any] | None:
     """The PVC the operator makes for `storage.size`; None when the user names a claim."""
     if storage.claim_name or storage.size is None:
         return None
@@ -230,11 +256,19 @@ def _placement(pod: dict[str, Any], res: api.PodResources) -> None:
         pod["nodeSelector"] = dict(res.node_selector)
 
 
-def _failure_policy(policy: api.PodFailurePolicy, container: str) -> Optional[dict[str, Any]]:
+def _failure_policy(policy: api.PodFailurePolicy, container: str) -> dict[str, Any] | None:
     rules: list[dict[str, Any]] = []
     if policy.fail_on_exit_codes:
-        rules.append({"action": "FailJob", "onExitCodes": {
-            "containerName": container, "operator": "In", "values": sorted(set(policy.fail_on_exit_codes))}})
+        rules.append(
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": sorted(set(policy.fail_on_exit_codes)),
+                },
+            }
+        )
     if policy.ignore_disruptions:
         rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
     return {"rules": rules} if rules else None
@@ -250,12 +284,17 @@ def _job_metadata(name: str, namespace: str, labels: dict[str, str], spec: api.R
     if spec.queue_name:
         job_labels[QUEUE_LABEL] = spec.queue_name
     applied = json.dumps(applied_spec(spec), sort_keys=True, separators=(",", ":"))
-    return {"name": name, "namespace": namespace, "labels": job_labels,
-            "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec), SPEC_ANNOTATION: applied}}
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": job_labels,
+        "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec), SPEC_ANNOTATION: applied},
+    }
 
 
-def render_training_job(run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str,
-                        source_claim: Optional[str] = None) -> dict[str, Any]:
+def render_training_job(
+    run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str, source_claim: str | None = None
+) -> dict[str, Any]:
     """The Indexed Job. `source_claim`: the PVC of an init.fromTrainingRun source when it is
     not this run's own; it is mounted read-only at /source."""
     nodes = spec.resources.nodes
@@ -265,8 +304,10 @@ def render_training_job(run_name: str, namespace: str, spec: TrainingRunSpec, *,
     env: list[dict[str, Any]] = [
         {"name": "PET_NNODES", "value": str(nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(procs_per_node(spec))},
-        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
-            "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}},
+        {
+            "name": "PET_NODE_RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+        },
         {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{service_name(run_name)}"},
         {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
@@ -280,8 +321,10 @@ def render_training_job(run_name: str, namespace: str, spec: TrainingRunSpec, *,
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     if spec.storage is not None:
-        data_volume: dict[str, Any] = {"name": "data", "persistentVolumeClaim": {
-            "claimName": spec.storage.pvc_name(run_name)}}
+        data_volume: dict[str, Any] = {
+            "name": "data",
+            "persistentVolumeClaim": {"claimName": spec.storage.pvc_name(run_name)},
+        }
     else:
         data_volume = {"name": "data", "emptyDir": {}}
     volumes = [
@@ -301,7 +344,7 @@ def render_training_job(run_name: str, namespace: str, spec: TrainingRunSpec, *,
         "env": env,
         "ports": ports,
         "volumeMounts": mounts,
-        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePath": DEFAULT_TERMINATION_LOG,
         # A crash's last log lines end up in the pod status, where the operator reads them.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False},
@@ -333,19 +376,24 @@ def render_training_job(run_name: str, namespace: str, spec: TrainingRunSpec, *,
     policy = _failure_policy(spec.pod_failure_policy, TRAINER_CONTAINER)
     if policy:
         job_spec["podFailurePolicy"] = policy
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _job_metadata(name, namespace, labels, spec), "spec": job_spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _job_metadata(name, namespace, labels, spec),
+        "spec": job_spec,
+    }
 
 
-def init_source(source_name: str, source_claim: str, own_claim: Optional[str]) -> tuple[str, Optional[str]]:
+def init_source(source_name: str, source_claim: str, own_claim: str | None) -> tuple[str, str | None]:
     """(checkpoint.init_from path, extra claim to mount) for a run starting from `source_name`."""
     if source_claim == own_claim:
         return final_checkpoint_path(source_name), None
     return final_checkpoint_path(source_name, SOURCE_MOUNT), source_claim
 
 
-def render_training(run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str,
-                    source: Optional[tuple[str, str]] = None) -> list[dict[str, Any]]:
+def render_training(
+    run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str, source: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Everything a TrainingRun needs, in creation order (PVC, ConfigMap, Service, Job).
     `source`: (source run name, its PVC) for init.fromTrainingRun."""
     init_from, extra_claim = None, None
@@ -366,20 +414,39 @@ def render_training(run_name: str, namespace: str, spec: TrainingRunSpec, *, ima
 # ---------------------------------------------------------------------------- EvalRun
 
 
-def eval_command(eval_name: str, spec: EvalRunSpec, checkpoint: Optional[str] = None,
-                 out: Optional[str] = None, compare: Optional[dict[str, str]] = None) -> list[str]:
+def eval_command(
+    eval_name: str,
+    spec: EvalRunSpec,
+    checkpoint: str | None = None,
+    out: str | None = None,
+    compare: dict[str, str] | None = None,
+) -> list[str]:
     """`nanochat eval ...` for a checkpoint on the PVC, or for an endpoint. `compare`: the
     --compare source (checkpoint path or URL#MODEL) of each spec.compare entry, by name."""
     cmd = ["nanochat", "eval"]
     if spec.model.endpoint is not None:
-        cmd += ["--endpoint", spec.model.endpoint.url, "--model", spec.model.endpoint.model,
-                "--api-key-env", EVAL_API_KEY_ENV]
+        cmd += [
+            "--endpoint",
+            spec.model.endpoint.url,
+            "--model",
+            spec.model.endpoint.model,
+            "--api-key-env",
+            EVAL_API_KEY_ENV,
+        ]
     else:
         if checkpoint is None:
             raise ValueError("an EvalRun of a TrainingRun needs the checkpoint path")
         cmd += ["--checkpoint", checkpoint]
-    cmd += ["--samples", str(spec.samples_per_problem), "--temperature", str(spec.temperature),
-            "--k", ",".join(str(k) for k in sorted(set(spec.k))), "--max-new-tokens", str(spec.max_new_tokens)]
+    cmd += [
+        "--samples",
+        str(spec.samples_per_problem),
+        "--temperature",
+        str(spec.temperature),
+        "--k",
+        ",".join(str(k) for k in sorted(set(spec.k))),
+        "--max-new-tokens",
+        str(spec.max_new_tokens),
+    ]
     if spec.max_problems is not None:
         cmd += ["--max-problems", str(spec.max_problems)]
     if out:
@@ -396,20 +463,25 @@ def main_label(spec: EvalRunSpec) -> str:
     return spec.model.training_run or "endpoint"
 
 
-def compare_key_env(name: str) -> str:
-    """Where `nanochat eval` looks for a compared endpoint's API key (eval/cli.py)."""
-    return "NANOCHAT_COMPARE_API_KEY_" + name.upper().replace("-", "_")
+def endpoint_source(endpoint: api.Endpoint) -> str:
+    """An endpoint as `nanochat eval --compare NAME=SOURCE` takes it: URL#MODEL."""
+    return contract_endpoint_source(endpoint.url, endpoint.model)
 
 
-def _compare_sources(spec: EvalRunSpec, main_claim: Optional[str], runs: dict[str, tuple[str, str]],
-                     mounts: list[dict[str, Any]], volumes: list[dict[str, Any]],
-                     env: list[dict[str, Any]]) -> dict[str, str]:
+def _compare_sources(
+    spec: EvalRunSpec,
+    main_claim: str | None,
+    runs: dict[str, tuple[str, str]],
+    mounts: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+    env: list[dict[str, Any]],
+) -> dict[str, str]:
     """--compare sources; mounts each compared run's PVC (read-only, once) unless it is the main one."""
     out: dict[str, str] = {}
     mounted: dict[str, str] = {}
     for c in spec.compare:
         if c.endpoint is not None:
-            out[c.name] = f"{c.endpoint.url}#{c.endpoint.model}"
+            out[c.name] = endpoint_source(c.endpoint)
             if c.endpoint.api_key_secret is not None:
                 ref = {"name": c.endpoint.api_key_secret.name, "key": c.endpoint.api_key_secret.key}
                 env.append({"name": compare_key_env(c.name), "valueFrom": {"secretKeyRef": ref}})
@@ -427,16 +499,22 @@ def _compare_sources(spec: EvalRunSpec, main_claim: Optional[str], runs: dict[st
     return out
 
 
-def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image: str,
-                    source: Optional[tuple[str, str]] = None,
-                    compare_runs: Optional[dict[str, tuple[str, str]]] = None) -> dict[str, Any]:
+def render_eval_job(
+    eval_name: str,
+    namespace: str,
+    spec: EvalRunSpec,
+    *,
+    image: str,
+    source: tuple[str, str] | None = None,
+    compare_runs: dict[str, tuple[str, str]] | None = None,
+) -> dict[str, Any]:
     """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run;
     `compare_runs`: (TrainingRun name, its PVC) of each spec.compare entry naming a run."""
     name = eval_job_name(eval_name)
     labels = eval_labels(eval_name)
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "NANOCHAT_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": TERMINATION_LOG_ENV, "value": DEFAULT_TERMINATION_LOG},
     ]
     mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}}]
@@ -444,8 +522,9 @@ def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image:
     if spec.model.endpoint is not None:
         secret = spec.model.endpoint.api_key_secret
         if secret is not None:
-            env.append({"name": EVAL_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name,
-                                                                               "key": secret.key}}})
+            env.append(
+                {"name": EVAL_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}
+            )
     else:
         if source is None:
             raise ValueError("an EvalRun of a TrainingRun needs the source run and its PVC")
@@ -462,16 +541,21 @@ def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image:
         "env": env,
         "volumeMounts": mounts,
         # The eval writes its compact JSON result here; the operator reads it from
-        # status.containerStatuses[].state.terminated.message (see nanochat_operator.results).
-        "terminationMessagePath": TERMINATION_LOG,
+        # status.containerStatuses[].state.terminated.message (nanochat_operator.status.terminated_message).
+        "terminationMessagePath": DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False},
     }
     resources = _container_resources(spec.resources, spec.resources.gpus)
     if resources:
         container["resources"] = resources
-    pod: dict[str, Any] = {"restartPolicy": "Never", "enableServiceLinks": False, "securityContext": dict(POD_SECURITY),
-                           "containers": [container], "volumes": volumes}
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "securityContext": dict(POD_SECURITY),
+        "containers": [container],
+        "volumes": volumes,
+    }
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     _placement(pod, spec.resources)
@@ -485,5 +569,9 @@ def render_eval_job(eval_name: str, namespace: str, spec: EvalRunSpec, *, image:
     policy = _failure_policy(spec.pod_failure_policy, EVAL_CONTAINER)
     if policy:
         job_spec["podFailurePolicy"] = policy
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _job_metadata(name, namespace, labels, spec), "spec": job_spec}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _job_metadata(name, namespace, labels, spec),
+        "spec": job_spec,
+    }

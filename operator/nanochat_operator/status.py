@@ -1,69 +1,118 @@
 """The status machine (pure): Job + pods + previous status -> the run's new status.
 
+    prev = load_status(TrainingRunStatus, obj["status"])          # what kopf hands over
     view = observe_job(job, pods, nodes=4)                       # what the cluster shows
     status = training_status(prev, view, progress, now=..., ...)  # what the run's status says
+    patch = status_patch(obj["status"], dump_status(status))     # (reconcile) what kopf writes
 
 Phases: Pending (no Job yet, or suspended / queued), Starting (Job made, not every pod
 running), Running, Succeeded, Failed. Succeeded and Failed are final: once a run has
 reached one, later observations (the Job deleted, pods gone) do not move it.
 
 Conditions follow the Kubernetes convention: lastTransitionTime changes only when a
-condition's status changes. Types: Accepted, DependenciesReady (set by the reconciler),
-Suspended, Running, Complete, Failed (set here), SpecChangeRefused (reconciler).
-Everything here takes and returns plain dicts in the API's camelCase, as kopf hands
-them over, so the tests can feed it any Job and pod state.
+condition's status changes. Their types are the contract's ConditionType: Suspended,
+Running, Complete, Failed, TeacherAvailable and ResultsRecorded are set here, Accepted,
+DependenciesReady and SpecChangeRefused by the reconciler.
+
+The status is the API's own pydantic model (TrainingRunStatus / EvalRunStatus), so the
+code cannot write a field the CRD schema lacks. Jobs and pods stay plain camelCase dicts,
+as the API server sends them, so the tests can feed it any Job and pod state. Every
+function returns a new status and leaves the one it was given alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from nanochat_trainer.contract import (
+    COMPLETION_INDEX_ANNOTATION,
+    TERMINAL_PHASES,
+    ConditionType,
+    EvalResult,
+    Phase,
+    score_key,
+)
 
 from . import progress as prog
-from .api import TERMINAL_PHASES
-from .results import EvalResult
+from .api import Condition, ConditionStatus, EvalRunStatus, RunStatusCommon, TrainingRunStatus
 
 # Container waiting reasons worth surfacing: the pod will not start by itself soon.
-STUCK_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                 "CreateContainerError", "CrashLoopBackOff", "RunContainerError")
+STUCK_REASONS = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+)
 MAX_MESSAGE = 1024  # conditions stay readable and status objects small
+
+S = TypeVar("S", bound=RunStatusCommon)
 
 
 def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def rfc3339(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_time(s: Optional[str]) -> Optional[datetime]:
+def parse_time(s: str | None) -> datetime | None:
     if not s:
         return None
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
+# ---------------------------------------------------------------------------- the JSON boundary
+
+
+def load_status(model: type[S], raw: Mapping[str, Any] | None) -> S:
+    """A run's status as kopf hands it over, as the model. kopf's own bookkeeping is left
+    out: the operator never writes it back."""
+    return model.model_validate({k: v for k, v in (raw or {}).items() if k != "kopf"})
+
+
+def dump_status(status: RunStatusCommon) -> dict[str, Any]:
+    """The status as the API stores it (camelCase JSON). Only the fields that were loaded or
+    set: a field set to None stays, as a JSON merge patch's way to clear it, and one never
+    touched (kopf's bookkeeping, an EvalRun's scores before it has any) is not written."""
+    return status.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
 # ---------------------------------------------------------------------------- conditions
 
 
-def set_condition(conditions: list[dict[str, Any]], type_: str, status: str, reason: str, message: str,
-                  now: datetime) -> list[dict[str, Any]]:
+def set_condition(
+    conditions: list[Condition], type_: ConditionType, status: ConditionStatus, reason: str, message: str, now: datetime
+) -> list[Condition]:
     """A copy of `conditions` with one condition set; its transition time kept if status is unchanged."""
-    out = [dict(c) for c in conditions if c.get("type") != type_]
-    old = next((c for c in conditions if c.get("type") == type_), None)
-    when = old.get("lastTransitionTime") if old and old.get("status") == status else None
-    out.append({"type": type_, "status": status, "reason": reason, "message": message[:MAX_MESSAGE],
-                "lastTransitionTime": when or rfc3339(now)})
-    return out
+    old = _find(conditions, type_)
+    when = old.last_transition_time if old is not None and old.status == status else None
+    new = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message[:MAX_MESSAGE],
+        last_transition_time=when or rfc3339(now),
+    )
+    return remove_condition(conditions, type_) + [new]
 
 
-def remove_condition(conditions: list[dict[str, Any]], type_: str) -> list[dict[str, Any]]:
-    return [dict(c) for c in conditions if c.get("type") != type_]
+def remove_condition(conditions: list[Condition], type_: ConditionType) -> list[Condition]:
+    return [c.model_copy() for c in conditions if c.type != type_]
 
 
-def get_condition(status: dict[str, Any], type_: str) -> Optional[dict[str, Any]]:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+def get_condition(status: RunStatusCommon, type_: ConditionType) -> Condition | None:
+    return _find(status.conditions, type_)
+
+
+def _find(conditions: list[Condition], type_: ConditionType) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
 
 
 # ---------------------------------------------------------------------------- observing a Job
@@ -73,29 +122,30 @@ def get_condition(status: dict[str, Any], type_: str) -> Optional[dict[str, Any]
 class JobView:
     """What a Job and its pods say, reduced to what the status needs."""
 
-    phase: str  # Pending, Starting, Running, Succeeded, Failed
+    phase: Phase
     reason: str
     message: str
     restarts: int = 0
     suspended: bool = False
-    completion_time: Optional[str] = None
-    pod0: Optional[dict[str, Any]] = None  # the running pod of completion index 0
+    completion_time: str | None = None
+    pod0: dict[str, Any] | None = None  # the running pod of completion index 0
 
 
-def _job_condition(job: dict[str, Any], type_: str) -> Optional[dict[str, Any]]:
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
     for c in (job.get("status") or {}).get("conditions") or []:
         if c.get("type") == type_ and c.get("status") == "True":
             return c
     return None
 
 
-def _pod_index(pod: dict[str, Any]) -> Optional[str]:
+def _pod_index(pod: dict[str, Any]) -> str | None:
     meta = pod.get("metadata") or {}
-    return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or \
-        (meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index")
+    return (meta.get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) or (meta.get("labels") or {}).get(
+        COMPLETION_INDEX_ANNOTATION
+    )
 
 
-def _last_line(text: Optional[str]) -> str:
+def _last_line(text: str | None) -> str:
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
 
@@ -116,7 +166,7 @@ def _failed_pod_detail(pods: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _stuck(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
+def _stuck(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     """A reason pods are not starting (unschedulable, image pull, bad config)."""
     for pod in pods:
         st = pod.get("status") or {}
@@ -133,7 +183,7 @@ def _stuck(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
     return None
 
 
-def observe_job(job: Optional[dict[str, Any]], pods: list[dict[str, Any]], nodes: int) -> Optional[JobView]:
+def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]], nodes: int) -> JobView | None:
     """Reduce a Job and its pods to a JobView; None when there is no Job."""
     if job is None:
         return None
@@ -141,16 +191,26 @@ def observe_job(job: Optional[dict[str, Any]], pods: list[dict[str, Any]], nodes
     restarts = int(st.get("failed") or 0)
     done = _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet")
     if done:
-        return JobView("Succeeded", "Completed", done.get("message") or "all pods succeeded", restarts,
-                       completion_time=st.get("completionTime"))
+        return JobView(
+            Phase.SUCCEEDED,
+            "Completed",
+            done.get("message") or "all pods succeeded",
+            restarts,
+            completion_time=st.get("completionTime"),
+        )
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     if failed:
         detail = _failed_pod_detail(pods)
         msg = failed.get("message") or "the Job failed"
-        return JobView("Failed", failed.get("reason") or "JobFailed", f"{msg}; {detail}" if detail else msg,
-                       restarts, completion_time=(failed.get("lastTransitionTime") or st.get("completionTime")))
+        return JobView(
+            Phase.FAILED,
+            failed.get("reason") or "JobFailed",
+            f"{msg}; {detail}" if detail else msg,
+            restarts,
+            completion_time=(failed.get("lastTransitionTime") or st.get("completionTime")),
+        )
     if (job.get("spec") or {}).get("suspend") or _job_condition(job, "Suspended"):
-        return JobView("Pending", "Suspended", "the Job is suspended", restarts, suspended=True)
+        return JobView(Phase.PENDING, "Suspended", "the Job is suspended", restarts, suspended=True)
 
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
     running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
@@ -159,141 +219,221 @@ def observe_job(job: Optional[dict[str, Any]], pods: list[dict[str, Any]], nodes
     up = len(running) + len(succeeded_indexes - {None})
     if up >= nodes:
         if running:
-            return JobView("Running", "AllPodsRunning", f"{len(running)}/{nodes} pods running", restarts, pod0=pod0)
+            return JobView(Phase.RUNNING, "AllPodsRunning", f"{len(running)}/{nodes} pods running", restarts, pod0=pod0)
         # Every pod has exited 0 but the Job controller has not yet marked the Job Complete
         # (it first removes its tracking finalizers): still Running, never back to Starting.
-        return JobView("Running", "PodsFinished", f"{nodes}/{nodes} pods succeeded; the Job is completing",
-                       restarts)
+        return JobView(
+            Phase.RUNNING, "PodsFinished", f"{nodes}/{nodes} pods succeeded; the Job is completing", restarts
+        )
     stuck = _stuck(live)
     if stuck:
-        return JobView("Starting", stuck[0], stuck[1], restarts, pod0=pod0)
+        return JobView(Phase.STARTING, stuck[0], stuck[1], restarts, pod0=pod0)
     if restarts and any((p.get("status") or {}).get("phase") == "Failed" for p in live):
         detail = _failed_pod_detail(live)
-        return JobView("Starting", "Restarting", f"a pod failed ({detail}); the Job is replacing it", restarts,
-                       pod0=pod0)
-    return JobView("Starting", "PodsStarting", f"{len(running)}/{nodes} pods running", restarts, pod0=pod0)
+        return JobView(
+            Phase.STARTING, "Restarting", f"a pod failed ({detail}); the Job is replacing it", restarts, pod0=pod0
+        )
+    return JobView(Phase.STARTING, "PodsStarting", f"{len(running)}/{nodes} pods running", restarts, pod0=pod0)
+
+
+def terminated_message(pod: dict[str, Any], container: str) -> str | None:
+    """The termination message of `container` in a pod (as the API returns it).
+
+    An eval pod's result reaches the operator this way, since the operator cannot read the
+    PVC: Kubernetes copies the file at the container's terminationMessagePath into the pod
+    status, or the log tail when that is empty and the container failed (FallbackToLogsOnError).
+    """
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == container:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term:
+                return term.get("message")
+    return None
 
 
 # ---------------------------------------------------------------------------- new status
+#
+# The public functions copy the previous status once; the `_apply_*` helpers fill in that copy.
 
 
-def _apply_view(prev: dict[str, Any], view: JobView, now: datetime, job_name: str) -> dict[str, Any]:
+def is_final(prev: RunStatusCommon) -> bool:
+    """A terminal phase that nothing moves any more (one with a Job behind it)."""
+    return prev.phase in TERMINAL_PHASES and bool(prev.job_name)
+
+
+def _bool(value: bool) -> ConditionStatus:
+    return "True" if value else "False"
+
+
+def _apply_view(new: RunStatusCommon, view: JobView, now: datetime, job_name: str) -> None:
     """Phase, Suspended/Running/Complete/Failed conditions, times and restarts from a JobView."""
-    new = dict(prev)
-    conds = list(prev.get("conditions") or [])
-    new["phase"] = view.phase
-    new["jobName"] = job_name
-    new["restarts"] = view.restarts
-    conds = set_condition(conds, "Suspended", "True" if view.suspended else "False",
-                          view.reason if view.suspended else "NotSuspended",
-                          view.message if view.suspended else "", now)
-    running = view.phase == "Running"
-    conds = set_condition(conds, "Running", "True" if running else "False", view.reason, view.message, now)
-    if running and not new.get("startTime"):
-        new["startTime"] = rfc3339(now)
-    if view.phase == "Succeeded":
-        conds = set_condition(conds, "Complete", "True", view.reason, view.message, now)
-    if view.phase == "Failed":
-        conds = set_condition(conds, "Failed", "True", view.reason, view.message, now)
+    new.phase = view.phase
+    new.job_name = job_name
+    new.restarts = view.restarts
+    conds = set_condition(
+        new.conditions,
+        ConditionType.SUSPENDED,
+        _bool(view.suspended),
+        view.reason if view.suspended else "NotSuspended",
+        view.message if view.suspended else "",
+        now,
+    )
+    running = view.phase == Phase.RUNNING
+    conds = set_condition(conds, ConditionType.RUNNING, _bool(running), view.reason, view.message, now)
+    if running and not new.start_time:
+        new.start_time = rfc3339(now)
+    if view.phase == Phase.SUCCEEDED:
+        conds = set_condition(conds, ConditionType.COMPLETE, "True", view.reason, view.message, now)
+    if view.phase == Phase.FAILED:
+        conds = set_condition(conds, ConditionType.FAILED, "True", view.reason, view.message, now)
     if view.phase in TERMINAL_PHASES:
-        new["completionTime"] = view.completion_time or rfc3339(now)
-    new["conditions"] = conds
+        new.completion_time = view.completion_time or rfc3339(now)
+    new.conditions = conds
+
+
+def _from_job(prev: S, view: JobView | None, now: datetime, generation: int | None, job_name: str) -> S:
+    """What either kind's status takes from its Job: a copy of `prev` updated from `view`.
+    A final status only records the generation; without a Job (yet) the run is Pending."""
+    new = prev.model_copy(deep=True)
+    new.observed_generation = generation
+    if is_final(prev):
+        return new
+    if view is None:
+        new.phase = Phase.PENDING
+    else:
+        _apply_view(new, view, now, job_name)
     return new
 
 
-def is_final(prev: dict[str, Any]) -> bool:
-    """A terminal phase that nothing moves any more (one with a Job behind it)."""
-    return prev.get("phase") in TERMINAL_PHASES and bool(prev.get("jobName"))
-
-
-def training_status(prev: dict[str, Any], view: Optional[JobView], progress: Optional[prog.Progress], *,
-                    now: datetime, generation: Optional[int], job_name: str,
-                    final_checkpoint: Optional[str] = None,
-                    checkpoint_path: Optional[Any] = None) -> dict[str, Any]:
+def training_status(
+    prev: TrainingRunStatus,
+    view: JobView | None,
+    progress: prog.Progress | None,
+    *,
+    now: datetime,
+    generation: int | None,
+    job_name: str,
+    final_checkpoint: str | None = None,
+    checkpoint_path: Callable[[int], str] | None = None,
+) -> TrainingRunStatus:
     """The TrainingRun status after observing its Job (view) and trainer metrics (progress).
 
     `checkpoint_path(step) -> str` names a step checkpoint; `final_checkpoint` is set on the
     status when the run Succeeded.
     """
-    prev = {k: v for k, v in prev.items() if k != "kopf"}
-    if is_final(prev):
-        return {**prev, "observedGeneration": generation}
-    if view is None:
-        new = dict(prev, phase="Pending")
-        new["observedGeneration"] = generation
+    new = _from_job(prev, view, now, generation, job_name)
+    if is_final(prev) or view is None:
         return new
-    new = _apply_view(prev, view, now, job_name)
-    new["observedGeneration"] = generation
     if progress is not None:
-        if progress.total_steps is not None:
-            new["totalSteps"] = progress.total_steps
-        if progress.loss is not None:
-            new["loss"] = round(progress.loss, 6)
-        if progress.tokens_per_second is not None:
-            new["tokensPerSecond"] = round(progress.tokens_per_second, 1)
-        if progress.checkpoint_step is not None and progress.checkpoint_step > 0 and checkpoint_path:
-            new["latestCheckpointStep"] = progress.checkpoint_step
-            new["latestCheckpoint"] = checkpoint_path(progress.checkpoint_step)
-        if progress.teacher_up is not None and view.phase == "Running":
-            new["conditions"] = _teacher_condition(new.get("conditions") or [], progress, now)
-        if progress.step is not None:
-            prev_step = prev.get("step")
-            if prev_step is None or progress.step != prev_step:
-                left = None
-                if new.get("totalSteps"):
-                    left = prog.eta(progress.step, new["totalSteps"], prev_step,
-                                    parse_time(prev.get("lastProgressTime")), now)
-                if left is not None:
-                    new["eta"] = prog.format_duration(left.total_seconds())
-                new["step"] = progress.step
-                new["lastProgressTime"] = rfc3339(now)
-    if view.phase == "Succeeded":
-        if new.get("totalSteps") is not None:
-            new["step"] = new["totalSteps"]
-        new["eta"] = None
+        _apply_progress(new, prev, progress, view, now, checkpoint_path)
+    if view.phase == Phase.SUCCEEDED:
+        if new.total_steps is not None:
+            new.step = new.total_steps
+        new.eta = None  # None, not absent: the merge patch clears the last estimate
         if final_checkpoint:
-            new["finalCheckpoint"] = final_checkpoint
-    elif view.phase == "Failed":
-        new["eta"] = None
+            new.final_checkpoint = final_checkpoint
+    elif view.phase == Phase.FAILED:
+        new.eta = None
     return new
 
 
-def _teacher_condition(conds: list[dict[str, Any]], progress: prog.Progress, now: datetime) -> list[dict[str, Any]]:
+def _apply_progress(
+    new: TrainingRunStatus,
+    prev: TrainingRunStatus,
+    progress: prog.Progress,
+    view: JobView,
+    now: datetime,
+    checkpoint_path: Callable[[int], str] | None,
+) -> None:
+    """Step, loss, throughput, ETA, newest checkpoint and teacher condition from the trainer's gauges.
+    A gauge the trainer does not report (yet) keeps the last value."""
+    if progress.total_steps is not None:
+        new.total_steps = progress.total_steps
+    if progress.loss is not None:
+        new.loss = round(progress.loss, 6)
+    if progress.tokens_per_second is not None:
+        new.tokens_per_second = round(progress.tokens_per_second, 1)
+    if progress.checkpoint_step is not None and progress.checkpoint_step > 0 and checkpoint_path:
+        new.latest_checkpoint_step = progress.checkpoint_step
+        new.latest_checkpoint = checkpoint_path(progress.checkpoint_step)
+    if progress.teacher_up is not None and view.phase == Phase.RUNNING:
+        new.conditions = _teacher_condition(new.conditions, progress, now)
+    if progress.step is not None and progress.step != prev.step:
+        _apply_step(new, prev, progress.step, now)
+
+
+def _apply_step(new: TrainingRunStatus, prev: TrainingRunStatus, step: int, now: datetime) -> None:
+    """A new step: the ETA from the pace since the previous one (kept when it cannot be told)."""
+    if new.total_steps:
+        left = prog.eta(step, new.total_steps, prev.step, parse_time(prev.last_progress_time), now)
+        if left is not None:
+            new.eta = prog.format_duration(left.total_seconds())
+    new.step = step
+    new.last_progress_time = rfc3339(now)
+
+
+def _teacher_condition(conds: list[Condition], progress: prog.Progress, now: datetime) -> list[Condition]:
     """TeacherAvailable: a distillation run whose teacher is down stays Running and says so."""
     skipped = progress.teacher_skipped or 0
     if progress.teacher_up:
-        return set_condition(conds, "TeacherAvailable", "True", "TeacherAnswering",
-                             f"the distillation teacher answers ({skipped} trained without it so far)", now)
-    return set_condition(conds, "TeacherAvailable", "False", "TeacherUnreachable",
-                         f"the distillation teacher is not answering: training goes on without it where "
-                         f"distill.continue_without_teacher allows, else waits ({skipped} trained without it "
-                         f"so far)", now)
+        return set_condition(
+            conds,
+            ConditionType.TEACHER_AVAILABLE,
+            "True",
+            "TeacherAnswering",
+            f"the distillation teacher answers ({skipped} trained without it so far)",
+            now,
+        )
+    return set_condition(
+        conds,
+        ConditionType.TEACHER_AVAILABLE,
+        "False",
+        "TeacherUnreachable",
+        f"the distillation teacher is not answering: training goes on without it where "
+        f"distill.continue_without_teacher allows, else waits ({skipped} trained without it "
+        f"so far)",
+        now,
+    )
 
 
-def eval_status(prev: dict[str, Any], view: Optional[JobView], result: Optional[EvalResult], *,
-                now: datetime, generation: Optional[int], job_name: str) -> dict[str, Any]:
+def eval_status(
+    prev: EvalRunStatus,
+    view: JobView | None,
+    result: EvalResult | None,
+    *,
+    now: datetime,
+    generation: int | None,
+    job_name: str,
+) -> EvalRunStatus:
     """The EvalRun status after observing its Job and, when it finished, its result."""
-    prev = {k: v for k, v in prev.items() if k != "kopf"}
-    if is_final(prev):
-        return {**prev, "observedGeneration": generation}
-    if view is None:
-        return dict(prev, phase="Pending", observedGeneration=generation)
-    new = _apply_view(prev, view, now, job_name)
-    new["observedGeneration"] = generation
-    if view.phase == "Succeeded":
-        if result is not None and result.scores:
-            new["scores"] = dict(result.scores)
-            new["passAt1"] = result.scores.get("pass@1")
-            new["problems"] = result.problems
-            new["samplesPerProblem"] = result.samples
-            message = ", ".join(f"{k}={v:.4f}" for k, v in result.scores.items())
-            if result.compare:
-                new["comparison"] = {n: dict(v) for n, v in result.compare.items()}
-                message += "; " + "; ".join(f"{n}: " + ", ".join(f"{k}={v:.4f}" for k, v in sc.items())
-                                            for n, sc in result.compare.items())
-            new["conditions"] = set_condition(new["conditions"], "ResultsRecorded", "True", "Scored", message, now)
-        else:
-            new["conditions"] = set_condition(
-                new["conditions"], "ResultsRecorded", "False", "NoResult",
-                "the eval pod succeeded but left no result in its termination message", now)
+    new = _from_job(prev, view, now, generation, job_name)
+    if not is_final(prev) and view is not None and view.phase == Phase.SUCCEEDED:
+        _apply_result(new, result, now)
     return new
+
+
+def _apply_result(new: EvalRunStatus, result: EvalResult | None, now: datetime) -> None:
+    """Scores and the ResultsRecorded condition of an eval whose pod succeeded."""
+    if result is None or not result.scores:
+        new.conditions = set_condition(
+            new.conditions,
+            ConditionType.RESULTS_RECORDED,
+            "False",
+            "NoResult",
+            "the eval pod succeeded but left no result in its termination message",
+            now,
+        )
+        return
+    new.scores = dict(result.scores)
+    new.pass_at_1 = result.scores.get(score_key(1))
+    new.problems = result.problems
+    new.samples_per_problem = result.samples
+    message = _format_scores(result.scores)
+    if result.compare:
+        new.comparison = {n: dict(v) for n, v in result.compare.items()}
+        message += "; " + "; ".join(f"{n}: {_format_scores(sc)}" for n, sc in result.compare.items())
+    new.conditions = set_condition(new.conditions, ConditionType.RESULTS_RECORDED, "True", "Scored", message, now)
+
+
+def _format_scores(scores: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in scores.items())

@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
-if TYPE_CHECKING:
-    from e2e.node_agent import TestNodeAgent
-
 from e2e.cluster import ControlPlane
+from e2e.node_agent import TestNodeAgent
 from e2e.operator_local import ChartOperator
 from e2e.scale import ensure_kwok_nodes
 
@@ -54,9 +52,8 @@ def kwok_nodes(control_plane: ControlPlane) -> None:
 
 
 @pytest.fixture(scope="session")
-def node_agent(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator["TestNodeAgent"]:
+def node_agent(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestNodeAgent]:
     """The one node whose pods really run, as processes of this machine."""
-    from e2e.node_agent import TestNodeAgent
 
     venv_bin = str(Path(sys.executable).parent)
     home = tmp_path_factory.mktemp("agent-home")
@@ -68,8 +65,13 @@ def node_agent(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFac
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    agent = TestNodeAgent(str(control_plane.kubeconfig), AGENT_NODE, tmp_path_factory.mktemp("agent"),
-                          capacity={"cpu": "16", "memory": "64Gi", "pods": "110"}, extra_env=env)
+    agent = TestNodeAgent(
+        str(control_plane.kubeconfig),
+        AGENT_NODE,
+        tmp_path_factory.mktemp("agent"),
+        capacity={"cpu": "16", "memory": "64Gi", "pods": "110"},
+        extra_env=env,
+    )
     agent.start()
     control_plane.wait_for(lambda: _node_ready(control_plane, AGENT_NODE), 60, "the agent node Ready")
     yield agent
@@ -86,12 +88,22 @@ def volumes(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     """hostPath PersistentVolumes for the PVCs the operator makes (no provisioner here):
     the PV controller binds each claim to one, and the agent mounts its path."""
     root = tmp_path_factory.mktemp("pvs")
-    control_plane.apply([{
-        "apiVersion": "v1", "kind": "PersistentVolume",
-        "metadata": {"name": f"e2e-pv-{i}"},
-        "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
-                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(root / f"pv-{i}")}},
-    } for i in range(12)])
+    control_plane.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": f"e2e-pv-{i}"},
+                "spec": {
+                    "capacity": {"storage": "100Gi"},
+                    "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": str(root / f"pv-{i}")},
+                },
+            }
+            for i in range(12)
+        ]
+    )
     return root
 
 
@@ -101,7 +113,8 @@ def namespace(control_plane: ControlPlane) -> Iterator[str]:
     control_plane.kubectl("create", "namespace", name)
     control_plane.wait_for(
         lambda: control_plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
-        60, f"the default ServiceAccount in {name}")
+        60,
+        f"the default ServiceAccount in {name}",
+    )
     yield name
     control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-

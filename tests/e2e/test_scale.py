@@ -9,8 +9,9 @@ from e2e.operator_local import ChartOperator
 from e2e.scale import delete_namespace, run_scale
 
 
-def test_200_runs_at_once(control_plane: ControlPlane, operator: ChartOperator, kwok_nodes: None,
-                          record_property: Any) -> None:
+def test_200_runs_at_once(
+    control_plane: ControlPlane, operator: ChartOperator, kwok_nodes: None, record_property: Any
+) -> None:
     result = run_scale(control_plane, operator, 200, namespace="scale-200", timeout=600)
     print(result.line())
     record_property("scale_200", result.line())

@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors.torch import load_file
 
 from e2e.cluster import ControlPlane
 from e2e.node_agent import TestNodeAgent
 from e2e.operator_local import ChartOperator, events_of, wait_phase, wait_until
+from nanochat_trainer.checkpoint import save_weights
+from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.data.synthetic import generate as synthetic_docs
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ["Pending", "Starting", "Running", "Succeeded"]
@@ -50,9 +56,9 @@ def phases_in_events(cp: ControlPlane, namespace: str, name: str) -> list[str]:
     return [e["reason"] for e in events_of(cp, namespace, name) if e["reason"] in PHASES]
 
 
-def test_phase1_example_trains_on_two_pods_then_evaluates(control_plane: ControlPlane, operator: ChartOperator,
-                                                          node_agent: TestNodeAgent, volumes: Path,
-                                                          namespace: str) -> None:
+def test_phase1_example_trains_on_two_pods_then_evaluates(
+    control_plane: ControlPlane, operator: ChartOperator, node_agent: TestNodeAgent, volumes: Path, namespace: str
+) -> None:
     cp = control_plane
     cp.apply(phase1_example(namespace))
     tr = wait_phase(cp, "trainingrun", "phase1-demo", {"Running", "Succeeded", "Failed"}, 240, namespace, operator)
@@ -81,10 +87,12 @@ def test_phase1_example_trains_on_two_pods_then_evaluates(control_plane: Control
 def _resumable_run(name: str, namespace: str, steps: int) -> dict[str, Any]:
     trainer: dict[str, Any] = {"data": {"source": "synthetic"}, "metrics": {"log_every": 1}}
     tiny(trainer, steps=steps, every=5)
-    return {"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"trainer": trainer, "resources": {"nodes": 1, "gpusPerNode": 0},
-                     "storage": {"size": "10Gi"}}}
+    return {
+        "apiVersion": "nanochat.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"trainer": trainer, "resources": {"nodes": 1, "gpusPerNode": 0}, "storage": {"size": "10Gi"}},
+    }
 
 
 def _steps_logged(path: Path) -> list[int]:
@@ -93,16 +101,20 @@ def _steps_logged(path: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line]
 
 
-def test_killed_pod_is_retried_and_resumes_from_its_checkpoint(control_plane: ControlPlane, operator: ChartOperator,
-                                                               node_agent: TestNodeAgent, volumes: Path,
-                                                               namespace: str) -> None:
+def test_killed_pod_is_retried_and_resumes_from_its_checkpoint(
+    control_plane: ControlPlane, operator: ChartOperator, node_agent: TestNodeAgent, volumes: Path, namespace: str
+) -> None:
     cp = control_plane
     cp.apply(_resumable_run("resume", namespace, steps=60))
     wait_phase(cp, "trainingrun", "resume", {"Running"}, 240, namespace, operator)
-    ckpt = wait_until(300, lambda: (cp.get("trainingrun", "resume", "-n", namespace)["status"]
-                                    .get("latestCheckpointStep") or 0) >= 10 and
-                      cp.get("trainingrun", "resume", "-n", namespace)["status"]["latestCheckpointStep"],
-                      "a checkpoint at step 10 or later")
+    ckpt = wait_until(
+        300,
+        lambda: (
+            (cp.get("trainingrun", "resume", "-n", namespace)["status"].get("latestCheckpointStep") or 0) >= 10
+            and cp.get("trainingrun", "resume", "-n", namespace)["status"]["latestCheckpointStep"]
+        ),
+        "a checkpoint at step 10 or later",
+    )
     pod = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=resume-train")["items"][0]
     # The whole pod at once (torchrun and its worker), as the OOM killer or a lost node would.
     assert node_agent.kill_pod(namespace, pod["metadata"]["name"])
@@ -123,9 +135,9 @@ def test_killed_pod_is_retried_and_resumes_from_its_checkpoint(control_plane: Co
     assert steps[-1] == 60 and (root / "final" / "model.safetensors").is_file()
 
 
-def test_operator_killed_mid_run_picks_up_where_it_was(control_plane: ControlPlane, operator: ChartOperator,
-                                                       node_agent: TestNodeAgent, volumes: Path,
-                                                       namespace: str) -> None:
+def test_operator_killed_mid_run_picks_up_where_it_was(
+    control_plane: ControlPlane, operator: ChartOperator, node_agent: TestNodeAgent, volumes: Path, namespace: str
+) -> None:
     cp = control_plane
     cp.apply(_resumable_run("survivor", namespace, steps=40))
     running = wait_phase(cp, "trainingrun", "survivor", {"Running"}, 240, namespace, operator)
@@ -140,26 +152,44 @@ def test_operator_killed_mid_run_picks_up_where_it_was(control_plane: ControlPla
     assert done["status"]["step"] == 40
 
 
-def test_moe_run_splits_its_experts_over_two_pods(control_plane: ControlPlane, operator: ChartOperator,
-                                                  node_agent: TestNodeAgent, volumes: Path, namespace: str) -> None:
+def test_moe_run_splits_its_experts_over_two_pods(
+    control_plane: ControlPlane, operator: ChartOperator, node_agent: TestNodeAgent, volumes: Path, namespace: str
+) -> None:
     """A TrainingRun of a small MoE with expert_parallel 2 and FSDP2 on 2 pods: each pod's rank
     holds half of every layer's experts, the run succeeds, and final/ holds all of them."""
     cp = control_plane
-    trainer: dict[str, Any] = {"preset": "tiny-moe", "steps": 8, "batch_size": 4, "seq_len": 64,
-                               "tokenizer": {"train_docs": 300}, "checkpoint": {"every": 4},
-                               "metrics": {"log_every": 1}, "expert_parallel": 2, "parallel": "fsdp",
-                               "model": {"n_layers": 2, "max_seq_len": 64}}
-    cp.apply([{"apiVersion": "nanochat.io/v1alpha1", "kind": "TrainingRun",
-               "metadata": {"name": "moe-ep", "namespace": namespace},
-               "spec": {"trainer": trainer, "resources": {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"},
-                        "storage": {"size": "10Gi"}}}])
+    trainer: dict[str, Any] = {
+        "preset": "tiny-moe",
+        "steps": 8,
+        "batch_size": 4,
+        "seq_len": 64,
+        "tokenizer": {"train_docs": 300},
+        "checkpoint": {"every": 4},
+        "metrics": {"log_every": 1},
+        "expert_parallel": 2,
+        "parallel": "fsdp",
+        "model": {"n_layers": 2, "max_seq_len": 64},
+    }
+    cp.apply(
+        [
+            {
+                "apiVersion": "nanochat.io/v1alpha1",
+                "kind": "TrainingRun",
+                "metadata": {"name": "moe-ep", "namespace": namespace},
+                "spec": {
+                    "trainer": trainer,
+                    "resources": {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"},
+                    "storage": {"size": "10Gi"},
+                },
+            }
+        ]
+    )
     done = wait_phase(cp, "trainingrun", "moe-ep", {"Succeeded", "Failed"}, 600, namespace, operator)
     pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=moe-ep-train")["items"]
     logs = "\n".join(node_agent.pod_log(namespace, p["metadata"]["name"])[-1500:] for p in pods)
     assert done["status"]["phase"] == "Succeeded", f"{json.dumps(done['status'])}\n{logs}"
     assert len(pods) == 2 and done["status"]["step"] == 8
     root = run_dir(volumes, cp, namespace, "moe-ep-storage") / "runs" / "moe-ep"
-    from safetensors.torch import load_file
 
     final = load_file(str(root / "final" / "model.safetensors"))
     experts = [v for k, v in final.items() if ".experts." in k]
@@ -171,42 +201,80 @@ def test_moe_run_splits_its_experts_over_two_pods(control_plane: ControlPlane, o
 def _teacher(namespace: str, claim: str) -> list[dict[str, Any]]:
     """`nanochat serve` of the model on `claim`, as a Deployment behind Service `teacher`."""
     labels = {"app": "teacher"}
-    pod = {"metadata": {"labels": labels},
-           "spec": {"containers": [{"name": "serve", "image": "nanochat-trainer:e2e",
-                                    "command": ["nanochat", "serve", "--checkpoint", "/models/final", "--host",
-                                                "0.0.0.0", "--port", "8000", "--model-name", "teacher"],
-                                    "ports": [{"containerPort": 8000}],
-                                    "volumeMounts": [{"name": "model", "mountPath": "/models"}]}],
-                    "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": claim}}]}}
-    return [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "teacher", "namespace": namespace},
-             "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": pod}},
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "teacher", "namespace": namespace},
-             "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]}}]
+    pod = {
+        "metadata": {"labels": labels},
+        "spec": {
+            "containers": [
+                {
+                    "name": "serve",
+                    "image": "nanochat-trainer:e2e",
+                    "command": [
+                        "nanochat",
+                        "serve",
+                        "--checkpoint",
+                        "/models/final",
+                        "--host",
+                        "0.0.0.0",
+                        "--port",
+                        "8000",
+                        "--model-name",
+                        "teacher",
+                    ],
+                    "ports": [{"containerPort": 8000}],
+                    "volumeMounts": [{"name": "model", "mountPath": "/models"}],
+                }
+            ],
+            "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": claim}}],
+        },
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "teacher", "namespace": namespace},
+            "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": pod},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "teacher", "namespace": namespace},
+            "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]},
+        },
+    ]
 
 
-def test_phase1_distills_from_a_teacher_served_in_the_cluster(control_plane: ControlPlane, operator: ChartOperator,
-                                                              node_agent: TestNodeAgent, volumes: Path,
-                                                              namespace: str) -> None:
+def test_phase1_distills_from_a_teacher_served_in_the_cluster(
+    control_plane: ControlPlane, operator: ChartOperator, node_agent: TestNodeAgent, volumes: Path, namespace: str
+) -> None:
     """The phase-1 example as written (sequence-level distillation from the `teacher` Service), with a
     tiny teacher served by a Deployment in the cluster: the trainer pod reaches it by its Service
     name, every request is answered, and the run succeeds."""
-    from nanochat_trainer.checkpoint import save_weights
-    from nanochat_trainer.config import TrainerConfig
-    from nanochat_trainer.data.synthetic import generate as synthetic_docs
-    from nanochat_trainer.model import GPT
-    from nanochat_trainer.tokenizer import train_bpe
 
     cp = control_plane
-    cp.apply([{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-               "metadata": {"name": "teacher-model", "namespace": namespace},
-               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}])
-    wait_until(60, lambda: cp.get("pvc", "teacher-model", "-n", namespace)["status"].get("phase") == "Bound",
-               "the teacher's claim bound")
+    cp.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "teacher-model", "namespace": namespace},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+            }
+        ]
+    )
+    wait_until(
+        60,
+        lambda: cp.get("pvc", "teacher-model", "-n", namespace)["status"].get("phase") == "Bound",
+        "the teacher's claim bound",
+    )
     tcfg = TrainerConfig.model_validate({"preset": "tiny"})
     teacher = GPT(tcfg.model)
     teacher.init_weights(0)
-    save_weights(run_dir(volumes, cp, namespace, "teacher-model") / "final", teacher, tcfg,
-                 train_bpe(synthetic_docs(0, 300), 1024))
+    save_weights(
+        run_dir(volumes, cp, namespace, "teacher-model") / "final",
+        teacher,
+        tcfg,
+        train_bpe(synthetic_docs(0, 300), 1024),
+    )
     cp.apply(_teacher(namespace, "teacher-model"))
 
     docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "phase1-quick-demo.yaml").read_text()) if d]
@@ -218,8 +286,14 @@ def test_phase1_distills_from_a_teacher_served_in_the_cluster(control_plane: Con
     distill["teacher"].update(url=f"http://teacher.{namespace}.svc:8000/v1", model="teacher")
     # An untrained teacher's completions are mostly rejected: wait a second per micro-batch, not a minute.
     distill.update(max_new_tokens=16, row_wait_s=1.0)
-    trainer.update(preset="tiny", steps=6, batch_size=4, tokenizer={"train_docs": 300}, checkpoint={"every": 3},
-                   metrics={"log_every": 1})
+    trainer.update(
+        preset="tiny",
+        steps=6,
+        batch_size=4,
+        tokenizer={"train_docs": 300},
+        checkpoint={"every": 3},
+        metrics={"log_every": 1},
+    )
     train["spec"]["resources"] = {"nodes": 1, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"}
     cp.apply([train])
 

@@ -1,15 +1,10 @@
-"""Atomic checkpoints, and loading a trained model back.
+"""Model directories and atomic checkpoints, and loading a trained model back.
 
-Layout of a run directory (`checkpoint.dir`):
-
-    <run>/tokenizer.json
-    <run>/checkpoints/step_00000100/   model.safetensors, config.yaml, tokenizer.json, train_state.pt
-    <run>/final/                       model.safetensors, config.yaml, tokenizer.json (the finished model)
-    <run>/log.jsonl
-
-A checkpoint is written into a temporary sibling directory, every file fsynced, and
-then renamed into place, so a directory named `step_*` is always complete: a crash
-mid-write leaves only a `.tmp-*` directory that the next save removes.
+The run directory's layout (`checkpoint.dir`: step checkpoints, final/, logs) is
+`contract.RunLayout`, which the operator reads too. A checkpoint is written into a temporary
+sibling directory, every file fsynced, and then renamed into place, so a directory named
+`step_*` is always complete: a crash mid-write leaves only a `.tmp-*` directory that the next
+save removes.
 
     model, tokenizer, cfg = load_model("runs/demo")        # newest of final/ or step_*
 """
@@ -17,19 +12,22 @@ mid-write leaves only a `.tmp-*` directory that the next save removes.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TrainerConfig
-from .model import GPT
-
-STEP_RE = re.compile(r"^step_(\d{8})$")
+from .contract import MODEL_CONFIG, MODEL_WEIGHTS, TRAIN_STATE, RunLayout
+from .models.gpt import GPT
+from .models.moe import held_expert_rows
+from .models.ternary import apply_ternary
+from .models.ternary_pack import load_packed_model, read_packed_metadata
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,8 +68,8 @@ def _write_weights(out: Path, model_sd: dict[str, torch.Tensor], cfg: TrainerCon
             continue
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    save_file(tensors, str(out / MODEL_WEIGHTS))
+    (out / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tokenizer.save(out)
 
 
@@ -87,18 +85,25 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, cfg: Traine
     return out
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, model_sd: dict[str, torch.Tensor],
-                    train_state: dict[str, Any], cfg: TrainerConfig, tokenizer, keep: int) -> Path:
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model_sd: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    cfg: TrainerConfig,
+    tokenizer: Tokenizer,
+    keep: int,
+) -> Path:
     """Write checkpoint `step` (weights + optimizer/schedule/data/RNG state) and prune old ones."""
-    ckpts = Path(run_dir) / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
-    for stale in ckpts.glob("*.tmp-*"):
+    layout = RunLayout(Path(run_dir))
+    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+    for stale in layout.checkpoints.glob("*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = ckpts / f"step_{step:08d}"
-    tmp = ckpts / f"{final.name}.tmp-{os.getpid()}"
+    final = layout.step(step)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     _write_weights(tmp, model_sd, cfg, tokenizer)
-    torch.save(train_state, tmp / "train_state.pt")
+    torch.save(train_state, tmp / TRAIN_STATE)
     _publish(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -107,11 +112,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model_sd: dict[str, t
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete step checkpoints, oldest first."""
-    ckpts = Path(run_dir) / "checkpoints"
+    ckpts = RunLayout(Path(run_dir)).checkpoints
     if not ckpts.is_dir():
         return []
-    found = [p for p in ckpts.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+    steps = {p: RunLayout.step_of(p) for p in ckpts.iterdir() if p.is_dir()}
+    return sorted((p for p, step in steps.items() if step is not None), key=lambda p: steps[p])
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -119,18 +124,14 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def checkpoint_step(path: Path) -> int:
-    m = STEP_RE.match(path.name)
-    return int(m.group(1)) if m else -1
-
-
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model directory from a model dir itself, or a run dir (final/, else newest step)."""
     p = Path(path)
-    if (p / "model.safetensors").is_file():
+    if (p / MODEL_WEIGHTS).is_file():
         return p
-    if (p / "final" / "model.safetensors").is_file():
-        return p / "final"
+    final = RunLayout(p).final
+    if (final / MODEL_WEIGHTS).is_file():
+        return final
     newest = latest_checkpoint(p)
     if newest is not None:
         return newest
@@ -141,20 +142,24 @@ def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Ten
     """model_dir/model.safetensors as a state dict for `model`. Each expert weight that expert
     parallelism split is read as this rank's rows alone (safetensors slices the file), so no
     rank loads all of an MoE's experts."""
-    from safetensors import safe_open
-
-    from .expert_parallel import expert_row_ranges
-
-    rows = expert_row_ranges(model)
+    rows = held_expert_rows(model)
     sd = {}
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(model_dir / MODEL_WEIGHTS), framework="pt") as f:
         for k in f.keys():
             if k in rows:
                 first, n = rows[k]
-                sd[k] = f.get_slice(k)[first:first + n]
+                sd[k] = f.get_slice(k)[first : first + n]
             else:
                 sd[k] = f.get_tensor(k)
     return sd
+
+
+def read_checkpoint(model: torch.nn.Module, step_dir: Path) -> dict[str, Any]:
+    """A step checkpoint for `model` to resume from (`train.trainer.Trainer.load_state_dict`): its
+    train state, memory-mapped so each rank reads only the parts it keeps, and "model", the weights
+    (this rank's expert rows only)."""
+    state = torch.load(step_dir / TRAIN_STATE, map_location="cpu", weights_only=False, mmap=True)
+    return {**state, "model": read_weights(model, step_dir)}
 
 
 def load_state_into(model: GPT, model_dir: Path) -> None:
@@ -165,8 +170,11 @@ def load_state_into(model: GPT, model_dir: Path) -> None:
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        detail = (missing and f"missing {missing[:3]}") or (unexpected and f"unexpected {unexpected[:3]}") \
+        detail = (
+            (missing and f"missing {missing[:3]}")
+            or (unexpected and f"unexpected {unexpected[:3]}")
             or f"shape mismatch on {wrong[:3]}"
+        )
         raise ValueError(f"checkpoint={str(model_dir)!r}: weights do not fit this architecture ({detail})")
     model.load_state_dict(sd, strict=False)
 
@@ -177,16 +185,12 @@ def _is_tied_alias(model: GPT, key: str) -> bool:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPT, Any, TrainerConfig]:
     """(model in eval mode, tokenizer, trainer config) from a model or run directory, or a packed ternary file."""
-    from .tokenizer import load_tokenizer
-
     if Path(path).is_file():
         return _load_packed(Path(path), device)
     model_dir = resolve_model_dir(path)
-    cfg = TrainerConfig.model_validate(yaml.safe_load((model_dir / "config.yaml").read_text()))
+    cfg = read_config(model_dir)
     model = GPT(cfg.model)
     if cfg.stage == "ternary" and cfg.ternary is not None:
-        from .ternary import apply_ternary
-
         apply_ternary(model, cfg.ternary, ramp=1.0)
     load_state_into(model, model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -195,17 +199,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 def _load_packed(path: Path, device: str | torch.device) -> tuple[GPT, Any, TrainerConfig]:
     """A ternary run's packed export (<run>/model.ternary.safetensors), served from packed weights."""
-    from .ternary_pack import load_packed_model, read_packed_metadata
-    from .tokenizer import load_tokenizer
-
     try:
         header = read_packed_metadata(path)
     except Exception as e:  # not a safetensors file, or not one of ours
         raise ValueError(f"checkpoint={str(path)!r}: not a packed ternary model ({e})") from None
-    run_config = path.parent / "final" / "config.yaml"
-    if run_config.is_file():
-        cfg = TrainerConfig.model_validate(yaml.safe_load(run_config.read_text()))
+    final = RunLayout(path.parent).final
+    if (final / MODEL_CONFIG).is_file():
+        cfg = read_config(final)
     else:
         cfg = TrainerConfig.model_validate({"stage": "ternary", "model": header["model_config"]})
     model = load_packed_model(path, device=device, cache_unpacked=True)
     return model, load_tokenizer(path.parent), cfg
+
+
+def read_config(model_dir: Path) -> TrainerConfig:
+    """The TrainerConfig that made a model directory's weights."""
+    return TrainerConfig.model_validate(yaml.safe_load((model_dir / MODEL_CONFIG).read_text()))

@@ -13,8 +13,9 @@ A `preset` fills in every field it names; fields the user writes win over the pr
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -38,9 +39,10 @@ class MoEConfig(Strict):
     )
     aux_loss_weight: float = Field(0.001, ge=0, description="Weight of the load-balancing loss.")
     balance_scope: Literal["global", "micro_batch"] = Field(
-        "global", description="Tokens the load-balancing loss balances over: global counts every rank's "
+        "global",
+        description="Tokens the load-balancing loss balances over: global counts every rank's "
         "micro-batch (the expert loads are all-reduced; Qwen's global-batch balancing, which lets experts "
-        "specialise per domain), micro_batch this rank's alone."
+        "specialise per domain), micro_batch this rank's alone.",
     )
     z_loss_weight: float = Field(0.001, ge=0, description="Weight of the router z-loss.")
     bias_update_rate: float = Field(0.001, ge=0, description="Bias step of the aux-free method.")
@@ -49,7 +51,7 @@ class MoEConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "MoEConfig":
+    def _check(self) -> MoEConfig:
         if self.top_k > self.n_experts:
             raise ValueError(f"top_k={self.top_k} is larger than n_experts={self.n_experts}")
         return self
@@ -68,7 +70,7 @@ class HybridConfig(Strict):
     partial_rotary_factor: float = Field(0.25, gt=0, le=1, description="Share of head dims rotated by RoPE.")
 
     @model_validator(mode="after")
-    def _check(self) -> "HybridConfig":
+    def _check(self) -> HybridConfig:
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise ValueError(
                 f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
@@ -85,19 +87,19 @@ class ModelConfig(Strict):
     n_layers: int = Field(12, ge=1, description="Transformer blocks.")
     n_heads: int = Field(12, ge=1, description="Query heads.")
     n_kv_heads: int = Field(4, ge=1, description="Key/value heads (GQA); must divide n_heads.")
-    head_dim: Optional[int] = Field(None, ge=1, description="Per-head size; default dim / n_heads.")
+    head_dim: int | None = Field(None, ge=1, description="Per-head size; default dim / n_heads.")
     ffn_mult: float = Field(2.667, gt=0, description="SwiGLU hidden size as a multiple of dim.")
-    ffn_dim: Optional[int] = Field(None, ge=1, description="Explicit SwiGLU hidden size (overrides ffn_mult).")
+    ffn_dim: int | None = Field(None, ge=1, description="Explicit SwiGLU hidden size (overrides ffn_mult).")
     max_seq_len: int = Field(2048, ge=8, description="Longest sequence (RoPE table and KV cache size).")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
     norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
     qk_norm: bool = Field(True, description="RMSNorm on queries and keys per head (Qwen3).")
     tie_embeddings: bool = Field(False, description="Share the input embedding with the output head.")
-    moe: Optional[MoEConfig] = Field(None, description="Mixture-of-experts feed-forward; dense when absent.")
-    hybrid: Optional[HybridConfig] = Field(None, description="Gated DeltaNet / gated attention hybrid stack.")
+    moe: MoEConfig | None = Field(None, description="Mixture-of-experts feed-forward; dense when absent.")
+    hybrid: HybridConfig | None = Field(None, description="Gated DeltaNet / gated attention hybrid stack.")
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide dim={self.dim}")
         if self.n_heads % self.n_kv_heads:
@@ -120,7 +122,7 @@ class TokenizerConfig(Strict):
     """GPT-2's BPE (tiktoken, or a tokenizer.json), or a byte-level BPE trained on the data."""
 
     kind: Literal["gpt2", "bpe"] = Field("gpt2", description="gpt2: GPT-2's BPE; bpe: trained byte-level BPE.")
-    path: Optional[str] = Field(
+    path: str | None = Field(
         None,
         description="tokenizer.json or tiktoken .tiktoken file; for bpe, where the trained one is kept "
         "(default: <checkpoint.dir>/tokenizer.json).",
@@ -134,11 +136,11 @@ class DataConfig(Strict):
     source: Literal["synthetic", "huggingface", "local"] = Field("synthetic", description="Data source.")
     seed: int = Field(0, description="Seed of the synthetic generator and of shuffling.")
     dataset: str = Field("bigcode/the-stack", description="Hugging Face dataset (source=huggingface).")
-    data_dir: Optional[str] = Field("data/python", description="Subset folder of the dataset (The Stack: data/python).")
+    data_dir: str | None = Field("data/python", description="Subset folder of the dataset (The Stack: data/python).")
     split: str = Field("train", description="Dataset split.")
     text_field: str = Field("content", description="Column/key holding the text (HF dataset, JSONL, Parquet).")
     token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token.")
-    path: Optional[str] = Field(None, description="Local folder of source files, or a .jsonl / .parquet file.")
+    path: str | None = Field(None, description="Local folder of source files, or a .jsonl / .parquet file.")
     glob: str = Field("**/*.py", description="Files taken from a local folder.")
 
 
@@ -171,7 +173,7 @@ class CheckpointConfig(Strict):
     every: int = Field(1000, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep: int = Field(3, ge=1, description="Newest checkpoints kept.")
     resume: bool = Field(True, description="Resume from the newest checkpoint in dir when there is one.")
-    init_from: Optional[str] = Field(
+    init_from: str | None = Field(
         None, description="Start from these weights: a nanochat checkpoint dir, or a Hugging Face Qwen3 dir."
     )
 
@@ -192,7 +194,7 @@ class TeacherConfig(Strict):
     concurrency: int = Field(8, ge=1, description="Requests in flight at most.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and connection errors.")
-    cache_dir: Optional[str] = Field(None, description="On-disk answer cache (default: <checkpoint.dir>/teacher-cache).")
+    cache_dir: str | None = Field(None, description="On-disk answer cache (default: <checkpoint.dir>/teacher-cache).")
 
 
 class DistillConfig(Strict):
@@ -200,9 +202,10 @@ class DistillConfig(Strict):
 
     teacher: TeacherConfig
     method: Literal["sequence", "topk_logprobs", "cross_tokenizer"] = Field(
-        "sequence", description="sequence: train on teacher completions of prompts (any tokenizer); "
+        "sequence",
+        description="sequence: train on teacher completions of prompts (any tokenizer); "
         "topk_logprobs: top-k logprob KL (teacher shares the student's tokenizer); cross_tokenizer: "
-        "top-k KL at positions where both tokenizations share a character boundary."
+        "top-k KL at positions where both tokenizations share a character boundary.",
     )
     top_k: int = Field(20, ge=1, description="Teacher logprobs per position (topk_logprobs, cross_tokenizer).")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation loss against the LM loss.")
@@ -212,26 +215,36 @@ class DistillConfig(Strict):
         0.0, ge=0, description="Sampling temperature of teacher completions (sequence); 0 is greedy."
     )
     sequence_mix: float = Field(
-        1.0, gt=0, le=1, description="Share of each micro-batch's rows taken from teacher sequences "
-        "(sequence); the rest is plain data."
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of each micro-batch's rows taken from teacher sequences (sequence); the rest is plain data.",
     )
     filter_tests: bool = Field(
-        True, description="Sequence-level quality filter: run a prompt's tests in the sandbox and drop "
-        "completions that fail them (completions must parse as Python either way)."
+        True,
+        description="Sequence-level quality filter: run a prompt's tests in the sandbox and drop "
+        "completions that fail them (completions must parse as Python either way).",
     )
     test_timeout_s: float = Field(5.0, gt=0, description="Sandbox time limit per completion's tests.")
     wait_for_teacher_s: float = Field(
-        600.0, ge=0, description="Sequence-level: how long a step waits for a teacher that is down before the "
-        "run fails (only when continue_without_teacher is false)."
+        600.0,
+        ge=0,
+        description="Sequence-level: how long a step waits for a teacher that is down before the "
+        "run fails (only when continue_without_teacher is false).",
     )
     row_wait_s: float = Field(
-        60.0, ge=0, description="Sequence-level, with continue_without_teacher: how long a micro-batch waits "
+        60.0,
+        ge=0,
+        description="Sequence-level, with continue_without_teacher: how long a micro-batch waits "
         "for accepted teacher rows from a teacher that answers (slowly, or mostly rejected by the filter) "
-        "before plain data fills the missing rows (counted as teacher_skipped)."
+        "before plain data fills the missing rows (counted as teacher_skipped).",
     )
     min_aligned_fraction: float = Field(
-        0.05, ge=0, le=1, description="Cross-tokenizer: a micro-batch with fewer aligned positions trains on "
-        "the LM loss alone (counted)."
+        0.05,
+        ge=0,
+        le=1,
+        description="Cross-tokenizer: a micro-batch with fewer aligned positions trains on "
+        "the LM loss alone (counted).",
     )
     continue_without_teacher: bool = Field(
         True, description="While the teacher is down, keep training on cached or plain data."
@@ -252,9 +265,10 @@ class TernaryConfig(Strict):
     ramp_steps: int = Field(0, ge=0, description="Mix full-precision into ternary weights over the first N steps.")
     activation_bits: int = Field(8, ge=2, le=16, description="Per-token absmax activation quantization bits.")
     distill_from_parent: bool = Field(
-        False, description="Self-distillation from the full-precision parent (checkpoint.init_from, which "
+        False,
+        description="Self-distillation from the full-precision parent (checkpoint.init_from, which "
         "init.fromTrainingRun sets): a frozen copy of it is loaded and the loss is (1 - parent_alpha) * CE + "
-        "parent_alpha * KL(parent || student) on the full vocabulary. Not with a distill block."
+        "parent_alpha * KL(parent || student) on the full vocabulary. Not with a distill block.",
     )
     parent_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL to the parent against the LM loss.")
     parent_temperature: float = Field(1.0, gt=0, description="Softening temperature of the KL to the parent.")
@@ -268,7 +282,7 @@ FSDP_FROM_PARAMS = 900_000_000
 class TrainerConfig(Strict):
     """Everything one training run needs. `spec.trainer` of a TrainingRun."""
 
-    preset: Optional[str] = Field(None, description="Start from a named preset; fields set here override it.")
+    preset: str | None = Field(None, description="Start from a named preset; fields set here override it.")
     stage: Literal["pretrain", "distill", "ternary"] = Field("pretrain", description="Training stage.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -277,28 +291,33 @@ class TrainerConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    distill: Optional[DistillConfig] = Field(
-        None, description="Teacher and method; required by stage distill, optional with stage ternary (the "
-        "ternary student then distils from the teacher)."
+    distill: DistillConfig | None = Field(
+        None,
+        description="Teacher and method; required by stage distill, optional with stage ternary (the "
+        "ternary student then distils from the teacher).",
     )
-    ternary: Optional[TernaryConfig] = Field(None, description="Ternary layers; stage ternary uses defaults if absent.")
+    ternary: TernaryConfig | None = Field(None, description="Ternary layers; stage ternary uses defaults if absent.")
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    seq_len: Optional[int] = Field(None, ge=8, description="Training sequence length (default model.max_seq_len).")
+    seq_len: int | None = Field(None, ge=8, description="Training sequence length (default model.max_seq_len).")
     seed: int = Field(1337, description="Seed of weights and sampling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto: bf16 autocast on GPU.")
     compile: bool = Field(False, description="torch.compile the model.")
     activation_checkpointing: bool = Field(
-        False, description="Keep only each block's input in the forward pass and recompute the block in the "
-        "backward: about a third more compute for activations of one block instead of all."
+        False,
+        description="Keep only each block's input in the forward pass and recompute the block in the "
+        "backward: about a third more compute for activations of one block instead of all.",
     )
-    parallel: Literal["auto", "ddp", "fsdp"] = Field("auto", description="auto: FSDP2 from 1B parameters, else DDP; "
-                                                     "with expert_parallel, for the dense weights.")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto: FSDP2 from 1B parameters, else DDP; with expert_parallel, for the dense weights."
+    )
     expert_parallel: int = Field(
-        1, ge=1, description="Expert parallelism: ranks that split each MoE layer's experts (consecutive "
-        "ranks, keep them in one node); must divide model.moe.n_experts and the world size. 1: off."
+        1,
+        ge=1,
+        description="Expert parallelism: ranks that split each MoE layer's experts (consecutive "
+        "ranks, keep them in one node); must divide model.moe.n_experts and the world size. 1: off.",
     )
 
     @model_validator(mode="before")
@@ -312,7 +331,7 @@ class TrainerConfig(Strict):
         return deep_merge(PRESETS[name], data)
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainerConfig":
+    def _check(self) -> TrainerConfig:
         if self.stage == "distill" and self.distill is None:
             raise ValueError("stage='distill' needs a distill block (teacher and method)")
         if self.stage == "ternary" and self.ternary is None:
@@ -323,8 +342,10 @@ class TrainerConfig(Strict):
             if self.stage != "ternary":
                 raise ValueError(f"ternary.distill_from_parent needs stage='ternary' (stage is {self.stage!r})")
             if self.distill is not None:
-                raise ValueError("ternary.distill_from_parent and a distill block are exclusive (one teacher at "
-                                 "a time): drop the distill block, or set ternary.distill_from_parent=false")
+                raise ValueError(
+                    "ternary.distill_from_parent and a distill block are exclusive (one teacher at "
+                    "a time): drop the distill block, or set ternary.distill_from_parent=false"
+                )
         if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if self.data.source == "local" and not self.data.path:
@@ -332,7 +353,7 @@ class TrainerConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _check_expert_parallel(self) -> "TrainerConfig":
+    def _check_expert_parallel(self) -> TrainerConfig:
         ep = self.expert_parallel
         if ep > 1 and self.model.moe is None:
             raise ValueError(f"expert_parallel={ep} needs an MoE model (model.moe)")
@@ -360,66 +381,136 @@ def deep_merge(base: dict, override: dict) -> dict:
 PRESETS: dict[str, dict[str, Any]] = {
     # A few hundred thousand parameters: runs the whole pipeline on CPU in minutes.
     "tiny": {
-        "model": {"vocab_size": 1024, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-                  "max_seq_len": 256, "tie_embeddings": False},
+        "model": {
+            "vocab_size": 1024,
+            "dim": 128,
+            "n_layers": 4,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "max_seq_len": 256,
+            "tie_embeddings": False,
+        },
         "tokenizer": {"kind": "bpe", "train_docs": 2000},
         "optimizer": {"lr": 0.02, "adam_lr": 0.006},
         "schedule": {"warmup_steps": 20, "decay": "cosine"},
         "checkpoint": {"every": 100},
-        "steps": 300, "batch_size": 16, "seq_len": 256,
+        "steps": 300,
+        "batch_size": 16,
+        "seq_len": 256,
     },
     # GPT-2-small shaped with GQA and tied embeddings (~121M).
     "nano-125M": {
-        "model": {"vocab_size": 50257, "dim": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 4,
-                  "ffn_mult": 3.0, "max_seq_len": 1024, "tie_embeddings": True},
+        "model": {
+            "vocab_size": 50257,
+            "dim": 768,
+            "n_layers": 12,
+            "n_heads": 12,
+            "n_kv_heads": 4,
+            "ffn_mult": 3.0,
+            "max_seq_len": 1024,
+            "tie_embeddings": True,
+        },
         "optimizer": {"lr": 0.02, "adam_lr": 0.003},
         "schedule": {"warmup_steps": 500},
-        "steps": 10000, "batch_size": 16,
+        "steps": 10000,
+        "batch_size": 16,
     },
     # The shape first asked for as "1B": dim 1024, 24 layers, 16/4 heads. It is ~0.37B.
     "nano-360M": {
-        "model": {"vocab_size": 50257, "dim": 1024, "n_layers": 24, "n_heads": 16, "n_kv_heads": 4,
-                  "ffn_mult": 2.667, "max_seq_len": 2048},
+        "model": {
+            "vocab_size": 50257,
+            "dim": 1024,
+            "n_layers": 24,
+            "n_heads": 16,
+            "n_kv_heads": 4,
+            "ffn_mult": 2.667,
+            "max_seq_len": 2048,
+        },
         "optimizer": {"lr": 0.02},
         "schedule": {"warmup_steps": 2000},
-        "steps": 50000, "batch_size": 4,
+        "steps": 50000,
+        "batch_size": 4,
     },
     # The same recipe widened to dim 1792 (head_dim 112): ~0.99B.
     "nano-1B": {
-        "model": {"vocab_size": 50257, "dim": 1792, "n_layers": 24, "n_heads": 16, "n_kv_heads": 4,
-                  "ffn_mult": 2.667, "max_seq_len": 2048},
+        "model": {
+            "vocab_size": 50257,
+            "dim": 1792,
+            "n_layers": 24,
+            "n_heads": 16,
+            "n_kv_heads": 4,
+            "ffn_mult": 2.667,
+            "max_seq_len": 2048,
+        },
         "optimizer": {"lr": 0.02},
         "schedule": {"warmup_steps": 2000},
-        "steps": 50000, "batch_size": 4,
+        "steps": 50000,
+        "batch_size": 4,
     },
     # "tiny" with 8 routed experts (top-2) and a gated shared expert in every layer: the
     # MoE path end to end on CPU.
     "tiny-moe": {
-        "model": {"vocab_size": 1024, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-                  "max_seq_len": 256, "tie_embeddings": False,
-                  "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 128, "n_shared_experts": 1,
-                          "shared_expert_ffn_dim": 128}},
+        "model": {
+            "vocab_size": 1024,
+            "dim": 128,
+            "n_layers": 4,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "max_seq_len": 256,
+            "tie_embeddings": False,
+            "moe": {
+                "n_experts": 8,
+                "top_k": 2,
+                "expert_ffn_dim": 128,
+                "n_shared_experts": 1,
+                "shared_expert_ffn_dim": 128,
+            },
+        },
         "tokenizer": {"kind": "bpe", "train_docs": 2000},
         "optimizer": {"lr": 0.02, "adam_lr": 0.006},
         "schedule": {"warmup_steps": 20, "decay": "cosine"},
         "checkpoint": {"every": 100},
-        "steps": 300, "batch_size": 16, "seq_len": 256,
+        "steps": 300,
+        "batch_size": 16,
+        "seq_len": 256,
     },
     # A miniature Qwen3-Next: 3 Gated DeltaNet layers then 1 gated full-attention layer,
     # MoE everywhere, partial RoPE. Trains on CPU.
     "tiny-hybrid": {
-        "model": {"vocab_size": 1024, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
-                  "max_seq_len": 256, "tie_embeddings": False,
-                  "moe": {"n_experts": 8, "top_k": 2, "expert_ffn_dim": 128, "n_shared_experts": 1,
-                          "shared_expert_ffn_dim": 128},
-                  "hybrid": {"full_attention_interval": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
-                             "linear_key_head_dim": 32, "linear_value_head_dim": 32, "conv_kernel": 4,
-                             "chunk_size": 64, "partial_rotary_factor": 0.25}},
+        "model": {
+            "vocab_size": 1024,
+            "dim": 128,
+            "n_layers": 4,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "head_dim": 32,
+            "max_seq_len": 256,
+            "tie_embeddings": False,
+            "moe": {
+                "n_experts": 8,
+                "top_k": 2,
+                "expert_ffn_dim": 128,
+                "n_shared_experts": 1,
+                "shared_expert_ffn_dim": 128,
+            },
+            "hybrid": {
+                "full_attention_interval": 4,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "linear_key_head_dim": 32,
+                "linear_value_head_dim": 32,
+                "conv_kernel": 4,
+                "chunk_size": 64,
+                "partial_rotary_factor": 0.25,
+            },
+        },
         "tokenizer": {"kind": "bpe", "train_docs": 2000},
         "optimizer": {"lr": 0.02, "adam_lr": 0.006},
         "schedule": {"warmup_steps": 20, "decay": "cosine"},
         "checkpoint": {"every": 100},
-        "steps": 300, "batch_size": 16, "seq_len": 256,
+        "steps": 300,
+        "batch_size": 16,
+        "seq_len": 256,
     },
     # Qwen3-Next-80B-A3B's shape (transformers' Qwen3NextConfig defaults plus the published
     # rope_theta 1e7 and intermediate_size 5120): 48 layers at dim 2048, 3 Gated DeltaNet
@@ -428,22 +519,50 @@ PRESETS: dict[str, dict[str, Any]] = {
     # in every layer. ~79.7B parameters, ~3.3B active per token without embeddings.
     # Trained at 4096 tokens (the released model's 262144 context is RoPE-table size only).
     "qwen3-hybrid": {
-        "model": {"vocab_size": 151936, "dim": 2048, "n_layers": 48, "n_heads": 16, "n_kv_heads": 2,
-                  "head_dim": 256, "ffn_dim": 5120, "max_seq_len": 4096, "rope_theta": 10000000.0,
-                  "norm_eps": 1e-6, "tie_embeddings": False,
-                  "moe": {"n_experts": 512, "top_k": 10, "expert_ffn_dim": 512, "n_shared_experts": 1,
-                          "shared_expert_ffn_dim": 512, "norm_topk_prob": True, "aux_loss_weight": 0.001},
-                  "hybrid": {"full_attention_interval": 4, "linear_num_key_heads": 16,
-                             "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-                             "linear_value_head_dim": 128, "conv_kernel": 4, "chunk_size": 64,
-                             "partial_rotary_factor": 0.25}},
+        "model": {
+            "vocab_size": 151936,
+            "dim": 2048,
+            "n_layers": 48,
+            "n_heads": 16,
+            "n_kv_heads": 2,
+            "head_dim": 256,
+            "ffn_dim": 5120,
+            "max_seq_len": 4096,
+            "rope_theta": 10000000.0,
+            "norm_eps": 1e-6,
+            "tie_embeddings": False,
+            "moe": {
+                "n_experts": 512,
+                "top_k": 10,
+                "expert_ffn_dim": 512,
+                "n_shared_experts": 1,
+                "shared_expert_ffn_dim": 512,
+                "norm_topk_prob": True,
+                "aux_loss_weight": 0.001,
+            },
+            "hybrid": {
+                "full_attention_interval": 4,
+                "linear_num_key_heads": 16,
+                "linear_num_value_heads": 32,
+                "linear_key_head_dim": 128,
+                "linear_value_head_dim": 128,
+                "conv_kernel": 4,
+                "chunk_size": 64,
+                "partial_rotary_factor": 0.25,
+            },
+        },
         "tokenizer": {"kind": "gpt2"},
         "optimizer": {"lr": 0.02, "adam_lr": 0.002},
         "schedule": {"warmup_steps": 2000, "decay": "wsd"},
         "checkpoint": {"every": 500},
-        "steps": 100000, "batch_size": 1, "seq_len": 4096, "dtype": "bfloat16",
+        "steps": 100000,
+        "batch_size": 1,
+        "seq_len": 4096,
+        "dtype": "bfloat16",
         # EP=8 inside a node, FSDP2 for the rest, blocks recomputed: the README's plan for 4 nodes of 8 x 80 GB.
-        "parallel": "fsdp", "expert_parallel": 8, "activation_checkpointing": True,
+        "parallel": "fsdp",
+        "expert_parallel": 8,
+        "activation_checkpointing": True,
     },
 }
 
@@ -466,8 +585,6 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 
 def load_trainer_config(path: str) -> TrainerConfig:
     """Read a YAML or JSON trainer config file."""
-    import yaml
-
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     return TrainerConfig.model_validate(data)

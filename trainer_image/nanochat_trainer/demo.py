@@ -17,6 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_model
+from .config import TrainerConfig
+from .contract import RunLayout
+from .eval.generate import generate
+from .train import train
+
 PROMPTS = [
     'def add_numbers(a, b):\n    """Return the sum of a and b."""\n',
     'def reverse_words(text):\n    """Return the words of text in reverse order."""\n',
@@ -25,10 +31,10 @@ PROMPTS = [
 
 
 def plot_loss(log_path: Path, out: Path) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (heavy; needed only for the plot)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -45,11 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: the tiny preset's")
     args = parser.parse_args(argv)
 
-    from .checkpoint import load_model
-    from .config import TrainerConfig
-    from .eval.generate import generate
-    from .train import train
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = {"preset": "tiny", "checkpoint": {"dir": args.out}, "metrics": {"port": 0}}
     if args.steps:
@@ -57,22 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainerConfig.model_validate(spec)
     t0 = time.time()
     print(f"training preset tiny ({cfg.steps} steps, batch {cfg.batch_size}x{cfg.resolved_seq_len}) on CPU ...")
-    train(cfg, progress=lambda r: print(f"  step {r['step']:4d}  loss {r['loss']:.3f}  "
-                                        f"{r['tokens_per_second']:,.0f} tok/s", flush=True)
-          if r["step"] % 25 == 0 else None)
-    run = Path(args.out)
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    print(f"loss: start {records[0]['loss']:.3f} -> end {records[-1]['loss']:.3f} "
-          f"({time.time() - t0:.0f} s)")
-    plot_loss(run / "log.jsonl", run / "loss.png")
-    print(f"loss curve: {run / 'loss.png'}")
+    train(
+        cfg,
+        progress=lambda r: (
+            print(f"  step {r['step']:4d}  loss {r['loss']:.3f}  {r['tokens_per_second']:,.0f} tok/s", flush=True)
+            if r["step"] % 25 == 0
+            else None
+        ),
+    )
+    run = RunLayout(Path(args.out))
+    records = [json.loads(line) for line in run.log.read_text().splitlines()]
+    print(f"loss: start {records[0]['loss']:.3f} -> end {records[-1]['loss']:.3f} ({time.time() - t0:.0f} s)")
+    plot_loss(run.log, run.root / "loss.png")
+    print(f"loss curve: {run.root / 'loss.png'}")
 
-    model, tokenizer, _ = load_model(run / "final")
-    outs = generate(model, tokenizer, PROMPTS, max_new_tokens=60, temperature=0.0,
-                    stop=["\ndef", "\nclass", "\nif", "\nprint"])
+    model, tokenizer, _ = load_model(run.final)
+    outs = generate(
+        model, tokenizer, PROMPTS, max_new_tokens=60, temperature=0.0, stop=["\ndef", "\nclass", "\nif", "\nprint"]
+    )
     for prompt, (completion,) in zip(PROMPTS, outs):
         print("-" * 60 + "\n" + prompt + completion)
-    print(f"checkpoint: {run / 'final'}")
+    print(f"checkpoint: {run.final}")
     return 0
 
 

@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,16 +32,19 @@ from .eval.generate import Sample, generate_tokens, prompt_logprobs
 class _Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("nanochat_trainer_serve_requests", "Requests served", ["route", "code"],
-                                registry=self.registry)
+        self.requests = Counter(
+            "nanochat_trainer_serve_requests", "Requests served", ["route", "code"], registry=self.registry
+        )
         self.tokens = Counter("nanochat_trainer_serve_generated_tokens", "Tokens generated", registry=self.registry)
-        self.latency = Histogram("nanochat_trainer_serve_request_seconds", "Request latency", ["route"],
-                                 registry=self.registry)
+        self.latency = Histogram(
+            "nanochat_trainer_serve_request_seconds", "Request latency", ["route"], registry=self.registry
+        )
 
 
 def _bad(msg: str, status: int = 400) -> web.Response:
-    return web.json_response({"error": {"message": msg, "type": "invalid_request_error", "code": status}},
-                             status=status)
+    return web.json_response(
+        {"error": {"message": msg, "type": "invalid_request_error", "code": status}}, status=status
+    )
 
 
 class ModelServer:
@@ -56,10 +59,15 @@ class ModelServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 2**20)
-        app.add_routes([web.post("/v1/completions", self.completions),
-                        web.post("/v1/chat/completions", self.chat_completions),
-                        web.get("/v1/models", self.models), web.get("/health", self.health),
-                        web.get("/metrics", self.metrics_route)])
+        app.add_routes(
+            [
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.get("/v1/models", self.models),
+                web.get("/health", self.health),
+                web.get("/metrics", self.metrics_route),
+            ]
+        )
         return app
 
     # ------------------------------------------------------------------ simple routes
@@ -67,13 +75,23 @@ class ModelServer:
         return web.json_response({"status": "ok"})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.name, "object": "model", "created": self.created, "owned_by": "nanochat",
-             "max_model_len": self.model.cfg.max_seq_len}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "nanochat",
+                        "max_model_len": self.model.cfg.max_seq_len,
+                    }
+                ],
+            }
+        )
 
     async def metrics_route(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ------------------------------------------------------------------ generation
     def _params(self, body: dict) -> dict:
@@ -86,16 +104,28 @@ class ModelServer:
         temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
         top_p = float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0)
         if not 0 <= int(max_tokens) <= self.max_tokens_limit or not 1 <= n <= 64 or not 0 < top_p <= 1:
-            raise ValueError("need 0 <= max_tokens <= %d, 1 <= n <= 64, 0 < top_p <= 1" % self.max_tokens_limit)
-        return {"max_new_tokens": int(max_tokens), "n": n, "temperature": temperature, "top_p": top_p,
-                "stop": [s for s in stop if s], "seed": int(body.get("seed") or 0)}
+            raise ValueError(f"need 0 <= max_tokens <= {self.max_tokens_limit}, 1 <= n <= 64, 0 < top_p <= 1")
+        return {
+            "max_new_tokens": int(max_tokens),
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "stop": [s for s in stop if s],
+            "seed": int(body.get("seed") or 0),
+        }
 
     async def _run(self, fn, *args, **kw):
         async with self.lock:
             return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
 
-    def _logprobs_block(self, ids: list[int], lps: list[Optional[float]], tops: list[Optional[dict[int, float]]],
-                        start_offset: int, as_ids: bool = False) -> dict:
+    def _logprobs_block(
+        self,
+        ids: list[int],
+        lps: list[float | None],
+        tops: list[dict[int, float] | None],
+        start_offset: int,
+        as_ids: bool = False,
+    ) -> dict:
         """vLLM's logprobs shape. With `as_ids` (vLLM's `return_tokens_as_token_ids`) tokens and
         top_logprobs keys are "token_id:N", so ids that decode to the same text (lone UTF-8 bytes)
         stay distinct; text_offset still counts decoded characters."""
@@ -111,8 +141,9 @@ class ModelServer:
             top_out.append(None if top is None else {key(k): v for k, v in top.items()})
         return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_out, "text_offset": offsets}
 
-    def _complete_sync(self, prompts: list, p: dict, logprobs: Optional[int], echo: bool,
-                       as_ids: bool = False) -> tuple[list, dict]:
+    def _complete_sync(
+        self, prompts: list, p: dict, logprobs: int | None, echo: bool, as_ids: bool = False
+    ) -> tuple[list, dict]:
         """`prompts`: strings, or lists of token ids (OpenAI's pre-tokenized prompts)."""
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         ids_list = [list(x) if isinstance(x, list) else self.tok.encode(x) for x in prompts]
@@ -128,14 +159,26 @@ class ModelServer:
                 text = (prompt if echo else "") + s.text
                 block = None
                 if logprobs is not None:
-                    gen = self._logprobs_block(s.token_ids, s.logprobs, s.top_logprobs if logprobs else
-                                               [{} for _ in s.token_ids], len(prompt) if echo else 0, as_ids)
+                    gen = self._logprobs_block(
+                        s.token_ids,
+                        s.logprobs,
+                        s.top_logprobs if logprobs else [{} for _ in s.token_ids],
+                        len(prompt) if echo else 0,
+                        as_ids,
+                    )
                     if echo_lp is not None:
                         head = self._logprobs_block(ids, echo_lp[0], echo_lp[1], 0, as_ids)
                         gen = {k: head[k] + gen[k] for k in gen}
                     block = gen
-                choices.append({"index": len(choices), "text": text, "logprobs": block,
-                                "finish_reason": s.finish_reason, "stop_reason": None})
+                choices.append(
+                    {
+                        "index": len(choices),
+                        "text": text,
+                        "logprobs": block,
+                        "finish_reason": s.finish_reason,
+                        "stop_reason": None,
+                    }
+                )
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return choices, usage
 
@@ -156,8 +199,10 @@ class ModelServer:
                 for x in prompts:
                     n = len(x) if isinstance(x, list) else len(self.tok.encode(x))
                     if n > self.model.cfg.max_seq_len:
-                        raise ValueError(f"prompt of {n} tokens exceeds the model's context of "
-                                         f"{self.model.cfg.max_seq_len} tokens (echo with logprobs)")
+                        raise ValueError(
+                            f"prompt of {n} tokens exceeds the model's context of "
+                            f"{self.model.cfg.max_seq_len} tokens (echo with logprobs)"
+                        )
         except (ValueError, TypeError, json.JSONDecodeError) as exc:
             self.metrics.requests.labels("completions", "400").inc()
             return _bad(str(exc))
@@ -167,10 +212,23 @@ class ModelServer:
         self.metrics.latency.labels("completions").observe(time.monotonic() - t0)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return await self._stream(request, rid, "text_completion",
-                                      [(c["index"], c["text"], c["finish_reason"]) for c in choices], chat=False)
-        return web.json_response({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                  "model": self.name, "choices": choices, "usage": usage})
+            return await self._stream(
+                request,
+                rid,
+                "text_completion",
+                [(c["index"], c["text"], c["finish_reason"]) for c in choices],
+                chat=False,
+            )
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
@@ -180,8 +238,9 @@ class ModelServer:
             if not isinstance(msgs, list) or not msgs:
                 raise ValueError("messages must be a non-empty list")
             # No chat template in a base code model: the turns are joined as plain text.
-            prompt = "".join(f"{m.get('content', '')}\n" if m.get("role") != "assistant" else m.get("content", "")
-                             for m in msgs)
+            prompt = "".join(
+                f"{m.get('content', '')}\n" if m.get("role") != "assistant" else m.get("content", "") for m in msgs
+            )
             p = self._params(body)
         except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             self.metrics.requests.labels("chat", "400").inc()
@@ -192,19 +251,37 @@ class ModelServer:
         self.metrics.latency.labels("chat").observe(time.monotonic() - t0)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return await self._stream(request, rid, "chat.completion.chunk",
-                                      [(c["index"], c["text"], c["finish_reason"]) for c in choices], chat=True)
-        return web.json_response({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                                  "model": self.name, "usage": usage, "choices": [
-                                      {"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                                       "finish_reason": c["finish_reason"]} for c in choices]})
+            return await self._stream(
+                request,
+                rid,
+                "chat.completion.chunk",
+                [(c["index"], c["text"], c["finish_reason"]) for c in choices],
+                chat=True,
+            )
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "usage": usage,
+                "choices": [
+                    {
+                        "index": c["index"],
+                        "message": {"role": "assistant", "content": c["text"]},
+                        "finish_reason": c["finish_reason"],
+                    }
+                    for c in choices
+                ],
+            }
+        )
 
     async def _stream(self, request: web.Request, rid: str, obj: str, items: list, chat: bool) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         created = int(time.time())
 
-        async def send(index: int, text: str, finish: Optional[str]) -> None:
+        async def send(index: int, text: str, finish: str | None) -> None:
             choice: dict[str, Any] = {"index": index, "finish_reason": finish}
             if chat:
                 choice["delta"] = {"content": text} if text or finish is None else {}
@@ -214,7 +291,7 @@ class ModelServer:
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
         for index, text, finish in items:
-            pieces = [text[i:i + 8] for i in range(0, len(text), 8)]
+            pieces = [text[i : i + 8] for i in range(0, len(text), 8)]
             for piece in pieces:
                 await send(index, piece, None)
             await send(index, "", finish)

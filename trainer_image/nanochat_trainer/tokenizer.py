@@ -35,11 +35,17 @@ import itertools
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
-from .config import TrainerConfig
-from .data import ConfigError
+import tiktoken
+from tokenizers import Tokenizer as HFTok
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .config import TrainerConfig, load_trainer_config
+from .contract import TOKENIZER_FILE
+from .data.sources import iter_documents
+from .errors import ConfigError
 
 EOT = "<|endoftext|>"
 # Other spellings of end-of-text, for tokenizer.json files made elsewhere.
@@ -49,7 +55,7 @@ R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tikto
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 _MARKER = "nanochat_tokenizer"
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class Tokenizer:
@@ -75,7 +81,7 @@ class Tokenizer:
 def _target(directory: PathLike) -> Path:
     path = Path(directory)
     if path.suffix != ".json":
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -98,7 +104,9 @@ class HFTokenizer(Tokenizer):
         ids = [tok.token_to_id(t) for t in _EOT_CANDIDATES]
         found = [i for i in ids if i is not None]
         if not found:
-            raise ConfigError("tokenizer.path", source, f"has no end-of-text token (looked for {list(_EOT_CANDIDATES)})")
+            raise ConfigError(
+                "tokenizer.path", source, f"has no end-of-text token (looked for {list(_EOT_CANDIDATES)})"
+            )
         self.eot_id = found[0]
         self.n_vocab = tok.get_vocab_size(with_added_tokens=True)
 
@@ -120,15 +128,13 @@ class HFTokenizer(Tokenizer):
 class TiktokenTokenizer(Tokenizer):
     """GPT-2-style BPE run by tiktoken from a table of mergeable ranks."""
 
-    def __init__(self, ranks: dict[bytes, int], name: str = "gpt2", pattern: str = GPT2_PATTERN,
-                 eot_id: Optional[int] = None):
-        import tiktoken
-
+    def __init__(
+        self, ranks: dict[bytes, int], name: str = "gpt2", pattern: str = GPT2_PATTERN, eot_id: int | None = None
+    ):
         self._ranks = ranks
         self._name, self._pattern = name, pattern
         self.eot_id = len(ranks) if eot_id is None else eot_id
-        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
-                                      special_tokens={EOT: self.eot_id})
+        self._enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: self.eot_id})
         self.n_vocab = self._enc.n_vocab
 
     def encode(self, text: str) -> list[int]:
@@ -144,18 +150,25 @@ class TiktokenTokenizer(Tokenizer):
         path = _target(directory)
         ranks_file = path.with_suffix(".tiktoken")
         _write_atomic(ranks_file, dump_tiktoken(self._ranks))
-        meta = {_MARKER: "tiktoken", "name": self._name, "pattern": self._pattern,
-                "ranks_file": ranks_file.name, "eot_id": self.eot_id}
+        meta = {
+            _MARKER: "tiktoken",
+            "name": self._name,
+            "pattern": self._pattern,
+            "ranks_file": ranks_file.name,
+            "eot_id": self.eot_id,
+        }
         _write_atomic(path, json.dumps(meta, indent=1).encode())
         return path
 
 
 # --------------------------------------------------------------------------- files
 
+
 def dump_tiktoken(ranks: dict[bytes, int]) -> bytes:
     """The .tiktoken format: `base64(token) rank` per line, by rank."""
-    return b"".join(base64.b64encode(t) + b" " + str(r).encode() + b"\n"
-                    for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    return b"".join(
+        base64.b64encode(t) + b" " + str(r).encode() + b"\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1])
+    )
 
 
 def parse_tiktoken(data: bytes, source: str = "<bytes>") -> dict[bytes, int]:
@@ -178,10 +191,13 @@ def load_tokenizer(path: PathLike, field: str = "tokenizer.path") -> Tokenizer:
     """A tokenizer from a directory (its tokenizer.json), a tokenizer.json or a .tiktoken file."""
     file = Path(path)
     if file.is_dir():
-        file = file / "tokenizer.json"
+        file = file / TOKENIZER_FILE
     if not file.is_file():
-        raise ConfigError(field, str(path), "does not exist (expected a tokenizer.json, a .tiktoken file, "
-                                            "or a folder holding tokenizer.json)")
+        raise ConfigError(
+            field,
+            str(path),
+            "does not exist (expected a tokenizer.json, a .tiktoken file, or a folder holding tokenizer.json)",
+        )
     if file.suffix == ".tiktoken":
         return TiktokenTokenizer(parse_tiktoken(file.read_bytes(), str(file)))
     try:
@@ -192,10 +208,9 @@ def load_tokenizer(path: PathLike, field: str = "tokenizer.path") -> Tokenizer:
         ranks_file = file.parent / meta["ranks_file"]
         if not ranks_file.is_file():
             raise ConfigError(field, str(path), f"refers to {ranks_file}, which is missing")
-        return TiktokenTokenizer(parse_tiktoken(ranks_file.read_bytes(), str(ranks_file)),
-                                 meta["name"], meta["pattern"], meta["eot_id"])
-    from tokenizers import Tokenizer as HFTok
-
+        return TiktokenTokenizer(
+            parse_tiktoken(ranks_file.read_bytes(), str(ranks_file)), meta["name"], meta["pattern"], meta["eot_id"]
+        )
     try:
         tok = HFTok.from_str(json.dumps(meta))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -222,7 +237,8 @@ def gpt2_tokenizer() -> Tokenizer:
                 return TiktokenTokenizer(parse_tiktoken(data, str(cached)), "gpt2")
     where = ", ".join(str(d) for d in _tiktoken_cache_dirs())
     raise ConfigError(
-        "tokenizer.path", None,
+        "tokenizer.path",
+        None,
         f"GPT-2's BPE is not available offline (looked in tiktoken's cache: {where}). Set tokenizer.path "
         "to a GPT-2 tokenizer.json or r50k_base.tiktoken file, or fill the cache once with "
         "`python -c \"import tiktoken; tiktoken.get_encoding('r50k_base')\"` (set TIKTOKEN_CACHE_DIR to keep it)",
@@ -231,33 +247,37 @@ def gpt2_tokenizer() -> Tokenizer:
 
 # --------------------------------------------------------------------------- training
 
+
 def train_bpe(texts: Iterable[str], vocab_size: int, field: str = "model.vocab_size") -> Tokenizer:
     """A byte-level BPE of at most `vocab_size` tokens (256 bytes, merges, `<|endoftext|>`)."""
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         raise ConfigError(field, vocab_size, "a byte-level BPE needs at least 257 tokens (256 bytes + end-of-text)")
     tok = HFTok(models.BPE())
     # GPT-2's pre-tokenisation (ByteLevel with its regex): any text round-trips exactly.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return HFTokenizer(tok, "<trained>")
 
 
 def _training_texts(cfg: TrainerConfig) -> Iterable[str]:
-    from .data.sources import iter_documents
-
     return itertools.islice(iter_documents(cfg.data, 0, 1), cfg.tokenizer.train_docs)
 
 
 def check_vocab(tok: Tokenizer, cfg: TrainerConfig, where: str) -> None:
     if tok.n_vocab > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"is smaller than the tokenizer's {tok.n_vocab} tokens ({where}); "
-                          f"set model.vocab_size to at least {tok.n_vocab}")
+        raise ConfigError(
+            "model.vocab_size",
+            cfg.model.vocab_size,
+            f"is smaller than the tokenizer's {tok.n_vocab} tokens ({where}); "
+            f"set model.vocab_size to at least {tok.n_vocab}",
+        )
 
 
 def build_tokenizer(cfg: TrainerConfig, run_dir: PathLike) -> Tokenizer:
@@ -268,7 +288,7 @@ def build_tokenizer(cfg: TrainerConfig, run_dir: PathLike) -> Tokenizer:
     With several ranks, call it on rank 0 first and let the others follow after a
     barrier, so the tokenizer is trained once.
     """
-    saved = Path(run_dir) / "tokenizer.json"
+    saved = Path(run_dir) / TOKENIZER_FILE
     t = cfg.tokenizer
     if t.kind == "bpe":
         keep = _target(t.path) if t.path else saved
@@ -290,11 +310,10 @@ def build_tokenizer(cfg: TrainerConfig, run_dir: PathLike) -> Tokenizer:
     return tok
 
 
-def train_tokenizer_cli(config: Union[PathLike, TrainerConfig], out_dir: PathLike,
-                        vocab_size: Optional[int] = None) -> Tokenizer:
+def train_tokenizer_cli(
+    config: PathLike | TrainerConfig, out_dir: PathLike, vocab_size: int | None = None
+) -> Tokenizer:
     """`nanochat tokenizer train`: train a bpe on the config's data, save out_dir/tokenizer.json."""
-    from .config import load_trainer_config
-
     cfg = config if isinstance(config, TrainerConfig) else load_trainer_config(str(config))
     size = vocab_size or cfg.model.vocab_size
     tok = train_bpe(_training_texts(cfg), size, field="vocab_size" if vocab_size else "model.vocab_size")

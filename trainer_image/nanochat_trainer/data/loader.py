@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any
 
 import torch
 
@@ -82,8 +83,15 @@ class _Dispatcher:
 class TokenLoader:
     """Batches of packed rows for one rank; see the module docstring for the layout."""
 
-    def __init__(self, cfg: TrainerConfig, tokenizer, rank: int = 0, world: int = 1,
-                 device: Union[str, torch.device] = "cpu", lanes: int | None = None):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        tokenizer,
+        rank: int = 0,
+        world: int = 1,
+        device: str | torch.device = "cpu",
+        lanes: int | None = None,
+    ):
         self.lanes = lanes or math.lcm(LANES, world)
         if self.lanes % world:
             raise ValueError(f"lanes={self.lanes} is not a multiple of world={world}")
@@ -125,14 +133,14 @@ class TokenLoader:
             text = self._documents().get(lane_id, lane_id + self.lanes * lane.next_doc)
             tokens = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
             if lane.next_doc == lane.doc:
-                tokens = tokens[lane.offset:]  # resuming inside this document
+                tokens = tokens[lane.offset :]  # resuming inside this document
             lane.buf.extend(tokens)
             lane.left.append(len(tokens))
             lane.next_doc += 1
-        row = lane.buf[lane.pos:lane.pos + need]
+        row = lane.buf[lane.pos : lane.pos + need]
         lane.pos += need
         if lane.pos * 2 > len(lane.buf):  # drop used tokens without copying on every row
-            del lane.buf[:lane.pos]
+            del lane.buf[: lane.pos]
             lane.pos = 0
         used = need
         while used:
@@ -167,8 +175,10 @@ class TokenLoader:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         if state["lanes"] != self.lanes:
-            raise ValueError(f"loader state has {state['lanes']} lanes, this loader {self.lanes}: "
-                             "the world sizes do not share a lane layout")
+            raise ValueError(
+                f"loader state has {state['lanes']} lanes, this loader {self.lanes}: "
+                "the world sizes do not share a lane layout"
+            )
         if state["source"] != self.data.source:
             raise ValueError(f"loader state is for data.source={state['source']!r}, not {self.data.source!r}")
         if state["global_rows"] % self.world:

@@ -30,12 +30,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from random import Random
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from ..config import DataConfig
-from . import ConfigError
+from ..errors import ConfigError
 from .synthetic import document
 
 
@@ -77,10 +78,13 @@ def _repeat(field: str, value: Any, one_pass: Callable[[int], Iterable[Any]]) ->
 
 # --------------------------------------------------------------------------- local
 
+
 def _local(data: DataConfig, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
     path = Path(data.path or "")
     if not data.path or not path.exists():
-        raise ConfigError("data.path", data.path, "does not exist (a folder of source files, a .jsonl or a .parquet file)")
+        raise ConfigError(
+            "data.path", data.path, "does not exist (a folder of source files, a .jsonl or a .parquet file)"
+        )
     if path.is_dir():
         return _folder(data, path, rank, world, start)
     suffix = "".join(path.suffixes[-1:]).lower()
@@ -128,12 +132,13 @@ def _jsonl_texts(data: DataConfig, path: Path) -> Iterator[str]:
 
 
 def _parquet_texts(data: DataConfig, path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 (heavy; needed only for .parquet data)
 
     pf = pq.ParquetFile(path)
     if data.text_field not in pf.schema_arrow.names:
-        raise ConfigError("data.text_field", data.text_field,
-                          f"is not a column of {path} (columns: {pf.schema_arrow.names[:10]})")
+        raise ConfigError(
+            "data.text_field", data.text_field, f"is not a column of {path} (columns: {pf.schema_arrow.names[:10]})"
+        )
     for batch in pf.iter_batches(columns=[data.text_field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             yield "" if text is None else str(text)
@@ -141,17 +146,26 @@ def _parquet_texts(data: DataConfig, path: Path) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- Hugging Face
 
+
 def _huggingface(data: DataConfig, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
-    import datasets
-    from datasets.distributed import split_dataset_by_node
+    import datasets  # noqa: PLC0415 (seconds to import; needed only for source huggingface)
+    from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
 
     try:
-        ds = datasets.load_dataset(data.dataset, data_dir=data.data_dir, split=data.split, streaming=True,
-                                   token=os.environ.get(data.token_env) or None)
+        ds = datasets.load_dataset(
+            data.dataset,
+            data_dir=data.data_dir,
+            split=data.split,
+            streaming=True,
+            token=os.environ.get(data.token_env) or None,
+        )
     except Exception as e:  # hub, auth and file errors alike: say which setting to look at
-        raise ConfigError("data.dataset", data.dataset,
-                          f"cannot be loaded (data_dir={data.data_dir!r}, split={data.split!r}; gated datasets "
-                          f"need a token in ${data.token_env}): {type(e).__name__}: {e}") from e
+        raise ConfigError(
+            "data.dataset",
+            data.dataset,
+            f"cannot be loaded (data_dir={data.data_dir!r}, split={data.split!r}; gated datasets "
+            f"need a token in ${data.token_env}): {type(e).__name__}: {e}",
+        ) from e
     if world > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world)
 

@@ -1,8 +1,8 @@
 """Cross-tokenizer distillation: the teacher's vocabulary is not the student's (Qwen3 vs GPT-2).
 
-    pf = CrossTokenizerPrefetcher(teacher, loader, k=20, tokenizer=student_tok, depth=4)
-    x, y, state, fut = pf.next()
-    ids, lps, mask = pf.result(fut, x)     # topk_kl_loss targets in the student's vocabulary
+    feed = CrossTokenizerFeed(teacher, loader, cfg.distill, tokenizer=student_tok)   # a data.feed.BatchSource
+    feed.start(micro_batches=1000, saved=None)
+    batch = feed.next()     # batch.teacher: topk_kl_loss targets in the student's vocabulary, or None
 
 What is implemented: token alignment by character offsets and vocabulary mapping by exact
 string match, the exact-match special case of the minimum-edit-distance (MinED) alignment of
@@ -27,22 +27,27 @@ The next-token events of two tokenizers are not the same events (the teacher's "
 student that would write " ret" + "urn"), so the mapped KL is an approximation, as in MinED;
 the LM loss (1 - alpha) still trains every position. Positions that do not align, pieces the
 teacher refused (a 400: too long for its context) and micro-batches with fewer than
-distill.min_aligned_fraction aligned positions are counted, never guessed.
+distill.min_aligned_fraction aligned positions (trained on the LM loss alone) are counted,
+never guessed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from .runner import TeacherPrefetcher
+from ..config import DistillConfig
+from ..data.feed import TopkTargets
+from ..data.loader import TokenLoader
 from .teacher import FATAL_STATUS, AsyncTeacher, TeacherError, TeacherUnavailable, TopkEntry, token_id_map
+from .topk import PREFETCH_DEPTH, TopkFeed
 
 
-def student_ends(tokenizer, ids: Sequence[int]) -> tuple[str, list[Optional[int]]]:
+def student_ends(tokenizer, ids: Sequence[int]) -> tuple[str, list[int | None]]:
     """(text, ends): the decoded text and, per token, the character offset right after it;
     None where that point falls inside a character (a byte-level token holding part of one)."""
     ids = list(ids)
@@ -50,9 +55,9 @@ def student_ends(tokenizer, ids: Sequence[int]) -> tuple[str, list[Optional[int]
     pieces = [tokenizer.decode([t]) for t in ids]
     if "".join(pieces) == text:  # the usual case (ASCII code): one decode per token
         return text, list(itertools.accumulate(len(p) for p in pieces))
-    ends: list[Optional[int]] = []
+    ends: list[int | None] = []
     for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[:i + 1])
+        prefix = tokenizer.decode(ids[: i + 1])
         ends.append(len(prefix) if text.startswith(prefix) else None)
     return text, ends
 
@@ -84,15 +89,16 @@ def teacher_starts(entries: list[TopkEntry], text: str) -> dict[int, int]:
     return starts
 
 
-def align(ends: Sequence[Optional[int]], starts: dict[int, int]) -> list[Optional[int]]:
+def align(ends: Sequence[int | None], starts: dict[int, int]) -> list[int | None]:
     """Per student position p: the teacher position whose top-k predicts the same text as the
     student's logits at p (a teacher token starting where student token p ends), or None.
     The last position predicts past the text and is never aligned."""
     return [starts.get(c) if c is not None and p < len(ends) - 1 else None for p, c in enumerate(ends)]
 
 
-def segment_targets(entries: list[TopkEntry], text: str, ends: Sequence[Optional[int]],
-                    vocab: dict[str, Optional[int]], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def segment_targets(
+    entries: list[TopkEntry], text: str, ends: Sequence[int | None], vocab: dict[str, int | None], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Targets for the student's positions of one piece: ids (n, k), logprobs (n, k) with -inf
     in empty slots, mask (n,). Row p is the mapped teacher top-k at p's aligned position."""
     n = len(ends)
@@ -123,15 +129,17 @@ def row_pieces(row: Sequence[int], eot: int) -> list[tuple[int, int]]:
     return out
 
 
-class CrossTokenizerPrefetcher(TeacherPrefetcher):
-    """`TeacherPrefetcher` for a teacher with its own tokenizer: text prompts, aligned targets."""
+class CrossTokenizerFeed(TopkFeed):
+    """`TopkFeed` for a teacher with its own tokenizer: text prompts, aligned targets."""
 
-    def __init__(self, teacher: AsyncTeacher, loader, k: int, tokenizer, depth: int = 4,
-                 limit: Optional[int] = None):
-        super().__init__(teacher, loader, k, tokenizer.n_vocab, depth=depth, limit=limit, tokenizer=tokenizer)
+    def __init__(
+        self, teacher: AsyncTeacher, loader: TokenLoader, dcfg: DistillConfig, tokenizer, depth: int = PREFETCH_DEPTH
+    ):
+        super().__init__(teacher, loader, dcfg, tokenizer.n_vocab, tokenizer=tokenizer, depth=depth)
         self._student_vocab = token_id_map(tokenizer)
         self.positions = self.aligned = self.pieces = self.piece_errors = 0
-        self.last_piece_error: Optional[str] = None
+        self.unaligned_skipped = 0  # batches with too few aligned positions: the LM loss alone
+        self.last_piece_error: str | None = None
 
     async def _fetch(self, rows: list[list[int]]) -> tuple[list, list]:
         plans, coros = [], []
@@ -170,14 +178,24 @@ class CrossTokenizerPrefetcher(TeacherPrefetcher):
                 continue
             p_ids, p_lps, p_mask = segment_targets(a, text, ends, self._student_vocab, self.k)
             n = len(ends)
-            ids[r, s:s + n], lps[r, s:s + n], mask[r, s:s + n] = p_ids, p_lps, p_mask
+            ids[r, s : s + n], lps[r, s : s + n], mask[r, s : s + n] = p_ids, p_lps, p_mask
         self.positions += b * t
         self.aligned += int(mask.sum())
         return ids.to(x.device), lps.to(x.device), mask.to(x.device)
 
-    def stats(self) -> dict:
-        out = {"aligned_fraction": round(self.aligned / self.positions, 4) if self.positions else None,
-               "pieces": self.pieces, "piece_errors": self.piece_errors}
+    def _checked(self, targets: TopkTargets) -> TopkTargets | None:
+        if targets.mask.float().mean().item() < self.dcfg.min_aligned_fraction:
+            self.unaligned_skipped += 1  # too few positions to distil on: the LM loss alone
+            return None
+        return targets
+
+    def record(self) -> dict[str, Any]:
+        alignment = {
+            "aligned_fraction": round(self.aligned / self.positions, 4) if self.positions else None,
+            "pieces": self.pieces,
+            "piece_errors": self.piece_errors,
+        }
         if self.last_piece_error:
-            out["last_piece_error"] = self.last_piece_error  # a count alone does not say what to fix
-        return out
+            alignment["last_piece_error"] = self.last_piece_error  # a count alone does not say what to fix
+        alignment["unaligned_skipped"] = self.unaligned_skipped
+        return {**super().record(), "alignment": alignment}

@@ -1,10 +1,11 @@
 """Sequence-level distillation (Kim & Rush 2016, "Sequence-Level Knowledge Distillation"): the
 student trains with the ordinary LM loss on prompts completed by the teacher.
 
-    feed = SequenceFeed(teacher, cfg, loader, tokenizer, rank, world, device, state=None, limit=1000)
-    x, y, _, _ = feed.next()        # a micro-batch: distill.sequence_mix of its rows from teacher text
-    feed.state_dict()               # prompt-stream position for checkpoints (give it back as `state`)
-    feed.stats(); feed.close()
+    feed = SequenceFeed(teacher, cfg, loader, tokenizer, rank, world)   # a data.feed.BatchSource
+    feed.start(micro_batches=1000, saved=None)   # saved: every rank's state_dict() from a checkpoint
+    batch = feed.next()             # a micro-batch: distill.sequence_mix of its rows from teacher text
+    feed.state_dict()               # this rank's prompt-stream position, for checkpoints
+    feed.record(); feed.close()
 
 Prompts (`split_prompt`): documents of `trainer.data` (the synthetic generator, or a dataset)
 cut right after the first top-level function's docstring, or after its header when it has
@@ -27,8 +28,9 @@ rerun (answers come from the teacher's disk cache; the look-ahead is counted in 
 time, so a rerun asks for exactly the same prompts: zero requests). A micro-batch waits for
 teacher rows up to distill.row_wait_s, then (with continue_without_teacher) takes plain rows
 for the missing ones, counted as teacher_skipped: a teacher slower than training, or one whose
-answers the filter mostly rejects, slows steps by at most that much. When the teacher is down (`TeacherUnavailable` after the client's retries) the thread retries the same
-window with backoff; meanwhile the trainer takes the missing rows from plain data when
+answers the filter mostly rejects, slows steps by at most that much. When the teacher is down
+(`TeacherUnavailable` after the client's retries) the thread retries the same window with
+backoff; meanwhile the trainer takes the missing rows from plain data when
 distill.continue_without_teacher (counted as teacher_skipped), else waits up to
 distill.wait_for_teacher_s and then fails with a clear error. 401/403/404 (bad key, unknown
 model) stop the run: no later request would succeed.
@@ -43,11 +45,17 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 
+from ..config import DistillConfig, TrainerConfig
+from ..data.feed import Batch
+from ..data.loader import TokenLoader
+from ..data.sources import iter_indexed
+from ..eval.sandbox import Sandbox
 from .teacher import FATAL_STATUS, AsyncTeacher, TeacherError, TeacherUnavailable
 
 # Where a function body is over: the next top-level statement. Sent as stop strings (to save
@@ -64,7 +72,7 @@ class Prompt:
     tests: str  # asserts that call the function ("" when none)
 
 
-def split_prompt(doc: str) -> Optional[tuple[str, str]]:
+def split_prompt(doc: str) -> tuple[str, str] | None:
     """(prompt, tests) from a Python document, or None when it has no usable function.
 
     The prompt is the document up to the end of the first top-level function's docstring (or
@@ -91,11 +99,13 @@ def split_prompt(doc: str) -> Optional[tuple[str, str]]:
             continue  # a one-line def, or code on the docstring's last line
         last = lines[end_line - 1].rstrip("\r\n")
         if first is not body[0] and body[0].end_col_offset is not None:
-            last = last.encode()[:body[0].end_col_offset].decode()  # up to the docstring's end (UTF-8 bytes)
-        prompt = "".join(lines[:end_line - 1]) + last
-        tests = [ast.get_source_segment(doc, s) or "" for s in tree.body[i + 1:]
-                 if isinstance(s, ast.Assert) and any(isinstance(n, ast.Name) and n.id == node.name
-                                                      for n in ast.walk(s))]
+            last = last.encode()[: body[0].end_col_offset].decode()  # up to the docstring's end (UTF-8 bytes)
+        prompt = "".join(lines[: end_line - 1]) + last
+        tests = [
+            ast.get_source_segment(doc, s) or ""
+            for s in tree.body[i + 1 :]
+            if isinstance(s, ast.Assert) and any(isinstance(n, ast.Name) and n.id == node.name for n in ast.walk(s))
+        ]
         return prompt, "\n".join(t for t in tests if t)
     return None
 
@@ -113,7 +123,7 @@ def function_body(completion: str) -> str:
     return text + "\n" if text.strip() else ""
 
 
-def check_completion(prompt: str, body: str) -> Optional[str]:
+def check_completion(prompt: str, body: str) -> str | None:
     """Why prompt + body is rejected before tests ("empty", "syntax"), or None."""
     if not body.strip():
         return "empty"
@@ -129,7 +139,7 @@ def program_with_tests(prompt: str, body: str, tests: str) -> str:
     return f"{prompt}{body}\n\n{tests}\n"
 
 
-def filter_completions(items: list[tuple[Prompt, str]], sandbox=None) -> list[Optional[str]]:
+def filter_completions(items: list[tuple[Prompt, str]], sandbox=None) -> list[str | None]:
     """For each (prompt, body): None if accepted, else the reason ("empty", "syntax", "tests").
     Tests run only when a sandbox is given and the prompt has tests."""
     reasons = [check_completion(p.text, body) for p, body in items]
@@ -144,16 +154,16 @@ def filter_completions(items: list[tuple[Prompt, str]], sandbox=None) -> list[Op
 
 def iter_prompts(data, rank: int, world: int, start: int = 0) -> Iterator[Prompt]:
     """Endless prompts of this rank's documents i >= start (see data.sources.iter_indexed)."""
-    from ..data.sources import iter_indexed
-
     misses = 0
     for index, doc in iter_indexed(data, rank, world, start):
         split = split_prompt(doc)
         if split is None:
             misses += 1
             if misses >= NO_PROMPT_LIMIT:
-                raise ValueError(f"distill.method=sequence: {misses} documents in a row of data.source="
-                                 f"{data.source!r} have no top-level function to complete")
+                raise ValueError(
+                    f"distill.method=sequence: {misses} documents in a row of data.source="
+                    f"{data.source!r} have no top-level function to complete"
+                )
             continue
         misses = 0
         yield Prompt(index, *split)
@@ -167,15 +177,23 @@ class SequenceProducer:
     stops then depends only on what was trained on, not on timing, so a rerun from the cache
     asks for exactly the prompts the first run asked for: zero requests."""
 
-    def __init__(self, teacher: AsyncTeacher, prompts: Iterator[Prompt], dcfg, tokenizer, sandbox=None,
-                 window: int = 16, ahead_tokens: int = 8192):
+    def __init__(
+        self,
+        teacher: AsyncTeacher,
+        prompts: Iterator[Prompt],
+        dcfg: DistillConfig,
+        tokenizer,
+        sandbox: Sandbox | None = None,
+        window: int = 16,
+        ahead_tokens: int = 8192,
+    ):
         self.teacher, self.prompts, self.dcfg, self.sandbox = teacher, prompts, dcfg, sandbox
         self.tok, self.window, self.ahead_tokens = tokenizer, window, ahead_tokens
         self.queue: queue.Queue = queue.Queue()
         self.counts: Counter = Counter()
-        self.down_since: Optional[float] = None  # monotonic time the current outage began
-        self.last_error: Optional[str] = None
-        self.fatal: Optional[BaseException] = None
+        self.down_since: float | None = None  # monotonic time the current outage began
+        self.last_error: str | None = None
+        self.fatal: BaseException | None = None
         self.reject_streak = 0
         self.finishing = False
         self._ahead, self._lock = 0, threading.Lock()
@@ -245,21 +263,28 @@ class SequenceProducer:
                     self._ahead += len(tokens)
                 self.queue.put((p.index, tokens))
 
-    async def _ask(self, window: list[Prompt]) -> Optional[list[Any]]:
+    async def _ask(self, window: list[Prompt]) -> list[Any] | None:
         """Answers (text, finish) or TeacherError per prompt; while the teacher is down, the same
         window again after a backoff (answers that did come back are in the cache by then)."""
         d = self.dcfg
         delay = max(0.05, self.teacher.backoff)
         while True:
             answers = await asyncio.gather(
-                *(self.teacher.completion(p.text, d.max_new_tokens, d.sample_temperature, stop=STOP, seed=p.index)
-                  for p in window), return_exceptions=True)
+                *(
+                    self.teacher.completion(p.text, d.max_new_tokens, d.sample_temperature, stop=STOP, seed=p.index)
+                    for p in window
+                ),
+                return_exceptions=True,
+            )
             for a in answers:
                 if isinstance(a, BaseException) and not isinstance(a, TeacherError):
                     raise a
                 if isinstance(a, TeacherError) and a.status in FATAL_STATUS:
-                    raise TeacherError(f"the teacher refuses requests (HTTP {a.status}): check "
-                                       f"distill.teacher.url, .model and the API key: {a}", status=a.status)
+                    raise TeacherError(
+                        f"the teacher refuses requests (HTTP {a.status}): check "
+                        f"distill.teacher.url, .model and the API key: {a}",
+                        status=a.status,
+                    )
             down = [a for a in answers if isinstance(a, TeacherUnavailable)]
             if not down:
                 self.down_since = None
@@ -312,8 +337,8 @@ class _Packer:
         return len(self.buf) >= self.need
 
     def take(self) -> list[int]:
-        row, left = self.buf[:self.need], self.need
-        del self.buf[:self.need]
+        row, left = self.buf[: self.need], self.need
+        del self.buf[: self.need]
         while left:
             doc = self.docs[0]
             n = min(left, doc[1])
@@ -335,31 +360,57 @@ class SequenceFeed:
     teacher sequences first, the rest (and any teacher rows missing while the teacher is down,
     with continue_without_teacher) from the plain loader."""
 
-    def __init__(self, teacher: AsyncTeacher, cfg, loader, tokenizer, rank: int = 0, world: int = 1,
-                 device: Any = "cpu", state: Optional[dict] = None, limit: Optional[int] = None, sandbox=None):
-        """`limit`: micro-batches the run will take; after the last one the producer tops up
-        its look-ahead and stops (see SequenceProducer). `state`: from `rank_state`."""
-        self.teacher, self.cfg, self.dcfg = teacher, cfg, cfg.distill
-        self.loader, self.device, self.limit, self.served = loader, torch.device(device), limit, 0
-        state = state or {"next": 0, "skip": 0}
-        self.packer = _Packer(cfg.resolved_seq_len, state["next"], state["skip"])
-        if sandbox is None and self.dcfg.filter_tests:
-            from ..eval.sandbox import Sandbox
+    has_teacher_targets = False  # teacher text trains with the LM loss
 
+    def __init__(
+        self,
+        teacher: AsyncTeacher,
+        cfg: TrainerConfig,
+        loader: TokenLoader,
+        tokenizer,
+        rank: int = 0,
+        world: int = 1,
+        sandbox: Sandbox | None = None,
+    ):
+        assert cfg.distill is not None
+        self.teacher, self.cfg, self.dcfg = teacher, cfg, cfg.distill
+        self.loader, self.tokenizer, self.rank, self.world = loader, tokenizer, rank, world
+        if sandbox is None and self.dcfg.filter_tests:
             sandbox = Sandbox(timeout=self.dcfg.test_timeout_s, workers=2)
+        self.sandbox = sandbox
         self.n_teacher = round(self.dcfg.sequence_mix * cfg.batch_size)
-        # Look ahead about 4 micro-batches of teacher rows, so training rarely waits on HTTP.
-        ahead = 4 * max(1, self.n_teacher) * (cfg.resolved_seq_len + 1)
-        self.producer = SequenceProducer(teacher, iter_prompts(cfg.data, rank, world, state["next"]), self.dcfg,
-                                         tokenizer, sandbox, window=max(4, 2 * teacher.concurrency),
-                                         ahead_tokens=ahead)
+        self.limit: int | None = None
+        self.served = 0
+        self.packer: _Packer | None = None
+        self.producer: SequenceProducer | None = None
         self.teacher_rows = self.plain_rows = self.skipped_rows = 0
         self.wait_s = 0.0
-        if limit is not None and limit <= 0:
+
+    # ------------------------------------------------------------------ BatchSource
+
+    def start(self, micro_batches: int, saved: list[dict[str, Any]] | None) -> None:
+        """After the last of `micro_batches` the producer tops up its look-ahead and stops (see
+        SequenceProducer)."""
+        state = self.rank_state(saved, self.rank, self.world) or {"next": 0, "skip": 0}
+        self.limit = micro_batches
+        self.packer = _Packer(self.cfg.resolved_seq_len, state["next"], state["skip"])
+        # Look ahead about 4 micro-batches of teacher rows, so training rarely waits on HTTP.
+        ahead = 4 * max(1, self.n_teacher) * (self.cfg.resolved_seq_len + 1)
+        prompts = iter_prompts(self.cfg.data, self.rank, self.world, state["next"])
+        self.producer = SequenceProducer(
+            self.teacher,
+            prompts,
+            self.dcfg,
+            self.tokenizer,
+            self.sandbox,
+            window=max(4, 2 * self.teacher.concurrency),
+            ahead_tokens=ahead,
+        )
+        if micro_batches <= 0:
             self.producer.finish()
 
     @staticmethod
-    def rank_state(states: Optional[list[dict]], rank: int, world: int) -> Optional[dict]:
+    def rank_state(states: list[dict] | None, rank: int, world: int) -> dict | None:
         """This rank's saved state from the checkpoint's per-rank list. Another world size reads
         documents in another order: start every rank after the furthest any rank had got."""
         if not states:
@@ -368,8 +419,7 @@ class SequenceFeed:
             return states[rank]
         return {"next": max(s["next"] for s in states) + 1, "skip": 0}
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        """(x, y, None, None): the prefetcher's shape, so train.py's loop takes either."""
+    def next(self) -> Batch:
         rows = []
         while len(rows) < self.n_teacher:
             row = self._teacher_row()
@@ -380,7 +430,7 @@ class SequenceFeed:
         self.skipped_rows += self.n_teacher - len(rows)
         parts = []
         if rows:
-            t = torch.tensor(rows, dtype=torch.long, device=self.device)
+            t = torch.tensor(rows, dtype=torch.long, device=self.loader.device)
             parts.append((t[:, :-1], t[:, 1:]))
         n_plain = self.cfg.batch_size - len(rows)
         if n_plain:
@@ -388,10 +438,45 @@ class SequenceFeed:
             parts.append(self.loader.next_batch(n_plain))
         self.served += 1
         if self.limit is not None and self.served >= self.limit:
-            self.producer.finish()
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None, None
+            self._producer().finish()
+        return Batch(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
-    def _teacher_row(self) -> Optional[list[int]]:
+    def loader_state(self) -> dict[str, Any]:
+        return self.loader.state_dict()  # the plain loader is never read ahead: its own state is exact
+
+    def load_loader_state(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        assert self.packer is not None, "start() first"
+        return self.packer.state_dict()
+
+    def record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "teacher": self.teacher.record(),
+            # rows of plain data where teacher rows were due
+            "teacher_skipped": self.skipped_rows,
+            "sequences": self.stats(),
+        }
+        if self.producer is not None and self.producer.last_error:
+            rec["teacher_error"] = self.producer.last_error
+        return rec
+
+    def close(self) -> None:
+        if self.producer is None:
+            return
+        # After the run's last micro-batch the producer finishes its look-ahead (so the cache
+        # holds what a rerun will ask for); a run that stopped early does not wait for it.
+        self.producer.close(wait_s=max(30.0, self.teacher.timeout_s) if self.producer.finishing else 0.0)
+
+    # ------------------------------------------------------------------ rows
+
+    def _producer(self) -> SequenceProducer:
+        assert self.producer is not None, "start() first"
+        return self.producer
+
+    def _teacher_row(self) -> list[int] | None:
+        assert self.packer is not None, "start() first"
         while not self.packer.ready():
             item = self._get()
             if item is None:
@@ -399,12 +484,12 @@ class SequenceFeed:
             self.packer.add(*item)
         return self.packer.take()
 
-    def _get(self) -> Optional[tuple[int, list[int]]]:
+    def _get(self) -> tuple[int, list[int]] | None:
         """The next accepted text; None when there is none and the config allows plain data
         instead: the teacher is down, every recent answer was rejected, or this micro-batch has
         waited distill.row_wait_s for a teacher that answers too slowly or is mostly rejected
         (the texts it does accept still come, in later micro-batches)."""
-        p, t0 = self.producer, time.monotonic()
+        p, t0 = self._producer(), time.monotonic()
         try:
             while True:
                 try:
@@ -415,36 +500,37 @@ class SequenceFeed:
                             raise TeacherError(f"sequence-level distillation stopped: {p.fatal}") from p.fatal
                         raise TeacherError("the teacher-sequence producer has stopped") from None
                 waited = time.monotonic() - t0
-                if p.down_since is None and not p.starved and (
-                        waited < self.dcfg.row_wait_s or not self.dcfg.continue_without_teacher):
+                if (
+                    p.down_since is None
+                    and not p.starved
+                    and (waited < self.dcfg.row_wait_s or not self.dcfg.continue_without_teacher)
+                ):
                     continue  # the teacher is working on it: wait, so reruns see the same rows
                 if self.dcfg.continue_without_teacher:
                     return None
                 if p.starved:
-                    raise TeacherError(f"the last {p.reject_streak} teacher completions were all rejected "
-                                       f"by the quality filter ({dict(p.counts)}) and "
-                                       "distill.continue_without_teacher is false")
+                    raise TeacherError(
+                        f"the last {p.reject_streak} teacher completions were all rejected "
+                        f"by the quality filter ({dict(p.counts)}) and "
+                        "distill.continue_without_teacher is false"
+                    )
                 if time.monotonic() - (p.down_since or 0.0) > self.dcfg.wait_for_teacher_s:
-                    raise TeacherError(f"distillation teacher {self.dcfg.teacher.url} has been down for more than "
-                                       f"distill.wait_for_teacher_s={self.dcfg.wait_for_teacher_s:g}s and "
-                                       f"distill.continue_without_teacher is false: {p.last_error}")
+                    raise TeacherError(
+                        f"distillation teacher {self.dcfg.teacher.url} has been down for more than "
+                        f"distill.wait_for_teacher_s={self.dcfg.wait_for_teacher_s:g}s and "
+                        f"distill.continue_without_teacher is false: {p.last_error}"
+                    )
         finally:
             self.wait_s += time.monotonic() - t0
 
-    def state_dict(self) -> dict[str, int]:
-        return self.packer.state_dict()
-
-    def resume_state(self) -> None:
-        return None  # the plain loader is never read ahead: its own state is exact
-
     def stats(self) -> dict[str, Any]:
-        c = self.producer.counts
-        return {"accepted": c["accepted"], "rejected": {k[len("rejected_"):]: v for k, v in c.items()
-                                                        if k.startswith("rejected_")},
-                "teacher_errors": c["teacher_errors"], "outages": c["outages"], "teacher_rows": self.teacher_rows,
-                "plain_rows": self.plain_rows, "wait_s": round(self.wait_s, 3)}
-
-    def close(self) -> None:
-        # After the run's last micro-batch the producer finishes its look-ahead (so the cache
-        # holds what a rerun will ask for); a run that stopped early does not wait for it.
-        self.producer.close(wait_s=max(30.0, self.teacher.timeout_s) if self.producer.finishing else 0.0)
+        c = self._producer().counts
+        return {
+            "accepted": c["accepted"],
+            "rejected": {k[len("rejected_") :]: v for k, v in c.items() if k.startswith("rejected_")},
+            "teacher_errors": c["teacher_errors"],
+            "outages": c["outages"],
+            "teacher_rows": self.teacher_rows,
+            "plain_rows": self.plain_rows,
+            "wait_s": round(self.wait_s, 3),
+        }

@@ -31,8 +31,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Optional, Union
+from typing import Any
 
 import httpx
 import torch
@@ -40,7 +41,7 @@ import torch
 RETRY_STATUS = {429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}  # bad API key, unknown model: no later request can succeed
 
-TopkEntry = tuple[Union[str, int], Optional[dict[Union[str, int], float]], int]
+TopkEntry = tuple[str | int, dict[str | int, float] | None, int]
 TOKEN_ID_PREFIX = "token_id:"
 
 
@@ -48,7 +49,7 @@ class TeacherError(RuntimeError):
     """The teacher failed, or answered something we cannot trust. `status`: the HTTP status of
     a refused request (400, 404, ...), None for bodies we could not use."""
 
-    def __init__(self, message: str, status: Optional[int] = None):
+    def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
 
@@ -59,10 +60,19 @@ class TeacherUnavailable(TeacherError):
 
 
 class AsyncTeacher:
-    def __init__(self, url: str, model: str, api_key_env: Optional[str] = "TEACHER_API_KEY",
-                 concurrency: int = 8, timeout_s: float = 60.0, max_retries: int = 5,
-                 cache_dir: Union[str, os.PathLike, None] = None, backoff: float = 0.5, max_backoff: float = 20.0,
-                 transport: Optional[httpx.AsyncBaseTransport] = None):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str | None = "TEACHER_API_KEY",
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        cache_dir: str | os.PathLike | None = None,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0")
         base = url.rstrip("/")
@@ -76,22 +86,38 @@ class AsyncTeacher:
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._transport = transport
-        self._http: Optional[httpx.AsyncClient] = None
-        self._sem: Optional[asyncio.Semaphore] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._http: httpx.AsyncClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = self.cache_hits = self.errors = self.retries = 0
         self.latency_s = 0.0
 
     @classmethod
-    def from_config(cls, cfg, cache_dir: Union[str, os.PathLike, None] = None, **kw: Any) -> "AsyncTeacher":
+    def from_config(cls, cfg, cache_dir: str | os.PathLike | None = None, **kw: Any) -> AsyncTeacher:
         """From a `TeacherConfig`; `cache_dir` is the fallback when cfg.cache_dir is unset."""
-        return cls(cfg.url, cfg.model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-                   timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-                   cache_dir=cfg.cache_dir if cfg.cache_dir is not None else cache_dir, **kw)
+        return cls(
+            cfg.url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            concurrency=cfg.concurrency,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            cache_dir=cfg.cache_dir if cfg.cache_dir is not None else cache_dir,
+            **kw,
+        )
 
     def stats(self) -> dict[str, float]:
-        return {"requests": self.requests, "cache_hits": self.cache_hits, "errors": self.errors,
-                "retries": self.retries, "latency_s": self.latency_s}
+        return {
+            "requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "errors": self.errors,
+            "retries": self.retries,
+            "latency_s": self.latency_s,
+        }
+
+    def record(self) -> dict[str, float]:
+        """The teacher's figures as a step record of log.jsonl holds them."""
+        return {**self.stats(), "latency_s": round(self.latency_s, 3)}
 
     # ------------------------------------------------------------------ lifecycle
     def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
@@ -99,8 +125,11 @@ class AsyncTeacher:
         loop = asyncio.get_running_loop()
         if self._http is None or self._loop is not loop:
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)), headers=self._headers,
-                transport=self._transport, limits=httpx.Limits(max_connections=self.concurrency))
+                timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0)),
+                headers=self._headers,
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=self.concurrency),
+            )
             self._sem, self._loop = asyncio.Semaphore(self.concurrency), loop
         assert self._sem is not None
         return self._http, self._sem
@@ -110,7 +139,7 @@ class AsyncTeacher:
             http, self._http, self._loop = self._http, None, None
             await http.aclose()
 
-    async def __aenter__(self) -> "AsyncTeacher":
+    async def __aenter__(self) -> AsyncTeacher:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -118,23 +147,26 @@ class AsyncTeacher:
 
     def run_batch(self, coros: Iterable[Awaitable[Any]]) -> list[Any]:
         """Run coroutines of this teacher concurrently from sync code (new event loop, closed after)."""
+
         async def go() -> list[Any]:
             try:
                 return list(await asyncio.gather(*coros))
             finally:
                 await self.aclose()
+
         return asyncio.run(go())
 
     # ------------------------------------------------------------------ cache
-    def _cache_path(self, body: dict) -> Optional[Path]:
+    def _cache_path(self, body: dict) -> Path | None:
         if self.cache_dir is None:
             return None
-        key = hashlib.sha256(json.dumps({"url": self.url, "body": body}, sort_keys=True,
-                                        separators=(",", ":")).encode()).hexdigest()
+        key = hashlib.sha256(
+            json.dumps({"url": self.url, "body": body}, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()
         return self.cache_dir / key[:2] / f"{key}.json"
 
     @staticmethod
-    def _cache_read(path: Optional[Path]) -> Optional[dict]:
+    def _cache_read(path: Path | None) -> dict | None:
         if path is None or not path.is_file():
             return None
         try:
@@ -143,7 +175,7 @@ class AsyncTeacher:
             return None  # torn or foreign file: a miss; the fresh answer overwrites it
 
     @staticmethod
-    def _cache_write(path: Optional[Path], data: dict) -> None:
+    def _cache_write(path: Path | None, data: dict) -> None:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +192,7 @@ class AsyncTeacher:
             raise
 
     # ------------------------------------------------------------------ requests
-    async def _post(self, body: dict, parse: Optional[Callable[[dict], Any]] = None) -> Any:
+    async def _post(self, body: dict, parse: Callable[[dict], Any] | None = None) -> Any:
         """Cached POST; `parse` checks and unpacks the answer before it is cached (a cached file
         that fails it is a miss)."""
         parse = parse or (lambda d: d)
@@ -207,8 +239,9 @@ class AsyncTeacher:
                     except ValueError:
                         delay = 0.0
                 elif r.status_code >= 400:
-                    raise TeacherError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}",
-                                       status=r.status_code)
+                    raise TeacherError(
+                        f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}", status=r.status_code
+                    )
                 else:
                     try:
                         data = r.json()
@@ -216,24 +249,50 @@ class AsyncTeacher:
                         raise TeacherError(f"{self.url} returned non-JSON: {r.text[:200]!r}") from exc
                     return _validate(data)
             if attempt < self.max_retries:
-                await asyncio.sleep(min(self.max_backoff, max(delay, self.backoff * 2 ** attempt)))
+                await asyncio.sleep(min(self.max_backoff, max(delay, self.backoff * 2**attempt)))
         raise TeacherUnavailable(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
 
-    def _body(self, prompt: Union[str, list[int]], max_tokens: int, temperature: float, logprobs: Optional[int], echo: bool,
-              **extra: Any) -> dict:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": int(max_tokens),
-                                "temperature": float(temperature), "echo": bool(echo), **extra}
+    def _body(
+        self,
+        prompt: str | list[int],
+        max_tokens: int,
+        temperature: float,
+        logprobs: int | None,
+        echo: bool,
+        **extra: Any,
+    ) -> dict:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": int(max_tokens),
+            "temperature": float(temperature),
+            "echo": bool(echo),
+            **extra,
+        }
         if logprobs is not None:
             body["logprobs"] = int(logprobs)
         return body
 
-    async def complete(self, prompt: str, max_tokens: int, temperature: float = 0.0,
-                       logprobs: Optional[int] = None, echo: bool = False, **extra: Any) -> dict:
+    async def complete(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        logprobs: int | None = None,
+        echo: bool = False,
+        **extra: Any,
+    ) -> dict:
         """POST one completion; returns the parsed JSON (validated: a non-empty `choices` list)."""
         return await self._post(self._body(prompt, max_tokens, temperature, logprobs, echo, **extra))
 
-    async def completion(self, prompt: str, max_tokens: int, temperature: float = 0.0,
-                         stop: Optional[list[str]] = None, seed: Optional[int] = None) -> tuple[str, Optional[str]]:
+    async def completion(
+        self,
+        prompt: str,
+        max_tokens: int,
+        temperature: float = 0.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> tuple[str, str | None]:
         """The text the teacher appends to `prompt`, and its finish_reason. A seed is sent when
         sampling (temperature > 0), so the answer, and its cache key, are reproducible."""
         extra: dict[str, Any] = {}
@@ -244,8 +303,9 @@ class AsyncTeacher:
         body = self._body(prompt, max_tokens, temperature, None, False, **extra)
         return await self._post(body, lambda data: parse_completion(data, where=self.url))
 
-    async def prompt_topk(self, prompt: Union[str, list[int]], k: int, token_ids: bool = True,
-                          strict: bool = True) -> list[TopkEntry]:
+    async def prompt_topk(
+        self, prompt: str | list[int], k: int, token_ids: bool = True, strict: bool = True
+    ) -> list[TopkEntry]:
         """The teacher's top-k next-token logprobs at every prompt position (echo, max_tokens=0).
 
         `prompt` is text, or a list of token ids (the teacher must share the tokenizer; the echoed
@@ -278,13 +338,13 @@ def _validate(data: Any) -> dict:
     return data
 
 
-def _token_key(t: Any) -> Union[str, int]:
-    """"token_id:N" -> N; other strings unchanged."""
+def _token_key(t: Any) -> str | int:
+    """ "token_id:N" -> N; other strings unchanged."""
     if not isinstance(t, str):
         raise TypeError(f"token {t!r} is not a string")
     if t.startswith(TOKEN_ID_PREFIX):
         try:
-            n = int(t[len(TOKEN_ID_PREFIX):])
+            n = int(t[len(TOKEN_ID_PREFIX) :])
         except ValueError:
             raise ValueError(f"bad token id key {t!r}") from None
         if n < 0:
@@ -293,7 +353,7 @@ def _token_key(t: Any) -> Union[str, int]:
     return t
 
 
-def parse_completion(data: dict, where: str = "teacher") -> tuple[str, Optional[str]]:
+def parse_completion(data: dict, where: str = "teacher") -> tuple[str, str | None]:
     """(text, finish_reason) of the first choice of a plain completion."""
     choice = data["choices"][0]
     text, finish = choice.get("text"), choice.get("finish_reason")
@@ -302,8 +362,9 @@ def parse_completion(data: dict, where: str = "teacher") -> tuple[str, Optional[
     return text, finish
 
 
-def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: str = "teacher",
-                      strict: bool = True) -> list[TopkEntry]:
+def parse_prompt_topk(
+    data: dict, prompt: str | list[int], k: int, where: str = "teacher", strict: bool = True
+) -> list[TopkEntry]:
     """Check and unpack an echo+logprobs answer (vLLM's shape) into per-token entries."""
     try:
         lp = data["choices"][0]["logprobs"]
@@ -311,8 +372,7 @@ def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: 
         if not (isinstance(tokens, list) and isinstance(tops, list) and isinstance(offsets, list)):
             raise TypeError("tokens, top_logprobs and text_offset must be lists")
         if not (len(tokens) == len(tops) == len(offsets)):
-            raise ValueError(f"length mismatch: {len(tokens)} tokens, {len(tops)} top_logprobs, "
-                             f"{len(offsets)} offsets")
+            raise ValueError(f"length mismatch: {len(tokens)} tokens, {len(tops)} top_logprobs, {len(offsets)} offsets")
         out: list[TopkEntry] = []
         for i, (tok, top, off) in enumerate(zip(tokens, tops, offsets)):
             if not isinstance(tok, str) or not isinstance(off, int):
@@ -346,8 +406,10 @@ def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: 
             raise TeacherError(f"{where}: {len(toks)} echoed tokens for a {len(prompt)}-token prompt")
     elif isinstance(prompt, list):
         if toks != prompt:
-            raise TeacherError(f"{where}: echoed tokens are not the prompt's token ids "
-                               "(does the server return token ids, and share the tokenizer?)")
+            raise TeacherError(
+                f"{where}: echoed tokens are not the prompt's token ids "
+                "(does the server return token ids, and share the tokenizer?)"
+            )
     elif all(isinstance(t, str) for t in toks):
         if strict and "".join(toks) != prompt:
             raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
@@ -358,10 +420,10 @@ def parse_prompt_topk(data: dict, prompt: Union[str, list[int]], k: int, where: 
     return out
 
 
-def token_id_map(tok) -> dict[str, Optional[int]]:
+def token_id_map(tok) -> dict[str, int | None]:
     """Decoded text -> token id for a tokenizer the teacher shares; None where several ids
     decode to the same text (e.g. lone UTF-8 bytes), which cannot be told apart."""
-    out: dict[str, Optional[int]] = {}
+    out: dict[str, int | None] = {}
     for i in range(tok.n_vocab):
         try:
             s = tok.decode([i])
@@ -371,8 +433,9 @@ def token_id_map(tok) -> dict[str, Optional[int]]:
     return out
 
 
-def topk_tensors(entries: list[TopkEntry], vocab: Optional[dict[str, Optional[int]]], k: int,
-                 device: Union[str, torch.device] = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_tensors(
+    entries: list[TopkEntry], vocab: dict[str, int | None] | None, k: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position teacher targets for `topk_kl_loss`, aligned with the prompt's token ids.
 
     Row i holds the top-k that predicted token i+1 (i.e. for the student's logits at position i);
@@ -392,8 +455,10 @@ def topk_tensors(entries: list[TopkEntry], vocab: Optional[dict[str, Optional[in
         for j, (text, lp) in enumerate(best):
             tid = text if isinstance(text, int) else (vocab or {}).get(text)
             if tid is None:
-                raise TeacherError(f"position {i + 1}: teacher token {text!r} is "
-                                   f"{'ambiguous' if text in (vocab or {}) else 'not'} in the student's vocabulary")
+                raise TeacherError(
+                    f"position {i + 1}: teacher token {text!r} is "
+                    f"{'ambiguous' if text in (vocab or {}) else 'not'} in the student's vocabulary"
+                )
             ids[i, j], lps[i, j] = tid, lp
         mask[i] = True
     return ids.to(device), lps.to(device), mask.to(device)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import httpx
 
@@ -28,8 +29,8 @@ class EndpointError(RuntimeError):
 @dataclass
 class Logprobs:
     tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: list[Optional[dict[str, float]]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
@@ -37,8 +38,8 @@ class Logprobs:
 class Choice:
     index: int
     text: str
-    finish_reason: Optional[str]
-    logprobs: Optional[Logprobs] = None
+    finish_reason: str | None
+    logprobs: Logprobs | None = None
     stop_reason: Any = None
 
 
@@ -66,19 +67,26 @@ def parse_completion(data: Any) -> CompletionResponse:
             lp = c.get("logprobs")
             logprobs = None
             if lp:
-                logprobs = Logprobs(list(lp.get("tokens") or []), list(lp.get("token_logprobs") or []),
-                                    list(lp.get("top_logprobs") or []), list(lp.get("text_offset") or []))
+                logprobs = Logprobs(
+                    list(lp.get("tokens") or []),
+                    list(lp.get("token_logprobs") or []),
+                    list(lp.get("top_logprobs") or []),
+                    list(lp.get("text_offset") or []),
+                )
             text = c["text"]
             if not isinstance(text, str):
                 raise TypeError("choices[].text is not a string")
-            choices.append(Choice(int(c.get("index", len(choices))), text, c.get("finish_reason"), logprobs,
-                                  c.get("stop_reason")))
+            choices.append(
+                Choice(int(c.get("index", len(choices))), text, c.get("finish_reason"), logprobs, c.get("stop_reason"))
+            )
         u = data.get("usage") or {}
-        usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
-                      int(u.get("total_tokens") or 0))
+        usage = Usage(
+            int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0), int(u.get("total_tokens") or 0)
+        )
         choices.sort(key=lambda c: c.index)
-        return CompletionResponse(str(data.get("id", "")), str(data.get("model", "")), choices, usage,
-                                  int(data.get("created") or 0))
+        return CompletionResponse(
+            str(data.get("id", "")), str(data.get("model", "")), choices, usage, int(data.get("created") or 0)
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise EndpointError(f"not a completions response ({exc!r}): {str(data)[:200]}") from exc
 
@@ -86,9 +94,17 @@ def parse_completion(data: Any) -> CompletionResponse:
 class CompletionsClient:
     """POSTs to `<base_url>/v1/completions` (base_url may already end in /v1)."""
 
-    def __init__(self, base_url: str, model: str, api_key_env: Optional[str] = "OPENAI_API_KEY",
-                 timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5, max_backoff: float = 20.0,
-                 transport: Optional[httpx.BaseTransport] = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         base = base_url.rstrip("/")
         self.url = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
         self.model = model
@@ -98,23 +114,42 @@ class CompletionsClient:
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers,
-                                  transport=transport)
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "CompletionsClient":
+    def __enter__(self) -> CompletionsClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def complete(self, prompt: Union[str, Sequence[str]], max_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, n: int = 1, stop: Optional[Sequence[str]] = None, logprobs: Optional[int] = None,
-                 echo: bool = False, seed: Optional[int] = None, **extra: Any) -> CompletionResponse:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
-                                "temperature": temperature, "top_p": top_p, "n": n, "echo": echo, **extra}
+    def complete(
+        self,
+        prompt: str | Sequence[str],
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        n: int = 1,
+        stop: Sequence[str] | None = None,
+        logprobs: int | None = None,
+        echo: bool = False,
+        seed: int | None = None,
+        **extra: Any,
+    ) -> CompletionResponse:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "n": n,
+            "echo": echo,
+            **extra,
+        }
         if stop:
             body["stop"] = list(stop)
         if logprobs is not None:

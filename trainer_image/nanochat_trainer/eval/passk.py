@@ -7,7 +7,7 @@ Trained on Code": pass@k = 1 - C(n-c, k) / C(n, k), computed as a numerically st
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -46,15 +46,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Optional, Sequence
 
 PASSED, FAILED, TIMED_OUT = "passed", "failed", "timed out"
 
 # The runner, executed by a fresh `python -I`: argv = [runner, program, limits-json].
-_RUNNER = r'''
+_RUNNER = r"""
 import builtins, faulthandler, json, os, platform, resource, shutil, subprocess, sys
 nonce = sys.stdin.readline().strip()
 sys.stdin = open(os.devnull)
@@ -113,7 +113,7 @@ except BaseException as exc:
     report("failed", type(exc).__name__, str(exc)[:500])
 else:
     report("passed")
-'''
+"""
 
 
 @dataclass
@@ -121,8 +121,8 @@ class SandboxResult:
     """The outcome of one program: status passed / failed / timed out, and why."""
 
     status: str
-    error: Optional[str] = None  # exception name, "Timeout", "Crashed"
-    detail: Optional[str] = None
+    error: str | None = None  # exception name, "Timeout", "Crashed"
+    detail: str | None = None
     duration_s: float = 0.0
 
     @property
@@ -149,8 +149,16 @@ def netns_available() -> bool:
 class Sandbox:
     """Runs programs each in its own limited subprocess, `workers` at a time (threads)."""
 
-    def __init__(self, timeout: float = 10.0, memory_mb: int = 1024, file_mb: int = 16, workers: int = 4,
-                 nproc: int = 64, use_netns: Optional[bool] = None, python: str = sys.executable):
+    def __init__(
+        self,
+        timeout: float = 10.0,
+        memory_mb: int = 1024,
+        file_mb: int = 16,
+        workers: int = 4,
+        nproc: int = 64,
+        use_netns: bool | None = None,
+        python: str = sys.executable,
+    ):
         self.timeout = timeout
         self.memory_bytes = memory_mb * 2**20
         self.file_bytes = file_mb * 2**20
@@ -174,29 +182,46 @@ class Sandbox:
                 f.write(_RUNNER)
             with open(prog, "w") as f:
                 f.write(program)
-            limits = {"memory_bytes": self.memory_bytes, "file_bytes": self.file_bytes, "nproc": self.nproc,
-                      "cpu_seconds": int(self.timeout) + 1, "netns": self.netns}
+            limits = {
+                "memory_bytes": self.memory_bytes,
+                "file_bytes": self.file_bytes,
+                "nproc": self.nproc,
+                "cpu_seconds": int(self.timeout) + 1,
+                "netns": self.netns,
+            }
             cmd = [self.python, "-I", runner, prog, json.dumps(limits)]
             if self.netns:
                 cmd = [shutil.which("unshare") or "unshare", "-n", *cmd]
-            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-                   "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": workdir,
+                "TMPDIR": workdir,
+                "LANG": "C.UTF-8",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "OMP_NUM_THREADS": "1",
+            }
             nonce = secrets.token_hex(16)
-            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             try:
                 stdout, stderr = proc.communicate(nonce.encode() + b"\n", timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 proc.communicate()
-                return SandboxResult(TIMED_OUT, "Timeout", f"killed after {self.timeout:g} s",
-                                     time.monotonic() - start)
+                return SandboxResult(TIMED_OUT, "Timeout", f"killed after {self.timeout:g} s", time.monotonic() - start)
             finally:
                 _kill_group(proc)  # stray grandchildren, if any slipped through
             duration = time.monotonic() - start
             for line in stdout.decode(errors="replace").splitlines()[::-1]:
                 if line.startswith(nonce + " "):
-                    data = json.loads(line[len(nonce) + 1:])
+                    data = json.loads(line[len(nonce) + 1 :])
                     return SandboxResult(data["status"], data["error"], data["detail"], duration)
             if proc.returncode is not None and proc.returncode < 0:
                 sig = signal.Signals(-proc.returncode).name
@@ -205,8 +230,9 @@ class Sandbox:
                 status = TIMED_OUT if sig == "SIGXCPU" else FAILED
                 return SandboxResult(status, kind, f"killed by {sig}", duration)
             tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            return SandboxResult(FAILED, "Crashed", f"exit code {proc.returncode} without a result; {tail[0][:300]}",
-                                 duration)
+            return SandboxResult(
+                FAILED, "Crashed", f"exit code {proc.returncode} without a result; {tail[0][:300]}", duration
+            )
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -1,4 +1,5 @@
-"""The `nanochat eval` and `nanochat serve` commands (argparse pieces the main CLI wires in).
+"""The `nanochat eval` and `nanochat serve` commands (argparse pieces `main.py` wires in when torch,
+the trainer extra, is installed).
 
     nanochat eval --checkpoint runs/demo --samples 10 --temperature 0.8 --k 1,10 --out results.json
     nanochat eval --endpoint http://teacher:8000 --model Qwen/Qwen3-8B --api-key-env OPENAI_API_KEY
@@ -13,12 +14,25 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
-from .humaneval import STOP_SEQUENCES, evaluate_completions, load_problems, publish_result, summary_table
+import torch
+
+from nanochat_trainer.checkpoint import load_model, resolve_model_dir
+from nanochat_trainer.contract import compare_key_env, split_endpoint_source
+from nanochat_trainer.eval.client import CompletionsClient, EndpointError
+from nanochat_trainer.eval.generate import generate
+from nanochat_trainer.eval.humaneval import (
+    STOP_SEQUENCES,
+    evaluate_completions,
+    load_problems,
+    publish_result,
+    summary_table,
+)
+from nanochat_trainer.serve import run_server
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -39,15 +53,20 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--name", default="model", help="label of the model in a comparison")
-    parser.add_argument("--compare", action="append", default=[], metavar="NAME=SOURCE",
-                        help="also score NAME on the same problems with the same settings, side by side: SOURCE is "
-                             "a checkpoint path, or URL#MODEL for an endpoint (API key from "
-                             f"${COMPARE_KEY_ENV}<NAME>, NAME upper-cased, - as _); repeatable")
-    parser.add_argument("--out", default=None,
-                        help="write the full results JSON here (default with --checkpoint: humaneval.json beside it)")
-
-
-COMPARE_KEY_ENV = "NANOCHAT_COMPARE_API_KEY_"
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="also score NAME on the same problems with the same settings, side by side: SOURCE is "
+        "a checkpoint path, or URL#MODEL for an endpoint (API key from "
+        f"${compare_key_env('<NAME>')}, NAME upper-cased, - as _); repeatable",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="write the full results JSON here (default with --checkpoint: humaneval.json beside it)",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,18 +74,14 @@ class Source:
     """One model to score: a checkpoint, or an endpoint's model."""
 
     name: str
-    checkpoint: Optional[str] = None
-    endpoint: Optional[str] = None
-    model: Optional[str] = None
-    api_key_env: Optional[str] = None
+    checkpoint: str | None = None
+    endpoint: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
 
     @property
     def where(self) -> str:
         return self.checkpoint or f"{self.endpoint} ({self.model})"
-
-
-def compare_key_env(name: str) -> str:
-    return COMPARE_KEY_ENV + name.upper().replace("-", "_")
 
 
 def parse_compare(text: str) -> Source:
@@ -74,11 +89,12 @@ def parse_compare(text: str) -> Source:
     name, sep, source = text.partition("=")
     if not sep or not name or not source:
         raise ValueError(f"--compare {text!r}: expected NAME=PATH or NAME=URL#MODEL")
-    if source.startswith(("http://", "https://")):
-        url, sep, model = source.partition("#")
-        if not sep or not model:
-            raise ValueError(f"--compare {text!r}: an endpoint needs its model, as URL#MODEL")
-        return Source(name, endpoint=url, model=model, api_key_env=compare_key_env(name))
+    try:
+        endpoint = split_endpoint_source(source)
+    except ValueError as err:
+        raise ValueError(f"--compare {text!r}: {err}") from None
+    if endpoint is not None:
+        return Source(name, endpoint=endpoint[0], model=endpoint[1], api_key_env=compare_key_env(name))
     if not Path(source).exists():
         raise ValueError(f"--compare {text!r}: checkpoint {source} does not exist")
     return Source(name, checkpoint=source)
@@ -92,36 +108,50 @@ def _ks(text: str, samples: int) -> list[int]:
 
 
 def _device(name: str | None) -> str:
-    import torch
-
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def completions_from_checkpoint(path: str, problems: Sequence[dict], args: argparse.Namespace) -> dict[str, list[str]]:
     """Generate `args.samples` completions per problem from a checkpoint with the KV cache."""
-    from ..checkpoint import load_model
-    from .generate import generate
-
     model, tok, _ = load_model(path, device=_device(args.device))
-    outs = generate(model, tok, [p["prompt"] for p in problems], n=args.samples, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, stop=STOP_SEQUENCES, seed=args.seed,
-                    batch_size=args.batch_size)
+    outs = generate(
+        model,
+        tok,
+        [p["prompt"] for p in problems],
+        n=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop=STOP_SEQUENCES,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     return {p["task_id"]: o for p, o in zip(problems, outs)}
 
 
-def completions_from_endpoint(url: str, model: str, problems: Sequence[dict], args: argparse.Namespace,
-                              parallel: int = 4, api_key_env: Optional[str] = None) -> dict[str, list[str]]:
+def completions_from_endpoint(
+    url: str,
+    model: str,
+    problems: Sequence[dict],
+    args: argparse.Namespace,
+    parallel: int = 4,
+    api_key_env: str | None = None,
+) -> dict[str, list[str]]:
     """Ask an OpenAI-compatible endpoint for `args.samples` completions per problem."""
-    from .client import CompletionsClient
-
     with CompletionsClient(url, model, api_key_env=api_key_env or args.api_key_env) as client:
+
         def one(i_p: tuple[int, dict]) -> list[str]:
             i, p = i_p
-            r = client.complete(p["prompt"], max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p if args.temperature > 0 else 1.0, n=args.samples,
-                                stop=list(STOP_SEQUENCES), seed=args.seed + i)
+            r = client.complete(
+                p["prompt"],
+                max_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p if args.temperature > 0 else 1.0,
+                n=args.samples,
+                stop=list(STOP_SEQUENCES),
+                seed=args.seed + i,
+            )
             if len(r.choices) != args.samples:
-                from .client import EndpointError
                 raise EndpointError(f"asked for {args.samples} choices, got {len(r.choices)}")
             return [c.text for c in r.choices]
 
@@ -144,14 +174,14 @@ def comparison_table(rows: Sequence[dict], file=None) -> None:
     width = max(len(r["name"]) for r in rows) + 2
     print("  ".join([f"{'model':<{width}}"] + [f"pass@{k:<5}" for k in ks] + ["source"]), file=file)
     for r in rows:
-        print("  ".join([f"{r['name']:<{width}}"] + [f"{r['pass_at_k'][k]:<10.4f}" for k in ks] + [r["source"]]),
-              file=file)
+        print(
+            "  ".join([f"{r['name']:<{width}}"] + [f"{r['pass_at_k'][k]:<10.4f}" for k in ks] + [r["source"]]),
+            file=file,
+        )
 
 
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """`nanochat eval`: 0 on success, 2 on a usage/input error, 1 when the endpoint fails."""
-    from .client import EndpointError
-
     try:
         ks = _ks(args.k, args.samples)
         if args.endpoint and not args.model:
@@ -175,23 +205,28 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         print(f"nanochat eval: endpoint error: {exc}", file=sys.stderr)
         return 1
     report = evaluate_completions(problems, completions, ks=ks, workers=args.workers, timeout=args.timeout)
-    report["generation"] = {"source": args.checkpoint or args.endpoint, "model": args.model,
-                            "temperature": args.temperature, "top_p": args.top_p,
-                            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "seconds": round(gen_s, 3)}
+    report["generation"] = {
+        "source": args.checkpoint or args.endpoint,
+        "model": args.model,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "seconds": round(gen_s, 3),
+    }
     summary_table(report, file=sys.stderr)
     if others:
         # The same problems, samples, temperature and seed for every model: only the model differs.
         rows = [{"name": main.name, "source": main.where, "pass_at_k": report["pass_at_k"]}]
         for o, comp in zip(others, other_completions):
             r = evaluate_completions(problems, comp, ks=ks, workers=args.workers, timeout=args.timeout)
-            rows.append({"name": o.name, "source": o.where, "pass_at_k": r["pass_at_k"],
-                         "per_problem": r["per_problem"]})
+            rows.append(
+                {"name": o.name, "source": o.where, "pass_at_k": r["pass_at_k"], "per_problem": r["per_problem"]}
+            )
         report["comparison"] = rows
         comparison_table(rows, file=sys.stderr)
     out = args.out
     if out is None and args.checkpoint:
-        from ..checkpoint import resolve_model_dir
-
         source = Path(args.checkpoint)
         out = (source.parent if source.is_file() else resolve_model_dir(source)) / "humaneval.json"
     if out:
@@ -214,9 +249,6 @@ def run_serve_from_args(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():
         print(f"nanochat serve: error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
-    from ..checkpoint import load_model
-    from ..serve import run_server
-
     try:
         model, tok, _ = load_model(args.checkpoint, device=_device(args.device))
     except ValueError as exc:

@@ -7,7 +7,7 @@ straight-through estimator (STE). This module holds the training side; packing t
 1.6 bits per weight and the packed inference path are in `ternary_pack.py`.
 
     from nanochat_trainer.config import TernaryConfig
-    from nanochat_trainer.ternary import apply_ternary, ramp_value, set_ramp
+    from nanochat_trainer.models.ternary import apply_ternary, ramp_value, set_ramp
 
     names = apply_ternary(model, TernaryConfig())   # before DDP/FSDP/compile
     for step in range(steps):
@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TernaryConfig
+from ..config import TernaryConfig
 from .moe import StackedLinear
 
 WEIGHT_EPS = 1e-5  # BitNet's clamp on mean(|W|): an all-zero matrix must not divide by zero
@@ -159,19 +159,33 @@ class BitLinear(TernaryLayer, nn.Linear):
     add parameters a dense checkpoint does not have.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 activation_bits: int = 8, ramp: float = 1.0,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        activation_bits: int = 8,
+        ramp: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_ramp(activation_bits, ramp, device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation_bits: int = 8, ramp: float = 1.0) -> "BitLinear":
+    def from_linear(cls, linear: nn.Linear, activation_bits: int = 8, ramp: float = 1.0) -> BitLinear:
         """A BitLinear that shares `linear`'s weight and bias Parameters (no copy)."""
         # Built on meta so no throwaway weight is allocated or initialised, then the
         # original Parameters are attached: same objects, same storage, same ids.
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                  activation_bits=activation_bits, ramp=ramp, device="meta")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            activation_bits=activation_bits,
+            ramp=ramp,
+            device="meta",
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         new.ramp = torch.tensor(float(ramp), device=linear.weight.device)
@@ -201,16 +215,23 @@ class BitStackedLinear(TernaryLayer, StackedLinear):
     `effective_weight` / `effective_input` hooks, in its loop and grouped-mm paths alike.
     """
 
-    def __init__(self, n: int, in_features: int, out_features: int, *, activation_bits: int = 8,
-                 ramp: float = 1.0, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        n: int,
+        in_features: int,
+        out_features: int,
+        *,
+        activation_bits: int = 8,
+        ramp: float = 1.0,
+        device: torch.device | str | None = None,
+    ):
         # StackedLinear allocates and initialises its weight; on meta (from_stacked) that costs nothing.
         with torch.device(device) if device is not None else contextlib.nullcontext():
             super().__init__(n, in_features, out_features)
         self._init_ramp(activation_bits, ramp, device)
 
     @classmethod
-    def from_stacked(cls, stacked: StackedLinear, activation_bits: int = 8,
-                     ramp: float = 1.0) -> "BitStackedLinear":
+    def from_stacked(cls, stacked: StackedLinear, activation_bits: int = 8, ramp: float = 1.0) -> BitStackedLinear:
         """A BitStackedLinear that shares `stacked`'s weight Parameter (no copy)."""
         e, o, i = stacked.weight.shape
         new = cls(e, i, o, activation_bits=activation_bits, ramp=ramp, device="meta")
@@ -245,7 +266,8 @@ def select_ternary(model: nn.Module, cfg: TernaryConfig) -> list[str]:
     modules (embeddings, norms, convolutions, packed layers) are never selected.
     """
     return [
-        name for name, m in model.named_modules()
+        name
+        for name, m in model.named_modules()
         if isinstance(m, _WRAPPABLE) and _matches(name, cfg.include) and not _matches(name, cfg.exclude)
     ]
 
@@ -274,13 +296,18 @@ def apply_ternary(model: nn.Module, cfg: TernaryConfig, ramp: float | None = Non
     # depthwise convolution) stay full precision: say so rather than leave the user
     # believing the whole block is ternary.
     skipped = [
-        n for n, m in model.named_modules()
-        if not isinstance(m, _WRAPPABLE) and _matches(n, cfg.include) and not _matches(n, cfg.exclude)
+        n
+        for n, m in model.named_modules()
+        if not isinstance(m, _WRAPPABLE)
+        and _matches(n, cfg.include)
+        and not _matches(n, cfg.exclude)
         and any(p.dim() >= 2 for p in m.parameters(recurse=False))
     ]
     if skipped:
-        warnings.warn(f"ternary: {len(skipped)} selected modules are not nn.Linear and stay full precision: "
-                      f"{skipped[:8]}", stacklevel=2)
+        warnings.warn(
+            f"ternary: {len(skipped)} selected modules are not nn.Linear and stay full precision: {skipped[:8]}",
+            stacklevel=2,
+        )
     if ramp is None:
         ramp = 0.0 if cfg.ramp_steps > 0 else 1.0
     for name in names:

@@ -8,7 +8,7 @@ expert) are packed the same way expert by expert: each expert's flattened (out, 
 matrix is padded to a multiple of 5 on its own, so an expert's codes are one row of
 whole bytes. Everything else (embeddings, head, norms, router) keeps its dtype.
 
-    from nanochat_trainer.ternary_pack import save_packed, load_packed_model, to_packed_inference
+    from nanochat_trainer.models.ternary_pack import save_packed, load_packed_model, to_packed_inference
 
     info = save_packed(model, model_cfg.model_dump(), "model.ternary.safetensors")
     model = load_packed_model("model.ternary.safetensors", device="cuda")  # packed layers
@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..config import ModelConfig
+from .gpt import GPT
 from .moe import StackedLinear
 from .ternary import BitLinear, BitStackedLinear, expert_scales, quantize_activation, ternary_codes, weight_scale
 
@@ -59,6 +61,7 @@ _POW3 = (1, 3, 9, 27, 81)
 
 # --------------------------------------------------------------------------- packing
 
+
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Pack int values in {-1, 0, +1} (any shape, flattened) into uint8, five per byte.
 
@@ -70,7 +73,7 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_ternary takes values in {-1, 0, +1}")
     n = flat.numel()
     pad = (-n) % TRITS_PER_BYTE
-    digits = (flat.to(torch.int32) + 1)
+    digits = flat.to(torch.int32) + 1
     if pad:
         digits = torch.cat([digits, digits.new_ones(pad)])  # pad with code 0 (digit 1)
     digits = digits.view(-1, TRITS_PER_BYTE)
@@ -114,6 +117,7 @@ def unpack_ternary(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.
 
 # --------------------------------------------------------------------------- inference module
 
+
 class PackedBitLinear(nn.Module):
     """Inference-only BitLinear (ramp = 1) that holds packed codes and a scale.
 
@@ -122,9 +126,17 @@ class PackedBitLinear(nn.Module):
     same activation quantizer, and codes * scale is exact in any float dtype.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
-                 activation_bits: int = 8, cache_unpacked: bool = False,
-                 device: torch.device | str | None = None, bias_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        activation_bits: int = 8,
+        cache_unpacked: bool = False,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.activation_bits = activation_bits
@@ -139,13 +151,19 @@ class PackedBitLinear(nn.Module):
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
-    def from_bitlinear(cls, layer: BitLinear, cache_unpacked: bool = False) -> "PackedBitLinear":
+    def from_bitlinear(cls, layer: BitLinear, cache_unpacked: bool = False) -> PackedBitLinear:
         """Pack a BitLinear's current latent weight (as its ramp-1 forward would quantize it)."""
         w = layer.weight.detach()
         scale = weight_scale(w)
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                  activation_bits=layer.activation_bits, cache_unpacked=cache_unpacked, device=w.device,
-                  bias_dtype=None if layer.bias is None else layer.bias.dtype)
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            activation_bits=layer.activation_bits,
+            cache_unpacked=cache_unpacked,
+            device=w.device,
+            bias_dtype=None if layer.bias is None else layer.bias.dtype,
+        )
         new.weight_packed.copy_(pack_ternary(ternary_codes(w, scale)))
         new.weight_scale.fill_(scale.item())
         if layer.bias is not None:
@@ -159,8 +177,13 @@ class PackedBitLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized (out, in) weight codes * scale in `dtype`, from cache when enabled."""
-        key = (dtype, self.weight_packed.device, self.weight_packed.data_ptr(),
-               self.weight_packed._version, self.weight_scale._version)
+        key = (
+            dtype,
+            self.weight_packed.device,
+            self.weight_packed.data_ptr(),
+            self.weight_packed._version,
+            self.weight_scale._version,
+        )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         n = self.in_features * self.out_features
@@ -180,8 +203,10 @@ class PackedBitLinear(nn.Module):
         return F.linear(x_q, self.dequantized_weight(dtype), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"activation_bits={self.activation_bits}, cache_unpacked={self.cache_unpacked}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"activation_bits={self.activation_bits}, cache_unpacked={self.cache_unpacked}"
+        )
 
 
 class PackedStackedLinear(nn.Module):
@@ -193,8 +218,16 @@ class PackedStackedLinear(nn.Module):
     its output equals BitStackedLinear's at ramp 1 bit for bit.
     """
 
-    def __init__(self, n: int, in_features: int, out_features: int, *, activation_bits: int = 8,
-                 cache_unpacked: bool = False, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        n: int,
+        in_features: int,
+        out_features: int,
+        *,
+        activation_bits: int = 8,
+        cache_unpacked: bool = False,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.n_experts, self.in_features, self.out_features = n, in_features, out_features
         self.activation_bits = activation_bits
@@ -205,7 +238,7 @@ class PackedStackedLinear(nn.Module):
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
-    def from_bitstacked(cls, layer: BitStackedLinear, cache_unpacked: bool = False) -> "PackedStackedLinear":
+    def from_bitstacked(cls, layer: BitStackedLinear, cache_unpacked: bool = False) -> PackedStackedLinear:
         """Pack a BitStackedLinear's current latent weight (as its ramp-1 forward would quantize it)."""
         w = layer.weight.detach()
         e, o, i = w.shape
@@ -230,8 +263,13 @@ class PackedStackedLinear(nn.Module):
         """The dequantized (E, out, in) weight codes * scale[e] in `dtype` (default float32),
         from cache when enabled."""
         dtype = dtype or torch.float32
-        key = (dtype, self.weight_packed.device, self.weight_packed.data_ptr(),
-               self.weight_packed._version, self.weight_scale._version)
+        key = (
+            dtype,
+            self.weight_packed.device,
+            self.weight_packed.data_ptr(),
+            self.weight_packed._version,
+            self.weight_scale._version,
+        )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         # Codes are exact in any float dtype, and so is code * scale once the scale is
@@ -247,8 +285,10 @@ class PackedStackedLinear(nn.Module):
         return quantize_activation(x, self.activation_bits)
 
     def extra_repr(self) -> str:
-        return (f"experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"activation_bits={self.activation_bits}, cache_unpacked={self.cache_unpacked}")
+        return (
+            f"experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"activation_bits={self.activation_bits}, cache_unpacked={self.cache_unpacked}"
+        )
 
 
 _PACKED_TYPES = (PackedBitLinear, PackedStackedLinear)
@@ -278,6 +318,7 @@ def to_packed_inference(model: nn.Module, cache_unpacked: bool = False) -> list[
 
 # --------------------------------------------------------------------------- export / import
 
+
 def _packed_modules(model: nn.Module) -> dict[str, nn.Module]:
     kinds = (BitLinear, PackedBitLinear, BitStackedLinear, PackedStackedLinear)
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
@@ -288,8 +329,9 @@ def _n_weights(m: dict[str, Any]) -> int:
     return m.get("n_experts", 1) * m["in_features"] * m["out_features"]
 
 
-def pack_ternary_state_dict(model: nn.Module, dtype: torch.dtype | None = None
-                            ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def pack_ternary_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, meta) of `model` with every ternary module (BitLinear, BitStackedLinear, or
     their packed counterparts) packed.
 
@@ -310,14 +352,23 @@ def pack_ternary_state_dict(model: nn.Module, dtype: torch.dtype | None = None
         out[f"{name}.weight_packed"] = m.weight_packed
         out[f"{name}.weight_scale"] = m.weight_scale
         if isinstance(m, PackedStackedLinear):
-            meta_modules[name] = {"kind": "stacked", "n_experts": m.n_experts, "in_features": m.in_features,
-                                  "out_features": m.out_features, "activation_bits": m.activation_bits,
-                                  "bias": False}
+            meta_modules[name] = {
+                "kind": "stacked",
+                "n_experts": m.n_experts,
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "activation_bits": m.activation_bits,
+                "bias": False,
+            }
             continue
         if m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach()
-        meta_modules[name] = {"in_features": m.in_features, "out_features": m.out_features,
-                              "activation_bits": m.activation_bits, "bias": m.bias is not None}
+        meta_modules[name] = {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "activation_bits": m.activation_bits,
+            "bias": m.bias is not None,
+        }
     owned = {f"{n}.{suffix}" for n in modules for suffix in ("weight", "bias", "weight_packed", "weight_scale")}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -346,16 +397,23 @@ def packed_stats(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
     other_params = sum(t.numel() for t in other.values())
     other_bytes = sum(t.numel() * t.element_size() for t in other.values())
     return {
-        "ternary_params": n_tern, "ternary_bytes": tern_bytes,
+        "ternary_params": n_tern,
+        "ternary_bytes": tern_bytes,
         "bits_per_ternary_weight": 8 * tern_bytes / max(n_tern, 1),
-        "other_params": other_params, "other_bytes": other_bytes,
+        "other_params": other_params,
+        "other_bytes": other_bytes,
         "tensor_bytes": tern_bytes + other_bytes,
         "bits_per_weight_overall": 8 * (tern_bytes + other_bytes) / max(n_tern + other_params, 1),
     }
 
 
-def save_packed(model: nn.Module, model_cfg_dict: dict[str, Any], path: str | os.PathLike,
-                dtype: torch.dtype | None = None, verbose: bool = True) -> dict[str, Any]:
+def save_packed(
+    model: nn.Module,
+    model_cfg_dict: dict[str, Any],
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Write `model` packed to a safetensors file (atomically); returns and prints its sizes.
 
     model_cfg_dict is `ModelConfig.model_dump()`, so `load_packed_model` can rebuild the
@@ -364,17 +422,18 @@ def save_packed(model: nn.Module, model_cfg_dict: dict[str, Any], path: str | os
     tensors, meta = pack_ternary_state_dict(model, dtype)
     # v1 when there are no experts, so readers that predate v2 still load dense exports.
     stacked = any(m.get("kind") == "stacked" for m in meta["modules"].values())
-    header = {"format": FORMAT if stacked else FORMAT_V1, "encoding": ENCODING, "model_config": model_cfg_dict,
-              **meta}
+    header = {"format": FORMAT if stacked else FORMAT_V1, "encoding": ENCODING, "model_config": model_cfg_dict, **meta}
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     save_file(tensors, tmp, metadata={META_KEY: json.dumps(header)})
     os.replace(tmp, path)  # a reader never sees a half-written file
     info: dict[str, Any] = {"path": path, "file_bytes": os.path.getsize(path), **packed_stats(tensors, meta)}
     if verbose:
-        print(f"saved {path}: {info['file_bytes'] / 2**20:.2f} MiB, {info['ternary_params']:,} ternary weights at "
-              f"{info['bits_per_ternary_weight']:.3f} bits, {info['other_params']:,} other params; "
-              f"{info['bits_per_weight_overall']:.2f} bits/weight overall")
+        print(
+            f"saved {path}: {info['file_bytes'] / 2**20:.2f} MiB, {info['ternary_params']:,} ternary weights at "
+            f"{info['bits_per_ternary_weight']:.3f} bits, {info['other_params']:,} other params; "
+            f"{info['bits_per_weight_overall']:.2f} bits/weight overall"
+        )
     return info
 
 
@@ -390,8 +449,12 @@ def read_packed_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def load_packed(path: str | os.PathLike, dequantize: bool = True, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def load_packed(
+    path: str | os.PathLike,
+    dequantize: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """State dict from a packed file, tied aliases restored.
 
     dequantize=False: packed keys as stored, for a model after `to_packed_inference`.
@@ -422,13 +485,11 @@ def load_packed(path: str | os.PathLike, dequantize: bool = True, device: str | 
     return sd
 
 
-def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-                      cache_unpacked: bool = False) -> nn.Module:
+def load_packed_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", cache_unpacked: bool = False
+) -> nn.Module:
     """Rebuild the GPT of a packed file with packed layers (PackedBitLinear, and
     PackedStackedLinear for MoE experts), ready for generation."""
-    from .config import ModelConfig
-    from .model import GPT
-
     header = read_packed_metadata(path)
     cfg = ModelConfig.model_validate(header["model_config"])
     with torch.device(device):
@@ -439,16 +500,35 @@ def load_packed_model(path: str | os.PathLike, device: str | torch.device = "cpu
         old = getattr(parent, child)
         if m.get("kind") == "stacked":
             if not isinstance(old, StackedLinear):
-                raise ValueError(f"{path}: {name} holds stacked experts in the file but is "
-                                 f"{type(old).__name__} in the model")
-            setattr(parent, child, PackedStackedLinear(
-                m["n_experts"], m["in_features"], m["out_features"], activation_bits=m["activation_bits"],
-                cache_unpacked=cache_unpacked, device=device))
+                raise ValueError(
+                    f"{path}: {name} holds stacked experts in the file but is {type(old).__name__} in the model"
+                )
+            setattr(
+                parent,
+                child,
+                PackedStackedLinear(
+                    m["n_experts"],
+                    m["in_features"],
+                    m["out_features"],
+                    activation_bits=m["activation_bits"],
+                    cache_unpacked=cache_unpacked,
+                    device=device,
+                ),
+            )
             continue
-        setattr(parent, child, PackedBitLinear(
-            m["in_features"], m["out_features"], bias=m["bias"], activation_bits=m["activation_bits"],
-            cache_unpacked=cache_unpacked, device=device,
-            bias_dtype=None if old.bias is None else old.bias.dtype))
+        setattr(
+            parent,
+            child,
+            PackedBitLinear(
+                m["in_features"],
+                m["out_features"],
+                bias=m["bias"],
+                activation_bits=m["activation_bits"],
+                cache_unpacked=cache_unpacked,
+                device=device,
+                bias_dtype=None if old.bias is None else old.bias.dtype,
+            ),
+        )
     sd = load_packed(path, dequantize=False, device=device)
     # Non-ternary tensors may be stored in bf16: match the file's dtype so nothing upcasts.
     float_dtypes = {t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("weight_scale")}

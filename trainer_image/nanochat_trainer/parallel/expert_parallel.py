@@ -1,4 +1,4 @@
-"""Expert parallelism (EP) for the MoE blocks of `moe.py`.
+"""Expert parallelism (EP) for the MoE blocks of `models/moe.py`.
 
 With `expert_parallel: ep` the world splits into groups of `ep` consecutive ranks (put
 them inside one node). Each rank of a group holds a contiguous slice of n_experts/ep
@@ -7,8 +7,8 @@ other weights (attention, router, shared expert, norms, embeddings) stay replica
 are averaged by DDP as before. Ranks with the same s (one per group) hold the same slice;
 they are the expert shard's data-parallel replicas.
 
-Forward of one MoE layer on each rank of an EP group (moe.Experts.forward calls
-`ep_experts_forward` once `shard_experts` has set its group):
+Forward of one MoE layer on each rank of an EP group (`shard_experts` hands every
+`models.moe.Experts` an `AllToAllDispatch`, which its forward calls):
 
     route locally, sort (token, slot) pairs by expert      (as without EP)
     all_to_all counts         every rank learns how many rows it gets per local expert
@@ -27,14 +27,14 @@ by FSDP2). An expert slice's local gradient is already the sum over its EP group
 micro-batches; it must be summed over the slice's replicas and divided by the world size,
 giving the same average a single process would compute on the global batch. Under DDP the
 experts are left out of DDP (`ddp_ignore_experts`) and `reduce_expert_grads` does that
-reduction; under FSDP2 (`parallel.shard_fsdp`) each MoE layer's experts are their own FSDP
+reduction; under FSDP2 (`apply.shard_fsdp`) each MoE layer's experts are their own FSDP
 unit sharded over the replicas (dim 0, so every expert matrix stays whole on one rank),
 which averages them over the replicas, and `reduce_expert_grads` divides by ep; with no
 replicas (ep == world) FSDP ignores them and `reduce_expert_grads` does it all. The
 gradient norm counts every expert once (`clip_grad_norm_`).
 
     ep = setup_expert_parallel(model, cfg, world, rank)       # before DDP/FSDP and optimizers
-    wrapped = parallel.wrap_model(model, cfg, device, world, ep)
+    wrapped = apply.wrap_model(model, cfg, env, ep)
     ... loss.backward() ...
     reduce_expert_grads(model, ep); clip_grad_norm_(model, max_norm, ep); opt.step()
 
@@ -50,12 +50,18 @@ Not covered: overlap of the exchanges with compute.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import TrainerConfig
+from ..models.moe import Experts
+
 
 @dataclass
 class ExpertParallel:
@@ -67,8 +73,8 @@ class ExpertParallel:
     rank: int
     shard: int  # this rank's slice index, rank % ep
     ep_group: dist.ProcessGroup
-    dp_group: Optional[dist.ProcessGroup]  # None when dp == 1
-    fsdp: bool = False  # set by parallel.wrap_model: dense weights (and experts when dp > 1) are FSDP2 shards
+    dp_group: dist.ProcessGroup | None  # None when dp == 1
+    fsdp: bool = False  # set by apply.shard_fsdp: dense weights (and experts when dp > 1) are FSDP2 shards
 
 
 class _AllToAll(torch.autograd.Function):
@@ -94,35 +100,43 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def ep_experts_forward(experts: nn.Module, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
-    """moe.Experts.forward under EP. x_sorted: (S, dim) rows sorted by global expert id;
-    counts: (E,) rows per global expert. Returns the (S, dim) expert outputs in x_sorted's order."""
-    group = experts.ep_group
-    ep = dist.get_world_size(group)
-    n_local = experts.gate_proj.weight.shape[0]
-    # Experts are contiguous per rank, so sorting by expert also sorts by destination rank.
-    send_counts = counts.reshape(ep, n_local)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)  # (src rank, local expert)
-    in_splits = send_counts.sum(1).tolist()
-    recv_counts_host = recv_counts.tolist()  # one host sync for both exchanges' sizes
-    out_splits = [sum(row) for row in recv_counts_host]
-    recv = all_to_all(x_sorted, out_splits, in_splits, group)
-    # recv is grouped by source rank, then local expert: regroup by local expert.
-    local_id = torch.arange(n_local, device=recv.device).repeat(ep)
-    local_id = local_id.repeat_interleave(recv_counts.reshape(-1), output_size=recv.shape[0])
-    perm = torch.argsort(local_id, stable=True)
-    y = experts.compute(recv[perm], recv_counts.sum(0), impl)
-    y = y[torch.argsort(perm)]
-    return all_to_all(y, in_splits, out_splits, group)
+class AllToAllDispatch:
+    """`models.moe.TokenDispatch` under EP: the sorted rows go to the ranks of `group` holding their
+    experts, run there, and come back in x_sorted's order."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __call__(self, experts: Experts, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        """x_sorted: (S, dim) rows sorted by global expert id; counts: (E,) rows per global expert."""
+        group = self.group
+        ep = dist.get_world_size(group)
+        n_local = experts.held
+        # Experts are contiguous per rank, so sorting by expert also sorts by destination rank.
+        send_counts = counts.reshape(ep, n_local)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)  # (src rank, local expert)
+        in_splits = send_counts.sum(1).tolist()
+        recv_counts_host = recv_counts.tolist()  # one host sync for both exchanges' sizes
+        out_splits = [sum(row) for row in recv_counts_host]
+        recv = all_to_all(x_sorted, out_splits, in_splits, group)
+        # recv is grouped by source rank, then local expert: regroup by local expert.
+        local_id = torch.arange(n_local, device=recv.device).repeat(ep)
+        local_id = local_id.repeat_interleave(recv_counts.reshape(-1), output_size=recv.shape[0])
+        perm = torch.argsort(local_id, stable=True)
+        y = experts.compute(recv[perm], recv_counts.sum(0), impl)
+        y = y[torch.argsort(perm)]
+        return all_to_all(y, in_splits, out_splits, group)
 
 
-def _moe_experts(model: nn.Module) -> Iterator[nn.Module]:
-    from .moe import Experts
-
+def _moe_experts(model: nn.Module) -> Iterator[Experts]:
     for m in model.modules():
         if isinstance(m, Experts):
             yield m
+
+
+def _sharded(experts: Experts) -> bool:
+    return isinstance(experts.dispatch, AllToAllDispatch)
 
 
 def _expert_weights(experts: nn.Module) -> list[nn.Parameter]:
@@ -132,20 +146,16 @@ def _expert_weights(experts: nn.Module) -> list[nn.Parameter]:
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
     """The live weights of the sharded experts (looked up through the modules, since FSDP2
     replaces Parameter objects when it shards them)."""
-    return [p for experts in _moe_experts(model) if experts.ep_group is not None for p in _expert_weights(experts)]
+    return [p for experts in _moe_experts(model) if _sharded(experts) for p in _expert_weights(experts)]
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: the local shard of an FSDP2 DTensor, else the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _ep_slice(t: torch.Tensor) -> torch.Tensor:
     """The whole of this rank's expert slice: an FSDP2 DTensor is gathered over the replicas (collective)."""
-    from torch.distributed.tensor import DTensor
-
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -161,27 +171,27 @@ def shard_experts(model: nn.Module, ep_group, shard: int | None = None) -> int:
         shard = dist.get_rank(ep_group)
     n = 0
     for experts in _moe_experts(model):
-        if experts.ep_group is not None:
+        if _sharded(experts):
             raise ValueError("shard_experts: the experts are already sharded")
         e = experts.gate_proj.weight.shape[0]
         if e % ep:
             raise ValueError(f"expert_parallel={ep} does not divide model.moe.n_experts={e}")
         per = e // ep
         for p in _expert_weights(experts):
-            p.data = p.data[shard * per:(shard + 1) * per].clone()
-        experts.ep_group, experts.ep_offset = ep_group, shard * per
+            p.data = p.data[shard * per : (shard + 1) * per].clone()
+        experts.first_expert, experts.dispatch = shard * per, AllToAllDispatch(ep_group)
         n += 1
     return n
 
 
-def setup_expert_parallel(model: nn.Module, cfg, world: int, rank: int) -> Optional[ExpertParallel]:
+def setup_expert_parallel(model: nn.Module, cfg: TrainerConfig, world: int, rank: int) -> ExpertParallel | None:
     """Make the EP and replica groups and shard the experts, per `cfg.expert_parallel`.
 
     Every rank must call it (process groups are created collectively) after the process
     group is up, after weights are initialised / loaded in full, and before DDP and the
     optimizers are built. Returns None when expert_parallel is 1.
     """
-    ep = int(getattr(cfg, "expert_parallel", 1))
+    ep = cfg.expert_parallel
     if ep == 1:
         return None
     if cfg.model.moe is None:
@@ -207,36 +217,14 @@ def setup_expert_parallel(model: nn.Module, cfg, world: int, rank: int) -> Optio
             if rank % ep == s:
                 dp_group = g
     shard_experts(model, ep_group, rank % ep)
-    return ExpertParallel(ep=ep, dp=dp, world=world, rank=rank, shard=rank % ep, ep_group=ep_group,
-                          dp_group=dp_group)
-
-
-def expert_row_ranges(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{state-dict key: (first row, rows)} of every sharded expert weight: the rows of the full
-    (E, out, in) tensor this rank holds. Empty without expert parallelism."""
-    from .moe import Experts
-
-    out = {}
-    for name, experts in model.named_modules():
-        if not isinstance(experts, Experts) or experts.ep_group is None:
-            continue
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            w = getattr(experts, proj).weight
-            out[f"{name}.{proj}.weight"] = (experts.ep_offset, w.shape[0])
-    return out
-
-
-def expert_param_names(module: nn.Module) -> list[str]:
-    """Names (as `module` spells them, e.g. with a compile or DDP prefix) of the sharded expert weights."""
-    ids = {id(p) for p in expert_params(module)}
-    return [n for n, p in module.named_parameters() if id(p) in ids]
+    return ExpertParallel(ep=ep, dp=dp, world=world, rank=rank, shard=rank % ep, ep_group=ep_group, dp_group=dp_group)
 
 
 def ddp_ignore_experts(module: nn.Module) -> list[str]:
-    """Tell DDP to leave the sharded expert weights alone; call on the module about to be wrapped."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    names = expert_param_names(module)
+    """Tell DDP to leave the sharded expert weights alone; call on the module about to be wrapped.
+    Returns their names (as `module` spells them, e.g. with a compile prefix)."""
+    ids = {id(p) for p in expert_params(module)}
+    names = [n for n, p in module.named_parameters() if id(p) in ids]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
     return names
 
@@ -248,8 +236,6 @@ def reduce_expert_grads(model: nn.Module, ep: ExpertParallel) -> None:
     That is the world-mean gradient DDP gives the dense weights, for each expert. Experts that
     FSDP2 shards (DTensors) were already averaged over the replicas by FSDP: divided by ep here.
     """
-    from torch.distributed.tensor import DTensor
-
     for p in expert_params(model):
         if isinstance(p, DTensor):
             if p.grad is not None:
@@ -263,7 +249,7 @@ def reduce_expert_grads(model: nn.Module, ep: ExpertParallel) -> None:
 
 
 @torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float, ep: Optional[ExpertParallel]) -> torch.Tensor:
+def clip_grad_norm_(model: nn.Module, max_norm: float, ep: ExpertParallel | None) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over the whole (unsharded) model, the same norm and clip
     factor on every rank. Under DDP the dense gradients are replicated (counted once) and the
     expert slices' squared norms are summed over the EP group; under FSDP2 every element of
@@ -302,13 +288,17 @@ def _expert_fqns(model: nn.Module) -> dict[str, torch.Size]:  # this rank's slic
 
 def _dev_of(ep: ExpertParallel) -> torch.device:
     # NCCL gathers CUDA tensors only; gloo CPU ones.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(ep.ep_group) == "nccl" \
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(ep.ep_group) == "nccl"
         else torch.device("cpu")
+    )
 
 
 @torch.no_grad()
-def gather_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], msd: dict, osds: list[dict] | None,
-                      ep: Optional[ExpertParallel]) -> None:
+def gather_full_state(
+    model: nn.Module, opts: list[torch.optim.Optimizer], msd: dict, osds: list[dict] | None, ep: ExpertParallel | None
+) -> None:
     """In place: the expert entries of a model state dict and of optimizer state dicts (keyed by
     parameter name, as torch.distributed.checkpoint.state_dict writes them) become full (E, ...)
     tensors. Collective over the EP group: every rank must call it, also the ranks whose dicts
@@ -332,13 +322,13 @@ def gather_full_state(model: nn.Module, opts: list[torch.optim.Optimizer], msd: 
                 if not (isinstance(val, torch.Tensor) and val.shape == p.shape):
                     continue  # e.g. AdamW's scalar step
                 full = _gather_rows(_ep_slice(val.detach()).to(dev), ep)
-                saved = (osds[i].get("state", {}).get(name) if osds is not None and i < len(osds) else None)
+                saved = osds[i].get("state", {}).get(name) if osds is not None and i < len(osds) else None
                 if saved is not None and key in saved:
                     saved[key] = full.to(saved[key].device)
 
 
 @torch.no_grad()
-def shard_full_state(model: nn.Module, msd: dict, osds: list[dict] | None, ep: Optional[ExpertParallel]) -> None:
+def shard_full_state(model: nn.Module, msd: dict, osds: list[dict] | None, ep: ExpertParallel | None) -> None:
     """In place: the inverse of gather_full_state, keeping this rank's slice (no communication)."""
     if ep is None:
         return
@@ -350,6 +340,10 @@ def shard_full_state(model: nn.Module, msd: dict, osds: list[dict] | None, ep: O
         for osd in osds or []:
             state = osd.get("state", {}).get(name)
             for key, val in (state or {}).items():
-                if isinstance(val, torch.Tensor) and val.ndim == len(shape) and val.shape[0] == per * ep.ep \
-                        and val.shape[1:] == shape[1:]:
+                if (
+                    isinstance(val, torch.Tensor)
+                    and val.ndim == len(shape)
+                    and val.shape[0] == per * ep.ep
+                    and val.shape[1:] == shape[1:]
+                ):
                     state[key] = val[rows].clone()

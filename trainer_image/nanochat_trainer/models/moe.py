@@ -1,6 +1,6 @@
 """Mixture-of-experts feed-forward (Qwen3-MoE / Qwen3-Next style) and its bookkeeping.
 
-`model.make_ffn` builds `MoE(cfg.dim, cfg.moe)` for every layer not in
+`gpt.make_ffn` builds `MoE(cfg.dim, cfg.moe)` for every layer not in
 `moe.dense_layers`. One MoE block is:
 
     router   logits = x @ W_r^T (E experts); p = softmax(logits) in float32
@@ -13,17 +13,20 @@ Dispatch is capacity-free: the (token, slot) pairs are sorted by expert, every e
 runs on its contiguous slice, and results are scattered back weighted. On CUDA with
 bf16 the slices run as one `torch._grouped_mm`; elsewhere as a per-expert loop. Both read
 the weights and inputs through StackedLinear's `effective_weight` / `effective_input` hooks,
-which the ternary stage's BitStackedLinear and the packed PackedStackedLinear override. Under
-expert parallelism (`expert_parallel.shard_experts`) each rank holds a contiguous slice
-of the experts and `Experts.forward` exchanges the sorted rows with the ranks holding
-their experts (two all-to-alls) around the same grouped-mm / loop kernel.
+which the ternary stage's BitStackedLinear and the packed PackedStackedLinear override.
+
+Token dispatch is an object the experts are handed (`Experts.dispatch`): `LocalDispatch` runs
+the rows on the experts this module holds, all of them; expert parallelism
+(`parallel.expert_parallel.shard_experts`) keeps a contiguous slice of the experts in each
+rank's module (`first_expert` onwards) and hands it an all-to-all dispatch that exchanges the
+sorted rows with the ranks holding their experts around the same grouped-mm / loop kernel.
 
 Balancing, per `MoEConfig.balance`:
 * 'aux_loss' - Switch-style loss  E * sum_i f_i * P_i  (f_i: share of routed slots that
   went to expert i, P_i: mean router probability of i; 1.0 when perfectly balanced),
   with f_i over every rank's micro-batch of the micro-step (balance_scope 'global', Qiu et
-  al. 2025's global-batch balancing: one all-reduce of E+1 numbers per layer over the
-  `balance_group` the trainer sets) or this rank's alone,
+  al. 2025's global-batch balancing: `reduce_loads`, a sum over the ranks that the parallel
+  layer hands the block, sees E+1 numbers per layer) or this rank's alone,
   times aux_loss_weight, plus the router z-loss mean(logsumexp(logits)^2) times
   z_loss_weight. Stored in `last_aux_loss`; `GPT.aux_loss()` adds it to the loss.
 * 'aux_free' - DeepSeek-V3's bias method: no balancing loss (z-loss still applies);
@@ -32,12 +35,13 @@ Balancing, per `MoEConfig.balance`:
   under-loaded experts.
 
 Metrics: `last_expert_load` (routed slots per expert in the last forward, a LongTensor);
-`step_expert_loads` (a step's loads over all ranks) and `load_summary` feed the trainer's
-`moe_load_imbalance` / `moe_dead_experts` gauges, log.jsonl and `<run>/expert_load.jsonl`.
+`take_expert_loads` (the slots counted since the last call, this process's) and `load_summary`
+feed the trainer's `moe_load_imbalance` / `moe_dead_experts` gauges, log.jsonl and
+`<run>/expert_load.jsonl`.
 
-    from nanochat_trainer.moe import MoE, step_expert_loads, update_moe_biases, active_params
-    loss = model(idx, targets); loss.backward(); opt.step()
-    loads = step_expert_loads(model); update_moe_biases(model, loads)
+    logits = model(idx); loss.backward(); opt.step()
+    loads = take_expert_loads(model)               # the trainer sums them over the ranks
+    update_moe_biases(model, loads)
 
 Optimizers: expert weights are 3-D, (E, out, in). Each [e] slice is one expert's
 ordinary matrix, so Muon must orthogonalise per expert, treating the leading dim as a
@@ -50,17 +54,16 @@ adam_lr is the safer choice (Moonlight/Kimi keep routers on AdamW-like updates);
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .config import ModelConfig, MoEConfig
-# model.py imports this module lazily (inside make_ffn), so this import makes no cycle.
-from .model import Recompute, SwiGLU
+from ..config import MoEConfig
+from .layers import Recompute, SwiGLU
 
 
 class StackedLinear(nn.Module):
@@ -90,28 +93,44 @@ class StackedLinear(nn.Module):
         return f"experts={e}, in_features={i}, out_features={o}"
 
 
+class TokenDispatch(Protocol):
+    """How an `Experts` module gets its rows computed: x_sorted (S, dim) rows grouped by expert,
+    counts (E,) rows per expert of the whole layer -> (S, dim) outputs in x_sorted's order."""
+
+    def __call__(self, experts: Experts, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor: ...
+
+
+class LocalDispatch:
+    """Every expert of the layer is in this module: run the rows here."""
+
+    def __call__(self, experts: Experts, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
+        return experts.compute(x_sorted, counts, impl)
+
+
 class Experts(nn.Module):
-    """The routed experts: SwiGLU each, weights stacked along dim 0."""
+    """The routed experts: SwiGLU each, weights stacked along dim 0.
+
+    The module may hold a contiguous slice of its layer's `n_experts`, from `first_expert` on
+    (expert parallelism cuts it so); `dispatch` then brings it the rows of its experts."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.n_experts = n_experts
+        self.first_expert = 0
         self.gate_proj = StackedLinear(n_experts, dim, hidden)
         self.up_proj = StackedLinear(n_experts, dim, hidden)
         self.down_proj = StackedLinear(n_experts, hidden, dim)
-        # Expert parallelism (expert_parallel.shard_experts): the process group that splits
-        # the experts; this module then holds experts [ep_offset, ep_offset + local count).
-        self.ep_group = None
-        self.ep_offset = 0
+        self.dispatch: TokenDispatch = LocalDispatch()
+
+    @property
+    def held(self) -> int:
+        """How many experts this module holds."""
+        return self.gate_proj.weight.shape[0]
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
         """x_sorted: (S, dim) rows grouped by expert, counts: (E,) rows per expert (all E
-        experts of the layer, also under expert parallelism)."""
-        if self.ep_group is not None:
-            from .expert_parallel import ep_experts_forward
-
-            return ep_experts_forward(self, x_sorted, counts, impl)
-        return self.compute(x_sorted, counts, impl)
+        experts of the layer, whichever this module holds)."""
+        return self.dispatch(self, x_sorted, counts, impl)
 
     def compute(self, x_sorted: torch.Tensor, counts: torch.Tensor, impl: str) -> torch.Tensor:
         """The experts this module holds on their rows: counts has one entry per local expert.
@@ -162,8 +181,13 @@ def _grouped_mm_ok(x: torch.Tensor, dim: int, hidden: int) -> bool:
     # The CUDA kernel wants bf16 and 16-byte aligned rows (multiples of 8 bf16 values).
     # Under autocast the residual stream (and so x) stays float32 while matmuls run in
     # bf16, so the autocast dtype decides, not x.dtype.
-    return (hasattr(torch, "_grouped_mm") and x.is_cuda and _compute_dtype(x) == torch.bfloat16
-            and dim % 8 == 0 and hidden % 8 == 0)
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and _compute_dtype(x) == torch.bfloat16
+        and dim % 8 == 0
+        and hidden % 8 == 0
+    )
 
 
 class MoE(nn.Module):
@@ -186,9 +210,10 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
         # Routed slots per expert summed since the last step_expert_loads() (all micro-batches).
         self.register_buffer("_load_since_update", torch.zeros(cfg.n_experts), persistent=False)
-        # balance_scope 'global': the process group whose loads the balancing loss counts, handed
-        # over by the trainer (parallel.wrap_model); None (one process, evaluation, serving): local.
-        self.balance_group = None
+        # balance_scope 'global': sums the slot counts over the ranks of the step (in place), handed
+        # over by the parallel layer (parallel.apply.wrap_model); None (one process, evaluation,
+        # serving): this process's counts alone.
+        self.reduce_loads: Callable[[torch.Tensor], object] | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.last_expert_load: torch.Tensor | None = None
         # 'auto': grouped_mm on CUDA/bf16, else the loop. Tests force either.
@@ -254,10 +279,10 @@ class MoE(nn.Module):
         total = logits.new_zeros((), dtype=torch.float32)
         if self.cfg.balance == "aux_loss" and self.cfg.aux_loss_weight > 0:
             slots = torch.cat([load.float(), load.new_tensor([n * self.top_k], dtype=torch.float32)])
-            if self.balance_group is not None:
-                # Every rank runs the same MoE forwards, so this collective lines up (also in
+            if self.reduce_loads is not None:
+                # Every rank runs the same MoE forwards, so a collective here lines up (also in
                 # activation checkpointing's recompute, which must rebuild the same f).
-                dist.all_reduce(slots, group=self.balance_group)
+                self.reduce_loads(slots)
             f = slots[:-1] / slots[-1]  # share of routed slots; no gradient (argmax)
             p = probs.mean(dim=0)  # differentiable mean probability
             total = total + self.cfg.aux_loss_weight * self.n_experts * (f * p).sum()
@@ -275,19 +300,27 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def step_expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
+def take_expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
     """Routed slots per expert of every MoE layer, summed over the training forwards since the
-    last call (a step's micro-batches) and over all ranks, keyed by module name; the counters
-    restart. Collective under torch.distributed (one all-reduce): every rank calls it."""
+    last call (a step's micro-batches), keyed by module name; the counters restart. This
+    process's counts: the trainer sums them over the ranks."""
     moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
-    if not moes:
-        return {}
-    loads = torch.stack([m._load_since_update for m in moes.values()])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loads)
+    loads = {name: m._load_since_update.clone() for name, m in moes.items()}
     for m in moes.values():
         m._load_since_update.zero_()
-    return dict(zip(moes, loads.unbind()))
+    return loads
+
+
+def held_expert_rows(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{state-dict key: (first row, rows)} of every stacked expert weight whose module holds a
+    slice of its layer's experts (expert parallelism): the rows of the full (E, out, in) tensor
+    it holds. Empty when every module holds all its experts."""
+    out = {}
+    for name, experts in model.named_modules():
+        if isinstance(experts, Experts) and experts.held != experts.n_experts:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{name}.{proj}.weight"] = (experts.first_expert, experts.held)
+    return out
 
 
 def update_moe_biases(model: nn.Module, loads: dict[str, torch.Tensor]) -> None:
@@ -301,50 +334,23 @@ def load_summary(loads: dict[str, torch.Tensor]) -> dict:
     """What the step record and the gauges say about expert load: the worst layer's max/mean
     (1.0 is perfect balance), experts that got no token, and each layer's max/mean."""
     per_layer = [load_imbalance(v) for v in loads.values()]
-    return {"load_imbalance": max(per_layer), "dead_experts": int(sum(int((v == 0).sum()) for v in loads.values())),
-            "layer_imbalance": [round(x, 3) for x in per_layer]}
+    return {
+        "load_imbalance": max(per_layer),
+        "dead_experts": int(sum(int((v == 0).sum()) for v in loads.values())),
+        "layer_imbalance": [round(x, 3) for x in per_layer],
+    }
 
 
 def expert_load(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-layer routed-slot counts of the last forward, keyed by module name (for metrics)."""
-    return {name: m.last_expert_load for name, m in model.named_modules()
-            if isinstance(m, MoE) and m.last_expert_load is not None}
+    return {
+        name: m.last_expert_load
+        for name, m in model.named_modules()
+        if isinstance(m, MoE) and m.last_expert_load is not None
+    }
 
 
 def load_imbalance(load: torch.Tensor) -> float:
     """max/mean of an expert-load vector: 1.0 is perfect balance, n_experts/top_k is total collapse."""
     load = load.float()
     return float(load.max() / load.mean().clamp_min(1e-9))
-
-
-def active_params(cfg: ModelConfig) -> dict[str, int]:
-    """Total and per-token active parameter counts, built on the meta device (no memory).
-
-    active: every parameter a token touches - all dense weights, the router, the shared
-    expert, and top_k/n_experts of the routed experts; the embedding and the head
-    count in full. active_non_embedding leaves out the input embedding and the head
-    (the convention behind names such as "80B-A3B").
-    """
-    from .model import GPT
-
-    with torch.device("meta"):
-        model = GPT(cfg)
-    total = active = embedding = 0
-    seen: set[int] = set()
-    for mod_name, mod in model.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n = p.numel()
-            total += n
-            if isinstance(mod, StackedLinear):
-                # The experts' stacked weights: a token uses top_k of n_experts slices.
-                e = p.shape[0]
-                active += n * min(cfg.moe.top_k if cfg.moe else e, e) // e
-            else:
-                active += n
-            if mod_name in ("embed_tokens", "lm_head"):
-                embedding += n
-    return {"total": total, "active": active, "embedding": embedding,
-            "active_non_embedding": active - embedding, "total_non_embedding": total - embedding}

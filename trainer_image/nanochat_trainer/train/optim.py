@@ -15,8 +15,9 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, Shard
 
-from .config import OptimizerConfig, ScheduleConfig
+from ..config import OptimizerConfig, ScheduleConfig
 
 # 2-D weights that are not hidden matrices in Muon's sense: a 1-row gate or a router
 # is a set of vectors, not a transform, so orthogonalising it is meaningless.
@@ -32,8 +33,7 @@ def uses_batched_muon(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 3 and name.startswith("layers.") and ".experts." in name
 
 
-def _newton_schulz_batched(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int,
-                           eps: float) -> torch.Tensor:
+def _newton_schulz_batched(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
     """torch.optim.Muon's quintic Newton-Schulz (bf16, same coefficients and normalisation) on
     each (..., m, n) matrix of a batch independently."""
     a, b, c = coeffs
@@ -59,19 +59,35 @@ class BatchedMuon(torch.optim.Optimizer):
     weight decay, lr scaled by `adjust_lr_fn` of the matrix shape (m, n). The E
     orthogonalisations run as batched matmuls. 2-D parameters are accepted as a batch of 1.
 
-    An FSDP2 parameter (DTensor sharded along dim 0, as `parallel.shard_fsdp` shards expert
+    An FSDP2 parameter (DTensor sharded along dim 0, as `parallel.apply.shard_fsdp` shards expert
     stacks) is updated on its local shard: a dim-0 shard holds whole expert matrices, so the
     result is the unsharded update, with no communication.
     """
 
-    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
-                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: str | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+    ):
         if adjust_lr_fn not in (None, "original", "match_rms_adamw", "spectral_unclamped"):
             raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not supported")
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
-                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
-                    "adjust_lr_fn": adjust_lr_fn}
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_coefficients": ns_coefficients,
+            "eps": eps,
+            "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn,
+        }
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -105,8 +121,12 @@ class BatchedMuon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - mom)
                 update = grad.lerp(buf, mom) if group["nesterov"] else buf
                 squeeze = update.ndim == 2
-                update = _newton_schulz_batched(update.unsqueeze(0) if squeeze else update,
-                                                group["ns_coefficients"], group["ns_steps"], group["eps"])
+                update = _newton_schulz_batched(
+                    update.unsqueeze(0) if squeeze else update,
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                )
                 if squeeze:
                     update = update.squeeze(0)
                 p.mul_(1 - lr * wd)
@@ -117,13 +137,13 @@ class BatchedMuon(torch.optim.Optimizer):
 def _dim0_local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor sharded along dim 0 only (else t): in-place updates of it
     update the DTensor."""
-    from torch.distributed.tensor import DTensor, Shard
-
     if not isinstance(t, DTensor):
         return t
     if t.ndim != 3 or any(not (pl.is_replicate() or pl == Shard(0)) for pl in t.placements):
-        raise ValueError(f"BatchedMuon: a sharded parameter must be a (E, out, in) stack sharded along dim 0, "
-                         f"not shape {tuple(t.shape)} with {t.placements}")
+        raise ValueError(
+            f"BatchedMuon: a sharded parameter must be a (E, out, in) stack sharded along dim 0, "
+            f"not shape {tuple(t.shape)} with {t.placements}"
+        )
     return t.to_local()
 
 
@@ -137,19 +157,43 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
     if cfg.name == "adamw":
         # Plain AdamW everywhere: the hidden matrices (experts' too) keep their own (larger) rate.
         hidden = {id(p) for n, p in named if uses_muon(n, p) or uses_batched_muon(n, p)}
-        adam_groups = [{"params": [p for _, p in named if id(p) in hidden], "lr": cfg.lr},
-                       {"params": [p for _, p in named if id(p) not in hidden], "lr": cfg.adam_lr}]
-    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in adam_groups if g["params"]], betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay, eps=1e-10, fused=False)]
+        adam_groups = [
+            {"params": [p for _, p in named if id(p) in hidden], "lr": cfg.lr},
+            {"params": [p for _, p in named if id(p) not in hidden], "lr": cfg.adam_lr},
+        ]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(
+            [g for g in adam_groups if g["params"]],
+            betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay,
+            eps=1e-10,
+            fused=False,
+        )
+    ]
     if matrices:
         # "original" scales the update by sqrt(max(1, rows/cols)), Keller Jordan's Muon, for which lr 0.02 is tuned.
-        opts.append(torch.optim.Muon(matrices, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                     weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+        opts.append(
+            torch.optim.Muon(
+                matrices,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                nesterov=True,
+                weight_decay=cfg.weight_decay,
+                adjust_lr_fn="original",
+            )
+        )
     if stacks:
         # Expert weights: the same Muon per expert matrix (lr scaled by that matrix's shape).
-        opts.append(BatchedMuon(stacks, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+        opts.append(
+            BatchedMuon(
+                stacks,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                nesterov=True,
+                weight_decay=cfg.weight_decay,
+                adjust_lr_fn="original",
+            )
+        )
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]

@@ -1,4 +1,9 @@
-"""Distillation losses.
+"""The training losses, all of them: language modelling and distillation.
+
+lm_loss: next-token cross-entropy in float32, ignoring targets of -1.
+
+model_loss: lm_loss plus the model's auxiliary losses of the same forward (MoE load balancing and
+router z-loss): what every training step minimises, alone or mixed with a distillation loss.
 
 full_kl_loss: KL(teacher || student) over the whole vocabulary, for a teacher whose logits are at
 hand (the ternary stage's frozen full-precision parent): no top-k truncation, no rest bucket.
@@ -27,25 +32,45 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.gpt import GPT
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits (B, T, V), targets (B, T) with -1 ignored."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def model_loss(model: GPT, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """lm_loss plus the auxiliary losses `model` kept from the forward that made `logits`."""
+    return lm_loss(logits, targets) + model.aux_loss()
+
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, stable at both ends and finite at x = 0."""
     x = x.clamp(max=0.0)
-    out = torch.where(x > -0.6931, torch.log((-torch.expm1(x)).clamp_min(1e-30)),
-                      torch.log1p(-torch.exp(x.clamp(max=-0.6931))))
+    out = torch.where(
+        x > -0.6931, torch.log((-torch.expm1(x)).clamp_min(1e-30)), torch.log1p(-torch.exp(x.clamp(max=-0.6931)))
+    )
     return out
 
 
-def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
-                 teacher_topk_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def topk_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """student_logits (B,T,V), teacher_topk_ids (B,T,k) long, teacher_topk_logprobs (B,T,k),
     mask (B,T) bool -> scalar mean KL(teacher || student) over masked positions (0 if none)."""
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
     b, t, v = student_logits.shape
     if teacher_topk_ids.shape[:2] != (b, t) or teacher_topk_logprobs.shape != teacher_topk_ids.shape:
-        raise ValueError(f"shapes: logits {tuple(student_logits.shape)}, ids {tuple(teacher_topk_ids.shape)}, "
-                         f"logprobs {tuple(teacher_topk_logprobs.shape)}")
+        raise ValueError(
+            f"shapes: logits {tuple(student_logits.shape)}, ids {tuple(teacher_topk_ids.shape)}, "
+            f"logprobs {tuple(teacher_topk_logprobs.shape)}"
+        )
     if mask.shape != (b, t):
         raise ValueError(f"mask shape {tuple(mask.shape)} != {(b, t)}")
     k = teacher_topk_ids.shape[-1]
@@ -54,9 +79,11 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
     # Masked positions may hold padding (-inf, junk ids): make them harmless so no NaN leaks into grads.
     slot = torch.isfinite(teacher_topk_logprobs) | ~m3  # -inf at a masked-in position: an empty slot
     ids = torch.where(m3 & slot, teacher_topk_ids, torch.zeros_like(teacher_topk_ids)).clamp(0, v - 1)
-    t_lp = torch.where(m3, teacher_topk_logprobs.float().detach(),
-                       torch.full_like(teacher_topk_logprobs, -float(torch.log(torch.tensor(float(k)))),
-                                       dtype=torch.float32))
+    t_lp = torch.where(
+        m3,
+        teacher_topk_logprobs.float().detach(),
+        torch.full_like(teacher_topk_logprobs, -float(torch.log(torch.tensor(float(k)))), dtype=torch.float32),
+    )
     t_lp = torch.where(slot, t_lp, torch.zeros_like(t_lp)).clamp(max=0.0)
 
     # Teacher (k+1)-way log distribution.
@@ -78,11 +105,15 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
     terms = torch.where(t_p > 0, t_p * (t_log.masked_fill(t_zero, 0.0) - s_log), torch.zeros_like(t_p))
     kl = terms.sum(-1)
     kl = torch.where(mask, kl, torch.zeros_like(kl))
-    return kl.sum() / mask.sum().clamp_min(1) * temperature ** 2
+    return kl.sum() / mask.sum().clamp_min(1) * temperature**2
 
 
-def full_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
+def full_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """KL(teacher || student) on the full vocabulary (same tokenizer, e.g. a ternary student and
     its full-precision parent): student_logits and teacher_logits (B,T,V), mask (B,T) bool or None
     -> scalar mean KL over masked positions (0 if none), times T^2 like topk_kl_loss.
@@ -97,12 +128,12 @@ def full_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     t_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     kl = F.kl_div(s_logp, t_logp, reduction="none", log_target=True).sum(-1)  # (B,T)
     if mask is None:
-        return kl.mean() * temperature ** 2
+        return kl.mean() * temperature**2
     if mask.shape != kl.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} != {tuple(kl.shape)}")
     mask = mask.bool()
     kl = torch.where(mask, kl, torch.zeros_like(kl))
-    return kl.sum() / mask.sum().clamp_min(1) * temperature ** 2
+    return kl.sum() / mask.sum().clamp_min(1) * temperature**2
 
 
 def mixed_loss(ce: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:

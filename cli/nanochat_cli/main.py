@@ -9,40 +9,32 @@
     nanochat crds                             # regenerate crds/*.yaml
 
 Bad input prints one line naming the field and exits with status 2; nothing is written.
+
+The command assembles both packages: the trainer's commands, and `run` / `crds`, which read
+manifests with the operator's own models and rendering. Commands that need torch (the trainer
+extra) import the trainer inside the command, so `nanochat crds` and `nanochat run --dry-run`
+work where only the operator extra is installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Callable
+from typing import Any
 
-EXIT_CONFIG = 2
+import yaml
 
+from nanochat_operator.crds import write_crds
+from nanochat_trainer.config import TrainerConfig, deep_merge, load_trainer_config
+from nanochat_trainer.errors import run_guarded
 
-def run_guarded(fn: Callable[[], int]) -> int:
-    """Run fn; a configuration error becomes one line on stderr and exit status 2."""
-    from pydantic import ValidationError
-
-    from .config import format_validation_error
-
-    try:
-        return fn()
-    except ValidationError as e:
-        print(f"error: {format_validation_error(e)}", file=sys.stderr)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("NANOCHAT_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-    return EXIT_CONFIG
+from .local import run_manifest
+from .progress import progress_bar
 
 
-def _parse_sets(pairs: list[str]) -> dict:
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
     """--set a.b.c=value (value parsed as YAML) into a nested dict."""
-    import yaml
-
-    out: dict = {}
+    out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep:
@@ -55,9 +47,8 @@ def _parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def cmd_train(args) -> int:
-    from .config import TrainerConfig, deep_merge, load_trainer_config
-    from .train import train
+def cmd_train(args: argparse.Namespace) -> int:
+    from nanochat_trainer.train import train  # noqa: PLC0415 (torch: the trainer extra)
 
     if args.config:
         base = load_trainer_config(args.config).model_dump(exclude_unset=True)
@@ -67,30 +58,14 @@ def cmd_train(args) -> int:
         base = deep_merge(base, {"checkpoint": {"dir": args.out}})
     if args.steps:
         base["steps"] = args.steps
-    cfg = TrainerConfig.model_validate(deep_merge(base, _parse_sets(args.set)))
-    record = train(cfg, progress=_progress_bar(cfg.steps) if sys.stderr.isatty() else None)
+    cfg = TrainerConfig.model_validate(deep_merge(base, parse_sets(args.set)))
+    record = train(cfg, progress=progress_bar(cfg.steps) if sys.stderr.isatty() else None)
     print(f"done: step {record['step']} loss {record.get('loss', float('nan')):.4f} -> {cfg.checkpoint.dir}/final")
     return 0
 
 
-def _progress_bar(total: int) -> Callable[[dict], None]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True)
-
-    def update(record: dict) -> None:
-        bar.n = record["step"]
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
-        bar.refresh()
-        if record["step"] >= total:
-            bar.close()
-
-    return update
-
-
-def cmd_params(args) -> int:
-    from .config import TrainerConfig
-    from .model import count_params
+def cmd_params(args: argparse.Namespace) -> int:
+    from nanochat_trainer.models.gpt import active_params, count_params  # noqa: PLC0415 (torch: the trainer extra)
 
     cfg = TrainerConfig.model_validate({"preset": args.preset}).model
     counts = count_params(cfg)
@@ -98,30 +73,24 @@ def cmd_params(args) -> int:
     for part, n in counts.items():
         print(f"{part:<{width}}  {n:>16,}  ({n / 1e6:,.1f}M)")
     if cfg.moe is not None:
-        from .moe import active_params
-
         active = active_params(cfg)
         print(f"{'active':<{width}}  {active['active']:>16,}  ({active['active'] / 1e9:,.2f}B per token)")
     return 0
 
 
-def cmd_tokenizer_train(args) -> int:
-    from .tokenizer import train_tokenizer_cli
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from nanochat_trainer.tokenizer import train_tokenizer_cli  # noqa: PLC0415 (the trainer extra)
 
     tok = train_tokenizer_cli(args.config, args.out, args.vocab_size)
     print(f"trained a {tok.n_vocab}-token byte-level BPE -> {args.out}/tokenizer.json")
     return 0
 
 
-def cmd_run(args) -> int:
-    from .local_run import run_manifest
-
-    return run_manifest(args.manifest, dry_run=args.dry_run, overrides=_parse_sets(args.set), runs_dir=args.runs_dir)
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_manifest(args.manifest, dry_run=args.dry_run, overrides=parse_sets(args.set), runs_dir=args.runs_dir)
 
 
-def cmd_crds(args) -> int:
-    from nanochat_operator.crds import write_crds
-
+def cmd_crds(args: argparse.Namespace) -> int:
     for path in write_crds(args.out, chart_dir=args.chart_dir or None):
         print(path)
     return 0
@@ -154,20 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a TrainingRun/EvalRun manifest on this machine (no cluster)")
     p.add_argument("manifest")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of every TrainingRun's spec, e.g. trainer.steps=30")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of every TrainingRun's spec, e.g. trainer.steps=30",
+    )
     p.add_argument("--runs-dir", default="runs", help="where local runs keep their directories")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("crds", help="write the CRDs generated from the API models")
     p.add_argument("--out", default="crds")
-    p.add_argument("--chart-dir", default="helm/nanochat-operator/files/crds",
-                   help="the chart's copy of the CRDs (empty to skip)")
+    p.add_argument(
+        "--chart-dir", default="helm/nanochat-operator/files/crds", help="the chart's copy of the CRDs (empty to skip)"
+    )
     p.set_defaults(func=cmd_crds)
 
     try:
-        from .eval.cli import add_eval_args, add_serve_args, run_eval_from_args, run_serve_from_args
-    except ImportError:  # the eval extra is part of `trainer`; without torch these commands are absent
+        from .eval import (  # noqa: PLC0415 (torch: the trainer extra)
+            add_eval_args,
+            add_serve_args,
+            run_eval_from_args,
+            run_serve_from_args,
+        )
+    except ImportError:  # torch (the trainer extra) is not installed: these commands are absent
         pass
     else:
         p = sub.add_parser("eval", help="HumanEval pass@k of a checkpoint or an endpoint")

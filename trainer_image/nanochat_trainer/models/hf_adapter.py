@@ -18,7 +18,7 @@ all done here and nowhere else:
 
 Usage:
 
-    from nanochat_trainer.hf_adapter import load_hf_checkpoint, export_hf
+    from nanochat_trainer.models.hf_adapter import load_hf_checkpoint, export_hf
     model, cfg = load_hf_checkpoint("/path/to/Qwen3-0.6B")      # config.json + *.safetensors
     export_hf(model, cfg, "/tmp/out")   # config.json + model.safetensors transformers loads
 
@@ -35,9 +35,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .config import HybridConfig, ModelConfig, MoEConfig
-from .model import GPT
+from ..config import HybridConfig, ModelConfig, MoEConfig
+from ..contract import HF_CONFIG
+from .gpt import GPT
+from .ternary import apply_ternary, set_ramp
 
 ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
@@ -175,33 +179,58 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "dtype": "float32",
     }
     if model_type == "qwen3":
-        out.update(use_sliding_window=False, sliding_window=None,
-                   layer_types=["full_attention"] * cfg.n_layers, max_window_layers=cfg.n_layers)
+        out.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            layer_types=["full_attention"] * cfg.n_layers,
+            max_window_layers=cfg.n_layers,
+        )
     if cfg.moe is not None:
         m = cfg.moe
         if model_type == "qwen3_moe" and m.n_shared_experts:
-            raise ValueError("moe.n_shared_experts=1 cannot be exported as Qwen3-MoE (it has no shared expert); "
-                             "set n_shared_experts=0, or use the hybrid (Qwen3-Next) layout")
+            raise ValueError(
+                "moe.n_shared_experts=1 cannot be exported as Qwen3-MoE (it has no shared expert); "
+                "set n_shared_experts=0, or use the hybrid (Qwen3-Next) layout"
+            )
         if model_type == "qwen3_next" and not m.n_shared_experts:
-            raise ValueError("moe.n_shared_experts=0 cannot be exported as Qwen3-Next (its MoE blocks always "
-                             "have a shared expert)")
-        out.update(num_experts=m.n_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_ffn_dim,
-                   norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=m.aux_loss_weight,
-                   decoder_sparse_step=1, mlp_only_layers=sorted(m.dense_layers), output_router_logits=False)
+            raise ValueError(
+                "moe.n_shared_experts=0 cannot be exported as Qwen3-Next (its MoE blocks always have a shared expert)"
+            )
+        out.update(
+            num_experts=m.n_experts,
+            num_experts_per_tok=m.top_k,
+            moe_intermediate_size=m.expert_ffn_dim,
+            norm_topk_prob=m.norm_topk_prob,
+            router_aux_loss_coef=m.aux_loss_weight,
+            decoder_sparse_step=1,
+            mlp_only_layers=sorted(m.dense_layers),
+            output_router_logits=False,
+        )
         if model_type == "qwen3_next":
             out["shared_expert_intermediate_size"] = m.shared_expert_ffn_dim
     elif model_type == "qwen3_next":
-        out.update(num_experts=0, num_experts_per_tok=1, moe_intermediate_size=1,
-                   shared_expert_intermediate_size=1, mlp_only_layers=[], decoder_sparse_step=1)
+        out.update(
+            num_experts=0,
+            num_experts_per_tok=1,
+            moe_intermediate_size=1,
+            shared_expert_intermediate_size=1,
+            mlp_only_layers=[],
+            decoder_sparse_step=1,
+        )
     if cfg.hybrid is not None:
         h = cfg.hybrid
         rope["partial_rotary_factor"] = h.partial_rotary_factor
         out.update(
-            linear_num_key_heads=h.linear_num_key_heads, linear_num_value_heads=h.linear_num_value_heads,
-            linear_key_head_dim=h.linear_key_head_dim, linear_value_head_dim=h.linear_value_head_dim,
-            linear_conv_kernel_dim=h.conv_kernel, partial_rotary_factor=h.partial_rotary_factor,
-            layer_types=["full_attention" if (i + 1) % h.full_attention_interval == 0 else "linear_attention"
-                         for i in range(cfg.n_layers)],
+            linear_num_key_heads=h.linear_num_key_heads,
+            linear_num_value_heads=h.linear_num_value_heads,
+            linear_key_head_dim=h.linear_key_head_dim,
+            linear_value_head_dim=h.linear_value_head_dim,
+            linear_conv_kernel_dim=h.conv_kernel,
+            partial_rotary_factor=h.partial_rotary_factor,
+            layer_types=[
+                "full_attention" if (i + 1) % h.full_attention_interval == 0 else "linear_attention"
+                for i in range(cfg.n_layers)
+            ],
         )
     return out
 
@@ -217,8 +246,9 @@ def _is_linear_layer(cfg: ModelConfig, i: int) -> bool:
     return cfg.hybrid is not None and (i + 1) % cfg.hybrid.full_attention_interval != 0
 
 
-def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
-               experts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+def hf_to_ours(
+    hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig, experts: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
     """Rename and reshape a Hugging Face state dict into our GPT's parameter names.
 
     Keys we do not know raise (a silently dropped weight is a wrong model), except
@@ -288,11 +318,14 @@ def hf_to_ours(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig,
             out[o + "mlp.router.weight"] = take(m + "gate.weight")
             first, count = experts or (0, moe.n_experts)
             if m + "experts.gate_up_proj" in src:  # transformers 5 fused layout
-                gate, up = take(m + "experts.gate_up_proj")[first:first + count].chunk(2, dim=1)
-                down = take(m + "experts.down_proj")[first:first + count]
+                gate, up = take(m + "experts.gate_up_proj")[first : first + count].chunk(2, dim=1)
+                down = take(m + "experts.down_proj")[first : first + count]
             else:
-                used.update(f"{m}experts.{e}.{w}.weight" for e in range(moe.n_experts)
-                            for w in ("gate_proj", "up_proj", "down_proj"))  # known, even when not read
+                used.update(
+                    f"{m}experts.{e}.{w}.weight"
+                    for e in range(moe.n_experts)
+                    for w in ("gate_proj", "up_proj", "down_proj")
+                )  # known, even when not read
                 e_range = range(first, first + count)
                 gate = torch.stack([take(f"{m}experts.{e}.gate_proj.weight") for e in e_range])
                 up = torch.stack([take(f"{m}experts.{e}.up_proj.weight") for e in e_range])
@@ -320,15 +353,19 @@ def ours_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     if cfg.moe is not None and cfg.moe.balance == "aux_free":
         for k, v in sd.items():
             if k.endswith("mlp.expert_bias") and bool(v.abs().max() > 0):
-                raise ValueError(f"{k} is nonzero (moe.balance='aux_free'): Hugging Face Qwen3 routers have no "
-                                 "selection bias, so the exported model would route differently")
+                raise ValueError(
+                    f"{k} is nonzero (moe.balance='aux_free'): Hugging Face Qwen3 routers have no "
+                    "selection bias, so the exported model would route differently"
+                )
 
     def norm(key: str) -> torch.Tensor:
         w = sd[key]
         return (w.float() - shift).to(w.dtype)
 
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": sd["embed_tokens.weight"],
-                                    "model.norm.weight": norm("norm.weight")}
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": sd["embed_tokens.weight"],
+        "model.norm.weight": norm("norm.weight"),
+    }
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     hd = cfg.resolved_head_dim
@@ -399,16 +436,12 @@ class _LazyTensors(Mapping):
     files: nothing is loaded whole)."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
-
         self._file: dict[str, str] = {}
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
                 self._file.update(dict.fromkeys(f.keys(), file))
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         with safe_open(self._file[key], framework="pt", device="cpu") as f:
             return f.get_tensor(key)
 
@@ -419,19 +452,21 @@ class _LazyTensors(Mapping):
         return len(self._file)
 
 
-def read_hf_state(path: str, max_seq_len: int | None = None,
-                  experts: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+def read_hf_state(
+    path: str, max_seq_len: int | None = None, experts: tuple[int, int] | None = None
+) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(state dict in our names, model config) of a Hugging Face Qwen3 / Qwen3-MoE / Qwen3-Next
     directory: config.json and the safetensors (one file, or shards with an index), each tensor
     read as it is converted. `experts`: see hf_to_ours."""
-    with open(os.path.join(path, "config.json")) as f:
+    with open(os.path.join(path, HF_CONFIG)) as f:
         hf_cfg = json.load(f)
     cfg = model_config_from_hf(hf_cfg, max_seq_len=max_seq_len)
     return hf_to_ours(_LazyTensors(_safetensors_files(path)), cfg, experts), cfg
 
 
-def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
-                       device: str | torch.device = "cpu") -> tuple[GPT, ModelConfig]:
+def load_hf_checkpoint(
+    path: str, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[GPT, ModelConfig]:
     """Build our GPT from a Hugging Face Qwen3 / Qwen3-MoE / Qwen3-Next directory.
 
     The model is built on the meta device and the checkpoint's tensors are assigned to it,
@@ -441,16 +476,19 @@ def load_hf_checkpoint(path: str, dtype: torch.dtype = torch.float32, max_seq_le
     return model_from_state_dict(sd, cfg, dtype=dtype, device=device), cfg
 
 
-def model_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu", ternary=None) -> GPT:
+def model_from_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    ternary=None,
+) -> GPT:
     """A GPT holding `sd` (our names), built without a throwaway random initialisation: the
     tensors of `sd` become its parameters (no copy when they already have that dtype and
     device). `ternary`: a TernaryConfig, for a ternary run's weights (BitLinear, ramp 1)."""
     with torch.device("meta"):
         model = GPT(cfg)
     if ternary is not None:
-        from .ternary import apply_ternary
-
         apply_ternary(model, ternary, ramp=1.0)
     full = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     # Persistent buffers Hugging Face does not know (the aux-free router bias) start at zero.
@@ -471,8 +509,6 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, dtyp
             if buf is not None and buf.is_meta:
                 mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
     if ternary is not None:
-        from .ternary import set_ramp
-
         set_ramp(model, 1.0)  # the ramp buffers were zeroed with the other non-persistent ones
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
@@ -480,15 +516,14 @@ def model_from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ModelConfig, dtyp
     return model
 
 
-def export_hf(model: GPT, cfg: ModelConfig, out_dir: str, dtype: torch.dtype | None = None,
-              max_shard_bytes: int = 5 * 1024**3) -> None:
+def export_hf(
+    model: GPT, cfg: ModelConfig, out_dir: str, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3
+) -> None:
     """Write `out_dir/config.json` and safetensors that `AutoModelForCausalLM.from_pretrained` loads.
 
     Shards (with model.safetensors.index.json) when the weights exceed `max_shard_bytes`.
     `dtype` casts the weights (default: as they are).
     """
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     hf_cfg = hf_config_from_model(cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -496,7 +531,7 @@ def export_hf(model: GPT, cfg: ModelConfig, out_dir: str, dtype: torch.dtype | N
     # safetensors refuses shared or strided storage: give every tensor its own contiguous copy.
     tensors = {k: (v.to(dtype) if dtype else v).to("cpu").contiguous().clone() for k, v in tensors.items()}
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
+    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)
 
     shards: list[dict[str, torch.Tensor]] = [{}]

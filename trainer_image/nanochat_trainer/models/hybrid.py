@@ -1,9 +1,9 @@
 """Qwen3-Next hybrid token mixers: Gated DeltaNet layers and gated full attention.
 
-`model.make_mixer` calls `make_hybrid_mixer(cfg, layer_idx)` when `cfg.hybrid` is set:
+`gpt.make_mixer` calls `make_hybrid_mixer(cfg, layer_idx)` when `cfg.hybrid` is set:
 layer i is gated full attention when (i + 1) % full_attention_interval == 0 (Qwen3-Next:
 layers 3, 7, 11, ... with interval 4) and Gated DeltaNet otherwise. Both keep
-`model.Attention`'s signature, forward(x, cos, sin, cache, attn_mask).
+`layers.Attention`'s signature, forward(x, cos, sin, cache, attn_mask).
 
 Gated DeltaNet (Yang et al. 2024), as in Qwen3-Next, per value head h:
 
@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .model import Attention, KVCache
+from ..config import ModelConfig
+from .layers import Attention, KVCache
 
 try:  # Triton kernels for CUDA; optional.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
@@ -61,9 +61,14 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     return q, k, v, g.transpose(1, 2).float(), beta.transpose(1, 2).float()
 
 
-def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                               beta: torch.Tensor, initial_state: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token gated delta rule.
 
     q, k: (B, T, Hk, Dk); v: (B, T, Hv, Dv); g, beta: (B, T, Hv); state (B, Hv, Dk, Dv).
@@ -84,9 +89,15 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return o.transpose(1, 2).to(dtype), s
 
 
-def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                           beta: torch.Tensor, chunk_size: int = 64, initial_state: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule: same arguments and results as `recurrent_gated_delta_rule`.
 
     Inside a chunk, with gamma_i the cumulative log decay from the chunk start, the
@@ -132,8 +143,15 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     return o.transpose(1, 2).to(dtype), s
 
 
-def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                     initial_state: torch.Tensor | None, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick a kernel: FLA on CUDA when installed, else chunked (T > 1) or recurrent (T == 1)."""
     t = q.size(1)
     if _fla_chunk is not None and q.is_cuda:
@@ -141,8 +159,9 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         if nk != nv:
             q, k = q.repeat_interleave(nv // nk, dim=2), k.repeat_interleave(nv // nk, dim=2)
         fn = _fla_recurrent if t == 1 else _fla_chunk
-        o, s = fn(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
-                  use_qk_l2norm_in_kernel=True)
+        o, s = fn(
+            q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True, use_qk_l2norm_in_kernel=True
+        )
         return o, s
     if t == 1:
         return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
@@ -223,10 +242,16 @@ class GatedDeltaNet(nn.Module):
             conv_state = mixed.new_zeros(mixed.size(0), mixed.size(1), k - 1)
         full = torch.cat([conv_state.to(mixed.dtype), mixed], dim=-1)
         out = F.conv1d(full, self.conv1d.weight.to(mixed.dtype), groups=self.conv_dim)
-        return F.silu(out), full[..., full.size(-1) - (k - 1):]
+        return F.silu(out), full[..., full.size(-1) - (k - 1) :]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                cache: KVCache | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         if cache is not None and attn_mask is not None:
             # The model's (B, 1, T, S) mask: its last query row sees exactly the real new
@@ -259,8 +284,14 @@ class GatedAttention(Attention):
         super().__init__(cfg, layer_idx)
         self.g_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.o_proj(self.attend(x, cos, sin, cache, attn_mask) * torch.sigmoid(self.g_proj(x)))
 
 

@@ -1,0 +1,142 @@
+"""`nanochat run MANIFEST`: run TrainingRun and EvalRun manifests on this machine, no cluster.
+
+    nanochat run examples/phase1-quick-demo.yaml --set trainer.preset=tiny --set trainer.steps=40
+
+The manifest is read as the operator reads it: the same API models validate every document
+(`nanochat_operator.manifests`), and the same rendering makes each TrainingRun's trainer config and
+each EvalRun's `nanochat eval` command (`nanochat_operator.render`), with `--runs-dir` standing in
+for the runs directory of the PVC (/data/runs in a pod). So a run's directory is
+`<runs-dir>/<metadata.name>`, and a run that is started again resumes.
+
+Documents run in dependency order: a TrainingRun's `spec.init.fromTrainingRun` starts from that
+run's final model, and an EvalRun on a TrainingRun evaluates its final model. `--set` overrides
+apply to every TrainingRun's spec. The operator-only parts of a spec (resources, storage, image,
+queue) do not apply here.
+"""
+
+from __future__ import annotations
+
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nanochat_operator import render
+from nanochat_operator.api import EvalRun, EvalRunSpec, TrainingRun
+from nanochat_operator.manifests import ManifestError, validate_documents
+from nanochat_operator.manifests import dry_run as cluster_dry_run
+from nanochat_trainer.config import TrainerConfig, deep_merge
+from nanochat_trainer.contract import TRAINING_KIND, run_layout
+
+from .progress import progress_bar
+
+Run = TrainingRun | EvalRun
+
+
+def read_manifest(path: str, overrides: dict[str, Any]) -> list[Run]:
+    """The manifest's runs, validated by the operator's API models after `overrides` were laid over
+    every TrainingRun's spec."""
+    try:
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as err:
+        raise ManifestError(f"{path}: {err}") from err
+    for doc in docs:
+        if isinstance(doc, dict) and doc.get("kind") == TRAINING_KIND:
+            doc["spec"] = deep_merge(doc.get("spec") or {}, overrides)
+    return validate_documents(docs, path)
+
+
+def trainer_config(run: TrainingRun, runs_dir: Path) -> TrainerConfig:
+    """The config the operator would give the run's pods, with this machine's runs directory; no
+    metrics server (local runs print their progress)."""
+    init_from = None
+    if run.spec.init is not None:
+        init_from = str(run_layout(runs_dir, run.spec.init.from_training_run).final)
+    cfg = render.resolved_trainer_config(run.metadata.name, run.spec, init_from, runs_root=runs_dir)
+    cfg.metrics.port = 0
+    return cfg
+
+
+def eval_argv(run: EvalRun, runs_dir: Path) -> list[str]:
+    """`nanochat eval` arguments of an EvalRun: the operator's command, with local paths. Full
+    results go where the operator puts them, beside the evaluated run (an endpoint's, which the
+    operator keeps only in the status, to <runs-dir>/eval/<name>.json)."""
+    spec: EvalRunSpec = run.spec
+    name = run.metadata.name
+    checkpoint: str | None = None
+    if spec.model.training_run is not None:
+        source = run_layout(runs_dir, spec.model.training_run)
+        checkpoint, out = str(source.final), source.eval_results(name)
+    else:
+        out = runs_dir / "eval" / f"{name}.json"
+    compare = {
+        c.name: render.endpoint_source(c.endpoint)
+        if c.endpoint is not None
+        else str(run_layout(runs_dir, c.training_run).final)
+        for c in spec.compare
+    }
+    return render.eval_command(name, spec, checkpoint, str(out), compare)[2:]  # past "nanochat eval"
+
+
+def dependency_order(runs: list[Run]) -> list[Run]:
+    """TrainingRuns before what depends on them; EvalRuns after the runs they read."""
+
+    def needs(run: Run) -> set[str]:
+        if isinstance(run, TrainingRun):
+            return {run.spec.init.from_training_run} if run.spec.init else set()
+        return {m.training_run for m in [run.spec.model, *run.spec.compare] if m.training_run}
+
+    names = {r.metadata.name for r in runs if isinstance(r, TrainingRun)}
+    done: set[str] = set()
+    ordered: list[Run] = []
+    pending = list(runs)
+    while pending:
+        ready = [r for r in pending if needs(r) & names <= done]
+        if not ready:
+            raise ValueError("manifest has a dependency cycle: " + ", ".join(r.metadata.name for r in pending))
+        for r in ready:
+            ordered.append(r)
+            done.add(r.metadata.name)
+            pending.remove(r)
+    return ordered
+
+
+def run_manifest(
+    path: str, dry_run: bool = False, overrides: dict[str, Any] | None = None, runs_dir: str = "runs"
+) -> int:
+    """Run every document of a manifest in dependency order; 0 when all succeeded. With `dry_run`,
+    check the file as the cluster would (schema, storage, GPU fit) and print the plan only."""
+    root = Path(runs_dir)
+    if dry_run:
+        print(cluster_dry_run(path))
+    plans: list[tuple[Run, Any]] = []
+    for run in dependency_order(read_manifest(path, overrides or {})):
+        if isinstance(run, TrainingRun):
+            cfg = trainer_config(run, root)
+            plans.append((run, cfg))
+            print(
+                f"TrainingRun {run.metadata.name}: stage {cfg.stage}, preset {cfg.preset}, "
+                f"{cfg.steps} steps -> {cfg.checkpoint.dir}"
+            )
+        else:
+            argv = eval_argv(run, root)
+            plans.append((run, argv))
+            print(f"EvalRun {run.metadata.name}: nanochat eval {' '.join(argv)}")
+    if dry_run:
+        return 0
+    # torch (the trainer extra) is needed from here on only: a dry run works without it.
+    from nanochat_trainer.train import train  # noqa: PLC0415 (torch: the trainer extra)
+
+    from .eval import add_eval_args, run_eval_from_args  # noqa: PLC0415 (torch, too)
+
+    for run, plan in plans:
+        if isinstance(run, TrainingRun):
+            train(plan, progress=progress_bar(plan.steps))
+            continue
+        parser = ArgumentParser(prog="nanochat eval")
+        add_eval_args(parser)
+        code = run_eval_from_args(parser.parse_args(plan))
+        if code:
+            return code
+    return 0

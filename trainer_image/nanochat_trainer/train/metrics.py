@@ -1,0 +1,71 @@
+"""Rank 0's progress: Prometheus gauges on /metrics and a JSON-lines log, and the FLOPs behind MFU.
+
+The operator scrapes the gauges from pod 0 to fill a TrainingRun's status; their names are in
+`contract.TrainerGauge`.
+
+    metrics = TrainerMetrics(layout, port=9090, enabled=env.is_main)
+    metrics.set(step=10, loss=2.3); metrics.log(record)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from ..config import ModelConfig
+from ..contract import RunLayout, TrainerGauge
+from ..models.gpt import active_params
+
+# Dense bf16 tensor-core peaks; MFU is only reported on devices listed here.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(n_params_non_embedding: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus 12·L·d·T for attention (PaLM, appendix B)."""
+    return 6 * n_params_non_embedding + 12 * n_layers * dim * seq_len
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """flops_per_token of a ModelConfig: N counts the weights a token goes through (for MoE the
+    active ones, top_k of the routed experts, not all of them; the head's matmul but not the
+    embedding lookup), and the attention term only the full-attention layers (a hybrid's
+    Gated DeltaNet layers cost O(T) per token, inside 6N's order)."""
+    n = active_params(cfg)["active_non_embedding"] + cfg.vocab_size * cfg.dim
+    attn_layers = cfg.n_layers if cfg.hybrid is None else cfg.n_layers // cfg.hybrid.full_attention_interval
+    return flops_per_token(n, attn_layers, cfg.dim, seq_len)
+
+
+class TrainerMetrics:
+    """The gauges (served on `port` by rank 0 when `enabled`) and log.jsonl (written by rank 0)."""
+
+    def __init__(self, layout: RunLayout, port: int, enabled: bool):
+        self.enabled = enabled
+        self.registry = CollectorRegistry()
+        self.gauges = {g: Gauge(g.metric, g.help, registry=self.registry) for g in TrainerGauge}
+        self.log_path = layout.log
+        if enabled and port:
+            start_http_server(port, registry=self.registry)
+
+    def set(self, **values: float | None) -> None:
+        """Gauges by name (`TrainerGauge` values); None leaves a gauge as it is."""
+        for k, v in values.items():
+            if v is not None:
+                self.gauges[TrainerGauge(k)].set(v)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")

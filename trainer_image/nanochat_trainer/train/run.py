@@ -1,0 +1,143 @@
+"""A training run, for one process or many: start up, step, checkpoint, save the finished model.
+
+    python -m nanochat_trainer.train --config run.yaml                 # one process
+    torchrun --nproc-per-node 2 -m nanochat_trainer.train --config run.yaml
+
+Under torchrun every rank reads the same config; ranks meet through env:// rendezvous (gloo on
+CPU, NCCL on GPU). The model is wrapped in DDP, or FSDP2 from 0.9B parameters or when asked,
+with expert parallelism on top for MoE models (`parallel/`). A run directory with checkpoints
+resumes from the newest complete one: same weights, optimizer, schedule position, data position
+and RNG, so the next losses are the ones an uninterrupted run would have had (on any world size
+that divides the data lanes, and any parallel layout).
+
+Stages: "pretrain" trains on the data; "distill" learns from a teacher endpoint by
+`distill.method` (`distill/`); "ternary" trains BitNet b1.58 layers (`models/ternary.py`)
+started from checkpoint.init_from, optionally distilling from its frozen full-precision parent
+(ternary.distill_from_parent) or from the teacher (a distill block).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, save_weights
+from ..config import TrainerConfig
+from ..contract import RunLayout
+from ..data.loader import TokenLoader
+from ..models.ternary_pack import save_packed
+from ..parallel.apply import wrap_model
+from ..parallel.distributed import barrier, setup_distributed
+from ..parallel.state import unsharded
+from .metrics import TrainerMetrics
+from .optim import build_optimizers
+from .startup import build_feed, build_model, initialise, load_parent, run_tokenizer
+from .trainer import Trainer
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the last step's record. Rank 0 writes all files."""
+    parent_kd = cfg.stage == "ternary" and cfg.ternary is not None and cfg.ternary.distill_from_parent
+    if parent_kd and not cfg.checkpoint.init_from:
+        raise ValueError(
+            "ternary.distill_from_parent needs checkpoint.init_from (the parent's checkpoint; a "
+            "TrainingRun gets it from init.fromTrainingRun)"
+        )
+    env = setup_distributed(cfg.device)
+    layout = RunLayout(Path(cfg.checkpoint.dir))
+    torch.manual_seed(cfg.seed)
+    tokenizer = run_tokenizer(cfg, layout, env)
+
+    model, ep = build_model(cfg, env)
+    resume_from = latest_checkpoint(layout.root) if cfg.checkpoint.resume else None
+    initialise(model, cfg, resuming=resume_from is not None)
+    wrapped = wrap_model(model, cfg, env, ep)
+    opts = build_optimizers(model, cfg.optimizer)
+    loader = TokenLoader(cfg, tokenizer, env.rank, env.world, env.device)
+    trainer = Trainer(
+        cfg,
+        model,
+        wrapped,
+        opts,
+        build_feed(cfg, layout, loader, tokenizer, env),
+        env,
+        ep=ep,
+        parent=load_parent(cfg, env, ep) if parent_kd else None,
+    )
+    if resume_from is not None:
+        trainer.load_state_dict(read_checkpoint(model, resume_from), where=resume_from)
+    start = trainer.steps_done
+
+    metrics = TrainerMetrics(layout, cfg.metrics.port, enabled=env.is_main)
+    metrics.set(total_steps=cfg.steps, step=start, checkpoint_step=start if resume_from is not None else None)
+    record: dict[str, Any] = {"step": start}
+    skipped_before = 0  # teacher_skipped after the previous step: teacher_up says whether this step skipped
+    try:
+        while trainer.steps_done < cfg.steps:
+            record = trainer.step()
+            done = record["step"]
+            skipped_before = _publish(record, metrics, skipped_before)
+            if env.is_main and (done % cfg.metrics.log_every == 0 or done == cfg.steps or done == start + 1):
+                metrics.log(record)
+            if progress is not None and env.is_main:
+                progress(record)
+            if done % cfg.checkpoint.every == 0 or done == cfg.steps:
+                state = trainer.state_dict()  # collective
+                if env.is_main:
+                    save_checkpoint(layout.root, done, state.pop("model"), state, cfg, tokenizer, cfg.checkpoint.keep)
+                barrier(env)
+                metrics.set(checkpoint_step=done)
+                loads = trainer.take_expert_loads()
+                if loads and env.is_main:
+                    _log_expert_load(layout, done, loads)
+    finally:
+        trainer.close()
+
+    whole = unsharded(model, cfg, env, ep)  # collective under FSDP or EP: every rank enters
+    if env.is_main and (start < cfg.steps or not layout.final.is_dir()):
+        save_weights(layout.final, whole, cfg, tokenizer)
+        if cfg.stage == "ternary":
+            save_packed(whole, cfg.model.model_dump(mode="json"), layout.packed_ternary, dtype=torch.bfloat16)
+    barrier(env)
+    return record
+
+
+def _publish(record: dict[str, Any], metrics: TrainerMetrics, skipped_before: int) -> int:
+    """The step's gauges; returns teacher_skipped so far (the next step's `skipped_before`)."""
+    metrics.set(
+        step=record["step"],
+        loss=record["loss"],
+        tokens_per_second=record["tokens_per_second"],
+        learning_rate=record["lr"],
+        grad_norm=record["grad_norm"],
+        mfu=record["mfu"],
+    )
+    if "moe" in record:
+        metrics.set(moe_load_imbalance=record["moe"]["load_imbalance"], moe_dead_experts=record["moe"]["dead_experts"])
+    if "teacher" not in record:
+        return skipped_before
+    t, skipped = record["teacher"], record["teacher_skipped"]
+    metrics.set(
+        teacher_up=0 if skipped > skipped_before else 1,
+        teacher_requests=t["requests"],
+        teacher_cache_hits=t["cache_hits"],
+        teacher_errors=t["errors"],
+        teacher_latency_seconds=t["latency_s"],
+        teacher_skipped=skipped,
+    )
+    return skipped
+
+
+def _log_expert_load(layout: RunLayout, step: int, loads: dict[str, torch.Tensor]) -> None:
+    """Append the routed tokens per expert of every MoE layer since the previous checkpoint to
+    <run>/expert_load.jsonl (per checkpoint, not per step: at 48 layers x 512 experts a line is
+    ~150 KB)."""
+    line = {"step": step, "layers": {name: [int(x) for x in load.tolist()] for name, load in loads.items()}}
+    with open(layout.expert_load, "a") as f:
+        f.write(json.dumps(line) + "\n")

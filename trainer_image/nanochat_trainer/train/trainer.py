@@ -1,0 +1,225 @@
+"""One rank's training state, and the optimizer step.
+
+    trainer = Trainer(cfg, model, wrapped, opts, feed, env, ep=ep, parent=parent)
+    trainer.load_state_dict(read_checkpoint(model, path))   # resume: weights, optimizers, data, RNG, step
+    record = trainer.step()           # one optimizer step over grad_accum micro-batches -> its log record
+    state = trainer.state_dict()      # collective: what a checkpoint holds (rank 0's is complete)
+
+A step: the learning rate and the ternary ramp for this step; for each micro-batch of the feed
+the loss (`losses.model_loss`, mixed with the KL to the teacher's top-k targets or to the frozen
+parent when the run distils) and its backward; expert gradients reduced, the global gradient norm
+clipped, the optimizers stepped; the MoE expert loads summed over the ranks (they move the
+aux-free routing bias); the loss averaged over the ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainerConfig
+from ..data.feed import Batch, BatchSource
+from ..data.loader import merge_states
+from ..models.gpt import GPT
+from ..models.moe import load_summary, take_expert_loads, update_moe_biases
+from ..models.ternary import ramp_value, set_ramp
+from ..parallel.distributed import Env, gather_objects, mean_over_ranks, sum_over_ranks
+from ..parallel.expert_parallel import ExpertParallel, clip_grad_norm_, reduce_expert_grads
+from ..parallel.state import full_state, load_full_state
+from .losses import full_kl_loss, mixed_loss, model_loss, topk_kl_loss
+from .metrics import model_flops_per_token, peak_flops
+from .optim import lr_multiplier, set_lr
+
+
+class Trainer:
+    """The model (and what forward/backward go through), its optimizers, the batch source and the
+    position of one rank of a run."""
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        model: GPT,
+        wrapped: nn.Module,
+        opts: list[torch.optim.Optimizer],
+        feed: BatchSource,
+        env: Env,
+        ep: ExpertParallel | None = None,
+        parent: GPT | None = None,
+    ):
+        self.cfg, self.model, self.wrapped, self.opts, self.feed = cfg, model, wrapped, opts, feed
+        self.env, self.ep, self.parent = env, ep, parent
+        self.steps_done = 0
+        self._feed_saved: list[dict[str, Any]] | None = None  # the feed's checkpointed positions
+        self._feed_started = False
+        # The step record has a kd_loss when some micro-batch may distil on logits.
+        self._distils = parent is not None or feed.has_teacher_targets
+        self._loads_since_checkpoint: dict[str, torch.Tensor] = {}
+        use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and env.device.type == "cuda")
+        self._autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        seq_len = cfg.resolved_seq_len
+        self.tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * env.world
+        self._flops_per_token = model_flops_per_token(cfg.model, seq_len)
+        self._peak = peak_flops(env.device)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step; returns its record (log.jsonl, progress, gauges)."""
+        cfg, model, env = self.cfg, self.model, self.env
+        if not self._feed_started:
+            self.feed.start((cfg.steps - self.steps_done) * cfg.grad_accum, self._feed_saved)
+            self._feed_started = True
+        t0 = time.perf_counter()
+        set_lr(self.opts, lr_multiplier(self.steps_done, cfg.steps, cfg.schedule))
+        if cfg.stage == "ternary":
+            set_ramp(model, ramp_value(self.steps_done, cfg.ternary.ramp_steps))
+        self.wrapped.train()
+        loss_sum = torch.zeros((), device=env.device)
+        kd = torch.zeros(2, device=env.device)  # the KL losses of the step's micro-batches, and how many
+        for micro in range(cfg.grad_accum):
+            batch = self.feed.next()
+            last = micro == cfg.grad_accum - 1
+            # DDP all-reduces gradients on the last micro-batch only.
+            sync = self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last else nullcontext()
+            with sync, self._autocast:
+                loss = self._loss(batch, kd) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if self.ep is not None:
+            reduce_expert_grads(model, self.ep)  # DDP averaged the dense weights only
+        grad_norm = clip_grad_norm_(
+            model, cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf"), self.ep
+        )
+        for opt in self.opts:
+            opt.step()
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        loads = sum_over_ranks(take_expert_loads(model), env)  # collective: the step's loads over all ranks
+        update_moe_biases(model, loads)
+        for name, load in loads.items():
+            self._loads_since_checkpoint[name] = self._loads_since_checkpoint.get(name, 0) + load
+        mean_over_ranks(loss_sum, env)
+        if self._distils:
+            kd = sum_over_ranks({"kd": kd}, env)["kd"]  # kd_loss: the mean over every rank's micro-batches
+        self.steps_done += 1
+        dt = time.perf_counter() - t0
+        tps = self.tokens_per_step / dt
+        record: dict[str, Any] = {
+            "step": self.steps_done,
+            "loss": loss_sum.item(),
+            "lr": self.opts[-1].param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": tps,
+            "step_time": dt,
+            "mfu": (tps * self._flops_per_token / (self._peak * env.world)) if self._peak else None,
+        }
+        if loads and env.is_main:  # the summary reads the loads back to the host: only where it is logged
+            record["moe"] = load_summary(loads)
+        if self._distils:
+            record["kd_loss"] = (kd[0] / kd[1]).item() if kd[1] else None
+        record.update(self.feed.record())
+        return record
+
+    def _loss(self, batch: Batch, kd: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss: model_loss, mixed with the full-vocabulary KL to the frozen parent
+        (ternary.distill_from_parent) or the top-k KL to the teacher's targets (logprob methods).
+        Adds each KL and a count of 1 to `kd`."""
+        if self.parent is not None:
+            with torch.no_grad():
+                parent_logits = self.parent(batch.x)
+            logits = self.wrapped(batch.x)
+            ternary = self.cfg.ternary
+            kl = full_kl_loss(logits, parent_logits, batch.y != -1, ternary.parent_temperature)
+            kd += torch.stack([kl.detach().float(), kl.new_ones((), dtype=torch.float32)])
+            return mixed_loss(model_loss(self.model, logits, batch.y), kl, ternary.parent_alpha)
+        logits = self.wrapped(batch.x)
+        ce = model_loss(self.model, logits, batch.y)
+        t = batch.teacher
+        if t is None:
+            return ce
+        distill = self.cfg.distill
+        kl = topk_kl_loss(logits, t.ids, t.logprobs, t.mask, distill.temperature)
+        kd += torch.stack([kl.detach().float(), kl.new_ones((), dtype=torch.float32)])
+        return mixed_loss(ce, kl, distill.alpha)
+
+    def take_expert_loads(self) -> dict[str, torch.Tensor]:
+        """Routed tokens per expert of every MoE layer, over all ranks, since the last call."""
+        loads, self._loads_since_checkpoint = self._loads_since_checkpoint, {}
+        return loads
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint holds: "model" (the unsharded weights) and the train state (step,
+        optimizers, the data position of every rank merged, RNG, and the distillation feed's
+        position per rank). Collective: every rank calls it; rank 0's is complete."""
+        env = self.env
+        msd, osds = full_state(self.model, self.opts, self.ep)
+        state: dict[str, Any] = {
+            "model": msd,
+            "step": self.steps_done,
+            "optimizers": osds,
+            "loader": merge_states(gather_objects(self.feed.loader_state(), env)),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None,
+            },
+        }
+        feed_state = self.feed.state_dict()
+        if feed_state is not None:
+            state["distill"] = gather_objects(feed_state, env)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], where: str | Path = "the checkpoint") -> None:
+        """Resume from a checkpoint's state: "model" holds this rank's weights (its experts' rows only
+        under expert parallelism). Call before the first step."""
+        assert not self._feed_started, "load_state_dict() comes before the first step()"
+        msd = dict(state["model"])
+        if self.cfg.model.tie_embeddings:
+            msd["lm_head.weight"] = msd["embed_tokens.weight"]
+        load_full_state(
+            self.model,
+            self.opts,
+            msd,
+            _matching_optimizer_states(self.model, self.opts, state["optimizers"], where),
+            self.ep,
+        )
+        self.feed.load_loader_state(state["loader"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.env.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.env.device)
+        self.steps_done = state["step"]
+        self._feed_saved = state.get("distill")
+
+    def close(self) -> None:
+        self.feed.close()
+
+
+def _matching_optimizer_states(
+    model: GPT, opts: list[torch.optim.Optimizer], saved: list[dict], where: str | Path
+) -> list[dict] | None:
+    """The checkpoint's optimizer states, or None when they were written for other optimizers
+    than this run builds (a trainer version that grouped the parameters differently, or a changed
+    optimizer.name): the run then resumes the weights, schedule and data position with fresh
+    optimizer state, and says so, rather than failing on every restart."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    # Per parameter group: a group's learning rate comes from the config, not the checkpoint, so a
+    # parameter that moved to another group would resume at another rate with the old moments.
+    want = [[sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups] for opt in opts]
+    have = [[sorted(g.get("params", [])) for g in osd.get("param_groups", [])] for osd in saved]
+    if want == have:
+        return saved
+    print(
+        f"warning: {where}: its optimizer state ({len(saved)} optimizers) does not match this run's "
+        f"({len(opts)}: {', '.join(type(o).__name__ for o in opts)}); resuming the weights with fresh "
+        "optimizer state",
+        file=sys.stderr,
+        flush=True,
+    )
+    return None
