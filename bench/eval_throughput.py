@@ -1,5 +1,6 @@
-"""Throughput of the eval pieces: sandbox problems/s (HumanEval canonical solutions) and
-generation tokens/s (KV cache, batched) on the device it finds.
+"""Throughput of the eval pieces: sandbox problems/s (HumanEval canonical solutions, isolated and
+not) with the cost of isolation per program, and generation tokens/s (KV cache, batched) on the
+device it finds.
 
     .venv/bin/python bench/eval_throughput.py                     # all 164 problems, tiny model
     .venv/bin/python bench/eval_throughput.py --problems 40 --workers 8 --preset tiny --batch 32
@@ -19,6 +20,7 @@ import torch
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.eval.generate import generate_tokens
 from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems
+from nanochat_trainer.eval.sandbox import Sandbox
 from nanochat_trainer.models.gpt import GPT
 
 
@@ -31,17 +33,33 @@ class _NoEot:
         return ""
 
 
-def bench_sandbox(problems: int, workers: int) -> None:
-    probs = load_problems(problems)
+def _seconds(probs: list[dict], box: Sandbox) -> tuple[float, float]:
+    """(wall seconds, pass@1) of the canonical solutions under `box`."""
     t0 = time.monotonic()
-    report = evaluate_completions(
-        probs, {p["task_id"]: [p["canonical_solution"]] for p in probs}, ks=[1], workers=workers, timeout=15.0
-    )
-    dt = time.monotonic() - t0
-    print(
-        f"sandbox: {len(probs)} problems, {workers} workers, {report['sandbox']['network']}: "
-        f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={report['pass_at_k']['1']:.3f}"
-    )
+    report = evaluate_completions(probs, {p["task_id"]: [p["canonical_solution"]] for p in probs}, ks=[1], sandbox=box)
+    return time.monotonic() - t0, report["pass_at_k"]["1"]
+
+
+def bench_sandbox(problems: int, workers: int) -> None:
+    """Problems per second at the strongest isolation here and without namespaces, with `workers`
+    in parallel; then, one at a time, the milliseconds the isolation adds to each program."""
+    probs = load_problems(problems)
+    per_program = {}
+    for level in ("namespaces", "process"):
+        box = Sandbox(timeout=15.0, workers=workers, isolation=level)
+        dt, score = _seconds(probs, box)
+        print(
+            f"sandbox: {len(probs)} problems, {workers} workers, isolation {box.isolation.level}: "
+            f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={score:.3f}"
+        )
+        one, _ = _seconds(probs, Sandbox(timeout=15.0, workers=1, isolation=level))
+        per_program[box.isolation.level] = one / len(probs) * 1000
+    if len(per_program) == 2:
+        print(
+            f"sandbox: one at a time, {per_program['namespaces']:.1f} ms per program with namespaces, "
+            f"{per_program['process']:.1f} ms without: isolation costs "
+            f"{per_program['namespaces'] - per_program['process']:.1f} ms per program"
+        )
 
 
 def bench_generation(preset: str, batch: int, prompt_len: int, new: int, device: str) -> None:

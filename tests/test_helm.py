@@ -198,6 +198,7 @@ def test_rbac_is_least_privilege(helm, tmp_path):
     expected |= {("batch", "jobs", v) for v in ("get", "create", "patch")}
     expected |= {("", "pods", v) for v in ("get", "list")}
     expected |= {("", r, "create") for r in ("configmaps", "services", "persistentvolumeclaims", "events")}
+    expected.add(("networking.k8s.io", "networkpolicies", "create"))  # each eval pod's
     expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
     expected |= {("", "namespaces", v) for v in ("list", "watch")}
     assert granted == expected

@@ -56,14 +56,22 @@ def test_missing_completions_is_an_error() -> None:
 
 
 def test_publish_result(tmp_path, monkeypatch) -> None:
-    report = {"pass_at_k": {"1": 0.25, "10": 0.5}, "problems": 4, "samples": 10, "per_problem": []}
+    report = {
+        "pass_at_k": {"1": 0.25, "10": 0.5},
+        "problems": 4,
+        "samples": 10,
+        "per_problem": [],
+        "sandbox": {"isolation": {"level": "namespaces"}},
+    }
     log = tmp_path / "termination-log"
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(log))
     out = io.StringIO()
     publish_result(report, out=out)
-    expected = {"pass_at_k": {"1": 0.25, "10": 0.5}, "problems": 4, "samples": 10}
+    expected = {"pass_at_k": {"1": 0.25, "10": 0.5}, "problems": 4, "samples": 10, "isolation": "namespaces"}
     assert json.loads(log.read_text()) == expected
-    assert parse_result(log.read_text()) == EvalResult({"pass@1": 0.25, "pass@10": 0.5}, problems=4, samples=10)
+    assert parse_result(log.read_text()) == EvalResult(
+        {"pass@1": 0.25, "pass@10": 0.5}, problems=4, samples=10, isolation="namespaces"
+    )
     last = out.getvalue().strip().splitlines()[-1]
     assert last.startswith("NANOCHAT_RESULT ") and json.loads(last.split(" ", 1)[1]) == expected
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "no" / "such" / "dir" / "log"))

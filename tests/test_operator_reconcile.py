@@ -301,6 +301,7 @@ def test_eval_waits_runs_and_records_scores():
     c.set_job("ev-eval", "Complete", pods=[done])
     s = step(c, ev, fn=reconcile_eval)
     assert s["phase"] == "Succeeded" and s["passAt1"] == 0.3 and s["scores"] == {"pass@1": 0.3, "pass@2": 0.4}
+    assert "sandboxIsolation" not in s  # an older trainer's result says nothing of it
 
 
 def test_eval_of_failed_run_fails_and_endpoint_eval_needs_no_run():
@@ -311,6 +312,9 @@ def test_eval_of_failed_run_fails_and_endpoint_eval_needs_no_run():
     assert "eta" not in s  # a training run's field only
     s = step(c, er("ep", model={"endpoint": {"url": "http://teacher:8000/v1", "model": "q"}}), fn=reconcile_eval)
     assert s["phase"] == "Starting" and ("Job", "ml", "ep-eval") in c.objects
+    policy = c.objects[("NetworkPolicy", "ml", "ep-eval")]  # made with the Job, owned by the run
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-ep"
+    assert policy["spec"]["egress"][1] == {"ports": [{"protocol": "TCP", "port": 8000}]}
 
 
 def test_status_patch_nulls_removed_keys_and_keeps_kopf():

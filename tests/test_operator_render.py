@@ -328,3 +328,47 @@ def test_labels_and_annotations_as_the_cluster_sees_them():
     env = env_of(render.render_eval_job("ev", "ml", compare, image="i", source=("demo", "runs")))
     assert env["NANOCHAT_COMPARE_API_KEY_MY_TEACHER"] == {"secretKeyRef": {"name": "s", "key": "k"}}
     assert env["NANOCHAT_TERMINATION_LOG"] == "/dev/termination-log"
+
+
+def test_eval_pod_is_a_boundary_too():
+    """The eval pod runs model-written code: non-root, read-only root, no capabilities, RuntimeDefault
+    seccomp, no API token; a RuntimeClass when asked (the spec's over the operator's default)."""
+    spec = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}})
+    pod = render.render_eval_job("ev", "ml", spec, image="i", source=("demo", "runs"))["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False and "runtimeClassName" not in pod
+    sc = pod["containers"][0]["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert {"name": "scratch", "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]  # the one writable place
+    pod = render.render_eval_job("ev", "ml", spec, image="i", source=("demo", "runs"), runtime_class="gvisor")["spec"][
+        "template"
+    ]["spec"]
+    assert pod["runtimeClassName"] == "gvisor"
+    mine = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}, "runtimeClassName": "kata"})
+    job = render.render_eval_job("ev", "ml", mine, image="i", source=("demo", "runs"), runtime_class="gvisor")
+    validate(job)
+    assert job["spec"]["template"]["spec"]["runtimeClassName"] == "kata"
+    with_sa = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}, "serviceAccountName": "scorer"})
+    pod = render.render_eval_job("ev", "ml", with_sa, image="i", source=("demo", "runs"))["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "scorer" and "automountServiceAccountToken" not in pod
+
+
+def test_eval_network_policy_opens_only_the_scored_endpoints():
+    ckpt = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}})
+    policy = render.render_eval_network_policy("ev", "ml", ckpt)
+    validate(policy)
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"nanochat.io/eval-run": "ev"}}
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []  # a checkpoint needs no network
+    endpoints = EvalRunSpec.model_validate(
+        {
+            "model": {"endpoint": {"url": "http://teacher:8000/v1", "model": "q"}},
+            "compare": [{"name": "api", "endpoint": {"url": "https://api.example.com/v1", "model": "m"}}],
+        }
+    )
+    egress = render.render_eval_network_policy("ev", "ml", endpoints)["spec"]["egress"]
+    assert egress == [
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+        {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8000}]},
+    ]

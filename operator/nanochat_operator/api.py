@@ -462,6 +462,13 @@ class EvalRunSpec(RunCommon):
     max_new_tokens: int = Field(384, ge=1, le=8192, description="Completion length.")
     resources: EvalResources = Field(default_factory=EvalResources, description="GPUs, CPU, memory, placement.")
     backoff_limit: int = Field(1, ge=0, le=100, description="Pod failures retried before the eval fails.")
+    runtime_class_name: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS_LABEL_PATTERN,
+        description="RuntimeClass of the eval pod, e.g. gvisor or kata: a sandboxed kernel around the completions "
+        "as well; default: the operator's --eval-runtime-class.",
+    )
     compare: list[CompareModel] = Field(
         default_factory=list,
         max_length=4,
@@ -555,6 +562,11 @@ class EvalRunStatus(RunStatusCommon):
     results_path: str | None = Field(None, description="Full results JSON on the PVC.")
     comparison: dict[str, dict[str, float]] = Field(
         default_factory=dict, description='pass@k of each spec.compare model by name, e.g. {"parent": {"pass@1": 0.2}}.'
+    )
+    sandbox_isolation: str | None = Field(
+        None,
+        description="How the completions were isolated: namespaces (bubblewrap), or a weaker level the eval pod's "
+        "runtime forced (network-namespace, process).",
     )
 
 

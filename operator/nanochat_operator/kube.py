@@ -51,6 +51,7 @@ class KubeCluster:
     def __init__(self, api_client: client.ApiClient, scrape_timeout: float = 2.0) -> None:
         self.core = client.CoreV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         # One pooled HTTP client for trainer scrapes; short timeouts so a dead pod cannot
         # hold a worker thread.
@@ -93,6 +94,7 @@ class KubeCluster:
             "Service": self.core.create_namespaced_service,
             "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
             "Job": self.batch.create_namespaced_job,
+            "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }
         try:
             creators[obj["kind"]](ns, obj, _preload_content=False)

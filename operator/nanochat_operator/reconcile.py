@@ -469,11 +469,17 @@ def reconcile_eval(
                 return gate
             compare_runs[c.name] = gate
         job_obj = render.render_eval_job(
-            name, namespace, spec, image=spec.image or config.trainer_image, source=source, compare_runs=compare_runs
+            name,
+            namespace,
+            spec,
+            image=spec.image or config.trainer_image,
+            source=source,
+            compare_runs=compare_runs,
+            runtime_class=config.eval_runtime_class,
         )
         base.completion_time = None  # a run that (re)starts has not completed
         try:
-            _create_all(cluster, [job_obj], obj, adopt)
+            _create_all(cluster, [render.render_eval_network_policy(name, namespace, spec), job_obj], obj, adopt)
         except Rejected as err:
             return _fail(base, now, generation, "CreateRejected", str(err))
         job = cluster.get_job(namespace, jname) or job_obj

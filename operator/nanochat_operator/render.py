@@ -28,6 +28,7 @@ import hashlib
 import json
 from pathlib import PurePath, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -64,6 +65,20 @@ TRAINER_CONTAINER = "trainer"
 EVAL_CONTAINER = "eval"
 GPU_RESOURCE = "nvidia.com/gpu"
 POD_SECURITY = {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"}
+# The eval pod runs model-written code (in the sandbox, eval/sandbox.py): it gets nothing it does
+# not need. Pod Security "restricted" plus a read-only root and no API token.
+EVAL_POD_SECURITY = {
+    **POD_SECURITY,
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+EVAL_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 
 # ---------------------------------------------------------------------------- names and paths
@@ -507,9 +522,11 @@ def render_eval_job(
     image: str,
     source: tuple[str, str] | None = None,
     compare_runs: dict[str, tuple[str, str]] | None = None,
+    runtime_class: str | None = None,
 ) -> dict[str, Any]:
     """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run;
-    `compare_runs`: (TrainingRun name, its PVC) of each spec.compare entry naming a run."""
+    `compare_runs`: (TrainingRun name, its PVC) of each spec.compare entry naming a run;
+    `runtime_class`: the operator's default RuntimeClass for eval pods."""
     name = eval_job_name(eval_name)
     labels = eval_labels(eval_name)
     env: list[dict[str, Any]] = [
@@ -544,7 +561,7 @@ def render_eval_job(
         # status.containerStatuses[].state.terminated.message (nanochat_operator.status.terminated_message).
         "terminationMessagePath": DEFAULT_TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": dict(EVAL_CONTAINER_SECURITY),
     }
     resources = _container_resources(spec.resources, spec.resources.gpus)
     if resources:
@@ -552,12 +569,16 @@ def render_eval_job(
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "securityContext": dict(POD_SECURITY),
+        "securityContext": dict(EVAL_POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }
     if spec.service_account_name:
-        pod["serviceAccountName"] = spec.service_account_name
+        pod["serviceAccountName"] = spec.service_account_name  # the user asked for an identity: its token too
+    else:
+        pod["automountServiceAccountToken"] = False
+    if runtime_class or spec.runtime_class_name:
+        pod["runtimeClassName"] = spec.runtime_class_name or runtime_class
     _placement(pod, spec.resources)
     job_spec: dict[str, Any] = {
         "completions": 1,
@@ -575,3 +596,34 @@ def render_eval_job(
         "metadata": _job_metadata(name, namespace, labels, spec),
         "spec": job_spec,
     }
+
+
+def render_eval_network_policy(eval_name: str, namespace: str, spec: EvalRunSpec) -> dict[str, Any]:
+    """The eval pod's network: nothing in; out, only DNS and the ports of the endpoints it scores
+    (none when it scores checkpoints, which it reads from its volumes). A NetworkPolicy cannot
+    name a host, so a port is open to any address: the completions themselves never have a
+    network (the sandbox's namespace), this keeps the evaluator to what it must reach."""
+    endpoints = [m.endpoint for m in [spec.model, *spec.compare] if m.endpoint is not None]
+    ports = sorted({_port_of(e.url) for e in endpoints})
+    egress: list[dict[str, Any]] = []
+    if ports:
+        egress = [
+            {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+            {"ports": [{"protocol": "TCP", "port": p} for p in ports]},
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": eval_job_name(eval_name), "namespace": namespace, "labels": eval_labels(eval_name)},
+        "spec": {
+            "podSelector": {"matchLabels": {EVAL_LABEL: eval_name}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [],
+            "egress": egress,
+        },
+    }
+
+
+def _port_of(url: str) -> int:
+    parsed = urlsplit(url)
+    return parsed.port or (443 if parsed.scheme == "https" else 80)

@@ -27,6 +27,7 @@ class OperatorConfig:
     peering: str | None = None  # kopf peering name; None: standalone (one replica)
     scrape_timeout: float = 2.0  # seconds to wait for a trainer's /metrics
     log_format: str = "json"  # json or plain
+    eval_runtime_class: str | None = None  # RuntimeClass of eval pods that set none (gVisor, Kata)
 
 
 def _env(name: str, default: str) -> str:
@@ -72,6 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> OperatorConfig:
     )
     p.add_argument("--scrape-timeout", type=float, default=float(_env("SCRAPE_TIMEOUT", str(d.scrape_timeout))))
     p.add_argument("--log-format", choices=["json", "plain"], default=_env("LOG_FORMAT", d.log_format))
+    p.add_argument(
+        "--eval-runtime-class",
+        default=_env("EVAL_RUNTIME_CLASS", "") or None,
+        help="RuntimeClass (e.g. gvisor, kata) of eval pods whose EvalRun names none",
+    )
     a = p.parse_args(argv)
     namespaces = a.namespace if a.namespace else [n for n in _env("NAMESPACES", "").split(",") if n.strip()]
     if a.interval <= 0 or a.max_workers < 1:
@@ -87,6 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> OperatorConfig:
         peering=a.peering,
         scrape_timeout=a.scrape_timeout,
         log_format=a.log_format,
+        eval_runtime_class=a.eval_runtime_class,
     )
 
 

@@ -428,6 +428,7 @@ def _apply_result(new: EvalRunStatus, result: EvalResult | None, now: datetime) 
     new.pass_at_1 = result.scores.get(score_key(1))
     new.problems = result.problems
     new.samples_per_problem = result.samples
+    new.sandbox_isolation = result.isolation
     message = _format_scores(result.scores)
     if result.compare:
         new.comparison = {n: dict(v) for n, v in result.compare.items()}

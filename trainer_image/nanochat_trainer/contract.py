@@ -242,6 +242,7 @@ class EvalResult:
     problems: int | None = None
     samples: int | None = None
     compare: dict[str, dict[str, float]] = field(default_factory=dict)  # {"parent": {"pass@1": 0.2}}
+    isolation: str | None = None  # the sandbox's level (eval/isolation.py): "namespaces", or weaker
 
 
 def encode_result(
@@ -249,9 +250,13 @@ def encode_result(
     problems: int,
     samples: int,
     compare: Mapping[str, Mapping[str, float]] | None = None,
+    isolation: str | None = None,
 ) -> str:
-    """The compact JSON line: {"pass_at_k": {"1": 0.13}, "problems": 164, "samples": 1[, "compare": ...]}."""
+    """The compact JSON line: {"pass_at_k": {"1": 0.13}, "problems": 164, "samples": 1[, "compare": ...]
+    [, "isolation": "namespaces"]}."""
     out: dict[str, Any] = {"pass_at_k": dict(pass_at_k), "problems": problems, "samples": samples}
+    if isolation:
+        out["isolation"] = isolation
     if compare:
         out["compare"] = {name: dict(scores) for name, scores in compare.items()}
     return json.dumps(out, sort_keys=True)
@@ -272,13 +277,14 @@ def parse_result(message: str | None) -> EvalResult | None:
         except ValueError:
             continue
         if isinstance(data, dict) and isinstance(data.get("pass_at_k"), dict):
-            problems, samples = data.get("problems"), data.get("samples")
+            problems, samples, isolation = data.get("problems"), data.get("samples"), data.get("isolation")
             compare = data.get("compare") if isinstance(data.get("compare"), dict) else {}
             return EvalResult(
                 scores=_scores(data["pass_at_k"]),
                 problems=problems if isinstance(problems, int) else None,
                 samples=samples if isinstance(samples, int) else None,
                 compare={str(n): _scores(v) for n, v in compare.items() if isinstance(v, dict)},
+                isolation=isolation if isinstance(isolation, str) else None,
             )
     return None
 

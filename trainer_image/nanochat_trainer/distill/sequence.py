@@ -55,7 +55,7 @@ from ..config import DistillConfig, TrainerConfig
 from ..data.feed import Batch
 from ..data.loader import TokenLoader
 from ..data.sources import iter_indexed
-from ..eval.sandbox import Sandbox
+from ..eval.sandbox import CheckTask, Sandbox
 from .teacher import FATAL_STATUS, AsyncTeacher, TeacherError, TeacherUnavailable
 
 # Where a function body is over: the next top-level statement. Sent as stop strings (to save
@@ -69,7 +69,7 @@ STARVED_AFTER = 256  # answered prompts in a row that were all rejected: treated
 class Prompt:
     index: int  # global document index in the data source
     text: str  # what the teacher completes
-    tests: str  # asserts that call the function ("" when none)
+    tests: str  # literal asserts on the function, `assert f(1, [2]) == 3` ("" when none)
 
 
 def split_prompt(doc: str) -> tuple[str, str] | None:
@@ -79,7 +79,8 @@ def split_prompt(doc: str) -> tuple[str, str] | None:
     the colon of its header without one), so the teacher writes the body. It stops before the
     newline: a BPE merges the newline with the next line's indentation, and a prompt ending in
     a bare newline would end on a token the model has rarely seen there. Tests are the
-    top-level asserts after the function that call it."""
+    top-level asserts after the function of the form `assert f(<literals>) == <literal>`: the
+    trusted checker runs them (sandbox.py), so nothing else of the document is executed there."""
     try:
         tree = ast.parse(doc)
     except (SyntaxError, ValueError):
@@ -101,13 +102,33 @@ def split_prompt(doc: str) -> tuple[str, str] | None:
         if first is not body[0] and body[0].end_col_offset is not None:
             last = last.encode()[: body[0].end_col_offset].decode()  # up to the docstring's end (UTF-8 bytes)
         prompt = "".join(lines[: end_line - 1]) + last
-        tests = [
-            ast.get_source_segment(doc, s) or ""
-            for s in tree.body[i + 1 :]
-            if isinstance(s, ast.Assert) and any(isinstance(n, ast.Name) and n.id == node.name for n in ast.walk(s))
-        ]
+        tests = [ast.get_source_segment(doc, s) or "" for s in tree.body[i + 1 :] if _literal_assert(s, node.name)]
         return prompt, "\n".join(t for t in tests if t)
     return None
+
+
+def _literal_assert(stmt: ast.stmt, name: str) -> bool:
+    """`assert name(<literals>) == <literal>`, `assert name(<literals>)` or `assert not name(...)`:
+    a test that is plain data apart from the call."""
+    if not isinstance(stmt, ast.Assert) or stmt.msg is not None:
+        return False
+    test, expected = stmt.test, []
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        test = test.operand
+    if isinstance(test, ast.Compare):
+        if len(test.ops) != 1 or not isinstance(test.ops[0], ast.Eq):
+            return False
+        test, expected = test.left, test.comparators
+    if not (isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id == name):
+        return False
+    if any(k.arg is None for k in test.keywords) or any(isinstance(a, ast.Starred) for a in test.args):
+        return False
+    try:
+        for node in [*test.args, *(k.value for k in test.keywords), *expected]:
+            ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
 
 
 def function_body(completion: str) -> str:
@@ -134,18 +155,26 @@ def check_completion(prompt: str, body: str) -> str | None:
     return None
 
 
-def program_with_tests(prompt: str, body: str, tests: str) -> str:
-    """What the sandbox runs for a completion of a prompt with tests."""
-    return f"{prompt}{body}\n\n{tests}\n"
+def check_task(prompt: Prompt, body: str) -> CheckTask:
+    """How a completion is judged: prompt + body run isolated, the prompt's literal asserts run in
+    the trusted checker, calling the function across the boundary."""
+    called = sorted(
+        {
+            n.func.id
+            for n in ast.walk(ast.parse(prompt.tests))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        }
+    )
+    return CheckTask(program=f"{prompt.text}{body}\n", test=prompt.tests, proxied=tuple(called))
 
 
-def filter_completions(items: list[tuple[Prompt, str]], sandbox=None) -> list[str | None]:
+def filter_completions(items: list[tuple[Prompt, str]], sandbox: Sandbox | None = None) -> list[str | None]:
     """For each (prompt, body): None if accepted, else the reason ("empty", "syntax", "tests").
     Tests run only when a sandbox is given and the prompt has tests."""
     reasons = [check_completion(p.text, body) for p, body in items]
     todo = [j for j, (p, _) in enumerate(items) if reasons[j] is None and p.tests and sandbox is not None]
-    if todo:
-        results = sandbox.run_many([program_with_tests(items[j][0].text, items[j][1], items[j][0].tests) for j in todo])
+    if todo and sandbox is not None:
+        results = sandbox.check_many([check_task(*items[j]) for j in todo])
         for j, res in zip(todo, results):
             if not res.passed:
                 reasons[j] = "tests"

