@@ -341,6 +341,7 @@ def test_eval_pod_is_a_boundary_too():
     sc = pod["containers"][0]["securityContext"]
     assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
     assert {"name": "scratch", "mountPath": "/tmp"} in pod["containers"][0]["volumeMounts"]  # the one writable place
+    assert {"name": "HOME", "value": "/tmp"} in pod["containers"][0]["env"]
     pod = render.render_eval_job("ev", "ml", spec, image="i", source=("demo", "runs"), runtime_class="gvisor")["spec"][
         "template"
     ]["spec"]

@@ -532,6 +532,8 @@ def render_eval_job(
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": TERMINATION_LOG_ENV, "value": DEFAULT_TERMINATION_LOG},
+        # The root filesystem is read-only: any cache a library keeps under $HOME goes to /tmp.
+        {"name": "HOME", "value": "/tmp"},
     ]
     mounts: list[dict[str, Any]] = [{"name": "scratch", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "scratch", "emptyDir": {}}]
