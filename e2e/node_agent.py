@@ -21,7 +21,9 @@ What it does NOT do, because there is no container runtime here:
     every pod's IP is 127.0.0.1 and Service / headless-pod DNS names in env and args
     are rewritten to 127.0.0.1 (so two pods must not listen on the same port);
   * no resource limits are enforced, and no probes run (Ready as soon as started);
-  * only the first container runs (init containers run first, in order).
+  * only the first container runs (init containers run first, in order); a native sidecar
+    (an init container with `restartPolicy: Always`) is started and not waited for, is never
+    restarted, and is killed with the pod's other processes when the main container ends.
 """
 
 from __future__ import annotations
@@ -686,6 +688,8 @@ class TestNodeAgent:
             proc = self._spawn(run, init)
             if proc is None:
                 return
+            if init.container.get("restartPolicy") == "Always":
+                continue  # a native sidecar: it runs beside the rest, and dies with the pod
             code = exit_code_of(proc.wait())
             if self._abandoned(run):
                 return

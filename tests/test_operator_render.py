@@ -355,6 +355,36 @@ def test_eval_pod_is_a_boundary_too():
     assert pod["serviceAccountName"] == "scorer" and "automountServiceAccountToken" not in pod
 
 
+def test_eval_pod_runs_completions_in_a_sandbox_container():
+    """The completions run in a native sidecar of their own: another uid, nothing of the
+    evaluator's (no volume, Secret or env of its), reached at a socket both containers name."""
+    teacher = {"url": "http://t/v1", "model": "m", "apiKeySecret": {"name": "s", "key": "k"}}
+    spec = EvalRunSpec.model_validate({"model": {"endpoint": teacher}, "env": [{"name": "X", "value": "1"}]})
+    job = render.render_eval_job("ev", "ml", spec, image="img")
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    (sandbox,) = pod["initContainers"]
+    assert sandbox["restartPolicy"] == "Always" and sandbox["image"] == "img"
+    assert sandbox["command"] == ["nanochat", "sandbox-serve"]
+    assert sandbox["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsUser": 65534,
+        "runAsGroup": 65534,
+    }
+    assert sandbox["volumeMounts"] == [{"name": "sandbox-scratch", "mountPath": "/tmp"}]
+    names = {v["name"] for v in sandbox["env"]}
+    assert names == {"POD_UID", "NANOCHAT_SANDBOX_SOCKET", "HOME", "PYTHONUNBUFFERED"}
+    assert "envFrom" not in sandbox
+    evaluator = env_of(job)
+    assert evaluator["NANOCHAT_EVAL_API_KEY"] == {"secretKeyRef": {"name": "s", "key": "k"}} and evaluator["X"] == "1"
+    socket_env = {"name": "NANOCHAT_SANDBOX_SOCKET", "value": "@nanochat-sandbox-$(POD_UID)"}
+    for c in (sandbox, pod["containers"][0]):
+        names = [e["name"] for e in c["env"]]
+        assert socket_env in c["env"] and names.index("POD_UID") < names.index("NANOCHAT_SANDBOX_SOCKET")
+
+
 def test_eval_network_policy_opens_only_the_scored_endpoints():
     ckpt = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}})
     policy = render.render_eval_network_policy("ev", "ml", ckpt)

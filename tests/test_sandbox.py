@@ -17,14 +17,18 @@ import math
 import os
 import socket
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nanochat_trainer.contract import SANDBOX_SOCKET_ENV
 from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems
 from nanochat_trainer.eval.passk import mean_pass_at_k, pass_at_k
 from nanochat_trainer.eval.sandbox import FAILED, PASSED, TIMED_OUT, CheckTask, Sandbox
+from nanochat_trainer.eval.sandbox_server import serve
 
 WRONG_ADD = "def add(a, b):\n    return 0\n"
 ADD_TEST = "assert add(1, 2) == 3\nassert add(2, 2) == 4\n"
@@ -97,9 +101,25 @@ FORGERIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def box() -> Sandbox:
-    return Sandbox(timeout=3.0, memory_mb=512, workers=2)
+@pytest.fixture(scope="module", params=["here", "container"])
+def box(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """Programs started by this process, or by a sandbox server (the eval pod's sandbox
+    container, here a thread of this process) that this process reaches over a socket."""
+    if request.param == "here":
+        yield Sandbox(timeout=3.0, memory_mb=512, workers=2)
+        return
+    address = f"@nanochat-test-sandbox-{os.getpid()}"
+    ready, stop = threading.Event(), threading.Event()
+    server = threading.Thread(target=serve, args=(address,), kwargs={"ready": ready, "stop": stop}, daemon=True)
+    server.start()
+    assert ready.wait(30)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SANDBOX_SOCKET_ENV, address)
+        sandbox = Sandbox(timeout=3.0, memory_mb=512, workers=2)
+    assert sandbox.isolation.level == "container" and sandbox.isolation.socket == address
+    yield sandbox
+    stop.set()
+    server.join(5)
 
 
 def _check(box: Sandbox, program: str, test: str = ADD_TEST, proxied: tuple[str, ...] = ("add",)):
@@ -107,8 +127,9 @@ def _check(box: Sandbox, program: str, test: str = ADD_TEST, proxied: tuple[str,
 
 
 def test_namespaces_are_available_here(box: Sandbox) -> None:
-    """This machine permits user namespaces: the sandbox must use them (CI and the e2e agent)."""
-    assert box.isolation.level == "namespaces", box.isolation_summary
+    """This machine permits user namespaces: the sandbox must use them (CI and the e2e agent),
+    and the sandbox server's programs too."""
+    assert box.isolation_summary["level"] in ("namespaces", "container/namespaces"), box.isolation_summary
     assert "weaker_because" not in box.isolation_summary
 
 
@@ -162,7 +183,8 @@ def test_the_evaluator_survives_every_hostile_completion(box: Sandbox) -> None:
     hostile = [FORGERIES[k].replace("add", "x") for k in ("kill the parent", "runner's send via gc", "exit early")]
     hostile.append("    while True:\n        pass\n")
     report = evaluate_completions(problems, {p["task_id"]: hostile for p in problems}, ks=[1], sandbox=box)
-    assert report["pass_at_k"] == {"1": 0.0} and report["sandbox"]["isolation"]["level"] == "namespaces"
+    assert report["pass_at_k"] == {"1": 0.0}
+    assert report["sandbox"]["isolation"]["level"] in ("namespaces", "container/namespaces")
     statuses = {s["status"] for row in report["per_problem"] for s in row["samples"]}
     assert statuses == {FAILED, TIMED_OUT}, statuses
 
@@ -183,6 +205,16 @@ def test_a_detached_child_dies_with_the_program(box: Sandbox) -> None:
     time.sleep(0.5)
     survivors = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
     assert not survivors
+
+
+def test_a_timed_out_program_is_killed(box: Sandbox) -> None:
+    """The evaluator gives up on a program at its timeout, and the program (here, the server's
+    when it sees the connection close) dies then, not at the end of the run."""
+    marker = f"{32000 + os.getpid() % 1000}.5"
+    r = box.run(f"import posix\nposix.execv('/bin/sleep', ['sleep', '{marker}'])\n")
+    assert r.status == TIMED_OUT, r
+    time.sleep(1.0)
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
 
 
 def _cmdline(pid: str) -> str:

@@ -7,6 +7,7 @@
     nanochat eval --checkpoint runs/x/final   # HumanEval pass@k
     nanochat serve --checkpoint runs/x/final  # OpenAI-compatible server
     nanochat crds                             # regenerate crds/*.yaml
+    nanochat sandbox-serve --socket @name     # the eval pod's sandbox container
 
 Bad input prints one line naming the field and exits with status 2; nothing is written.
 
@@ -19,6 +20,8 @@ work where only the operator extra is installed.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Any
 
@@ -26,7 +29,8 @@ import yaml
 
 from nanochat_operator.crds import write_crds
 from nanochat_trainer.config import TrainerConfig, deep_merge, load_trainer_config
-from nanochat_trainer.errors import run_guarded
+from nanochat_trainer.contract import SANDBOX_SOCKET_ENV
+from nanochat_trainer.errors import ConfigError, run_guarded
 
 from .local import run_manifest
 from .progress import progress_bar
@@ -96,6 +100,17 @@ def cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sandbox_serve(args: argparse.Namespace) -> int:
+    from nanochat_trainer.eval.sandbox_server import serve  # noqa: PLC0415 (standard library only)
+
+    address = args.socket or os.environ.get(SANDBOX_SOCKET_ENV)
+    if not address:
+        raise ConfigError("--socket", address, f"required (or ${SANDBOX_SOCKET_ENV}): the address to listen on")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve(address)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanochat", description="Train, evaluate and serve small code LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--chart-dir", default="helm/nanochat-operator/files/crds", help="the chart's copy of the CRDs (empty to skip)"
     )
     p.set_defaults(func=cmd_crds)
+
+    p = sub.add_parser("sandbox-serve", help="run programs isolated on request: the eval pod's sandbox container")
+    p.add_argument("--socket", help=f"address to listen on, @name: an abstract socket (default ${SANDBOX_SOCKET_ENV})")
+    p.set_defaults(func=cmd_sandbox_serve)
 
     try:
         from .eval import (  # noqa: PLC0415 (torch: the trainer extra)

@@ -41,6 +41,7 @@ from nanochat_trainer.contract import (
     JOB_NAME_LABEL,
     QUEUE_LABEL,
     RUN_LABEL,
+    SANDBOX_SOCKET_ENV,
     SPEC_ANNOTATION,
     SPEC_HASH_ANNOTATION,
     TERMINATION_LOG_ENV,
@@ -79,6 +80,14 @@ EVAL_CONTAINER_SECURITY = {
     "readOnlyRootFilesystem": True,
     "capabilities": {"drop": ["ALL"]},
 }
+# The container the completions run in (eval/sandbox_server.py): a user of its own, and nothing
+# of the evaluator's: no volume, no Secret, no environment.
+SANDBOX_CONTAINER = "sandbox"
+SANDBOX_CONTAINER_SECURITY = {**EVAL_CONTAINER_SECURITY, "runAsUser": 65534, "runAsGroup": 65534}
+# 4 programs at a time (nanochat eval --workers), 1 GiB of address space each (Sandbox memory_mb).
+SANDBOX_RESOURCES = {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "5Gi"}}
+# Unique per pod even where pods share a network namespace (the e2e node agent, hostNetwork).
+SANDBOX_SOCKET = "@nanochat-sandbox-$(POD_UID)"
 
 
 # ---------------------------------------------------------------------------- names and paths
@@ -568,10 +577,13 @@ def render_eval_job(
     resources = _container_resources(spec.resources, spec.resources.gpus)
     if resources:
         container["resources"] = resources
+    container["env"] = [*_sandbox_env(), *env]
+    volumes.append({"name": "sandbox-scratch", "emptyDir": {"sizeLimit": "1Gi"}})
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "securityContext": dict(EVAL_POD_SECURITY),
+        "initContainers": [_sandbox_container(image)],
         "containers": [container],
         "volumes": volumes,
     }
@@ -598,6 +610,30 @@ def render_eval_job(
         "metadata": _job_metadata(name, namespace, labels, spec),
         "spec": job_spec,
     }
+
+
+def _sandbox_container(image: str) -> dict[str, Any]:
+    """The eval pod's sandbox: a native sidecar (an init container that keeps running, stopped
+    when the eval container ends) serving isolated program runs on SANDBOX_SOCKET. Its own PID
+    namespace and uid; it shares only the pod's network namespace with the evaluator."""
+    return {
+        "name": SANDBOX_CONTAINER,
+        "image": image,
+        "restartPolicy": "Always",
+        "command": ["nanochat", "sandbox-serve"],
+        "workingDir": "/tmp",
+        "env": [*_sandbox_env(), {"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
+        "volumeMounts": [{"name": "sandbox-scratch", "mountPath": "/tmp"}],
+        "securityContext": dict(SANDBOX_CONTAINER_SECURITY),
+        "resources": SANDBOX_RESOURCES,
+    }
+
+
+def _sandbox_env() -> list[dict[str, Any]]:
+    return [
+        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        {"name": SANDBOX_SOCKET_ENV, "value": SANDBOX_SOCKET},
+    ]
 
 
 def render_eval_network_policy(eval_name: str, namespace: str, spec: EvalRunSpec) -> dict[str, Any]:

@@ -332,6 +332,9 @@ EVAL_API_KEY_ENV = "NANOCHAT_EVAL_API_KEY"
 _COMPARE_KEY_PREFIX = "NANOCHAT_COMPARE_API_KEY_"
 # Any value: a configuration error raises with its traceback instead of one line.
 DEBUG_ENV = "NANOCHAT_DEBUG"
+# The eval pod's sandbox container: the address its server listens on (`@name`, an abstract Unix
+# socket), set by the operator on both of the pod's containers.
+SANDBOX_SOCKET_ENV = "NANOCHAT_SANDBOX_SOCKET"
 
 
 def compare_key_env(name: str) -> str:

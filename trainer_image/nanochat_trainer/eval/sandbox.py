@@ -21,6 +21,10 @@ the program returned, decide.
 `run(program)` reports whether a program ran through without an exception. That report is
 the untrusted process's own word: it serves tools and the isolation tests, never a score.
 
+In the eval pod the program's process is not this one's child: it is started by the sandbox
+server of the pod's other container (`sandbox_server.py`, level `container`), over a socket
+that carries the same protocol; closing the connection kills it.
+
 What is contained, and what is not (see isolation.py for the levels):
 - at level `namespaces`: the filesystem (read-only system, private /tmp of 16 MiB), other
   processes (PID namespace: nothing outside is visible; every process the program starts dies
@@ -41,21 +45,19 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from .isolation import Isolation, Level, detect
+from .isolation import CONNECT_WAIT_S, PROCESS_MARGIN, RUNNER, Isolation, Level, connect, detect
 from .sandbox_runner import Uncrossable, decode, encode
 
 PASSED, FAILED, TIMED_OUT = "passed", "failed", "timed out"
-RUNNER = Path(__file__).with_name("sandbox_runner.py")
 MAX_MESSAGE = 16 * 2**20  # bytes of one answer from the program
-PROCESS_MARGIN = 64  # processes and threads a program may add to its user's count
 PR_SET_DUMPABLE = 4
 
 
@@ -105,24 +107,49 @@ class _Crashed(Exception):
 
 
 class Untrusted:
-    """The isolated process of one program: starts it, calls its functions, kills it."""
+    """The isolated process of one program: starts it, calls its functions, kills it.
 
-    def __init__(self, program: str, isolation: Isolation, limits: dict[str, int | None], deadline: float):
-        self.deadline = deadline
-        # Unbuffered: a question is on its way as soon as it is written, and a dead process's pipe
-        # has nothing left to flush.
-        self.proc = subprocess.Popen(
-            isolation.command(RUNNER),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            bufsize=0,
-        )
+    The process is this one's child (pipes), or at level `container` the sandbox container's,
+    reached over a connection to its server (`sandbox_server.py`), which kills the program when
+    the connection closes."""
+
+    def __init__(self, program: str, isolation: Isolation, limits: dict[str, int], margin: int, timeout: float):
         self._buf = b""
         self._calls = 0
-        self._send({"program": program, "limits": limits})
-        self.loaded = self._receive()
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        if isolation.level == "container":
+            assert isolation.socket is not None
+            # Not part of the program's time: the server may be restarting (kubelet restarts it).
+            try:
+                self.sock = connect(isolation.socket, CONNECT_WAIT_S)
+            except OSError as exc:
+                raise _Crashed(f"the sandbox container is not answering at {isolation.socket}: {exc}") from None
+            self._read_fd = self._write_fd = self.sock.fileno()
+            self.deadline = time.monotonic() + timeout
+            try:
+                self._receive()  # the server's hello: its isolation, known since `detect`
+            except BaseException:
+                self.sock.close()
+                raise
+        else:
+            self.proc = subprocess.Popen(
+                isolation.command(RUNNER, margin),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                bufsize=0,
+            )
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self._read_fd, self._write_fd = self.proc.stdout.fileno(), self.proc.stdin.fileno()
+            self.deadline = time.monotonic() + timeout
+        try:
+            self._send({"program": program, "limits": limits})
+            self.loaded = self._receive()
+        except BaseException:  # a program that never loads (a timeout) is killed all the same
+            self.kill()
+            raise
 
     def call(self, name: str, args: tuple, kwargs: dict[str, Any]) -> Any:
         self._calls += 1
@@ -148,23 +175,25 @@ class Untrusted:
         raise _Crashed(f"an answer that is not one: {str(answer)[:200]}")
 
     def _send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
+        data = memoryview(json.dumps(message).encode() + b"\n")
         try:
-            self.proc.stdin.write(json.dumps(message).encode() + b"\n")
-        except (BrokenPipeError, OSError):
+            while data:
+                data = data[os.write(self._write_fd, data) :]
+        except OSError:  # BrokenPipeError, ConnectionResetError
             raise _Crashed("the program's process ended") from None
 
     def _receive(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
         while b"\n" not in self._buf:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise _Timeout()
-            ready, _, _ = select.select([fd], [], [], left)
+            ready, _, _ = select.select([self._read_fd], [], [], left)
             if not ready:
                 raise _Timeout()
-            chunk = os.read(fd, 1 << 16)
+            try:
+                chunk = os.read(self._read_fd, 1 << 16)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 raise _Crashed(self._exit_reason())
             self._buf += chunk
@@ -180,6 +209,8 @@ class Untrusted:
         return message
 
     def _exit_reason(self) -> str:
+        if self.proc is None:
+            return "the program's process ended (the sandbox container closed the connection)"
         try:
             code = self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -189,6 +220,10 @@ class Untrusted:
         return f"exit code {code} without an answer"
 
     def kill(self) -> None:
+        if self.sock is not None:
+            self.sock.close()  # the server kills the program's process group
+            return
+        assert self.proc is not None
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -209,7 +244,7 @@ class Sandbox:
         file_mb: int = 16,
         workers: int = 4,
         nproc: int = PROCESS_MARGIN,
-        isolation: Level = "namespaces",
+        isolation: Level = "container",
     ):
         self.timeout = timeout
         self.memory_bytes = memory_mb * 2**20
@@ -217,14 +252,14 @@ class Sandbox:
         self.workers = max(1, workers)
         self.nproc = nproc
         self.isolation = detect(isolation)
-        if self.isolation.level != "namespaces":
+        if self.isolation.level in ("network-namespace", "process"):
             _not_dumpable()
 
     @property
     def isolation_summary(self) -> dict[str, str]:
         """What the results file says about the isolation: its level, what it is, and why it is not
         stronger."""
-        out = {"level": self.isolation.level, "description": self.isolation.description}
+        out = {"level": self.isolation.name, "description": self.isolation.description}
         if self.isolation.why:
             out["weaker_because"] = self.isolation.why
         return out
@@ -233,7 +268,7 @@ class Sandbox:
         start = time.monotonic()
         untrusted = None
         try:
-            untrusted = Untrusted(task.program, self.isolation, self._limits(), start + self.timeout)
+            untrusted = Untrusted(task.program, self.isolation, self._limits(), self.nproc, self.timeout)
             if not untrusted.loaded.get("loaded"):
                 return _result(
                     FAILED, str(untrusted.loaded.get("error"))[:100], str(untrusted.loaded.get("detail"))[:500], start
@@ -272,15 +307,11 @@ class Sandbox:
     def run_many(self, programs: Sequence[str]) -> list[SandboxResult]:
         return self.check_many([CheckTask(p) for p in programs])
 
-    def _limits(self) -> dict[str, int | None]:
-        # RLIMIT_NPROC counts every process and thread of the program's real user, here too.
-        uid = self.isolation.drops_to
+    def _limits(self) -> dict[str, int]:
         return {
             "memory_bytes": self.memory_bytes,
             "file_bytes": self.file_bytes,
             "cpu_seconds": int(self.timeout) + 1,
-            "nproc": _tasks_of(os.getuid() if uid is None else uid) + self.nproc,
-            "uid": uid,
         }
 
 
@@ -303,17 +334,3 @@ def _not_dumpable() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
-
-
-def _tasks_of(uid: int) -> int:
-    """Processes and threads of user `uid` now."""
-    count = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid == uid:
-                count += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError:
-            continue  # gone meanwhile
-    return count

@@ -1,6 +1,7 @@
 """The untrusted side of the sandbox: runs one program and answers calls to its functions.
 
-Run as a script inside the isolation (`python -I -S sandbox_runner.py`); standard library only,
+Run as a script inside the isolation (`python -I -S sandbox_runner.py '{"uid": .., "nproc": ..}'`,
+the limits only its host knows: `Isolation.host_limits`); standard library only,
 because nothing else is mounted there. Its whole protocol is JSON lines on stdin and stdout:
 
     <- {"program": "...", "limits": {...}}           the program and its resource limits
@@ -183,8 +184,10 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     setup = json.loads(requests.readline())
-    _limit(setup["limits"])
-    _drop_privileges(setup["limits"].get("uid"))
+    # The evaluator's limits, and those only the host that starts this process can set.
+    limits = {**setup["limits"], **json.loads(sys.argv[1])}
+    _limit(limits)
+    _drop_privileges(limits["uid"])
     _guard()
 
     def send(message: dict[str, Any]) -> None:
