@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint e2e-tools e2e cluster crds bench clean
+.PHONY: demo test test-fast lint gpt2-bpe e2e-tools e2e cluster crds bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,15 +14,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## make demo: train the tiny preset on synthetic code on CPU, sample, plot the loss.
-demo: $(STAMP)
+demo: $(STAMP) gpt2-bpe
 	$(PY) -m nanochat_trainer.demo --out runs/demo
 
 ## make test: the lint checks, then every test: unit, integration, and e2e on a real control plane.
-test: lint $(STAMP) e2e-tools
+test: lint $(STAMP) gpt2-bpe e2e-tools
 	$(PY) -m pytest -q
 
 ## make test-fast: the lint checks and the tests not marked slow or e2e (a few minutes; no Go tools).
-test-fast: lint $(STAMP)
+test-fast: lint $(STAMP) gpt2-bpe
 	$(PY) -m pytest -q -m "not slow and not e2e"
 
 ## make lint: ruff (lint and format) and the import-layering contracts (pyproject.toml); seconds.
@@ -30,6 +30,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+## GPT-2's BPE in tiktoken's cache, offline and checked by its sha256: taken from openai-whisper's
+## source distribution on PyPI (whisper/assets/gpt2.tiktoken is r50k_base byte for byte), once.
+WHISPER := openai-whisper==20250625
+WHISPER_DIR := $(HOME)/.cache/nanochat-tools/$(subst ==,-,$(WHISPER))
+gpt2-bpe: $(STAMP)
+	@$(VENV)/bin/nanochat tokenizer gpt2 >/dev/null 2>&1 || { \
+	  $(PY) -m pip download -q --no-deps --no-binary :all: $(WHISPER) -d $(WHISPER_DIR) && \
+	  $(VENV)/bin/nanochat tokenizer gpt2 --from-sdist $(WHISPER_DIR)/openai_whisper-20250625.tar.gz; }
 
 ## The e2e control plane's binaries (kube-apiserver, controller manager, scheduler, kubectl,
 ## etcd, kwok, helm), built with Go at the versions in e2e/versions.env into

@@ -95,6 +95,8 @@ def test_columns_and_cel_rules_present():
         "Phase",
         "Step",
         "Loss",
+        "Val loss",
+        "pass@1",
         "Tokens/s",
         "Age",
     ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from nanochat_operator.metrics import OperatorMetrics
+from nanochat_trainer.contract import TrainerGauge
 
 
 def pinned(key: str) -> str:
@@ -248,3 +252,19 @@ def test_every_value_is_documented():
         stack.append((indent, key))
         if not inside_free_form:
             assert i and lines[i - 1].strip().startswith("#"), f"values.yaml:{i + 1} {key!r} has no comment above it"
+
+
+def test_the_dashboard_queries_only_metrics_that_exist():
+    """Every nanochat_* series a panel plots is one the operator or a trainer exports: a renamed
+    gauge would leave an empty panel and nothing else failing."""
+    families = list(OperatorMetrics().registry.collect())
+    exported = {m.metric for m in TrainerGauge} | {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
+    queried = {
+        name.removesuffix("_bucket")
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"nanochat_[a-z0-9_]+", target["expr"])
+    }
+    assert queried and queried <= exported, queried - exported
+    assert {"nanochat_training_loss", "nanochat_training_val_loss", "nanochat_training_pass_at_1"} <= queried

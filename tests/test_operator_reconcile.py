@@ -376,3 +376,17 @@ def test_comparison_names_must_be_unique():
     ev = er(compare=[{"name": "a", "trainingRun": "x"}, {"name": "a", "trainingRun": "y"}])
     s = step(c, ev, fn=reconcile_eval)
     assert s["phase"] == "Failed" and "names must be unique" in get_condition(s, "Failed")["message"]
+
+
+def test_an_eval_of_the_best_checkpoint_needs_one():
+    """checkpoint: best scores <run>/best, which only a run with in-training evaluation has."""
+    c = FakeCluster()
+    c.runs["demo"] = tr(status={"phase": "Succeeded", "storageClaim": "runs"})
+    ev = er(model={"trainingRun": "demo", "checkpoint": "best"})
+    s = step(c, ev, fn=reconcile_eval)
+    assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "NoBestCheckpoint"
+    c.runs["demo"]["spec"]["trainer"]["evaluation"] = {"every": 500}
+    s = step(c, er("ev2", model={"trainingRun": "demo", "checkpoint": "best"}), fn=reconcile_eval)
+    assert s["checkpoint"] == "/data/runs/demo/best"
+    command = c.objects[("Job", "ml", "ev2-eval")]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--checkpoint") + 1] == "/data/runs/demo/best"

@@ -14,7 +14,7 @@ import yaml
 
 from nanochat_operator import render
 from nanochat_operator.api import Endpoint, EvalRunSpec, TrainingRunSpec
-from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.config import EvaluationConfig, TrainerConfig
 from nanochat_trainer.contract import RunLayout
 
 from operator_support import pinned
@@ -403,3 +403,17 @@ def test_eval_network_policy_opens_only_the_scored_endpoints():
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
         {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8000}]},
     ]
+
+
+def test_training_pods_that_score_humaneval_get_the_sandbox_container():
+    plain = render.render_training("demo", "ml", training(1, 0), image="trainer:1")[-1]
+    assert "initContainers" not in plain["spec"]["template"]["spec"]
+    spec = training(1, 0)
+    spec.trainer.evaluation = EvaluationConfig(every=500)
+    job = render.render_training("demo", "ml", spec, image="trainer:1")[-1]
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    (sandbox,) = pod["initContainers"]
+    assert sandbox["restartPolicy"] == "Always" and sandbox["securityContext"]["runAsUser"] == 65534
+    env = env_of(job)
+    assert env["NANOCHAT_SANDBOX_SOCKET"] == "@nanochat-sandbox-$(POD_UID)" and "PET_NNODES" in env

@@ -194,9 +194,20 @@ def test_lifecycle_pending_starting_running_succeeded():
         job(),
         [pod(0, "Running")],
         now=later,
-        progress=prog.Progress(step=200, total_steps=1000, loss=3.0, checkpoint_step=200),
+        progress=prog.Progress(
+            step=200,
+            total_steps=1000,
+            loss=3.0,
+            val_loss=3.4567891,
+            pass_at_1=0.12195,
+            best_pass_at_1=0.15244,
+            best_step=100,
+            checkpoint_step=200,
+        ),
     )
     assert s["eta"] == "13m20s"  # 800 steps left at 1 step/s
+    assert s["valLoss"] == 3.456789  # a validation ran at this step; kept until the next one
+    assert (s["passAt1"], s["bestPassAt1"], s["bestPassAt1Step"]) == (0.122, 0.1524, 100)
     assert s["latestCheckpoint"] == "/data/runs/demo/checkpoints/step_00000200" and s["latestCheckpointStep"] == 200
     # An unchanged condition status keeps its transition time.
     assert get_condition(s, "Running")["lastTransitionTime"] == running_since
@@ -391,10 +402,11 @@ def test_parse_trainer_metrics_and_duration():
         "# HELP nanochat_trainer_step Optimizer steps done.\n# TYPE nanochat_trainer_step gauge\n"
         "nanochat_trainer_step 120.0\nnanochat_trainer_total_steps 10000.0\nnanochat_trainer_loss 2.5\n"
         "nanochat_trainer_tokens_per_second 50000.0\nnanochat_trainer_checkpoint_step NaN\n"
-        'python_gc_objects_collected_total{generation="0"} 5.0\n'
+        'python_gc_objects_collected_total{generation="0"} 5.0\nnanochat_trainer_val_loss 2.75\n'
     )
     p = prog.parse_trainer_metrics(text)
-    assert p == prog.Progress(step=120, total_steps=10000, loss=2.5, tokens_per_second=50000.0, checkpoint_step=None)
+    want = prog.Progress(step=120, total_steps=10000, loss=2.5, val_loss=2.75, tokens_per_second=50000.0)
+    assert p == want
     assert prog.parse_trainer_metrics("") == prog.Progress()
     assert [prog.format_duration(s) for s in (5, 65, 3725, 90000)] == ["5s", "1m05s", "1h02m", "1d1h"]
 

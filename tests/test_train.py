@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from prometheus_client import generate_latest
 from safetensors.torch import load_file
 
+from nanochat_operator.progress import Progress, parse_trainer_metrics
+from nanochat_trainer.contract import RunLayout
 from nanochat_trainer.train import train
+from nanochat_trainer.train.metrics import TrainerMetrics
 
 from micro import MICRO, losses, micro_cfg, read_log, torchrun
 
@@ -80,3 +84,13 @@ def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
             assert len(counts) == 8 and sum(counts) == 4 * 64 * 2 * 3, counts
             moved = sum(abs(a - b) for a, b in zip(counts, theirs["layers"][name]))
             assert moved <= 0.02 * sum(counts), (name, counts, theirs["layers"][name])
+
+
+def test_gauges_are_unknown_until_set(tmp_path):
+    """A trainer that has not stepped or validated yet tells the operator nothing (NaN), not
+    zeros: a loss of 0, or teacher_up 0 in a run without a teacher, would be statuses."""
+    metrics = TrainerMetrics(RunLayout(tmp_path), port=0, enabled=True)
+    assert parse_trainer_metrics(generate_latest(metrics.registry).decode()) == Progress()
+    metrics.set(step=3, loss=2.5, val_loss=2.75)
+    seen = parse_trainer_metrics(generate_latest(metrics.registry).decode())
+    assert (seen.step, seen.loss, seen.val_loss, seen.teacher_up) == (3, 2.5, 2.75, None)

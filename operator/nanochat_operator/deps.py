@@ -9,6 +9,7 @@ wait for `a`:
     source Failed           -> fail  (SourceFailed: it will never produce a checkpoint)
     source without storage  -> fail  (SourceHasNoStorage: its checkpoint died with its pod)
     source Succeeded        -> ready (its final checkpoint and the PVC holding it)
+    ... without a best one  -> fail  (NoBestCheckpoint: an EvalRun asked for checkpoint: best)
 
 A chain that loops back on itself (a -> b -> a) can never start: `find_cycle` spots it.
 """
@@ -46,8 +47,9 @@ def source_claim(name: str, spec: dict[str, Any]) -> str | None:
     return None
 
 
-def resolve(source_name: str, source: dict[str, Any] | None) -> Dependency:
-    """Decide from the source TrainingRun object (None when it does not exist)."""
+def resolve(source_name: str, source: dict[str, Any] | None, which: str = "final") -> Dependency:
+    """Decide from the source TrainingRun object (None when it does not exist); `which`
+    checkpoint is read from it: final, or best."""
     if source is None:
         return Dependency(
             "wait", "SourceNotFound", f"TrainingRun {source_name} does not exist (yet); waiting for it", source_name
@@ -81,6 +83,15 @@ def resolve(source_name: str, source: dict[str, Any] | None) -> Dependency:
             f"waiting for TrainingRun {source_name} to succeed: it is {phase}{where}",
             source_name,
             claim,
+        )
+    # Read from the spec, not the status: the last step always evaluates, often after the last scrape.
+    if which == "best" and not ((source.get("spec") or {}).get("trainer") or {}).get("evaluation"):
+        return Dependency(
+            "fail",
+            "NoBestCheckpoint",
+            f"TrainingRun {source_name} has no best checkpoint: it ran without spec.trainer.evaluation "
+            "(score its final one, checkpoint: final)",
+            source_name,
         )
     checkpoint = status.final_checkpoint or render.final_checkpoint_path(source_name)
     return Dependency(

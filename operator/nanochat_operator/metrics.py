@@ -89,6 +89,18 @@ class OperatorMetrics:
         self.training_loss = Gauge(
             "nanochat_training_loss", "Last training loss of a TrainingRun.", labels, registry=self.registry
         )
+        self.training_val_loss = Gauge(
+            "nanochat_training_val_loss",
+            "Held-out loss of a TrainingRun at its last validation.",
+            labels,
+            registry=self.registry,
+        )
+        self.training_pass_at_1 = Gauge(
+            "nanochat_training_pass_at_1",
+            "Greedy HumanEval pass@1 of a TrainingRun at its last in-training evaluation.",
+            labels,
+            registry=self.registry,
+        )
         self.training_tps = Gauge(
             "nanochat_training_tokens_per_second", "Throughput of a TrainingRun.", labels, registry=self.registry
         )
@@ -104,6 +116,8 @@ class OperatorMetrics:
         for gauge, value in (
             (self.training_step, status.step),
             (self.training_loss, status.loss),
+            (self.training_val_loss, status.val_loss),
+            (self.training_pass_at_1, status.pass_at_1),
             (self.training_tps, status.tokens_per_second),
         ):
             if status.phase == Phase.RUNNING and value is not None:
@@ -120,7 +134,13 @@ class OperatorMetrics:
         """Drop a deleted run's series."""
         self.runs.forget(kind, namespace, name)
         if kind == TRAINING_KIND:
-            for gauge in (self.training_step, self.training_loss, self.training_tps):
+            for gauge in (
+                self.training_step,
+                self.training_loss,
+                self.training_val_loss,
+                self.training_pass_at_1,
+                self.training_tps,
+            ):
                 _remove(gauge, namespace, name)
         else:
             with self.eval_pass_at_k._lock:  # no public way to list a gauge's label sets

@@ -3,7 +3,8 @@
 Rank 0 of a run serves `/metrics` on `trainer.metrics.port` with the gauges the contract
 names (`nanochat_trainer.contract.TrainerGauge`); the operator GETs
 http://<pod 0 IP>:<port>/metrics on each reconcile of a Running run and keeps the few a
-TrainingRun's status shows: step, total steps, loss, throughput, the newest checkpoint's
+TrainingRun's status shows: step, total steps, loss, validation loss, pass@1 and the best one,
+throughput, the newest checkpoint's
 step, and for distillation whether the teacher answers.
 """
 
@@ -25,6 +26,10 @@ class Progress:
     step: int | None = None
     total_steps: int | None = None
     loss: float | None = None
+    val_loss: float | None = None  # runs with a validation section, from the first validation on
+    pass_at_1: float | None = None  # runs with an evaluation section, from the first evaluation on
+    best_pass_at_1: float | None = None
+    best_step: int | None = None
     tokens_per_second: float | None = None
     checkpoint_step: int | None = None
     teacher_up: bool | None = None  # distillation runs only
@@ -61,6 +66,10 @@ def parse_trainer_metrics(text: str) -> Progress:
         step=_integer(values, TrainerGauge.STEP),
         total_steps=_integer(values, TrainerGauge.TOTAL_STEPS),
         loss=_number(values, TrainerGauge.LOSS),
+        val_loss=_number(values, TrainerGauge.VAL_LOSS),
+        pass_at_1=_number(values, TrainerGauge.PASS_AT_1),
+        best_pass_at_1=_number(values, TrainerGauge.BEST_PASS_AT_1),
+        best_step=_integer(values, TrainerGauge.BEST_STEP),
         tokens_per_second=_number(values, TrainerGauge.TOKENS_PER_SECOND),
         checkpoint_step=_integer(values, TrainerGauge.CHECKPOINT_STEP),
         teacher_up=None if up is None else up == 1,

@@ -224,9 +224,11 @@ def _accepted(prev: S, now: datetime) -> S:
     return status
 
 
-def _dependency(cluster: Cluster, namespace: str, name: str, source_name: str, follow_chain: bool) -> deps.Dependency:
+def _dependency(
+    cluster: Cluster, namespace: str, name: str, source_name: str, follow_chain: bool, checkpoint: str = "final"
+) -> deps.Dependency:
     source = cluster.get_training_run(namespace, source_name)
-    dep = deps.resolve(source_name, source)
+    dep = deps.resolve(source_name, source, checkpoint)
     if dep.state == "wait" and follow_chain and source is not None:
         cache = {source_name: source}
 
@@ -258,12 +260,13 @@ def _gate_on_dependency(
     job_name: str,
     status_fn: Callable[..., S],
     kind: str,
+    checkpoint: str = "final",
 ) -> Outcome | tuple[str, str]:
     """Wait for, or fail on, the run this one reads; when it is ready, its (name, claim).
 
     Sets the DependenciesReady condition on `base` either way.
     """
-    dep = _dependency(cluster, namespace, name, source_name, follow_chain=follow_chain)
+    dep = _dependency(cluster, namespace, name, source_name, follow_chain=follow_chain, checkpoint=checkpoint)
     if dep.state == "fail":
         return _fail(base, now, generation, dep.reason, dep.message, condition=ConditionType.DEPENDENCIES_READY)
     ready = dep.state != "wait"
@@ -441,11 +444,12 @@ def reconcile_eval(
                 jname,
                 eval_status,
                 EVAL_KIND,
+                checkpoint=spec.model.checkpoint,
             )
             if isinstance(gate, Outcome):
                 return gate
             source = gate
-            base.checkpoint = render.final_checkpoint_path(source[0])
+            base.checkpoint = render.model_path(spec.model)
             base.results_path = render.eval_results_path(source[0], name)
         compare_runs: dict[str, tuple[str, str]] = {}
         for c in spec.compare:  # every compared run must have Succeeded too
@@ -464,6 +468,7 @@ def reconcile_eval(
                 jname,
                 eval_status,
                 EVAL_KIND,
+                checkpoint=c.checkpoint,
             )
             if isinstance(gate, Outcome):
                 return gate

@@ -126,6 +126,13 @@ def final_checkpoint_path(run_name: str, mount: str = DATA_MOUNT) -> str:
     return str(pod_layout(run_name, mount).final)
 
 
+def model_path(model: api.EvalModel, mount: str = DATA_MOUNT) -> str:
+    """The checkpoint an EvalRun's model names: its TrainingRun's final or best one."""
+    assert model.training_run is not None
+    layout = pod_layout(model.training_run, mount)
+    return str(layout.best if model.checkpoint == "best" else layout.final)
+
+
 def eval_results_path(run_name: str, eval_name: str, mount: str = DATA_MOUNT) -> str:
     """Where `nanochat eval --out` writes an EvalRun's full results, next to the model."""
     return str(pod_layout(run_name, mount).eval_results(eval_name))
@@ -386,6 +393,12 @@ def render_training_job(
         "containers": [container],
         "volumes": volumes,
     }
+    if spec.trainer.evaluation is not None:
+        # In-training HumanEval runs the model's completions: in a sandbox container of their own,
+        # as an EvalRun's do, never beside the run's secrets and volumes.
+        env[:0] = _sandbox_env()
+        pod["initContainers"] = [_sandbox_container(image)]
+        volumes.append({"name": "sandbox-scratch", "emptyDir": {"sizeLimit": "1Gi"}})
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     _placement(pod, spec.resources)
@@ -512,14 +525,14 @@ def _compare_sources(
             continue
         run, claim = runs[c.name]
         if claim == main_claim:
-            out[c.name] = final_checkpoint_path(run)
+            out[c.name] = model_path(c)
             continue
         if claim not in mounted:
             mounted[claim] = f"{MODELS_MOUNT}/{claim}"
             vol = f"model-{len(mounted)}"
             mounts.append({"name": vol, "mountPath": mounted[claim], "readOnly": True})
             volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        out[c.name] = final_checkpoint_path(run, mounted[claim])
+        out[c.name] = model_path(c, mounted[claim])
     return out
 
 
@@ -556,7 +569,7 @@ def render_eval_job(
     else:
         if source is None:
             raise ValueError("an EvalRun of a TrainingRun needs the source run and its PVC")
-        checkpoint = final_checkpoint_path(source[0])
+        checkpoint = model_path(spec.model)
         out = eval_results_path(source[0], eval_name)
         mounts.append({"name": "data", "mountPath": DATA_MOUNT})
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": source[1]}})
@@ -613,9 +626,10 @@ def render_eval_job(
 
 
 def _sandbox_container(image: str) -> dict[str, Any]:
-    """The eval pod's sandbox: a native sidecar (an init container that keeps running, stopped
-    when the eval container ends) serving isolated program runs on SANDBOX_SOCKET. Its own PID
-    namespace and uid; it shares only the pod's network namespace with the evaluator."""
+    """The sandbox of an eval pod, or of a training pod that scores HumanEval while it trains: a
+    native sidecar (an init container that keeps running, stopped when the main container ends)
+    serving isolated program runs on SANDBOX_SOCKET. Its own PID namespace and uid; it shares
+    only the pod's network namespace with the evaluator."""
     return {
         "name": SANDBOX_CONTAINER,
         "image": image,

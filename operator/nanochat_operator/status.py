@@ -351,6 +351,12 @@ def _apply_progress(
         new.total_steps = progress.total_steps
     if progress.loss is not None:
         new.loss = round(progress.loss, 6)
+    if progress.val_loss is not None:
+        new.val_loss = round(progress.val_loss, 6)
+    if progress.pass_at_1 is not None:
+        new.pass_at_1 = round(progress.pass_at_1, 4)
+    if progress.best_pass_at_1 is not None and progress.best_step is not None:
+        new.best_pass_at_1, new.best_pass_at_1_step = round(progress.best_pass_at_1, 4), progress.best_step
     if progress.tokens_per_second is not None:
         new.tokens_per_second = round(progress.tokens_per_second, 1)
     if progress.checkpoint_step is not None and progress.checkpoint_step > 0 and checkpoint_path:

@@ -29,6 +29,9 @@ def tiny(trainer: dict[str, Any], steps: int, every: int) -> None:
     """A few dozen CPU steps of the tiny preset instead of the example's GPU-sized run."""
     trainer.update(preset="tiny", steps=steps, batch_size=8, checkpoint={"every": every})
     trainer["tokenizer"] = {"train_docs": 300}
+    trainer["validation"] = {"tokens": 2048}
+    if "evaluation" in trainer:  # three problems, short completions: seconds on a CPU
+        trainer["evaluation"].update(problems=3, max_new_tokens=16)
     # The example distils from a remote teacher, which this machine does not have.
     trainer["stage"] = "pretrain"
     trainer.pop("distill", None)
@@ -286,17 +289,22 @@ def test_phase1_distills_from_a_teacher_served_in_the_cluster(
     distill["teacher"].update(url=f"http://teacher.{namespace}.svc:8000/v1", model="teacher")
     # An untrained teacher's completions are mostly rejected: wait a second per micro-batch, not a minute.
     distill.update(max_new_tokens=16, row_wait_s=1.0)
-    trainer.update(
-        preset="tiny",
-        steps=6,
-        batch_size=4,
-        tokenizer={"train_docs": 300},
-        checkpoint={"every": 3},
-        metrics={"log_every": 1},
-    )
+    # The preset's shape scaled down; its tokenizer (GPT-2's BPE) and validation source as written.
+    assert trainer["preset"] == "nano-125M" and "tokenizer" not in trainer
+    trainer["model"] = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 128}
+    trainer.update(steps=20, batch_size=4, seq_len=64, checkpoint={"every": 10}, metrics={"log_every": 1})
+    trainer["validation"] = {"every": 4, "tokens": 2048}
+    trainer["evaluation"].update(every=4, problems=3, max_new_tokens=16)
     train["spec"]["resources"] = {"nodes": 1, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"}
     cp.apply([train])
 
+    def scored_while_running() -> bool:
+        status = cp.get("trainingrun", "phase1-demo", "-n", namespace).get("status") or {}
+        if status.get("phase") in ("Succeeded", "Failed"):
+            raise AssertionError(f"the run ended before its status showed valLoss and passAt1: {status}")
+        return status.get("phase") == "Running" and "valLoss" in status and "passAt1" in status
+
+    wait_until(600, scored_while_running, "validation loss and pass@1 on the running TrainingRun's status")
     done = wait_phase(cp, "trainingrun", "phase1-demo", {"Succeeded", "Failed"}, 600, namespace, operator)
     pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=phase1-demo-train")["items"]
     logs = "\n".join(node_agent.pod_log(namespace, p["metadata"]["name"])[-1500:] for p in pods)
@@ -304,7 +312,10 @@ def test_phase1_distills_from_a_teacher_served_in_the_cluster(
     root = run_dir(volumes, cp, namespace, "phase1-demo-storage") / "runs" / "phase1-demo"
     records = [json.loads(line) for line in (root / "log.jsonl").read_text().splitlines()]
     last = records[-1]
-    assert last["step"] == 6 and last["teacher"]["requests"] > 0 and last["teacher"]["errors"] == 0, last
+    assert last["step"] == 20 and last["teacher"]["requests"] > 0 and last["teacher"]["errors"] == 0, last
+    assert last["humaneval"]["isolation"] == "container/namespaces"  # the pod's sandbox container
+    assert json.loads((root / "tokenizer.json").read_text())["name"] == "gpt2"  # GPT-2's BPE, offline
+    assert {"valLoss", "passAt1", "bestPassAt1"} <= set(done["status"])
     seq = last["sequences"]
     assert seq["accepted"] + sum(seq["rejected"].values()) > 0, seq  # answers came back and were judged
     print(f"\nteacher in the cluster: {last['teacher']}; sequences {seq}")

@@ -133,7 +133,10 @@ class TokenizerConfig(Strict):
 class DataConfig(Strict):
     """Where training text comes from."""
 
-    source: Literal["synthetic", "huggingface", "local"] = Field("synthetic", description="Data source.")
+    source: Literal["synthetic", "huggingface", "local", "stdlib"] = Field(
+        "synthetic",
+        description="Data source; stdlib: the Python standard library's own modules (real code, offline).",
+    )
     seed: int = Field(0, description="Seed of the synthetic generator and of shuffling.")
     dataset: str = Field("bigcode/the-stack", description="Hugging Face dataset (source=huggingface).")
     data_dir: str | None = Field("data/python", description="Subset folder of the dataset (The Stack: data/python).")
@@ -142,6 +145,52 @@ class DataConfig(Strict):
     token_env: str = Field("HF_TOKEN", description="Environment variable holding the Hugging Face token.")
     path: str | None = Field(None, description="Local folder of source files, or a .jsonl / .parquet file.")
     glob: str = Field("**/*.py", description="Files taken from a local folder.")
+    holdout_repos: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of repositories (by a hash of repo_field; for a local folder, its first-level "
+        "folders) held out: training never reads their files; validation.heldout validates on them.",
+    )
+    repo_field: str = Field(
+        "max_stars_repo_name", description="Column/key naming a document's repository (The Stack's default)."
+    )
+
+
+class EvaluationConfig(Strict):
+    """HumanEval pass@1 during training (greedy, in the sandbox), and the best checkpoint by it:
+    log.jsonl's pass_at_1, the pass_at_1 gauges, status.passAt1 and bestPassAt1, <run>/best."""
+
+    every: int = Field(1000, ge=1, description="Steps between evaluations (the last step always evaluates).")
+    problems: int | None = Field(
+        None, ge=1, le=164, description="Score the first N problems, a fixed subset; default all 164."
+    )
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="Completion length.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    timeout_s: float = Field(5.0, gt=0, description="Sandbox time limit per completion.")
+    workers: int = Field(4, ge=1, description="Completions judged in parallel.")
+
+
+class ValidationConfig(Strict):
+    """Loss on held-out documents during training: log.jsonl's val_loss, the val_loss gauge,
+    status.valLoss."""
+
+    data: DataConfig = Field(
+        default_factory=lambda: DataConfig(source="stdlib"),
+        description="Where held-out documents come from: any data source; by default the standard library.",
+    )
+    heldout: bool = Field(
+        False, description="Validate on the training data's held-out repositories (data.holdout_repos) instead."
+    )
+    every: int = Field(250, ge=1, description="Steps between validations (the last step always validates).")
+    tokens: int = Field(2**18, ge=1, description="Held-out tokens per validation, over all ranks.")
+    max_overlap: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Largest share of held-out documents that may also be among the first training "
+        "documents (checked before the first step).",
+    )
 
 
 class OptimizerConfig(Strict):
@@ -291,6 +340,12 @@ class TrainerConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    evaluation: EvaluationConfig | None = Field(
+        None, description="HumanEval pass@1 during training and the best checkpoint by it; off by default."
+    )
+    validation: ValidationConfig | None = Field(
+        None, description="Held-out loss during training; the presets validate on the standard library."
+    )
     distill: DistillConfig | None = Field(
         None,
         description="Teacher and method; required by stage distill, optional with stage ternary (the "
@@ -394,6 +449,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 0.02, "adam_lr": 0.006},
         "schedule": {"warmup_steps": 20, "decay": "cosine"},
         "checkpoint": {"every": 100},
+        "validation": {"data": {"source": "stdlib"}, "every": 50, "tokens": 16384},
         "steps": 300,
         "batch_size": 16,
         "seq_len": 256,
@@ -412,6 +468,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "optimizer": {"lr": 0.02, "adam_lr": 0.003},
         "schedule": {"warmup_steps": 500},
+        "validation": {"data": {"source": "stdlib"}, "every": 500, "tokens": 524288},
         "steps": 10000,
         "batch_size": 16,
     },
@@ -428,6 +485,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "optimizer": {"lr": 0.02},
         "schedule": {"warmup_steps": 2000},
+        "validation": {"data": {"source": "stdlib"}, "every": 1000, "tokens": 1048576},
         "steps": 50000,
         "batch_size": 4,
     },
@@ -444,6 +502,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "optimizer": {"lr": 0.02},
         "schedule": {"warmup_steps": 2000},
+        "validation": {"data": {"source": "stdlib"}, "every": 1000, "tokens": 1048576},
         "steps": 50000,
         "batch_size": 4,
     },
@@ -470,6 +529,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 0.02, "adam_lr": 0.006},
         "schedule": {"warmup_steps": 20, "decay": "cosine"},
         "checkpoint": {"every": 100},
+        "validation": {"data": {"source": "stdlib"}, "every": 50, "tokens": 16384},
         "steps": 300,
         "batch_size": 16,
         "seq_len": 256,
@@ -508,6 +568,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 0.02, "adam_lr": 0.006},
         "schedule": {"warmup_steps": 20, "decay": "cosine"},
         "checkpoint": {"every": 100},
+        "validation": {"data": {"source": "stdlib"}, "every": 50, "tokens": 16384},
         "steps": 300,
         "batch_size": 16,
         "seq_len": 256,
@@ -555,6 +616,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": {"lr": 0.02, "adam_lr": 0.002},
         "schedule": {"warmup_steps": 2000, "decay": "wsd"},
         "checkpoint": {"every": 500},
+        "validation": {"data": {"source": "stdlib"}, "every": 1000, "tokens": 1048576},
         "steps": 100000,
         "batch_size": 1,
         "seq_len": 4096,

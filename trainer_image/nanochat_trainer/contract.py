@@ -101,6 +101,7 @@ class RunLayout(Generic[P]):
         <run>/tokenizer.json
         <run>/checkpoints/step_00000100/   model.safetensors, config.yaml, tokenizer.json, train_state.pt
         <run>/final/                       model.safetensors, config.yaml, tokenizer.json
+        <run>/best/, best.json             the best in-training pass@1 so far: its weights, step and score
         <run>/model.ternary.safetensors    a ternary run's packed export
         <run>/log.jsonl                    one JSON record per logged step
         <run>/expert_load.jsonl            MoE: routed tokens per expert, per checkpoint
@@ -116,6 +117,16 @@ class RunLayout(Generic[P]):
     @property
     def final(self) -> P:
         return self.root / "final"
+
+    @property
+    def best(self) -> P:
+        """The weights with the best in-training HumanEval pass@1 so far (evaluation)."""
+        return self.root / "best"
+
+    @property
+    def best_record(self) -> P:
+        """best/'s step and pass@1, as JSON."""
+        return self.root / "best.json"
 
     @property
     def checkpoints(self) -> P:
@@ -191,6 +202,11 @@ class TrainerGauge(StrEnum):
     TEACHER_ERRORS = "teacher_errors"
     TEACHER_LATENCY_SECONDS = "teacher_latency_seconds"
     TEACHER_SKIPPED = "teacher_skipped"
+    VAL_LOSS = "val_loss"
+    PASS_AT_1 = "pass_at_1"
+    BEST_PASS_AT_1 = "best_pass_at_1"
+    BEST_STEP = "best_step"
+    HUMANEVAL_ERRORS = "humaneval_errors"
 
     @property
     def metric(self) -> str:
@@ -221,6 +237,11 @@ _GAUGE_HELP = {
     TrainerGauge.TEACHER_ERRORS: "Teacher requests that failed after their retries.",
     TrainerGauge.TEACHER_LATENCY_SECONDS: "Mean latency of the teacher's answers.",
     TrainerGauge.TEACHER_SKIPPED: "Rows (sequence) or micro-batches (logprob methods) trained without the teacher.",
+    TrainerGauge.VAL_LOSS: "Loss on the held-out documents at the last validation (validation.every).",
+    TrainerGauge.PASS_AT_1: "Greedy HumanEval pass@1 at the last in-training evaluation (evaluation.every).",
+    TrainerGauge.BEST_PASS_AT_1: "The best in-training pass@1 so far: the checkpoint kept in <run>/best.",
+    TrainerGauge.BEST_STEP: "The step of <run>/best.",
+    TrainerGauge.HUMANEVAL_ERRORS: "In-training evaluations that failed (sandbox or generation); the run went on.",
 }
 
 

@@ -9,11 +9,12 @@
 Kinds (`TokenizerConfig.kind`):
 
 - gpt2: GPT-2's BPE. `tokenizer.path` may name a Hugging Face `tokenizer.json` or a
-  tiktoken `.tiktoken` file; without a path, tiktoken's cached `r50k_base.tiktoken`
-  (GPT-2's vocabulary) is used if present in `$TIKTOKEN_CACHE_DIR`,
-  `$DATA_GYM_CACHE_DIR` or `<tmp>/data-gym-cache`. Nothing is downloaded here: warming
-  the cache (`python -c "import tiktoken; tiktoken.get_encoding('r50k_base')"`) is the
-  user's choice, and a missing file is a `ConfigError` that says so.
+  tiktoken `.tiktoken` file; without a path, `r50k_base.tiktoken` (GPT-2's vocabulary),
+  checked by its sha256, from tiktoken's cache (`$TIKTOKEN_CACHE_DIR`, `$DATA_GYM_CACHE_DIR`
+  or `<tmp>/data-gym-cache`: the trainer image has it there, and `make gpt2-bpe` puts it there
+  from openai-whisper's source distribution), else from the cache on the run's volume
+  (`<runs>/.cache/tiktoken`), else downloaded the way tiktoken does into that cache. Only a
+  machine that cannot download it gets the `ConfigError` saying so.
 - bpe: byte-level BPE trained with `tokenizers` on the first `tokenizer.train_docs`
   documents of the data, with `<|endoftext|>` as its special token. It is trained
   once and kept in `tokenizer.path` (default `<run_dir>/tokenizer.json`), so a resumed
@@ -34,7 +35,9 @@ import hashlib
 import itertools
 import json
 import os
+import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,6 +56,9 @@ _EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+R50K_FILE = hashlib.sha1(R50K_URL.encode()).hexdigest()  # its name in tiktoken's cache
+WHISPER_GPT2_MEMBER = "whisper/assets/gpt2.tiktoken"
+DOWNLOAD_TIMEOUT_S = 30
 _MARKER = "nanochat_tokenizer"
 
 PathLike = str | os.PathLike
@@ -88,9 +94,11 @@ def _target(directory: PathLike) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     # Several ranks may save the same tokenizer: never let one read a half-written file.
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared cache
     os.replace(tmp, path)
 
 
@@ -218,31 +226,56 @@ def load_tokenizer(path: PathLike, field: str = "tokenizer.path") -> Tokenizer:
     return HFTokenizer(tok, str(file))
 
 
-def _tiktoken_cache_dirs() -> list[Path]:
-    # The same places tiktoken itself caches downloads, in its order of preference.
+def tiktoken_cache_dir() -> Path:
+    """Where tiktoken itself caches downloads, in its order of preference."""
     for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
         if os.environ.get(var):
-            return [Path(os.environ[var])]
-    return [Path(tempfile.gettempdir()) / "data-gym-cache"]
+            return Path(os.environ[var])
+    return Path(tempfile.gettempdir()) / "data-gym-cache"
 
 
-def gpt2_tokenizer() -> Tokenizer:
-    """GPT-2's BPE from tiktoken's local cache; never downloads."""
-    key = hashlib.sha1(R50K_URL.encode()).hexdigest()
-    for folder in _tiktoken_cache_dirs():
-        cached = folder / key
-        if cached.is_file():
-            data = cached.read_bytes()
-            if hashlib.sha256(data).hexdigest() == R50K_SHA256:
-                return TiktokenTokenizer(parse_tiktoken(data, str(cached)), "gpt2")
-    where = ", ".join(str(d) for d in _tiktoken_cache_dirs())
-    raise ConfigError(
-        "tokenizer.path",
-        None,
-        f"GPT-2's BPE is not available offline (looked in tiktoken's cache: {where}). Set tokenizer.path "
-        "to a GPT-2 tokenizer.json or r50k_base.tiktoken file, or fill the cache once with "
-        "`python -c \"import tiktoken; tiktoken.get_encoding('r50k_base')\"` (set TIKTOKEN_CACHE_DIR to keep it)",
-    )
+def gpt2_tokenizer(download_to: Path | None = None) -> Tokenizer:
+    """GPT-2's BPE from tiktoken's cache or `download_to`, else downloaded from R50K_URL into
+    `download_to` (none: never downloads); always checked by its sha256."""
+    url = R50K_URL
+    dirs = [tiktoken_cache_dir()] + ([download_to] if download_to not in (None, tiktoken_cache_dir()) else [])
+    for folder in dirs:
+        cached = folder / R50K_FILE
+        if cached.is_file() and hashlib.sha256(data := cached.read_bytes()).hexdigest() == R50K_SHA256:
+            return TiktokenTokenizer(parse_tiktoken(data, str(cached)), "gpt2")
+    where = ", ".join(str(d) for d in dirs)
+    if download_to is None:
+        raise ConfigError("tokenizer.path", None, f"GPT-2's BPE is not in tiktoken's cache ({where})")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read()
+    except OSError as e:  # URLError, timeouts, refused connections: this machine cannot fetch it
+        raise ConfigError(
+            "tokenizer.path",
+            None,
+            f"GPT-2's BPE is not available offline (looked in {where}) and downloading {url} failed ({e}). "
+            "Set tokenizer.path to a GPT-2 tokenizer.json or r50k_base.tiktoken file, or put r50k_base.tiktoken "
+            f"in tiktoken's cache as {R50K_FILE} (`make gpt2-bpe` does)",
+        ) from e
+    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+        raise ConfigError("tokenizer.path", None, f"{url} sent a file that is not GPT-2's BPE (sha256 mismatch)")
+    _write_atomic(download_to / R50K_FILE, data)
+    return TiktokenTokenizer(parse_tiktoken(data, url), "gpt2")
+
+
+def install_gpt2_from_sdist(sdist: PathLike) -> Path:
+    """Put GPT-2's BPE into tiktoken's cache from openai-whisper's source distribution (its
+    `whisper/assets/gpt2.tiktoken` is r50k_base byte for byte), checked by its sha256."""
+    with tarfile.open(sdist) as tar:
+        member = next((m for m in tar.getmembers() if m.name.endswith("/" + WHISPER_GPT2_MEMBER)), None)
+        if member is None:
+            raise ConfigError("--from-sdist", str(sdist), f"holds no {WHISPER_GPT2_MEMBER}")
+        data = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+        raise ConfigError("--from-sdist", str(sdist), f"its {WHISPER_GPT2_MEMBER} is not GPT-2's BPE (sha256 mismatch)")
+    target = tiktoken_cache_dir() / R50K_FILE
+    _write_atomic(target, data)
+    return target
 
 
 # --------------------------------------------------------------------------- training
@@ -303,7 +336,7 @@ def build_tokenizer(cfg: TrainerConfig, run_dir: PathLike) -> Tokenizer:
     elif saved.is_file():
         tok, where = load_tokenizer(saved, field="checkpoint.dir"), str(saved)
     else:
-        tok, where = gpt2_tokenizer(), "tiktoken cache"
+        tok, where = gpt2_tokenizer(download_to=Path(run_dir).parent / ".cache" / "tiktoken"), "GPT-2's BPE"
     check_vocab(tok, cfg, where)
     if not saved.is_file():
         tok.save(saved)  # checkpoints in run_dir then always carry their tokenizer

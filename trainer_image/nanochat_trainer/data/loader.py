@@ -37,7 +37,7 @@ import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -46,6 +46,14 @@ from .sources import iter_indexed
 
 LANES = 64
 STATE_VERSION = 1
+
+
+class TextEncoder(Protocol):
+    """What the data layer needs of a tokenizer (`tokenizer.Tokenizer` is one)."""
+
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -86,7 +94,7 @@ class TokenLoader:
     def __init__(
         self,
         cfg: TrainerConfig,
-        tokenizer,
+        tokenizer: TextEncoder,
         rank: int = 0,
         world: int = 1,
         device: str | torch.device = "cpu",

@@ -3,17 +3,19 @@
     from nanochat_trainer.data.sources import iter_documents, iter_indexed
     for text in iter_documents(cfg.data, rank, world): ...          # endless
     for index, text in iter_indexed(cfg.data, rank, world, start=n): ...
+    iter_indexed(cfg.data, heldout=True, repeat=False)              # the held-out share, once
 
 Every source is seen as one endless sequence of documents with global indices 0, 1,
 2, ...; rank r of W gets the indices i with i % W == r, so ranks read disjoint shares
 and the union over ranks does not depend on W. Finite sources repeat (the index keeps
-counting through later passes).
+counting through later passes) unless `repeat=False`.
 
 - synthetic: `synthetic.document(seed, i)`; any index is reachable in O(1).
 - local: `data.path` is a folder (files matching `data.glob`, in a seeded order that is
   reshuffled every pass; O(1) to reach any index), a `.jsonl` file (key
   `data.text_field` of each line) or a `.parquet` file (column `data.text_field`).
   JSONL and Parquet are read front to back, so reaching index n means reading n rows.
+- stdlib: the Python standard library's modules (`stdlib.py`), read as a local folder.
 - huggingface: `datasets.load_dataset(data.dataset, data_dir=..., split=..., streaming=True)`
   with the token from `$data.token_env`, split across ranks with
   `datasets.distributed.split_dataset_by_node`. That splits by example (the layout
@@ -21,12 +23,20 @@ counting through later passes).
   streams whole files: faster, but then what a rank sees depends on W. Reaching index n
   means streaming past the rank's first n / W examples.
 
+Held-out repositories (`data.holdout_repos` > 0): a document belongs to a repository (the
+`data.repo_field` of a JSONL, Parquet or dataset row, as The Stack's `max_stars_repo_name`;
+the first folder under `data.path` of a local folder), and the repositories whose name hashes
+below `holdout_repos` are held out: training never reads a file of theirs, `heldout=True`
+reads only those. Split before numbering, so indices and resuming work as without it.
+
 Problems with the data itself (a missing path, no matching files, a missing text
-column) raise `ConfigError` naming the config field.
+column) raise `ConfigError` naming the config field (`field`: "data", or where this
+DataConfig sits, "validation.data").
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -37,6 +47,7 @@ from typing import Any
 
 from ..config import DataConfig
 from ..errors import ConfigError
+from .stdlib import stdlib_files, stdlib_root
 from .synthetic import document
 
 
@@ -46,136 +57,204 @@ def iter_documents(data: DataConfig, rank: int = 0, world: int = 1) -> Iterator[
         yield text
 
 
-def iter_indexed(data: DataConfig, rank: int = 0, world: int = 1, start: int = 0) -> Iterator[tuple[int, str]]:
-    """Endless (global index, text) for the indices i >= start with i % world == rank."""
+def iter_indexed(
+    data: DataConfig,
+    rank: int = 0,
+    world: int = 1,
+    start: int = 0,
+    *,
+    field: str = "data",
+    heldout: bool = False,
+    repeat: bool = True,
+) -> Iterator[tuple[int, str]]:
+    """(global index, text) for the indices i >= start with i % world == rank: of the training
+    share, or with `heldout` of the held-out repositories; endless unless `repeat` is False
+    (then one pass of a finite source)."""
     if not 0 <= rank < world:
         raise ValueError(f"rank={rank} is outside world={world}")
+    src = _Source(data, field, heldout, repeat)
+    if data.holdout_repos and data.source in ("synthetic", "stdlib"):
+        raise ConfigError(
+            f"{field}.holdout_repos",
+            data.holdout_repos,
+            f"needs documents that belong to repositories (source local or huggingface), not source {data.source}",
+        )
+    if heldout and not data.holdout_repos:
+        raise ConfigError(f"{field}.holdout_repos", 0, "is 0: no repository is held out to validate on")
     if data.source == "synthetic":
         first = start + (rank - start) % world
         return ((i, document(data.seed, i)) for i in itertools.count(first, world))
+    if data.source == "stdlib":
+        return src.folder(stdlib_root(), list(stdlib_files()), rank, world, start)
     if data.source == "huggingface":
-        return _huggingface(data, rank, world, start)
-    return _local(data, rank, world, start)
+        return src.huggingface(rank, world, start)
+    return src.local(rank, world, start)
+
+
+def is_heldout(repo: str, share: float) -> bool:
+    """Whether repository `repo` is held out at `share`: a hash of its name, so every rank, run
+    and resume agrees, and a repository's files all go the same way."""
+    bucket = int.from_bytes(hashlib.blake2b(repo.encode(), digest_size=8).digest(), "big") / 2**64
+    return bucket < share
 
 
 def _mine(items: Iterable[Any], rank: int, world: int, start: int) -> Iterator[tuple[int, Any]]:
-    """Number an endless stream globally and keep this rank's indices from `start` on."""
+    """Number a stream globally and keep this rank's indices from `start` on."""
     for i, item in enumerate(items):
         if i >= start and i % world == rank:
             yield i, item
 
 
-def _repeat(field: str, value: Any, one_pass: Callable[[int], Iterable[Any]]) -> Iterator[Any]:
-    """Chain passes of a finite source forever; an empty source is an error, not a hang."""
-    for epoch in itertools.count():
-        empty = True
-        for item in one_pass(epoch):
-            empty = False
-            yield item
-        if empty:
-            raise ConfigError(field, value, "holds no documents")
+class _Source:
+    """One DataConfig read for one purpose: its field name for errors, which share of the
+    repositories it reads, and whether it repeats."""
 
+    def __init__(self, data: DataConfig, field: str, heldout: bool, repeat: bool):
+        self.data, self.field, self.heldout, self.repeat = data, field, heldout, repeat
 
-# --------------------------------------------------------------------------- local
+    def keeps(self, repo: str) -> bool:
+        return not self.data.holdout_repos or is_heldout(repo, self.data.holdout_repos) == self.heldout
 
+    def passes(self, value: Any, one_pass: Callable[[int], Iterable[Any]], field: str = "path") -> Iterator[Any]:
+        """Passes of a finite source (forever when repeating); an empty one is an error, not a hang."""
+        for epoch in itertools.count() if self.repeat else (0,):
+            empty = True
+            for item in one_pass(epoch):
+                empty = False
+                yield item
+            if empty:
+                raise ConfigError(f"{self.field}.{field}", value, self._empty())
 
-def _local(data: DataConfig, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
-    path = Path(data.path or "")
-    if not data.path or not path.exists():
-        raise ConfigError(
-            "data.path", data.path, "does not exist (a folder of source files, a .jsonl or a .parquet file)"
-        )
-    if path.is_dir():
-        return _folder(data, path, rank, world, start)
-    suffix = "".join(path.suffixes[-1:]).lower()
-    if suffix == ".jsonl":
-        return _mine(_repeat("data.path", data.path, lambda _: _jsonl_texts(data, path)), rank, world, start)
-    if suffix == ".parquet":
-        return _mine(_repeat("data.path", data.path, lambda _: _parquet_texts(data, path)), rank, world, start)
-    raise ConfigError("data.path", data.path, "is neither a folder nor a .jsonl or .parquet file")
+    def _empty(self) -> str:
+        if self.data.holdout_repos:
+            share = "held-out" if self.heldout else "training"
+            return f"holds no documents of {share} repositories (holdout_repos={self.data.holdout_repos:g})"
+        return "holds no documents"
 
+    # ----------------------------------------------------------------------- local
 
-def _folder(data: DataConfig, path: Path, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
-    files = sorted(str(p) for p in path.glob(data.glob) if p.is_file())
-    if not files:
-        raise ConfigError("data.glob", data.glob, f"matches no files under data.path={data.path!r}")
-    n = len(files)
-    order: tuple[int, list[str]] = (-1, files)
-    first = start + (rank - start) % world
-    for i in itertools.count(first, world):
-        epoch = i // n
-        if order[0] != epoch:
-            # A fresh seeded order each pass: files of one project sit together on disk.
-            shuffled = list(files)
-            Random(f"{data.seed}:{epoch}").shuffle(shuffled)
-            order = (epoch, shuffled)
-        yield i, Path(order[1][i % n]).read_text(encoding="utf-8", errors="replace")
+    def local(self, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
+        data = self.data
+        path = Path(data.path or "")
+        if not data.path or not path.exists():
+            raise ConfigError(
+                f"{self.field}.path",
+                data.path,
+                "does not exist (a folder of source files, a .jsonl or a .parquet file)",
+            )
+        if path.is_dir():
+            files = sorted(p for p in path.glob(data.glob) if p.is_file())
+            if not files:
+                raise ConfigError(
+                    f"{self.field}.glob", data.glob, f"matches no files under {self.field}.path={data.path!r}"
+                )
+            return self.folder(path, files, rank, world, start)
+        suffix = "".join(path.suffixes[-1:]).lower()
+        if suffix not in (".jsonl", ".parquet"):
+            raise ConfigError(f"{self.field}.path", data.path, "is neither a folder nor a .jsonl or .parquet file")
+        rows = self._jsonl_rows if suffix == ".jsonl" else self._parquet_rows
 
+        def one_pass(_epoch: int) -> Iterator[str]:
+            for row, where in rows(path):
+                if self.keeps(self._repo_of(row, where)):
+                    yield self._text_of(row, where)
 
-def _text_of(data: DataConfig, row: dict, where: str) -> str:
-    if not isinstance(row, dict) or data.text_field not in row:
-        keys = sorted(row)[:10] if isinstance(row, dict) else type(row).__name__
-        raise ConfigError("data.text_field", data.text_field, f"is not a key of {where} (found: {keys})")
-    return str(row[data.text_field])
+        return _mine(self.passes(data.path, one_pass), rank, world, start)
 
+    def folder(self, root: Path, paths: list[Path], rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
+        """Files in a seeded order, reshuffled every pass; a repository is a first-level folder."""
+        files = [str(p) for p in paths if self.keeps(p.relative_to(root).parts[0])]
+        if not files:
+            raise ConfigError(f"{self.field}.path", self.data.path or self.data.source, self._empty())
+        n = len(files)
+        order: tuple[int, list[str]] = (-1, files)
+        first = start + (rank - start) % world
+        for i in itertools.count(first, world):
+            epoch = i // n
+            if epoch and not self.repeat:
+                return
+            if order[0] != epoch:
+                # A fresh seeded order each pass: files of one project sit together on disk.
+                shuffled = list(files)
+                Random(f"{self.data.seed}:{epoch}").shuffle(shuffled)
+                order = (epoch, shuffled)
+            yield i, Path(order[1][i % n]).read_text(encoding="utf-8", errors="replace")
 
-def _jsonl_texts(data: DataConfig, path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError("data.path", data.path, f"line {number} is not JSON: {e}") from e
-            yield _text_of(data, row, f"{path} line {number}")
+    def _text_of(self, row: dict, where: str) -> str:
+        return str(self._key(row, self.data.text_field, "text_field", where))
 
+    def _repo_of(self, row: dict, where: str) -> str:
+        return str(self._key(row, self.data.repo_field, "repo_field", where)) if self.data.holdout_repos else ""
 
-def _parquet_texts(data: DataConfig, path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq  # noqa: PLC0415 (heavy; needed only for .parquet data)
+    def _key(self, row: dict, key: str, setting: str, where: str) -> Any:
+        if not isinstance(row, dict) or key not in row:
+            keys = sorted(row)[:10] if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(f"{self.field}.{setting}", key, f"is not a key of {where} (found: {keys})")
+        return row[key]
 
-    pf = pq.ParquetFile(path)
-    if data.text_field not in pf.schema_arrow.names:
-        raise ConfigError(
-            "data.text_field", data.text_field, f"is not a column of {path} (columns: {pf.schema_arrow.names[:10]})"
-        )
-    for batch in pf.iter_batches(columns=[data.text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            yield "" if text is None else str(text)
+    def _jsonl_rows(self, path: Path) -> Iterator[tuple[Any, str]]:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{self.field}.path", self.data.path, f"line {number} is not JSON: {e}") from e
+                yield row, f"{path} line {number}"
 
+    def _parquet_rows(self, path: Path) -> Iterator[tuple[dict, str]]:
+        import pyarrow.parquet as pq  # noqa: PLC0415 (heavy; needed only for .parquet data)
 
-# --------------------------------------------------------------------------- Hugging Face
+        pf = pq.ParquetFile(path)
+        columns = [self.data.text_field] + ([self.data.repo_field] if self.data.holdout_repos else [])
+        for column, setting in zip(columns, ("text_field", "repo_field")):
+            if column not in pf.schema_arrow.names:
+                raise ConfigError(
+                    f"{self.field}.{setting}",
+                    column,
+                    f"is not a column of {path} (columns: {pf.schema_arrow.names[:10]})",
+                )
+        for batch in pf.iter_batches(columns=columns, batch_size=1024):
+            for row in batch.to_pylist():
+                if row[self.data.text_field] is None:
+                    row[self.data.text_field] = ""
+                yield row, str(path)
 
+    # ----------------------------------------------------------------------- Hugging Face
 
-def _huggingface(data: DataConfig, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
-    import datasets  # noqa: PLC0415 (seconds to import; needed only for source huggingface)
-    from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
+    def huggingface(self, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
+        import datasets  # noqa: PLC0415 (seconds to import; needed only for source huggingface)
+        from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
 
-    try:
-        ds = datasets.load_dataset(
-            data.dataset,
-            data_dir=data.data_dir,
-            split=data.split,
-            streaming=True,
-            token=os.environ.get(data.token_env) or None,
-        )
-    except Exception as e:  # hub, auth and file errors alike: say which setting to look at
-        raise ConfigError(
-            "data.dataset",
-            data.dataset,
-            f"cannot be loaded (data_dir={data.data_dir!r}, split={data.split!r}; gated datasets "
-            f"need a token in ${data.token_env}): {type(e).__name__}: {e}",
-        ) from e
-    if world > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        data = self.data
+        try:
+            ds = datasets.load_dataset(
+                data.dataset,
+                data_dir=data.data_dir,
+                split=data.split,
+                streaming=True,
+                token=os.environ.get(data.token_env) or None,
+            )
+        except Exception as e:  # hub, auth and file errors alike: say which setting to look at
+            raise ConfigError(
+                f"{self.field}.dataset",
+                data.dataset,
+                f"cannot be loaded (data_dir={data.data_dir!r}, split={data.split!r}; gated datasets "
+                f"need a token in ${data.token_env}): {type(e).__name__}: {e}",
+            ) from e
+        if world > 1:
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+        where = f"dataset {data.dataset!r}"
 
-    def one_pass(_epoch: int) -> Iterator[str]:
-        for row in ds:
-            yield _text_of(data, row, f"dataset {data.dataset!r}")
+        def one_pass(_epoch: int) -> Iterator[str]:
+            for row in ds:
+                if self.keeps(self._repo_of(row, where)):
+                    yield self._text_of(row, where)
 
-    # The split dataset is this rank's own stream; its j-th example stands for global
-    # index rank + world * j, which is exact when datasets splits by example.
-    skip = max(0, -(-(start - rank) // world))
-    for j, text in enumerate(_repeat("data.dataset", data.dataset, one_pass)):
-        if j >= skip:
-            yield rank + world * j, text
+        # The split dataset is this rank's own stream; its j-th example stands for global
+        # index rank + world * j, which is exact when datasets splits by example.
+        skip = max(0, -(-(start - rank) // world))
+        for j, text in enumerate(self.passes(data.dataset, one_pass, field="dataset")):
+            if j >= skip:
+                yield rank + world * j, text

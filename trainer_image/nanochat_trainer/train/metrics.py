@@ -10,6 +10,7 @@ The operator scrapes the gauges from pod 0 to fill a TrainingRun's status; their
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -53,6 +54,10 @@ class TrainerMetrics:
         self.enabled = enabled
         self.registry = CollectorRegistry()
         self.gauges = {g: Gauge(g.metric, g.help, registry=self.registry) for g in TrainerGauge}
+        for gauge in self.gauges.values():
+            # NaN until set: "not known (yet)" to the operator, where 0 would be a value (a loss
+            # of 0, a teacher down in a run without one).
+            gauge.set(math.nan)
         self.log_path = layout.log
         if enabled and port:
             start_http_server(port, registry=self.registry)
@@ -69,3 +74,17 @@ class TrainerMetrics:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def evaluation_line(record: dict[str, Any]) -> str:
+    """A step that validated or scored HumanEval, in one line (the demo, `nanochat run`)."""
+    parts = [f"step {record['step']}", f"loss {record['loss']:.3f}"]
+    if "val_loss" in record:
+        parts.append(f"validation loss {record['val_loss']:.3f}")
+    if "humaneval" in record:
+        h = record["humaneval"]
+        score = f"{record['pass_at_1']:.3f}" if "pass_at_1" in record else "failed (see the log)"
+        parts.append(f"HumanEval pass@1 {score} ({h['passed']}/{h['problems']}, {h['seconds']:.0f} s)")
+        if "best_pass_at_1" in record:
+            parts.append(f"best {record['best_pass_at_1']:.3f} at step {record['best_step']}")
+    return "  ".join(parts)

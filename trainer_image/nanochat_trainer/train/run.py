@@ -28,11 +28,14 @@ import torch
 from ..checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, save_weights
 from ..config import TrainerConfig
 from ..contract import RunLayout
+from ..data.heldout import heldout_rows
 from ..data.loader import TokenLoader
 from ..models.ternary_pack import save_packed
 from ..parallel.apply import wrap_model
-from ..parallel.distributed import barrier, setup_distributed
+from ..parallel.distributed import Env, barrier, setup_distributed
 from ..parallel.state import unsharded
+from ..tokenizer import Tokenizer
+from .evaluation import InTrainingEval
 from .metrics import TrainerMetrics
 from .optim import build_optimizers
 from .startup import build_feed, build_model, initialise, load_parent, run_tokenizer
@@ -74,16 +77,26 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
         trainer.load_state_dict(read_checkpoint(model, resume_from), where=resume_from)
     start = trainer.steps_done
 
+    heldout = validation_rows(cfg, tokenizer, env)
+    evals = InTrainingEval(cfg, tokenizer, env, layout) if cfg.evaluation is not None else None
     metrics = TrainerMetrics(layout, cfg.metrics.port, enabled=env.is_main)
     metrics.set(total_steps=cfg.steps, step=start, checkpoint_step=start if resume_from is not None else None)
+    if evals is not None and evals.best is not None:  # a resumed run's best so far
+        metrics.set(best_pass_at_1=evals.best["pass_at_1"], best_step=evals.best["step"])
     record: dict[str, Any] = {"step": start}
     skipped_before = 0  # teacher_skipped after the previous step: teacher_up says whether this step skipped
     try:
         while trainer.steps_done < cfg.steps:
             record = trainer.step()
             done = record["step"]
+            if heldout is not None and (done % cfg.validation.every == 0 or done == cfg.steps):
+                record["val_loss"] = trainer.eval_loss(heldout)  # collective
+            if evals is not None and evals.due(done):
+                record.update(evals.run(model, ep, done))  # collective
             skipped_before = _publish(record, metrics, skipped_before)
-            if env.is_main and (done % cfg.metrics.log_every == 0 or done == cfg.steps or done == start + 1):
+            evaluated = "val_loss" in record or "humaneval" in record
+            logged = done % cfg.metrics.log_every == 0 or done in (cfg.steps, start + 1) or evaluated
+            if env.is_main and logged:
                 metrics.log(record)
             if progress is not None and env.is_main:
                 progress(record)
@@ -108,6 +121,13 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
     return record
 
 
+def validation_rows(cfg: TrainerConfig, tokenizer: Tokenizer, env: Env) -> torch.Tensor | None:
+    """This rank's held-out rows, checked not to be training data (None: no validation)."""
+    if cfg.validation is None:
+        return None
+    return heldout_rows(cfg, tokenizer, env.rank, env.world)
+
+
 def _publish(record: dict[str, Any], metrics: TrainerMetrics, skipped_before: int) -> int:
     """The step's gauges; returns teacher_skipped so far (the next step's `skipped_before`)."""
     metrics.set(
@@ -117,7 +137,13 @@ def _publish(record: dict[str, Any], metrics: TrainerMetrics, skipped_before: in
         learning_rate=record["lr"],
         grad_norm=record["grad_norm"],
         mfu=record["mfu"],
+        val_loss=record.get("val_loss"),
+        pass_at_1=record.get("pass_at_1"),
+        best_pass_at_1=record.get("best_pass_at_1"),
+        best_step=record.get("best_step"),
     )
+    if "humaneval" in record:
+        metrics.set(humaneval_errors=record["humaneval"]["errors"])
     if "moe" in record:
         metrics.set(moe_load_imbalance=record["moe"]["load_imbalance"], moe_dead_experts=record["moe"]["dead_experts"])
     if "teacher" not in record:

@@ -32,7 +32,7 @@ from ..models.ternary import ramp_value, set_ramp
 from ..parallel.distributed import Env, gather_objects, mean_over_ranks, sum_over_ranks
 from ..parallel.expert_parallel import ExpertParallel, clip_grad_norm_, reduce_expert_grads
 from ..parallel.state import full_state, load_full_state
-from .losses import full_kl_loss, mixed_loss, model_loss, topk_kl_loss
+from .losses import full_kl_loss, lm_loss, mixed_loss, model_loss, topk_kl_loss
 from .metrics import model_flops_per_token, peak_flops
 from .optim import lr_multiplier, set_lr
 
@@ -147,6 +147,25 @@ class Trainer:
         kl = topk_kl_loss(logits, t.ids, t.logprobs, t.mask, distill.temperature)
         kd += torch.stack([kl.detach().float(), kl.new_ones((), dtype=torch.float32)])
         return mixed_loss(ce, kl, distill.alpha)
+
+    @torch.no_grad()
+    def eval_loss(self, rows: torch.Tensor) -> float:
+        """Mean next-token cross-entropy on `rows` (this rank's held-out rows, seq_len + 1 tokens
+        each), over every rank's tokens. Collective: every rank calls it with as many rows. The
+        model's routing and expert loads do not move (eval mode)."""
+        self.wrapped.eval()
+        total = torch.zeros(2, device=self.env.device, dtype=torch.float64)
+        try:
+            for i in range(0, len(rows), self.cfg.batch_size):
+                batch = rows[i : i + self.cfg.batch_size].to(self.env.device)
+                with self._autocast:
+                    logits = self.wrapped(batch[:, :-1])
+                total[0] += lm_loss(logits, batch[:, 1:]).double() * batch[:, 1:].numel()
+                total[1] += batch[:, 1:].numel()
+        finally:
+            self.wrapped.train()
+        total = sum_over_ranks({"val": total}, self.env)["val"]
+        return (total[0] / total[1]).item()
 
     def take_expert_loads(self) -> dict[str, torch.Tensor]:
         """Routed tokens per expert of every MoE layer, over all ranks, since the last call."""

@@ -1,0 +1,105 @@
+"""HumanEval during training: pass@1 in the log and the gauges, the best checkpoint beside final,
+and a sandbox failure that never stops the run.
+
+    .venv/bin/pytest tests/test_in_training_eval.py -q
+
+A micro model scores 0, so where a test needs passing completions it swaps the model's
+completions for canned ones (the problems' canonical solutions): everything after generation,
+the sandbox, the counting and the best checkpoint, is the real path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from nanochat_trainer.checkpoint import load_model
+from nanochat_trainer.eval.humaneval import load_problems
+from nanochat_trainer.train import evaluation, train
+
+from micro import micro_cfg, read_log, torchrun
+
+PROBLEMS = 4
+
+
+def _cfg(run: Path, steps: int, every: int = 3):
+    return micro_cfg(
+        run, steps=steps, validation=None, evaluation={"every": every, "problems": PROBLEMS, "max_new_tokens": 16}
+    )
+
+
+def _canned(solved: set[int], monkeypatch) -> None:
+    """The model's completions replaced: problem i gets its canonical solution if i is in `solved`."""
+    problems = load_problems(PROBLEMS)
+    right = {p["prompt"]: p["canonical_solution"] for i, p in enumerate(problems) if i in solved}
+
+    def canned(model, tokenizer, prompts, **_):
+        return [[right.get(p, "    return None\n")] for p in prompts]
+
+    monkeypatch.setattr(evaluation, "generate", canned)
+
+
+def test_a_real_model_is_scored_during_training(tmp_path: Path) -> None:
+    train(_cfg(tmp_path / "run", steps=6))
+    log = read_log(tmp_path / "run")
+    scored = {step: r for step, r in log.items() if "humaneval" in r}
+    assert sorted(scored) == [3, 6]
+    for r in scored.values():
+        assert r["humaneval"]["problems"] == PROBLEMS and r["humaneval"]["errors"] == 0
+        assert r["pass_at_1"] == r["humaneval"]["passed"] / PROBLEMS
+        assert r["humaneval"]["isolation"] in ("namespaces", "container/namespaces")
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["step"] == 3  # the first score is the best until a better one
+    assert load_model(tmp_path / "run" / "best")[0].cfg.dim == 64
+
+
+def test_the_best_checkpoint_follows_pass_at_1(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    _canned({0, 2}, monkeypatch)
+    train(_cfg(run, steps=3))
+    assert read_log(run)[3]["pass_at_1"] == 0.5
+    first = (run / "best" / "model.safetensors").read_bytes()
+    _canned({0, 1, 2}, monkeypatch)  # better at step 6: best moves there, with step 6's weights
+    train(_cfg(run, steps=6))
+    assert json.loads((run / "best.json").read_text()) == {"step": 6, "pass_at_1": 0.75}
+    assert (run / "best" / "model.safetensors").read_bytes() == (run / "final" / "model.safetensors").read_bytes()
+    assert (run / "best" / "model.safetensors").read_bytes() != first
+    _canned({1}, monkeypatch)  # worse after a resume: the best stays, and the log says so
+    train(_cfg(run, steps=9))
+    log = read_log(run)
+    assert log[9]["pass_at_1"] == 0.25 and (log[9]["best_pass_at_1"], log[9]["best_step"]) == (0.75, 6)
+    assert json.loads((run / "best.json").read_text())["step"] == 6
+
+
+def test_a_broken_sandbox_is_counted_and_the_run_goes_on(tmp_path: Path, monkeypatch) -> None:
+    def broken(self, tasks):
+        raise OSError("bwrap: cannot start")
+
+    monkeypatch.setattr(evaluation.Sandbox, "check_many", broken)
+    train(_cfg(tmp_path / "run", steps=6))
+    log = read_log(tmp_path / "run")
+    assert [log[s]["humaneval"]["errors"] for s in (3, 6)] == [1, 2]
+    assert "pass_at_1" not in log[3] and not (tmp_path / "run" / "best").exists()
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+@pytest.mark.parametrize("field", ["problems", "every"])
+def test_bad_evaluation_settings_name_their_field(tmp_path: Path, field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        micro_cfg(tmp_path, evaluation={field: 0 if field == "every" else 200})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ranks_share_the_problems_or_rank_0_scores_the_gathered_model(tmp_path: Path, parallel: str) -> None:
+    """DDP: each rank judges its share and the counts are summed; FSDP: rank 0 gathers the whole
+    model and judges them all. Either way the log counts every problem once, and the best
+    checkpoint is the whole model."""
+    cfg = _cfg(tmp_path / "run", steps=3).model_copy(update={"parallel": parallel})
+    torchrun(2, cfg, tmp_path)
+    r = read_log(tmp_path / "run")[3]
+    assert r["humaneval"]["problems"] == PROBLEMS and r["humaneval"]["errors"] == 0, r
+    assert load_model(tmp_path / "run" / "best")[0].cfg.dim == 64
