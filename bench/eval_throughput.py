@@ -12,15 +12,19 @@ and is stopped neither by end-of-text nor stop strings, so every row makes --new
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import threading
 import time
 
 import torch
 
 from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.contract import SANDBOX_SOCKET_ENV
 from nanochat_trainer.eval.generate import generate_tokens
 from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems
 from nanochat_trainer.eval.sandbox import Sandbox
+from nanochat_trainer.eval.sandbox_server import serve
 from nanochat_trainer.models.gpt import GPT
 
 
@@ -41,25 +45,45 @@ def _seconds(probs: list[dict], box: Sandbox) -> tuple[float, float]:
 
 
 def bench_sandbox(problems: int, workers: int) -> None:
-    """Problems per second at the strongest isolation here and without namespaces, with `workers`
-    in parallel; then, one at a time, the milliseconds the isolation adds to each program."""
+    """Problems per second through the eval pod's sandbox container (its server, here a thread of
+    this process, over a socket), with namespaces, and without, `workers` in parallel; then, one
+    at a time, the milliseconds each adds to a program."""
     probs = load_problems(problems)
     per_program = {}
-    for level in ("namespaces", "process"):
-        box = Sandbox(timeout=15.0, workers=workers, isolation=level)
-        dt, score = _seconds(probs, box)
+    for level in ("container", "namespaces", "process"):
+        with _isolation(level) as make:
+            box = make(workers)
+            dt, score = _seconds(probs, box)
+            print(
+                f"sandbox: {len(probs)} problems, {workers} workers, isolation {box.isolation.name}: "
+                f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={score:.3f}"
+            )
+            one, _ = _seconds(probs, make(1))
+        per_program[box.isolation.name] = one / len(probs) * 1000
+    base = per_program.get("process")
+    for name, ms in per_program.items():
         print(
-            f"sandbox: {len(probs)} problems, {workers} workers, isolation {box.isolation.level}: "
-            f"{dt:.2f} s, {len(probs) / dt:.1f} problems/s, pass@1={score:.3f}"
+            f"sandbox: one at a time, {ms:.1f} ms per program, isolation {name}"
+            + (f": {ms - base:+.1f} ms against no namespaces" if base is not None and name != "process" else "")
         )
-        one, _ = _seconds(probs, Sandbox(timeout=15.0, workers=1, isolation=level))
-        per_program[box.isolation.level] = one / len(probs) * 1000
-    if len(per_program) == 2:
-        print(
-            f"sandbox: one at a time, {per_program['namespaces']:.1f} ms per program with namespaces, "
-            f"{per_program['process']:.1f} ms without: isolation costs "
-            f"{per_program['namespaces'] - per_program['process']:.1f} ms per program"
-        )
+
+
+@contextlib.contextmanager
+def _isolation(level: str):
+    """A maker of Sandboxes at `level`; for "container", with a sandbox server running."""
+    if level != "container":
+        yield lambda workers: Sandbox(timeout=15.0, workers=workers, isolation=level)
+        return
+    address = f"@nanochat-bench-sandbox-{os.getpid()}"
+    ready, stop = threading.Event(), threading.Event()
+    threading.Thread(target=serve, args=(address,), kwargs={"ready": ready, "stop": stop}, daemon=True).start()
+    ready.wait(30)
+    os.environ[SANDBOX_SOCKET_ENV] = address
+    try:
+        yield lambda workers: Sandbox(timeout=15.0, workers=workers, isolation="container")
+    finally:
+        del os.environ[SANDBOX_SOCKET_ENV]
+        stop.set()
 
 
 def bench_generation(preset: str, batch: int, prompt_len: int, new: int, device: str) -> None:

@@ -137,3 +137,20 @@ def test_eval_results_default_beside_the_checkpoint(ckpt, tmp_path, monkeypatch)
     monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(tmp_path / "term"))
     assert run_eval_from_args(_args("--checkpoint", str(ckpt), "--max-problems", "1", "--max-new-tokens", "8")) == 0
     assert json.loads((ckpt / "humaneval.json").read_text())["problems"] == 1
+
+
+def test_generate_heals_the_prompts_last_token(loaded) -> None:
+    """A prompt ending in "\\n" (every HumanEval prompt) ends in a token that training text only
+    has before column-0 lines: generate() takes it back and makes the first new token restore
+    it, so the completion continues the prompt's text exactly."""
+    model, tok = loaded
+    prompt = 'def double(x):\n    """Return x times two."""\n'
+    ids = tok.encode(prompt)
+    assert tok.decode(ids[-1:]) == "\n" and tok.decode(tok.encode(prompt + "    return")[-3:-1]) != "\n"
+    (raw,) = generate_tokens(model, tok, [ids[:-1]], max_new_tokens=8, starts=["\n"])
+    assert tok.decode(raw[0].token_ids[:1]).startswith("\n")  # the constraint held
+    ((completion,),) = generate(model, tok, [prompt], max_new_tokens=8)
+    assert prompt + completion == tok.decode(ids[:-1] + raw[0].token_ids)
+    # Unconstrained, this random model's first token is not a newline: the test can tell.
+    (free,) = generate_tokens(model, tok, [ids[:-1]], max_new_tokens=1)
+    assert not tok.decode(free[0].token_ids[:1]).startswith("\n")

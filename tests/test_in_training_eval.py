@@ -17,7 +17,9 @@ import pytest
 from pydantic import ValidationError
 
 from nanochat_trainer.checkpoint import load_model
+from nanochat_trainer.data.synthetic import document
 from nanochat_trainer.eval.humaneval import load_problems
+from nanochat_trainer.eval.sandbox import Sandbox
 from nanochat_trainer.train import evaluation, train
 
 from micro import micro_cfg, read_log, torchrun
@@ -45,12 +47,12 @@ def _canned(solved: set[int], monkeypatch) -> None:
 def test_a_real_model_is_scored_during_training(tmp_path: Path) -> None:
     train(_cfg(tmp_path / "run", steps=6))
     log = read_log(tmp_path / "run")
-    scored = {step: r for step, r in log.items() if "humaneval" in r}
+    scored = {step: r for step, r in log.items() if "evaluation" in r}
     assert sorted(scored) == [3, 6]
     for r in scored.values():
-        assert r["humaneval"]["problems"] == PROBLEMS and r["humaneval"]["errors"] == 0
-        assert r["pass_at_1"] == r["humaneval"]["passed"] / PROBLEMS
-        assert r["humaneval"]["isolation"] in ("namespaces", "container/namespaces")
+        assert r["evaluation"]["problems"] == PROBLEMS and r["evaluation"]["errors"] == 0
+        assert r["pass_at_1"] == r["evaluation"]["passed"] / PROBLEMS
+        assert r["evaluation"]["isolation"] in ("namespaces", "container/namespaces")
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["step"] == 3  # the first score is the best until a better one
     assert load_model(tmp_path / "run" / "best")[0].cfg.dim == 64
@@ -81,7 +83,7 @@ def test_a_broken_sandbox_is_counted_and_the_run_goes_on(tmp_path: Path, monkeyp
     monkeypatch.setattr(evaluation.Sandbox, "check_many", broken)
     train(_cfg(tmp_path / "run", steps=6))
     log = read_log(tmp_path / "run")
-    assert [log[s]["humaneval"]["errors"] for s in (3, 6)] == [1, 2]
+    assert [log[s]["evaluation"]["errors"] for s in (3, 6)] == [1, 2]
     assert "pass_at_1" not in log[3] and not (tmp_path / "run" / "best").exists()
     assert (tmp_path / "run" / "final").is_dir()
 
@@ -101,5 +103,21 @@ def test_ranks_share_the_problems_or_rank_0_scores_the_gathered_model(tmp_path: 
     cfg = _cfg(tmp_path / "run", steps=3).model_copy(update={"parallel": parallel})
     torchrun(2, cfg, tmp_path)
     r = read_log(tmp_path / "run")[3]
-    assert r["humaneval"]["problems"] == PROBLEMS and r["humaneval"]["errors"] == 0, r
+    assert r["evaluation"]["problems"] == PROBLEMS and r["evaluation"]["errors"] == 0, r
     assert load_model(tmp_path / "run" / "best")[0].cfg.dim == 64
+
+
+def test_synthetic_problems_are_held_out_and_judged_by_their_own_asserts(tmp_path: Path) -> None:
+    cfg = micro_cfg(tmp_path, evaluation={"benchmark": "synthetic", "problems": 6})
+    problems = evaluation.benchmark_problems(cfg)
+    seed = cfg.data.seed + evaluation.SYNTHETIC_SEED_OFFSET
+    docs = [document(seed, i) for i in range(40)]
+    # Each problem is a held-out document cut after its docstring; its own body passes, a wrong one fails.
+    right = [next(d[len(p.prompt) :] for d in docs if d.startswith(p.prompt)) for p in problems]
+    box = Sandbox(timeout=5.0, workers=2)
+    assert all(r.passed for r in box.check_many([p.judge(c) for p, c in zip(problems, right)]))
+    for constant in ("None", "True", "0", "1", "''"):  # no constant answer passes any of them
+        wrong = [p.judge(f"\n    return {constant}\n") for p in problems]
+        assert not any(r.passed for r in box.check_many(wrong)), constant
+    training = {document(cfg.data.seed, i) for i in range(2000)}
+    assert not training & set(docs)  # none of them is a training document

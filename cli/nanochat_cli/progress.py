@@ -22,7 +22,7 @@ def progress_bar(total: int) -> Callable[[dict[str, Any]], None]:
         if "pass_at_1" in record:
             seen["pass@1"] = f"{record['pass_at_1']:.3f}"
         bar.set_postfix(loss=f"{record['loss']:.3f}", **seen, tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
-        if "val_loss" in record or "humaneval" in record:
+        if "val_loss" in record or "evaluation" in record:
             bar.write(evaluation_line(record))
         bar.refresh()
         if record["step"] >= total:

@@ -313,7 +313,7 @@ def test_phase1_distills_from_a_teacher_served_in_the_cluster(
     records = [json.loads(line) for line in (root / "log.jsonl").read_text().splitlines()]
     last = records[-1]
     assert last["step"] == 20 and last["teacher"]["requests"] > 0 and last["teacher"]["errors"] == 0, last
-    assert last["humaneval"]["isolation"] == "container/namespaces"  # the pod's sandbox container
+    assert last["evaluation"]["isolation"] == "container/namespaces"  # the pod's sandbox container
     assert json.loads((root / "tokenizer.json").read_text())["name"] == "gpt2"  # GPT-2's BPE, offline
     assert {"valLoss", "passAt1", "bestPassAt1"} <= set(done["status"])
     seq = last["sequences"]

@@ -158,12 +158,17 @@ class DataConfig(Strict):
 
 
 class EvaluationConfig(Strict):
-    """HumanEval pass@1 during training (greedy, in the sandbox), and the best checkpoint by it:
+    """pass@1 during training (greedy, in the sandbox), and the best checkpoint by it:
     log.jsonl's pass_at_1, the pass_at_1 gauges, status.passAt1 and bestPassAt1, <run>/best."""
 
+    benchmark: Literal["humaneval", "synthetic"] = Field(
+        "humaneval",
+        description="humaneval: HumanEval's problems; synthetic: held-out problems of the synthetic generator "
+        "(a seed training never reads; the tests are the documents' own asserts), for small models.",
+    )
     every: int = Field(1000, ge=1, description="Steps between evaluations (the last step always evaluates).")
     problems: int | None = Field(
-        None, ge=1, le=164, description="Score the first N problems, a fixed subset; default all 164."
+        None, ge=1, le=1000, description="Score the first N problems, a fixed subset; default 164 (all of HumanEval)."
     )
     max_new_tokens: int = Field(256, ge=1, le=4096, description="Completion length.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
@@ -387,6 +392,9 @@ class TrainerConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
+        e = self.evaluation
+        if e is not None and e.benchmark == "humaneval" and e.problems is not None and e.problems > 164:
+            raise ValueError(f"evaluation.problems={e.problems}: HumanEval has 164 problems")
         if self.stage == "distill" and self.distill is None:
             raise ValueError("stage='distill' needs a distill block (teacher and method)")
         if self.stage == "ternary" and self.ternary is None:

@@ -206,7 +206,7 @@ class TrainerGauge(StrEnum):
     PASS_AT_1 = "pass_at_1"
     BEST_PASS_AT_1 = "best_pass_at_1"
     BEST_STEP = "best_step"
-    HUMANEVAL_ERRORS = "humaneval_errors"
+    EVALUATION_ERRORS = "evaluation_errors"
 
     @property
     def metric(self) -> str:
@@ -241,7 +241,7 @@ _GAUGE_HELP = {
     TrainerGauge.PASS_AT_1: "Greedy HumanEval pass@1 at the last in-training evaluation (evaluation.every).",
     TrainerGauge.BEST_PASS_AT_1: "The best in-training pass@1 so far: the checkpoint kept in <run>/best.",
     TrainerGauge.BEST_STEP: "The step of <run>/best.",
-    TrainerGauge.HUMANEVAL_ERRORS: "In-training evaluations that failed (sandbox or generation); the run went on.",
+    TrainerGauge.EVALUATION_ERRORS: "In-training evaluations that failed (sandbox or generation); the run went on.",
 }
 
 

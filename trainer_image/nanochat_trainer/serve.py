@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
-from .eval.generate import Sample, generate_tokens, prompt_logprobs
+from .eval.generate import Sample, generate_tokens, heal_prompts, prompt_logprobs, unheal
 
 
 class _Metrics:
@@ -147,16 +147,25 @@ class ModelServer:
         """`prompts`: strings, or lists of token ids (OpenAI's pre-tokenized prompts)."""
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
         ids_list = [list(x) if isinstance(x, list) else self.tok.encode(x) for x in prompts]
+        # Text prompts without logprobs are healed as `nanochat eval --checkpoint` heals them, so
+        # an endpoint scores like its checkpoint; token-level answers keep their plain semantics.
+        # Token-id prompts are the caller's exact tokens: never healed.
+        heal = logprobs is None and not echo
+        healed_ids, starts = heal_prompts(self.tok, ids_list)
+        starts = [s if heal and isinstance(x, str) else "" for x, s in zip(prompts, starts)]
         prompts = [self.tok.decode(x) if isinstance(x, list) else x for x in prompts]
         samples: list[list[Sample]] = [[Sample([], "", "length")] * p["n"] for _ in prompts]
         if p["max_new_tokens"] > 0:
-            samples = generate_tokens(self.model, self.tok, ids_list, top_logprobs=logprobs or 0, **p)
+            gen_ids = [h if s else i for i, h, s in zip(ids_list, healed_ids, starts)]
+            samples = generate_tokens(
+                self.model, self.tok, gen_ids, top_logprobs=logprobs or 0, starts=starts if heal else None, **p
+            )
         for pi, (prompt, ids) in enumerate(zip(prompts, ids_list)):
             usage["prompt_tokens"] += len(ids)
             echo_lp = prompt_logprobs(self.model, ids, logprobs or 0) if (echo and logprobs is not None) else None
             for s in samples[pi]:
                 usage["completion_tokens"] += len(s.token_ids)
-                text = (prompt if echo else "") + s.text
+                text = (prompt if echo else "") + unheal(s.text, starts[pi])
                 block = None
                 if logprobs is not None:
                     gen = self._logprobs_block(

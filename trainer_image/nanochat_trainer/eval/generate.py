@@ -8,10 +8,17 @@ Prompts of a batch are left-padded and prefilled once (`pad_mask`); the cache is
 fanned out to `n` rows per prompt with `cache.reorder`, and finished rows are dropped the
 same way. `generate_tokens` is the lower level (token ids, per-token logprobs and top
 logprobs, finish reasons) that the server uses.
+
+`generate` heals the prompt's last token (as Guidance's token healing does): it is taken
+back and the first new token must begin with its text. Byte-level BPEs merge a newline with
+the indentation after it ("\n   " is one token), so a prompt that ends in "\n", as every
+HumanEval prompt does after its docstring, ends in a token that in training only ever
+preceded a line at column 0: unhealed, a model jumps past the function body.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,10 +55,12 @@ def generate_tokens(
     seed: int = 0,
     top_logprobs: int = 0,
     batch_size: int = 16,
+    starts: Sequence[str] | None = None,
 ) -> list[list[Sample]]:
     """For each prompt (token ids), `n` samples. Greedy when temperature == 0 (then the n samples
     are identical). Stops at eot, at a stop string (cut off, not included) or after
-    max_new_tokens; prompts longer than the context keep their last tokens."""
+    max_new_tokens; prompts longer than the context keep their last tokens. `starts`: per
+    prompt, text the first new token must begin with ("" for none)."""
     if not prompts:
         return []
     if max_new_tokens < 0 or n < 1 or not 0 < top_p <= 1:
@@ -74,13 +83,37 @@ def generate_tokens(
                 gen,
                 top_logprobs,
                 device,
+                starts[b0 : b0 + per_batch] if starts else None,
             )
         )
     return out
 
 
+def _allowed_first(tokenizer, starts: Sequence[str], vocab: int, device) -> torch.Tensor:
+    """(len(starts), vocab) bool: the tokens whose text begins with each start ("": every one)."""
+    texts = _token_texts(tokenizer, vocab)
+    allowed = torch.ones(len(starts), vocab, dtype=torch.bool)
+    for i, start in enumerate(starts):
+        if start:
+            allowed[i] = torch.tensor([t.startswith(start) for t in texts])
+    return allowed.to(device)
+
+
+_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_texts(tokenizer, vocab: int) -> list[str]:
+    """Every token's text, once per tokenizer (50k decodes take a few tens of milliseconds);
+    end-of-text and ids past the tokenizer's vocabulary match no start."""
+    if tokenizer not in _TEXTS:
+        n = min(vocab, tokenizer.n_vocab)
+        _TEXTS[tokenizer] = [tokenizer.decode([t]) if t != tokenizer.eot_id else "\x00" for t in range(n)]
+    texts = _TEXTS[tokenizer]
+    return texts[:vocab] + ["\x00"] * (vocab - len(texts))
+
+
 def _generate_batch(
-    model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, stop, gen, top_logprobs, device
+    model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, stop, gen, top_logprobs, device, starts
 ) -> list[list[Sample]]:
     max_ctx = model.cfg.max_seq_len
     keep = max(1, max_ctx - max_new_tokens)
@@ -98,6 +131,9 @@ def _generate_batch(
     fan = torch.arange(b, device=device).repeat_interleave(n)
     cache.reorder(fan)
     logits = logits[fan]
+    if starts is not None:
+        allowed = _allowed_first(tokenizer, starts, logits.size(-1), device)[fan]
+        logits = logits.masked_fill(~allowed, float("-inf"))
     rows = list(range(b * n))  # active row -> sample index
     toks: list[list[int]] = [[] for _ in rows]
     lps: list[list[float]] = [[] for _ in rows]
@@ -167,9 +203,15 @@ def generate(
     stop: Sequence[str] = (),
     seed: int = 0,
     batch_size: int = 16,
+    heal: bool = True,
 ) -> list[list[str]]:
-    """Text in, text out: outs[i][j] is sample j of prompt i (stop strings cut off)."""
+    """Text in, text out: outs[i][j] is sample j of prompt i (stop strings cut off), with the
+    prompt's last token healed (module docstring) unless `heal` is False, as a server that
+    completes token ids (`nanochat serve`, vLLM) does."""
     ids = [tokenizer.encode(p) for p in prompts]
+    healed = [""] * len(ids)
+    if heal:
+        ids, healed = heal_prompts(tokenizer, ids)
     res = generate_tokens(
         model,
         tokenizer,
@@ -181,8 +223,21 @@ def generate(
         stop=stop,
         seed=seed,
         batch_size=batch_size,
+        starts=healed,
     )
-    return [[s.text for s in row] for row in res]
+    return [[unheal(s.text, h) for s in row] for h, row in zip(healed, res)]
+
+
+def heal_prompts(tokenizer, prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[str]]:
+    """Token healing (module docstring): each prompt without its last token, and that token's
+    text, which the first new token must begin with (`generate_tokens(starts=...)`)."""
+    starts = [tokenizer.decode(list(p[-1:])) if len(p) > 1 else "" for p in prompts]
+    return [list(p[:-1]) if s else list(p) for p, s in zip(prompts, starts)], starts
+
+
+def unheal(text: str, healed: str) -> str:
+    """The completion after the prompt's own last token's text (given back by healing)."""
+    return text[len(healed) :] if text.startswith(healed) else text
 
 
 @torch.no_grad()

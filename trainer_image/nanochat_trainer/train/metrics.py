@@ -77,14 +77,15 @@ class TrainerMetrics:
 
 
 def evaluation_line(record: dict[str, Any]) -> str:
-    """A step that validated or scored HumanEval, in one line (the demo, `nanochat run`)."""
+    """A step that validated or scored pass@1, in one line (the demo, `nanochat run`)."""
     parts = [f"step {record['step']}", f"loss {record['loss']:.3f}"]
     if "val_loss" in record:
         parts.append(f"validation loss {record['val_loss']:.3f}")
-    if "humaneval" in record:
-        h = record["humaneval"]
+    if "evaluation" in record:
+        h = record["evaluation"]
         score = f"{record['pass_at_1']:.3f}" if "pass_at_1" in record else "failed (see the log)"
-        parts.append(f"HumanEval pass@1 {score} ({h['passed']}/{h['problems']}, {h['seconds']:.0f} s)")
+        name = {"humaneval": "HumanEval", "synthetic": "held-out synthetic"}[h["benchmark"]]
+        parts.append(f"{name} pass@1 {score} ({h['passed']}/{h['problems']}, {h['seconds']:.0f} s)")
         if "best_pass_at_1" in record:
             parts.append(f"best {record['best_pass_at_1']:.3f} at step {record['best_step']}")
     return "  ".join(parts)

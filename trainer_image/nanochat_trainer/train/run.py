@@ -94,7 +94,7 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
             if evals is not None and evals.due(done):
                 record.update(evals.run(model, ep, done))  # collective
             skipped_before = _publish(record, metrics, skipped_before)
-            evaluated = "val_loss" in record or "humaneval" in record
+            evaluated = "val_loss" in record or "evaluation" in record
             logged = done % cfg.metrics.log_every == 0 or done in (cfg.steps, start + 1) or evaluated
             if env.is_main and logged:
                 metrics.log(record)
@@ -142,8 +142,8 @@ def _publish(record: dict[str, Any], metrics: TrainerMetrics, skipped_before: in
         best_pass_at_1=record.get("best_pass_at_1"),
         best_step=record.get("best_step"),
     )
-    if "humaneval" in record:
-        metrics.set(humaneval_errors=record["humaneval"]["errors"])
+    if "evaluation" in record:
+        metrics.set(evaluation_errors=record["evaluation"]["errors"])
     if "moe" in record:
         metrics.set(moe_load_imbalance=record["moe"]["load_imbalance"], moe_dead_experts=record["moe"]["dead_experts"])
     if "teacher" not in record:
