@@ -104,6 +104,14 @@ class OperatorMetrics:
         self.training_tps = Gauge(
             "nanochat_training_tokens_per_second", "Throughput of a TrainingRun.", labels, registry=self.registry
         )
+        # Each TrainingRun series and the status field it shows.
+        self._training_series = {
+            self.training_step: "step",
+            self.training_loss: "loss",
+            self.training_val_loss: "val_loss",
+            self.training_pass_at_1: "pass_at_1",
+            self.training_tps: "tokens_per_second",
+        }
         self.eval_pass_at_k = Gauge(
             "nanochat_eval_pass_at_k", "pass@k of an EvalRun.", labels + ["k"], registry=self.registry
         )
@@ -113,13 +121,8 @@ class OperatorMetrics:
         finished run has no series, so "step did not change for N minutes" alerts mean a
         stuck run (the final values stay in the run's status)."""
         self.runs.set_phase(TRAINING_KIND, namespace, name, status.phase)
-        for gauge, value in (
-            (self.training_step, status.step),
-            (self.training_loss, status.loss),
-            (self.training_val_loss, status.val_loss),
-            (self.training_pass_at_1, status.pass_at_1),
-            (self.training_tps, status.tokens_per_second),
-        ):
+        for gauge, field in self._training_series.items():
+            value = getattr(status, field)
             if status.phase == Phase.RUNNING and value is not None:
                 gauge.labels(namespace, name).set(value)
             else:
@@ -134,13 +137,7 @@ class OperatorMetrics:
         """Drop a deleted run's series."""
         self.runs.forget(kind, namespace, name)
         if kind == TRAINING_KIND:
-            for gauge in (
-                self.training_step,
-                self.training_loss,
-                self.training_val_loss,
-                self.training_pass_at_1,
-                self.training_tps,
-            ):
+            for gauge in self._training_series:
                 _remove(gauge, namespace, name)
         else:
             with self.eval_pass_at_k._lock:  # no public way to list a gauge's label sets

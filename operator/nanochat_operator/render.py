@@ -396,9 +396,7 @@ def render_training_job(
     if spec.trainer.evaluation is not None:
         # In-training HumanEval runs the model's completions: in a sandbox container of their own,
         # as an EvalRun's do, never beside the run's secrets and volumes.
-        env[:0] = _sandbox_env()
-        pod["initContainers"] = [_sandbox_container(image)]
-        volumes.append({"name": "sandbox-scratch", "emptyDir": {"sizeLimit": "1Gi"}})
+        _add_sandbox(pod, container, image)
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     _placement(pod, spec.resources)
@@ -590,16 +588,14 @@ def render_eval_job(
     resources = _container_resources(spec.resources, spec.resources.gpus)
     if resources:
         container["resources"] = resources
-    container["env"] = [*_sandbox_env(), *env]
-    volumes.append({"name": "sandbox-scratch", "emptyDir": {"sizeLimit": "1Gi"}})
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "securityContext": dict(EVAL_POD_SECURITY),
-        "initContainers": [_sandbox_container(image)],
         "containers": [container],
         "volumes": volumes,
     }
+    _add_sandbox(pod, container, image)
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name  # the user asked for an identity: its token too
     else:
@@ -623,6 +619,14 @@ def render_eval_job(
         "metadata": _job_metadata(name, namespace, labels, spec),
         "spec": job_spec,
     }
+
+
+def _add_sandbox(pod: dict[str, Any], container: dict[str, Any], image: str) -> None:
+    """Give a pod whose `container` runs model-written code the sandbox container: the sidecar,
+    its scratch volume, and the sidecar's address in `container`'s environment."""
+    container["env"] = [*_sandbox_env(), *container["env"]]
+    pod["initContainers"] = [_sandbox_container(image)]
+    pod["volumes"].append({"name": "sandbox-scratch", "emptyDir": {"sizeLimit": "1Gi"}})
 
 
 def _sandbox_container(image: str) -> dict[str, Any]:

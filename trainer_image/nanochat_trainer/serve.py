@@ -157,9 +157,7 @@ class ModelServer:
         samples: list[list[Sample]] = [[Sample([], "", "length")] * p["n"] for _ in prompts]
         if p["max_new_tokens"] > 0:
             gen_ids = [h if s else i for i, h, s in zip(ids_list, healed_ids, starts)]
-            samples = generate_tokens(
-                self.model, self.tok, gen_ids, top_logprobs=logprobs or 0, starts=starts if heal else None, **p
-            )
+            samples = generate_tokens(self.model, self.tok, gen_ids, top_logprobs=logprobs or 0, starts=starts, **p)
         for pi, (prompt, ids) in enumerate(zip(prompts, ids_list)):
             usage["prompt_tokens"] += len(ids)
             echo_lp = prompt_logprobs(self.model, ids, logprobs or 0) if (echo and logprobs is not None) else None

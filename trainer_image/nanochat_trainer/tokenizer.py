@@ -241,7 +241,7 @@ def gpt2_tokenizer(download_to: Path | None = None) -> Tokenizer:
     dirs = [tiktoken_cache_dir()] + ([download_to] if download_to not in (None, tiktoken_cache_dir()) else [])
     for folder in dirs:
         cached = folder / R50K_FILE
-        if cached.is_file() and hashlib.sha256(data := cached.read_bytes()).hexdigest() == R50K_SHA256:
+        if cached.is_file() and _is_r50k(data := cached.read_bytes()):
             return TiktokenTokenizer(parse_tiktoken(data, str(cached)), "gpt2")
     where = ", ".join(str(d) for d in dirs)
     if download_to is None:
@@ -257,10 +257,15 @@ def gpt2_tokenizer(download_to: Path | None = None) -> Tokenizer:
             "Set tokenizer.path to a GPT-2 tokenizer.json or r50k_base.tiktoken file, or put r50k_base.tiktoken "
             f"in tiktoken's cache as {R50K_FILE} (`make gpt2-bpe` does)",
         ) from e
-    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+    if not _is_r50k(data):
         raise ConfigError("tokenizer.path", None, f"{url} sent a file that is not GPT-2's BPE (sha256 mismatch)")
     _write_atomic(download_to / R50K_FILE, data)
     return TiktokenTokenizer(parse_tiktoken(data, url), "gpt2")
+
+
+def _is_r50k(data: bytes) -> bool:
+    """Whether `data` is GPT-2's BPE, byte for byte (by its sha256)."""
+    return hashlib.sha256(data).hexdigest() == R50K_SHA256
 
 
 def install_gpt2_from_sdist(sdist: PathLike) -> Path:
@@ -271,7 +276,7 @@ def install_gpt2_from_sdist(sdist: PathLike) -> Path:
         if member is None:
             raise ConfigError("--from-sdist", str(sdist), f"holds no {WHISPER_GPT2_MEMBER}")
         data = tar.extractfile(member).read()  # type: ignore[union-attr]
-    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+    if not _is_r50k(data):
         raise ConfigError("--from-sdist", str(sdist), f"its {WHISPER_GPT2_MEMBER} is not GPT-2's BPE (sha256 mismatch)")
     target = tiktoken_cache_dir() / R50K_FILE
     _write_atomic(target, data)

@@ -131,7 +131,7 @@ def _generate_batch(
     fan = torch.arange(b, device=device).repeat_interleave(n)
     cache.reorder(fan)
     logits = logits[fan]
-    if starts is not None:
+    if starts is not None and any(starts):  # else no constraint, and no vocabulary to decode
         allowed = _allowed_first(tokenizer, starts, logits.size(-1), device)[fan]
         logits = logits.masked_fill(~allowed, float("-inf"))
     rows = list(range(b * n))  # active row -> sample index
