@@ -197,6 +197,10 @@ class ControlPlane:
                     str(pki / "tokens.csv"),
                     "--authorization-mode",
                     "RBAC",
+                    # OpenShift's default: setting blockOwnerDeletion on a child needs `update` on the
+                    # owner's finalizers, which the chart must grant the operator.
+                    "--enable-admission-plugins",
+                    "OwnerReferencesPermissionEnforcement",
                     "--service-account-issuer",
                     "https://kubernetes.default.svc.cluster.local",
                     "--service-account-key-file",

@@ -31,6 +31,21 @@ BENCH = Path(__file__).parent.parent / "bench"
             ["--problems", "4", "--workers", "2", "--batch", "2", "--new", "4", "--prompt-len", "8"],
             ["problems/s, pass@1=1.000", "tokens/s"],
         ),
+        (
+            "teacher_throughput.py",
+            ["--levels", "1,8", "--requests", "8", "--max-tokens", "4"],
+            ["in flight requests/s", "requests per level, max_tokens 4"],
+        ),
+        (
+            "datagen_throughput.py",
+            ["--levels", "4,16", "--rows", "20", "--tokens-per-s", "2000", "--latency-ms", "5"],
+            ["not a real teacher's quality", "the same documents kept at every level: True"],
+        ),
+        (
+            "data_ladder.py",
+            ["--steps", "4", "--every", "2", "--batch-size", "4", "--val-tokens", "2048", "--teacher-rows", "30"],
+            ["held-out documents against", ": 0 shared", "(c) + teacher", "not the value of a real teacher's data"],
+        ),
     ],
 )
 def test_bench_script_runs(script, args, expect):

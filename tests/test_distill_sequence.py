@@ -73,7 +73,10 @@ def teacher(narrow):
 
 
 def _seq_cfg(run_dir: Path, url: str, data: Path, steps: int, **distill) -> TrainerConfig:
-    teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, **distill.pop("teacher", {})}
+    # 8 in flight (windows of 16 prompts): the outage tests below stop the teacher mid-run, before
+    # the producer has read far ahead.
+    teacher = {"url": url + "/v1", "model": "teacher", "max_retries": 0, "timeout_s": 30, "concurrency": 8}
+    teacher.update(distill.pop("teacher", {}))
     over = {k: distill.pop(k) for k in ("checkpoint",) if k in distill}
     return micro_cfg(
         run_dir,

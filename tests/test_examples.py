@@ -4,6 +4,7 @@ phase3 uses preset qwen3-hybrid; if config.PRESETS lacks it, its tests fail for 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,14 +49,36 @@ def test_example_validates_renders_and_dry_runs(path):
     assert summary.startswith(f"{path}: valid:")
 
 
-def test_example_specifics():
-    p1 = load_manifests(str(EXAMPLES[0]))
-    assert p1[0].spec.trainer.stage == "distill" and p1[0].spec.trainer.distill.method == "sequence"
-    assert p1[0].spec.trainer.data.source == "synthetic" and p1[0].spec.trainer.steps == 10000
-    assert p1[0].spec.trainer.model.dim == 768  # nano-125M applied
-    p2 = load_manifests(str(EXAMPLES[1]))
-    assert p2[0].spec.trainer.data.source == "huggingface" and p2[0].spec.trainer.steps == 50000
-    p3 = load_manifests(str(EXAMPLES[2]))
-    pre, tern = p3[0], p3[1]
-    assert pre.spec.trainer.steps == 100000 and pre.spec.trainer.model.moe is not None
-    assert tern.spec.trainer.stage == "ternary" and tern.spec.init.from_training_run == pre.metadata.name
+def test_the_phases_follow_the_plan():
+    p1 = {o.metadata.name: o for o in load_manifests(str(EXAMPLES[0]))}
+    data, demo = p1["phase1-data"].spec, p1["phase1-demo"].spec
+    assert data.trainer.stage == "generate" and "Qwen3" in data.trainer.generate.teacher.model
+    assert demo.after == ["phase1-data"] and demo.trainer.model.dim == 768  # nano-125M applied
+    assert demo.trainer.stage == "distill" and "Qwen3" in demo.trainer.distill.teacher.model
+    assert {m.source for m in demo.trainer.data.mixture} == {"local", "huggingface", "synthetic"}
+    p2 = {o.metadata.name: o for o in load_manifests(str(EXAMPLES[1]))}
+    assert p2["phase2-1b"].spec.trainer.data.mixture[0].path == "/data/runs/phase2-data/dataset"
+    assert p2["phase2-finetune"].spec.init.from_training_run == "phase2-1b"
+    p3 = {o.metadata.name: o for o in load_manifests(str(EXAMPLES[2]))}
+    tern = p3["phase3-ternary"].spec.trainer
+    assert tern.stage == "ternary" and tern.model.hybrid is not None and tern.ternary.distill_from_parent
+    assert tern.checkpoint.init_from.startswith("/data/hf/Qwen3-Next")
+    assert tern.ternary.include == ["layers.*.mlp.experts.*"]  # selective: experts only
+    assert [c.name for c in p3["phase3-ternary-humaneval"].spec.compare] == ["parent", "teacher"]
+
+
+_BUDGET = re.compile(r"^#\s+([a-z0-9-]+): ([\d.]+)B tokens \(([\d,]+) steps", re.M)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_the_header_states_the_tokens_each_training_run_takes(path):
+    """Every TrainingRun that trains is in the header's budget, with the tokens and steps it really has."""
+    stated = {name: (float(b), int(steps.replace(",", ""))) for name, b, steps in _BUDGET.findall(path.read_text())}
+    runs = [
+        o for o in load_manifests(str(path)) if isinstance(o, api.TrainingRun) and o.spec.trainer.stage != "generate"
+    ]
+    assert sorted(stated) == sorted(r.metadata.name for r in runs)
+    for run in runs:
+        t, world = run.spec.trainer, run.spec.resources.nodes * render.procs_per_node(run.spec)
+        tokens = t.steps * t.batch_size * t.grad_accum * t.resolved_seq_len * world
+        assert stated[run.metadata.name] == (round(tokens / 1e9, 2), t.steps), run.metadata.name

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from nanochat_operator.metrics import OperatorMetrics
-from nanochat_trainer.contract import TrainerGauge
+from nanochat_trainer.contract import GENERATE_REJECTED_BY_REASON, TrainerGauge
 
 
 def pinned(key: str) -> str:
@@ -153,11 +153,17 @@ def test_all_on_render_validates(helm, tmp_path):
     assert "--trainer-image=registry.local/trainer:9" in args and "--log-format=plain" in args
     assert dep["spec"]["strategy"]["type"] == "RollingUpdate" and dep["spec"]["replicas"] == 2
     pm = by_kind(objs, "PodMonitor")[0]
-    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "nanochat-trainer"}
+    # Only rank 0 serves metrics: pod 0 of each Indexed Job, not N-1 targets down per multi-node run.
+    assert pm["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "nanochat-trainer",
+        "batch.kubernetes.io/job-completion-index": "0",
+    }
     assert pm["spec"]["namespaceSelector"]["matchNames"] == ["ml", "research"]
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     sm = by_kind(objs, "ServiceMonitor")[0]
     assert sm["metadata"]["labels"]["release"] == "kps" and sm["spec"]["endpoints"][0]["port"] == "metrics"
+    # The operator's series carry each run's `namespace`: kept, not renamed to exported_namespace.
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     rules = by_kind(objs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {
         "NanochatRunFailed",
@@ -199,6 +205,7 @@ def test_rbac_is_least_privilege(helm, tmp_path):
     for res in ("trainingruns", "evalruns"):
         expected |= {("nanochat.io", res, v) for v in ("get", "list", "watch", "patch")}
         expected |= {("nanochat.io", f"{res}/status", v) for v in ("get", "patch")}
+        expected.add(("nanochat.io", f"{res}/finalizers", "update"))  # blockOwnerDeletion on the children
     expected |= {("batch", "jobs", v) for v in ("get", "create", "patch")}
     expected |= {("", "pods", v) for v in ("get", "list")}
     expected |= {("", r, "create") for r in ("configmaps", "services", "persistentvolumeclaims", "events")}
@@ -259,6 +266,7 @@ def test_the_dashboard_queries_only_metrics_that_exist():
     gauge would leave an empty panel and nothing else failing."""
     families = list(OperatorMetrics().registry.collect())
     exported = {m.metric for m in TrainerGauge} | {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    exported.add(GENERATE_REJECTED_BY_REASON)  # the trainer's one labelled gauge (stage generate)
     dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
     queried = {
         name.removesuffix("_bucket")

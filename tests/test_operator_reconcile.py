@@ -390,3 +390,21 @@ def test_an_eval_of_the_best_checkpoint_needs_one():
     assert s["checkpoint"] == "/data/runs/demo/best"
     command = c.objects[("Job", "ml", "ev2-eval")]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--checkpoint") + 1] == "/data/runs/demo/best"
+
+
+def test_after_waits_for_the_runs_that_make_its_data_on_the_same_claim():
+    c = FakeCluster()
+    shared = {"claimName": "runs"}
+    train = tr("train", after=["data"], storage=shared)
+    s = step(c, train)
+    assert s["phase"] == "Pending" and get_condition(s, "DependenciesReady")["reason"] == "SourceNotFound"
+    c.runs["data"] = tr("data", storage=shared, status={"phase": "Running", "step": 40, "totalSteps": 100})
+    s = step(c, train)
+    assert get_condition(s, "DependenciesReady")["reason"] == "SourceNotSucceeded"
+    assert ("Job", "ml", "train-train") not in c.objects
+    c.runs["data"]["status"] = {"phase": "Succeeded", "storageClaim": "runs"}
+    s = step(c, train)
+    assert s["phase"] == "Starting" and ("Job", "ml", "train-train") in c.objects
+    c.runs["other"] = tr("other", storage={"size": "1Gi"}, status={"phase": "Succeeded"})
+    s = step(c, tr("train2", after=["other"], storage=shared))
+    assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "DifferentStorage"

@@ -8,10 +8,11 @@ each EvalRun's `nanochat eval` command (`nanochat_operator.render`), with `--run
 for the runs directory of the PVC (/data/runs in a pod). So a run's directory is
 `<runs-dir>/<metadata.name>`, and a run that is started again resumes.
 
-Documents run in dependency order: a TrainingRun's `spec.init.fromTrainingRun` starts from that
-run's final model, and an EvalRun on a TrainingRun evaluates its final model. `--set` overrides
-apply to every TrainingRun's spec. The operator-only parts of a spec (resources, storage, image,
-queue) do not apply here.
+Documents run in dependency order: the runs of a TrainingRun's `spec.after` before it (their
+datasets, /data/runs/<run>/dataset in a pod, are read from `<runs-dir>/<run>/dataset`), a
+TrainingRun's `spec.init.fromTrainingRun` starts from that run's final model, and an EvalRun on a
+TrainingRun evaluates its final model. `--set` overrides apply to every TrainingRun's spec. The
+operator-only parts of a spec (resources, storage, image, queue) do not apply here.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def trainer_config(run: TrainingRun, runs_dir: Path) -> TrainerConfig:
         init_from = str(run_layout(runs_dir, run.spec.init.from_training_run).final)
     cfg = render.resolved_trainer_config(run.metadata.name, run.spec, init_from, runs_root=runs_dir)
     cfg.metrics.port = 0
+    # Datasets of other runs, named by their path in the pod (/data/runs/<run>/dataset), are here.
+    pod_runs = str(render.RUNS_ROOT) + "/"
+    for source in [cfg.data, *cfg.data.mixture]:
+        if source.path and source.path.startswith(pod_runs):
+            source.path = str(runs_dir / source.path.removeprefix(pod_runs))
     return cfg
 
 
@@ -84,7 +90,7 @@ def dependency_order(runs: list[Run]) -> list[Run]:
 
     def needs(run: Run) -> set[str]:
         if isinstance(run, TrainingRun):
-            return {run.spec.init.from_training_run} if run.spec.init else set()
+            return set(run.spec.after) | ({run.spec.init.from_training_run} if run.spec.init else set())
         return {m.training_run for m in [run.spec.model, *run.spec.compare] if m.training_run}
 
     names = {r.metadata.name for r in runs if isinstance(r, TrainingRun)}
@@ -115,10 +121,8 @@ def run_manifest(
         if isinstance(run, TrainingRun):
             cfg = trainer_config(run, root)
             plans.append((run, cfg))
-            print(
-                f"TrainingRun {run.metadata.name}: stage {cfg.stage}, preset {cfg.preset}, "
-                f"{cfg.steps} steps -> {cfg.checkpoint.dir}"
-            )
+            work = f"{cfg.generate.rows} documents" if cfg.generate else f"preset {cfg.preset}, {cfg.steps} steps"
+            print(f"TrainingRun {run.metadata.name}: stage {cfg.stage}, {work} -> {cfg.checkpoint.dir}")
         else:
             argv = eval_argv(run, root)
             plans.append((run, argv))

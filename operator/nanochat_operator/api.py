@@ -357,6 +357,13 @@ class TrainingRunSpec(RunCommon):
         "writes to an emptyDir (lost with the pod; no resume, no dependents).",
     )
     init: Init | None = Field(None, description="Start from another run's final checkpoint.")
+    after: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="TrainingRuns in this namespace that must Succeed before this one starts: the stage generate "
+        "runs whose datasets trainer.data reads (/data/runs/<run>/dataset). They keep their run directories on "
+        "the same PVC (storage.claimName).",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -364,6 +371,10 @@ class TrainingRunSpec(RunCommon):
                 cel(
                     "!has(self.init) || has(self.storage)",
                     "init.fromTrainingRun reads the source's checkpoint from a PVC: set storage",
+                ),
+                cel(
+                    "!has(self.after) || size(self.after) == 0 || (has(self.storage) && has(self.storage.claimName))",
+                    "after: the runs read each other's files from one PVC: set storage.claimName",
                 ),
                 cel(
                     "!has(self.trainer.device) || self.trainer.device != 'cuda' || self.resources.gpusPerNode > 0",
@@ -377,6 +388,11 @@ class TrainingRunSpec(RunCommon):
     def _check(self) -> TrainingRunSpec:
         if self.init is not None and self.storage is None:
             raise ValueError("init.fromTrainingRun reads the source's checkpoint from a PVC: set storage")
+        if self.after and (self.storage is None or self.storage.claim_name is None):
+            raise ValueError("after: the runs read each other's files from one PVC: set storage.claimName")
+        bad = [n for n in self.after if not re.fullmatch(DNS_LABEL_PATTERN, n)]
+        if bad:
+            raise ValueError(f"after: {bad[0]!r} is not a TrainingRun name (a DNS label)")
         if self.trainer.device == "cuda" and self.resources.gpus_per_node == 0:
             raise ValueError("trainer.device cuda needs resources.gpusPerNode > 0")
         if (
@@ -550,6 +566,16 @@ class RunStatusCommon(StatusModel):
     kopf: dict[str, Any] | None = Field(None, description="The operator framework's own bookkeeping.")
 
 
+class GenerationStatus(StatusModel):
+    """stage generate: what the teacher's answers came to (status.step counts the documents kept)."""
+
+    rejected: dict[str, int] = Field(
+        default_factory=dict, description='Answers rejected, by reason, e.g. {"tests_failed": 12, "near_duplicate": 3}.'
+    )
+    in_flight: int | None = Field(None, description="Requests to the teacher under way.")
+    requests_per_second: float | None = Field(None, description="Teacher answers per second, lately.")
+
+
 class TrainingRunStatus(RunStatusCommon):
     step: int | None = Field(None, description="Optimizer steps done.")
     total_steps: int | None = Field(None, description="Optimizer steps the run takes.")
@@ -572,6 +598,7 @@ class TrainingRunStatus(RunStatusCommon):
     final_checkpoint: str | None = Field(None, description="The finished model (set when Succeeded).")
     storage_claim: str | None = Field(None, description="The PVC holding the run directory.")
     run_dir: str | None = Field(None, description="The run directory inside the PVC's mount.")
+    generation: GenerationStatus | None = Field(None, description="stage generate: rejections and the teacher's pace.")
 
 
 class EvalRunStatus(RunStatusCommon):

@@ -93,6 +93,13 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
     gpus = res.nodes * res.gpus_per_node
     if cfg.device == "cuda" and gpus == 0:
         problems.append("trainer.device=cuda but resources ask for no GPUs (gpusPerNode=0)")
+    if cfg.stage == "generate":  # no model: one process asks the teacher
+        if res.nodes > 1 or res.gpus_per_node > 1:
+            problems.append(
+                f"stage generate runs as one process (resources.nodes={res.nodes}, gpusPerNode="
+                f"{res.gpus_per_node}): ask for nodes 1 and gpusPerNode 0 (the teacher has the GPUs)"
+            )
+        return problems
     params = estimate_params(cfg.model)
     experts = estimate_expert_params(cfg.model)
     ep = cfg.expert_parallel

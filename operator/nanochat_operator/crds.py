@@ -43,6 +43,10 @@ TRAINER_RULES: dict[str, list[dict[str, str]]] = {
             "!has(self.stage) || self.stage != 'distill' || has(self.distill)",
             "stage distill needs a distill block (teacher and method)",
         ),
+        cel(
+            "(has(self.stage) && self.stage == 'generate') == has(self.generate)",
+            "stage generate and a generate block (teacher, rows) go together",
+        ),
     ],
     "ModelConfig": [
         cel(
@@ -66,6 +70,13 @@ TRAINER_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "DataConfig": [
         cel("!has(self.source) || self.source != 'local' || has(self.path)", "data.source local needs data.path"),
+        cel(
+            "!has(self.source) || self.source != 'mixture' || (has(self.mixture) && size(self.mixture) > 0)",
+            "data.source mixture needs data.mixture (sources with a name and a weight)",
+        ),
+    ],
+    "WeightedSource": [
+        cel("!has(self.source) || self.source != 'local' || has(self.path)", "a local source needs path"),
     ],
 }
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from nanochat_trainer.config import format_validation_error
+from nanochat_trainer.config import DataConfig, format_validation_error
 from nanochat_trainer.contract import API_VERSION
 
 from . import api, render
@@ -82,6 +82,13 @@ def load_manifests(path: str) -> list[ApiObject]:
 
 def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
     s, t = run.spec, run.spec.trainer
+    if t.generate is not None:
+        g = t.generate
+        return [
+            f"TrainingRun {run.metadata.name}: stage generate, {g.rows:,} documents from {g.teacher.model} "
+            f"at {g.teacher.url} ({g.teacher.concurrency} requests in flight, template {g.template})",
+            f"  writes {render.dataset_path(run.metadata.name)}; Job {render.job_name(run.metadata.name)}",
+        ]
     params = estimate_params(t.model)
     world = s.resources.nodes * render.procs_per_node(s)
     tokens_per_step = t.batch_size * t.grad_accum * t.resolved_seq_len * world
@@ -89,7 +96,7 @@ def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
         f"TrainingRun {run.metadata.name}: preset {t.preset or '-'}, stage {t.stage}, ~{params / 1e6:,.1f}M parameters"
         + (f" ({t.model.moe.n_experts} experts, top-{t.model.moe.top_k})" if t.model.moe else ""),
         f"  steps {t.steps:,} x {tokens_per_step:,} tokens/step = {t.steps * tokens_per_step / 1e9:.2f}B tokens; "
-        f"data {t.data.source}" + (f" ({t.data.dataset})" if t.data.source == "huggingface" else ""),
+        f"data {t.data.source}" + _data_detail(t.data),
         f"  {s.resources.nodes} node(s) x {s.resources.gpus_per_node} GPU(s): torchrun {world} process(es); "
         f"Job {render.job_name(run.metadata.name)}",
         "  storage: "
@@ -101,6 +108,12 @@ def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
     ]
     if t.stage == "distill" and t.distill:
         lines.append(f"  distill from {t.distill.teacher.model} at {t.distill.teacher.url} ({t.distill.method})")
+    if s.after:
+        missing = [a for a in s.after if a not in in_file]
+        lines.append(
+            f"  starts once TrainingRun(s) {', '.join(s.after)} Succeeded"
+            + (f" ({', '.join(missing)} not in this file)" if missing else "")
+        )
     if s.init:
         src = s.init.from_training_run
         lines.append(
@@ -110,6 +123,15 @@ def _describe_training(run: TrainingRun, in_file: set[str]) -> list[str]:
     if s.suspend or s.queue_name:
         lines.append("  created suspended" + (f"; Kueue queue {s.queue_name}" if s.queue_name else ""))
     return lines
+
+
+def _data_detail(data: DataConfig) -> str:
+    if data.source == "huggingface":
+        return f" ({data.dataset})"
+    if data.source == "mixture":
+        total = sum(m.weight for m in data.mixture)
+        return " (" + ", ".join(f"{m.name} {m.weight / total:.0%}" for m in data.mixture) + " of documents)"
+    return ""
 
 
 def _describe_eval(run: EvalRun, in_file: set[str]) -> list[str]:

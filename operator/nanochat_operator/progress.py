@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nanochat_trainer.contract import TrainerGauge
+from nanochat_trainer.contract import GENERATE_REJECTED_BY_REASON, TrainerGauge
 
 _GAUGES = {gauge.metric: gauge for gauge in TrainerGauge}
 
@@ -34,17 +34,26 @@ class Progress:
     checkpoint_step: int | None = None
     teacher_up: bool | None = None  # distillation runs only
     teacher_skipped: int | None = None
+    # stage generate only
+    rejected: dict[str, int] | None = None
+    teacher_in_flight: int | None = None
+    teacher_requests_per_second: float | None = None
 
 
-def _gauge_values(text: str) -> dict[TrainerGauge, float]:
-    """The trainer's unlabelled gauges in a /metrics body (the process collectors' are ignored)."""
+def _gauge_values(text: str) -> tuple[dict[TrainerGauge, float], dict[str, int]]:
+    """The trainer's unlabelled gauges in a /metrics body (the process collectors' are ignored),
+    and stage generate's rejections by reason."""
     values: dict[TrainerGauge, float] = {}
+    rejected: dict[str, int] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             gauge = _GAUGES.get(sample.name)
             if gauge is not None and not sample.labels:
                 values[gauge] = sample.value
-    return values
+            elif sample.name == GENERATE_REJECTED_BY_REASON and "reason" in sample.labels:
+                if not math.isnan(sample.value):
+                    rejected[sample.labels["reason"]] = int(sample.value)
+    return values, rejected
 
 
 def _number(values: dict[TrainerGauge, float], gauge: TrainerGauge) -> float | None:
@@ -60,7 +69,7 @@ def _integer(values: dict[TrainerGauge, float], gauge: TrainerGauge) -> int | No
 
 def parse_trainer_metrics(text: str) -> Progress:
     """Progress from a /metrics body; missing or NaN gauges are None. Bad text raises ValueError."""
-    values = _gauge_values(text)
+    values, rejected = _gauge_values(text)
     up = _number(values, TrainerGauge.TEACHER_UP)
     return Progress(
         step=_integer(values, TrainerGauge.STEP),
@@ -74,6 +83,9 @@ def parse_trainer_metrics(text: str) -> Progress:
         checkpoint_step=_integer(values, TrainerGauge.CHECKPOINT_STEP),
         teacher_up=None if up is None else up == 1,
         teacher_skipped=_integer(values, TrainerGauge.TEACHER_SKIPPED),
+        rejected=rejected or None,
+        teacher_in_flight=_integer(values, TrainerGauge.TEACHER_IN_FLIGHT),
+        teacher_requests_per_second=_number(values, TrainerGauge.TEACHER_REQUESTS_PER_SECOND),
     )
 
 

@@ -335,25 +335,33 @@ def reconcile_training(
     job = cluster.get_job(namespace, jname)
     _check_owned(job, uid, jname)
     if job is None:
+
+        def gate(source_name: str, follow_chain: bool) -> Outcome | tuple[str, str]:
+            return _gate_on_dependency(
+                cluster, namespace, name, source_name, follow_chain, base, prev, now, generation, jname,
+                training_status, TRAINING_KIND,
+            )  # fmt: skip
+
+        for before in spec.after:  # datasets this run reads: made by runs on the same PVC
+            ready = gate(before, False)
+            if isinstance(ready, Outcome):
+                return ready
+            if ready[1] != base.storage_claim:
+                return _fail(
+                    base,
+                    now,
+                    generation,
+                    "DifferentStorage",
+                    f"after: TrainingRun {before} keeps its run directory on PVC {ready[1]}, this run mounts "
+                    f"{base.storage_claim}: give both the same storage.claimName",
+                    condition=ConditionType.DEPENDENCIES_READY,
+                )
         source = None
         if spec.init is not None:
-            gate = _gate_on_dependency(
-                cluster,
-                namespace,
-                name,
-                spec.init.from_training_run,
-                True,
-                base,
-                prev,
-                now,
-                generation,
-                jname,
-                training_status,
-                TRAINING_KIND,
-            )
-            if isinstance(gate, Outcome):
-                return gate
-            source = gate
+            ready = gate(spec.init.from_training_run, True)
+            if isinstance(ready, Outcome):
+                return ready
+            source = ready
         objs = render.render_training(name, namespace, spec, image=spec.image or config.trainer_image, source=source)
         base.completion_time = None  # a run that (re)starts has not completed
         try:
@@ -376,6 +384,8 @@ def reconcile_training(
 
     view = _queue_view(observe_job(job, pods, spec.resources.nodes), spec)
     progress = _scrape_progress(cluster, view, spec.trainer.metrics.port)
+    generating = spec.trainer.stage == "generate"  # its output is a dataset, its steps documents kept
+    output_path = render.dataset_path if generating else render.final_checkpoint_path
     new = training_status(
         base,
         view,
@@ -383,8 +393,10 @@ def reconcile_training(
         now=now,
         generation=generation,
         job_name=jname,
-        final_checkpoint=render.final_checkpoint_path(name) if spec.storage else None,
-        checkpoint_path=lambda step: render.checkpoint_step_path(name, step),
+        final_checkpoint=(output_path(name) if spec.storage else None),
+        checkpoint_path=(lambda _rows: output_path(name))
+        if generating
+        else lambda step: render.checkpoint_step_path(name, step),
     )
     return Outcome(new, events + _phase_events(prev, new, TRAINING_KIND))
 

@@ -126,6 +126,11 @@ def final_checkpoint_path(run_name: str, mount: str = DATA_MOUNT) -> str:
     return str(pod_layout(run_name, mount).final)
 
 
+def dataset_path(run_name: str, mount: str = DATA_MOUNT) -> str:
+    """What a stage-generate TrainingRun makes: its dataset folder (manifest and Parquet shards)."""
+    return str(pod_layout(run_name, mount).dataset)
+
+
 def model_path(model: api.EvalModel, mount: str = DATA_MOUNT) -> str:
     """The checkpoint an EvalRun's model names: its TrainingRun's final or best one."""
     assert model.training_run is not None
@@ -393,9 +398,9 @@ def render_training_job(
         "containers": [container],
         "volumes": volumes,
     }
-    if spec.trainer.evaluation is not None:
-        # In-training HumanEval runs the model's completions: in a sandbox container of their own,
-        # as an EvalRun's do, never beside the run's secrets and volumes.
+    if runs_programs(spec.trainer):
+        # Model-written programs (in-training HumanEval, tests of teacher-made exercises) run in a
+        # sandbox container of their own, as an EvalRun's do, never beside the run's secrets and volumes.
         _add_sandbox(pod, container, image)
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
@@ -619,6 +624,14 @@ def render_eval_job(
         "metadata": _job_metadata(name, namespace, labels, spec),
         "spec": job_spec,
     }
+
+
+def runs_programs(trainer: TrainerConfig) -> bool:
+    """Whether the trainer runs code a model wrote: in-training evaluation, the tests of
+    stage generate's exercises, sequence-level distillation's test filter."""
+    d = trainer.distill
+    sequence_tests = d is not None and d.method == "sequence" and d.filter_tests
+    return trainer.evaluation is not None or trainer.stage == "generate" or sequence_tests
 
 
 def _add_sandbox(pod: dict[str, Any], container: dict[str, Any], image: str) -> None:

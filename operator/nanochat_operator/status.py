@@ -37,7 +37,7 @@ from nanochat_trainer.contract import (
 )
 
 from . import progress as prog
-from .api import Condition, ConditionStatus, EvalRunStatus, RunStatusCommon, TrainingRunStatus
+from .api import Condition, ConditionStatus, EvalRunStatus, GenerationStatus, RunStatusCommon, TrainingRunStatus
 
 # Container waiting reasons worth surfacing: the pod will not start by itself soon.
 STUCK_REASONS = (
@@ -364,6 +364,13 @@ def _apply_progress(
         new.latest_checkpoint = checkpoint_path(progress.checkpoint_step)
     if progress.teacher_up is not None and view.phase == Phase.RUNNING:
         new.conditions = _teacher_condition(new.conditions, progress, now)
+    if progress.rejected is not None:
+        rate = progress.teacher_requests_per_second
+        new.generation = GenerationStatus(
+            rejected={k: v for k, v in progress.rejected.items() if v},
+            in_flight=progress.teacher_in_flight,
+            requests_per_second=None if rate is None else round(rate, 2),
+        )
     if progress.step is not None and progress.step != prev.step:
         _apply_step(new, prev, progress.step, now)
 
@@ -379,27 +386,28 @@ def _apply_step(new: TrainingRunStatus, prev: TrainingRunStatus, step: int, now:
 
 
 def _teacher_condition(conds: list[Condition], progress: prog.Progress, now: datetime) -> list[Condition]:
-    """TeacherAvailable: a distillation run whose teacher is down stays Running and says so."""
+    """TeacherAvailable: a distillation or generation run whose teacher is down stays Running and
+    says so."""
     skipped = progress.teacher_skipped or 0
+    generating = progress.rejected is not None  # only stage generate serves rejections by reason
     if progress.teacher_up:
-        return set_condition(
-            conds,
-            ConditionType.TEACHER_AVAILABLE,
-            "True",
-            "TeacherAnswering",
-            f"the distillation teacher answers ({skipped} trained without it so far)",
-            now,
+        answering = (
+            "the teacher answers"
+            if generating
+            else f"the distillation teacher answers ({skipped} trained without it so far)"
         )
-    return set_condition(
-        conds,
-        ConditionType.TEACHER_AVAILABLE,
-        "False",
-        "TeacherUnreachable",
-        f"the distillation teacher is not answering: training goes on without it where "
-        f"distill.continue_without_teacher allows, else waits ({skipped} trained without it "
-        f"so far)",
-        now,
-    )
+        return set_condition(conds, ConditionType.TEACHER_AVAILABLE, "True", "TeacherAnswering", answering, now)
+    if generating:
+        down = (
+            "the teacher is not answering: the generation run asks again until generate.wait_for_teacher_s "
+            "has passed, then fails"
+        )
+    else:
+        down = (
+            "the distillation teacher is not answering: training goes on without it where "
+            f"distill.continue_without_teacher allows, else waits ({skipped} trained without it so far)"
+        )
+    return set_condition(conds, ConditionType.TEACHER_AVAILABLE, "False", "TeacherUnreachable", down, now)
 
 
 def eval_status(

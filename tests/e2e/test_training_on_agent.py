@@ -37,17 +37,38 @@ def tiny(trainer: dict[str, Any], steps: int, every: int) -> None:
     trainer.pop("distill", None)
 
 
-def phase1_example(namespace: str) -> list[dict[str, Any]]:
+def phase1_docs(namespace: str) -> dict[str, dict[str, Any]]:
+    """The phase-1 example's documents by name, in `namespace`."""
     docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "phase1-quick-demo.yaml").read_text()) if d]
-    train = next(d for d in docs if d["kind"] == "TrainingRun")
-    evalrun = next(d for d in docs if d["kind"] == "EvalRun")
     for d in docs:
         d["metadata"]["namespace"] = namespace
+    return {d["metadata"]["name"]: d for d in docs}
+
+
+def standalone(train: dict[str, Any]) -> None:
+    """phase1-demo without the generation run before it (that chain has a test of its own): its
+    own PVC, and synthetic data (The Stack is out of reach here)."""
+    spec = train["spec"]
+    spec.pop("after")
+    spec["storage"] = {"size": "10Gi"}
+    no_stack(train)
+    spec["trainer"]["data"] = {"source": "synthetic"}
+
+
+def no_stack(train: dict[str, Any]) -> None:
+    """Without The Stack (out of reach here) the run needs no Hugging Face token Secret."""
+    train["spec"]["env"] = [e for e in train["spec"]["env"] if e["name"] != "HF_TOKEN"]
+
+
+def phase1_example(namespace: str) -> list[dict[str, Any]]:
+    docs = phase1_docs(namespace)
+    train, evalrun = docs["phase1-demo"], docs["phase1-demo-humaneval"]
+    standalone(train)
     tiny(train["spec"]["trainer"], steps=30, every=10)
     train["spec"]["resources"] = {"nodes": 2, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"}
     evalrun["spec"].update(maxProblems=3, maxNewTokens=48)
     evalrun["spec"]["resources"] = {"gpus": 0}
-    return docs
+    return [train, evalrun]
 
 
 def run_dir(volumes: Path, cp: ControlPlane, namespace: str, claim: str) -> Path:
@@ -203,33 +224,23 @@ def test_moe_run_splits_its_experts_over_two_pods(
 
 def _teacher(namespace: str, claim: str) -> list[dict[str, Any]]:
     """`nanochat serve` of the model on `claim`, as a Deployment behind Service `teacher`."""
-    labels = {"app": "teacher"}
-    pod = {
-        "metadata": {"labels": labels},
-        "spec": {
-            "containers": [
-                {
-                    "name": "serve",
-                    "image": "nanochat-trainer:e2e",
-                    "command": [
-                        "nanochat",
-                        "serve",
-                        "--checkpoint",
-                        "/models/final",
-                        "--host",
-                        "0.0.0.0",
-                        "--port",
-                        "8000",
-                        "--model-name",
-                        "teacher",
-                    ],
-                    "ports": [{"containerPort": 8000}],
-                    "volumeMounts": [{"name": "model", "mountPath": "/models"}],
-                }
-            ],
-            "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": claim}}],
-        },
+    serve = {
+        "name": "serve",
+        "image": "nanochat-trainer:e2e",
+        "command": ["nanochat", "serve", "--checkpoint", "/models/final", "--host", "0.0.0.0", "--port", "8000"]
+        + ["--model-name", "teacher"],
+        "ports": [{"containerPort": 8000}],
+        "volumeMounts": [{"name": "model", "mountPath": "/models"}],
     }
+    return _teacher_service(namespace, serve, [{"name": "model", "persistentVolumeClaim": {"claimName": claim}}])
+
+
+def _teacher_service(
+    namespace: str, container: dict[str, Any], volumes: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """`container` as a Deployment behind Service `teacher` on port 8000."""
+    labels = {"app": "teacher"}
+    pod = {"metadata": {"labels": labels}, "spec": {"containers": [container], "volumes": volumes or []}}
     return [
         {
             "apiVersion": "apps/v1",
@@ -244,6 +255,67 @@ def _teacher(namespace: str, claim: str) -> list[dict[str, Any]]:
             "spec": {"selector": labels, "ports": [{"port": 8000, "targetPort": 8000}]},
         },
     ]
+
+
+def test_phase1_generation_run_feeds_the_training_run_that_waits_for_it(
+    control_plane: ControlPlane, operator: ChartOperator, node_agent: TestNodeAgent, volumes: Path, namespace: str
+) -> None:
+    """The phase-1 chain as written, scaled down: phase1-data asks the teacher Service (the fake
+    Qwen3 server of e2e/fake_teacher.py: real HTTP, vLLM's JSON) for documents, judges the
+    exercises in its pod's sandbox container and writes shards to the shared claim; phase1-demo,
+    applied at the same time, waits for it (`after`) and then trains on a mixture that reads them."""
+    cp = control_plane
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "nanochat-runs", "namespace": namespace},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    fake = {
+        "name": "fake-qwen3",
+        "image": "nanochat-trainer:e2e",
+        "command": ["python", "-m", "e2e.fake_teacher", "--port", "8000", "--latency-ms", "20"],
+        "env": [{"name": "PYTHONPATH", "value": str(ROOT)}],
+        "ports": [{"containerPort": 8000}],
+    }
+    cp.apply([pvc, *_teacher_service(namespace, fake)])
+    docs = phase1_docs(namespace)
+    data, train = docs["phase1-data"], docs["phase1-demo"]
+    gen = data["spec"]["trainer"]["generate"]
+    assert gen["teacher"]["url"] == train["spec"]["trainer"]["distill"]["teacher"]["url"]  # one teacher
+    gen["teacher"].update(url=f"http://teacher.{namespace}.svc:8000/v1", concurrency=16)
+    gen.update(rows=40, shard_rows=16, workers=1)
+    data["spec"]["resources"].update(cpu="1", memory="2Gi")
+    trainer = train["spec"]["trainer"]
+    mixture = trainer["data"]["mixture"]
+    assert mixture[0]["path"] == "/data/runs/phase1-data/dataset" and train["spec"]["after"] == ["phase1-data"]
+    trainer["data"]["mixture"] = [mixture[0], {"name": "synthetic", "weight": 1, "source": "synthetic"}]
+    no_stack(train)
+    tiny(trainer, steps=12, every=6)
+    trainer.pop("evaluation")
+    train["spec"]["resources"] = {"nodes": 1, "gpusPerNode": 0, "cpu": "1", "memory": "4Gi"}
+    cp.apply([data, train])
+
+    made = wait_phase(cp, "trainingrun", "phase1-data", {"Succeeded", "Failed"}, 300, namespace, operator)
+    pods = cp.get("pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=phase1-data-train")["items"]
+    logs = "\n".join(node_agent.pod_log(namespace, p["metadata"]["name"])[-1500:] for p in pods)
+    status = made["status"]
+    assert status["phase"] == "Succeeded", f"{json.dumps(status)}\n{logs}"
+    assert status["step"] == 40 and status["totalSteps"] == 40
+    assert status["finalCheckpoint"] == "/data/runs/phase1-data/dataset"
+    assert sum(status["generation"]["rejected"].values()) > 0  # the fake's failures, counted by reason
+    assert [c["name"] for c in pods[0]["spec"]["initContainers"]] == ["sandbox"]  # exercises tested apart
+    root = run_dir(volumes, cp, namespace, "nanochat-runs") / "runs"
+    manifest = json.loads((root / "phase1-data" / "dataset" / "manifest.json").read_text())
+    assert sum(s["rows"] for s in manifest["shards"]) == 40
+
+    done = wait_phase(cp, "trainingrun", "phase1-demo", {"Succeeded", "Failed"}, 600, namespace, operator)
+    assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"])
+    assert done["status"]["startTime"] >= status["completionTime"]  # it waited for the dataset
+    records = [json.loads(line) for line in (root / "phase1-demo" / "log.jsonl").read_text().splitlines()]
+    tokens = records[-1]["data_tokens"]
+    assert tokens["teacher-made"] > 0 and tokens["synthetic"] > 0, tokens
+    print(f"\ngeneration in the cluster: {status['generation']}; training tokens by source {tokens}")
 
 
 def test_phase1_distills_from_a_teacher_served_in_the_cluster(
@@ -280,9 +352,8 @@ def test_phase1_distills_from_a_teacher_served_in_the_cluster(
     )
     cp.apply(_teacher(namespace, "teacher-model"))
 
-    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "phase1-quick-demo.yaml").read_text()) if d]
-    train = next(d for d in docs if d["kind"] == "TrainingRun")
-    train["metadata"]["namespace"] = namespace
+    train = phase1_docs(namespace)["phase1-demo"]
+    standalone(train)
     trainer = train["spec"]["trainer"]
     distill = trainer["distill"]
     assert distill["teacher"]["url"].startswith("http://teacher.")  # the example's own Service name

@@ -130,12 +130,13 @@ class TokenizerConfig(Strict):
     train_docs: int = Field(2000, ge=1, description="Documents a bpe tokenizer is trained on when it is missing.")
 
 
-class DataConfig(Strict):
-    """Where training text comes from."""
+class SourceConfig(Strict):
+    """One source of documents."""
 
     source: Literal["synthetic", "huggingface", "local", "stdlib"] = Field(
         "synthetic",
-        description="Data source; stdlib: the Python standard library's own modules (real code, offline).",
+        description="Data source; stdlib: the Python standard library's own modules (real code, offline); "
+        "local: a folder, a .jsonl or .parquet file, or a generation run's dataset folder (its manifest.json).",
     )
     seed: int = Field(0, description="Seed of the synthetic generator and of shuffling.")
     dataset: str = Field("bigcode/the-stack", description="Hugging Face dataset (source=huggingface).")
@@ -155,6 +156,63 @@ class DataConfig(Strict):
     repo_field: str = Field(
         "max_stars_repo_name", description="Column/key naming a document's repository (The Stack's default)."
     )
+
+    @model_validator(mode="after")
+    def _check_source(self) -> SourceConfig:
+        if self.source == "local" and not self.path:
+            raise ValueError("path is required when source='local'")
+        return self
+
+
+class WeightedSource(SourceConfig):
+    """One source of a mixture and its share of the documents."""
+
+    name: str = Field(..., min_length=1, max_length=63, description="Name in the log and the checkpoint.")
+    weight: float = Field(
+        ..., gt=0, description="Relative share of the documents drawn from this source (normalised over the mixture)."
+    )
+
+
+class DataConfig(SourceConfig):
+    """Where training text comes from: one source, or a weighted mixture of sources."""
+
+    source: Literal["synthetic", "huggingface", "local", "stdlib", "mixture"] = Field(
+        "synthetic",
+        description="Data source; stdlib: the Python standard library's own modules (real code, offline); "
+        "local: a folder, a .jsonl or .parquet file, or a generation run's dataset folder (its manifest.json); "
+        "mixture: the weighted sources of data.mixture.",
+    )
+    mixture: list[WeightedSource] = Field(
+        default_factory=list,
+        description="source=mixture: the sources and their weights. Documents are drawn block by block in a fixed "
+        "interleaving of the weights (shares of documents, not tokens); the tokens taken from each source are "
+        "in log.jsonl (data_tokens) and the checkpoint, and a resumed run must keep the same mixture.",
+    )
+    decontaminate: bool = Field(
+        True,
+        description="Drop every document sharing a 13-gram with a HumanEval prompt or canonical solution "
+        "(counted in log.jsonl as decontaminated).",
+    )
+
+    @model_validator(mode="after")
+    def _check_mixture(self) -> DataConfig:
+        if self.source == "mixture":
+            if not self.mixture:
+                raise ValueError("source='mixture' needs data.mixture: a list of sources with a name and a weight")
+            names = [m.name for m in self.mixture]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"mixture names repeat: {', '.join(dup)}")
+        elif self.mixture:
+            raise ValueError(f"mixture is set but source={self.source!r}: set source='mixture'")
+        return self
+
+    def sources(self) -> list[WeightedSource]:
+        """The weighted sources: the mixture's, or this one source under its own name with weight 1."""
+        if self.source == "mixture":
+            return list(self.mixture)
+        fields = {k: getattr(self, k) for k in SourceConfig.model_fields}
+        return [WeightedSource(name=self.source, weight=1.0, **fields)]
 
 
 class EvaluationConfig(Strict):
@@ -245,7 +303,9 @@ class TeacherConfig(Strict):
     url: str = Field(..., description="Base URL, e.g. http://teacher:8000/v1.")
     model: str = Field(..., description="Model name the endpoint serves.")
     api_key_env: str = Field("TEACHER_API_KEY", description="Environment variable holding the API key.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at most.")
+    concurrency: int = Field(
+        256, ge=1, description="Requests in flight at most (256 keeps one 8-GPU vLLM server busy)."
+    )
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(5, ge=0, description="Retries on 429, 5xx and connection errors.")
     cache_dir: str | None = Field(None, description="On-disk answer cache (default: <checkpoint.dir>/teacher-cache).")
@@ -305,6 +365,40 @@ class DistillConfig(Strict):
     )
 
 
+class GenerateConfig(Strict):
+    """stage generate: teacher-made training data, the phi-1 way. Textbook sections and exercises with
+    tests, asked of the teacher with prompts seeded by topic x concept x difficulty x style; kept only
+    when they parse, an exercise's tests pass in the sandbox, they are no (near-)duplicate of a kept
+    one and share no 13-gram with HumanEval. Written as Parquet shards with a manifest in
+    <checkpoint.dir>/dataset, which `data.source: local` reads; a restarted run resumes there."""
+
+    teacher: TeacherConfig
+    template: Literal["qwen3", "chatml", "plain"] = Field(
+        "qwen3",
+        description="How a request is worded: qwen3 (ChatML, thinking off), chatml (any ChatML instruct model), "
+        "plain (a base model continues a Python file).",
+    )
+    rows: int = Field(..., ge=1, description="Accepted documents to produce; the run ends when it has them.")
+    exercise_share: float = Field(
+        0.8, ge=0, le=1, description="Share of requests asking for exercises (else textbook sections)."
+    )
+    max_new_tokens: int = Field(1024, ge=16, le=16384, description="Longest answer; a longer one is truncated.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (seeded per request, so reproducible).")
+    seed: int = Field(0, description="Seed of the topic x concept x difficulty x style draws.")
+    shard_rows: int = Field(5000, ge=1, description="Accepted documents per Parquet shard.")
+    commit_s: float = Field(
+        60.0, gt=0, description="Longest time accepted documents wait in memory before a shard is written."
+    )
+    near_duplicate: float = Field(
+        0.8, gt=0, le=1, description="MinHash Jaccard similarity from which a document is a near-duplicate."
+    )
+    test_timeout_s: float = Field(5.0, gt=0, description="Sandbox time limit per exercise's tests.")
+    workers: int = Field(8, ge=1, description="Exercises tested in the sandbox at once.")
+    wait_for_teacher_s: float = Field(
+        600.0, ge=0, description="How long the run waits for a teacher that is down before it fails."
+    )
+
+
 class TernaryConfig(Strict):
     """BitNet b1.58 quantization-aware training of chosen layers."""
 
@@ -337,7 +431,9 @@ class TrainerConfig(Strict):
     """Everything one training run needs. `spec.trainer` of a TrainingRun."""
 
     preset: str | None = Field(None, description="Start from a named preset; fields set here override it.")
-    stage: Literal["pretrain", "distill", "ternary"] = Field("pretrain", description="Training stage.")
+    stage: Literal["pretrain", "distill", "ternary", "generate"] = Field(
+        "pretrain", description="Training stage; generate makes training data with a teacher (no model is trained)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -357,6 +453,7 @@ class TrainerConfig(Strict):
         "ternary student then distils from the teacher).",
     )
     ternary: TernaryConfig | None = Field(None, description="Ternary layers; stage ternary uses defaults if absent.")
+    generate: GenerateConfig | None = Field(None, description="stage generate: the teacher and what to make of it.")
     steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -397,6 +494,12 @@ class TrainerConfig(Strict):
             raise ValueError(f"evaluation.problems={e.problems}: HumanEval has 164 problems")
         if self.stage == "distill" and self.distill is None:
             raise ValueError("stage='distill' needs a distill block (teacher and method)")
+        if (self.stage == "generate") != (self.generate is not None):
+            raise ValueError(
+                "stage='generate' needs a generate block (teacher, rows)"
+                if self.generate is None
+                else f"a generate block needs stage='generate' (stage is {self.stage!r})"
+            )
         if self.stage == "ternary" and self.ternary is None:
             self.ternary = TernaryConfig()
         if self.ternary is not None and self.ternary.distill_from_parent:
@@ -411,8 +514,6 @@ class TrainerConfig(Strict):
                 )
         if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
-        if self.data.source == "local" and not self.data.path:
-            raise ValueError("data.path is required when data.source='local'")
         return self
 
     @model_validator(mode="after")

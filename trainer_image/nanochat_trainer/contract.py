@@ -107,6 +107,7 @@ class RunLayout(Generic[P]):
         <run>/expert_load.jsonl            MoE: routed tokens per expert, per checkpoint
         <run>/teacher-cache/               distillation: the teacher's answers
         <run>/eval/<evalrun>.json          an EvalRun's full results
+        <run>/dataset/                     stage generate: manifest.json and shard-NNNNN.parquet
 
     `root` keeps its path type: a `Path` on the machine that trains, a `PurePosixPath` for
     paths inside a pod that the operator writes into manifests.
@@ -127,6 +128,11 @@ class RunLayout(Generic[P]):
     def best_record(self) -> P:
         """best/'s step and pass@1, as JSON."""
         return self.root / "best.json"
+
+    @property
+    def dataset(self) -> P:
+        """stage generate's output: Parquet shards and their manifest (data/shards.py)."""
+        return self.root / "dataset"
 
     @property
     def checkpoints(self) -> P:
@@ -207,6 +213,9 @@ class TrainerGauge(StrEnum):
     BEST_PASS_AT_1 = "best_pass_at_1"
     BEST_STEP = "best_step"
     EVALUATION_ERRORS = "evaluation_errors"
+    GENERATE_REJECTED = "generate_rejected"
+    TEACHER_IN_FLIGHT = "teacher_in_flight"
+    TEACHER_REQUESTS_PER_SECOND = "teacher_requests_per_second"
 
     @property
     def metric(self) -> str:
@@ -242,7 +251,14 @@ _GAUGE_HELP = {
     TrainerGauge.BEST_PASS_AT_1: "The best in-training pass@1 so far: the checkpoint kept in <run>/best.",
     TrainerGauge.BEST_STEP: "The step of <run>/best.",
     TrainerGauge.EVALUATION_ERRORS: "In-training evaluations that failed (sandbox or generation); the run went on.",
+    TrainerGauge.GENERATE_REJECTED: "stage generate: teacher answers rejected, all reasons (by reason: "
+    "nanochat_trainer_generate_rejected_by_reason).",
+    TrainerGauge.TEACHER_IN_FLIGHT: "Requests to the teacher under way now.",
+    TrainerGauge.TEACHER_REQUESTS_PER_SECOND: "Teacher answers per second over the last half minute.",
 }
+
+# stage generate's rejections by reason (datagen/answers.py's REJECT_REASONS), label `reason`.
+GENERATE_REJECTED_BY_REASON = TRAINER_METRIC_PREFIX + "generate_rejected_by_reason"
 
 
 # ---------------------------------------------------------------------------- the eval result

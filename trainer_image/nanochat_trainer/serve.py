@@ -331,5 +331,7 @@ def _prompt_list(prompt: Any, n_vocab: int, max_len: int) -> list:
 
 
 def run_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "nanochat") -> None:
-    """Serve until interrupted."""
-    web.run_app(ModelServer(model, tokenizer, model_name).app(), host=host, port=port, print=None)
+    """Serve until interrupted. The listen backlog (aiohttp's default 128) is 1024: a distillation
+    client opens its hundreds of connections at once, and each one past a full accept queue
+    waits a second for its SYN to be sent again."""
+    web.run_app(ModelServer(model, tokenizer, model_name).app(), host=host, port=port, print=None, backlog=1024)

@@ -34,6 +34,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["nanochat.io"]
   resources: ["trainingruns", "evalruns"]
   verbs: ["get", "list", "watch", "patch"]
+# The children's owner references set blockOwnerDeletion: under OwnerReferencesPermissionEnforcement
+# (OpenShift's default) that needs `update` on the owner's finalizers subresource.
+- apiGroups: ["nanochat.io"]
+  resources: ["trainingruns/finalizers", "evalruns/finalizers"]
+  verbs: ["update"]
 # Status is written through the status subresource.
 - apiGroups: ["nanochat.io"]
   resources: ["trainingruns/status", "evalruns/status"]

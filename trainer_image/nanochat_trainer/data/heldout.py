@@ -41,15 +41,17 @@ def heldout_rows(cfg: TrainerConfig, tokenizer: TextEncoder, rank: int, world: i
     v = cfg.validation
     assert v is not None, "heldout_rows needs a validation section"
     if v.heldout:
-        source, field = cfg.data, "data"
+        source, field, held = cfg.data, "data", True
     else:
-        source, field = v.data, "validation.data"
+        # A source that holds repositories out validates on those: its training share is what a run
+        # training on the same source would read.
+        source, field, held = v.data, "validation.data", v.data.holdout_repos > 0
     width = cfg.resolved_seq_len + 1
     n_rows = max(1, math.ceil(v.tokens / (cfg.resolved_seq_len * world)))
     tokens: list[int] = []
     texts: list[str] = []
     # One pass: a finite source's documents are never counted twice.
-    for _, text in iter_indexed(source, rank, world, field=field, heldout=v.heldout, repeat=False):
+    for _, text in iter_indexed(source, rank, world, field=field, heldout=held, repeat=False):
         texts.append(text)
         tokens += tokenizer.encode(text) + [tokenizer.eot_id]
         if len(tokens) >= n_rows * width:

@@ -42,9 +42,10 @@ from typing import Any, Protocol
 import torch
 
 from ..config import TrainerConfig
-from .sources import iter_indexed
+from ..errors import ConfigError
+from .mixture import LANES
+from .sources import iter_indexed, mixture_of
 
-LANES = 64
 STATE_VERSION = 1
 
 
@@ -63,7 +64,7 @@ class _Lane:
     next_doc: int = 0  # lane-local number of the next document to tokenize
     buf: list[int] = field(default_factory=list)
     pos: int = 0  # first unread token in buf
-    left: deque = field(default_factory=deque)  # unread tokens of each document in buf
+    left: deque = field(default_factory=deque)  # [unread tokens, source] of each document in buf
 
 
 class _Dispatcher:
@@ -104,6 +105,12 @@ class TokenLoader:
         if self.lanes % world:
             raise ValueError(f"lanes={self.lanes} is not a multiple of world={world}")
         self.data = cfg.data
+        self.sources = [s.name for s in cfg.data.sources()]
+        self.mixture = mixture_of(cfg.data, world)
+        # Tokens of each source that went into this rank's rows, and documents dropped for overlapping
+        # HumanEval; after a resume rank 0 carries the totals of every rank before it.
+        self.source_tokens = [0] * len(self.sources)
+        self.decontaminated = 0
         self.tokenizer = tokenizer
         self.rank, self.world = rank, world
         self.device = torch.device(device)
@@ -138,12 +145,13 @@ class TokenLoader:
     def _row(self, lane_id: int) -> list[int]:
         lane, need = self._lanes[lane_id], self.seq_len + 1
         while len(lane.buf) - lane.pos < need:
-            text = self._documents().get(lane_id, lane_id + self.lanes * lane.next_doc)
+            index = lane_id + self.lanes * lane.next_doc
+            text = self._documents().get(lane_id, index)
             tokens = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
             if lane.next_doc == lane.doc:
                 tokens = tokens[lane.offset :]  # resuming inside this document
             lane.buf.extend(tokens)
-            lane.left.append(len(tokens))
+            lane.left.append([len(tokens), self.mixture.locate(index)[0]])
             lane.next_doc += 1
         row = lane.buf[lane.pos : lane.pos + need]
         lane.pos += need
@@ -152,21 +160,27 @@ class TokenLoader:
             lane.pos = 0
         used = need
         while used:
-            if lane.left[0] <= used:
-                used -= lane.left.popleft()
+            left, source = lane.left[0]
+            take = min(left, used)
+            self.source_tokens[source] += take
+            used -= take
+            if take == left:
+                lane.left.popleft()
                 lane.doc, lane.offset = lane.doc + 1, 0
             else:
-                lane.left[0] -= used
-                lane.offset += used
-                used = 0
+                lane.left[0][0] -= take
+                lane.offset += take
         return row
 
     def _documents(self) -> _Dispatcher:
         if self._dispatcher is None:
             first = {lane_id: lane_id + self.lanes * lane.doc for lane_id, lane in self._lanes.items()}
-            docs = iter_indexed(self.data, self.rank, self.world, start=min(first.values()))
+            docs = iter_indexed(self.data, self.rank, self.world, start=min(first.values()), on_drop=self._dropped)
             self._dispatcher = _Dispatcher(docs, self.lanes, first)
         return self._dispatcher
+
+    def _dropped(self, _index: int, _task: str) -> None:
+        self.decontaminated += 1
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -176,6 +190,9 @@ class TokenLoader:
             "lanes": self.lanes,
             "global_rows": self.rows * self.world,
             "source": self.data.source,
+            "mixture": self._mixture_key(),
+            "source_tokens": dict(zip(self.sources, self.source_tokens)),
+            "decontaminated": self.decontaminated,
             "lane_state": {str(i): [lane.doc, lane.offset] for i, lane in self._lanes.items()},
         }
 
@@ -189,6 +206,14 @@ class TokenLoader:
             )
         if state["source"] != self.data.source:
             raise ValueError(f"loader state is for data.source={state['source']!r}, not {self.data.source!r}")
+        saved = state.get("mixture", [[state["source"], 1.0]])  # older checkpoints: one source
+        if saved != self._mixture_key():
+            raise ConfigError(
+                "data.mixture",
+                [f"{name}: {weight:g}" for name, weight in self._mixture_key()],
+                f"differs from the checkpoint's mixture {[f'{n}: {w:g}' for n, w in saved]}: a resumed run keeps "
+                "its mixture (start a new run from this one's weights, checkpoint.init_from, to change it)",
+            )
         if state["global_rows"] % self.world:
             raise ValueError(f"{state['global_rows']} rows consumed cannot be split over world={self.world}")
         lanes = {}
@@ -199,7 +224,14 @@ class TokenLoader:
             lanes[i] = _Lane(doc=doc, offset=offset, next_doc=doc)
         self._lanes = lanes
         self.rows = state["global_rows"] // self.world
+        # The totals so far stay with rank 0, so that summing over ranks counts each token once.
+        totals = state.get("source_tokens", {})
+        self.source_tokens = [totals.get(name, 0) if self.rank == 0 else 0 for name in self.sources]
+        self.decontaminated = state.get("decontaminated", 0) if self.rank == 0 else 0
         self._dispatcher = None
+
+    def _mixture_key(self) -> list[list]:
+        return [[s.name, s.weight] for s in self.data.sources()]
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,4 +242,8 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError("loader states of different layouts or positions cannot be merged")
     merged = dict(first)
     merged["lane_state"] = {k: v for s in states for k, v in s["lane_state"].items()}
+    merged["source_tokens"] = {
+        name: sum(s.get("source_tokens", {}).get(name, 0) for s in states) for name in first.get("source_tokens", {})
+    }
+    merged["decontaminated"] = sum(s.get("decontaminated", 0) for s in states)
     return merged

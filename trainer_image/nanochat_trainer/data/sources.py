@@ -11,8 +11,10 @@ and the union over ranks does not depend on W. Finite sources repeat (the index 
 counting through later passes) unless `repeat=False`.
 
 - synthetic: `synthetic.document(seed, i)`; any index is reachable in O(1).
-- local: `data.path` is a folder (files matching `data.glob`, in a seeded order that is
-  reshuffled every pass; O(1) to reach any index), a `.jsonl` file (key
+- local: `data.path` is a generation run's dataset folder (`shards.py`: its manifest lists
+  Parquet shards; the documents are their `text` column), a folder (files matching
+  `data.glob`, in a seeded order that is reshuffled every pass; O(1) to reach any index),
+  a `.jsonl` file (key
   `data.text_field` of each line) or a `.parquet` file (column `data.text_field`).
   JSONL and Parquet are read front to back, so reaching index n means reading n rows.
 - stdlib: the Python standard library's modules (`stdlib.py`), read as a local folder.
@@ -22,6 +24,13 @@ counting through later passes) unless `repeat=False`.
   above) unless the dataset's file count is a multiple of W, in which case each rank
   streams whole files: faster, but then what a rank sees depends on W. Reaching index n
   means streaming past the rank's first n / W examples.
+
+A mixture (`data.source: mixture`) interleaves its sources block by block (`mixture.py`); each
+source is read as above, sharded by rank, from where the mixture left it.
+
+Every document is checked against HumanEval (`decontam.py`, `data.decontaminate`, on by default):
+one that shares a 13-gram with a problem's prompt or solution keeps its index but comes back
+empty, so indices, sharding and resuming do not change.
 
 Held-out repositories (`data.holdout_repos` > 0): a document belongs to a repository (the
 `data.repo_field` of a JSONL, Parquet or dataset row, as The Stack's `max_stars_repo_name`;
@@ -39,26 +48,30 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from random import Random
 from typing import Any
 
-from ..config import DataConfig
+from ..config import DataConfig, SourceConfig
 from ..errors import ConfigError
+from .decontam import humaneval_decontaminator
+from .mixture import LANES, Mixture
+from .shards import TEXT, is_dataset, iter_rows, read_manifest
 from .stdlib import stdlib_files, stdlib_root
 from .synthetic import document
 
 
-def iter_documents(data: DataConfig, rank: int = 0, world: int = 1) -> Iterator[str]:
+def iter_documents(data: SourceConfig, rank: int = 0, world: int = 1) -> Iterator[str]:
     """Endless texts of this rank's share of the source, in index order."""
     for _, text in iter_indexed(data, rank, world):
         yield text
 
 
 def iter_indexed(
-    data: DataConfig,
+    data: SourceConfig,
     rank: int = 0,
     world: int = 1,
     start: int = 0,
@@ -66,12 +79,37 @@ def iter_indexed(
     field: str = "data",
     heldout: bool = False,
     repeat: bool = True,
+    on_drop: Callable[[int, str], None] | None = None,
 ) -> Iterator[tuple[int, str]]:
     """(global index, text) for the indices i >= start with i % world == rank: of the training
     share, or with `heldout` of the held-out repositories; endless unless `repeat` is False
-    (then one pass of a finite source)."""
+    (then one pass of a finite source). A document that overlaps HumanEval (`data.decontaminate`)
+    keeps its index with an empty text, and `on_drop(index, task_id)` is told."""
     if not 0 <= rank < world:
         raise ValueError(f"rank={rank} is outside world={world}")
+    if isinstance(data, DataConfig) and data.source == "mixture" and heldout:
+        docs = _mixture_heldout(data, rank, world, field, repeat)
+    elif isinstance(data, DataConfig) and data.source == "mixture":
+        docs = _mixture(data, rank, world, start, field, heldout, repeat)
+    else:
+        docs = _single(data, rank, world, start, field, heldout, repeat)
+    if isinstance(data, DataConfig) and data.decontaminate:
+        return _decontaminated(docs, on_drop)
+    return docs
+
+
+def check_sources(data: DataConfig, field: str = "data") -> None:
+    """Before the first step: every source of `data` yields a document (ConfigError naming the
+    source otherwise), rather than a run that fails or hangs when it first reaches it."""
+    for n, src in enumerate(data.sources()):
+        where = f"{field}.mixture.{n}" if data.source == "mixture" else field
+        if next(_single(src, 0, 1, 0, where, False, repeat=False), None) is None:
+            raise ConfigError(where, src.name, "holds no documents")
+
+
+def _single(
+    data: SourceConfig, rank: int, world: int, start: int, field: str, heldout: bool, repeat: bool
+) -> Iterator[tuple[int, str]]:
     src = _Source(data, field, heldout, repeat)
     if data.holdout_repos and data.source in ("synthetic", "stdlib"):
         raise ConfigError(
@@ -89,6 +127,64 @@ def iter_indexed(
     if data.source == "huggingface":
         return src.huggingface(rank, world, start)
     return src.local(rank, world, start)
+
+
+def _mixture(
+    data: DataConfig, rank: int, world: int, start: int, field: str, heldout: bool, repeat: bool
+) -> Iterator[tuple[int, str]]:
+    """The mixture's documents (mixture.py's layout): each source read sharded on its own, from
+    where the mixture's index `start` leaves it."""
+    sources = data.sources()
+    mix = mixture_of(data, world)
+    # Opened here, not inside the generator: a source's configuration errors surface at once.
+    readers = [
+        _single(src, rank, world, mix.taken(n, start), f"{field}.mixture.{n}", heldout, repeat)
+        for n, src in enumerate(sources)
+    ]
+
+    def merged() -> Iterator[tuple[int, str]]:
+        for i in itertools.count(start + (rank - start) % world, world):
+            s, k = mix.locate(i)
+            got = next(readers[s], None)
+            if got is None:
+                return  # one pass (repeat=False) of a finite source ended
+            if got[0] != k:
+                raise RuntimeError(f"mixture source {sources[s].name!r} gave document {got[0]}, expected {k}")
+            yield i, got[1]
+
+    return merged()
+
+
+def _mixture_heldout(data: DataConfig, rank: int, world: int, field: str, repeat: bool) -> Iterator[tuple[int, str]]:
+    """The held-out repositories of the mixture's sources that hold some out, one source after the
+    other (validation reads them once; the mixture's interleaving is for training)."""
+    held = [(n, src) for n, src in enumerate(data.mixture) if src.holdout_repos > 0]
+    if not held:
+        raise ConfigError(
+            f"{field}.mixture",
+            [s.name for s in data.mixture],
+            "holds no repositories out: set holdout_repos on a source",
+        )
+    readers = [_single(src, rank, world, 0, f"{field}.mixture.{n}", True, repeat) for n, src in held]
+    return itertools.chain.from_iterable(readers)
+
+
+def _decontaminated(
+    docs: Iterator[tuple[int, str]], on_drop: Callable[[int, str], None] | None
+) -> Iterator[tuple[int, str]]:
+    check = humaneval_decontaminator()
+    for i, text in docs:
+        task = check.match(text)
+        if task is not None:
+            if on_drop is not None:
+                on_drop(i, task)
+            text = ""
+        yield i, text
+
+
+def mixture_of(data: DataConfig, world: int = 1) -> Mixture:
+    """Which source each document index comes from (a single source is a mixture of one)."""
+    return Mixture([s.weight for s in data.sources()], block=math.lcm(LANES, world))
 
 
 def is_heldout(repo: str, share: float) -> bool:
@@ -109,7 +205,7 @@ class _Source:
     """One DataConfig read for one purpose: its field name for errors, which share of the
     repositories it reads, and whether it repeats."""
 
-    def __init__(self, data: DataConfig, field: str, heldout: bool, repeat: bool):
+    def __init__(self, data: SourceConfig, field: str, heldout: bool, repeat: bool):
         self.data, self.field, self.heldout, self.repeat = data, field, heldout, repeat
 
     def keeps(self, repo: str) -> bool:
@@ -142,6 +238,8 @@ class _Source:
                 data.path,
                 "does not exist (a folder of source files, a .jsonl or a .parquet file)",
             )
+        if is_dataset(path):
+            return self.dataset(path, rank, world, start)
         if path.is_dir():
             files = sorted(p for p in path.glob(data.glob) if p.is_file())
             if not files:
@@ -160,6 +258,25 @@ class _Source:
                     yield self._text_of(row, where)
 
         return _mine(self.passes(data.path, one_pass), rank, world, start)
+
+    def dataset(self, path: Path, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
+        """A generation run's dataset folder (shards.py): the `text` of each row of its listed
+        shards, in order; a repository is `data.repo_field` (e.g. `topic`) when holding out."""
+        columns = [TEXT] + ([self.data.repo_field] if self.data.holdout_repos else [])
+        if not read_manifest(path).shards:
+            raise ConfigError(
+                f"{self.field}.path", self.data.path, "is a dataset folder whose manifest lists no shards yet"
+            )
+
+        def one_pass(_epoch: int) -> Iterator[str]:
+            try:
+                for row in iter_rows(path, columns):
+                    if self.keeps(str(row.get(self.data.repo_field, ""))):
+                        yield row[TEXT] or ""
+            except KeyError as e:
+                raise ConfigError(f"{self.field}.repo_field", self.data.repo_field, str(e)) from e
+
+        return _mine(self.passes(self.data.path, one_pass), rank, world, start)
 
     def folder(self, root: Path, paths: list[Path], rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
         """Files in a seeded order, reshuffled every pass; a repository is a first-level folder."""

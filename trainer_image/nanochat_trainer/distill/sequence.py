@@ -102,12 +102,12 @@ def split_prompt(doc: str) -> tuple[str, str] | None:
         if first is not body[0] and body[0].end_col_offset is not None:
             last = last.encode()[: body[0].end_col_offset].decode()  # up to the docstring's end (UTF-8 bytes)
         prompt = "".join(lines[: end_line - 1]) + last
-        tests = [ast.get_source_segment(doc, s) or "" for s in tree.body[i + 1 :] if _literal_assert(s, node.name)]
+        tests = [ast.get_source_segment(doc, s) or "" for s in tree.body[i + 1 :] if literal_assert(s, node.name)]
         return prompt, "\n".join(t for t in tests if t)
     return None
 
 
-def _literal_assert(stmt: ast.stmt, name: str) -> bool:
+def literal_assert(stmt: ast.stmt, name: str) -> bool:
     """`assert name(<literals>) == <literal>`, `assert name(<literals>)` or `assert not name(...)`:
     a test that is plain data apart from the call."""
     if not isinstance(stmt, ast.Assert) or stmt.msg is not None:

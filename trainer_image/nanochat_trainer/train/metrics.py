@@ -18,7 +18,7 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from ..config import ModelConfig
-from ..contract import RunLayout, TrainerGauge
+from ..contract import GENERATE_REJECTED_BY_REASON, RunLayout, TrainerGauge
 from ..models.gpt import active_params
 
 # Dense bf16 tensor-core peaks; MFU is only reported on devices listed here.
@@ -58,6 +58,12 @@ class TrainerMetrics:
             # NaN until set: "not known (yet)" to the operator, where 0 would be a value (a loss
             # of 0, a teacher down in a run without one).
             gauge.set(math.nan)
+        self.rejected = Gauge(
+            GENERATE_REJECTED_BY_REASON,
+            "stage generate: teacher answers rejected, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.log_path = layout.log
         if enabled and port:
             start_http_server(port, registry=self.registry)
@@ -67,6 +73,10 @@ class TrainerMetrics:
         for k, v in values.items():
             if v is not None:
                 self.gauges[TrainerGauge(k)].set(v)
+
+    def set_rejected(self, by_reason: dict[str, int]) -> None:
+        for reason, n in by_reason.items():
+            self.rejected.labels(reason=reason).set(n)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

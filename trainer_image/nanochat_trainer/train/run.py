@@ -13,12 +13,14 @@ that divides the data lanes, and any parallel layout).
 Stages: "pretrain" trains on the data; "distill" learns from a teacher endpoint by
 `distill.method` (`distill/`); "ternary" trains BitNet b1.58 layers (`models/ternary.py`)
 started from checkpoint.init_from, optionally distilling from its frozen full-precision parent
-(ternary.distill_from_parent) or from the teacher (a distill block).
+(ternary.distill_from_parent) or from the teacher (a distill block). "generate" trains nothing:
+it makes training data with the teacher (`datagen/`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.heldout import heldout_rows
 from ..data.loader import TokenLoader
+from ..data.sources import check_sources
+from ..datagen.run import Generator
+from ..errors import ConfigError
 from ..models.ternary_pack import save_packed
 from ..parallel.apply import wrap_model
 from ..parallel.distributed import Env, barrier, setup_distributed
@@ -46,6 +51,8 @@ Progress = Callable[[dict[str, Any]], None]
 
 def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's record. Rank 0 writes all files."""
+    if cfg.stage == "generate":
+        return _generate(cfg)
     parent_kd = cfg.stage == "ternary" and cfg.ternary is not None and cfg.ternary.distill_from_parent
     if parent_kd and not cfg.checkpoint.init_from:
         raise ValueError(
@@ -54,6 +61,7 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
         )
     env = setup_distributed(cfg.device)
     layout = RunLayout(Path(cfg.checkpoint.dir))
+    check_sources(cfg.data)  # an empty source fails here, naming it, not at the step that reaches it
     torch.manual_seed(cfg.seed)
     tokenizer = run_tokenizer(cfg, layout, env)
 
@@ -121,6 +129,19 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
     return record
 
 
+def _generate(cfg: TrainerConfig) -> dict[str, Any]:
+    """stage generate (`datagen/`): one process asks the teacher, whatever torchrun started."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(
+            "resources", f"{world} processes", "stage generate runs as one process: nodes 1, gpusPerNode 0 or 1"
+        )
+    metrics = TrainerMetrics(RunLayout(Path(cfg.checkpoint.dir)), cfg.metrics.port, enabled=True)
+    generator = Generator(cfg, metrics)
+    generator.run()
+    return generator.figures()
+
+
 def validation_rows(cfg: TrainerConfig, tokenizer: Tokenizer, env: Env) -> torch.Tensor | None:
     """This rank's held-out rows, checked not to be training data (None: no validation)."""
     if cfg.validation is None:
@@ -155,6 +176,8 @@ def _publish(record: dict[str, Any], metrics: TrainerMetrics, skipped_before: in
         teacher_cache_hits=t["cache_hits"],
         teacher_errors=t["errors"],
         teacher_latency_seconds=t["latency_s"],
+        teacher_in_flight=t["in_flight"],
+        teacher_requests_per_second=t["requests_per_s"],
         teacher_skipped=skipped,
     )
     return skipped

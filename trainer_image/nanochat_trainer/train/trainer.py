@@ -124,7 +124,22 @@ class Trainer:
         if self._distils:
             record["kd_loss"] = (kd[0] / kd[1]).item() if kd[1] else None
         record.update(self.feed.record())
+        record.update(self._data_record())
         return record
+
+    def _data_record(self) -> dict[str, Any]:
+        """Tokens trained on from each data source, and documents dropped for overlapping HumanEval,
+        over all ranks and the whole run. Collective."""
+        try:
+            state = self.feed.loader_state()
+        except NotImplementedError:  # a TensorFeed: batches of the caller's own
+            return {}
+        names = list(state["source_tokens"])
+        counts = torch.tensor(
+            [*state["source_tokens"].values(), state["decontaminated"]], dtype=torch.float64, device=self.env.device
+        )
+        counts = sum_over_ranks({"data": counts}, self.env)["data"].tolist()
+        return {"data_tokens": {n: int(c) for n, c in zip(names, counts)}, "decontaminated": int(counts[-1])}
 
     def _loss(self, batch: Batch, kd: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss: model_loss, mixed with the full-vocabulary KL to the frozen parent
