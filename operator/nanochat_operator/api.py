@@ -357,7 +357,7 @@ class TrainingRunSpec(RunCommon):
         "writes to an emptyDir (lost with the pod; no resume, no dependents).",
     )
     init: Init | None = Field(None, description="Start from another run's final checkpoint.")
-    after: list[str] = Field(
+    after: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN)]] = Field(
         default_factory=list,
         max_length=16,
         description="TrainingRuns in this namespace that must Succeed before this one starts: the stage generate "
@@ -390,9 +390,6 @@ class TrainingRunSpec(RunCommon):
             raise ValueError("init.fromTrainingRun reads the source's checkpoint from a PVC: set storage")
         if self.after and (self.storage is None or self.storage.claim_name is None):
             raise ValueError("after: the runs read each other's files from one PVC: set storage.claimName")
-        bad = [n for n in self.after if not re.fullmatch(DNS_LABEL_PATTERN, n)]
-        if bad:
-            raise ValueError(f"after: {bad[0]!r} is not a TrainingRun name (a DNS label)")
         if self.trainer.device == "cuda" and self.resources.gpus_per_node == 0:
             raise ValueError("trainer.device cuda needs resources.gpusPerNode > 0")
         if (

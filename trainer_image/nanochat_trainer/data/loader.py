@@ -105,7 +105,9 @@ class TokenLoader:
         if self.lanes % world:
             raise ValueError(f"lanes={self.lanes} is not a multiple of world={world}")
         self.data = cfg.data
-        self.sources = [s.name for s in cfg.data.sources()]
+        sources = cfg.data.sources()
+        self.sources = [s.name for s in sources]
+        self._weights = [[s.name, s.weight] for s in sources]  # what a checkpoint's mixture must equal
         self.mixture = mixture_of(cfg.data, world)
         # Tokens of each source that went into this rank's rows, and documents dropped for overlapping
         # HumanEval; after a resume rank 0 carries the totals of every rank before it.
@@ -190,7 +192,7 @@ class TokenLoader:
             "lanes": self.lanes,
             "global_rows": self.rows * self.world,
             "source": self.data.source,
-            "mixture": self._mixture_key(),
+            "mixture": self._weights,
             "source_tokens": dict(zip(self.sources, self.source_tokens)),
             "decontaminated": self.decontaminated,
             "lane_state": {str(i): [lane.doc, lane.offset] for i, lane in self._lanes.items()},
@@ -207,10 +209,10 @@ class TokenLoader:
         if state["source"] != self.data.source:
             raise ValueError(f"loader state is for data.source={state['source']!r}, not {self.data.source!r}")
         saved = state.get("mixture", [[state["source"], 1.0]])  # older checkpoints: one source
-        if saved != self._mixture_key():
+        if saved != self._weights:
             raise ConfigError(
                 "data.mixture",
-                [f"{name}: {weight:g}" for name, weight in self._mixture_key()],
+                [f"{name}: {weight:g}" for name, weight in self._weights],
                 f"differs from the checkpoint's mixture {[f'{n}: {w:g}' for n, w in saved]}: a resumed run keeps "
                 "its mixture (start a new run from this one's weights, checkpoint.init_from, to change it)",
             )
@@ -229,9 +231,6 @@ class TokenLoader:
         self.source_tokens = [totals.get(name, 0) if self.rank == 0 else 0 for name in self.sources]
         self.decontaminated = state.get("decontaminated", 0) if self.rank == 0 else 0
         self._dispatcher = None
-
-    def _mixture_key(self) -> list[list]:
-        return [[s.name, s.weight] for s in self.data.sources()]
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
