@@ -41,8 +41,8 @@ gpt2-bpe: $(STAMP)
 	  $(VENV)/bin/nanochat tokenizer gpt2 --from-sdist $(WHISPER_DIR)/openai_whisper-20250625.tar.gz; }
 
 ## The e2e control plane's binaries (kube-apiserver, controller manager, scheduler, kubectl,
-## etcd, kwok, helm), built with Go at the versions in e2e/versions.env into
-## ~/.cache/nanochat-tools (outside the repo), once; about 5 minutes on 2 cores the first time.
+## etcd, kwok, helm) and promtool, built with Go at the versions in e2e/versions.env into
+## ~/.cache/nanochat-tools (outside the repo), once; tens of minutes on 2 cores the first time (promtool alone about 4).
 e2e-tools:
 	e2e/tools.sh all >/dev/null
 

@@ -5,6 +5,7 @@
 #   e2e/tools.sh kube        # -> dir with kube-apiserver kube-controller-manager
 #                            #    kube-scheduler kubectl etcd
 #   e2e/tools.sh kwok        # -> /home/me/.cache/nanochat-tools/kwok-v0.8.0/kwok
+#   e2e/tools.sh promtool    # -> /home/me/.cache/nanochat-tools/promtool-v0.316.0/promtool
 #   e2e/tools.sh all         # every tool above, one path per line
 #
 # Versions come from e2e/versions.env only. Tools are cached OUTSIDE the repo under
@@ -109,10 +110,18 @@ build_kube() {
 
 build_kwok() { go_install_tool kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"; }
 
+# promtool, for `promtool check rules` and `promtool test rules` over the chart's alerts
+# (tests/test_alerts.py). Prometheus' go.mod has no replace directives, so `go install` works;
+# about 4 minutes on 2 cores with an empty Go build cache.
+build_promtool() {
+  go_install_tool promtool github.com/prometheus/prometheus/cmd/promtool "$PROMETHEUS_VERSION"
+}
+
 case "${1:-}" in
   helm) build_helm ;;
   kube) build_kube ;;
   kwok) build_kwok ;;
-  all) build_helm; build_kube; build_kwok ;;
-  *) echo "usage: $0 helm|kube|kwok|all" >&2; exit 2 ;;
+  promtool) build_promtool ;;
+  all) build_helm; build_kube; build_kwok; build_promtool ;;
+  *) echo "usage: $0 helm|kube|kwok|promtool|all" >&2; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ class FakeCluster:
         self.metrics: str | None = None
         self.reject: str | None = None
         self.calls: list[str] = []
+        self.create_failures: dict[str, tuple[str, str]] = {}  # job -> (FailedCreate message, time)
 
     def get_job(self, namespace: str, name: str) -> dict | None:
         self.calls.append(f"get_job {name}")
@@ -42,9 +43,13 @@ class FakeCluster:
         self.calls.append(f"create {obj['kind']} {key[2]}")
         self.objects[key] = copy.deepcopy(obj)
 
-    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        self.calls.append(f"suspend {name}={suspend}")
-        self.objects[("Job", namespace, name)]["spec"]["suspend"] = suspend
+    def patch_job(self, namespace: str, name: str, spec: dict) -> None:
+        self.calls.append(f"patch {name} " + " ".join(f"{k}={v}" for k, v in sorted(spec.items())))
+        self.objects[("Job", namespace, name)]["spec"].update(spec)
+
+    def pod_create_failure(self, namespace: str, job_name: str) -> tuple[str, str] | None:
+        self.calls.append(f"events {job_name}")
+        return self.create_failures.get(job_name)
 
     def get_training_run(self, namespace: str, name: str) -> dict | None:
         r = self.runs.get(name)

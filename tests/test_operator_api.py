@@ -14,7 +14,7 @@ from nanochat_operator.checks import estimate_params, feasibility
 from nanochat_operator.manifests import ManifestError, dry_run, parse_documents, validate_documents
 from nanochat_operator.metrics import OperatorMetrics, serve
 from nanochat_operator.settings import parse_args
-from nanochat_trainer.config import PRESETS, TrainerConfig
+from nanochat_trainer.config import PRESETS, TrainerConfig, format_validation_error
 from nanochat_trainer.models.gpt import count_params
 
 TR = """apiVersion: nanochat.io/v1alpha1
@@ -218,3 +218,25 @@ def test_ternary_distilled_from_parent_needs_a_parent():
         TrainingRunSpec.model_validate(spec)
     ok = TrainingRunSpec.model_validate({**spec, "init": {"fromTrainingRun": "base"}, "storage": {"size": "1Gi"}})
     assert ok.trainer.ternary.distill_from_parent
+
+
+@pytest.mark.parametrize(
+    "pod,needle",
+    [
+        ({"labels": {"nanochat.io/training-run": "x"}}, "labels: nanochat.io/training-run"),
+        ({"annotations": {"batch.kubernetes.io/job-completion-index": "0"}}, "annotations: batch.kubernetes.io/"),
+        ({"labels": {"team": "not a label value"}}, "pod.labels.team"),
+        ({"volumes": [{"name": "data", "emptyDir": {}}]}, "volumes: data"),
+        ({"volumes": [{"name": "model-1", "emptyDir": {}}]}, "volumes: model-1"),
+        ({"volumes": [{"emptyDir": {}}]}, "pod.volumes.0.name"),
+        ({"volumeMounts": [{"name": "x", "mountPath": "/dev/shm"}]}, "volumeMounts: /dev/shm"),
+        ({"volumeMounts": [{"name": "x"}]}, "pod.volumeMounts.0.mountPath"),
+        ({"extraResources": {"rdma/ib": "lots"}}, "extraResources.rdma/ib"),
+        ({"imagePullSecrets": ["Not_A_Name"]}, "pod.imagePullSecrets.0"),
+    ],
+)
+def test_pod_template_refuses_what_is_the_operators(pod, needle):
+    """The operator's labels, volumes and mounts cannot be overridden; each refusal names the field."""
+    with pytest.raises(ValidationError) as err:
+        TrainingRunSpec.model_validate({"trainer": {"preset": "tiny"}, "pod": pod})
+    assert needle in format_validation_error(err.value, "spec."), format_validation_error(err.value, "spec.")

@@ -234,7 +234,7 @@ def test_suspend_and_resume_patch_the_job():
     run["spec"]["suspend"] = False
     run["metadata"]["generation"] = 2
     s = step(c, run)
-    assert "suspend demo-train=False" in c.calls
+    assert "patch demo-train suspend=False" in c.calls
     assert s["phase"] == "Starting" and get_condition(s, "SpecChangeRefused") is None
     run["spec"]["suspend"] = True
     step(c, run)
@@ -247,7 +247,7 @@ def test_kueue_queue_waits_for_admission_and_operator_never_unsuspends():
     s = step(c, run)
     assert s["phase"] == "Pending" and get_condition(s, "Suspended")["reason"] == "WaitingForQueue"
     step(c, run)
-    assert not any(x.startswith("suspend") for x in c.calls)
+    assert not any(x.startswith("patch") for x in c.calls)
     c.job("demo-train")["spec"]["suspend"] = False  # Kueue admitted it
     c.pods["demo-train"] = [running_pod()]
     assert step(c, run)["phase"] == "Running"
@@ -408,3 +408,113 @@ def test_after_waits_for_the_runs_that_make_its_data_on_the_same_claim():
     c.runs["other"] = tr("other", storage={"size": "1Gi"}, status={"phase": "Succeeded"})
     s = step(c, tr("train2", after=["other"], storage=shared))
     assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "DifferentStorage"
+
+
+def summary(s: dict) -> dict[str, tuple[str, str]]:
+    """Ready/Reconciling/Stalled of a stored status as {type: (status, reason)}."""
+    return {
+        c["type"]: (c["status"], c["reason"])
+        for c in s.get("conditions") or []
+        if c["type"] in ("Ready", "Reconciling", "Stalled")
+    }
+
+
+def test_ready_reconciling_stalled_follow_the_run_as_kstatus_reads_them():
+    """On the way: Reconciling; done: Ready; failed or refused: Stalled (kstatus: InProgress,
+    Current, Failed). Each reason is the phase or the cause."""
+    c = FakeCluster()
+    c.runs["src"] = tr("src", status={"phase": "Running", "jobName": "src-train"})
+    waiting = tr(init={"fromTrainingRun": "src"})
+    s = step(c, waiting)
+    assert summary(s) == {"Ready": ("False", "Pending"), "Reconciling": ("True", "Pending")}
+    assert "src" in get_condition(s, "Reconciling")["message"]  # what it waits for
+
+    run = tr()
+    assert summary(step(c, run)) == {"Ready": ("False", "Starting"), "Reconciling": ("True", "Starting")}
+    c.pods["demo-train"] = [running_pod()]
+    assert summary(step(c, run)) == {"Ready": ("False", "Running"), "Reconciling": ("True", "Running")}
+    run["spec"]["trainer"]["steps"] = 5000  # an edit the live run does not apply
+    run["metadata"]["generation"] = 2
+    s = step(c, run)
+    assert summary(s)["Stalled"] == ("True", "SpecImmutable") and summary(s)["Reconciling"][0] == "True"
+    run["spec"]["trainer"]["steps"] = 100
+    assert "Stalled" not in summary(step(c, run))
+    c.set_job("demo-train", "Complete", pods=[])
+    assert summary(step(c, run)) == {"Ready": ("True", "Succeeded")}
+
+    bad = tr("bad", trainer={"preset": "tiny", "steps": 0})
+    assert summary(step(c, bad)) == {"Ready": ("False", "InvalidSpec"), "Stalled": ("True", "InvalidSpec")}
+
+
+def test_pods_the_cluster_refuses_are_reported_with_the_reason():
+    """Pod Security (or a quota, a webhook) refuses the Job's pods: the Job controller says so only
+    in a FailedCreate event; the run says it in its Running and Stalled conditions and an event."""
+    c = FakeCluster()
+    run = tr(resources={"nodes": 2})
+    step(c, run)
+    refusal = 'pods "demo-train-0-x" is forbidden: violates PodSecurity "restricted:latest": privileged'
+    c.create_failures["demo-train"] = (refusal, "2026-01-01T00:00:05Z")
+    out = reconcile_training(c, run, CFG, now=NOW, adopt=adopt)
+    s = dump_status(out.status)
+    running = get_condition(s, "Running")
+    assert s["phase"] == "Starting" and running["reason"] == "PodsRefused" and refusal in running["message"]
+    assert summary(s)["Stalled"] == ("True", "PodsRefused")
+    assert ("Warning", "PodsRefused", running["message"]) in out.events
+    step(c, run)
+    assert not any(e[1] == "PodsRefused" for e in reconcile_training(c, run, CFG, now=NOW, adopt=adopt).events)
+
+    # Fixed (the namespace relabelled): a pod made after the refusal; the old event no longer counts.
+    pod = running_pod()
+    pod["metadata"]["creationTimestamp"] = "2026-01-01T00:01:00Z"
+    c.pods["demo-train"] = [pod]
+    s = step(c, run)
+    assert get_condition(s, "Running")["reason"] == "PodsStarting" and "Stalled" not in summary(s)
+    c.pods["demo-train"] = [running_pod(0), running_pod(1)]
+    calls = len(c.calls)
+    step(c, run)
+    assert not any(x.startswith("events") for x in c.calls[calls:])  # every pod there: no event reads
+
+
+def test_ttl_is_set_on_the_job_once_the_outcome_is_recorded():
+    c = FakeCluster()
+    run = tr(ttlSecondsAfterFinished=300)
+    step(c, run)
+    c.pods["demo-train"] = [running_pod()]
+    step(c, run)
+    assert "ttlSecondsAfterFinished" not in c.job("demo-train")["spec"]
+    c.set_job("demo-train", "Complete", pods=[])
+    assert step(c, run)["phase"] == "Succeeded"
+    assert c.job("demo-train")["spec"]["ttlSecondsAfterFinished"] == 300
+    assert sum(x.startswith("patch demo-train ttl") for x in c.calls) == 1
+
+
+@pytest.mark.parametrize("when_deleted,owned", [("Retain", False), ("Delete", True)])
+def test_operator_made_storage_outlives_the_run_unless_asked(when_deleted, owned):
+    """A prune (or kubectl delete) of a run keeps the PVC it made, and so its checkpoints, unless
+    storage.whenDeleted is Delete: only owned objects are garbage-collected with their owner."""
+    c = FakeCluster()
+    step(c, tr(storage={"size": "10Gi", "whenDeleted": when_deleted}))
+    pvc = c.objects[("PersistentVolumeClaim", "ml", "demo-storage")]
+    assert bool(pvc["metadata"].get("ownerReferences")) is owned
+    assert pvc["metadata"]["labels"]["nanochat.io/training-run"] == "demo"
+    assert c.job("demo-train")["metadata"]["ownerReferences"][0]["uid"] == "uid-demo"
+
+
+@pytest.mark.parametrize(
+    "preset,resources,needle",
+    [
+        ("qwen3-hybrid", {"gpus": 8}, "model: a model of ~"),  # 80B: whole, in fp32, on one GPU
+        ("nano-1B", {"memory": "2Gi"}, "resources.memory=2Gi is not enough"),
+    ],
+)
+def test_an_eval_that_cannot_load_its_model_fails_before_its_pod(preset, resources, needle):
+    """nanochat eval loads each checkpoint whole in fp32 on one device: an EvalRun whose model cannot
+    fit is refused with the memory it needs, before any pod starts."""
+    c = FakeCluster()
+    c.runs["demo"] = tr(trainer={"preset": preset}, status={"phase": "Succeeded", "jobName": "demo-train"})
+    s = step(c, er(resources=resources), fn=reconcile_eval)
+    failed = get_condition(s, "Failed")
+    assert s["phase"] == "Failed" and failed["reason"] == "Infeasible" and needle in failed["message"], failed
+    assert not any(x.startswith("create") for x in c.calls)
+    c.runs["demo"] = tr(trainer={"preset": "nano-125M"}, status={"phase": "Succeeded", "jobName": "demo-train"})
+    assert step(c, er("ok", resources=resources), fn=reconcile_eval)["phase"] == "Starting"

@@ -417,3 +417,93 @@ def test_training_pods_that_score_humaneval_get_the_sandbox_container():
     assert sandbox["restartPolicy"] == "Always" and sandbox["securityContext"]["runAsUser"] == 65534
     env = env_of(job)
     assert env["NANOCHAT_SANDBOX_SOCKET"] == "@nanochat-sandbox-$(POD_UID)" and "PET_NNODES" in env
+
+
+POD_TEMPLATE = {
+    "labels": {"team": "search", "cost-center": "ml-42"},
+    "annotations": {"k8s.v1.cni.cncf.io/networks": "rdma-net"},
+    "imagePullSecrets": ["registry"],
+    "priorityClassName": "training-high",
+    "schedulerName": "volcano",
+    "securityContext": {"runAsUser": 2000, "supplementalGroups": [5000]},
+    "containerSecurityContext": {"capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]
+            }
+        }
+    },
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+    ],
+    "extraResources": {"rdma/ib": 1, "vpc.amazonaws.com/efa": "4"},
+    "volumes": [{"name": "datasets", "nfs": {"server": "nfs.local", "path": "/datasets", "readOnly": True}}],
+    "volumeMounts": [{"name": "datasets", "mountPath": "/datasets", "readOnly": True}],
+}
+
+
+@pytest.mark.parametrize("kind", ["training", "eval"])
+def test_pod_template_overrides_reach_every_pod(kind):
+    """spec.pod: the platform's labels, identity, placement, security and devices, on the pods of
+    both kinds; the operator's own labels and mounts stay; security contexts merge key by key."""
+    if kind == "training":
+        job = render.render_training_job("demo", "ml", training(gpus=8, pod=POD_TEMPLATE), image="i")
+        main, gpus = "trainer", "8"
+    else:
+        spec = EvalRunSpec.model_validate(
+            {"model": {"trainingRun": "demo"}, "resources": {"gpus": 1}, "pod": POD_TEMPLATE}
+        )
+        job = render.render_eval_job("ev", "ml", spec, image="i", source=("demo", "runs"))
+        main, gpus = "eval", "1"
+    validate(job)
+    template = job["spec"]["template"]
+    pod = template["spec"]
+    assert template["metadata"]["labels"]["team"] == "search"
+    assert template["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "nanochat-operator"
+    assert template["metadata"]["annotations"] == {"k8s.v1.cni.cncf.io/networks": "rdma-net"}
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["priorityClassName"] == "training-high" and pod["schedulerName"] == "volcano"
+    assert pod["affinity"] == POD_TEMPLATE["affinity"]
+    assert pod["topologySpreadConstraints"] == POD_TEMPLATE["topologySpreadConstraints"]
+    sc = pod["securityContext"]
+    assert sc["runAsUser"] == 2000 and sc["supplementalGroups"] == [5000]  # the user's keys
+    assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}  # ours kept
+    container = next(c for c in pod["containers"] if c["name"] == main)
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    limits = container["resources"]["limits"]
+    assert limits == container["resources"]["requests"]
+    assert limits["rdma/ib"] == "1" and limits["vpc.amazonaws.com/efa"] == "4" and limits["nvidia.com/gpu"] == gpus
+    assert {"name": "datasets", "mountPath": "/datasets", "readOnly": True} in container["volumeMounts"]
+    assert any(v["name"] == "datasets" and v["nfs"]["server"] == "nfs.local" for v in pod["volumes"])
+    assert any(m["mountPath"] == "/data" for m in container["volumeMounts"])  # the operator's mounts stay
+
+
+def test_default_pods_meet_pod_security_restricted():
+    """What the "restricted" Pod Security level asks of every container, on every pod the operator
+    renders (the e2e namespaces enforce it, so the API server checks the same for real)."""
+    jobs = [
+        render.render_training_job("demo", "ml", training(), image="i"),
+        render.render_training_job("demo", "ml", training(trainer={"preset": "tiny", "evaluation": {}}), image="i"),
+        render.render_eval_job(
+            "ev", "ml", EvalRunSpec.model_validate({"model": {"trainingRun": "d"}}), image="i", source=("d", "runs")
+        ),
+    ]
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"], c["name"]
+            assert not sc.get("privileged") and not c.get("ports", [{}])[0].get("hostPort"), c["name"]
+
+
+def test_deadline_on_the_job_and_no_ttl_before_the_outcome_is_read():
+    job = render.render_training_job(
+        "demo", "ml", training(activeDeadlineSeconds=3600, ttlSecondsAfterFinished=60), image="i"
+    )
+    validate(job)
+    assert job["spec"]["activeDeadlineSeconds"] == 3600
+    assert "ttlSecondsAfterFinished" not in job["spec"]  # set by the operator once the run has finished

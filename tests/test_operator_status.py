@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from nanochat_operator import progress as prog
 from nanochat_operator.api import EvalRunStatus, TrainingRunStatus
+from nanochat_operator.metrics import OperatorMetrics
 from nanochat_operator.status import (
     JobView,
     dump_status,
@@ -435,3 +436,46 @@ def test_teacher_down_keeps_the_run_running_with_a_condition_saying_so():
         job_name="demo-train",
     )
     assert get_condition(plain, "TeacherAvailable") is None  # not a distillation run
+
+
+def test_last_progress_gauge_counts_from_the_last_start_of_running():
+    """nanochat_training_last_progress_timestamp_seconds, which the chart's NanochatTrainingNoProgress
+    alert reads: while Running, when the step last changed or the run last started Running, whichever
+    is later; no series otherwise. It comes from the status alone, so a restarted operator (a fresh
+    OperatorMetrics here, as on every call) exports the same time."""
+
+    def gauge(s: dict) -> float | None:
+        metrics = OperatorMetrics()
+        metrics.observe_training("ml", "demo", load_status(TrainingRunStatus, s))
+        name = "nanochat_training_last_progress_timestamp_seconds"
+        return metrics.registry.get_sample_value(name, {"namespace": "ml", "name": "demo"})
+
+    def at(minutes: int) -> datetime:
+        return NOW + timedelta(minutes=minutes)
+
+    s = status_after({}, job(), [pod(0, "Pending")], now=at(0))
+    assert s["phase"] == "Starting" and gauge(s) is None
+    s = status_after(s, job(), [pod(0, "Running")], now=at(1))
+    assert gauge(s) == at(1).timestamp()  # a fresh run, no step yet: counted from its start
+    s = status_after(s, job(), [pod(0, "Running")], progress=prog.Progress(step=10, total_steps=100), now=at(5))
+    assert gauge(s) == at(5).timestamp()
+    s = status_after(s, job(), [pod(0, "Running")], progress=prog.Progress(step=10, total_steps=100), now=at(30))
+    assert gauge(s) == at(5).timestamp()  # the same step: no progress since minute 5
+    # Its pod is replaced: Starting (no series), then Running again from minute 33 with its old
+    # step, before the trainer has loaded its checkpoint: counted from then, not from minute 5.
+    s = status_after(s, job(), [pod(0, "Pending")], now=at(31))
+    assert s["phase"] == "Starting" and gauge(s) is None
+    s = status_after(s, job(), [pod(0, "Running")], now=at(33))
+    assert s["step"] == 10 and s["startTime"] == at(1).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert gauge(s) == at(33).timestamp()
+    s = status_after(s, job(), [pod(0, "Running")], progress=prog.Progress(step=11, total_steps=100), now=at(40))
+    assert gauge(s) == at(40).timestamp()
+    s = status_after(s, job(("Complete", "CompletionsReached")), [pod(0, "Succeeded")], now=at(50))
+    assert s["phase"] == "Succeeded" and gauge(s) is None
+    # A status with no Running condition (written by an older operator) falls back to startTime.
+    old = {"phase": "Running", "startTime": "2026-01-01T12:01:00Z"}
+    assert gauge(old) == at(1).timestamp()
+    metrics = OperatorMetrics()
+    metrics.observe_training("ml", "demo", load_status(TrainingRunStatus, old))
+    metrics.forget("TrainingRun", "ml", "demo")
+    assert "nanochat_training_last_progress_timestamp_seconds{" not in metrics.exposition().decode()

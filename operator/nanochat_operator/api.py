@@ -229,8 +229,9 @@ class Storage(Api):
 
     `claimName` uses an existing claim (keep one per namespace for chained runs: the run
     that follows reads the previous run's checkpoint from it). Without `claimName`, `size`
-    makes the operator create `<run>-storage`, owned by the run: deleting the run deletes
-    its checkpoints. Multi-node runs need a ReadWriteMany claim.
+    makes the operator create `<run>-storage`; `whenDeleted` says whether deleting the run
+    (by hand, or a GitOps prune) keeps it (the default: a run re-created under the same name
+    resumes from its checkpoints) or deletes it. Multi-node runs need a ReadWriteMany claim.
     """
 
     claim_name: str | None = Field(None, max_length=253, pattern=DNS_LABEL_PATTERN, description="Existing PVC to use.")
@@ -240,6 +241,11 @@ class Storage(Api):
     storage_class: str | None = Field(None, max_length=253, description="StorageClass of the created PVC.")
     access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
         "ReadWriteOnce", description="Access mode of the created PVC; multi-node runs need ReadWriteMany."
+    )
+    when_deleted: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="The created PVC when the run is deleted: Retain keeps it and its checkpoints (unowned, "
+        "labelled with the run), Delete deletes it with the run.",
     )
 
     model_config = ConfigDict(
@@ -305,6 +311,139 @@ class Init(Api):
     )
 
 
+# What the operator mounts and names itself; a pod template may not reuse these.
+RESERVED_VOLUMES = ("config", "data", "dshm", "source", "scratch", "sandbox-scratch")
+RESERVED_VOLUME_PREFIX = "model-"  # an EvalRun's compared runs' PVCs: model-1, model-2, ...
+RESERVED_MOUNT_PATHS = ("/data", "/etc/nanochat", "/dev/shm", "/source", "/models", "/tmp")
+# Labels and annotations under these prefixes are the operator's and the Job controller's.
+RESERVED_KEY_PREFIXES = ("nanochat.io/", "batch.kubernetes.io/", "kueue.x-k8s.io/")
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# Kubernetes' own types, passed through as they are: the API server checks them when the Job
+# is created (a mistake fails the run with its message, which names the field).
+KubeObject = dict[str, Any]
+
+
+class KubeVolume(BaseModel):
+    """A core/v1 Volume: its name is checked here (and seen by CEL), the rest passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(..., min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN, description="Volume name.")
+
+
+class KubeVolumeMount(BaseModel):
+    """A core/v1 VolumeMount: name and mountPath checked here, the rest passed through."""
+
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, validate_by_name=False, validate_by_alias=True)
+
+    name: str = Field(..., min_length=1, max_length=63, description="The volume's name.")
+    mount_path: str = Field(..., min_length=1, max_length=4096, description="Where it appears in the container.")
+
+
+def _quoted(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _reserved_key_rule(field: str) -> dict[str, str]:
+    prefixes = " || ".join(f"k.startsWith('{p}')" for p in RESERVED_KEY_PREFIXES)
+    return cel(
+        f"!has(self.{field}) || self.{field}.all(k, !({prefixes}))",
+        f"{field}: keys under {', '.join(RESERVED_KEY_PREFIXES)} are the operator's",
+    )
+
+
+class PodTemplate(Api):
+    """What a platform sets on every pod of a run, on top of what the operator renders (as
+    Kubeflow Trainer's pod template overrides): metadata, identity, placement, security and
+    devices. The defaults already pass Pod Security "restricted"; `securityContext` and
+    `containerSecurityContext` are merged over them key by key."""
+
+    labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]] = Field(
+        default_factory=dict, max_length=64, description="Extra pod labels (e.g. for a cost allocation or a mesh)."
+    )
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict, max_length=64, description="Extra pod annotations (e.g. a CNI's secondary networks)."
+    )
+    image_pull_secrets: list[Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_LABEL_PATTERN)]] = Field(
+        default_factory=list, max_length=16, description="Secrets with registry credentials, by name."
+    )
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
+    scheduler_name: str | None = Field(
+        None, max_length=253, description="Scheduler of the pods (e.g. a gang scheduler's); default: the cluster's."
+    )
+    security_context: KubeObject = Field(
+        default_factory=dict,
+        description="core/v1 PodSecurityContext merged over the operator's (runAsNonRoot, runAsUser 1000, fsGroup "
+        "1000, seccomp RuntimeDefault).",
+    )
+    container_security_context: KubeObject = Field(
+        default_factory=dict,
+        description="core/v1 SecurityContext of the main container, merged over the operator's (no privilege "
+        "escalation, every capability dropped).",
+    )
+    affinity: KubeObject | None = Field(None, description="core/v1 Affinity of the pods.")
+    topology_spread_constraints: list[KubeObject] = Field(
+        default_factory=list, max_length=16, description="core/v1 TopologySpreadConstraints of the pods."
+    )
+    extra_resources: dict[str, Annotated[Quantity, Field(json_schema_extra=_QUANTITY_SCHEMA)]] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="More extended resources per pod, requested and limited alike, e.g. rdma/ib: 1, "
+        "vpc.amazonaws.com/efa: 4, nvidia.com/mig-3g.40gb: 1.",
+    )
+    volumes: list[KubeVolume] = Field(default_factory=list, max_length=16, description="More core/v1 Volumes.")
+    volume_mounts: list[KubeVolumeMount] = Field(
+        default_factory=list, max_length=16, description="core/v1 VolumeMounts of the main container."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _reserved_key_rule("labels"),
+                _reserved_key_rule("annotations"),
+                cel(
+                    f"!has(self.volumes) || self.volumes.all(v, !(v.name in {_quoted(RESERVED_VOLUMES)}) && "
+                    f"!v.name.startsWith('{RESERVED_VOLUME_PREFIX}'))",
+                    f"volumes: {', '.join(RESERVED_VOLUMES)} and {RESERVED_VOLUME_PREFIX}* are the operator's",
+                ),
+                cel(
+                    "!has(self.volumeMounts) || "
+                    f"self.volumeMounts.all(m, !(m.mountPath in {_quoted(RESERVED_MOUNT_PATHS)}))",
+                    f"volumeMounts: {', '.join(RESERVED_MOUNT_PATHS)} are the operator's",
+                ),
+            ]
+        }
+    )
+
+    @field_validator("extra_resources")
+    @classmethod
+    def _quantities(cls, v: dict[str, Quantity]) -> dict[str, Quantity]:
+        for key, value in v.items():
+            _check_quantity(value, f"extraResources.{key}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> PodTemplate:
+        for field in ("labels", "annotations"):
+            taken = [k for k in getattr(self, field) if k.startswith(RESERVED_KEY_PREFIXES)]
+            if taken:
+                raise ValueError(f"{field}: {', '.join(taken)} are the operator's ({', '.join(RESERVED_KEY_PREFIXES)})")
+        clash = [
+            v.name for v in self.volumes if v.name in RESERVED_VOLUMES or v.name.startswith(RESERVED_VOLUME_PREFIX)
+        ]
+        if clash:
+            raise ValueError(
+                f"volumes: {', '.join(clash)}: {', '.join(RESERVED_VOLUMES)} and {RESERVED_VOLUME_PREFIX}* are the "
+                "operator's"
+            )
+        taken_paths = [m.mount_path for m in self.volume_mounts if m.mount_path in RESERVED_MOUNT_PATHS]
+        if taken_paths:
+            raise ValueError(
+                f"volumeMounts: {', '.join(taken_paths)}: {', '.join(RESERVED_MOUNT_PATHS)} are the operator's"
+            )
+        return self
+
+
 # ---------------------------------------------------------------------------- TrainingRun
 
 
@@ -331,6 +470,21 @@ class RunCommon(Api):
         default_factory=PodFailurePolicy, description="Failures that end the run at once."
     )
     service_account_name: str | None = Field(None, max_length=253, description="ServiceAccount of the pods.")
+    pod: PodTemplate = Field(
+        default_factory=PodTemplate, description="Labels, security, placement and devices of every pod of the run."
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Wall-clock limit of the Job from its start: past it the pods are stopped and the run Fails "
+        "(DeadlineExceeded). Time suspended or queued does not count.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description="Delete the Job and its pods this long after the run finished (the run, its status and its "
+        "checkpoints stay). Set by the operator once it has recorded the outcome.",
+    )
 
     @field_validator("env")
     @classmethod

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig
 
-from .api import TrainingRunSpec, parse_quantity
+from .api import EvalRunSpec, TrainingRunSpec, parse_quantity
 
 BYTES_PER_PARAM = 16
+# `nanochat eval` builds the model in fp32 on the host, then moves it whole to one device.
+EVAL_BYTES_PER_PARAM = 4
 CHECKPOINT_BYTES_PER_PARAM = 8  # fp32 weight + one fp32 moment (Muon); AdamW parameters keep two
 GIB = 2**30
 
@@ -146,4 +148,24 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
                 f"{what} needs at least {need / GIB:.1f} GiB per pod ({how}); "
                 f"resources.memory={res.memory} per pod is not enough"
             )
+    return problems
+
+
+def eval_feasibility(spec: EvalRunSpec, models: dict[str, ModelConfig], gpu_memory_gib: float = 80.0) -> list[str]:
+    """Reasons an EvalRun cannot load the checkpoints it scores; empty when it can. `models`: the
+    model config of each TrainingRun it loads, by its label (the main model, or a compare name).
+    Each is loaded in turn, whole, in fp32: into pod memory first, then onto one GPU."""
+    problems: list[str] = []
+    res = spec.resources
+    for label, model in models.items():
+        params = estimate_params(model)
+        need = params * EVAL_BYTES_PER_PARAM
+        what = f"{label}: a model of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB in fp32"
+        if res.gpus > 0 and need > gpu_memory_gib * GIB:
+            problems.append(
+                f"{what} on one GPU (nanochat eval does not shard a model; one GPU has {gpu_memory_gib:g} GiB): "
+                "score it through an endpoint that serves it sharded (e.g. vLLM with tensor parallelism)"
+            )
+        elif res.memory is not None and need > parse_quantity(res.memory):
+            problems.append(f"{what} in the eval pod; resources.memory={res.memory} is not enough")
     return problems

@@ -226,12 +226,34 @@ SELF_INIT_RULE = cel(
 )
 
 
+# The one spec field a live run follows; every other is fixed once the run exists.
+MUTABLE_SPEC_FIELDS = ("suspend",)
+
+
+def immutability_rules(spec: dict[str, Any]) -> list[dict[str, str]]:
+    """Transition rules (CEL `oldSelf`) refusing an edit of any spec field but MUTABLE_SPEC_FIELDS:
+    the operator cannot apply one to a Job it made (a Job's pod template is immutable too), so
+    `kubectl apply` and a GitOps sync fail loudly instead of going green and doing nothing.
+    One rule per field, so the message names it; written on the spec object, so adding or
+    removing an optional field counts as a change as well."""
+    return [
+        cel(
+            f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+            f"spec.{f} cannot change once the run exists (only {', '.join('spec.' + m for m in MUTABLE_SPEC_FIELDS)} "
+            "can): delete the run and create it again",
+        )
+        for f in spec["properties"]
+        if f not in MUTABLE_SPEC_FIELDS
+    ]
+
+
 def _object_schema(
     spec_model: type[BaseModel], status_model: type[BaseModel], rules: list[dict[str, str]]
 ) -> dict[str, Any]:
     spec = structural(spec_model.model_json_schema(by_alias=True))
     spec.pop("description", None)
     spec["description"] = (spec_model.__doc__ or "").strip().splitlines()[0]
+    spec.setdefault("x-kubernetes-validations", []).extend(immutability_rules(spec))
     status = structural(status_model.model_json_schema(by_alias=True))
     status["description"] = "Observed state, written by the operator."
     status.pop("required", None)

@@ -105,18 +105,38 @@ class KubeCluster:
                 raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {_message(err)}") from err
             raise temporary(err) from err
 
-    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+    def patch_job(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
         try:
             # Explicit content type: the client would otherwise pick JSON Patch for a dict body.
             self.batch.patch_namespaced_job(
                 name,
                 namespace,
-                {"spec": {"suspend": suspend}},
+                {"spec": spec},
                 _preload_content=False,
                 _content_type="application/merge-patch+json",
             )
         except ApiException as err:
             raise temporary(err) from err
+
+    def pod_create_failure(self, namespace: str, job_name: str) -> tuple[str, str] | None:
+        """(message, when) of the Job controller's newest FailedCreate event for the Job: why its
+        pods cannot be made (admission, Pod Security, quota). Events are the only place it says."""
+        try:
+            events = (
+                self._json(
+                    self.core.list_namespaced_event,
+                    namespace,
+                    field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name},reason=FailedCreate",
+                ).get("items")
+                or []
+            )
+        except ApiException as err:
+            raise temporary(err) from err
+        timed = [(e.get("lastTimestamp") or e.get("eventTime") or "", e.get("message") or "") for e in events]
+        if not timed:
+            return None
+        when, message = max(timed)
+        return message, when
 
     def scrape(self, url: str) -> str | None:
         """A trainer's /metrics text; None when it does not answer (starting, or no network)."""

@@ -9,21 +9,25 @@ fails when kopf's watch loops are stuck.)
 
 Metric names are part of the product: the chart's dashboard and alerts read them. `nanochat_runs`
 is computed at scrape time from the last phase seen per run, so a deleted run disappears instead
-of leaving a stale series.
+of leaving a stale series. `nanochat_training_last_progress_timestamp_seconds` is a time taken
+from the run's status, not from this process: "no progress for N minutes" stays right when the
+operator restarts and its series start anew (the chart's NanochatTrainingNoProgress alert).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from operator import attrgetter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from nanochat_trainer.contract import EVAL_KIND, PHASES, TRAINING_KIND, Phase, score_k
+from nanochat_trainer.contract import EVAL_KIND, PHASES, TRAINING_KIND, ConditionType, Phase, score_k
 
 from .api import EvalRunStatus, TrainingRunStatus
 
@@ -104,13 +108,20 @@ class OperatorMetrics:
         self.training_tps = Gauge(
             "nanochat_training_tokens_per_second", "Throughput of a TrainingRun.", labels, registry=self.registry
         )
-        # Each TrainingRun series and the status field it shows.
-        self._training_series = {
-            self.training_step: "step",
-            self.training_loss: "loss",
-            self.training_val_loss: "val_loss",
-            self.training_pass_at_1: "pass_at_1",
-            self.training_tps: "tokens_per_second",
+        self.training_last_progress = Gauge(
+            "nanochat_training_last_progress_timestamp_seconds",
+            "Unix time a Running TrainingRun's step last changed, or it last started Running if later.",
+            labels,
+            registry=self.registry,
+        )
+        # Each TrainingRun series and what of the status it shows.
+        self._training_series: dict[Gauge, Callable[[TrainingRunStatus], float | None]] = {
+            self.training_step: attrgetter("step"),
+            self.training_loss: attrgetter("loss"),
+            self.training_val_loss: attrgetter("val_loss"),
+            self.training_pass_at_1: attrgetter("pass_at_1"),
+            self.training_tps: attrgetter("tokens_per_second"),
+            self.training_last_progress: last_progress_timestamp,
         }
         self.eval_pass_at_k = Gauge(
             "nanochat_eval_pass_at_k", "pass@k of an EvalRun.", labels + ["k"], registry=self.registry
@@ -121,8 +132,8 @@ class OperatorMetrics:
         finished run has no series, so "step did not change for N minutes" alerts mean a
         stuck run (the final values stay in the run's status)."""
         self.runs.set_phase(TRAINING_KIND, namespace, name, status.phase)
-        for gauge, field in self._training_series.items():
-            value = getattr(status, field)
+        for gauge, value_of in self._training_series.items():
+            value = value_of(status)
             if status.phase == Phase.RUNNING and value is not None:
                 gauge.labels(namespace, name).set(value)
             else:
@@ -147,6 +158,19 @@ class OperatorMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def last_progress_timestamp(status: TrainingRunStatus) -> float | None:
+    """Unix time the run last made progress: when its step last changed, or when it last started
+    Running if that is later. A fresh run counts from its start (its first step may take a while);
+    a run that resumed or whose pods were replaced counts from then, not from its last step
+    before the break. None when the status tells no time."""
+    times = [status.last_progress_time, status.start_time]
+    times += [
+        c.last_transition_time for c in status.conditions if c.type == ConditionType.RUNNING and c.status == "True"
+    ]
+    known = [datetime.fromisoformat(t).timestamp() for t in times if t]  # RFC 3339, as status.rfc3339 writes
+    return max(known) if known else None
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:

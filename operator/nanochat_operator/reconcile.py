@@ -27,10 +27,11 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from nanochat_trainer.config import format_validation_error
+from nanochat_trainer.config import ModelConfig, format_validation_error
 from nanochat_trainer.contract import (
     EVAL_KIND,
     SPEC_ANNOTATION,
+    TERMINAL_PHASES,
     TRAINING_KIND,
     ConditionType,
     EvalResult,
@@ -40,7 +41,7 @@ from nanochat_trainer.contract import (
 
 from . import deps, render
 from .api import Condition, EvalRunSpec, EvalRunStatus, TrainingRunSpec, TrainingRunStatus
-from .checks import feasibility
+from .checks import eval_feasibility, feasibility
 from .progress import Progress, parse_trainer_metrics
 from .settings import OperatorConfig
 from .status import (
@@ -54,6 +55,7 @@ from .status import (
     remove_condition,
     rfc3339,
     set_condition,
+    summarise,
     terminated_message,
     training_status,
 )
@@ -76,7 +78,8 @@ class Cluster(Protocol):
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]: ...
     def create(self, obj: dict[str, Any]) -> None: ...
-    def patch_job_suspend(self, namespace: str, name: str, suspend: bool) -> None: ...
+    def patch_job(self, namespace: str, name: str, spec: dict[str, Any]) -> None: ...
+    def pod_create_failure(self, namespace: str, job_name: str) -> tuple[str, str] | None: ...
     def get_training_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def scrape(self, url: str) -> str | None: ...
 
@@ -131,8 +134,12 @@ def _fail(
     return Outcome(status, [("Warning", reason, message)])
 
 
-def _create_all(cluster: Cluster, objs: list[dict[str, Any]], owner: dict[str, Any], adopt: Adopt) -> None:
-    adopt(objs, owner)
+def _create_all(
+    cluster: Cluster, objs: list[dict[str, Any]], owner: dict[str, Any], adopt: Adopt, keep_pvc: bool = False
+) -> None:
+    """Create what is missing, owned by the run (so deleting it deletes them), except a PVC the
+    run's storage.whenDeleted keeps: that one is only labelled with the run."""
+    adopt([o for o in objs if not (keep_pvc and o["kind"] == "PersistentVolumeClaim")], owner)
     for obj in objs:
         try:
             cluster.create(obj)
@@ -174,7 +181,7 @@ def _sync_suspend(cluster: Cluster, job: dict[str, Any], spec: RunSpec, namespac
         want = None
     if want is None or want == current:
         return job
-    cluster.patch_job_suspend(namespace, name, want)
+    cluster.patch_job(namespace, name, {"suspend": want})
     return {**job, "spec": {**(job.get("spec") or {}), "suspend": want}}
 
 
@@ -187,6 +194,28 @@ def _follow_job(
     return job, cluster.list_pods(namespace, name), events
 
 
+def _observe(
+    cluster: Cluster, job: dict[str, Any], pods: list[dict[str, Any]], nodes: int, spec: RunSpec, namespace: str
+) -> JobView | None:
+    """The Job's view. While pods are missing from a live, unsuspended Job, the Job controller's
+    FailedCreate event says why (Pod Security, quota, a webhook): the only place it does."""
+    view = observe_job(job, pods, nodes)
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    if view is not None and view.phase == Phase.STARTING and len(live) < nodes:
+        failure = cluster.pod_create_failure(namespace, job["metadata"]["name"])
+        if failure is not None:
+            view = observe_job(job, pods, nodes, failure)
+    return _queue_view(view, spec)
+
+
+def _finish(cluster: Cluster, prev: S, new: S, spec: RunSpec, namespace: str, job_name: str) -> None:
+    """Once a run's outcome is recorded, its Job may go: spec.ttlSecondsAfterFinished is set on the
+    Job only now, so the Job controller never deletes a Job whose outcome the operator has not read."""
+    ttl = spec.ttl_seconds_after_finished
+    if ttl is not None and new.phase in TERMINAL_PHASES and prev.phase not in TERMINAL_PHASES:
+        cluster.patch_job(namespace, job_name, {"ttlSecondsAfterFinished": ttl})
+
+
 def _queue_view(view: JobView | None, spec: RunSpec) -> JobView | None:
     if view is not None and view.suspended and spec.queue_name and not spec.suspend:
         return dataclasses.replace(
@@ -196,19 +225,18 @@ def _queue_view(view: JobView | None, spec: RunSpec) -> JobView | None:
 
 
 def _phase_events(prev: S, new: S, kind: str) -> list[Event]:
-    if prev.phase == new.phase:
-        return []
-    phase = new.phase
-    failed = get_condition(new, ConditionType.FAILED)
-    reason = failed.reason if failed is not None else ""
-    typ = "Warning" if phase == Phase.FAILED else "Normal"
-    return [
-        (
-            typ,
-            phase.value if phase else "Unknown",
-            f"{kind} is {phase}" + (f": {reason}" if reason and phase == Phase.FAILED else ""),
-        )
-    ]
+    events: list[Event] = []
+    if prev.phase != new.phase:
+        phase = new.phase
+        failed = get_condition(new, ConditionType.FAILED)
+        reason = failed.reason if failed is not None else ""
+        typ = "Warning" if phase == Phase.FAILED else "Normal"
+        message = f"{kind} is {phase}" + (f": {reason}" if reason and phase == Phase.FAILED else "")
+        events.append((typ, phase.value if phase else "Unknown", message))
+    running, was = get_condition(new, ConditionType.RUNNING), get_condition(prev, ConditionType.RUNNING)
+    if running is not None and running.reason == "PodsRefused" and (was is None or was.reason != "PodsRefused"):
+        events.append(("Warning", "PodsRefused", running.message))
+    return events
 
 
 def _accepted(prev: S, now: datetime) -> S:
@@ -309,7 +337,23 @@ def _scrape_progress(cluster: Cluster, view: JobView | None, port: int | None) -
         return None
 
 
+def _summarised(outcome: Outcome, now: datetime) -> Outcome:
+    return Outcome(summarise(outcome.status, now), outcome.events)
+
+
 def reconcile_training(
+    cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime, adopt: Adopt
+) -> Outcome:
+    return _summarised(_reconcile_training(cluster, obj, config, now=now, adopt=adopt), now)
+
+
+def reconcile_eval(
+    cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime, adopt: Adopt
+) -> Outcome:
+    return _summarised(_reconcile_eval(cluster, obj, config, now=now, adopt=adopt), now)
+
+
+def _reconcile_training(
     cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime, adopt: Adopt
 ) -> Outcome:
     meta = obj["metadata"]
@@ -365,7 +409,9 @@ def reconcile_training(
         objs = render.render_training(name, namespace, spec, image=spec.image or config.trainer_image, source=source)
         base.completion_time = None  # a run that (re)starts has not completed
         try:
-            _create_all(cluster, objs, obj, adopt)
+            _create_all(
+                cluster, objs, obj, adopt, keep_pvc=spec.storage is not None and spec.storage.when_deleted == "Retain"
+            )
         except Rejected as err:
             return _fail(base, now, generation, "CreateRejected", str(err))
         job = cluster.get_job(namespace, jname) or objs[-1]
@@ -382,7 +428,7 @@ def reconcile_training(
         job, pods, drift_events = _follow_job(cluster, job, spec, base, namespace, jname, now)
         events += drift_events
 
-    view = _queue_view(observe_job(job, pods, spec.resources.nodes), spec)
+    view = _observe(cluster, job, pods, spec.resources.nodes, spec, namespace)
     progress = _scrape_progress(cluster, view, spec.trainer.metrics.port)
     generating = spec.trainer.stage == "generate"  # its output is a dataset, its steps documents kept
     output_path = render.dataset_path if generating else render.final_checkpoint_path
@@ -398,6 +444,7 @@ def reconcile_training(
         if generating
         else lambda step: render.checkpoint_step_path(name, step),
     )
+    _finish(cluster, prev, new, spec, namespace, jname)
     return Outcome(new, events + _phase_events(prev, new, TRAINING_KIND))
 
 
@@ -416,7 +463,19 @@ def _eval_result(view: JobView | None, pods: list[dict[str, Any]]) -> EvalResult
     return None
 
 
-def reconcile_eval(
+def _model_configs(cluster: Cluster, namespace: str, runs: dict[str, str]) -> dict[str, ModelConfig]:
+    """The model config of each TrainingRun an EvalRun loads (all have Succeeded), by label."""
+    out = {}
+    for label, run in runs.items():
+        obj = cluster.get_training_run(namespace, run)
+        try:
+            out[label] = TrainingRunSpec.model_validate((obj or {}).get("spec") or {}).trainer.model
+        except ValidationError:
+            continue  # a run that Succeeded had a valid spec; nothing to check against otherwise
+    return out
+
+
+def _reconcile_eval(
     cluster: Cluster, obj: dict[str, Any], config: OperatorConfig, *, now: datetime, adopt: Adopt
 ) -> Outcome:
     meta = obj["metadata"]
@@ -485,6 +544,11 @@ def reconcile_eval(
             if isinstance(gate, Outcome):
                 return gate
             compare_runs[c.name] = gate
+        loaded = {"model": spec.model.training_run} if spec.model.training_run else {}
+        loaded |= {c.name: c.training_run for c in spec.compare if c.training_run}
+        problems = eval_feasibility(spec, _model_configs(cluster, namespace, loaded), config.gpu_memory_gib)
+        if problems:
+            return _fail(base, now, generation, "Infeasible", "; ".join(problems))
         job_obj = render.render_eval_job(
             name,
             namespace,
@@ -507,6 +571,7 @@ def reconcile_eval(
         job, pods, drift_events = _follow_job(cluster, job, spec, base, namespace, jname, now)
         events += drift_events
 
-    view = _queue_view(observe_job(job, pods, 1), spec)
+    view = _observe(cluster, job, pods, 1, spec, namespace)
     new = eval_status(base, view, _eval_result(view, pods), now=now, generation=generation, job_name=jname)
+    _finish(cluster, prev, new, spec, namespace, jname)
     return Outcome(new, events + _phase_events(prev, new, EVAL_KIND))

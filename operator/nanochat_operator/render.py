@@ -65,21 +65,21 @@ RENDEZVOUS_PORT = 29500
 TRAINER_CONTAINER = "trainer"
 EVAL_CONTAINER = "eval"
 GPU_RESOURCE = "nvidia.com/gpu"
-POD_SECURITY = {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"}
-# The eval pod runs model-written code (in the sandbox, eval/sandbox.py): it gets nothing it does
-# not need. Pod Security "restricted" plus a read-only root and no API token.
-EVAL_POD_SECURITY = {
-    **POD_SECURITY,
+# Pod Security "restricted" by default, so a run starts in a namespace that enforces it. The
+# trainer image runs as UID 1000: it gets the PVC through its group, and the recursive chown of
+# a large PVC is skipped when the root already matches. A run's spec.pod merges over these.
+POD_SECURITY = {
     "runAsNonRoot": True,
     "runAsUser": 1000,
     "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "fsGroupChangePolicy": "OnRootMismatch",
     "seccompProfile": {"type": "RuntimeDefault"},
 }
-EVAL_CONTAINER_SECURITY = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "capabilities": {"drop": ["ALL"]},
-}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# The eval pod runs model-written code (in the sandbox, eval/sandbox.py): it gets nothing it does
+# not need, a read-only root and no API token besides.
+EVAL_CONTAINER_SECURITY = {**CONTAINER_SECURITY, "readOnlyRootFilesystem": True}
 # The container the completions run in (eval/sandbox_server.py): a user of its own, and nothing
 # of the evaluator's: no volume, no Secret, no environment.
 SANDBOX_CONTAINER = "sandbox"
@@ -274,15 +274,58 @@ def _env(user: list[api.EnvVar]) -> list[dict[str, Any]]:
     return [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in user]
 
 
-def _container_resources(res: api.PodResources, gpus: int) -> dict[str, Any]:
+def _container_resources(res: api.PodResources, gpus: int, extra: dict[str, api.Quantity]) -> dict[str, Any]:
     limits: dict[str, Any] = {}
     if res.cpu is not None:
         limits["cpu"] = str(res.cpu)
     if res.memory is not None:
         limits["memory"] = str(res.memory)
     if gpus:
-        limits[GPU_RESOURCE] = str(gpus)  # extended resources: requests must equal limits
+        limits[GPU_RESOURCE] = str(gpus)
+    limits.update({name: str(q) for name, q in extra.items()})  # extended resources: requests equal limits
     return {"requests": dict(limits), "limits": limits} if limits else {}
+
+
+def _apply_pod_template(template: dict[str, Any], container: dict[str, Any], tpl: api.PodTemplate) -> None:
+    """A run's spec.pod on its pod template and main container. The operator's own labels win
+    (the API refuses its reserved prefixes anyway); security contexts merge key by key."""
+    meta, pod = template["metadata"], template["spec"]
+    meta["labels"] = {**tpl.labels, **meta["labels"]}
+    if tpl.annotations:
+        meta["annotations"] = {**tpl.annotations, **(meta.get("annotations") or {})}
+    if tpl.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in tpl.image_pull_secrets]
+    if tpl.priority_class_name:
+        pod["priorityClassName"] = tpl.priority_class_name
+    if tpl.scheduler_name:
+        pod["schedulerName"] = tpl.scheduler_name
+    pod["securityContext"] = {**pod["securityContext"], **tpl.security_context}
+    container["securityContext"] = {**container["securityContext"], **tpl.container_security_context}
+    if tpl.affinity:
+        pod["affinity"] = tpl.affinity
+    if tpl.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = list(tpl.topology_spread_constraints)
+    pod["volumes"] += [v.model_dump(mode="json") for v in tpl.volumes]
+    container["volumeMounts"] = container["volumeMounts"] + [
+        m.model_dump(mode="json", by_alias=True) for m in tpl.volume_mounts
+    ]
+
+
+def _job_spec(spec: api.RunCommon, pod_template: dict[str, Any], completions: int, container: str) -> dict[str, Any]:
+    """The Job spec around a pod template, from the fields both kinds share."""
+    job_spec: dict[str, Any] = {
+        "completions": completions,
+        "parallelism": completions,
+        "backoffLimit": spec.backoff_limit,
+        "suspend": _job_suspend(spec),
+        "template": pod_template,
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    policy = _failure_policy(spec.pod_failure_policy, container)
+    if policy:
+        job_spec["podFailurePolicy"] = policy
+    return job_spec
 
 
 def _placement(pod: dict[str, Any], res: api.PodResources) -> None:
@@ -383,17 +426,15 @@ def render_training_job(
         "terminationMessagePath": DEFAULT_TERMINATION_LOG,
         # A crash's last log lines end up in the pod status, where the operator reads them.
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "securityContext": dict(CONTAINER_SECURITY),
     }
-    resources = _container_resources(spec.resources, gpus)
+    resources = _container_resources(spec.resources, gpus, spec.pod.extra_resources)
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; the Job replaces failed pods
         "subdomain": service_name(run_name),
         "enableServiceLinks": False,
-        # The trainer image runs as UID 1000: give it the PVC through its group, and skip
-        # the recursive chown of a large PVC when the root already matches.
         "securityContext": dict(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
@@ -405,17 +446,9 @@ def render_training_job(
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     _placement(pod, spec.resources)
-    job_spec: dict[str, Any] = {
-        "completionMode": "Indexed",
-        "completions": nodes,
-        "parallelism": nodes,
-        "backoffLimit": spec.backoff_limit,
-        "suspend": _job_suspend(spec),
-        "template": {"metadata": {"labels": labels}, "spec": pod},
-    }
-    policy = _failure_policy(spec.pod_failure_policy, TRAINER_CONTAINER)
-    if policy:
-        job_spec["podFailurePolicy"] = policy
+    template = {"metadata": {"labels": dict(labels)}, "spec": pod}
+    _apply_pod_template(template, container, spec.pod)
+    job_spec = {"completionMode": "Indexed", **_job_spec(spec, template, nodes, TRAINER_CONTAINER)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -590,13 +623,13 @@ def render_eval_job(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": dict(EVAL_CONTAINER_SECURITY),
     }
-    resources = _container_resources(spec.resources, spec.resources.gpus)
+    resources = _container_resources(spec.resources, spec.resources.gpus, spec.pod.extra_resources)
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "securityContext": dict(EVAL_POD_SECURITY),
+        "securityContext": dict(POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }
@@ -608,16 +641,9 @@ def render_eval_job(
     if runtime_class or spec.runtime_class_name:
         pod["runtimeClassName"] = spec.runtime_class_name or runtime_class
     _placement(pod, spec.resources)
-    job_spec: dict[str, Any] = {
-        "completions": 1,
-        "parallelism": 1,
-        "backoffLimit": spec.backoff_limit,
-        "suspend": _job_suspend(spec),
-        "template": {"metadata": {"labels": labels}, "spec": pod},
-    }
-    policy = _failure_policy(spec.pod_failure_policy, EVAL_CONTAINER)
-    if policy:
-        job_spec["podFailurePolicy"] = policy
+    template = {"metadata": {"labels": dict(labels)}, "spec": pod}
+    _apply_pod_template(template, container, spec.pod)
+    job_spec = _job_spec(spec, template, 1, EVAL_CONTAINER)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

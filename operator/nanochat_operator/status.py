@@ -183,8 +183,23 @@ def _stuck(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
-def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]], nodes: int) -> JobView | None:
-    """Reduce a Job and its pods to a JobView; None when there is no Job."""
+def _refused(create_failure: tuple[str, str] | None, live: list[dict[str, Any]]) -> str | None:
+    """The Job controller's FailedCreate message, unless a pod was made after it (the cause is gone)."""
+    if create_failure is None:
+        return None
+    message, when = create_failure
+    newest_pod = max(((p.get("metadata") or {}).get("creationTimestamp") or "" for p in live), default="")
+    return message if when >= newest_pod else None
+
+
+def observe_job(
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    nodes: int,
+    create_failure: tuple[str, str] | None = None,
+) -> JobView | None:
+    """Reduce a Job and its pods to a JobView; None when there is no Job. `create_failure`:
+    (message, time) of the Job's newest FailedCreate event, read only while pods are missing."""
     if job is None:
         return None
     st = job.get("status") or {}
@@ -225,6 +240,9 @@ def observe_job(job: dict[str, Any] | None, pods: list[dict[str, Any]], nodes: i
         return JobView(
             Phase.RUNNING, "PodsFinished", f"{nodes}/{nodes} pods succeeded; the Job is completing", restarts
         )
+    refused = _refused(create_failure, live)
+    if refused:
+        return JobView(Phase.STARTING, "PodsRefused", f"the Job cannot create its pods: {refused}", restarts, pod0=pod0)
     stuck = _stuck(live)
     if stuck:
         return JobView(Phase.STARTING, stuck[0], stuck[1], restarts, pod0=pod0)
@@ -249,6 +267,63 @@ def terminated_message(pod: dict[str, Any], container: str) -> str | None:
             if term:
                 return term.get("message")
     return None
+
+
+# ---------------------------------------------------------------------------- the summary
+
+
+def summarise(status: S, now: datetime) -> S:
+    """Ready/Reconciling/Stalled from the phase and the other conditions, as kstatus (Flux),
+    Argo CD's health check (helm/nanochat-operator/files/argocd/health.lua) and `kubectl wait
+    --for=condition=Ready` read them. Called last on every status the reconciler returns."""
+    new = status.model_copy(deep=True)
+    conds = new.conditions
+    failed = _find(conds, ConditionType.FAILED)
+    refused = _find(conds, ConditionType.SPEC_CHANGE_REFUSED)
+    running = _find(conds, ConditionType.RUNNING)
+    if new.phase == Phase.SUCCEEDED:
+        complete = _find(conds, ConditionType.COMPLETE)
+        conds = set_condition(
+            conds, ConditionType.READY, "True", "Succeeded", complete.message if complete else "the run succeeded", now
+        )
+        stalled: tuple[str, str] | None = None
+    else:
+        if new.phase == Phase.FAILED and failed is not None:
+            stalled = (failed.reason, failed.message)
+        elif running is not None and running.reason == "PodsRefused":
+            stalled = (running.reason, running.message)
+        elif refused is not None and refused.status == "True":
+            stalled = (refused.reason, refused.message)
+        else:
+            stalled = None
+        phase = new.phase.value if new.phase else "Pending"
+        why = stalled or _progressing(new, phase)
+        conds = set_condition(conds, ConditionType.READY, "False", why[0], why[1], now)
+    if new.phase in TERMINAL_PHASES:
+        conds = remove_condition(conds, ConditionType.RECONCILING)
+    else:
+        reason, message = _progressing(new, new.phase.value if new.phase else "Pending")
+        conds = set_condition(conds, ConditionType.RECONCILING, "True", reason, message, now)
+    if stalled is None:
+        conds = remove_condition(conds, ConditionType.STALLED)
+    else:
+        conds = set_condition(conds, ConditionType.STALLED, "True", stalled[0], stalled[1], now)
+    new.conditions = conds
+    return new
+
+
+def _progressing(status: RunStatusCommon, phase: str) -> tuple[str, str]:
+    """(reason, message) of a run on its way: the phase, said with what it waits for."""
+    deps = _find(status.conditions, ConditionType.DEPENDENCIES_READY)
+    if deps is not None and deps.status == "False":
+        return phase, deps.message
+    suspended = _find(status.conditions, ConditionType.SUSPENDED)
+    if suspended is not None and suspended.status == "True":
+        return phase, suspended.message
+    running = _find(status.conditions, ConditionType.RUNNING)
+    if running is not None and running.message:
+        return phase, running.message
+    return phase, f"the run is {phase}"
 
 
 # ---------------------------------------------------------------------------- new status

@@ -109,8 +109,16 @@ def volumes(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture
 def namespace(control_plane: ControlPlane) -> Iterator[str]:
+    """A fresh namespace that enforces Pod Security "restricted", as platform teams set theirs:
+    every pod a test's runs make is admitted (or refused) under it."""
     name = f"t-{uuid.uuid4().hex[:8]}"
-    control_plane.kubectl("create", "namespace", name)
+    control_plane.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"pod-security.kubernetes.io/enforce": "restricted"}},
+        }
+    )
     control_plane.wait_for(
         lambda: control_plane.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
         60,

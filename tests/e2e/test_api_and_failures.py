@@ -103,3 +103,59 @@ def test_kwok_run_goes_through_the_phases(control_plane: ControlPlane, operator:
         if e["reason"] in ("Pending", "Starting", "Running", "Succeeded")
     ]
     assert phases[-2:] == ["Running", "Succeeded"], phases
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def test_pods_refused_by_pod_security_are_reported_on_the_run(
+    control_plane: ControlPlane, operator: ChartOperator, namespace: str
+) -> None:
+    """The namespace enforces Pod Security "restricted": the operator's own pods pass (every other test
+    runs under it); a run whose spec.pod adds a capability is refused by admission, and the run says so
+    instead of sitting in Starting with "0/1 pods running"."""
+    control_plane.apply(
+        training_run("caps", namespace, pod={"containerSecurityContext": {"capabilities": {"add": ["NET_ADMIN"]}}})
+    )
+
+    def stalled() -> dict[str, Any] | None:
+        obj = control_plane.get("trainingrun", "caps", "-n", namespace)
+        cond = _condition(obj, "Stalled")
+        return obj if cond and cond["reason"] == "PodsRefused" else None
+
+    obj = control_plane.wait_for(stalled, 90, "the run Stalled with PodsRefused")
+    running = _condition(obj, "Running")
+    assert obj["status"]["phase"] == "Starting" and running["reason"] == "PodsRefused"
+    assert 'violates PodSecurity "restricted' in running["message"] and "NET_ADMIN" in running["message"], running
+    assert "PodsRefused" in [e["reason"] for e in events_of(control_plane, namespace, "caps")]
+
+
+def test_a_live_runs_spec_is_immutable_and_a_deleted_run_keeps_its_storage(
+    control_plane: ControlPlane, operator: ChartOperator, volumes: Any, namespace: str
+) -> None:
+    """GitOps: an edit the run cannot apply is refused by the API server (so `kubectl apply` and Argo CD
+    fail loudly), spec.suspend still works, Ready says when it is done, and a prune keeps the PVC."""
+    run = training_run("keep", namespace, storage={"size": "1Gi"}, suspend=True)
+    control_plane.apply(run)
+    wait_phase(control_plane, "trainingrun", "keep", {"Pending"}, 60, namespace, operator)
+    edited = training_run("keep", namespace, storage={"size": "1Gi"}, suspend=True)
+    edited["spec"]["trainer"]["steps"] = 200
+    out = control_plane.apply(edited, check=False)
+    assert out.returncode != 0 and "spec.trainer cannot change once the run exists" in out.stderr, out.stderr
+    control_plane.kubectl(
+        "patch", "trainingrun", "keep", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    control_plane.kubectl("wait", "trainingrun/keep", "-n", namespace, "--for=condition=Ready", "--timeout=120s")
+    assert control_plane.get("trainingrun", "keep", "-n", namespace)["status"]["phase"] == "Succeeded"
+
+    control_plane.kubectl("delete", "trainingrun", "keep", "-n", namespace, "--wait=true", "--timeout=60s")
+    control_plane.wait_for(
+        lambda: control_plane.kubectl("get", "job", "keep-train", "-n", namespace, check=False).returncode != 0,
+        60,
+        "the run's Job garbage-collected",
+    )
+    pvc = control_plane.get("pvc", "keep-storage", "-n", namespace)
+    assert pvc["metadata"]["labels"]["nanochat.io/training-run"] == "keep" and not pvc["metadata"].get(
+        "ownerReferences"
+    )

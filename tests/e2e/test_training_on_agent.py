@@ -240,7 +240,13 @@ def _teacher_service(
 ) -> list[dict[str, Any]]:
     """`container` as a Deployment behind Service `teacher` on port 8000."""
     labels = {"app": "teacher"}
-    pod = {"metadata": {"labels": labels}, "spec": {"containers": [container], "volumes": volumes or []}}
+    # The test namespaces enforce Pod Security "restricted".
+    container = {**container, "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+    security = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    pod = {
+        "metadata": {"labels": labels},
+        "spec": {"securityContext": security, "containers": [container], "volumes": volumes or []},
+    }
     return [
         {
             "apiVersion": "apps/v1",

@@ -62,6 +62,10 @@ class ConditionType(StrEnum):
     SPEC_CHANGE_REFUSED = "SpecChangeRefused"  # a spec edit the live run does not apply
     TEACHER_AVAILABLE = "TeacherAvailable"  # distillation: the teacher answers
     RESULTS_RECORDED = "ResultsRecorded"  # EvalRun: scores were read from the eval pod
+    # The summary that generic tools read (kstatus, so Flux; Argo CD's health check; kubectl wait):
+    READY = "Ready"  # True once the run Succeeded
+    RECONCILING = "Reconciling"  # True while the run is on its way (Pending, Starting, Running)
+    STALLED = "Stalled"  # True when it cannot get there: Failed, pods refused, a spec edit not applied
 
 
 # ---------------------------------------------------------------------------- labels, annotations

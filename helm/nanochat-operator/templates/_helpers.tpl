@@ -60,10 +60,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create"]
-# Events on the runs (phase changes, refusals).
+# Events on the runs (phase changes, refusals); listed for a Job's FailedCreate (why its pods
+# cannot be made: Pod Security, quota, a webhook).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- if .Values.peering.enabled }}
 # kopf peering (namespaced mode).
 - apiGroups: ["kopf.dev"]
