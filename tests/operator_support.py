@@ -4,10 +4,14 @@ schemas as JSON Schema, and the tool versions pinned for the e2e tests."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 
 from nanochat_operator import crds
 from nanochat_operator.reconcile import AlreadyExists, Rejected
@@ -106,6 +110,33 @@ def pinned(key: str) -> str:
         if line.startswith(f"{key}="):
             return line.split("=", 1)[1].strip()
     raise KeyError(key)
+
+
+def built_tool(name: str) -> str:
+    """A tool e2e/tools.sh builds at its pinned version (helm, promtool), or $<NAME> when set; one
+    already on PATH when it cannot be built. Fails, never skips: CI builds them, and a skipped
+    chart or alert test proves nothing."""
+    if os.environ.get(name.upper()):
+        return os.environ[name.upper()]
+    script = Path(__file__).resolve().parents[1] / "e2e" / "tools.sh"
+    try:
+        out = subprocess.run([str(script), name], capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.fail(f"cannot build {name} with e2e/tools.sh: {err}")
+    if out.returncode != 0:
+        if shutil.which(name):
+            return name
+        pytest.fail(f"cannot build {name} with e2e/tools.sh (it needs go): {out.stderr.strip()[-500:]}")
+    return out.stdout.strip()
+
+
+def succeeded_eval_pod(message: str, name: str = "ev-eval-x") -> dict:
+    """An eval pod that exited 0 with `message` as its termination message (its result)."""
+    terminated = {"exitCode": 0, "message": message}
+    return {
+        "metadata": {"name": name},
+        "status": {"phase": "Succeeded", "containerStatuses": [{"name": "eval", "state": {"terminated": terminated}}]},
+    }
 
 
 def schema_of(kind: str) -> dict[str, Any]:

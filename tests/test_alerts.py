@@ -17,7 +17,6 @@ pinned in e2e/versions.env); set PROMTOOL=/path/to/promtool to use another.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 from test_helm import ROOT, by_kind, docs, helm, template  # noqa: F401 (helm: the fixture)
+
+from operator_support import built_tool
 
 NS = "nanochat"  # test_helm.template renders into this namespace
 NO_PROGRESS_MINUTES = 30
@@ -41,15 +42,7 @@ VALUES = {
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    if os.environ.get("PROMTOOL"):
-        return os.environ["PROMTOOL"]
-    try:
-        out = subprocess.run([str(ROOT / "e2e" / "tools.sh"), "promtool"], capture_output=True, text=True, timeout=3600)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.fail(f"cannot build promtool with e2e/tools.sh: {err}")
-    if out.returncode != 0:  # fail, not skip: CI builds it, and a skipped alert test proves nothing
-        pytest.fail(f"cannot build promtool with e2e/tools.sh (it needs go): {out.stderr.strip()[-500:]}")
-    return out.stdout.strip()
+    return built_tool("promtool")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from nanochat_operator.reconcile import reconcile_eval, reconcile_training
 from nanochat_operator.settings import OperatorConfig
 from nanochat_operator.status import dump_status
 
-from operator_support import FakeCluster, adopt, tr
+from operator_support import FakeCluster, adopt, succeeded_eval_pod, tr
 
 SCRIPT = (Path(__file__).parent.parent / "helm/nanochat-operator/files/argocd/health.lua").read_text()
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -91,23 +91,7 @@ def test_an_eval_run_is_healthy_once_scored():
         "spec": {"model": {"endpoint": {"url": "http://t:8000/v1", "model": "m"}}},
     }
     assert health(reconciled(c, ev, reconcile_eval))[0] == "Progressing"
-    pod = {
-        "metadata": {"name": "e"},
-        "status": {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "eval",
-                    "state": {
-                        "terminated": {
-                            "exitCode": 0,
-                            "message": 'NANOCHAT_RESULT {"scores":{"1":0.25},"problems":164,"samples":1}',
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    pod = succeeded_eval_pod('NANOCHAT_RESULT {"scores":{"1":0.25},"problems":164,"samples":1}')
     c.set_job("ev-eval", "Complete", pods=[pod])
     status, _ = health(reconciled(c, ev, reconcile_eval))
     assert status == "Healthy"

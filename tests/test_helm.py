@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,14 +25,7 @@ import yaml
 from nanochat_operator.metrics import OperatorMetrics
 from nanochat_trainer.contract import GENERATE_REJECTED_BY_REASON, TrainerGauge
 
-
-def pinned(key: str) -> str:
-    """A version from e2e/versions.env, the one place tool versions are pinned."""
-    for line in (Path(__file__).resolve().parents[1] / "e2e" / "versions.env").read_text().splitlines():
-        if line.startswith(f"{key}="):
-            return line.split("=", 1)[1].strip()
-    raise KeyError(key)
-
+from operator_support import built_tool, pinned
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "nanochat-operator"
@@ -67,17 +59,7 @@ ALL_ON = {
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    try:
-        out = subprocess.run([str(ROOT / "e2e" / "tools.sh"), "helm"], capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.fail(f"cannot build helm with e2e/tools.sh: {err}")
-    if out.returncode != 0:
-        if shutil.which("helm"):
-            return "helm"
-        pytest.fail(f"cannot build helm with e2e/tools.sh (it needs go): {out.stderr.strip()[-300:]}")
-    return out.stdout.strip()
+    return built_tool("helm")
 
 
 def run(helm: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:

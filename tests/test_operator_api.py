@@ -240,3 +240,12 @@ def test_pod_template_refuses_what_is_the_operators(pod, needle):
     with pytest.raises(ValidationError) as err:
         TrainingRunSpec.model_validate({"trainer": {"preset": "tiny"}, "pod": pod})
     assert needle in format_validation_error(err.value, "spec."), format_validation_error(err.value, "spec.")
+
+
+def test_reconcile_counters_start_at_zero_for_every_kind_and_result():
+    """A counter series that first appears at 1 has no increase for rate() to see: the first failed
+    reconcile after an operator start would not count toward NanochatReconcileErrors."""
+    text = OperatorMetrics().exposition().decode()
+    for kind in ("TrainingRun", "EvalRun"):
+        for result in ("ok", "retry", "error"):
+            assert f'nanochat_reconcile_total{{kind="{kind}",result="{result}"}} 0.0' in text, (kind, result)

@@ -22,7 +22,7 @@ from nanochat_operator.reconcile import (
 from nanochat_operator.settings import OperatorConfig
 from nanochat_operator.status import dump_status
 
-from operator_support import FakeCluster, adopt, get_condition, tr
+from operator_support import FakeCluster, adopt, get_condition, succeeded_eval_pod, tr
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CFG = OperatorConfig(trainer_image="trainer:test")
@@ -281,23 +281,7 @@ def test_eval_waits_runs_and_records_scores():
     assert s["resultsPath"] == "/data/runs/demo/eval/ev.json"
     cmd = c.job("ev-eval")["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[:4] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/final"]
-    done = {
-        "metadata": {"name": "ev-eval-x"},
-        "status": {
-            "phase": "Succeeded",
-            "containerStatuses": [
-                {
-                    "name": "eval",
-                    "state": {
-                        "terminated": {
-                            "exitCode": 0,
-                            "message": '{"pass_at_k": {"1": 0.3, "2": 0.4}, "problems": 164, "samples": 2}',
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    done = succeeded_eval_pod('{"pass_at_k": {"1": 0.3, "2": 0.4}, "problems": 164, "samples": 2}')
     c.set_job("ev-eval", "Complete", pods=[done])
     s = step(c, ev, fn=reconcile_eval)
     assert s["phase"] == "Succeeded" and s["passAt1"] == 0.3 and s["scores"] == {"pass@1": 0.3, "pass@2": 0.4}

@@ -31,6 +31,8 @@ from nanochat_trainer.contract import EVAL_KIND, PHASES, TRAINING_KIND, Conditio
 
 from .api import EvalRunStatus, TrainingRunStatus
 
+RECONCILE_RESULTS = ("ok", "retry", "error")  # nanochat_reconcile_total's `result` label
+
 RunKey = tuple[str, str, str]  # kind, namespace, name
 
 
@@ -79,6 +81,11 @@ class OperatorMetrics:
         self.reconcile_total = Counter(
             "nanochat_reconcile_total", "Reconciles by kind and result.", ["kind", "result"], registry=self.registry
         )
+        # Every series from 0, so the first failure after a start is an increase that rate() sees
+        # (a counter that appears at 1 is not), which NanochatReconcileErrors depends on.
+        for kind in (TRAINING_KIND, EVAL_KIND):
+            for result in RECONCILE_RESULTS:
+                self.reconcile_total.labels(kind, result)
         self.reconcile_duration = Histogram(
             "nanochat_reconcile_duration_seconds",
             "Time one reconcile takes, API calls included.",
