@@ -502,3 +502,12 @@ def test_an_eval_that_cannot_load_its_model_fails_before_its_pod(preset, resourc
     assert not any(x.startswith("create") for x in c.calls)
     c.runs["demo"] = tr(trainer={"preset": "nano-125M"}, status={"phase": "Succeeded", "jobName": "demo-train"})
     assert step(c, er("ok", resources=resources), fn=reconcile_eval)["phase"] == "Starting"
+
+
+def test_a_compared_run_too_large_to_load_fails_the_eval_naming_it():
+    c = FakeCluster()
+    for run, preset in (("demo", "nano-125M"), ("big", "qwen3-hybrid")):
+        c.runs[run] = tr(run, trainer={"preset": preset}, status={"phase": "Succeeded", "jobName": f"{run}-train"})
+    s = step(c, er(resources={"gpus": 1}, compare=[{"name": "parent", "trainingRun": "big"}]), fn=reconcile_eval)
+    failed = get_condition(s, "Failed")
+    assert failed["reason"] == "Infeasible" and failed["message"].startswith("parent: a model of ~"), failed

@@ -35,6 +35,7 @@ class Dependency:
     source: str | None = None
     claim: str | None = None  # the source's PVC
     checkpoint: str | None = None  # its final model, under the PVC's /data mount
+    spec: dict[str, Any] | None = None  # the source's raw spec, once it is ready
 
 
 def source_claim(name: str, spec: dict[str, Any]) -> str | None:
@@ -101,6 +102,7 @@ def resolve(source_name: str, source: dict[str, Any] | None, which: str = "final
         source_name,
         claim,
         checkpoint,
+        source.get("spec") or {},
     )
 
 

@@ -50,6 +50,7 @@ from .status import (
     eval_status,
     get_condition,
     is_final,
+    live_pods,
     load_status,
     observe_job,
     remove_condition,
@@ -200,8 +201,7 @@ def _observe(
     """The Job's view. While pods are missing from a live, unsuspended Job, the Job controller's
     FailedCreate event says why (Pod Security, quota, a webhook): the only place it does."""
     view = observe_job(job, pods, nodes)
-    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
-    if view is not None and view.phase == Phase.STARTING and len(live) < nodes:
+    if view is not None and view.phase == Phase.STARTING and len(live_pods(pods)) < nodes:
         failure = cluster.pod_create_failure(namespace, job["metadata"]["name"])
         if failure is not None:
             view = observe_job(job, pods, nodes, failure)
@@ -289,8 +289,8 @@ def _gate_on_dependency(
     status_fn: Callable[..., S],
     kind: str,
     checkpoint: str = "final",
-) -> Outcome | tuple[str, str]:
-    """Wait for, or fail on, the run this one reads; when it is ready, its (name, claim).
+) -> Outcome | tuple[str, str, dict[str, Any]]:
+    """Wait for, or fail on, the run this one reads; when it is ready, its (name, claim, raw spec).
 
     Sets the DependenciesReady condition on `base` either way.
     """
@@ -305,8 +305,8 @@ def _gate_on_dependency(
         base.completion_time = None  # cleared: a run that waits has not completed
         new = status_fn(base, None, None, now=now, generation=generation, job_name=job_name)
         return Outcome(new, _phase_events(prev, new, kind))
-    assert dep.claim is not None
-    return dep.source or "", dep.claim
+    assert dep.claim is not None and dep.spec is not None
+    return dep.source or "", dep.claim, dep.spec
 
 
 # ---------------------------------------------------------------------------- TrainingRun
@@ -380,7 +380,7 @@ def _reconcile_training(
     _check_owned(job, uid, jname)
     if job is None:
 
-        def gate(source_name: str, follow_chain: bool) -> Outcome | tuple[str, str]:
+        def gate(source_name: str, follow_chain: bool) -> Outcome | tuple[str, str, dict[str, Any]]:
             return _gate_on_dependency(
                 cluster, namespace, name, source_name, follow_chain, base, prev, now, generation, jname,
                 training_status, TRAINING_KIND,
@@ -405,7 +405,7 @@ def _reconcile_training(
             ready = gate(spec.init.from_training_run, True)
             if isinstance(ready, Outcome):
                 return ready
-            source = ready
+            source = ready[:2]
         objs = render.render_training(name, namespace, spec, image=spec.image or config.trainer_image, source=source)
         base.completion_time = None  # a run that (re)starts has not completed
         try:
@@ -463,13 +463,12 @@ def _eval_result(view: JobView | None, pods: list[dict[str, Any]]) -> EvalResult
     return None
 
 
-def _model_configs(cluster: Cluster, namespace: str, runs: dict[str, str]) -> dict[str, ModelConfig]:
+def _model_configs(specs: dict[str, dict[str, Any]]) -> dict[str, ModelConfig]:
     """The model config of each TrainingRun an EvalRun loads (all have Succeeded), by label."""
     out = {}
-    for label, run in runs.items():
-        obj = cluster.get_training_run(namespace, run)
+    for label, raw in specs.items():
         try:
-            out[label] = TrainingRunSpec.model_validate((obj or {}).get("spec") or {}).trainer.model
+            out[label] = TrainingRunSpec.model_validate(raw).trainer.model
         except ValidationError:
             continue  # a run that Succeeded had a valid spec; nothing to check against otherwise
     return out
@@ -501,6 +500,7 @@ def _reconcile_eval(
     _check_owned(job, uid, jname)
     if job is None:
         source = None
+        loaded: dict[str, dict[str, Any]] = {}  # the raw spec of each TrainingRun the eval loads, by label
         if spec.model.training_run is not None:
             gate = _gate_on_dependency(
                 cluster,
@@ -519,7 +519,8 @@ def _reconcile_eval(
             )
             if isinstance(gate, Outcome):
                 return gate
-            source = gate
+            source = gate[:2]
+            loaded["model"] = gate[2]
             base.checkpoint = render.model_path(spec.model)
             base.results_path = render.eval_results_path(source[0], name)
         compare_runs: dict[str, tuple[str, str]] = {}
@@ -543,10 +544,9 @@ def _reconcile_eval(
             )
             if isinstance(gate, Outcome):
                 return gate
-            compare_runs[c.name] = gate
-        loaded = {"model": spec.model.training_run} if spec.model.training_run else {}
-        loaded |= {c.name: c.training_run for c in spec.compare if c.training_run}
-        problems = eval_feasibility(spec, _model_configs(cluster, namespace, loaded), config.gpu_memory_gib)
+            compare_runs[c.name] = gate[:2]
+            loaded[c.name] = gate[2]
+        problems = eval_feasibility(spec, _model_configs(loaded), config.gpu_memory_gib)
         if problems:
             return _fail(base, now, generation, "Infeasible", "; ".join(problems))
         job_obj = render.render_eval_job(

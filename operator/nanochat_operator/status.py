@@ -183,6 +183,11 @@ def _stuck(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
+def live_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The pods not being deleted."""
+    return [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+
+
 def _refused(create_failure: tuple[str, str] | None, live: list[dict[str, Any]]) -> str | None:
     """The Job controller's FailedCreate message, unless a pod was made after it (the cause is gone)."""
     if create_failure is None:
@@ -227,7 +232,7 @@ def observe_job(
     if (job.get("spec") or {}).get("suspend") or _job_condition(job, "Suspended"):
         return JobView(Phase.PENDING, "Suspended", "the Job is suspended", restarts, suspended=True)
 
-    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+    live = live_pods(pods)
     running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
     succeeded_indexes = {_pod_index(p) for p in live if (p.get("status") or {}).get("phase") == "Succeeded"}
     pod0 = next((p for p in running if _pod_index(p) == "0"), None)
@@ -281,6 +286,7 @@ def summarise(status: S, now: datetime) -> S:
     failed = _find(conds, ConditionType.FAILED)
     refused = _find(conds, ConditionType.SPEC_CHANGE_REFUSED)
     running = _find(conds, ConditionType.RUNNING)
+    progressing = _progressing(new, new.phase.value if new.phase else "Pending")
     if new.phase == Phase.SUCCEEDED:
         complete = _find(conds, ConditionType.COMPLETE)
         conds = set_condition(
@@ -296,14 +302,12 @@ def summarise(status: S, now: datetime) -> S:
             stalled = (refused.reason, refused.message)
         else:
             stalled = None
-        phase = new.phase.value if new.phase else "Pending"
-        why = stalled or _progressing(new, phase)
+        why = stalled or progressing
         conds = set_condition(conds, ConditionType.READY, "False", why[0], why[1], now)
     if new.phase in TERMINAL_PHASES:
         conds = remove_condition(conds, ConditionType.RECONCILING)
     else:
-        reason, message = _progressing(new, new.phase.value if new.phase else "Pending")
-        conds = set_condition(conds, ConditionType.RECONCILING, "True", reason, message, now)
+        conds = set_condition(conds, ConditionType.RECONCILING, "True", progressing[0], progressing[1], now)
     if stalled is None:
         conds = remove_condition(conds, ConditionType.STALLED)
     else:
