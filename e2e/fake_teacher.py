@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
-from e2e.loopback import serve_app
+from e2e.loopback import completions_app, serve_app
 from nanochat_trainer.data.synthetic import document
 from nanochat_trainer.eval.humaneval import load_problems
 
@@ -135,9 +135,6 @@ class FakeQwen3Teacher:
             }
         )
 
-    async def health(self, _request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
 
 def _break_first_assert(doc: str) -> str:
     """The document with its first assert made false (the function stays as it was)."""
@@ -165,10 +162,7 @@ def serving(teacher: FakeQwen3Teacher) -> Iterator[str]:
 
 
 def fake_teacher_app(teacher: FakeQwen3Teacher) -> web.Application:
-    app = web.Application()
-    app.router.add_post("/v1/completions", teacher.completions)
-    app.router.add_get("/health", teacher.health)
-    return app
+    return completions_app(teacher.completions)
 
 
 def main() -> None:

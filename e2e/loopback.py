@@ -10,10 +10,23 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 from aiohttp import web
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def completions_app(completions: Callable[[web.Request], Awaitable[web.Response]]) -> web.Application:
+    """A test double of an OpenAI-compatible server: POST /v1/completions answered by `completions`,
+    GET /health answering ok as vLLM's does (the teacher client waits on it)."""
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", _health)
+    return app
 
 
 def free_port() -> int:

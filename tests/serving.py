@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from e2e.loopback import free_port, run_on, serve_app  # noqa: F401 (free_port, serve_app: re-exported for the tests)
+from e2e.loopback import completions_app, free_port, run_on, serve_app  # noqa: F401 (re-exported for the tests)
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.serve import ModelServer
 

@@ -24,7 +24,7 @@ from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.serve import ModelServer
 from nanochat_trainer.train.losses import mixed_loss, topk_kl_loss
 
-from serving import serve_app
+from serving import completions_app, serve_app
 
 PROMPTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "for i in range(10):\n    x = i\n"]
 
@@ -144,13 +144,8 @@ class FlakyServer503:
             return web.json_response({"error": "overloaded"}, status=503)
         return web.json_response({"choices": [{"index": 0, "text": "ok", "logprobs": None}]})
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     def app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes([web.post("/v1/completions", self.completions), web.get("/health", self.health)])
-        return app
+        return completions_app(self.completions)
 
 
 def test_retries_on_503_then_gives_up() -> None:

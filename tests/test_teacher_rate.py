@@ -18,7 +18,7 @@ from aiohttp import web
 
 from nanochat_trainer.distill.teacher import AsyncTeacher, TeacherUnavailable
 
-from serving import serve_app, teacher_app
+from serving import completions_app, serve_app, teacher_app
 
 SLEEP_S = 0.25
 
@@ -58,13 +58,8 @@ class FakeSlowVLLM:
             answer["usage"] = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": 0}
         return web.json_response(answer)
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     def app(self) -> web.Application:
-        app = web.Application()
-        app.add_routes([web.post("/v1/completions", self.completions), web.get("/health", self.health)])
-        return app
+        return completions_app(self.completions)
 
 
 @pytest.fixture
