@@ -220,6 +220,15 @@ def test_lifecycle_pending_starting_running_succeeded():
     assert get_condition(s, "Complete")["status"] == "True"
 
 
+def test_a_run_that_ends_between_two_scrapes_still_counts_to_its_planned_steps():
+    """A short run (a small generate stage, say) can start and finish between two reconciles, so
+    its gauges are never read: the spec's plan is the count it reached."""
+    s = train({}, None, None, now=NOW, generation=1, job_name="demo-train", total_steps=40)
+    assert s["phase"] == "Pending" and s["totalSteps"] == 40 and "step" not in s
+    s = status_after(s, job(("Complete", "CompletionsReached")), [pod(0, "Succeeded")])
+    assert s["phase"] == "Succeeded" and (s["step"], s["totalSteps"]) == (40, 40)
+
+
 def test_terminal_is_sticky_even_when_job_disappears():
     s = status_after({}, job(("Failed", "BackoffLimitExceeded")), [])
     assert s["phase"] == "Failed" and get_condition(s, "Failed")["reason"] == "BackoffLimitExceeded"

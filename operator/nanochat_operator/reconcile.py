@@ -439,6 +439,7 @@ def _reconcile_training(
         now=now,
         generation=generation,
         job_name=jname,
+        total_steps=spec.trainer.total_steps,
         final_checkpoint=(output_path(name) if spec.storage else None),
         checkpoint_path=(lambda _rows: output_path(name))
         if generating

@@ -392,16 +392,23 @@ def training_status(
     now: datetime,
     generation: int | None,
     job_name: str,
+    total_steps: int | None = None,
     final_checkpoint: str | None = None,
     checkpoint_path: Callable[[int], str] | None = None,
 ) -> TrainingRunStatus:
     """The TrainingRun status after observing its Job (view) and trainer metrics (progress).
 
+    `total_steps` is what the spec plans (the trainer's gauge, once scraped, says the same): known
+    up front, a run that ends between two scrapes still reports `step == totalSteps`.
     `checkpoint_path(step) -> str` names a step checkpoint; `final_checkpoint` is set on the
     status when the run Succeeded.
     """
     new = _from_job(prev, view, now, generation, job_name)
-    if is_final(prev) or view is None:
+    if is_final(prev):
+        return new
+    if new.total_steps is None and total_steps is not None:
+        new.total_steps = total_steps
+    if view is None:
         return new
     if progress is not None:
         _apply_progress(new, prev, progress, view, now, checkpoint_path)

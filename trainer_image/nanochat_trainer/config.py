@@ -477,6 +477,11 @@ class TrainerConfig(Strict):
         "ranks, keep them in one node); must divide model.moe.n_experts and the world size. 1: off.",
     )
 
+    @property
+    def total_steps(self) -> int:
+        """What the run counts to on its `step` gauge: optimizer steps, or documents kept for stage generate."""
+        return self.generate.rows if self.generate is not None else self.steps
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:

@@ -265,7 +265,7 @@ class Generator:
         self.metrics.set(
             **{
                 TrainerGauge.STEP: f["accepted"],
-                TrainerGauge.TOTAL_STEPS: self.g.rows,
+                TrainerGauge.TOTAL_STEPS: self.cfg.total_steps,
                 TrainerGauge.TOKENS_PER_SECOND: f["tokens_per_second"],
                 TrainerGauge.CHECKPOINT_STEP: self.manifest.rows,
                 TrainerGauge.GENERATE_REJECTED: sum(self.counts.rejected.values()),

@@ -88,7 +88,7 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
     heldout = validation_rows(cfg, tokenizer, env)
     evals = InTrainingEval(cfg, tokenizer, env, layout) if cfg.evaluation is not None else None
     metrics = TrainerMetrics(layout, cfg.metrics.port, enabled=env.is_main)
-    metrics.set(total_steps=cfg.steps, step=start, checkpoint_step=start if resume_from is not None else None)
+    metrics.set(total_steps=cfg.total_steps, step=start, checkpoint_step=start if resume_from is not None else None)
     if evals is not None and evals.best is not None:  # a resumed run's best so far
         metrics.set(best_pass_at_1=evals.best["pass_at_1"], best_step=evals.best["step"])
     record: dict[str, Any] = {"step": start}
