@@ -130,10 +130,30 @@ def write_kubeconfig(path: Path, server: str, ca: Path, token: str, user: str = 
 class ControlPlane:
     workdir: Path
     with_kwok: bool = True
+    # Log every request a ServiceAccount makes (the operator is the only client that uses one) to
+    # `audit_log`, one JSON line each: what bench/operator_scale.py counts.
+    audit: bool = False
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     server: str = ""
     kubeconfig: Path = Path()
     bin_dir: Path = Path()
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "logs" / "audit.jsonl"
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],  # one line per request
+            "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]}, {"level": "None"}],
+        }
+        path = self.workdir / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(policy))
+        return ["--audit-policy-file", str(path), "--audit-log-path", str(self.audit_log), "--audit-log-format", "json"]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -213,6 +233,7 @@ class ControlPlane:
                     "--profiling=false",
                     "--cert-dir",
                     str(pki / "generated"),
+                    *self._audit_flags(),
                 ],
             )
             self._wait_ready(timeout)
@@ -357,10 +378,15 @@ class ControlPlane:
         return env
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args]
-        out = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
         return out

@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 
 from nanochat_operator import crds
+from nanochat_operator.kube import Conflict
 from nanochat_operator.reconcile import AlreadyExists, Rejected
 
 
@@ -29,6 +30,9 @@ class FakeCluster:
         self.reject: str | None = None
         self.calls: list[str] = []
         self.create_failures: dict[str, tuple[str, str]] = {}  # job -> (FailedCreate message, time)
+        self.statuses: list[tuple[str, str, dict]] = []  # (plural, name, merge patch) written
+        self.events: list[tuple[str, str, str]] = []  # (run, type, reason) posted
+        self.conflict = False  # patch_status finds the run changed
 
     def get_job(self, namespace: str, name: str) -> dict | None:
         self.calls.append(f"get_job {name}")
@@ -38,7 +42,7 @@ class FakeCluster:
     def list_pods(self, namespace: str, job_name: str) -> list[dict]:
         return copy.deepcopy(self.pods.get(job_name, []))
 
-    def create(self, obj: dict) -> None:
+    def create(self, obj: dict) -> dict:
         key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         if self.reject and obj["kind"] == self.reject:
             raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: spec.template: Invalid value")
@@ -46,6 +50,15 @@ class FakeCluster:
             raise AlreadyExists(key[2])
         self.calls.append(f"create {obj['kind']} {key[2]}")
         self.objects[key] = copy.deepcopy(obj)
+        return copy.deepcopy(obj)
+
+    def patch_status(self, plural: str, namespace: str, name: str, version: str, status: dict) -> None:
+        if self.conflict:
+            raise Conflict(f"{plural} {namespace}/{name} changed since {version}")
+        self.statuses.append((plural, name, status))
+
+    def post_event(self, obj: dict, type: str, reason: str, message: str) -> None:
+        self.events.append((obj["metadata"]["name"], type, reason))
 
     def patch_job(self, namespace: str, name: str, spec: dict) -> None:
         self.calls.append(f"patch {name} " + " ".join(f"{k}={v}" for k, v in sorted(spec.items())))

@@ -1,65 +1,183 @@
-"""The kopf wiring: registered handlers, the timer filter, and one handler call on a fake
-cluster (kopf's Body and Patch objects, no API server)."""
+"""The operator's wiring without an API server: what kopf is asked to do (indexes and event
+handlers, nothing that needs a finalizer), how events map to runs, and the reconcile worker's
+writes, retries and schedule on an in-memory cluster read through `WatchedCluster`. The same
+code against a real API server: every test in tests/e2e/."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 import kopf
 import pytest
 
 from nanochat_operator import handlers
+from nanochat_operator.controller import CONFLICT_DELAY, ERROR_DELAYS, Controller
 from nanochat_operator.metrics import METRICS
+from nanochat_operator.settings import OperatorConfig
+from nanochat_operator.watched import WatchedCluster
+from nanochat_operator.workqueue import WorkQueue
 
 from operator_support import FakeCluster, adopt, tr
 
+KEY = ("TrainingRun", "ml", "hdemo")
 
-def test_handlers_registered_with_distinct_ids():
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class World:
+    """A fake API server, the indexes kopf would fill from it, and a controller over both."""
+
+    def __init__(self, run: dict, interval: float = 15.0) -> None:
+        self.api = FakeCluster()
+        self.clock = Clock()
+        self.run = run
+        self.indices: dict[str, dict] = {"trainingruns": {}, "evalruns": {}, "jobs": {}, "pods": {}}
+        self.queue: WorkQueue = WorkQueue(clock=self.clock)
+        self.watched = WatchedCluster(self.api, self.indices, every=interval, clock=self.clock)
+        config = OperatorConfig(interval=interval, max_workers=1)
+        self.controller = Controller(self.watched, self.api, config, adopt, self.queue)  # type: ignore[arg-type]
+        self.sync()
+
+    def sync(self) -> None:
+        """What the watches would have delivered by now: the run, its Jobs and its pods."""
+        meta = self.run["metadata"]
+        meta.setdefault("resourceVersion", "1")
+        self.indices["trainingruns"] = {(meta["namespace"], meta["name"]): [self.run]}
+        self.indices["jobs"] = {(k[1], k[2]): [o] for k, o in self.api.objects.items() if k[0] == "Job"}
+        self.indices["pods"] = {("ml", job): pods for job, pods in self.api.pods.items()}
+
+    def due(self, after: float) -> list:
+        """Keys the queue hands out `after` seconds from now."""
+        self.clock.t += after
+        out = []
+        while (k := self.queue.get(timeout=0)) is not None:
+            out.append(k)
+            self.queue.done(k)
+        return out
+
+
+def test_kopf_is_asked_for_indexes_and_event_handlers_only_so_runs_get_no_finalizer():
     reg = kopf.get_default_registry()
-    changing = {h.id for h in reg._changing.get_all_handlers()}
-    assert {
-        "training-create",
-        "training-update/spec",
-        "training-resume",
-        "eval-create",
-        "eval-update/spec",
-        "eval-resume",
-    } <= changing
-    timers = {h.id: h for h in reg._spawning.get_all_handlers()}
-    assert set(timers) == {"training_tick", "eval_tick"}
-    assert timers["training_tick"].interval == handlers.CONFIG.interval
+    assert {h.id for h in reg._indexing.get_all_handlers()} == {"trainingruns", "evalruns", "jobs", "pods"}
+    assert {h.id for h in reg._watching.get_all_handlers()} == {
+        "training-event",
+        "eval-event",
+        "job-event",
+        "pod-event",
+    }
+    # Timers, daemons and mandatory deletion handlers are what make kopf add a finalizer.
+    assert reg._spawning.get_all_handlers() == [] and reg._changing.get_all_handlers() == []
 
 
-@pytest.mark.parametrize(
-    "phase,live", [(None, True), ("Pending", True), ("Running", True), ("Succeeded", False), ("Failed", False)]
-)
-def test_timer_runs_only_for_live_runs(phase, live):
-    body = kopf.Body({"status": {"phase": phase} if phase else {}})
-    assert handlers._live(status=body.status) is live
+def test_child_events_queue_their_run_and_a_deleted_run_is_forgotten(monkeypatch):
+    queue: WorkQueue = WorkQueue()
+    monkeypatch.setattr(handlers, "QUEUE", queue)
+    pod_labels = {"nanochat.io/training-run": "demo", "batch.kubernetes.io/job-name": "demo-train"}
+    asyncio.run(handlers.child_event(namespace="ml", labels=pod_labels))
+    asyncio.run(handlers.child_event(namespace="ml", labels={"nanochat.io/eval-run": "score"}))
+    asyncio.run(handlers.child_event(namespace="ml", labels={"app": "not-ours"}))
+    asyncio.run(handlers.training_event(type="MODIFIED", namespace="ml", name="demo"))  # coalesces
+    assert [queue.get(timeout=0), queue.get(timeout=0), queue.get(timeout=0)] == [
+        ("TrainingRun", "ml", "demo"),
+        ("EvalRun", "ml", "score"),
+        None,
+    ]
+    gone = []
+    monkeypatch.setattr(handlers, "_controller", type("C", (), {"gone": lambda self, key: gone.append(key)})())
+    asyncio.run(handlers.eval_event(type="DELETED", namespace="ml", name="score"))
+    assert gone == [("EvalRun", "ml", "score")]
 
 
-def test_handler_patches_status_posts_events_and_counts(monkeypatch):
-    cluster = FakeCluster()
-    monkeypatch.setattr(handlers, "_cluster", cluster)
-    events = []
-    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: events.append((type, reason)))
-    monkeypatch.setattr(kopf, "adopt", lambda objs, owner: adopt(objs, owner))
-    body = kopf.Body(tr("hdemo", status={"kopf": {"progress": {}}}))
-    patch = kopf.Patch()
-    handlers.training_changed(body=body, patch=patch)
-    assert patch["status"]["phase"] == "Starting" and patch["status"]["jobName"] == "hdemo-train"
-    assert patch["status"]["runDir"] == "/data/runs/hdemo" and "kopf" not in patch["status"]
-    assert ("Normal", "Created") in events
+def test_a_reconcile_writes_the_status_posts_its_events_and_looks_again_after_the_interval():
+    w = World(tr("hdemo", status={"kopf": {"progress": {}}}))
+    w.controller.process(KEY)
+    plural, name, patch = w.api.statuses[-1]
+    assert (plural, name) == ("trainingruns", "hdemo")
+    assert patch["phase"] == "Starting" and patch["jobName"] == "hdemo-train" and "kopf" not in patch
+    assert ("hdemo", "Normal", "Created") in w.api.events
     text = METRICS.exposition().decode()
     assert 'nanochat_runs{kind="TrainingRun",namespace="ml",phase="Starting"}' in text
-    assert 'nanochat_reconcile_total{kind="TrainingRun",result="ok"}' in text
+    assert w.due(14.9) == [] and w.due(0.2) == [KEY]
 
 
-def test_not_owned_job_is_a_temporary_error(monkeypatch):
-    cluster = FakeCluster()
-    cluster.objects[("Job", "ml", "hdemo-train")] = {
+def test_a_job_created_but_not_yet_watched_is_not_created_twice():
+    w = World(tr("hdemo"))
+    w.controller.process(KEY)
+    w.run["status"] = {"phase": "Starting"}  # the run's own update arrived; the Job's has not
+    w.api.events.clear()
+    w.controller.process(KEY)
+    assert w.api.calls.count("create Job hdemo-train") == 1 and ("hdemo", "Normal", "Created") not in w.api.events
+
+
+def test_a_status_computed_from_a_stale_copy_is_not_written_and_its_events_wait():
+    w = World(tr("hdemo"))
+    w.api.conflict = True
+    w.controller.process(KEY)
+    assert w.api.events == [] and w.due(CONFLICT_DELAY) == [KEY]
+
+
+def test_a_finished_run_is_not_looked_at_again_until_it_changes():
+    w = World(tr("hdemo"))
+    w.controller.process(KEY)
+    assert w.due(15) == [KEY]  # live: the resync
+    w.api.set_job("hdemo-train", "Complete", pods=[])
+    w.sync()
+    w.run["metadata"]["resourceVersion"] = "2"
+    w.controller.process(KEY)
+    assert w.api.statuses[-1][2]["phase"] == "Succeeded"
+    assert w.due(3600) == []
+
+
+def test_a_job_of_someone_else_waits_and_a_bug_backs_off(monkeypatch, caplog):
+    w = World(tr("hdemo"))
+    w.api.objects[("Job", "ml", "hdemo-train")] = {
         "metadata": {"name": "hdemo-train", "ownerReferences": [{"uid": "someone-else"}]},
         "spec": {},
     }
-    monkeypatch.setattr(handlers, "_cluster", cluster)
-    with pytest.raises(kopf.TemporaryError) as err:
-        handlers.training_tick(body=kopf.Body(tr("hdemo")), patch=kopf.Patch())
-    assert err.value.delay == 30
+    w.sync()
+    w.controller.process(KEY)
+    assert w.api.statuses == [] and w.due(29) == [] and w.due(1) == [KEY]
+
+    def bug(*_a, **_k):
+        raise KeyError("status")
+
+    monkeypatch.setitem(__import__("nanochat_operator.controller").controller.RECONCILERS, "TrainingRun", bug)
+    with caplog.at_level(logging.ERROR, logger="nanochat_operator.controller"):
+        w.controller.process(KEY)
+        w.controller.process(KEY)
+    assert "KeyError" in caplog.text and f"(attempt 2); retrying in {ERROR_DELAYS[1]} s" in caplog.text
+    assert w.due(ERROR_DELAYS[0] - 0.1) == [] and w.due(0.2) == [KEY]  # the earlier schedule stands
+
+
+def test_reads_come_from_the_indexes_and_scrapes_are_bounded_per_interval():
+    w = World(tr("hdemo"), interval=10)
+    w.api.objects[("Job", "ml", "x-train")] = {"metadata": {"name": "x-train"}}
+    w.api.pods["x-train"] = [{"metadata": {"name": "x-train-0"}}]
+    assert w.watched.get_job("ml", "x-train") is None  # not watched yet: not there
+    w.sync()
+    assert w.watched.get_job("ml", "x-train")["metadata"]["name"] == "x-train"
+    assert [p["metadata"]["name"] for p in w.watched.list_pods("ml", "x-train")] == ["x-train-0"]
+    assert w.api.calls == []  # no API reads
+    w.api.metrics = "nanochat_trainer_step 5"
+    assert w.watched.scrape("http://10.0.0.1:9090/metrics") == "nanochat_trainer_step 5"
+    w.api.metrics = "nanochat_trainer_step 6"
+    w.clock.t = 9.9
+    assert w.watched.scrape("http://10.0.0.1:9090/metrics") == "nanochat_trainer_step 5"
+    w.clock.t = 10
+    assert w.watched.scrape("http://10.0.0.1:9090/metrics") == "nanochat_trainer_step 6"
+    assert w.api.calls.count("scrape http://10.0.0.1:9090/metrics") == 2
+
+
+@pytest.mark.parametrize("grace_passed", [False, True])
+def test_a_created_job_is_answered_from_memory_until_watched_or_a_minute_passed(grace_passed):
+    w = World(tr("hdemo"))
+    w.watched.create({"kind": "Job", "metadata": {"name": "j", "namespace": "ml"}})
+    w.clock.t = 61 if grace_passed else 59
+    assert (w.watched.get_job("ml", "j") is None) is grace_passed

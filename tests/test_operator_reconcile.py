@@ -76,6 +76,7 @@ def test_training_run_creates_children_and_follows_job():
     assert s["phase"] == "Starting" and s["jobName"] == "demo-train" and s["observedGeneration"] == 1
     assert get_condition(s, "Accepted")["status"] == "True"
     assert s["storageClaim"] == "runs" and s["runDir"] == "/data/runs/demo"
+    assert s["totalSteps"] == 100 and "step" not in s  # the plan is known before the trainer says it
 
     c.pods["demo-train"] = [running_pod()]
     c.metrics = "nanochat_trainer_step 40\nnanochat_trainer_total_steps 100\nnanochat_trainer_loss 1.5\n"

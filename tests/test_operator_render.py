@@ -507,3 +507,34 @@ def test_deadline_on_the_job_and_no_ttl_before_the_outcome_is_read():
     validate(job)
     assert job["spec"]["activeDeadlineSeconds"] == 3600
     assert "ttlSecondsAfterFinished" not in job["spec"]  # set by the operator once the run has finished
+
+
+@pytest.mark.parametrize("scheduler", ["coscheduling", "volcano"])
+def test_gang_makes_a_pod_group_the_pods_join(scheduler):
+    spec = training(nodes=4, gpus=8, gang={"scheduler": scheduler, "queue": "research"}, storage={"claimName": "runs"})
+    objs = render.render_training("big", "ml", spec, image="img")
+    kinds = [o["kind"] for o in objs]
+    assert kinds.index("PodGroup") < kinds.index("Job")  # the group exists before any member
+    group, job = objs[kinds.index("PodGroup")], objs[-1]
+    assert group["metadata"]["name"] == job["metadata"]["name"] == "big-train"
+    assert group["spec"]["minMember"] == 4 and group["spec"]["minResources"] == {"nvidia.com/gpu": "32"}
+    pod = job["spec"]["template"]
+    if scheduler == "coscheduling":
+        assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1" and group["spec"]["scheduleTimeoutSeconds"] == 300
+        assert pod["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] == "big-train"
+        assert "schedulerName" not in pod["spec"] and "queue" not in group["spec"]
+    else:
+        assert group["apiVersion"] == "scheduling.volcano.sh/v1beta1" and group["spec"]["queue"] == "research"
+        assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "big-train"
+        assert pod["spec"]["schedulerName"] == "volcano"
+    validate(job)
+    custom = training(nodes=2, gang={"scheduler": "volcano"}, pod={"schedulerName": "volcano-gpu"})
+    assert render.render_training_job("c", "ml", custom, image="img")["spec"]["template"]["spec"]["schedulerName"] == (
+        "volcano-gpu"
+    )
+    assert "PodGroup" not in [o["kind"] for o in render.render_training("solo", "ml", training(), image="img")]
+
+
+def test_pod_group_keys_are_the_operators():
+    with pytest.raises(ValueError, match="scheduling.x-k8s.io/pod-group are the operator's"):
+        training(pod={"labels": {"scheduling.x-k8s.io/pod-group": "other"}})

@@ -21,14 +21,14 @@ from .metrics import serve
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = settings.parse_args(argv)
-    # The handlers read settings.CONFIG when they are registered (the timer interval).
+    # The handlers read settings.CONFIG at start-up.
     settings.CONFIG.__dict__.update(config.__dict__)
     kopf.configure(
         log_format=kopf.LogFormat.JSON if config.log_format == "json" else kopf.LogFormat.PLAIN, verbose=False
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per trainer scrape otherwise
-    # kopf logs every handler and timer success per object at INFO: with hundreds of runs on a
-    # 15 s timer that is tens of lines a second. Phase changes are Events; keep warnings here.
+    # kopf logs every handler success per object at INFO: with hundreds of runs and their pods
+    # that is tens of lines a second. Phase changes are Events; keep warnings here.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     importlib.import_module("nanochat_operator.handlers")
     serve(config.metrics_port)

@@ -315,8 +315,15 @@ class Init(Api):
 RESERVED_VOLUMES = ("config", "data", "dshm", "source", "scratch", "sandbox-scratch")
 RESERVED_VOLUME_PREFIX = "model-"  # an EvalRun's compared runs' PVCs: model-1, model-2, ...
 RESERVED_MOUNT_PATHS = ("/data", "/etc/nanochat", "/dev/shm", "/source", "/models", "/tmp")
-# Labels and annotations under these prefixes are the operator's and the Job controller's.
-RESERVED_KEY_PREFIXES = ("nanochat.io/", "batch.kubernetes.io/", "kueue.x-k8s.io/")
+# Labels and annotations under these prefixes are the operator's, the Job controller's, Kueue's
+# and the gang schedulers' (pod-group membership: spec.gang).
+RESERVED_KEY_PREFIXES = (
+    "nanochat.io/",
+    "batch.kubernetes.io/",
+    "kueue.x-k8s.io/",
+    "scheduling.x-k8s.io/",
+    "scheduling.k8s.io/",
+)
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # Kubernetes' own types, passed through as they are: the API server checks them when the Job
 # is created (a mistake fails the run with its message, which names the field).
@@ -496,6 +503,28 @@ class RunCommon(Api):
         return v
 
 
+class Gang(Api):
+    """All of a multi-node run's pods placed at once or none, through a gang scheduler's PodGroup
+    (Kubeflow Trainer's podGroupPolicy, the same two schedulers). Without it, a run that gets
+    some of its nodes holds their GPUs while waiting for the rest; Kueue (`queueName`) admits a
+    whole Job at once and needs none of this.
+
+    - `coscheduling`: scheduler-plugins' PodGroup (scheduling.x-k8s.io/v1alpha1); pods carry the
+      `scheduling.x-k8s.io/pod-group` label. Set `pod.schedulerName` if the plugin runs as a second
+      scheduler.
+    - `volcano`: Volcano's PodGroup (scheduling.volcano.sh/v1beta1); pods carry the
+      `scheduling.k8s.io/group-name` annotation and schedulerName `volcano` unless `pod.schedulerName` says.
+    """
+
+    scheduler: Literal["coscheduling", "volcano"] = Field(..., description="Which gang scheduler's PodGroup to make.")
+    schedule_timeout_seconds: int = Field(
+        300, ge=1, le=86400, description="coscheduling: how long placed pods wait for the rest of the group."
+    )
+    queue: str | None = Field(
+        None, max_length=63, pattern=DNS_LABEL_PATTERN, description="volcano: the Volcano queue (default: its default)."
+    )
+
+
 class TrainingRunSpec(RunCommon):
     """What to train (`trainer`, the trainer config verbatim) and on what."""
 
@@ -511,6 +540,7 @@ class TrainingRunSpec(RunCommon):
         "writes to an emptyDir (lost with the pod; no resume, no dependents).",
     )
     init: Init | None = Field(None, description="Start from another run's final checkpoint.")
+    gang: Gang | None = Field(None, description="Place all pods at once or none, with a gang scheduler's PodGroup.")
     after: list[Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN)]] = Field(
         default_factory=list,
         max_length=16,

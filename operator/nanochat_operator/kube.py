@@ -1,20 +1,22 @@
-"""The `Cluster` the reconciler uses, on the official kubernetes client.
+"""The operator's API calls, on the official kubernetes client: the writes and the few reads the
+watches do not cover (`watched.py` reads the rest from kopf's indexes).
 
-Reads ask for the raw JSON (`_preload_content=False`) and hand plain camelCase dicts to
+Calls ask for the raw JSON (`_preload_content=False`) and hand plain camelCase dicts to
 the pure modules, exactly as the API server sent them: no model classes in between,
-and no deserialisation cost per reconcile. API errors are sorted here:
+and no deserialisation cost per call. API errors are sorted here:
 
-    404 on read           -> None
     409 on create         -> AlreadyExists   (fine: made earlier)
+    409 on status patch   -> Conflict        (computed from a stale copy: look again)
     400/422 on create     -> Rejected        (permanent: the run fails with the message)
-    anything else         -> kopf.TemporaryError with a delay (kopf retries; no hot loop)
+    anything else         -> kopf.TemporaryError with a delay (the worker retries; no hot loop)
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import kopf
@@ -22,11 +24,16 @@ from kubernetes import client
 from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 
-from nanochat_trainer.contract import GROUP, JOB_NAME_LABEL, TRAINING_PLURAL, VERSION
+from nanochat_trainer.contract import GROUP, VERSION
 
 from .reconcile import AlreadyExists, Rejected
 
-T = TypeVar("T")
+EVENT_SOURCE = "nanochat-operator"
+CUSTOM_PLURALS = {"PodGroup": "podgroups"}  # kinds created through the custom-objects API
+
+
+class Conflict(Exception):
+    """An optimistic-concurrency write found the object changed."""
 
 
 def _message(err: ApiException) -> str:
@@ -62,32 +69,8 @@ class KubeCluster:
         resp = call(*args, _preload_content=False, **kwargs)
         return json.loads(resp.data)
 
-    def _read(self, call: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
-        try:
-            return self._json(call, *args)
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise temporary(err) from err
-
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._read(self.batch.read_namespaced_job, name, namespace)
-
-    def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        try:
-            return (
-                self._json(self.core.list_namespaced_pod, namespace, label_selector=f"{JOB_NAME_LABEL}={job_name}").get(
-                    "items"
-                )
-                or []
-            )
-        except ApiException as err:
-            raise temporary(err) from err
-
-    def get_training_run(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, TRAINING_PLURAL, name)
-
-    def create(self, obj: dict[str, Any]) -> None:
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create `obj`; the object as the API server stored it."""
         ns = obj["metadata"]["namespace"]
         creators: dict[str, Callable[..., Any]] = {
             "ConfigMap": self.core.create_namespaced_config_map,
@@ -97,12 +80,22 @@ class KubeCluster:
             "NetworkPolicy": self.networking.create_namespaced_network_policy,
         }
         try:
-            creators[obj["kind"]](ns, obj, _preload_content=False)
+            if obj["kind"] in CUSTOM_PLURALS:  # a gang scheduler's PodGroup
+                group, version = obj["apiVersion"].split("/")
+                return self._json(
+                    self.custom.create_namespaced_custom_object, group, version, ns, CUSTOM_PLURALS[obj["kind"]], obj
+                )
+            return self._json(creators[obj["kind"]], ns, obj)
         except ApiException as err:
             if err.status == 409:
                 raise AlreadyExists(obj["metadata"]["name"]) from err
             if err.status in (400, 422):
                 raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {_message(err)}") from err
+            if err.status == 404 and obj["kind"] in CUSTOM_PLURALS:
+                raise Rejected(
+                    f"{obj['kind']} {obj['metadata']['name']}: this cluster does not serve {obj['apiVersion']} "
+                    "(is the gang scheduler that spec.gang names installed?)"
+                ) from err
             raise temporary(err) from err
 
     def patch_job(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
@@ -115,6 +108,49 @@ class KubeCluster:
                 _preload_content=False,
                 _content_type="application/merge-patch+json",
             )
+        except ApiException as err:
+            raise temporary(err) from err
+
+    def patch_status(self, plural: str, namespace: str, name: str, version: str, status: dict[str, Any]) -> None:
+        """Merge `status` into a run's status, only if the run is still at resourceVersion `version`
+        (else Conflict: the status was computed from a stale copy)."""
+        body = {"metadata": {"resourceVersion": version}, "status": status}
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, body,
+                _preload_content=False, _content_type="application/merge-patch+json",
+            )  # fmt: skip
+        except ApiException as err:
+            if err.status == 409:
+                raise Conflict(f"{plural} {namespace}/{name} changed since {version}") from err
+            if err.status == 404:
+                return  # deleted meanwhile: nothing to report on
+            raise temporary(err) from err
+
+    def post_event(self, obj: dict[str, Any], type: str, reason: str, message: str) -> None:
+        """A core/v1 Event about a run, as `kubectl describe` and `kubectl get events` show them."""
+        meta = obj["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj["apiVersion"],
+                "kind": obj["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": EVENT_SOURCE},
+            "reportingComponent": EVENT_SOURCE,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
         except ApiException as err:
             raise temporary(err) from err
 

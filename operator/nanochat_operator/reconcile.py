@@ -1,19 +1,20 @@
 """Level-based reconciliation: read the world, decide, create what is missing, report.
 
-One function per kind, called alike from kopf's create/update/resume handlers and from
-its timer, so a missed event is repaired on the next tick:
+One function per kind, called by the reconcile workers (`controller.py`) whenever a run or one
+of its children changes and once per interval while it is live, so a missed event is repaired
+on the next look:
 
     outcome = reconcile_training(cluster, obj, config, now=now_utc(), adopt=adopt)
-    patch.status.update(status_patch(obj["status"], dump_status(outcome.status)))
+    changes = status_patch(obj["status"], dump_status(outcome.status))
 
 The status is worked on as the API's pydantic model (TrainingRunStatus, EvalRunStatus);
-it becomes JSON only there, at kopf's door. `cluster` is anything with the `Cluster` methods
-(nanochat_operator.kube.KubeCluster for a real API server, an in-memory fake in the tests);
+it becomes JSON only there, at the API's door. `cluster` is anything with the `Cluster` methods
+(nanochat_operator.watched.WatchedCluster in the operator, an in-memory fake in the tests);
 `adopt(objs, owner)` sets owner references (kopf.adopt), so deleting a run deletes what it made.
 
 Errors: a spec that cannot run (invalid, infeasible, depends on a failed run, rejected
 by the API server) becomes phase Failed with a condition: a permanent answer written
-once, never retried. API hiccups raise (kopf retries with backoff).
+once, never retried. API hiccups raise (the worker retries after a delay).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from .status import (
 
 
 class AlreadyExists(Exception):
-    """The object is there already (a retry, or a timer racing a handler): fine."""
+    """The object is there already (a retry, or made by a reconcile the watch had not yet shown): fine."""
 
 
 class Rejected(Exception):
@@ -78,7 +79,7 @@ class NotOwned(Exception):
 class Cluster(Protocol):
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]: ...
-    def create(self, obj: dict[str, Any]) -> None: ...
+    def create(self, obj: dict[str, Any]) -> object: ...
     def patch_job(self, namespace: str, name: str, spec: dict[str, Any]) -> None: ...
     def pod_create_failure(self, namespace: str, job_name: str) -> tuple[str, str] | None: ...
     def get_training_run(self, namespace: str, name: str) -> dict[str, Any] | None: ...

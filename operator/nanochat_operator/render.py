@@ -147,11 +147,14 @@ def checkpoint_step_path(run_name: str, step: int, mount: str = DATA_MOUNT) -> s
     return str(pod_layout(run_name, mount).step(step))
 
 
+MANAGED_BY, MANAGER = "app.kubernetes.io/managed-by", "nanochat-operator"  # on all it makes; the watches select on it
+
+
 def training_labels(run_name: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "nanochat-trainer",
         "app.kubernetes.io/instance": run_name,
-        "app.kubernetes.io/managed-by": "nanochat-operator",
+        MANAGED_BY: MANAGER,
         RUN_LABEL: run_name,
     }
 
@@ -160,7 +163,7 @@ def eval_labels(eval_name: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "nanochat-eval",
         "app.kubernetes.io/instance": eval_name,
-        "app.kubernetes.io/managed-by": "nanochat-operator",
+        MANAGED_BY: MANAGER,
         EVAL_LABEL: eval_name,
     }
 
@@ -448,12 +451,52 @@ def render_training_job(
     _placement(pod, spec.resources)
     template = {"metadata": {"labels": dict(labels)}, "spec": pod}
     _apply_pod_template(template, container, spec.pod)
+    if spec.gang is not None:
+        _join_pod_group(template, spec.gang, name)
     job_spec = {"completionMode": "Indexed", **_job_spec(spec, template, nodes, TRAINER_CONTAINER)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _job_metadata(name, namespace, labels, spec),
         "spec": job_spec,
+    }
+
+
+# ---------------------------------------------------------------------------- gang scheduling
+
+COSCHEDULING_LABEL = "scheduling.x-k8s.io/pod-group"  # scheduler-plugins' coscheduling
+VOLCANO_ANNOTATION = "scheduling.k8s.io/group-name"  # Volcano
+POD_GROUP_API = {"coscheduling": "scheduling.x-k8s.io/v1alpha1", "volcano": "scheduling.volcano.sh/v1beta1"}
+
+
+def _join_pod_group(template: dict[str, Any], gang: api.Gang, group: str) -> None:
+    """Mark the pods as members of the PodGroup the way their scheduler reads it."""
+    if gang.scheduler == "coscheduling":
+        template["metadata"]["labels"][COSCHEDULING_LABEL] = group
+    else:
+        template["metadata"].setdefault("annotations", {})[VOLCANO_ANNOTATION] = group
+        template["spec"].setdefault("schedulerName", "volcano")
+
+
+def render_pod_group(run_name: str, namespace: str, spec: TrainingRunSpec, gang: api.Gang) -> dict[str, Any]:
+    """The PodGroup of a run with spec.gang: every node's pod, and their GPUs, placed together.
+    Named after the Job, whose pods are its members."""
+    nodes, gpus = spec.resources.nodes, spec.resources.gpus_per_node
+    group: dict[str, Any] = {"minMember": nodes}
+    if gpus:
+        group["minResources"] = {GPU_RESOURCE: str(nodes * gpus)}
+    if gang.scheduler == "coscheduling":
+        group["scheduleTimeoutSeconds"] = gang.schedule_timeout_seconds
+    else:
+        if gang.queue:
+            group["queue"] = gang.queue
+        if spec.pod.priority_class_name:
+            group["priorityClassName"] = spec.pod.priority_class_name
+    return {
+        "apiVersion": POD_GROUP_API[gang.scheduler],
+        "kind": "PodGroup",
+        "metadata": {"name": job_name(run_name), "namespace": namespace, "labels": training_labels(run_name)},
+        "spec": group,
     }
 
 
@@ -467,7 +510,7 @@ def init_source(source_name: str, source_claim: str, own_claim: str | None) -> t
 def render_training(
     run_name: str, namespace: str, spec: TrainingRunSpec, *, image: str, source: tuple[str, str] | None = None
 ) -> list[dict[str, Any]]:
-    """Everything a TrainingRun needs, in creation order (PVC, ConfigMap, Service, Job).
+    """Everything a TrainingRun needs, in creation order (PVC, ConfigMap, Service, PodGroup, Job).
     `source`: (source run name, its PVC) for init.fromTrainingRun."""
     init_from, extra_claim = None, None
     if source is not None:
@@ -480,6 +523,8 @@ def render_training(
             out.append(pvc)
     out.append(render_config_map(run_name, namespace, spec, init_from))
     out.append(render_service(run_name, namespace, spec))
+    if spec.gang is not None:  # before the Job: its pods name the group
+        out.append(render_pod_group(run_name, namespace, spec, spec.gang))
     out.append(render_training_job(run_name, namespace, spec, image=image, source_claim=extra_claim))
     return out
 

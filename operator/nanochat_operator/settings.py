@@ -19,8 +19,8 @@ DEFAULT_TRAINER_IMAGE = "ghcr.io/nanochat/nanochat-trainer:0.1.0"
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE  # for runs without spec.image
     gpu_memory_gib: float = 80.0  # per GPU, for the feasibility check (H100/A100-80G)
-    interval: float = 15.0  # seconds between level-based reconciles of a live run
-    max_workers: int = 16  # threads running sync handlers: bounds concurrent API work
+    interval: float = 15.0  # seconds between looks at a live run besides its events: progress scrapes
+    max_workers: int = 16  # reconcile worker threads: bounds concurrent API work
     metrics_port: int = 8000  # /metrics, /readyz
     liveness: str = "http://0.0.0.0:8080/healthz"  # kopf's probe endpoint
     namespaces: list[str] = field(default_factory=list)  # empty: every namespace
@@ -97,6 +97,5 @@ def parse_args(argv: Sequence[str] | None = None) -> OperatorConfig:
     )
 
 
-# The running operator's settings. __main__ replaces it before importing the handlers,
-# whose timer interval is fixed when they are registered.
+# The running operator's settings. __main__ fills it in before kopf starts the handlers.
 CONFIG = OperatorConfig()

@@ -159,3 +159,84 @@ def test_a_live_runs_spec_is_immutable_and_a_deleted_run_keeps_its_storage(
     assert pvc["metadata"]["labels"]["nanochat.io/training-run"] == "keep" and not pvc["metadata"].get(
         "ownerReferences"
     )
+
+
+def test_runs_carry_no_finalizer_so_they_delete_without_the_operator(
+    control_plane: ControlPlane, operator: ChartOperator, namespace: str
+) -> None:
+    """The operator watches and needs no say in a deletion: a live run has no finalizer, the one that
+    timer-driven versions left is taken off, and with the operator gone a run still deletes."""
+    cp = control_plane
+    legacy = training_run("legacy", namespace, suspend=True)
+    legacy["metadata"]["finalizers"] = ["nanochat.io/kopf-finalizer"]
+    cp.apply([training_run("plain", namespace), legacy])
+    wait_phase(cp, "trainingrun", "plain", {"Running", "Succeeded"}, 120, namespace, operator)
+    assert not cp.get("trainingrun", "plain", "-n", namespace)["metadata"].get("finalizers")
+    cp.wait_for(
+        lambda: not cp.get("trainingrun", "legacy", "-n", namespace)["metadata"].get("finalizers"),
+        60,
+        "the earlier versions' finalizer removed",
+    )
+    operator.stop()
+    try:
+        cp.kubectl("delete", "trainingrun", "plain", "legacy", "-n", namespace, "--wait=true", "--timeout=30s")
+    finally:
+        operator.start()
+
+
+def pod_group_crd_standin() -> dict[str, Any]:
+    """scheduler-plugins' PodGroup CRD as far as the operator uses it. A stand-in: the real manifest
+    (kubernetes-sigs/scheduler-plugins) is not on any registry this machine reaches."""
+    prop = {"type": "object", "properties": {}}
+    spec = {
+        "type": "object",
+        "required": ["minMember"],
+        "properties": {
+            "minMember": {"type": "integer", "format": "int32"},
+            "minResources": {"type": "object", "additionalProperties": {"x-kubernetes-int-or-string": True}},
+            "scheduleTimeoutSeconds": {"type": "integer", "format": "int32"},
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "podgroups.scheduling.x-k8s.io"},
+        "spec": {
+            "group": "scheduling.x-k8s.io",
+            "names": {"kind": "PodGroup", "plural": "podgroups", "singular": "podgroup", "listKind": "PodGroupList"},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": spec, "status": prop}}},
+                }
+            ],
+        },
+    }
+
+
+def test_gang_runs_get_a_pod_group_and_a_missing_scheduler_is_named(
+    control_plane: ControlPlane, operator: ChartOperator, namespace: str
+) -> None:
+    """spec.gang: the PodGroup is made (through the chart's RBAC, owned by the run) before the Job,
+    whose pods carry its label; asking for a gang scheduler the cluster lacks fails the run naming it."""
+    cp = control_plane
+    cp.apply(pod_group_crd_standin())
+    cp.kubectl("wait", "crd/podgroups.scheduling.x-k8s.io", "--for=condition=Established", "--timeout=60s")
+    two_nodes = {**KWOK_PLACEMENT, "nodes": 2}
+    cp.apply(
+        [
+            training_run("gang", namespace, resources=two_nodes, gang={"scheduler": "coscheduling"}),
+            training_run("nogang", namespace, gang={"scheduler": "volcano"}),
+        ]
+    )
+    wait_phase(cp, "trainingrun", "gang", {"Running", "Succeeded"}, 120, namespace, operator)
+    group = cp.get("podgroups.scheduling.x-k8s.io", "gang-train", "-n", namespace)
+    assert group["spec"]["minMember"] == 2 and group["metadata"]["ownerReferences"][0]["name"] == "gang"
+    pods = cp.get("pods", "-n", namespace, "-l", "scheduling.x-k8s.io/pod-group=gang-train")["items"]
+    assert len(pods) == 2
+    failed = wait_phase(cp, "trainingrun", "nogang", {"Failed"}, 60, namespace, operator)
+    message = _condition(failed, "Failed")["message"]
+    assert "does not serve scheduling.volcano.sh/v1beta1" in message, message

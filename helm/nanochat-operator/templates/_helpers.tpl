@@ -30,10 +30,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* Rules on namespaced objects: exactly the calls the operator makes. */}}
 {{- define "nanochat.namespacedRules" -}}
-# The runs: kopf watches them and patches annotations (its progress storage).
+# The runs: kopf watches them (patch: it removes the finalizer that earlier versions added).
 - apiGroups: ["nanochat.io"]
   resources: ["trainingruns", "evalruns"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 # The children's owner references set blockOwnerDeletion: under OwnerReferencesPermissionEnforcement
 # (OpenShift's default) that needs `update` on the owner's finalizers subresource.
 - apiGroups: ["nanochat.io"]
@@ -42,19 +42,23 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 # Status is written through the status subresource.
 - apiGroups: ["nanochat.io"]
   resources: ["trainingruns/status", "evalruns/status"]
-  verbs: ["get", "patch"]
-# The Jobs it makes: read, create, and suspend/resume (patch). Deletion is the garbage
-# collector's, through owner references.
+  verbs: ["patch"]
+# The Jobs it makes: watched (by its label), created, and suspended/resumed (patch). Deletion is
+# the garbage collector's, through owner references.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "create", "patch"]
-# Pods of those Jobs: listed by label to compute the status (no logs are read).
+  verbs: ["list", "watch", "create", "patch"]
+# Pods of those Jobs: watched by label to compute the status (no logs are read).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["list", "watch"]
 # Trainer config, headless Service, and the PVC for spec.storage.size.
 - apiGroups: [""]
   resources: ["configmaps", "services", "persistentvolumeclaims"]
+  verbs: ["create"]
+# The PodGroup of a run with spec.gang (scheduler-plugins' coscheduling, Volcano).
+- apiGroups: ["scheduling.x-k8s.io", "scheduling.volcano.sh"]
+  resources: ["podgroups"]
   verbs: ["create"]
 # The network policy of each eval pod (only what it scores is reachable).
 - apiGroups: ["networking.k8s.io"]
