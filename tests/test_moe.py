@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +25,9 @@ from nanochat_trainer.models.moe import (
     take_expert_loads,
     update_moe_biases,
 )
+from nanochat_trainer.train import optim
 from nanochat_trainer.train.losses import model_loss
-from nanochat_trainer.train.optim import BatchedMuon, build_optimizers
+from nanochat_trainer.train.optim import BatchedMuon, _newton_schulz_batched, build_optimizers
 
 
 def _moe(seed: int = 0, **kw) -> MoE:
@@ -227,26 +232,58 @@ def test_batched_muon_equals_torch_muon_per_expert(shape, nesterov):
     )
 
 
-def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns():
+def test_newton_schulz_in_fp32_is_torchs_bf16_map_without_the_rounding():
+    """On the CPU, Muon orthogonalises in fp32 (bf16 matmuls are emulated there, ten times slower):
+    the same map as torch.optim.Muon's bf16 Newton-Schulz, closer to the exact fp64 one."""
+    from torch.optim._muon import _zeropower_via_newtonschulz  # noqa: PLC0415  torch's own, the reference
+
+    g = torch.randn(48, 80, generator=torch.Generator().manual_seed(3))
+    coeffs = (3.4445, -4.7750, 2.0315)
+    exact = _newton_schulz_batched(g[None].double(), coeffs, 5, 1e-7, torch.float64)[0]
+    ours = _newton_schulz_batched(g[None], coeffs, 5, 1e-7, torch.float32)[0].double()
+    torchs = _zeropower_via_newtonschulz(g, coeffs, 5, 1e-7).double()
+    assert float((ours - exact).abs().max()) < 1e-5 < float((torchs - exact).abs().max()) < 0.05
+
+
+def test_muon_orthogonalises_in_fp32_only_where_the_cpu_emulates_bf16(monkeypatch):
+    # With ATen and oneDNN held to AVX2, every x86 CPU emulates bf16: the probe must see it.
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    probe = "from nanochat_trainer.train.optim import cpu_bf16_is_emulated as f; print(f())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    cpu, meta = [torch.zeros(2, 2)], [torch.zeros(2, 2, device="meta")]
+    monkeypatch.setattr(optim, "cpu_bf16_is_emulated", lambda: True)
+    assert optim.newton_schulz_dtype(cpu) == torch.float32 and optim.newton_schulz_dtype(meta) == torch.bfloat16
+    model = GPT(TrainerConfig(preset="tiny").model)
+    assert isinstance(optim.build_optimizers(model, TrainerConfig(preset="tiny").optimizer)[1], BatchedMuon)
+    monkeypatch.setattr(optim, "cpu_bf16_is_emulated", lambda: False)  # AVX512-BF16, AMX: torch's own
+    assert optim.newton_schulz_dtype(cpu) == torch.bfloat16
+    assert type(optim.build_optimizers(model, TrainerConfig(preset="tiny").optimizer)[1]) is torch.optim.Muon
+
+
+def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns(monkeypatch):
+    monkeypatch.setattr(optim, "cpu_bf16_is_emulated", lambda: True)  # the same on every CPU
 
     hybrid = GPT(TrainerConfig(preset="tiny-hybrid").model)
     opts = build_optimizers(hybrid, TrainerConfig(preset="tiny-hybrid").optimizer)
-    owner = {id(p): type(o).__name__ for o in opts for g in o.param_groups for p in g["params"]}
+    owner = {id(p): o for o in opts for g in o.param_groups for p in g["params"]}
+    matrices, stacks = opts[1], opts[2]  # both BatchedMuon, orthogonalising in fp32
+    assert [o.ns_dtype for o in (matrices, stacks)] == [torch.float32] * 2
     for name, p in hybrid.named_parameters():
         if ".experts." in name:
-            want = "BatchedMuon"  # (E, out, in): one Muon matrix per expert
+            want = stacks  # (E, out, in): one Muon matrix per expert
         elif p.ndim == 2 and name.startswith("layers.") and "router" not in name and "expert_gate" not in name:
-            want = "Muon"
+            want = matrices
         else:
-            want = "AdamW"  # embeddings, head, gains, routers, gates, the DeltaNet conv (3-D, not experts)
-        assert owner[id(p)] == want, name
-    assert owner[id(hybrid.layers[0].attn.conv1d.weight)] == "AdamW"
+            want = opts[0]  # AdamW: embeddings, head, gains, routers, gates, the DeltaNet conv (3-D, not experts)
+        assert owner[id(p)] is want, name
+    assert owner[id(hybrid.layers[0].attn.conv1d.weight)] is opts[0]
     # optimizer.name adamw: one AdamW, the hidden matrices (experts' stacks too) at lr, the rest at adam_lr.
     ocfg = TrainerConfig(preset="tiny-hybrid", optimizer={"name": "adamw"}).optimizer
     (adamw,) = build_optimizers(hybrid, ocfg)
     lr_of = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
     for name, p in hybrid.named_parameters():
-        hidden = owner[id(p)] in ("Muon", "BatchedMuon")
+        hidden = owner[id(p)] is not opts[0]
         assert lr_of[id(p)] == (ocfg.lr if hidden else ocfg.adam_lr), name
 
     cfg = TrainerConfig(preset="tiny-moe")

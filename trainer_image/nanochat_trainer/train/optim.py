@@ -11,7 +11,9 @@ embeddings, the head, norms and gains, routers and gates, the DeltaNet convoluti
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -33,11 +35,13 @@ def uses_batched_muon(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 3 and name.startswith("layers.") and ".experts." in name
 
 
-def _newton_schulz_batched(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz (bf16, same coefficients and normalisation) on
-    each (..., m, n) matrix of a batch independently."""
+def _newton_schulz_batched(
+    g: torch.Tensor, coeffs: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz (same coefficients and normalisation; torch's runs
+    in bf16) on each (..., m, n) matrix of a batch independently."""
     a, b, c = coeffs
-    x = g.to(dtype=torch.bfloat16, copy=True)
+    x = g.to(dtype=dtype, copy=True)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
@@ -55,8 +59,8 @@ class BatchedMuon(torch.optim.Optimizer):
 
     Per matrix it is exactly `torch.optim.Muon` (same defaults): momentum buffer
     B = lerp(B, g, 1 - momentum), Nesterov update lerp(g, B, momentum), 5 quintic
-    Newton-Schulz steps in bf16 after dividing by the matrix's Frobenius norm, decoupled
-    weight decay, lr scaled by `adjust_lr_fn` of the matrix shape (m, n). The E
+    Newton-Schulz steps in `ns_dtype` (bf16 as torch's) after dividing by the matrix's Frobenius
+    norm, decoupled weight decay, lr scaled by `adjust_lr_fn` of the matrix shape (m, n). The E
     orthogonalisations run as batched matmuls. 2-D parameters are accepted as a batch of 1.
 
     An FSDP2 parameter (DTensor sharded along dim 0, as `parallel.apply.shard_fsdp` shards expert
@@ -75,6 +79,7 @@ class BatchedMuon(torch.optim.Optimizer):
         eps: float = 1e-7,
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ):
         if adjust_lr_fn not in (None, "original", "match_rms_adamw", "spectral_unclamped"):
             raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not supported")
@@ -89,6 +94,8 @@ class BatchedMuon(torch.optim.Optimizer):
             "adjust_lr_fn": adjust_lr_fn,
         }
         super().__init__(params, defaults)
+        # Not a group key: the groups are what a checkpoint stores, and the dtype is the machine's.
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
@@ -126,6 +133,7 @@ class BatchedMuon(torch.optim.Optimizer):
                     group["ns_coefficients"],
                     group["ns_steps"],
                     group["eps"],
+                    self.ns_dtype,
                 )
                 if squeeze:
                     update = update.squeeze(0)
@@ -145,6 +153,32 @@ def _dim0_local(t: torch.Tensor) -> torch.Tensor:
             f"not shape {tuple(t.shape)} with {t.placements}"
         )
     return t.to_local()
+
+
+def newton_schulz_dtype(params: list[torch.Tensor]) -> torch.dtype:
+    """bf16, as torch's Muon and nanochat's (tensor cores, AMX); fp32 when every matrix is on a CPU
+    that only emulates bf16 matmuls (no AVX512-BF16/AMX): there Newton-Schulz of a 256 x 1024
+    matrix took 363 ms in bf16 and 7 ms in fp32 (on an AMX CPU: 3.3 ms and 5.7 ms)."""
+    on_cpu = bool(params) and all(p.device.type == "cpu" for p in params)
+    return torch.float32 if on_cpu and cpu_bf16_is_emulated() else torch.bfloat16
+
+
+@functools.cache
+def cpu_bf16_is_emulated() -> bool:
+    """Whether bf16 matmuls on this CPU run far slower than fp32 (emulated: ~50x, against ~0.6x with
+    native support). Measured once per process, on the kernels torch will use, so a oneDNN or ATen
+    ISA limit counts too; the 4x threshold keeps a busy machine's noise from flipping it."""
+    a = torch.randn(256, 256)
+
+    def seconds(dtype: torch.dtype) -> float:
+        x = a.to(dtype)
+        x @ x  # warm-up: kernel selection
+        start = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        return time.perf_counter() - start
+
+    return seconds(torch.bfloat16) > 4 * seconds(torch.float32)
 
 
 def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim.Optimizer]:
@@ -170,30 +204,17 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
             fused=False,
         )
     ]
-    if matrices:
-        # "original" scales the update by sqrt(max(1, rows/cols)), Keller Jordan's Muon, for which lr 0.02 is tuned.
-        opts.append(
-            torch.optim.Muon(
-                matrices,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                nesterov=True,
-                weight_decay=cfg.weight_decay,
-                adjust_lr_fn="original",
-            )
-        )
+    # "original" scales the update by sqrt(max(1, rows/cols)), Keller Jordan's Muon, for which lr 0.02 is tuned.
+    muon = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True, "weight_decay": cfg.weight_decay}
+    muon["adjust_lr_fn"] = "original"
+    ns_dtype = newton_schulz_dtype(matrices + stacks)
+    if matrices and ns_dtype == torch.float32 and not any(isinstance(p, DTensor) for p in matrices):
+        opts.append(BatchedMuon(matrices, **muon, ns_dtype=ns_dtype))  # torch's Muon is bf16 only
+    elif matrices:
+        opts.append(torch.optim.Muon(matrices, **muon))
     if stacks:
         # Expert weights: the same Muon per expert matrix (lr scaled by that matrix's shape).
-        opts.append(
-            BatchedMuon(
-                stacks,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                nesterov=True,
-                weight_decay=cfg.weight_decay,
-                adjust_lr_fn="original",
-            )
-        )
+        opts.append(BatchedMuon(stacks, **muon, ns_dtype=ns_dtype))
     for opt in opts:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
