@@ -52,10 +52,11 @@ class FakeCluster:
         self.objects[key] = copy.deepcopy(obj)
         return copy.deepcopy(obj)
 
-    def patch_status(self, plural: str, namespace: str, name: str, version: str, status: dict) -> None:
+    def patch_status(self, plural: str, namespace: str, name: str, version: str, status: dict) -> bool:
         if self.conflict:
             raise Conflict(f"{plural} {namespace}/{name} changed since {version}")
         self.statuses.append((plural, name, status))
+        return True
 
     def post_event(self, obj: dict, type: str, reason: str, message: str) -> None:
         self.events.append((obj["metadata"]["name"], type, reason))

@@ -67,8 +67,9 @@ class Controller:
 
     def stop(self) -> None:
         self.queue.close()
+        deadline = time.monotonic() + 10  # for all of them: a reconcile in flight finishes or is abandoned
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=max(deadline - time.monotonic(), 0))
 
     def gone(self, key: RunKey) -> None:
         """The run was deleted: forget its schedule, its series and what was remembered for its Job."""
@@ -89,8 +90,9 @@ class Controller:
         """One reconcile of one run; schedules the next one itself."""
         kind, namespace, name = key
         obj = self.cluster.run(kind, namespace, name)
-        if obj is None:
-            return  # deleted; the watch handler has called gone()
+        if obj is None:  # deleted (the index dropped it before its event queued the key)
+            self.gone(key)
+            return
         started = time.monotonic()
         result = "error"
         try:
@@ -134,12 +136,17 @@ class Controller:
     def _write(self, kind: str, obj: dict[str, Any], outcome: Outcome) -> None:
         meta = obj["metadata"]
         changes = status_patch(obj.get("status") or {}, dump_status(outcome.status))
-        if changes:
-            self.api.patch_status(PLURALS[kind], meta["namespace"], meta["name"], meta["resourceVersion"], changes)
+        if not changes:
+            # Every event goes with a status change (a phase, a condition): with none, the events
+            # were posted when it was written, e.g. a failure the run keeps answering the same.
+            _observe(meta["namespace"], meta["name"], outcome.status)
+            return
+        if not self.api.patch_status(PLURALS[kind], meta["namespace"], meta["name"], meta["resourceVersion"], changes):
+            return  # deleted meanwhile: its DELETED event brings the key back to forget it
         for typ, reason, message in outcome.events:
             try:
                 self.api.post_event(obj, typ, reason, message)
-            except kopf.TemporaryError as err:  # the status says it too; not worth a retry
+            except Exception as err:  # noqa: BLE001  the status says it too; never lose the rest for it
                 log.warning("event %s on %s/%s not posted: %s", reason, meta["namespace"], meta["name"], err)
         _observe(meta["namespace"], meta["name"], outcome.status)
 

@@ -33,7 +33,7 @@ from nanochat_trainer.contract import (
 from .controller import Controller, RunKey
 from .kube import KubeCluster, load_api_client
 from .metrics import READY
-from .render import MANAGED_BY, MANAGER
+from .render import EVAL_APP, MANAGED_BY, MANAGER, NAME_LABEL, TRAINER_APP
 from .settings import CONFIG
 from .watched import JOB_INDEX, POD_INDEX, RUN_INDEX, WatchedCluster
 from .workqueue import WorkQueue
@@ -123,9 +123,12 @@ async def pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -
 
 
 def _owner(labels: kopf.Labels, namespace: str) -> RunKey | None:
-    if RUN_LABEL in labels:
+    """The run a Job or pod belongs to. By the name label the operator sets (and that wins over any
+    other): kopf.adopt copies a run's own labels onto its children, so an EvalRun labelled with the
+    training-run label gives its Job both."""
+    if labels.get(NAME_LABEL) == TRAINER_APP and RUN_LABEL in labels:
         return TRAINING_KIND, namespace, labels[RUN_LABEL]
-    if EVAL_LABEL in labels:
+    if labels.get(NAME_LABEL) == EVAL_APP and EVAL_LABEL in labels:
         return EVAL_KIND, namespace, labels[EVAL_LABEL]
     return None
 
@@ -141,11 +144,9 @@ async def eval_event(type: str | None, namespace: str, name: str, **_: Any) -> N
 
 
 def _run_event(key: RunKey, type: str | None) -> None:
-    if type == "DELETED":
-        if _controller is not None:
-            _controller.gone(key)
-    else:
-        QUEUE.add(key)
+    # A deletion too: the worker finds the run gone from the index and forgets it there, one
+    # reconcile of a key at a time, so a run re-created under the same name is not forgotten.
+    QUEUE.add(key)
 
 
 @kopf.on.event(*JOBS, id="job-event")

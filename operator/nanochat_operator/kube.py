@@ -111,9 +111,9 @@ class KubeCluster:
         except ApiException as err:
             raise temporary(err) from err
 
-    def patch_status(self, plural: str, namespace: str, name: str, version: str, status: dict[str, Any]) -> None:
+    def patch_status(self, plural: str, namespace: str, name: str, version: str, status: dict[str, Any]) -> bool:
         """Merge `status` into a run's status, only if the run is still at resourceVersion `version`
-        (else Conflict: the status was computed from a stale copy)."""
+        (else Conflict: the status was computed from a stale copy). False: the run is gone."""
         body = {"metadata": {"resourceVersion": version}, "status": status}
         try:
             self.custom.patch_namespaced_custom_object_status(
@@ -124,8 +124,9 @@ class KubeCluster:
             if err.status == 409:
                 raise Conflict(f"{plural} {namespace}/{name} changed since {version}") from err
             if err.status == 404:
-                return  # deleted meanwhile: nothing to report on
+                return False
             raise temporary(err) from err
+        return True
 
     def post_event(self, obj: dict[str, Any], type: str, reason: str, message: str) -> None:
         """A core/v1 Event about a run, as `kubectl describe` and `kubectl get events` show them."""

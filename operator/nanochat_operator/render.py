@@ -148,11 +148,12 @@ def checkpoint_step_path(run_name: str, step: int, mount: str = DATA_MOUNT) -> s
 
 
 MANAGED_BY, MANAGER = "app.kubernetes.io/managed-by", "nanochat-operator"  # on all it makes; the watches select on it
+NAME_LABEL, TRAINER_APP, EVAL_APP = "app.kubernetes.io/name", "nanochat-trainer", "nanochat-eval"
 
 
 def training_labels(run_name: str) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "nanochat-trainer",
+        NAME_LABEL: TRAINER_APP,
         "app.kubernetes.io/instance": run_name,
         MANAGED_BY: MANAGER,
         RUN_LABEL: run_name,
@@ -161,7 +162,7 @@ def training_labels(run_name: str) -> dict[str, str]:
 
 def eval_labels(eval_name: str) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "nanochat-eval",
+        NAME_LABEL: EVAL_APP,
         "app.kubernetes.io/instance": eval_name,
         MANAGED_BY: MANAGER,
         EVAL_LABEL: eval_name,

@@ -35,7 +35,7 @@ CREATED_GRACE_S = 60.0  # how long a created Job is answered from memory before 
 def _first(index: Mapping[Any, Any] | None, key: Any) -> dict[str, Any] | None:
     store = index.get(key) if index is not None else None
     # list() of a dict's values runs without releasing the GIL: a safe snapshot while
-    # kopf's event loop updates the index.
+    # kopf's event loop updates the index (CPython with its GIL; not free-threaded builds).
     items = list(store) if store is not None else []
     return copy.deepcopy(items[0]) if items else None
 
@@ -91,8 +91,9 @@ class WatchedCluster:
         text = self.api.scrape(url)
         with self._lock:
             self._scraped[url] = (now, text)
-            if now - self._pruned > 4 * self.every:  # finished runs' pods are not asked again
+            if now - self._pruned > 4 * self.every:  # finished runs are not asked again
                 self._scraped = {u: v for u, v in self._scraped.items() if now - v[0] < 4 * self.every}
+                self._refusals = {j: v for j, v in self._refusals.items() if now - v[0] < 4 * self.every}
                 self._pruned = now
         return text
 
