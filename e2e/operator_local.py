@@ -223,4 +223,5 @@ def wait_until(deadline_s: float, cond: Any, what: str, interval: float = 0.5) -
 def events_of(cp: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
     """Events about one object, oldest first."""
     items = cp.get("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")["items"]
-    return sorted(items, key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["name"]))
+    # eventTime (microseconds) first: the operator's phase events can share a second.
+    return sorted(items, key=lambda e: (e.get("eventTime") or e.get("firstTimestamp") or "", e["metadata"]["name"]))

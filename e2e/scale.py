@@ -135,7 +135,7 @@ def phase_events(cp: ControlPlane, namespace: str) -> dict[str, list[str]]:
     """The reasons of the events on each TrainingRun: the operator posts one per phase it records."""
     out: dict[str, list[str]] = {}
     events = json.loads(cp.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
-    for e in sorted(events, key=lambda e: e.get("firstTimestamp") or ""):
+    for e in sorted(events, key=lambda e: e.get("eventTime") or e.get("firstTimestamp") or ""):
         if e["involvedObject"]["kind"] == "TrainingRun":
             out.setdefault(e["involvedObject"]["name"], []).append(e["reason"])
     return out

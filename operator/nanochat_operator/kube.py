@@ -14,6 +14,7 @@ and no deserialisation cost per call. API errors are sorted here:
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,7 @@ class KubeCluster:
         self.batch = client.BatchV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.instance = socket.gethostname()  # the operator pod: events say which replica wrote them
         # One pooled HTTP client for trainer scrapes; short timeouts so a dead pod cannot
         # hold a worker thread.
         self.http = httpx.Client(timeout=scrape_timeout)
@@ -131,7 +133,8 @@ class KubeCluster:
     def post_event(self, obj: dict[str, Any], type: str, reason: str, message: str) -> None:
         """A core/v1 Event about a run, as `kubectl describe` and `kubectl get events` show them."""
         meta = obj["metadata"]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = datetime.now(UTC)
+        seconds, micro = now.strftime("%Y-%m-%dT%H:%M:%SZ"), now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         event = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
             "involvedObject": {
@@ -144,11 +147,15 @@ class KubeCluster:
             "type": type,
             "reason": reason,
             "message": message[:1024],
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
+            "action": reason,
+            "firstTimestamp": seconds,
+            "lastTimestamp": seconds,
+            # Microseconds: a run's phases can follow each other within one second, and only
+            # eventTime keeps their order (the timestamps above are whole seconds).
+            "eventTime": micro,
             "source": {"component": EVENT_SOURCE},
             "reportingComponent": EVENT_SOURCE,
+            "reportingInstance": self.instance,
         }
         try:
             self.core.create_namespaced_event(meta["namespace"], event, _preload_content=False)
