@@ -103,18 +103,11 @@ class Controller:
             result = "retry"
             self.queue.add_after(key, CONFLICT_DELAY)
             return
-        except NotOwned as err:
+        except (NotOwned, kopf.TemporaryError, ApiException, Urllib3Error, OSError) as err:
             result = "retry"
-            self._retry(key, 30, str(err))
-            return
-        except kopf.TemporaryError as err:
-            result = "retry"
-            self._retry(key, err.delay or 15, str(err))
-            return
-        except (ApiException, Urllib3Error, OSError) as err:
-            result = "retry"
-            e = temporary(err)
-            self._retry(key, e.delay or 15, str(e))
+            wait = _as_temporary(err)
+            log.warning("%s %s/%s: %s; retrying in %g s", kind, namespace, name, wait, wait.delay or 15)
+            self.queue.add_after(key, wait.delay or 15)
             return
         except Exception:
             n = self._failures[key] = self._failures.get(key, 0) + 1
@@ -129,26 +122,31 @@ class Controller:
         if outcome.status.phase not in TERMINAL_PHASES:
             self.queue.add_after(key, self.config.interval)
 
-    def _retry(self, key: RunKey, delay: float, why: str) -> None:
-        log.warning("%s %s/%s: %s; retrying in %g s", *key, why, delay)
-        self.queue.add_after(key, delay)
-
     def _write(self, kind: str, obj: dict[str, Any], outcome: Outcome) -> None:
         meta = obj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
         changes = status_patch(obj.get("status") or {}, dump_status(outcome.status))
-        if not changes:
-            # Every event goes with a status change (a phase, a condition): with none, the events
-            # were posted when it was written, e.g. a failure the run keeps answering the same.
-            _observe(meta["namespace"], meta["name"], outcome.status)
-            return
-        if not self.api.patch_status(PLURALS[kind], meta["namespace"], meta["name"], meta["resourceVersion"], changes):
-            return  # deleted meanwhile: its DELETED event brings the key back to forget it
-        for typ, reason, message in outcome.events:
-            try:
-                self.api.post_event(obj, typ, reason, message)
-            except Exception as err:  # noqa: BLE001  the status says it too; never lose the rest for it
-                log.warning("event %s on %s/%s not posted: %s", reason, meta["namespace"], meta["name"], err)
-        _observe(meta["namespace"], meta["name"], outcome.status)
+        # Every event goes with a status change (a phase, a condition): with none, its events were
+        # posted when that status was written, e.g. a failure the run keeps answering the same.
+        if changes:
+            if not self.api.patch_status(PLURALS[kind], ns, name, meta["resourceVersion"], changes):
+                return  # deleted meanwhile: its DELETED event brings the key back to forget it
+            for typ, reason, message in outcome.events:
+                try:
+                    self.api.post_event(obj, typ, reason, message)
+                except Exception as err:  # noqa: BLE001  the status says it too; never lose the rest for it
+                    log.warning("event %s on %s/%s not posted: %s", reason, ns, name, err)
+        _observe(ns, name, outcome.status)
+
+
+def _as_temporary(err: Exception) -> kopf.TemporaryError:
+    """The wait before looking again: kube.py's sorting of API errors; a Job that belongs to someone
+    else (an older run's, still being deleted) gets 30 s."""
+    if isinstance(err, kopf.TemporaryError):
+        return err
+    if isinstance(err, NotOwned):
+        return kopf.TemporaryError(str(err), delay=30)
+    return temporary(err)
 
 
 def _observe(namespace: str, name: str, status: TrainingRunStatus | EvalRunStatus) -> None:

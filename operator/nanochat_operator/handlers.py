@@ -99,17 +99,9 @@ def _slim(body: kopf.Body) -> dict[str, Any]:
 
 
 @kopf.index(*TR, id=RUN_INDEX[TRAINING_KIND])
-async def training_runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _slim(body)}
-
-
 @kopf.index(*ER, id=RUN_INDEX[EVAL_KIND])
-async def eval_runs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {(namespace, name): _slim(body)}
-
-
 @kopf.index(*JOBS, id=JOB_INDEX)
-async def jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): _slim(body)}
 
 
@@ -133,20 +125,16 @@ def _owner(labels: kopf.Labels, namespace: str) -> RunKey | None:
     return None
 
 
+# Every event, a deletion too: the worker finds a deleted run gone from the index and forgets it
+# there, one reconcile of a key at a time, so a run re-created under the same name is not forgotten.
 @kopf.on.event(*TR, id="training-event")
-async def training_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
-    _run_event((TRAINING_KIND, namespace, name), type)
+async def training_event(namespace: str, name: str, **_: Any) -> None:
+    QUEUE.add((TRAINING_KIND, namespace, name))
 
 
 @kopf.on.event(*ER, id="eval-event")
-async def eval_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
-    _run_event((EVAL_KIND, namespace, name), type)
-
-
-def _run_event(key: RunKey, type: str | None) -> None:
-    # A deletion too: the worker finds the run gone from the index and forgets it there, one
-    # reconcile of a key at a time, so a run re-created under the same name is not forgotten.
-    QUEUE.add(key)
+async def eval_event(namespace: str, name: str, **_: Any) -> None:
+    QUEUE.add((EVAL_KIND, namespace, name))
 
 
 @kopf.on.event(*JOBS, id="job-event")

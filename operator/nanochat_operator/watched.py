@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, TypeVar
 
 from nanochat_trainer.contract import TRAINING_KIND
 
@@ -29,6 +29,7 @@ from .kube import KubeCluster
 Key = tuple[str, str]  # (namespace, name)
 JOB_INDEX, POD_INDEX = "jobs", "pods"  # kopf index ids (handlers.py)
 RUN_INDEX = {TRAINING_KIND: "trainingruns", "EvalRun": "evalruns"}
+T = TypeVar("T")
 CREATED_GRACE_S = 60.0  # how long a created Job is answered from memory before the watch shows it
 
 
@@ -54,8 +55,7 @@ class WatchedCluster:
         self.clock = clock
         self._lock = threading.Lock()
         self._created: dict[Key, tuple[float, dict[str, Any]]] = {}
-        self._scraped: dict[str, tuple[float, str | None]] = {}
-        self._refusals: dict[Key, tuple[float, tuple[str, str] | None]] = {}
+        self._answers: dict[Hashable, tuple[float, Any]] = {}  # bounded calls: key -> (when asked, answer)
         self._pruned = clock()
 
     # ------------------------------------------------------------------ reads, from the watches
@@ -83,35 +83,33 @@ class WatchedCluster:
 
     def scrape(self, url: str) -> str | None:
         """The trainer's /metrics, read at most once per `every` seconds; between reads, the last answer."""
-        now = self.clock()
-        with self._lock:
-            last = self._scraped.get(url)
-        if last is not None and now - last[0] < self.every:
-            return last[1]
-        text = self.api.scrape(url)
-        with self._lock:
-            self._scraped[url] = (now, text)
-            if now - self._pruned > 4 * self.every:  # finished runs are not asked again
-                self._scraped = {u: v for u, v in self._scraped.items() if now - v[0] < 4 * self.every}
-                self._refusals = {j: v for j, v in self._refusals.items() if now - v[0] < 4 * self.every}
-                self._pruned = now
-        return text
+        return self._at_most_every(("scrape", url), lambda: self.api.scrape(url))
 
     def pod_create_failure(self, namespace: str, job_name: str) -> tuple[str, str] | None:
+        return self._at_most_every(
+            ("refused", namespace, job_name), lambda: self.api.pod_create_failure(namespace, job_name)
+        )
+
+    def _at_most_every(self, key: Hashable, fetch: Callable[[], T]) -> T:
+        """fetch()'s answer, asked at most once per `every` seconds for `key`; in between, the last
+        answer. Answers no one asked for in four intervals (finished runs') are dropped."""
         now = self.clock()
         with self._lock:
-            last = self._refusals.get((namespace, job_name))
+            last = self._answers.get(key)
         if last is not None and now - last[0] < self.every:
             return last[1]
-        failure = self.api.pod_create_failure(namespace, job_name)
+        answer = fetch()
         with self._lock:
-            self._refusals[(namespace, job_name)] = (now, failure)
-        return failure
+            self._answers[key] = (now, answer)
+            if now - self._pruned > 4 * self.every:
+                self._answers = {k: v for k, v in self._answers.items() if now - v[0] < 4 * self.every}
+                self._pruned = now
+        return answer
 
     def forget(self, namespace: str, job_name: str) -> None:
         """Drop what is remembered for a Job (its run is gone)."""
         with self._lock:
-            self._refusals.pop((namespace, job_name), None)
+            self._answers.pop(("refused", namespace, job_name), None)
             self._created.pop((namespace, job_name), None)
 
     # ------------------------------------------------------------------ writes, to the API

@@ -205,8 +205,13 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
         )
     ]
     # "original" scales the update by sqrt(max(1, rows/cols)), Keller Jordan's Muon, for which lr 0.02 is tuned.
-    muon = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": True, "weight_decay": cfg.weight_decay}
-    muon["adjust_lr_fn"] = "original"
+    muon = {
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "nesterov": True,
+        "weight_decay": cfg.weight_decay,
+        "adjust_lr_fn": "original",
+    }
     ns_dtype = newton_schulz_dtype(matrices + stacks)
     if matrices and ns_dtype == torch.float32 and not any(isinstance(p, DTensor) for p in matrices):
         opts.append(BatchedMuon(matrices, **muon, ns_dtype=ns_dtype))  # torch's Muon is bf16 only
