@@ -246,7 +246,8 @@ def test_newton_schulz_in_fp32_is_torchs_bf16_map_without_the_rounding():
 
 
 def test_muon_orthogonalises_in_fp32_only_where_the_cpu_emulates_bf16(monkeypatch):
-    # With ATen and oneDNN held to AVX2, every x86 CPU emulates bf16: the probe must see it.
+    # With ATen and oneDNN held to AVX2, every x86 CPU emulates bf16 (363 ms against 7 ms for fp32
+    # Newton-Schulz of a 256 x 1024 matrix on this machine's AMX CPU): the check must say so.
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     probe = "from nanochat_trainer.train.optim import cpu_bf16_is_emulated as f; print(f())"
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
