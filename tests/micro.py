@@ -45,11 +45,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {step: r["loss"] for step, r in read_log(run_dir).items()}
 
 
-def torchrun(nproc: int, cfg: TrainerConfig, tmp: Path) -> None:
-    """Train `cfg` under torchrun with `nproc` CPU processes (one thread each), as a pod does."""
+def torchrun(nproc: int, cfg: TrainerConfig, tmp: Path, script: Path | None = None, check: bool = True) -> int:
+    """Train `cfg` under torchrun with `nproc` CPU processes (one thread each), as a pod does;
+    `script` instead of the trainer's module: a test's wrapper around it. Returns the exit status."""
     path = tmp / f"cfg{nproc}-{Path(cfg.checkpoint.dir).name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    subprocess.run(
+    entry = [str(script)] if script is not None else ["-m", "nanochat_trainer.train"]
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -58,15 +60,14 @@ def torchrun(nproc: int, cfg: TrainerConfig, tmp: Path) -> None:
             str(nproc),
             "--master-port",
             str(_free_port()),
-            "-m",
-            "nanochat_trainer.train",
+            *entry,
             "--config",
             str(path),
         ],
-        check=True,
+        check=check,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=300,
-    )
+    ).returncode
 
 
 def _free_port() -> int:

@@ -26,6 +26,7 @@ BENCH = Path(__file__).parent.parent / "bench"
             ["packed model", "packed tokens == BitLinear tokens: True"],
         ),
         ("ternary_memory.py", ["--preset", "qwen3-hybrid", "--no-gen"], ["79674.39M params"]),
+        ("checkpoint_io.py", ["--preset", "tiny", "--ranks", "2"], ["sharded save", "gathered load", "MiB in all"]),
         (
             "eval_throughput.py",
             ["--problems", "4", "--workers", "2", "--batch", "2", "--new", "4", "--prompt-len", "8"],

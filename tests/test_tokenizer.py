@@ -4,6 +4,7 @@
 
 No test touches the network: GPT-2-style files are built here, small, and GPT-2's real BPE
 comes from tiktoken's cache (`make gpt2-bpe`) and is served from loopback where a download is tested.
+The Hugging Face exports are loaded by transformers from the folder alone (local_files_only).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tokenizers import Tokenizer as HFTok
+from transformers import AutoTokenizer
 
 from nanochat_trainer import tokenizer as tk
 from nanochat_trainer.config import TrainerConfig
@@ -242,3 +245,95 @@ def test_train_tokenizer_cli(tmp_path):
     assert tok.n_vocab <= 300
     assert os.path.isfile(tmp_path / "out" / "tokenizer.json")
     assert load_tokenizer(tmp_path / "out").encode(TEXT) == tok.encode(TEXT)
+
+
+# --------------------------------------------------------------------------- Hugging Face export
+
+# What a code model meets: code, whitespace runs and tabs, CRLF, unicode and emoji (ZWJ and
+# skin-tone sequences), numbers, long identifiers, contractions, " ." (which transformers'
+# clean-up of tokenization spaces would change on decode), controls, NBSP, nothing at all.
+HF_TEXTS = [
+    TEXT,
+    "hello world",
+    "import os\n\n\nclass Foo(Base):\n    def __init__(self, x: int = 3) -> None:\n        self.x = x  # set\n",
+    "if x:\n\tif y:\n\t\treturn {'a': [1, 2.5e-3, 0x1F]}\r\n",
+    "a    b\t\t\tc  \n  \n   \n\n\nd   ",
+    "   leading and trailing   ",
+    "naïve café Straße 世界 こんにちは Привет ١٢٣ ℕ",
+    "emoji 😀 👍🏽 👨‍👩‍👧 🎉🎉 \U0001f9ea",
+    "12345678901234567890 3.14159 1,000,000 -42 007",
+    "a_very_long_identifier_name_that_keeps_going_on_and_on_for_testing_purposes = AnotherVeryLongClassName()",
+    "x .  's don't we'll THEY'RE I'M",
+    "\x00\x01\x7f nbsp\u00a0here\u3000ideographic",
+    "",
+    generate(11, 1)[0],
+]
+
+
+def _assert_hf_export_matches(tok: tk.Tokenizer, out: Path) -> None:
+    """`tok.save_hf(out)` loads with transformers from the folder alone (bare, and beside a Qwen3
+    config.json as export_hf writes, whose model type must not pick another tokenizer class) and
+    gives `encode`'s ids, `decode`'s texts and `eot_id`."""
+    before = tok.save(out.parent / "plain-before")
+    assert tok.save_hf(out, model_max_length=2048) == out
+    files = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == files
+    ids = [tok.encode(t) for t in HF_TEXTS]
+    literal = f"a{EOT}b"
+    for with_model_config in (False, True):
+        if with_model_config:
+            (out / "config.json").write_text(json.dumps({"model_type": "qwen3", "vocab_size": tok.n_vocab}))
+        hf = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        assert (hf.eos_token_id, hf.bos_token_id, hf.unk_token_id) == (tok.eot_id,) * 3
+        assert (hf.eos_token, len(hf), hf.model_max_length) == (EOT, tok.n_vocab, 2048)
+        # tokenizer(text) is what vLLM calls: special tokens on, and still nothing is added.
+        assert [hf(t)["input_ids"] for t in HF_TEXTS] == ids
+        assert hf(HF_TEXTS)["input_ids"] == ids
+        assert [hf.encode(t, add_special_tokens=False) for t in HF_TEXTS] == ids
+        assert [hf.decode(i) for i in ids] == HF_TEXTS == [tok.decode(i) for i in ids]
+        # A literal end-of-text stays text, as in encode (split_special_tokens in tokenizer_config.json);
+        # asked not to split special tokens, transformers turns it into eot_id.
+        assert hf(literal)["input_ids"] == tok.encode(literal) and tok.eot_id not in tok.encode(literal)
+        assert tok.eot_id in hf(literal, split_special_tokens=False)["input_ids"]
+        # eot_id is special: decoded as such, dropped when special tokens are skipped (vLLM's default).
+        assert hf.decode([tok.eot_id]) == EOT
+        assert hf.decode(tok.encode("x") + [tok.eot_id], skip_special_tokens=True) == "x"
+    # tokenizer.json read alone (no tokenizer_config.json) marks eot_id special too, and maps the
+    # literal to it: the difference the module's docstring states.
+    raw = HFTok.from_file(str(out / "tokenizer.json"))
+    assert raw.decode(tok.encode("x") + [tok.eot_id], skip_special_tokens=True) == "x"
+    assert tok.eot_id in raw.encode(literal).ids
+    # Our own loader reads the export too, with the same ids; `save` writes what it wrote before.
+    assert load_tokenizer(out).encode_batch(HF_TEXTS) == ids
+    assert tok.save(out.parent / "plain-after").read_bytes() == before.read_bytes()
+
+
+def test_bpe_hf_export_matches_transformers(tmp_path):
+    tok = train_bpe(generate(0, 300), 1024)  # room for merges of whole identifiers and keywords
+    assert tok.eot_id == 0
+    _assert_hf_export_matches(tok, tmp_path / "hf")
+
+
+def test_gpt2_hf_export_matches_transformers(gpt2_bpe, tmp_path):
+    tok = tk.gpt2_tokenizer()
+    _assert_hf_export_matches(tok, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert hf("hello world")["input_ids"] == [31373, 995]  # GPT-2's own ids
+    # GPT-2's merges, recovered from the ranks: every token of two or more bytes is made by some merge.
+    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    made = {"".join(m.split(" ")) if isinstance(m, str) else "".join(m) for m in spec["model"]["merges"]}
+    assert len(made) == 50000 and spec["model"]["vocab"][EOT] == 50256
+
+
+def test_tiktoken_hf_export_of_a_small_table(tmp_path):
+    ranks = tiny_ranks()
+    tok = TiktokenTokenizer(ranks)
+    _assert_hf_export_matches(tok, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert hf("def xyz")["input_ids"] == [ranks[b"def"], ranks[b" x"], ranks[b"yz"]]
+    # What has no faithful Hugging Face form is refused, not written.
+    with pytest.raises(ValueError, match="pattern"):
+        TiktokenTokenizer(ranks, pattern=r"\S+|\s+").save_hf(tmp_path / "other")
+    with pytest.raises(ValueError, match="mergeable"):
+        TiktokenTokenizer(ranks, eot_id=ranks[b"de"]).save_hf(tmp_path / "other")
+    assert not (tmp_path / "other").exists()

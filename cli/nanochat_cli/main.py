@@ -7,6 +7,7 @@
     nanochat run examples/phase1-quick-demo.yaml [--dry-run] [--set trainer.steps=30]
     nanochat eval --checkpoint runs/x/final   # HumanEval pass@k
     nanochat serve --checkpoint runs/x/final  # OpenAI-compatible server
+    nanochat export runs/x --hf runs/x/hf     # a Hugging Face directory (vLLM, transformers); or --ternary FILE
     nanochat crds                             # regenerate crds/*.yaml
     nanochat sandbox-serve --socket @name     # the eval pod's sandbox container
 
@@ -103,6 +104,17 @@ def cmd_tokenizer_gpt2(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from nanochat_trainer.export import export_hf_dir, export_ternary  # noqa: PLC0415 (torch: the trainer extra)
+
+    if args.hf:
+        written = export_hf_dir(args.src, args.hf, args.dtype)
+        print(f"{'exported' if written else 'up to date'}: {args.hf}")
+    if args.ternary:
+        export_ternary(args.src, args.ternary)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     return run_manifest(args.manifest, dry_run=args.dry_run, overrides=parse_sets(args.set), runs_dir=args.runs_dir)
 
@@ -152,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--from-sdist", help="take it from openai-whisper's source distribution (.tar.gz)")
     how.add_argument("--download", action="store_true", help="download it the way tiktoken does")
     t.set_defaults(func=cmd_tokenizer_gpt2)
+
+    p = sub.add_parser("export", help="a trained model as a Hugging Face directory or a packed ternary file")
+    p.add_argument("src", help="a model directory, or a run directory (final/, else its newest checkpoint)")
+    what = p.add_argument_group("what to write (one or both)")
+    what.add_argument("--hf", metavar="DIR", help="a Hugging Face directory (config.json, safetensors, tokenizer)")
+    what.add_argument("--ternary", metavar="FILE", help="a ternary run's packed weights (.safetensors)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="--hf weights")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="run a TrainingRun/EvalRun manifest on this machine (no cluster)")
     p.add_argument("manifest")

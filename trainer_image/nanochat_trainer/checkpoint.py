@@ -6,23 +6,33 @@ sibling directory, every file fsynced, and then renamed into place, so a directo
 `step_*` is always complete: a crash mid-write leaves only a `.tmp-*` directory that the next
 save removes.
 
+    tmp = begin_checkpoint(run_dir, step)                  # rank 0; every rank then writes its shards
+    publish_checkpoint(tmp, train_state, cfg, tok, keep)   # rank 0, once all ranks are done
     model, tokenizer, cfg = load_model("runs/demo")        # newest of final/ or step_*
+
+A model directory holds its weights whole (`model.safetensors`: final/, best/) or sharded (a
+step checkpoint: the torch.distributed.checkpoint files each rank wrote, `parallel/state.py`);
+every reader here takes both.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import TrainerConfig
-from .contract import MODEL_CONFIG, MODEL_WEIGHTS, TRAIN_STATE, RunLayout
+from .contract import MODEL_CONFIG, MODEL_WEIGHTS, SHARDED_INDEX, TRAIN_STATE, RunLayout
 from .models.gpt import GPT
 from .models.moe import held_expert_rows
 from .models.ternary import apply_ternary
@@ -45,7 +55,7 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_dir(tmp: Path, final: Path) -> None:
     """Rename a fully written temporary directory into place, replacing an older one."""
     _fsync_tree(tmp)
     if final.exists():
@@ -81,33 +91,48 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, cfg: Traine
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _write_weights(tmp, model.state_dict(), cfg, tokenizer)
-    _publish(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    step: int,
-    model_sd: dict[str, torch.Tensor],
-    train_state: dict[str, Any],
-    cfg: TrainerConfig,
-    tokenizer: Tokenizer,
-    keep: int,
-) -> Path:
-    """Write checkpoint `step` (weights + optimizer/schedule/data/RNG state) and prune old ones."""
+def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
+    """The empty temporary directory checkpoint `step` is written into (rank 0 makes it, after
+    removing what an interrupted save left; every rank then writes its shards there)."""
     layout = RunLayout(Path(run_dir))
     layout.checkpoints.mkdir(parents=True, exist_ok=True)
     for stale in layout.checkpoints.glob("*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = layout.step(step)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    # A random suffix, not the pid: the ranks that write into it are other processes, maybe on other nodes.
+    tmp = layout.step(step).with_name(f"{layout.step(step).name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()
-    _write_weights(tmp, model_sd, cfg, tokenizer)
+    return tmp
+
+
+def publish_checkpoint(
+    tmp: Path, train_state: dict[str, Any], cfg: TrainerConfig, tokenizer: Tokenizer, keep: int
+) -> Path:
+    """Complete checkpoint `tmp` (every rank's shards written) with the config, the tokenizer and the
+    train state, rename it into place and prune the oldest beyond `keep`. Rank 0, after a barrier."""
+    if not (tmp / SHARDED_INDEX).is_file():
+        raise RuntimeError(f"{tmp}: no {SHARDED_INDEX}, the shards are incomplete; not publishing it")
+    (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tokenizer.save(tmp)
     torch.save(train_state, tmp / TRAIN_STATE)
-    _publish(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    final = tmp.with_name(tmp.name.split(".tmp-")[0])
+    publish_dir(tmp, final)
+    for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_sharded(model_dir: Path) -> bool:
+    """Whether a model directory holds its weights as torch.distributed.checkpoint shards."""
+    return (model_dir / SHARDED_INDEX).is_file()
+
+
+def read_train_state(step_dir: Path) -> dict[str, Any]:
+    """A step checkpoint's train state (memory-mapped: a whole checkpoint's optimizers may be large)."""
+    return torch.load(step_dir / TRAIN_STATE, map_location="cpu", weights_only=False, mmap=True)
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -127,7 +152,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model directory from a model dir itself, or a run dir (final/, else newest step)."""
     p = Path(path)
-    if (p / MODEL_WEIGHTS).is_file():
+    if (p / MODEL_WEIGHTS).is_file() or is_sharded(p):
         return p
     final = RunLayout(p).final
     if (final / MODEL_WEIGHTS).is_file():
@@ -135,31 +160,85 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     newest = latest_checkpoint(p)
     if newest is not None:
         return newest
-    raise ValueError(f"checkpoint={str(path)!r}: no model.safetensors there, nor final/ or checkpoints/step_*")
+    raise ValueError(f"checkpoint={str(path)!r}: no weights there, nor final/ or checkpoints/step_*")
 
 
 def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Tensor]:
-    """model_dir/model.safetensors as a state dict for `model`. Each expert weight that expert
-    parallelism split is read as this rank's rows alone (safetensors slices the file), so no
-    rank loads all of an MoE's experts."""
+    """A model directory's weights as a state dict for `model`. Each expert weight that expert
+    parallelism split is read as this rank's rows alone (from a whole file, safetensors slices
+    the file), so no rank keeps all of an MoE's experts."""
     rows = held_expert_rows(model)
     sd = {}
-    with safe_open(str(model_dir / MODEL_WEIGHTS), framework="pt") as f:
-        for k in f.keys():
+    with ModelTensors(model_dir) as tensors:
+        for k in tensors:
             if k in rows:
                 first, n = rows[k]
-                sd[k] = f.get_slice(k)[first : first + n]
+                sd[k] = tensors.rows(k, first, n)
             else:
-                sd[k] = f.get_tensor(k)
+                sd[k] = tensors[k]
     return sd
 
 
 def read_checkpoint(model: torch.nn.Module, step_dir: Path) -> dict[str, Any]:
-    """A step checkpoint for `model` to resume from (`train.trainer.Trainer.load_state_dict`): its
-    train state, memory-mapped so each rank reads only the parts it keeps, and "model", the weights
-    (this rank's expert rows only)."""
-    state = torch.load(step_dir / TRAIN_STATE, map_location="cpu", weights_only=False, mmap=True)
-    return {**state, "model": read_weights(model, step_dir)}
+    """A whole (earlier versions') step checkpoint for `model` to resume from
+    (`train.trainer.Trainer.resume`): its train state and "model", the weights (this rank's
+    expert rows only)."""
+    return {**read_train_state(step_dir), "model": read_weights(model, step_dir)}
+
+
+class ModelTensors(Mapping[str, torch.Tensor]):
+    """A model directory's weights by name, each read when asked for, one at a time (a model
+    larger than memory is read tensor by tensor): a safetensors file or sharded DCP files.
+
+        with ModelTensors(model_dir) as tensors:
+            for name in tensors: ... tensors[name] ...
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = model_dir
+        self._file = None
+        if is_sharded(model_dir):
+            meta = dcp.FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
+            # Model tensors are stored as "model.<name>"; optimizer states beside them are not weights.
+            self._shapes = {
+                k.removeprefix("model."): (m.size, m.properties.dtype)
+                for k, m in meta.items()
+                if k.startswith("model.") and hasattr(m, "size")
+            }
+        else:
+            self._file = safe_open(str(model_dir / MODEL_WEIGHTS), framework="pt")
+            self._shapes = {k: None for k in self._file.keys()}
+
+    def __enter__(self) -> ModelTensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._shapes:
+            raise KeyError(name)
+        if self._file is not None:
+            return self._file.get_tensor(name)
+        size, dtype = self._shapes[name]
+        t = torch.empty(size, dtype=dtype)
+        # no_dist: one process reads on its own, also inside a torchrun job (init_from, the parent).
+        with warnings.catch_warnings():  # DCP warns that no_dist means one process: it does
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: t}}, storage_reader=dcp.FileSystemReader(str(self.dir)), no_dist=True)
+        return t
+
+    def rows(self, name: str, first: int, n: int) -> torch.Tensor:
+        """Rows [first, first + n) of a tensor (an expert slice); a safetensors file reads only those."""
+        if self._file is not None:
+            return self._file.get_slice(name)[first : first + n]
+        return self[name][first : first + n].clone()
 
 
 def load_state_into(model: GPT, model_dir: Path) -> None:

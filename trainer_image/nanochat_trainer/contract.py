@@ -87,11 +87,14 @@ def storage_claim_name(run_name: str) -> str:
 
 # ---------------------------------------------------------------------------- the run directory
 
-# A model directory (a step checkpoint, or final/) holds these.
+# A model directory (a step checkpoint, or final/) holds these: the weights in one safetensors file
+# (final/, best/, and step checkpoints of earlier versions), or sharded (step checkpoints): a
+# torch.distributed.checkpoint directory, its index in SHARDED_INDEX beside each rank's files.
 MODEL_WEIGHTS = "model.safetensors"
+SHARDED_INDEX = ".metadata"
 MODEL_CONFIG = "config.yaml"  # the TrainerConfig that made the weights
 TOKENIZER_FILE = "tokenizer.json"
-TRAIN_STATE = "train_state.pt"  # step checkpoints only: optimizer, data position, RNG
+TRAIN_STATE = "train_state.pt"  # step checkpoints only: step, data position, RNG (and optimizers when whole)
 HF_CONFIG = "config.json"  # a Hugging Face model directory has this instead of MODEL_CONFIG
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -103,10 +106,12 @@ class RunLayout(Generic[P]):
     """The files of one run directory (the trainer's `checkpoint.dir`).
 
         <run>/tokenizer.json
-        <run>/checkpoints/step_00000100/   model.safetensors, config.yaml, tokenizer.json, train_state.pt
+        <run>/checkpoints/step_00000100/   the sharded weights and optimizers (.metadata, __<rank>_0.distcp),
+                                           config.yaml, tokenizer.json, train_state.pt
         <run>/final/                       model.safetensors, config.yaml, tokenizer.json
         <run>/best/, best.json             the best in-training pass@1 so far: its weights, step and score
         <run>/model.ternary.safetensors    a ternary run's packed export
+        <run>/hf/                          `nanochat export --hf`: a Hugging Face model directory (vLLM serves it)
         <run>/log.jsonl                    one JSON record per logged step
         <run>/expert_load.jsonl            MoE: routed tokens per expert, per checkpoint
         <run>/teacher-cache/               distillation: the teacher's answers
@@ -132,6 +137,11 @@ class RunLayout(Generic[P]):
     def best_record(self) -> P:
         """best/'s step and pass@1, as JSON."""
         return self.root / "best.json"
+
+    @property
+    def hf(self) -> P:
+        """The Hugging Face export of the run's model (`nanochat export SRC --hf`), for vLLM or transformers."""
+        return self.root / "hf"
 
     @property
     def dataset(self) -> P:

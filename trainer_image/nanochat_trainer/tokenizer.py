@@ -5,6 +5,7 @@
     ids = tok.encode("def f(): ...");  text = tok.decode(ids);  tok.eot_id;  tok.n_vocab
     tok.save(run_dir)                        # writes run_dir/tokenizer.json (and what it refers to)
     tok = load_tokenizer(run_dir)            # reads back what save wrote
+    tok.save_hf(hf_dir, model_max_length=n)  # Hugging Face files: transformers and vLLM load them
 
 Kinds (`TokenizerConfig.kind`):
 
@@ -26,6 +27,22 @@ loader inserts `eot_id`, between documents.
 `save` writes a Hugging Face tokenizer.json for tokenizers backed by `tokenizers`; for
 tiktoken ones it writes `tokenizer.tiktoken` plus a small tokenizer.json that points at it
 (`{"nanochat_tokenizer": "tiktoken", ...}`), which only `load_tokenizer` understands.
+
+`save_hf` writes what `transformers.AutoTokenizer.from_pretrained(dir)` (and so vLLM) loads
+and what gives the ids of `encode`: tokenizer.json (for tiktoken ones, a `tokenizers` BPE
+whose vocabulary and merges come from the ranks, with GPT-2's byte-level pre-tokenizer and
+decoder, as in GPT-2's own Hugging Face files), tokenizer_config.json and
+special_tokens_map.json (end-of-text is also bos and unk, nothing is added around a text:
+GPT-2's Hugging Face defaults). Its tokenizer.json replaces one that `save` wrote in the same
+folder (for tiktoken ones, the pointer file), so export into a folder of its own (`RunLayout.hf`);
+`load_tokenizer` reads an export too and gets the same ids.
+
+The literal "<|endoftext|>": tokenizer.json marks it special, as every Hugging Face GPT-2
+does, so skipping special tokens on decode drops it. tokenizer_config.json sets
+`split_special_tokens: true`, so transformers encodes a literal "<|endoftext|>" as text, like
+`encode`. A reader of tokenizer.json alone (`tokenizers.Tokenizer.from_file`, a server
+that ignores tokenizer_config.json) or a caller passing `split_special_tokens=False` gets
+`eot_id` for it instead.
 """
 
 from __future__ import annotations
@@ -42,8 +59,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tiktoken
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTok
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .config import TrainerConfig, load_trainer_config
 from .contract import TOKENIZER_FILE
@@ -60,6 +77,8 @@ R50K_FILE = hashlib.sha1(R50K_URL.encode()).hexdigest()  # its name in tiktoken'
 WHISPER_GPT2_MEMBER = "whisper/assets/gpt2.tiktoken"
 DOWNLOAD_TIMEOUT_S = 30
 _MARKER = "nanochat_tokenizer"
+HF_CONFIG_FILE = "tokenizer_config.json"
+HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 
 PathLike = str | os.PathLike
 
@@ -82,6 +101,59 @@ class Tokenizer:
     def save(self, directory: PathLike) -> Path:
         """Write `directory/tokenizer.json` (a path ending in .json is used as is); return it."""
         raise NotImplementedError
+
+    def hf_backend(self) -> HFTok:
+        """This tokenizer as a `tokenizers.Tokenizer` that gives the same ids (not to be modified)."""
+        raise NotImplementedError
+
+    def save_hf(self, out_dir: PathLike, *, model_max_length: int | None = None) -> Path:
+        """Write the Hugging Face tokenizer files into `out_dir` (see the module's docstring); return it.
+
+        `model_max_length`: the model's context length (transformers' own default, an
+        enormous number, when None).
+        """
+        backend = self.hf_backend()
+        eot = backend.id_to_token(self.eot_id)
+        if eot is None or backend.token_to_id(eot) != self.eot_id:
+            raise ValueError(f"end-of-text id {self.eot_id} is not a token of the Hugging Face tokenizer")
+        # GPT-2's Hugging Face defaults: end-of-text is bos, eos and unk, and nothing is added
+        # around a text (tokenizer.json has no template that would; add_bos_token and
+        # add_eos_token say so to the classes that read them), so tokenizer(text), which is
+        # what vLLM calls, gives `encode`'s ids.
+        special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+        config: dict[str, object] = {
+            # This class runs tokenizer.json as written, in transformers 4 and 5. Without a class
+            # here transformers takes config.json's model type's (Qwen2Tokenizer for qwen3: another
+            # pre-tokenizer, other ids); transformers 5 rebuilds a GPT2Tokenizer from the vocab and
+            # merges alone, with its own pre-tokenizer.
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "add_prefix_space": False,
+            # True (the default of older transformers; 5 ignores it for BPE) turns "x ." into
+            # "x." on decode.
+            "clean_up_tokenization_spaces": False,
+            # A literal "<|endoftext|>" in a text stays text, as in `encode`.
+            "split_special_tokens": True,
+            "added_tokens_decoder": {
+                str(self.eot_id): {
+                    "content": eot,
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                }
+            },
+        }
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        folder = Path(out_dir)
+        _write_atomic(folder / TOKENIZER_FILE, backend.to_str().encode())
+        _write_atomic(folder / HF_CONFIG_FILE, json.dumps(config, indent=2).encode())
+        _write_atomic(folder / HF_SPECIAL_TOKENS_FILE, json.dumps(special, indent=2).encode())
+        return folder
 
 
 def _target(directory: PathLike) -> Path:
@@ -132,6 +204,9 @@ class HFTokenizer(Tokenizer):
         _write_atomic(path, self._tok.to_str().encode())
         return path
 
+    def hf_backend(self) -> HFTok:
+        return self._tok
+
 
 class TiktokenTokenizer(Tokenizer):
     """GPT-2-style BPE run by tiktoken from a table of mergeable ranks."""
@@ -167,6 +242,56 @@ class TiktokenTokenizer(Tokenizer):
         }
         _write_atomic(path, json.dumps(meta, indent=1).encode())
         return path
+
+    def hf_backend(self) -> HFTok:
+        if self._pattern != GPT2_PATTERN:
+            # ByteLevel's built-in regex is GPT-2's; another pattern would need its own check.
+            raise ValueError(f"no Hugging Face pre-tokenizer known to match the pattern {self._pattern!r}")
+        return tiktoken_to_hf(self._ranks, self.eot_id)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the one `tokenizers`' ByteLevel uses: printable
+    Latin-1 bytes stand for themselves, the others for characters from U+0100 on."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in chars)
+    chars.update((b, chr(256 + n)) for n, b in enumerate(extra))
+    return chars
+
+
+def tiktoken_to_hf(ranks: dict[bytes, int], eot_id: int) -> HFTok:
+    """A `tokenizers` BPE that gives tiktoken's ids for GPT-2-pattern rank tables.
+
+    tiktoken merges, in a piece, the adjacent pair whose concatenation has the lowest rank, and
+    takes a piece that is a token whole. So every split of a token into two tokens is a merge,
+    ordered by the rank of the token it makes (transformers' TikTokenConverter does the same),
+    and `ignore_merges` takes whole tokens first.
+    """
+    if eot_id in ranks.values():
+        raise ValueError(f"end-of-text id {eot_id} is also the id of a mergeable token")
+    to_char = _byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(to_char[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOT] = eot_id  # GPT-2's vocab.json has it too; add_special_tokens below reuses the id
+    merges = sorted(
+        (rank, ranks[token[:cut]], ranks[token[cut:]], text(token[:cut]), text(token[cut:]))
+        for token, rank in ranks.items()
+        for cut in range(1, len(token))
+        if token[:cut] in ranks and token[cut:] in ranks
+    )
+    tok = HFTok(models.BPE(vocab, [(left, right) for *_, left, right in merges], ignore_merges=True))
+    # ByteLevel's regex is GPT-2's pattern (GPT2_PATTERN) in the regex engine `tokenizers` uses.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return tok
 
 
 # --------------------------------------------------------------------------- files

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -348,11 +349,19 @@ def hf_to_ours(
 
 def ours_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of `hf_to_ours`: our state dict in Hugging Face's on-disk names and layout."""
+    return dict(iter_hf_tensors(sd, cfg))
+
+
+def iter_hf_tensors(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """`ours_to_hf` one tensor at a time, layer by layer, reading `sd` only as it goes: with a
+    mapping that reads each tensor when asked (`checkpoint.ModelTensors`) a model larger than
+    memory is converted a layer at a time."""
     next_ = cfg.hybrid is not None
     shift = 1.0 if next_ else 0.0
     if cfg.moe is not None and cfg.moe.balance == "aux_free":
-        for k, v in sd.items():
-            if k.endswith("mlp.expert_bias") and bool(v.abs().max() > 0):
+        for k in [k for k in sd if k.endswith("mlp.expert_bias")]:
+            v = sd[k]
+            if bool(v.abs().max() > 0):
                 raise ValueError(
                     f"{k} is nonzero (moe.balance='aux_free'): Hugging Face Qwen3 routers have no "
                     "selection bias, so the exported model would route differently"
@@ -362,28 +371,27 @@ def ours_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         w = sd[key]
         return (w.float() - shift).to(w.dtype)
 
-    out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": sd["embed_tokens.weight"],
-        "model.norm.weight": norm("norm.weight"),
-    }
+    yield "model.embed_tokens.weight", sd["embed_tokens.weight"]
+    yield "model.norm.weight", norm("norm.weight")
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+        yield "lm_head.weight", sd["lm_head.weight"]
     hd = cfg.resolved_head_dim
     for i in range(cfg.n_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
-        out[p + "input_layernorm.weight"] = norm(o + "input_layernorm.weight")
-        out[p + "post_attention_layernorm.weight"] = norm(o + "post_attention_layernorm.weight")
+        yield p + "input_layernorm.weight", norm(o + "input_layernorm.weight")
+        yield p + "post_attention_layernorm.weight", norm(o + "post_attention_layernorm.weight")
         if _is_linear_layer(cfg, i):
             h = cfg.hybrid
             assert h is not None
             nk, r = h.linear_num_key_heads, h.linear_num_value_heads // h.linear_num_key_heads
             a = p + "linear_attn."
             part = {n: sd[o + f"attn.{n}_proj.weight"].reshape(nk, -1, cfg.dim) for n in "qkvzba"}
-            out[a + "in_proj_qkvz.weight"] = torch.cat([part[n] for n in "qkvz"], dim=1).reshape(-1, cfg.dim)
-            out[a + "in_proj_ba.weight"] = torch.cat([part["b"], part["a"]], dim=1).reshape(-1, cfg.dim)
-            assert out[a + "in_proj_ba.weight"].shape[0] == 2 * nk * r
+            yield a + "in_proj_qkvz.weight", torch.cat([part[n] for n in "qkvz"], dim=1).reshape(-1, cfg.dim)
+            ba = torch.cat([part["b"], part["a"]], dim=1).reshape(-1, cfg.dim)
+            assert ba.shape[0] == 2 * nk * r
+            yield a + "in_proj_ba.weight", ba
             for name in ("conv1d.weight", "dt_bias", "A_log", "norm.weight", "out_proj.weight"):
-                out[a + name] = sd[o + "attn." + name]
+                yield a + name, sd[o + "attn." + name]
         else:
             a = p + "self_attn."
             q = sd[o + "attn.q_proj.weight"]
@@ -391,29 +399,28 @@ def ours_to_hf(sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
                 g = sd[o + "attn.g_proj.weight"]
                 q = torch.cat([q.reshape(cfg.n_heads, hd, cfg.dim), g.reshape(cfg.n_heads, hd, cfg.dim)], dim=1)
                 q = q.reshape(-1, cfg.dim)
-            out[a + "q_proj.weight"] = q
+            yield a + "q_proj.weight", q
             for name in ("k_proj", "v_proj", "o_proj"):
-                out[a + f"{name}.weight"] = sd[o + f"attn.{name}.weight"]
+                yield a + f"{name}.weight", sd[o + f"attn.{name}.weight"]
             for name in ("q_norm", "k_norm"):
-                out[a + f"{name}.weight"] = norm(o + f"attn.{name}.weight")
+                yield a + f"{name}.weight", norm(o + f"attn.{name}.weight")
         m = p + "mlp."
         if _is_moe_layer(cfg, i):
             assert cfg.moe is not None
-            out[m + "gate.weight"] = sd[o + "mlp.router.weight"]
+            yield m + "gate.weight", sd[o + "mlp.router.weight"]
             # Per-expert Linears: the layout published checkpoints use, which every
             # transformers version reads (5.x fuses them itself on load).
             for name in ("gate_proj", "up_proj", "down_proj"):
                 stacked = sd[o + f"mlp.experts.{name}.weight"]
                 for e in range(cfg.moe.n_experts):
-                    out[f"{m}experts.{e}.{name}.weight"] = stacked[e]
+                    yield f"{m}experts.{e}.{name}.weight", stacked[e]
             if cfg.moe.n_shared_experts:
                 for name in ("gate_proj", "up_proj", "down_proj"):
-                    out[m + f"shared_expert.{name}.weight"] = sd[o + f"mlp.shared_expert.{name}.weight"]
-                out[m + "shared_expert_gate.weight"] = sd[o + "mlp.shared_expert_gate.weight"]
+                    yield m + f"shared_expert.{name}.weight", sd[o + f"mlp.shared_expert.{name}.weight"]
+                yield m + "shared_expert_gate.weight", sd[o + "mlp.shared_expert_gate.weight"]
         else:
             for name in ("gate_proj", "up_proj", "down_proj"):
-                out[m + f"{name}.weight"] = sd[o + f"mlp.{name}.weight"]
-    return out
+                yield m + f"{name}.weight", sd[o + f"mlp.{name}.weight"]
 
 
 # --------------------------------------------------------------------------- files
@@ -524,34 +531,56 @@ def export_hf(
     Shards (with model.safetensors.index.json) when the weights exceed `max_shard_bytes`.
     `dtype` casts the weights (default: as they are).
     """
-    os.makedirs(out_dir, exist_ok=True)
-    hf_cfg = hf_config_from_model(cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors = ours_to_hf(sd, cfg)
-    # safetensors refuses shared or strided storage: give every tensor its own contiguous copy.
-    tensors = {k: (v.to(dtype) if dtype else v).to("cpu").contiguous().clone() for k, v in tensors.items()}
-    hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
-        json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    write_hf(iter_hf_tensors(sd, cfg), cfg, out_dir, dtype, max_shard_bytes)
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in sorted(tensors):
-        nbytes = tensors[k].numel() * tensors[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = tensors[k]
+
+def write_hf(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> None:
+    """config.json and the weights of Hugging Face names `tensors` (`iter_hf_tensors`) into `out_dir`,
+    holding at most one shard in memory: shards of up to `max_shard_bytes` are written as they
+    fill, then named model-NNNNN-of-NNNNN.safetensors beside model.safetensors.index.json (one
+    shard: model.safetensors). `dtype` casts the weights (default: as they are)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+    first_dtype: torch.dtype | None = None
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            save_file(shard, str(out / f"part-{len(parts):05d}.safetensors"), metadata={"format": "pt"})
+            parts.append(sorted(shard))
+            shard, size = {}, 0
+
+    for name, t in tensors:
+        # safetensors refuses shared or strided storage: each tensor gets its own contiguous copy.
+        t = (t.detach().to(dtype) if dtype else t.detach()).to("cpu").contiguous().clone()
+        first_dtype = first_dtype or t.dtype
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = t
         size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+        total += nbytes
+    flush()
+    hf_cfg = hf_config_from_model(cfg)
+    hf_cfg["dtype"] = str(first_dtype).removeprefix("torch.")
+    (out / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+    if len(parts) == 1:
+        os.replace(out / "part-00000.safetensors", out / "model.safetensors")
         return
     weight_map: dict[str, str] = {}
-    for n, shard in enumerate(shards, 1):
-        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, name), metadata=meta)
-        weight_map.update({k: name for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    for n, names in enumerate(parts):
+        final = f"model-{n + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(out / f"part-{n:05d}.safetensors", out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

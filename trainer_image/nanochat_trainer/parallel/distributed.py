@@ -75,3 +75,12 @@ def gather_objects(obj: Any, env: Env) -> list[Any]:
     out: list[Any] = [None] * env.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(obj: Any, env: Env) -> Any:
+    """Rank 0's `obj`, on every rank."""
+    if env.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -38,9 +38,11 @@ gradient norm counts every expert once (`clip_grad_norm_`).
     ... loss.backward() ...
     reduce_expert_grads(model, ep); clip_grad_norm_(model, max_norm, ep); opt.step()
 
-Checkpoints: `gather_full_state` (collective) / `shard_full_state` (local) turn the
-expert entries of model and optimizer state dicts into full (E, ...) tensors and back,
-so checkpoint files are the same with and without EP (and with and without FSDP2).
+Checkpoints: step checkpoints see a rank's slice as its rows of the whole (E, ...) tensor
+(`ExpertParallel.mesh`, `parallel/state.py`), so each rank writes its own experts and a run
+resumes on another EP size. `gather_full_state` (collective) / `shard_full_state` (local) turn
+the expert entries of model and optimizer state dicts into full (E, ...) tensors and back, for
+final/ and for checkpoints written whole by earlier versions.
 
 Every forward is collective: all ranks of an EP group must run the same number of MoE
 forwards (no rank-0-only evaluation or generation with a sharded model).
@@ -51,11 +53,12 @@ Not covered: overlap of the exchanges with compute.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -75,6 +78,18 @@ class ExpertParallel:
     ep_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup | None  # None when dp == 1
     fsdp: bool = False  # set by apply.shard_fsdp: dense weights (and experts when dp > 1) are FSDP2 shards
+    _mesh: DeviceMesh | None = field(default=None, repr=False)
+
+    def mesh(self) -> DeviceMesh:
+        """The (ep, replica) device mesh of the whole world, made on first use (collective: every
+        rank's first call must be the same one). Rank r holds slice r % ep of replica r // ep, so
+        mesh[s, i] = i * ep + s: an (E, ...) expert tensor is cut into `ep` slices first and each
+        slice then into its FSDP2 shards over the replicas, the order the layout cuts it in."""
+        if self._mesh is None:
+            ranks = torch.arange(self.world).reshape(self.dp, self.ep).T
+            device = "cuda" if dist.get_backend(self.ep_group) == "nccl" else "cpu"
+            self._mesh = DeviceMesh(device, ranks, mesh_dim_names=("ep", "replica"))
+        return self._mesh
 
 
 class _AllToAll(torch.autograd.Function):

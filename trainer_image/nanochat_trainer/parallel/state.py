@@ -1,16 +1,31 @@
-"""Whole (unsharded) model and optimizer state, whatever the layout: what checkpoints hold.
+"""Model and optimizer state whatever the layout: sharded for step checkpoints, whole for final/.
 
-    msd, osds = full_state(model, opts, ep)            # collective; rank 0's dicts are complete
-    load_full_state(model, opts, msd, osds, ep)        # every rank keeps its part
+    save_sharded(model, opts, ep, step_dir)            # collective: each rank writes its own shards
+    load_sharded(model, opts, ep, step_dir)            # collective: each rank reads what it holds
     whole = unsharded(model, cfg, env, ep)             # the model final/ is written from (rank 0)
+    msd, osds = full_state(model, opts, ep)            # collective; rank 0's dicts are complete
+    load_full_state(model, opts, msd, osds, ep)        # checkpoints of earlier versions (whole files)
 
-Checkpoint files are the same with and without DDP, FSDP2 or expert parallelism, so a run can
-resume on another layout or world size.
+Step checkpoints are `torch.distributed.checkpoint` (DCP) directories: every tensor is stored
+under its name in the whole model with its global shape, each rank writing the pieces it holds
+(a replicated tensor is written once, DCP spreading them over the ranks), so no rank gathers the
+model and a run resumes on another world size or layout (DDP, FSDP2, expert parallelism), DCP
+cutting each stored tensor to what the reading rank holds. FSDP2's shards are DTensors already;
+an expert parallel rank's slice of the experts is presented as a DTensor on the (ep, replica)
+mesh (`ExpertParallel.mesh`), which says where its rows go.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -19,13 +34,94 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..config import TrainerConfig
 from ..models.gpt import GPT
 from ..models.hf_adapter import model_from_state_dict
 from .apply import uses_fsdp
 from .distributed import Env
-from .expert_parallel import ExpertParallel, gather_full_state, shard_full_state
+from .expert_parallel import ExpertParallel, expert_params, gather_full_state, shard_full_state
+
+# Optimizer state keyed "state.<param>.<key>" and "param_groups.<param>.<key>": stored per
+# parameter, so it reshards like the weights and does not depend on how groups are numbered.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def save_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: ExpertParallel | None, path: Path) -> None:
+    """Write this rank's shards of the model and optimizer state into the DCP directory `path`
+    (shared by all ranks; DCP fsyncs every file). Collective."""
+    state, _ = _sharded_state(model, opts, ep)
+    with _one_process_ok():
+        dcp.save(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
+def load_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: ExpertParallel | None, path: Path) -> None:
+    """Read from the DCP directory `path` what this rank holds of the model and of `opts`' state,
+    whatever layout wrote it. `opts` empty reads the weights alone. Collective."""
+    state, unwrap = _sharded_state(model, opts, ep)
+    with _one_process_ok():  # in place: into the parameters and optimizer states themselves
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    unwrap()
+    set_model_state_dict(model, state["model"])
+    for i, opt in enumerate(opts):
+        set_optimizer_state_dict(model, opt, state["optimizers"][str(i)], options=_FLAT)
+
+
+@contextmanager
+def _one_process_ok() -> Iterator[None]:
+    """DCP warns on every call outside a process group; one process is a layout like any other."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _sharded_state(
+    model: nn.Module, opts: list[torch.optim.Optimizer], ep: ExpertParallel | None
+) -> tuple[dict[str, Any], Callable[[], None]]:
+    """{"model": ..., "optimizers": {"0": ..., ...}}: this rank's tensors, named and shaped as in
+    the whole model, and a function that puts the tensors the layout holds back in place of the
+    expert views made for DCP. The optimizers' states are created (a zero step) when still empty."""
+    msd = get_model_state_dict(model)
+    osds = {str(i): get_optimizer_state_dict(model, opt, options=_FLAT) for i, opt in enumerate(opts)}
+    state = {"model": msd, "optimizers": osds}
+    if ep is None:
+        return state, lambda: None
+    mesh = ep.mesh()
+    names = {id(p) for p in expert_params(model)}
+    experts = {n: p.shape for n, p in model.named_parameters() if id(p) in names}
+    held: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+
+    def wrap(d: dict[str, Any], key: str, slice_shape: torch.Size) -> None:
+        t = d[key]
+        if isinstance(t, torch.Tensor) and t.shape == slice_shape:
+            held.append((d, key, t))
+            d[key] = _whole_experts(t, ep, mesh)
+
+    for name, shape in experts.items():
+        wrap(msd, name, shape)
+        for osd in osds.values():
+            for key in [k for k in osd if k.startswith(f"state.{name}.")]:
+                wrap(osd, key, shape)
+
+    def unwrap() -> None:
+        for d, key, t in held:
+            d[key] = t
+
+    return state, unwrap
+
+
+def _whole_experts(t: torch.Tensor, ep: ExpertParallel, mesh) -> DTensor:
+    """An expert parallel rank's (E/ep, ...) slice, or its FSDP2 shard over the replicas, as a view
+    of the whole (E, ...) tensor: rows cut over the mesh's "ep" dimension, then over "replica"
+    (FSDP2's Shard(0)) or repeated on every replica."""
+    if isinstance(t, DTensor):
+        local, placements = t.to_local(), (Shard(0), Shard(0))
+    else:
+        local, placements = t, (Shard(0), Replicate())
+    shape = torch.Size((t.shape[0] * ep.ep, *t.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def full_state(

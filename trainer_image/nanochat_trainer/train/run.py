@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, save_weights
+from ..checkpoint import begin_checkpoint, latest_checkpoint, publish_checkpoint, save_weights
 from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.heldout import heldout_rows
@@ -37,7 +37,7 @@ from ..datagen.run import Generator
 from ..errors import ConfigError
 from ..models.ternary_pack import save_packed
 from ..parallel.apply import wrap_model
-from ..parallel.distributed import Env, barrier, setup_distributed
+from ..parallel.distributed import Env, barrier, from_main, setup_distributed
 from ..parallel.state import unsharded
 from ..tokenizer import Tokenizer
 from .evaluation import InTrainingEval
@@ -82,7 +82,7 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
         parent=load_parent(cfg, env, ep) if parent_kd else None,
     )
     if resume_from is not None:
-        trainer.load_state_dict(read_checkpoint(model, resume_from), where=resume_from)
+        trainer.resume(resume_from)
     start = trainer.steps_done
 
     heldout = validation_rows(cfg, tokenizer, env)
@@ -109,9 +109,10 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
             if progress is not None and env.is_main:
                 progress(record)
             if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-                state = trainer.state_dict()  # collective
+                tmp = from_main(begin_checkpoint(layout.root, done) if env.is_main else None, env)
+                state = trainer.save(tmp)  # collective: every rank writes its shards
                 if env.is_main:
-                    save_checkpoint(layout.root, done, state.pop("model"), state, cfg, tokenizer, cfg.checkpoint.keep)
+                    publish_checkpoint(tmp, state, cfg, tokenizer, cfg.checkpoint.keep)
                 barrier(env)
                 metrics.set(checkpoint_step=done)
                 loads = trainer.take_expert_loads()

@@ -1,9 +1,9 @@
 """One rank's training state, and the optimizer step.
 
     trainer = Trainer(cfg, model, wrapped, opts, feed, env, ep=ep, parent=parent)
-    trainer.load_state_dict(read_checkpoint(model, path))   # resume: weights, optimizers, data, RNG, step
+    trainer.resume(step_dir)          # collective: weights, optimizers, data, RNG, step
     record = trainer.step()           # one optimizer step over grad_accum micro-batches -> its log record
-    state = trainer.state_dict()      # collective: what a checkpoint holds (rank 0's is complete)
+    state = trainer.save(tmp_dir)     # collective: every rank writes its shards; the train state (rank 0's complete)
 
 A step: the learning rate and the ternary ramp for this step; for each micro-batch of the feed
 the loss (`losses.model_loss`, mixed with the KL to the teacher's top-k targets or to the frozen
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..checkpoint import is_sharded, read_checkpoint, read_train_state
 from ..config import TrainerConfig
 from ..data.feed import Batch, BatchSource
 from ..data.loader import merge_states
@@ -31,7 +32,7 @@ from ..models.moe import load_summary, take_expert_loads, update_moe_biases
 from ..models.ternary import ramp_value, set_ramp
 from ..parallel.distributed import Env, gather_objects, mean_over_ranks, sum_over_ranks
 from ..parallel.expert_parallel import ExpertParallel, clip_grad_norm_, reduce_expert_grads
-from ..parallel.state import full_state, load_full_state
+from ..parallel.state import load_full_state, load_sharded, save_sharded
 from .losses import full_kl_loss, lm_loss, mixed_loss, model_loss, topk_kl_loss
 from .metrics import model_flops_per_token, peak_flops
 from .optim import lr_multiplier, set_lr
@@ -189,16 +190,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint holds: "model" (the unsharded weights) and the train state (step,
-        optimizers, the data position of every rank merged, RNG, and the distillation feed's
-        position per rank). Collective: every rank calls it; rank 0's is complete."""
+    def save(self, path: Path) -> dict[str, Any]:
+        """Write this rank's shards of the weights and optimizers into the checkpoint directory
+        `path` (`parallel.state.save_sharded`) and return the rest of what the checkpoint holds, the
+        train state: step, the optimizers' parameter groups, the data position of every rank merged,
+        RNG, and the distillation feed's position per rank. Collective; rank 0's train state is the
+        complete one (`checkpoint.publish_checkpoint` writes it)."""
+        save_sharded(self.model, self.opts, self.ep, path)
         env = self.env
-        msd, osds = full_state(self.model, self.opts, self.ep)
         state: dict[str, Any] = {
-            "model": msd,
             "step": self.steps_done,
-            "optimizers": osds,
+            "optimizer_groups": _group_names(self.model, self.opts),
             "loader": merge_states(gather_objects(self.feed.loader_state(), env)),
             "rng": {
                 "cpu": torch.get_rng_state(),
@@ -210,20 +212,29 @@ class Trainer:
             state["distill"] = gather_objects(feed_state, env)
         return state
 
-    def load_state_dict(self, state: dict[str, Any], where: str | Path = "the checkpoint") -> None:
-        """Resume from a checkpoint's state: "model" holds this rank's weights (its experts' rows only
-        under expert parallelism). Call before the first step."""
-        assert not self._feed_started, "load_state_dict() comes before the first step()"
+    def resume(self, step_dir: Path) -> None:
+        """Continue from a step checkpoint, sharded or (written by an earlier version) whole: each
+        rank reads the weights and optimizer states it holds. Collective; call before the first step."""
+        assert not self._feed_started, "resume() comes before the first step()"
+        if not is_sharded(step_dir):
+            self._resume_whole(read_checkpoint(self.model, step_dir), step_dir)
+            return
+        state = read_train_state(step_dir)
+        same = _same_groups(self.model, self.opts, state["optimizer_groups"], step_dir)
+        load_sharded(self.model, self.opts if same else [], self.ep, step_dir)
+        self._resume_position(state)
+
+    def _resume_whole(self, state: dict[str, Any], where: Path) -> None:
         msd = dict(state["model"])
         if self.cfg.model.tie_embeddings:
             msd["lm_head.weight"] = msd["embed_tokens.weight"]
-        load_full_state(
-            self.model,
-            self.opts,
-            msd,
-            _matching_optimizer_states(self.model, self.opts, state["optimizers"], where),
-            self.ep,
-        )
+        saved = state["optimizers"]
+        groups = [[sorted(g.get("params", [])) for g in osd.get("param_groups", [])] for osd in saved]
+        same = _same_groups(self.model, self.opts, groups, where)
+        load_full_state(self.model, self.opts, msd, saved if same else None, self.ep)
+        self._resume_position(state)
+
+    def _resume_position(self, state: dict[str, Any]) -> None:
         self.feed.load_loader_state(state["loader"])
         torch.set_rng_state(state["rng"]["cpu"])
         if self.env.device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -235,20 +246,21 @@ class Trainer:
         self.feed.close()
 
 
-def _matching_optimizer_states(
-    model: GPT, opts: list[torch.optim.Optimizer], saved: list[dict], where: str | Path
-) -> list[dict] | None:
-    """The checkpoint's optimizer states, or None when they were written for other optimizers
-    than this run builds (a trainer version that grouped the parameters differently, or a changed
-    optimizer.name): the run then resumes the weights, schedule and data position with fresh
-    optimizer state, and says so, rather than failing on every restart."""
+def _group_names(model: GPT, opts: list[torch.optim.Optimizer]) -> list[list[list[str]]]:
+    """Per optimizer, per parameter group, the names of its parameters (sorted)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    # Per parameter group: a group's learning rate comes from the config, not the checkpoint, so a
-    # parameter that moved to another group would resume at another rate with the old moments.
-    want = [[sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups] for opt in opts]
-    have = [[sorted(g.get("params", [])) for g in osd.get("param_groups", [])] for osd in saved]
-    if want == have:
-        return saved
+    return [[sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups] for opt in opts]
+
+
+def _same_groups(model: GPT, opts: list[torch.optim.Optimizer], saved: list[list[list[str]]], where: Path) -> bool:
+    """Whether a checkpoint's optimizer states were written for the optimizers this run builds. When
+    not (a trainer version that grouped the parameters differently, or a changed optimizer.name)
+    the run resumes the weights, schedule and data position with fresh optimizer state, and says
+    so, rather than failing on every restart. Per parameter group: a group's learning rate comes
+    from the config, not the checkpoint, so a parameter that moved to another group would resume at
+    another rate with the old moments."""
+    if _group_names(model, opts) == saved:
+        return True
     print(
         f"warning: {where}: its optimizer state ({len(saved)} optimizers) does not match this run's "
         f"({len(opts)}: {', '.join(type(o).__name__ for o in opts)}); resuming the weights with fresh "
@@ -256,4 +268,4 @@ def _matching_optimizer_states(
         file=sys.stderr,
         flush=True,
     )
-    return None
+    return False

@@ -1,0 +1,85 @@
+"""Offline exports of a trained model: a Hugging Face directory, or the packed ternary file.
+
+    nanochat export runs/r1 --hf runs/r1/hf                  # what vLLM and transformers load
+    nanochat export runs/r1 --ternary runs/r1/model.ternary.safetensors
+
+The source is a model directory or a run directory (final/, else its newest complete step
+checkpoint), its weights whole or sharded (`checkpoint.py`). The Hugging Face export is read and
+written a tensor at a time (`checkpoint.ModelTensors`, `hf_adapter.iter_hf_tensors`), holding one
+output shard at most, so a model larger than the host's memory exports on one machine. It is
+written into a temporary sibling and renamed into place, and records its source: asked again for
+the same source it says so and writes nothing (an EvalRun's pod runs it before every serving).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import ModelTensors, is_sharded, load_model, publish_dir, read_config, resolve_model_dir
+from .contract import MODEL_WEIGHTS, SHARDED_INDEX
+from .errors import ConfigError
+from .models.hf_adapter import iter_hf_tensors, write_hf
+from .models.ternary_pack import save_packed
+from .tokenizer import load_tokenizer
+
+SOURCE_RECORD = "nanochat_export.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "bfloat16") -> bool:
+    """Write the Hugging Face directory of `src`'s model into `out`: config.json, the weights
+    (sharded at 5 GB), the tokenizer, generation_config.json. Returns False when `out` already
+    holds this export (same source files, same dtype) and nothing was written."""
+    model_dir = resolve_model_dir(src)
+    cfg = read_config(model_dir)
+    if cfg.stage == "ternary":
+        raise ConfigError(
+            "--hf",
+            str(src),
+            "a ternary model's Hugging Face export would hold its latent full-precision weights, not the "
+            "ternary ones it was trained to use; export it with --ternary",
+        )
+    out = Path(out)
+    source = _source_record(model_dir, dtype)
+    if _recorded(out) == source:
+        return False
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = load_tokenizer(model_dir)
+    with ModelTensors(model_dir) as tensors:
+        write_hf(iter_hf_tensors(tensors, cfg.model), cfg.model, tmp, DTYPES[dtype])
+    tokenizer.save_hf(tmp, model_max_length=cfg.model.max_seq_len)
+    generation = {"eos_token_id": tokenizer.eot_id, "bos_token_id": tokenizer.eot_id, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (tmp / SOURCE_RECORD).write_text(json.dumps(source, indent=2))
+    publish_dir(tmp, out)
+    return True
+
+
+def export_ternary(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """The packed ternary file (`models/ternary_pack.py`, bf16 beside the packed codes) of a
+    ternary run's model. The model is loaded whole to pack it."""
+    model, _, cfg = load_model(resolve_model_dir(src))
+    if cfg.stage != "ternary":
+        raise ConfigError("--ternary", str(src), f"a ternary run's model is packed; this one is stage {cfg.stage!r}")
+    return save_packed(model, cfg.model.model_dump(mode="json"), out, dtype=torch.bfloat16)
+
+
+def _source_record(model_dir: Path, dtype: str) -> dict[str, Any]:
+    # The weights' index file is replaced (renamed into place) whenever the model directory is rewritten.
+    index = model_dir / (SHARDED_INDEX if is_sharded(model_dir) else MODEL_WEIGHTS)
+    stat = index.stat()
+    return {"source": str(model_dir.resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "dtype": dtype}
+
+
+def _recorded(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
