@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from nanochat_trainer.checkpoint import ModelTensors
 from nanochat_trainer.config import ModelConfig, TrainerConfig
 from nanochat_trainer.models.gpt import GPT
 
@@ -33,6 +34,12 @@ def micro_cfg(run_dir: Path, **over) -> TrainerConfig:
     data = {**MICRO, **over}
     data["checkpoint"] = {"dir": str(run_dir), **over.get("checkpoint", {})}
     return TrainerConfig.model_validate(data)
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """A model directory's weights by name, whole or sharded (final/ of an FSDP2 or EP run)."""
+    with ModelTensors(model_dir) as tensors:
+        return dict(tensors)
 
 
 def read_log(run_dir: Path) -> dict[int, dict]:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from nanochat_trainer.config import ModelConfig
 from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.models.hf_adapter import export_hf
 from nanochat_trainer.train import train
 
-from micro import MICRO, losses, micro_cfg, perturb, read_log, torchrun
+from micro import MICRO, losses, micro_cfg, perturb, read_log, torchrun, weights
 
 pytestmark = pytest.mark.slow  # torchrun or spawned process groups: tens of seconds
 
@@ -55,8 +54,8 @@ def test_fsdp_with_expert_parallel_matches_ddp_across_layouts(tmp_path):
         assert na[step]["grad_norm"] > 0.05  # the clip acted at every step
         assert nb[step]["grad_norm"] == pytest.approx(na[step]["grad_norm"], rel=1e-4), (step, na[step], nb[step])
         assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
-    ref = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
-    got = load_file(str(tmp_path / "ep" / "final" / "model.safetensors"))
+    ref = weights(tmp_path / "ddp" / "final")  # one safetensors file (DDP: rank 0 holds it all)
+    got = weights(tmp_path / "ep" / "final")  # sharded: each rank wrote its part
     assert got.keys() == ref.keys()
     experts = [k for k in got if ".experts." in k]
     assert experts and all(got[k].shape == ref[k].shape and got[k].shape[0] == 8 for k in experts)

@@ -11,11 +11,13 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nanochat_cli.main import main
 from nanochat_trainer.checkpoint import is_sharded, latest_checkpoint, list_checkpoints, load_model
 from nanochat_trainer.contract import MODEL_WEIGHTS, TRAIN_STATE, RunLayout
+from nanochat_trainer.models.ternary_pack import read_packed_metadata, save_packed
 from nanochat_trainer.train import train
 
 from micro import losses, micro_cfg, torchrun
@@ -51,6 +53,21 @@ def test_a_sharded_checkpoint_exports_to_what_transformers_loads(tmp_path, capsy
     assert "up to date" in capsys.readouterr().out and (out / "config.json").stat().st_mtime_ns == written
     assert main(["export", str(run), "--hf", str(out), "--dtype", "float32"]) == 0
     assert "exported" in capsys.readouterr().out
+
+
+def test_packing_a_tensor_at_a_time_equals_packing_the_model(tmp_path):
+    """The ternary export reads final/ a tensor at a time into a meta-device model's layout: the
+    same file as packing the loaded model whole."""
+    run = tmp_path / "t"
+    train(micro_cfg(run, steps=2, stage="ternary"))  # its packed export comes from final/, a tensor at a time
+    model, _, cfg = load_model(RunLayout(run).final)
+    save_packed(model, cfg.model.model_dump(mode="json"), tmp_path / "whole.safetensors", torch.bfloat16)
+    assert main(["export", str(run), "--ternary", str(tmp_path / "cli.safetensors")]) == 0
+    want = load_file(tmp_path / "whole.safetensors")
+    for path in (RunLayout(run).packed_ternary, tmp_path / "cli.safetensors"):
+        got = load_file(path)
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), path
+        assert read_packed_metadata(path) == read_packed_metadata(tmp_path / "whole.safetensors")
 
 
 @pytest.mark.slow  # torchrun: three runs of tens of seconds

@@ -6,14 +6,14 @@ import json
 
 import pytest
 from prometheus_client import generate_latest
-from safetensors.torch import load_file
 
 from nanochat_operator.progress import Progress, parse_trainer_metrics
+from nanochat_trainer.checkpoint import is_sharded
 from nanochat_trainer.contract import RunLayout
 from nanochat_trainer.train import train
 from nanochat_trainer.train.metrics import TrainerMetrics
 
-from micro import MICRO, losses, micro_cfg, read_log, torchrun
+from micro import MICRO, losses, micro_cfg, read_log, torchrun, weights
 
 
 def test_loss_falls(tmp_path):
@@ -63,9 +63,10 @@ def test_expert_parallel_training_matches_ddp_and_resumes(tmp_path):
         # Muon's bf16 Newton-Schulz makes the two reduction orders drift slightly.
         assert b[step] == pytest.approx(a[step], rel=2e-3), (step, a, b)
 
-    final = load_file(str(tmp_path / "ep" / "final" / "model.safetensors"))
-    experts = [v for k, v in final.items() if "experts" in k and v.dim() == 3]
-    assert experts and all(v.shape[0] == 8 for v in experts)  # all experts gathered in the saved model
+    final = RunLayout(tmp_path / "ep").final
+    assert is_sharded(final)  # each rank wrote its own experts
+    experts = [v for k, v in weights(final).items() if "experts" in k and v.dim() == 3]
+    assert experts and all(v.shape[0] == 8 for v in experts)  # all experts in the saved model
     # Expert load, counted over both ranks: each step's record summarises it and each checkpoint
     # appends the per-expert counts since the previous one. Split over ranks, the experts see the
     # tokens DDP's whole experts see: the same summary at step 1 (same weights, same rows), and

@@ -6,13 +6,14 @@ sibling directory, every file fsynced, and then renamed into place, so a directo
 `step_*` is always complete: a crash mid-write leaves only a `.tmp-*` directory that the next
 save removes.
 
-    tmp = begin_checkpoint(run_dir, step)                  # rank 0; every rank then writes its shards
-    publish_checkpoint(tmp, train_state, cfg, tok, keep)   # rank 0, once all ranks are done
+    tmp = begin_sharded(layout.step(step))                 # rank 0; every rank then writes its shards
+    publish_sharded(tmp, cfg, tok, train_state)            # rank 0, once all ranks are done
     model, tokenizer, cfg = load_model("runs/demo")        # newest of final/ or step_*
 
-A model directory holds its weights whole (`model.safetensors`: final/, best/) or sharded (a
-step checkpoint: the torch.distributed.checkpoint files each rank wrote, `parallel/state.py`);
-every reader here takes both.
+A model directory holds its weights whole (`model.safetensors`: best/, final/ of a replicated
+model) or sharded (step checkpoints, final/ of an FSDP2 or expert parallel model: the
+torch.distributed.checkpoint files each rank wrote, `parallel/state.py`); every reader here
+takes both.
 """
 
 from __future__ import annotations
@@ -95,34 +96,40 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, cfg: Traine
     return out
 
 
-def begin_checkpoint(run_dir: str | os.PathLike, step: int) -> Path:
-    """The empty temporary directory checkpoint `step` is written into (rank 0 makes it, after
-    removing what an interrupted save left; every rank then writes its shards there)."""
-    layout = RunLayout(Path(run_dir))
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
-    for stale in layout.checkpoints.glob("*.tmp-*"):
+def begin_sharded(target: Path) -> Path:
+    """The empty temporary sibling of model directory `target` (a step checkpoint, final/) that
+    every rank writes its shards into. Rank 0 makes it, after removing what an interrupted save
+    of the same kind left (any step's, for a step checkpoint)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = "*.tmp-*" if RunLayout.step_of(target) is not None else f"{target.name}.tmp-*"
+    for stale in target.parent.glob(leftovers):
         shutil.rmtree(stale, ignore_errors=True)
     # A random suffix, not the pid: the ranks that write into it are other processes, maybe on other nodes.
-    tmp = layout.step(step).with_name(f"{layout.step(step).name}.tmp-{secrets.token_hex(4)}")
+    tmp = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()
     return tmp
 
 
-def publish_checkpoint(
-    tmp: Path, train_state: dict[str, Any], cfg: TrainerConfig, tokenizer: Tokenizer, keep: int
+def publish_sharded(
+    tmp: Path, cfg: TrainerConfig, tokenizer: Tokenizer, train_state: dict[str, Any] | None = None
 ) -> Path:
-    """Complete checkpoint `tmp` (every rank's shards written) with the config, the tokenizer and the
-    train state, rename it into place and prune the oldest beyond `keep`. Rank 0, after a barrier."""
-    if not (tmp / SHARDED_INDEX).is_file():
+    """Complete `tmp` (every rank's shards written) with the config, the tokenizer and, for a step
+    checkpoint, the train state, and rename it into place. Rank 0, once every rank is done."""
+    if not is_sharded(tmp):
         raise RuntimeError(f"{tmp}: no {SHARDED_INDEX}, the shards are incomplete; not publishing it")
     (tmp / MODEL_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tokenizer.save(tmp)
-    torch.save(train_state, tmp / TRAIN_STATE)
-    final = tmp.with_name(tmp.name.split(".tmp-")[0])
-    publish_dir(tmp, final)
-    for old in list_checkpoints(final.parent.parent)[:-keep]:
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    target = tmp.with_name(tmp.name.split(".tmp-")[0])
+    publish_dir(tmp, target)
+    return target
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Remove all but the newest `keep` step checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def is_sharded(model_dir: Path) -> bool:
@@ -155,7 +162,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     if (p / MODEL_WEIGHTS).is_file() or is_sharded(p):
         return p
     final = RunLayout(p).final
-    if (final / MODEL_WEIGHTS).is_file():
+    if (final / MODEL_WEIGHTS).is_file() or is_sharded(final):
         return final
     newest = latest_checkpoint(p)
     if newest is not None:

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import ModelTensors, is_sharded, load_model, publish_dir, read_config, resolve_model_dir
+from .checkpoint import ModelTensors, is_sharded, publish_dir, read_config, resolve_model_dir
 from .contract import MODEL_WEIGHTS, SHARDED_INDEX
 from .errors import ConfigError
+from .models.gpt import GPT
 from .models.hf_adapter import iter_hf_tensors, write_hf
+from .models.ternary import apply_ternary
 from .models.ternary_pack import save_packed
 from .tokenizer import load_tokenizer
 
@@ -64,11 +66,17 @@ def export_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "
 
 def export_ternary(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
     """The packed ternary file (`models/ternary_pack.py`, bf16 beside the packed codes) of a
-    ternary run's model. The model is loaded whole to pack it."""
-    model, _, cfg = load_model(resolve_model_dir(src))
-    if cfg.stage != "ternary":
+    ternary run's model, packed a tensor at a time: what it holds at most is the packed file's
+    contents (16 GB for qwen3-hybrid) and one latent weight."""
+    model_dir = resolve_model_dir(src)
+    cfg = read_config(model_dir)
+    if cfg.stage != "ternary" or cfg.ternary is None:
         raise ConfigError("--ternary", str(src), f"a ternary run's model is packed; this one is stage {cfg.stage!r}")
-    return save_packed(model, cfg.model.model_dump(mode="json"), out, dtype=torch.bfloat16)
+    with torch.device("meta"):  # which modules are ternary, and their shapes; no memory
+        model = GPT(cfg.model)
+    apply_ternary(model, cfg.ternary, ramp=1.0)
+    with ModelTensors(model_dir) as weights:
+        return save_packed(model, cfg.model.model_dump(mode="json"), out, dtype=torch.bfloat16, weights=weights)
 
 
 def _source_record(model_dir: Path, dtype: str) -> dict[str, Any]:

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -330,7 +332,7 @@ def _n_weights(m: dict[str, Any]) -> int:
 
 
 def pack_ternary_state_dict(
-    model: nn.Module, dtype: torch.dtype | None = None
+    model: nn.Module, dtype: torch.dtype | None = None, weights: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, meta) of `model` with every ternary module (BitLinear, BitStackedLinear, or
     their packed counterparts) packed.
@@ -340,15 +342,20 @@ def pack_ternary_state_dict(
     stay float32. meta: {"modules": {name: {in_features, out_features, activation_bits,
     bias}, plus "kind": "stacked" and n_experts for experts}, "aliases": {dropped_key:
     kept_key}} for tied tensors.
+
+    `weights`: the tensors by state-dict name, instead of the model's own; `model` then only
+    says which modules are ternary (it may be on the meta device), and with a mapping that reads
+    each tensor when asked (`checkpoint.ModelTensors`) one layer's weight is in memory at a time.
     """
     modules = _packed_modules(model)
     out: dict[str, torch.Tensor] = {}
     meta_modules: dict[str, dict[str, Any]] = {}
     for name, m in modules.items():
-        if isinstance(m, BitLinear):
-            m = PackedBitLinear.from_bitlinear(m)
-        elif isinstance(m, BitStackedLinear):
-            m = PackedStackedLinear.from_bitstacked(m)
+        with _holding(m, name, weights):
+            if isinstance(m, BitLinear):
+                m = PackedBitLinear.from_bitlinear(m)
+            elif isinstance(m, BitStackedLinear):
+                m = PackedStackedLinear.from_bitstacked(m)
         out[f"{name}.weight_packed"] = m.weight_packed
         out[f"{name}.weight_scale"] = m.weight_scale
         if isinstance(m, PackedStackedLinear):
@@ -371,21 +378,37 @@ def pack_ternary_state_dict(
         }
     owned = {f"{n}.{suffix}" for n in modules for suffix in ("weight", "bias", "weight_packed", "weight_scale")}
     aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict(keep_vars=False).items():
+    seen: dict[int, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
         if key in owned:
             continue
-        # Tied parameters (lm_head.weight is embed_tokens.weight) appear twice here.
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if ident in seen:
-            aliases[key] = seen[ident]
+        # Tied parameters (lm_head.weight is embed_tokens.weight) appear twice here, as one object.
+        if id(t) in seen:
+            aliases[key] = seen[id(t)]
             continue
-        seen[ident] = key
+        seen[id(t)] = key
+        t = (weights[key] if weights is not None else t).detach()
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        out[key] = t.detach()
+        out[key] = t
     tensors = {k: v.detach().cpu().contiguous() for k, v in out.items()}
     return tensors, {"modules": meta_modules, "aliases": aliases}
+
+
+@contextmanager
+def _holding(module: nn.Module, name: str, weights: Mapping[str, torch.Tensor] | None) -> Iterator[None]:
+    """`module` with its weight (and bias) from `weights` while packing it, its own again after."""
+    if weights is None or isinstance(module, (PackedBitLinear, PackedStackedLinear)):
+        yield
+        return
+    own = {k: getattr(module, k) for k in ("weight", "bias") if getattr(module, k, None) is not None}
+    for k in own:
+        setattr(module, k, nn.Parameter(weights[f"{name}.{k}"], requires_grad=False))
+    try:
+        yield
+    finally:
+        for k, v in own.items():
+            setattr(module, k, v)
 
 
 def packed_stats(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, float]:
@@ -413,13 +436,14 @@ def save_packed(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     verbose: bool = True,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Write `model` packed to a safetensors file (atomically); returns and prints its sizes.
 
     model_cfg_dict is `ModelConfig.model_dump()`, so `load_packed_model` can rebuild the
-    model without the training config. dtype: see `pack_ternary_state_dict`.
+    model without the training config. dtype, weights: see `pack_ternary_state_dict`.
     """
-    tensors, meta = pack_ternary_state_dict(model, dtype)
+    tensors, meta = pack_ternary_state_dict(model, dtype, weights)
     # v1 when there are no experts, so readers that predate v2 still load dense exports.
     stacked = any(m.get("kind") == "stacked" for m in meta["modules"].values())
     header = {"format": FORMAT if stacked else FORMAT_V1, "encoding": ENCODING, "model_config": model_cfg_dict, **meta}

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import begin_checkpoint, latest_checkpoint, publish_checkpoint, save_weights
+from ..checkpoint import begin_sharded, latest_checkpoint, prune_checkpoints, publish_sharded, save_weights
 from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.heldout import heldout_rows
@@ -35,10 +35,12 @@ from ..data.loader import TokenLoader
 from ..data.sources import check_sources
 from ..datagen.run import Generator
 from ..errors import ConfigError
-from ..models.ternary_pack import save_packed
-from ..parallel.apply import wrap_model
+from ..export import export_ternary
+from ..models.gpt import GPT
+from ..parallel.apply import uses_fsdp, wrap_model
 from ..parallel.distributed import Env, barrier, from_main, setup_distributed
-from ..parallel.state import unsharded
+from ..parallel.expert_parallel import ExpertParallel
+from ..parallel.state import save_sharded
 from ..tokenizer import Tokenizer
 from .evaluation import InTrainingEval
 from .metrics import TrainerMetrics
@@ -109,10 +111,11 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
             if progress is not None and env.is_main:
                 progress(record)
             if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-                tmp = from_main(begin_checkpoint(layout.root, done) if env.is_main else None, env)
+                tmp = from_main(begin_sharded(layout.step(done)) if env.is_main else None, env)
                 state = trainer.save(tmp)  # collective: every rank writes its shards
                 if env.is_main:
-                    publish_checkpoint(tmp, state, cfg, tokenizer, cfg.checkpoint.keep)
+                    publish_sharded(tmp, cfg, tokenizer, state)
+                    prune_checkpoints(layout.root, cfg.checkpoint.keep)
                 barrier(env)
                 metrics.set(checkpoint_step=done)
                 loads = trainer.take_expert_loads()
@@ -121,13 +124,28 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
     finally:
         trainer.close()
 
-    whole = unsharded(model, cfg, env, ep)  # collective under FSDP or EP: every rank enters
-    if env.is_main and (start < cfg.steps or not layout.final.is_dir()):
-        save_weights(layout.final, whole, cfg, tokenizer)
-        if cfg.stage == "ternary":
-            save_packed(whole, cfg.model.model_dump(mode="json"), layout.packed_ternary, dtype=torch.bfloat16)
+    if start < cfg.steps or not layout.final.is_dir():
+        save_final(model, cfg, env, ep, layout, tokenizer)  # collective
     barrier(env)
     return record
+
+
+def save_final(
+    model: GPT, cfg: TrainerConfig, env: Env, ep: ExpertParallel | None, layout: RunLayout, tokenizer: Tokenizer
+) -> None:
+    """final/: one safetensors file from rank 0 when every rank holds the whole model; under FSDP2
+    or expert parallelism each rank writes its shards, so no rank gathers the model. A ternary
+    run's packed export is then read from final/ a tensor at a time. Collective."""
+    if ep is None and not uses_fsdp(cfg, env.world):
+        if env.is_main:
+            save_weights(layout.final, model, cfg, tokenizer)
+    else:
+        tmp = from_main(begin_sharded(layout.final) if env.is_main else None, env)
+        save_sharded(model, [], ep, tmp)
+        if env.is_main:
+            publish_sharded(tmp, cfg, tokenizer)
+    if cfg.stage == "ternary" and env.is_main:
+        export_ternary(layout.final, layout.packed_ternary)
 
 
 def _generate(cfg: TrainerConfig) -> dict[str, Any]:
