@@ -62,8 +62,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self._tie()
         cos, sin = self.rope_buffers()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -75,6 +74,17 @@ class GPT(nn.Module):
         if cfg.hybrid is not None:
             rotary = int(rotary * cfg.hybrid.partial_rotary_factor)
         return rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta, rotary)
+
+    def _tie(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
+        """nn.Module.to_empty, keeping a tied head tied: it makes every module's parameters anew,
+        so a head shared with the embedding would become a second, separately trained matrix."""
+        super().to_empty(device=device, recurse=recurse)
+        self._tie()
+        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

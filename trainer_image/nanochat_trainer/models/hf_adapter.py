@@ -546,6 +546,7 @@ def write_hf(
     holding at most one shard in memory: shards of up to `max_shard_bytes` are written as they
     fill, then named model-NNNNN-of-NNNNN.safetensors beside model.safetensors.index.json (one
     shard: model.safetensors). `dtype` casts the weights (default: as they are)."""
+    hf_cfg = hf_config_from_model(cfg)  # first: a model Hugging Face has no layout for fails before any writing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts: list[list[str]] = []
@@ -571,7 +572,6 @@ def write_hf(
         size += nbytes
         total += nbytes
     flush()
-    hf_cfg = hf_config_from_model(cfg)
     hf_cfg["dtype"] = str(first_dtype).removeprefix("torch.")
     (out / HF_CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if len(parts) == 1:
