@@ -17,7 +17,8 @@ Gated DeltaNet (Yang et al. 2024), as in Qwen3-Next, per value head h:
 Three kernels compute the rule: `chunk_gated_delta_rule` (training and prefill: WY /
 UT transform inside chunks, a scan across them), `recurrent_gated_delta_rule` (token
 by token; generation), and flash-linear-attention's Triton kernels when the `fla`
-package is installed and the tensors are on CUDA. Generation keeps each linear layer's
+package is installed and the tensors are on CUDA (on CUDA without them, the PyTorch
+kernels run and a warning says so, once per process). Generation keeps each linear layer's
 (conv_state, recurrent_state) in `cache.state[layer_idx]`; `KVCache.reorder` handles
 the tuple. Full-attention layers use the KV cache as usual (the cache allocates K/V for
 every layer; linear layers leave theirs unused).
@@ -36,13 +37,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .layers import Attention, KVCache
+from .layers import Attention, KVCache, warn_fallback
 
 try:  # Triton kernels for CUDA; optional.
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as _fla_chunk
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as _fla_recurrent
-except Exception:  # noqa: BLE001 - any import failure means "not available"
+
+    _fla_missing = ""
+except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
     _fla_chunk = _fla_recurrent = None
+    _fla_missing = f"{type(exc).__name__}: {exc}"
 
 
 # ------------------------------------------------------------------ the delta rule
@@ -163,6 +167,11 @@ def gated_delta_rule(
             q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True, use_qk_l2norm_in_kernel=True
         )
         return o, s
+    if q.is_cuda:
+        warn_fallback(
+            "Gated DeltaNet on CUDA without flash-linear-attention's kernels (fla not importable: "
+            f"{_fla_missing}): using the PyTorch chunked and recurrent kernels, much slower"
+        )
     if t == 1:
         return recurrent_gated_delta_rule(q, k, v, g, beta, initial_state)
     return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size, initial_state)

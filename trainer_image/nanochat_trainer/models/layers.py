@@ -11,6 +11,8 @@ maps weights one to one). Nothing here knows about parallelism or training.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 
 import torch
@@ -18,6 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+
+log = logging.getLogger("nanochat_trainer.models")
+
+
+@functools.cache
+def warn_fallback(message: str) -> None:
+    """A faster path not taken (a CUDA kernel missing) is never silent, and said once per process,
+    not once per layer and step."""
+    log.warning(message)
 
 
 class RMSNorm(nn.Module):

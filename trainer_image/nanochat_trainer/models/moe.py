@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from ..config import MoEConfig
-from .layers import Recompute, SwiGLU
+from .layers import Recompute, SwiGLU, warn_fallback
 
 
 class StackedLinear(nn.Module):
@@ -256,6 +256,12 @@ class MoE(nn.Module):
         impl = self.impl
         if impl == "auto":
             impl = "grouped_mm" if _grouped_mm_ok(x, self.dim, self.cfg.expert_ffn_dim) else "loop"
+            if impl == "loop" and x.is_cuda:
+                warn_fallback(
+                    "MoE experts on CUDA run the per-expert loop, not torch._grouped_mm (which needs bf16 and "
+                    f"sizes divisible by 8; here {_compute_dtype(x)}, dim {self.dim}, expert hidden "
+                    f"{self.cfg.expert_ffn_dim}{'' if hasattr(torch, '_grouped_mm') else ', and no torch._grouped_mm'})"
+                )
         with record_function("moe/experts"):  # under expert parallelism, with the all-to-alls
             y_sorted = self.experts(x_sorted, counts, impl)
         with record_function("moe/combine"):
