@@ -13,17 +13,24 @@ cgroup: killing a pod kills all of them, even those that left its process group.
 
 What it does NOT do, because there is no container runtime here:
   * no images: the container's `command` must name an executable on this machine's
-    PATH (the image and any image entrypoint are ignored);
+    PATH (the image and any image entrypoint are ignored), except for an image given a
+    stand-in (`stand_ins`: image -> program): its container runs that program, with the
+    rest of its command and args, in place of its command's first word. This is how a test
+    double takes the place of an image that cannot run here (vLLM, which needs GPUs);
   * no filesystem or network namespaces: volumes become host directories, and an arg or
     env value that is a container path (after `$(VAR)` expansion) is rewritten to the host
     path, as are such paths in ConfigMap files; paths inside a shell script are not, so
     pass them through env;
     every pod's IP is 127.0.0.1 and Service / headless-pod DNS names in env and args
     are rewritten to 127.0.0.1 (so two pods must not listen on the same port);
-  * no resource limits are enforced, and no probes run (Ready as soon as started);
+  * no resource limits are enforced (extended resources such as GPUs are only advertised),
+    and no probes run (Ready as soon as started) but a native sidecar's startupProbe;
   * only the first container runs (init containers run first, in order); a native sidecar
-    (an init container with `restartPolicy: Always`) is started and not waited for, is never
-    restarted, and is killed with the pod's other processes when the main container ends.
+    (an init container with `restartPolicy: Always`) is started and, as a kubelet does, the
+    next container waits for its startupProbe (exec or httpGet) if it has one; it is never
+    restarted, and is killed with the pod's other processes when the main container ends. A
+    sidecar that exits, or fails its startupProbe failureThreshold times, fails the pod (a
+    kubelet would restart it until the Job's deadline).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -314,8 +322,10 @@ class TestNodeAgent:
         capacity: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
+        stand_ins: dict[str, list[str]] | None = None,
     ) -> None:
         self.node_name = node_name
+        self.stand_ins = dict(stand_ins or {})  # image -> the argv that replaces its command's first word
         self.workdir = Path(workdir).resolve()
         self.capacity = dict(capacity or DEFAULT_CAPACITY)
         self.labels = dict(labels or {})
@@ -689,7 +699,19 @@ class TestNodeAgent:
             if proc is None:
                 return
             if init.container.get("restartPolicy") == "Always":
-                continue  # a native sidecar: it runs beside the rest, and dies with the pod
+                # A native sidecar: it runs beside the rest, and dies with the pod; what comes next
+                # waits for its startupProbe.
+                failure = self._wait_started(run, init, proc)
+                if self._abandoned(run):
+                    return
+                if failure is not None:
+                    _signal_pod(run, signal.SIGKILL)
+                    code = exit_code_of(proc.wait())
+                    init_status = self._terminated(init.container, code or 137, run.start_time, failure)
+                    status = self._status(run, "Failed", False, [self._waiting(main, "PodInitializing")], [init_status])
+                    self._patch_pod_status(run, status, final=True)
+                    return
+                continue
             code = exit_code_of(proc.wait())
             if self._abandoned(run):
                 return
@@ -747,6 +769,56 @@ class TestNodeAgent:
                 " ".join(plan.argv),
             )
             return run.proc
+
+    def _wait_started(self, run: _PodRun, plan: _Plan, proc: subprocess.Popen) -> str | None:
+        """A sidecar's startupProbe, run as a kubelet runs it before the next container starts: None
+        once it passes (or when there is none); else why it did not."""
+        probe = plan.container.get("startupProbe")
+        if not probe:
+            return None
+        name = plan.container["name"]
+        threshold = int(probe.get("failureThreshold", 3))
+        self._stop.wait(int(probe.get("initialDelaySeconds", 0)))
+        for _ in range(threshold):
+            if self._abandoned(run):
+                return None
+            if proc.poll() is not None:
+                return f"sidecar {name} exited {exit_code_of(proc.returncode)} before its startupProbe passed"
+            if self._probe(plan, probe):
+                LOG.info("pod %s/%s sidecar %s started (startupProbe passed)", run.namespace, run.name, name)
+                return None
+            self._stop.wait(int(probe.get("periodSeconds", 10)))
+        return f"sidecar {name}: startupProbe failed {threshold} times"
+
+    @staticmethod
+    def _probe(plan: _Plan, probe: dict[str, Any]) -> bool:
+        """One try of an exec or httpGet probe (on this machine: the pod's IP is loopback)."""
+        timeout = int(probe.get("timeoutSeconds", 1))
+        if "exec" in probe:
+            try:
+                done = subprocess.run(
+                    probe["exec"]["command"],
+                    env=plan.env,
+                    cwd=plan.cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=timeout,
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                return False
+            return done.returncode == 0
+        get = probe.get("httpGet")
+        if get is None:
+            return True  # tcpSocket, grpc: not run here
+        port = get["port"]
+        if isinstance(port, str):
+            port = next(p["containerPort"] for p in plan.container.get("ports") or [] if p.get("name") == port)
+        try:
+            with urllib.request.urlopen(f"http://{LOCAL_IP}:{port}{get.get('path', '/')}", timeout=timeout) as r:
+                return 200 <= r.status < 400
+        except OSError:
+            return False
 
     def _message(self, run: _PodRun, container: dict[str, Any], term: Path, code: int) -> str:
         policy = container.get("terminationMessagePolicy", "File")
@@ -1019,6 +1091,9 @@ class TestNodeAgent:
                 "so it cannot fall back to an image entrypoint"
             )
         argv = [localize(expand_vars(a, declared)) for a in command + (c.get("args") or [])]
+        stand_in = self.stand_ins.get(c.get("image", ""))
+        if stand_in:
+            argv = [*stand_in, *argv[1:]]
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env.get("PATH"))
         if not exe:
             raise _StartError(f"executable {argv[0]!r} not found in PATH={env.get('PATH')}")

@@ -33,6 +33,7 @@ class ChartOperator:
     namespace: str = "nanochat-system"
     release: str = "nanochat"
     values: dict[str, Any] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)  # after the chart's: a later flag wins
     proc: subprocess.Popen[bytes] | None = None
     metrics_port: int = 0
 
@@ -109,7 +110,7 @@ class ChartOperator:
     def command(self) -> tuple[list[str], dict[str, str]]:
         container = self.deployment()["spec"]["template"]["spec"]["containers"][0]
         # The image's entrypoint is `python -m nanochat_operator` (operator/Dockerfile).
-        argv = [sys.executable, "-m", "nanochat_operator", *container.get("args", [])]
+        argv = [sys.executable, "-m", "nanochat_operator", *container.get("args", []), *self.extra_args]
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         return argv, env
 

@@ -7,14 +7,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from nanochat_operator import api, render
 from nanochat_operator.checks import feasibility
-from nanochat_operator.manifests import dry_run, load_manifests
+from nanochat_operator.manifests import dry_run, eval_fit_in_file, load_manifests, vllm_serving
 
-from operator_support import validator
+from operator_support import pinned, validator
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -36,15 +37,28 @@ def test_example_matches_crd_schema(path):
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_validates_renders_and_dry_runs(path):
     objs = load_manifests(str(path))
-    names = {o.metadata.name for o in objs if isinstance(o, api.TrainingRun)}
+    trainings = {o.metadata.name: o for o in objs if isinstance(o, api.TrainingRun)}
     for obj in objs:
         if isinstance(obj, api.TrainingRun):
             assert feasibility(obj.spec) == []
             render.render_training(obj.metadata.name, "ml", obj.spec, image="i")
             if obj.spec.init:
-                assert obj.spec.init.from_training_run in names  # the chain is in the same file
+                assert obj.spec.init.from_training_run in trainings  # the chain is in the same file
         else:
-            assert obj.spec.model.training_run in names
+            assert obj.spec.model.training_run in trainings
+            fit = eval_fit_in_file(obj, trainings)  # the models it loads are in the same file: all checked
+            assert fit.problems == []
+            run, compared = obj.spec.model.training_run, {c.name: (c.training_run, "runs") for c in obj.spec.compare}
+            job = render.render_eval_job(
+                obj.metadata.name,
+                "ml",
+                obj.spec,
+                image="i",
+                source=(run, "runs"),
+                compare_runs={n: r for n, r in compared.items() if r[0]},
+                vllm=vllm_serving(fit, "v"),
+            )
+            kubernetes_validate.validate(job, pinned("KUBERNETES_VALIDATE_VERSION"), strict=True)
     summary = dry_run(str(path))
     assert summary.startswith(f"{path}: valid:")
 
@@ -65,6 +79,10 @@ def test_the_phases_follow_the_plan():
     assert tern.checkpoint.init_from.startswith("/data/hf/Qwen3-Next")
     assert tern.ternary.include == ["layers.*.mlp.experts.*"]  # selective: experts only
     assert [c.name for c in p3["phase3-ternary-humaneval"].spec.compare] == ["parent", "teacher"]
+    # The 80B student does not fit one GPU: the eval pod serves it with vLLM over its 8.
+    fit = eval_fit_in_file(p3["phase3-ternary-humaneval"], p3)
+    assert fit.problems == [] and fit.tensor_parallel == 8 == p3["phase3-ternary-humaneval"].spec.resources.gpus
+    assert "tensor parallelism 8" in dry_run(str(EXAMPLES[2]))
 
 
 _BUDGET = re.compile(r"^#\s+([a-z0-9-]+): ([\d.]+)B tokens \(([\d,]+) steps", re.M)

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from nanochat_operator.metrics import OperatorMetrics
+from nanochat_operator.settings import DEFAULT_TRAINER_IMAGE, DEFAULT_VLLM_IMAGE
 from nanochat_trainer.contract import GENERATE_REJECTED_BY_REASON, TrainerGauge
 
 from operator_support import built_tool, pinned
@@ -40,6 +41,7 @@ ALL_ON = {
     "image": {"tag": "test", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
     "trainerImage": "registry.local/trainer:9",
+    "vllmImage": "registry.local/vllm-openai:1",
     "operator": {"interval": 5, "maxWorkers": 4, "gpuMemoryGiB": 141, "logFormat": "plain", "extraArgs": ["--x"]},
     "serviceAccount": {"create": True, "name": "nano", "annotations": {"a": "b"}},
     "nodeSelector": {"pool": "system"},
@@ -108,6 +110,9 @@ def test_default_render_validates_and_matches_snapshot(helm, tmp_path):
     ]
     for obj in objs:
         kubernetes_validate.validate(obj, K8S, strict=True)
+    args = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    # The chart's default images are the operator's own defaults.
+    assert f"--trainer-image={DEFAULT_TRAINER_IMAGE}" in args and f"--vllm-image={DEFAULT_VLLM_IMAGE}" in args
     if os.environ.get("NANOCHAT_UPDATE_SNAPSHOTS"):
         SNAPSHOT.parent.mkdir(exist_ok=True)
         SNAPSHOT.write_text(text)
@@ -133,6 +138,7 @@ def test_all_on_render_validates(helm, tmp_path):
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=ml" in args and "--namespace=research" in args and "--peering=nanochat" in args
     assert "--trainer-image=registry.local/trainer:9" in args and "--log-format=plain" in args
+    assert "--vllm-image=registry.local/vllm-openai:1" in args
     assert dep["spec"]["strategy"]["type"] == "RollingUpdate" and dep["spec"]["replicas"] == 2
     pm = by_kind(objs, "PodMonitor")[0]
     # Only rank 0 serves metrics: pod 0 of each Indexed Job, not N-1 targets down per multi-node run.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from nanochat_cli.local import run_manifest
+from nanochat_cli.main import main
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.serve import ModelServer
 
@@ -141,3 +142,20 @@ spec:
     last = json.loads((runs / "student" / "log.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 3 and last["teacher"]["requests"] > 0 and last["teacher"]["errors"] == 0, last
     assert last["alignment"]["aligned_fraction"] > 0.2 and last["kd_loss"] is not None
+
+
+def test_an_eval_the_cluster_would_serve_with_vllm_stops_a_local_run_in_one_line(tmp_path, capsys):
+    """phase 3's EvalRun of the 80B student: the operator serves it with vLLM over 8 GPUs; here there is
+    no vLLM, so `nanochat run` says so in one line (exit 2) before anything runs, and the dry run
+    says what the cluster would do."""
+    phase3 = str(Path(__file__).parent.parent / "examples" / "phase3-production.yaml")
+    runs = tmp_path / "runs"
+    assert main(["run", phase3, "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert "EvalRun phase3-ternary-humaneval needs a cluster with GPUs" in err and "vLLM over 8 GPU(s)" in err
+    assert not runs.exists()  # nothing ran
+    assert run_manifest(phase3, dry_run=True, runs_dir=str(runs)) == 0
+    out = capsys.readouterr().out
+    assert "served by vLLM with tensor parallelism 8 in the eval pod" in out  # the cluster's plan
+    assert "EvalRun phase3-ternary-humaneval needs a cluster with GPUs" in out  # and this machine's

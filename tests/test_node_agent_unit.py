@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
+import os
 import signal
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +165,36 @@ def test_service_urls_in_config_files_map_to_loopback():
     out = na.map_service_urls_in_text(text, "ml", {"teacher"})
     assert "url: http://127.0.0.1:8000/v1" in out and "https://example.com/x" in out
     assert "local: http://127.0.0.1:9/" in out
+
+
+def test_startup_probe_exec_and_http(tmp_path) -> None:
+    """A native sidecar's startupProbe, one try: exec by exit status (in the container's env), httpGet by
+    status code on loopback (a named port through the container's ports)."""
+
+    def plan(container: dict) -> na._Plan:
+        return na._Plan(container, [], "", {"PATH": os.environ["PATH"], "X": "7"}, Path(tmp_path), Path(tmp_path))
+
+    ok = {"exec": {"command": [sys.executable, "-c", "import os, sys; sys.exit(os.environ['X'] != '7')"]}}
+    bad = {"exec": {"command": [sys.executable, "-c", "raise SystemExit(1)"]}}
+    slow = {"exec": {"command": [sys.executable, "-c", "import time; time.sleep(5)"]}, "timeoutSeconds": 1}
+    assert na.TestNodeAgent._probe(plan({}), ok) and not na.TestNodeAgent._probe(plan({}), bad)
+    assert not na.TestNodeAgent._probe(plan({}), slow)
+    assert not na.TestNodeAgent._probe(plan({}), {"exec": {"command": ["/no/such/probe"]}})
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        named = plan({"ports": [{"name": "http", "containerPort": port}]})
+        assert na.TestNodeAgent._probe(named, {"httpGet": {"port": "http", "path": "/health"}})
+        assert not na.TestNodeAgent._probe(named, {"httpGet": {"port": port, "path": "/loading"}})
+    finally:
+        server.shutdown()

@@ -10,7 +10,15 @@ from pydantic import ValidationError
 
 from nanochat_operator import api
 from nanochat_operator.api import EvalRunStatus, TrainingRunSpec, TrainingRunStatus
-from nanochat_operator.checks import estimate_params, feasibility
+from nanochat_operator.checks import (
+    GIB,
+    estimate_params,
+    eval_fit,
+    feasibility,
+    kv_cache_bytes,
+    serving_bytes_per_gpu,
+    tensor_parallel_problem,
+)
 from nanochat_operator.manifests import ManifestError, dry_run, parse_documents, validate_documents
 from nanochat_operator.metrics import OperatorMetrics, serve
 from nanochat_operator.settings import parse_args
@@ -129,6 +137,64 @@ def test_feasibility_gpu_cpu_and_memory():
     big = {"preset": "qwen3-hybrid"}
     assert feasibility(spec(trainer=big, resources={"nodes": 2, "gpusPerNode": 8})) == []
     assert feasibility(spec(trainer=big, resources={"nodes": 1, "gpusPerNode": 8}))
+
+
+def evalrun(gpus: int = 0, **spec) -> api.EvalRunSpec:
+    return api.EvalRunSpec.model_validate({"model": {"trainingRun": "r"}, "resources": {"gpus": gpus}, **spec})
+
+
+def model(preset: str, **over):
+    return TrainerConfig.model_validate({"preset": preset, "model": over}).model
+
+
+def test_eval_fit_one_gpu_then_vllm_over_the_gpus_asked_then_refused():
+    """The fit decision: whole in fp32 on one GPU (nanochat eval, as before); else in bf16 over
+    resources.gpus GPUs with tensor parallelism (vLLM); else refused, naming the memory it needs and
+    the GPUs that would do."""
+    big = model("qwen3-hybrid")  # ~79.7B: 297 GiB in fp32, 148 GiB in bf16
+    assert eval_fit(evalrun(8), model("nano-1B"), {}) == eval_fit(evalrun(8), None, {})  # fits: nothing to do
+    assert eval_fit(evalrun(1), model("nano-1B"), {}).tensor_parallel is None
+    fit = eval_fit(evalrun(8), big, {})
+    assert fit.problems == [] and fit.tensor_parallel == 8 and fit.max_model_len == 4096
+    assert "needs 297 GiB in fp32, more than one GPU's 80 GiB" in fit.reason
+    assert eval_fit(evalrun(4), big, {}).tensor_parallel == 4  # 37 GiB of weights per GPU: fits 60
+    (too_big,) = eval_fit(evalrun(2), big, {}).problems
+    assert "needs 74.3 GiB per GPU (148 GiB of weights in all" in too_big and "60 GiB of a 80 GiB GPU" in too_big
+    assert too_big.endswith("ask for resources.gpus=4"), too_big
+    (odd,) = eval_fit(evalrun(3), big, {}).problems  # memory would do, the heads do not split in 3
+    assert "vLLM cannot split it over 3 GPUs (n_heads=16" in odd and odd.endswith("ask for resources.gpus=4"), odd
+    # A smaller GPU needs more of them; past one node's 16, the answer is an endpoint that spans nodes.
+    assert eval_fit(evalrun(8), big, {}, gpu_memory_gib=24).problems[0].endswith("ask for resources.gpus=16")
+    (none,) = eval_fit(evalrun(16), big, {}, gpu_memory_gib=12).problems
+    assert "no 16 GPUs of one node hold it: score it through spec.model.endpoint" in none, none
+    # On CPU (gpus 0) nothing changes: the pod's memory must hold the model in fp32.
+    (cpu,) = eval_fit(evalrun(0, resources={"memory": "64Gi"}), big, {}).problems
+    assert cpu.endswith("in the eval pod; resources.memory=64Gi is not enough") and "297 GiB" in cpu
+
+
+def test_serving_arithmetic_and_what_tensor_parallelism_can_split():
+    big = model("qwen3-hybrid")
+    params = estimate_params(big)
+    # 12 full-attention layers x K and V x 2 KV heads x 256 x 2 bytes per token; the KV heads split over 2 GPUs.
+    assert kv_cache_bytes(big, 1) - kv_cache_bytes(big, 0) == 12 * 2 * 2 * 256 * 2
+    assert kv_cache_bytes(big, 4096, 8) - kv_cache_bytes(big, 0, 8) == 12 * 2 * 256 * 2 * 4096  # 2 heads: at most 2
+    per_gpu = serving_bytes_per_gpu(big, params, 8)
+    assert params * 2 / 8 < per_gpu < params * 2 / 8 + 0.2 * GIB  # the weights' share, plus one sequence
+    assert tensor_parallel_problem(big, 8) is None and tensor_parallel_problem(big, 16) is None
+    assert tensor_parallel_problem(model("tiny"), 2) is None
+    assert tensor_parallel_problem(model("tiny", n_heads=6, n_kv_heads=3, dim=192), 4) == (
+        "n_heads=6 must be divisible by 4; n_kv_heads=3 must divide 4 or be divisible by it"
+    )
+    assert tensor_parallel_problem(model("tiny", n_heads=6, n_kv_heads=3, dim=192, ffn_dim=384), 6) is None  # KV x2
+
+
+def test_eval_fit_of_compared_runs():
+    big, small = model("qwen3-hybrid"), model("nano-125M")
+    (one,) = eval_fit(evalrun(1), small, {"parent": big}).problems  # compared runs are never served
+    assert one.startswith("parent: a model of ~79.67B parameters needs 297 GiB in fp32 on one GPU"), one
+    assert eval_fit(evalrun(1), small, {"parent": small}).problems == []
+    (beside,) = eval_fit(evalrun(8), big, {"parent": small}).problems  # vLLM holds every GPU
+    assert beside.startswith("compare parent: nanochat eval would load this TrainingRun beside vLLM"), beside
 
 
 def test_feasibility_of_expert_parallel_layouts():

@@ -488,13 +488,15 @@ def test_operator_made_storage_outlives_the_run_unless_asked(when_deleted, owned
 @pytest.mark.parametrize(
     "preset,resources,needle",
     [
-        ("qwen3-hybrid", {"gpus": 8}, "model: a model of ~"),  # 80B: whole, in fp32, on one GPU
+        # 80B: 297 GiB in fp32, too much for one GPU; 74 GiB per GPU in bf16 over 2, too much for vLLM too
+        ("qwen3-hybrid", {"gpus": 2}, "needs 74.3 GiB per GPU (148 GiB of weights in all"),
         ("nano-1B", {"memory": "2Gi"}, "resources.memory=2Gi is not enough"),
     ],
 )
 def test_an_eval_that_cannot_load_its_model_fails_before_its_pod(preset, resources, needle):
-    """nanochat eval loads each checkpoint whole in fp32 on one device: an EvalRun whose model cannot
-    fit is refused with the memory it needs, before any pod starts."""
+    """nanochat eval loads each checkpoint whole in fp32 on one device, and vLLM serves one too large
+    for that over resources.gpus GPUs: an EvalRun whose model fits neither is refused with the memory
+    it needs, before any pod starts."""
     c = FakeCluster()
     c.runs["demo"] = tr(trainer={"preset": preset}, status={"phase": "Succeeded", "jobName": "demo-train"})
     s = step(c, er(resources=resources), fn=reconcile_eval)
@@ -512,3 +514,72 @@ def test_a_compared_run_too_large_to_load_fails_the_eval_naming_it():
     s = step(c, er(resources={"gpus": 1}, compare=[{"name": "parent", "trainingRun": "big"}]), fn=reconcile_eval)
     failed = get_condition(s, "Failed")
     assert failed["reason"] == "Infeasible" and failed["message"].startswith("parent: a model of ~"), failed
+
+
+def test_an_eval_whose_model_fits_one_gpu_loads_it_in_nanochat_eval_as_before():
+    c = FakeCluster()
+    c.runs["demo"] = tr(trainer={"preset": "nano-1B"}, status={"phase": "Succeeded", "jobName": "demo-train"})
+    out = reconcile_eval(c, er(resources={"gpus": 8}), CFG, now=NOW, adopt=adopt)
+    s = dump_status(out.status)
+    pod = c.job("ev-eval")["spec"]["template"]["spec"]
+    assert [i["name"] for i in pod["initContainers"]] == ["sandbox"]
+    assert pod["containers"][0]["command"][:4] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/final"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert "serving" not in s and get_condition(s, "Accepted")["message"] == "the spec is valid and fits its resources"
+    assert ("Normal", "Created", "created Job ev-eval") in out.events
+
+
+def test_an_eval_of_a_model_too_large_for_one_gpu_is_served_by_vllm_and_says_so():
+    """qwen3-hybrid (~80B) does not fit one 80 GiB GPU in fp32; over 8 GPUs in bf16 it does: the pod
+    exports it and serves it with vLLM (tensor parallelism 8), and the status and events say so."""
+    c = FakeCluster()
+    c.runs["demo"] = tr(trainer={"preset": "qwen3-hybrid"}, status={"phase": "Succeeded", "jobName": "demo-train"})
+    cfg = OperatorConfig(trainer_image="trainer:test", vllm_image="vllm:test")
+    ev = er(resources={"gpus": 8})
+    out = reconcile_eval(c, ev, cfg, now=NOW, adopt=adopt)
+    s = dump_status(out.status)
+    pod = c.job("ev-eval")["spec"]["template"]["spec"]
+    sandbox, export, vllm = pod["initContainers"]
+    assert vllm["image"] == "vllm:test" and "--tensor-parallel-size" in vllm["args"]
+    assert vllm["args"][vllm["args"].index("--tensor-parallel-size") + 1] == "8"
+    assert vllm["args"][vllm["args"].index("--max-model-len") + 1] == "4096"  # the model's max_seq_len
+    assert export["command"] == ["nanochat", "export", "/data/runs/demo/final", "--hf", "/data/runs/demo/hf"]
+    assert s["serving"] == {
+        "server": "vllm",
+        "tensorParallelSize": 8,
+        "modelDir": "/data/runs/demo/hf",
+        "url": "http://127.0.0.1:8000/v1",
+        "reason": "TrainingRun demo: a model of ~79.67B parameters needs 297 GiB in fp32, more than one GPU's "
+        "80 GiB (nanochat eval does not shard a model)",
+    }
+    said = "served by vLLM with tensor parallelism 8 from /data/runs/demo/hf, scored at http://127.0.0.1:8000/v1"
+    assert said in get_condition(s, "Accepted")["message"]
+    (created,) = [e for e in out.events if e[1] == "Created"]
+    assert created[0] == "Normal" and said in created[2]
+    assert s["checkpoint"] == "/data/runs/demo/final" and s["resultsPath"] == "/data/runs/demo/eval/ev.json"
+    # Later looks at the run keep saying it (the Job is there; nothing is decided again).
+    ev["status"] = {k: v for k, v in status_patch({}, s).items() if v is not None}
+    c.set_job("ev-eval", pods=[running_pod()])
+    again = step(c, ev, fn=reconcile_eval)
+    assert again["serving"] == s["serving"] and said in get_condition(again, "Accepted")["message"]
+
+
+def test_a_served_model_leaves_no_gpu_to_a_compared_training_run():
+    c = FakeCluster()
+    for run, preset in (("demo", "qwen3-hybrid"), ("small", "nano-125M")):
+        c.runs[run] = tr(run, trainer={"preset": preset}, status={"phase": "Succeeded", "jobName": f"{run}-train"})
+    compare = [
+        {"name": "base", "trainingRun": "small"},
+        {"name": "api", "endpoint": {"url": "http://t/v1", "model": "m"}},
+    ]
+    s = step(c, er(resources={"gpus": 8}, compare=compare), fn=reconcile_eval)
+    failed = get_condition(s, "Failed")
+    assert failed["reason"] == "Infeasible" and failed["message"].startswith(
+        "compare base: nanochat eval would load"
+    ), failed
+    assert not any(x.startswith("create") for x in c.calls)
+    # Compared endpoints are fine: the eval container scores them beside the served model.
+    s = step(c, er("ep", resources={"gpus": 8}, compare=compare[1:]), fn=reconcile_eval)
+    assert s["phase"] == "Starting" and s["serving"]["tensorParallelSize"] == 8
+    cmd = c.job("ep-eval")["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--compare") + 1] == "api=http://t/v1#m"

@@ -385,6 +385,121 @@ def test_eval_pod_runs_completions_in_a_sandbox_container():
         assert socket_env in c["env"] and names.index("POD_UID") < names.index("NANOCHAT_SANDBOX_SOCKET")
 
 
+VLLM = render.VllmServing("vllm/vllm-openai:test", tensor_parallel=8, max_model_len=4096, gpu_memory_utilization=0.9)
+
+
+def served_eval_job(**extra) -> dict:
+    spec = EvalRunSpec.model_validate(
+        {
+            "model": {"trainingRun": "big"},
+            "samplesPerProblem": 10,
+            "temperature": 0.8,
+            "k": [1, 10],
+            "resources": {"gpus": 8, "cpu": "32", "memory": "400Gi"},
+            **extra,
+        }
+    )
+    return render.render_eval_job("ev", "ml", spec, image="trainer:1", source=("big", "runs"), vllm=VLLM)
+
+
+def test_eval_pod_of_a_model_too_large_for_one_gpu_serves_it_with_vllm():
+    """sandbox, export and vLLM (a native sidecar with the GPUs, started once its startupProbe sees
+    the model loaded) before the eval container, which scores http://127.0.0.1:8000/v1 by the
+    endpoint path; still one pod, still fenced."""
+    job = served_eval_job()
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["sandbox", "export", "vllm"]
+    sandbox, export, vllm = pod["initContainers"]
+    (evaluator,) = pod["containers"]
+    assert export["image"] == "trainer:1" and "restartPolicy" not in export  # runs to completion first
+    assert export["command"] == ["nanochat", "export", "/data/runs/big/final", "--hf", "/data/runs/big/hf"]
+    assert export["volumeMounts"] == [{"name": "data", "mountPath": "/data"}, {"name": "scratch", "mountPath": "/tmp"}]
+    assert export["resources"]["limits"] == {"cpu": "32", "memory": "400Gi"}  # no GPU: it reads and writes files
+    assert vllm["image"] == "vllm/vllm-openai:test" and vllm["restartPolicy"] == "Always"
+    assert vllm["command"] == ["vllm", "serve"]
+    assert vllm["args"] == [
+        "/data/runs/big/hf",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        "--served-model-name",
+        "big",
+        "--tensor-parallel-size",
+        "8",
+        "--max-model-len",
+        "4096",
+        "--dtype",
+        "bfloat16",
+        "--gpu-memory-utilization",
+        "0.9",
+        "--generation-config",
+        "vllm",
+    ]
+    probe = vllm["startupProbe"]
+    assert (
+        probe["exec"]["command"][:2] == ["python3", "-c"]
+        and "'http://127.0.0.1:8000/health'" in probe["exec"]["command"][2]
+    )
+    assert probe["periodSeconds"] * probe["failureThreshold"] == 3600
+    assert vllm["resources"]["limits"] == {"cpu": "32", "memory": "400Gi", "nvidia.com/gpu": "8"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in vllm["volumeMounts"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in vllm["volumeMounts"]
+    env = {e["name"]: e["value"] for e in vllm["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1" and env["USER"] and env["HOME"] == "/tmp"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory"}} and "vllm-scratch" in volumes
+    # The eval container scores the served model as it scores any endpoint, and keeps no GPU.
+    assert evaluator["command"] == [
+        "nanochat",
+        "eval",
+        "--endpoint",
+        "http://127.0.0.1:8000/v1",
+        "--model",
+        "big",
+        "--api-key-env",
+        "NANOCHAT_EVAL_API_KEY",
+        "--samples",
+        "10",
+        "--temperature",
+        "0.8",
+        "--k",
+        "1,10",
+        "--max-new-tokens",
+        "384",
+        "--out",
+        "/data/runs/big/eval/ev.json",
+    ]
+    assert "nvidia.com/gpu" not in evaluator["resources"]["limits"]
+    assert evaluator["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False and sandbox["securityContext"]["runAsUser"] == 65534
+    # A bad export (exit code 2) fails the run at once, as a bad eval does.
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert [r["onExitCodes"]["containerName"] for r in rules if "onExitCodes" in r] == ["eval", "export"]
+    # The server listens on loopback: the pod's NetworkPolicy still lets nothing in, and nothing out.
+    spec = EvalRunSpec.model_validate({"model": {"trainingRun": "big"}, "resources": {"gpus": 8}})
+    policy = render.render_eval_network_policy("ev", "ml", spec)
+    assert policy["spec"]["ingress"] == [] and policy["spec"]["egress"] == []
+
+
+def test_served_eval_pods_carry_the_platform_settings_to_the_gpu_container():
+    """spec.pod's devices (extraResources) and container security context go where the GPUs are."""
+    job = served_eval_job(
+        pod=POD_TEMPLATE, compare=[{"name": "t", "endpoint": {"url": "http://t:8000/v1", "model": "q"}}]
+    )
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    vllm = pod["initContainers"][2]
+    assert vllm["resources"]["limits"]["rdma/ib"] == "1" and vllm["securityContext"]["capabilities"]["add"] == [
+        "IPC_LOCK"
+    ]
+    assert vllm["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "rdma/ib" not in pod["containers"][0]["resources"]["limits"]
+    cmd = pod["containers"][0]["command"]
+    assert cmd[cmd.index("--name") + 1] == "big" and cmd[cmd.index("--compare") + 1] == "t=http://t:8000/v1#q"
+
+
 def test_eval_network_policy_opens_only_the_scored_endpoints():
     ckpt = EvalRunSpec.model_validate({"model": {"trainingRun": "demo"}})
     policy = render.render_eval_network_policy("ev", "ml", ckpt)
@@ -489,6 +604,7 @@ def test_default_pods_meet_pod_security_restricted():
         render.render_eval_job(
             "ev", "ml", EvalRunSpec.model_validate({"model": {"trainingRun": "d"}}), image="i", source=("d", "runs")
         ),
+        served_eval_job(),
     ]
     for job in jobs:
         pod = job["spec"]["template"]["spec"]

@@ -152,6 +152,19 @@ def test_failed_message_names_exit_code_and_last_log_line():
     assert "exited 2 (Error): error: steps=0 bad" in view.message
 
 
+def test_failed_message_names_the_init_container_that_failed():
+    """An eval pod's export step failing (an init container) says so, with its last line; a sidecar
+    stopped with the pod (exit 0 or none) is not the culprit."""
+    failed = pod(0, "Failed")
+    failed["status"]["containerStatuses"] = [{"name": "eval", "state": {"waiting": {"reason": "PodInitializing"}}}]
+    failed["status"]["initContainerStatuses"] = [
+        {"name": "sandbox", "state": {"running": {}}},
+        {"name": "export", "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": "error: bad --hf"}}},
+    ]
+    view = observe_job(job(("Failed", "PodFailurePolicy")), [failed], 1)
+    assert "container export exited 2 (Error): error: bad --hf" in view.message, view.message
+
+
 def test_restarts_and_pod0():
     view = observe_job(job(failed=3), [pod(1, "Running", ip="10.0.0.2"), pod(0, "Running", ip="10.0.0.9")], 2)
     assert view.restarts == 3

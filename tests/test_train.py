@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from prometheus_client import generate_latest
 
 from nanochat_operator.progress import Progress, parse_trainer_metrics
 from nanochat_trainer.checkpoint import is_sharded
 from nanochat_trainer.contract import RunLayout
+from nanochat_trainer.parallel.apply import compiles
+from nanochat_trainer.parallel.distributed import Env
 from nanochat_trainer.train import train
 from nanochat_trainer.train.metrics import TrainerMetrics
 
-from micro import MICRO, losses, micro_cfg, read_log, torchrun, weights
+from micro import MICRO, MOE, losses, micro_cfg, read_log, torchrun, weights
 
 
 def test_loss_falls(tmp_path):
@@ -95,3 +98,12 @@ def test_gauges_are_unknown_until_set(tmp_path):
     metrics.set(step=3, loss=2.5, val_loss=2.75)
     seen = parse_trainer_metrics(generate_latest(metrics.registry).decode())
     assert (seen.step, seen.loss, seen.val_loss, seen.teacher_up) == (3, 2.5, 2.75, None)
+
+
+def test_compile_unset_compiles_dense_models_on_cuda_only(tmp_path, capsys):
+    cuda, cpu = Env(0, 1, torch.device("cuda", 0)), Env(0, 1, torch.device("cpu"))
+    dense, moe = micro_cfg(tmp_path), micro_cfg(tmp_path, model={**MICRO["model"], "moe": MOE})
+    assert compiles(dense, cuda) and not compiles(dense, cpu)
+    assert not compiles(moe, cuda) and "runs eager" in capsys.readouterr().out
+    assert compiles(moe.model_copy(update={"compile": True}), cpu)
+    assert not compiles(dense.model_copy(update={"compile": False}), cuda)

@@ -13,6 +13,10 @@ datasets, /data/runs/<run>/dataset in a pod, are read from `<runs-dir>/<run>/dat
 TrainingRun's `spec.init.fromTrainingRun` starts from that run's final model, and an EvalRun on a
 TrainingRun evaluates its final model. `--set` overrides apply to every TrainingRun's spec. The
 operator-only parts of a spec (resources, storage, image, queue) do not apply here.
+
+An EvalRun whose model the operator would serve with vLLM (it does not fit one GPU: see
+`nanochat_operator.checks.eval_fit`) cannot run here: a run stops with one line saying so before
+anything starts, and the dry run says what the cluster would do.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import yaml
 
 from nanochat_operator import render
 from nanochat_operator.api import EvalRun, EvalRunSpec, TrainingRun
-from nanochat_operator.manifests import ManifestError, validate_documents
+from nanochat_operator.manifests import ManifestError, eval_fit_in_file, validate_documents
 from nanochat_operator.manifests import dry_run as cluster_dry_run
 from nanochat_trainer.config import TrainerConfig, deep_merge
 from nanochat_trainer.contract import TRAINING_KIND, run_layout
@@ -85,6 +89,18 @@ def eval_argv(run: EvalRun, runs_dir: Path) -> list[str]:
     return render.eval_command(name, spec, checkpoint, str(out), compare)[2:]  # past "nanochat eval"
 
 
+def needs_cluster(run: EvalRun, trainings: dict[str, TrainingRun]) -> str | None:
+    """Why `run` cannot run on this machine: the operator would serve its model with vLLM over
+    several GPUs (it does not fit one), which `nanochat run` does not do; None when it can."""
+    fit = eval_fit_in_file(run, trainings)
+    if fit.tensor_parallel is None:
+        return None
+    return (
+        f"EvalRun {run.metadata.name} needs a cluster with GPUs: {fit.reason}; the operator serves it with vLLM "
+        f"over {fit.tensor_parallel} GPU(s) (tensor parallelism), which nanochat run does not: apply it to a cluster"
+    )
+
+
 def dependency_order(runs: list[Run]) -> list[Run]:
     """TrainingRuns before what depends on them; EvalRuns after the runs they read."""
 
@@ -117,8 +133,15 @@ def run_manifest(
     if dry_run:
         print(cluster_dry_run(path))
     plans: list[tuple[Run, Any]] = []
-    for run in dependency_order(read_manifest(path, overrides or {})):
-        if isinstance(run, TrainingRun):
+    runs = dependency_order(read_manifest(path, overrides or {}))
+    trainings = {r.metadata.name: r for r in runs if isinstance(r, TrainingRun)}
+    for run in runs:
+        served = None if isinstance(run, TrainingRun) else needs_cluster(run, trainings)
+        if served and not dry_run:
+            raise ManifestError(f"{path}: {served}")
+        if served:
+            print(served)
+        elif isinstance(run, TrainingRun):
             cfg = trainer_config(run, root)
             plans.append((run, cfg))
             work = f"{cfg.generate.rows} documents" if cfg.generate else f"preset {cfg.preset}, {cfg.steps} steps"

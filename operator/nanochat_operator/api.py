@@ -312,7 +312,7 @@ class Init(Api):
 
 
 # What the operator mounts and names itself; a pod template may not reuse these.
-RESERVED_VOLUMES = ("config", "data", "dshm", "source", "scratch", "sandbox-scratch")
+RESERVED_VOLUMES = ("config", "data", "dshm", "source", "scratch", "sandbox-scratch", "vllm-scratch")
 RESERVED_VOLUME_PREFIX = "model-"  # an EvalRun's compared runs' PVCs: model-1, model-2, ...
 RESERVED_MOUNT_PATHS = ("/data", "/etc/nanochat", "/dev/shm", "/source", "/models", "/tmp")
 # Labels and annotations under these prefixes are the operator's, the Job controller's, Kueue's
@@ -782,6 +782,16 @@ class TrainingRunStatus(RunStatusCommon):
     generation: GenerationStatus | None = Field(None, description="stage generate: rejections and the teacher's pace.")
 
 
+class EvalServing(StatusModel):
+    """How the eval pod serves a model that does not fit one GPU: vLLM, beside `nanochat eval`."""
+
+    server: Literal["vllm"] = Field("vllm", description="The server: vllm.")
+    tensor_parallel_size: int = Field(..., ge=1, description="GPUs the model is split over (resources.gpus).")
+    model_dir: str = Field(..., description="The Hugging Face export it serves (`nanochat export --hf`), on the PVC.")
+    url: str = Field(..., description="Where nanochat eval scores it, inside the pod.")
+    reason: str = Field("", description="Why it is served: what the model needs against one GPU.")
+
+
 class EvalRunStatus(RunStatusCommon):
     scores: dict[str, float] = Field(default_factory=dict, description='pass@k by k, e.g. {"pass@1": 0.12}.')
     pass_at_1: float | None = Field(None, alias="passAt1", description="pass@1 (for kubectl get).")
@@ -791,6 +801,11 @@ class EvalRunStatus(RunStatusCommon):
     results_path: str | None = Field(None, description="Full results JSON on the PVC.")
     comparison: dict[str, dict[str, float]] = Field(
         default_factory=dict, description='pass@k of each spec.compare model by name, e.g. {"parent": {"pass@1": 0.2}}.'
+    )
+    serving: EvalServing | None = Field(
+        None,
+        description="Set when spec.model does not fit one GPU: vLLM serves its Hugging Face export over "
+        "resources.gpus GPUs with tensor parallelism in the eval pod, and nanochat eval scores it there.",
     )
     sandbox_isolation: str | None = Field(
         None,

@@ -17,9 +17,19 @@ whole (8 bytes per parameter at least: the fp32 weight and one optimizer moment)
 
 The parameter count is computed from the config (no torch in the operator image); it
 matches nanochat_trainer.model.count_params within a few per cent (tested).
+
+An EvalRun's model is loaded by `nanochat eval` whole, in fp32, on one GPU (or the pod's CPU).
+One too large for that, with `resources.gpus` GPUs, is served in the eval pod by vLLM instead
+(`eval_fit`): tensor parallelism over those GPUs, from the run's Hugging Face export, in bf16.
+Each GPU then holds its share of the weights (2 bytes per parameter / gpus) and one
+full-length sequence's KV cache (vLLM refuses to start without it), in at most
+SERVE_WEIGHT_SHARE of its memory: vLLM takes SERVE_GPU_MEMORY_UTILIZATION of it, and keeps
+the difference for activations, CUDA graphs and the KV cache that batches the samples.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig
 
@@ -30,6 +40,13 @@ BYTES_PER_PARAM = 16
 EVAL_BYTES_PER_PARAM = 4
 CHECKPOINT_BYTES_PER_PARAM = 8  # fp32 weight + one fp32 moment (Muon); AdamW parameters keep two
 GIB = 2**30
+# vLLM serving a model too large for one GPU (eval_fit): bf16 weights (`--dtype bfloat16`), the share
+# of each GPU vLLM takes (`--gpu-memory-utilization`), and of that what the weights and one sequence's
+# KV cache may fill: 15% of the GPU (12 GiB of 80) is left for activations, CUDA graphs and batching.
+SERVE_BYTES_PER_PARAM = 2
+SERVE_GPU_MEMORY_UTILIZATION = 0.9
+SERVE_WEIGHT_SHARE = 0.75
+MAX_TENSOR_PARALLEL = 16  # resources.gpus' limit: GPUs of one pod, so of one node
 
 
 def estimate_params(m: ModelConfig) -> int:
@@ -151,21 +168,133 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
     return problems
 
 
-def eval_feasibility(spec: EvalRunSpec, models: dict[str, ModelConfig], gpu_memory_gib: float = 80.0) -> list[str]:
-    """Reasons an EvalRun cannot load the checkpoints it scores; empty when it can. `models`: the
-    model config of each TrainingRun it loads, by its label (the main model, or a compare name).
-    Each is loaded in turn, whole, in fp32: into pod memory first, then onto one GPU."""
-    problems: list[str] = []
+@dataclass(frozen=True)
+class EvalFit:
+    """How an EvalRun's models are loaded. `problems`: why it cannot run (empty when it can).
+    `tensor_parallel`: set when the main model does not fit one GPU and vLLM serves it over that
+    many GPUs (its `max_model_len` tokens at most; `reason` says why it does not fit one GPU)."""
+
+    problems: list[str] = field(default_factory=list)
+    tensor_parallel: int | None = None
+    max_model_len: int | None = None
+    reason: str = ""
+
+
+def kv_cache_bytes(m: ModelConfig, tokens: int, tensor_parallel: int = 1) -> int:
+    """One sequence's cache in bf16 on each of `tensor_parallel` GPUs: keys and values of the full
+    attention layers (KV heads split over the GPUs, replicated past their count) and, for the hybrid
+    stack, the Gated DeltaNet layers' recurrent and convolution state."""
+    full_layers = m.n_layers
+    state = 0
+    if m.hybrid is not None:
+        h = m.hybrid
+        full_layers = m.n_layers // h.full_attention_interval
+        key_dim = h.linear_num_key_heads * h.linear_key_head_dim
+        value_dim = h.linear_num_value_heads * h.linear_value_head_dim
+        per_layer = h.linear_num_value_heads * h.linear_key_head_dim * h.linear_value_head_dim
+        per_layer += (2 * key_dim + value_dim) * (h.conv_kernel - 1)
+        state = (m.n_layers - full_layers) * per_layer * 2 // min(tensor_parallel, h.linear_num_key_heads)
+    kv = full_layers * 2 * m.n_kv_heads * m.resolved_head_dim * 2 * tokens
+    return kv // min(tensor_parallel, m.n_kv_heads) + state
+
+
+def tensor_parallel_problem(m: ModelConfig, tp: int) -> str | None:
+    """Why vLLM cannot split this model over `tp` GPUs (the sizes it cuts must divide); None when it can."""
+    sizes = {"n_heads": m.n_heads}
+    if m.moe is None or m.moe.dense_layers:
+        sizes["ffn_dim"] = m.resolved_ffn_dim
+    if m.moe is not None:
+        sizes["moe.expert_ffn_dim"] = m.moe.expert_ffn_dim
+        if m.moe.n_shared_experts:
+            sizes["moe.shared_expert_ffn_dim"] = m.moe.shared_expert_ffn_dim
+    if m.hybrid is not None:
+        sizes["hybrid.linear_num_key_heads"] = m.hybrid.linear_num_key_heads
+        sizes["hybrid.linear_num_value_heads"] = m.hybrid.linear_num_value_heads
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % tp]
+    problems = [f"{', '.join(bad)} must be divisible by {tp}"] if bad else []
+    if m.n_kv_heads % tp and tp % m.n_kv_heads:  # KV heads are split, or each replicated on tp/n GPUs
+        problems.append(f"n_kv_heads={m.n_kv_heads} must divide {tp} or be divisible by it")
+    return "; ".join(problems) or None
+
+
+def serving_bytes_per_gpu(m: ModelConfig, params: int, tp: int) -> int:
+    """What each of `tp` GPUs holds when vLLM serves the model: its share of the bf16 weights and one
+    full-length sequence's cache."""
+    return params * SERVE_BYTES_PER_PARAM // tp + kv_cache_bytes(m, m.max_seq_len, tp)
+
+
+def eval_fit(
+    spec: EvalRunSpec,
+    model: ModelConfig | None,
+    compare: dict[str, ModelConfig],
+    gpu_memory_gib: float = 80.0,
+) -> EvalFit:
+    """How an EvalRun loads the checkpoints it scores, or why it cannot. `model`: the config of the
+    TrainingRun it evaluates (None for an endpoint); `compare`: those of its compared TrainingRuns,
+    by name. `nanochat eval` loads each in turn, whole, in fp32: into pod memory, then onto one GPU.
+    The main model, when it does not fit one GPU, is served by vLLM over `resources.gpus` GPUs if
+    they hold it; a compared model is not (score it through an endpoint)."""
     res = spec.resources
-    for label, model in models.items():
+    gpu = gpu_memory_gib * GIB
+    problems: list[str] = []
+    fit = EvalFit()
+    if model is not None:
+        name = f"TrainingRun {spec.model.training_run}"
         params = estimate_params(model)
         need = params * EVAL_BYTES_PER_PARAM
+        what = f"{name}: a model of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB in fp32"
+        if res.gpus > 0 and need > gpu:
+            reason = f"{what}, more than one GPU's {gpu_memory_gib:g} GiB (nanochat eval does not shard a model)"
+            problem = _serving_problem(model, params, res.gpus, gpu_memory_gib)
+            if problem:
+                problems.append(f"{reason}; {problem}")
+            else:
+                fit = EvalFit(tensor_parallel=res.gpus, max_model_len=model.max_seq_len, reason=reason)
+        elif res.memory is not None and need > parse_quantity(res.memory):
+            problems.append(f"{what} in the eval pod; resources.memory={res.memory} is not enough")
+    for label, cfg in compare.items():
+        params = estimate_params(cfg)
+        need = params * EVAL_BYTES_PER_PARAM
         what = f"{label}: a model of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB in fp32"
-        if res.gpus > 0 and need > gpu_memory_gib * GIB:
+        if fit.tensor_parallel:
+            problems.append(
+                f"compare {label}: nanochat eval would load this TrainingRun beside vLLM, which holds all "
+                f"{res.gpus} GPUs for spec.model: score it through compare[].endpoint or in an EvalRun of its own"
+            )
+        elif res.gpus > 0 and need > gpu:
             problems.append(
                 f"{what} on one GPU (nanochat eval does not shard a model; one GPU has {gpu_memory_gib:g} GiB): "
                 "score it through an endpoint that serves it sharded (e.g. vLLM with tensor parallelism)"
             )
         elif res.memory is not None and need > parse_quantity(res.memory):
             problems.append(f"{what} in the eval pod; resources.memory={res.memory} is not enough")
-    return problems
+    return EvalFit(problems, fit.tensor_parallel, fit.max_model_len, fit.reason) if problems else fit
+
+
+def _serving_problem(m: ModelConfig, params: int, gpus: int, gpu_memory_gib: float) -> str | None:
+    """Why vLLM cannot serve the model over `gpus` GPUs, with the memory it needs and the GPU count
+    that would do; None when it can."""
+    room = SERVE_WEIGHT_SHARE * gpu_memory_gib * GIB
+
+    def fits(tp: int) -> bool:
+        return serving_bytes_per_gpu(m, params, tp) <= room and tensor_parallel_problem(m, tp) is None
+
+    if fits(gpus):
+        return None
+    enough = next((tp for tp in range(1, MAX_TENSOR_PARALLEL + 1) if fits(tp)), None)
+    ask = (
+        f"ask for resources.gpus={enough}"
+        if enough
+        else f"no {MAX_TENSOR_PARALLEL} GPUs of one node hold it: score it through spec.model.endpoint, a "
+        "server that spans nodes"
+    )
+    split = tensor_parallel_problem(m, gpus)
+    if split and serving_bytes_per_gpu(m, params, gpus) <= room:
+        return f"vLLM cannot split it over {gpus} GPUs ({split}): {ask}"
+    per_gpu = serving_bytes_per_gpu(m, params, gpus)
+    return (
+        f"served by vLLM in bf16 with tensor parallelism over {gpus} GPU(s) it needs {per_gpu / GIB:.1f} GiB per "
+        f"GPU ({params * SERVE_BYTES_PER_PARAM / GIB:.0f} GiB of weights in all, plus one sequence's KV cache), "
+        f"more than the {room / GIB:.0f} GiB of a {gpu_memory_gib:g} GiB GPU they may take (the rest is for "
+        f"activations and batching): {ask}"
+    )

@@ -12,6 +12,7 @@ one line naming the file, the document and the field:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from nanochat_trainer.contract import API_VERSION
 
 from . import api, render
 from .api import EvalRun, TrainingRun
-from .checks import estimate_params, feasibility
+from .checks import SERVE_GPU_MEMORY_UTILIZATION, EvalFit, estimate_params, eval_fit, feasibility
 
 ApiObject = TrainingRun | EvalRun
 
@@ -134,21 +135,43 @@ def _data_detail(data: DataConfig) -> str:
     return ""
 
 
-def _describe_eval(run: EvalRun, in_file: set[str]) -> list[str]:
+def eval_fit_in_file(run: EvalRun, trainings: Mapping[str, TrainingRun], gpu_memory_gib: float = 80.0) -> EvalFit:
+    """checks.eval_fit of an EvalRun, with the models of the TrainingRuns it loads that are in
+    `trainings` (by name); one that is not there cannot be checked, and is not."""
     s = run.spec
+    main = trainings.get(s.model.training_run or "")
+    compare = {c.name: trainings[c.training_run].spec.trainer.model for c in s.compare if c.training_run in trainings}
+    return eval_fit(s, main.spec.trainer.model if main else None, compare, gpu_memory_gib)
+
+
+def vllm_serving(fit: EvalFit, image: str) -> render.VllmServing | None:
+    """How the operator's eval pod serves the model, when it does (a model too large for one GPU)."""
+    if fit.tensor_parallel is None or fit.max_model_len is None:
+        return None
+    return render.VllmServing(image, fit.tensor_parallel, fit.max_model_len, SERVE_GPU_MEMORY_UTILIZATION)
+
+
+def _describe_eval(run: EvalRun, in_file: set[str], fit: EvalFit) -> list[str]:
+    s = run.spec
+    src = s.model.training_run or ""
     if s.model.endpoint:
         what = f"endpoint {s.model.endpoint.url} model {s.model.endpoint.model}"
     else:
-        src = s.model.training_run or ""
-        what = f"TrainingRun {src}'s {render.final_checkpoint_path(src)} once it Succeeded" + (
+        what = f"TrainingRun {src}'s {render.model_path(s.model)} once it Succeeded" + (
             "" if src in in_file else " (not in this file)"
         )
     problems = f"first {s.max_problems}" if s.max_problems else "all 164"
-    return [
+    lines = [
         f"EvalRun {run.metadata.name}: {s.benchmark} on {what}",
         f"  {problems} problems x {s.samples_per_problem} sample(s), temperature {s.temperature}, "
         f"pass@{{{','.join(map(str, s.k))}}}; Job {render.eval_job_name(run.metadata.name)}",
     ]
+    if fit.tensor_parallel:
+        lines.append(
+            f"  does not fit one GPU: exported to {render.hf_export_path(src)}, served by vLLM with tensor "
+            f"parallelism {fit.tensor_parallel} in the eval pod, scored at {render.VLLM_URL}"
+        )
+    return lines
 
 
 def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
@@ -156,7 +179,8 @@ def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
     plan. Raises ManifestError (one line) on the first problem, including a run that the
     operator would fail at once (e.g. a model too large for the GPUs asked for)."""
     objs = load_manifests(path)
-    in_file = {o.metadata.name for o in objs if isinstance(o, TrainingRun)}
+    trainings = {o.metadata.name: o for o in objs if isinstance(o, TrainingRun)}
+    in_file = set(trainings)
     lines: list[str] = []
     for obj in objs:
         if isinstance(obj, TrainingRun):
@@ -176,7 +200,21 @@ def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
             )
             lines += _describe_training(obj, in_file)
         else:
-            lines += _describe_eval(obj, in_file)
+            fit = eval_fit_in_file(obj, trainings, gpu_memory_gib)
+            if fit.problems:
+                raise ManifestError(f"{path}: EvalRun {obj.metadata.name}: {'; '.join(fit.problems)}")
+            s = obj.spec
+            runs = {c.name: (c.training_run, "claim") for c in s.compare if c.training_run}
+            render.render_eval_job(
+                obj.metadata.name,
+                obj.metadata.namespace or "default",
+                s,
+                image=s.image or "trainer-image",
+                source=(s.model.training_run, "claim") if s.model.training_run else None,
+                compare_runs=runs,
+                vllm=vllm_serving(fit, "vllm-image"),
+            )
+            lines += _describe_eval(obj, in_file, fit)
     kinds: dict[str, int] = {}
     for obj in objs:
         kinds[obj.kind] = kinds.get(obj.kind, 0) + 1

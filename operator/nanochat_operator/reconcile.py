@@ -41,8 +41,8 @@ from nanochat_trainer.contract import (
 )
 
 from . import deps, render
-from .api import Condition, EvalRunSpec, EvalRunStatus, TrainingRunSpec, TrainingRunStatus
-from .checks import eval_feasibility, feasibility
+from .api import Condition, EvalRunSpec, EvalRunStatus, EvalServing, TrainingRunSpec, TrainingRunStatus
+from .checks import SERVE_GPU_MEMORY_UTILIZATION, eval_fit, feasibility
 from .progress import Progress, parse_trainer_metrics
 from .settings import OperatorConfig
 from .status import (
@@ -240,16 +240,17 @@ def _phase_events(prev: S, new: S, kind: str) -> list[Event]:
     return events
 
 
-def _accepted(prev: S, now: datetime) -> S:
+ACCEPTED_MESSAGE = "the spec is valid and fits its resources"
+
+
+def _accepted(prev: S, now: datetime, message: str = ACCEPTED_MESSAGE) -> S:
     """The status of a spec that passed validation. A run that Failed before it had a Job
     (invalid spec, failed source) starts over when its spec is fixed: drop that failure."""
     status = prev.model_copy(deep=True)
     conds = prev.conditions
     if not prev.job_name:
         conds = remove_condition(remove_condition(conds, ConditionType.FAILED), ConditionType.DEPENDENCIES_READY)
-    status.conditions = set_condition(
-        conds, ConditionType.ACCEPTED, "True", "Valid", "the spec is valid and fits its resources", now
-    )
+    status.conditions = set_condition(conds, ConditionType.ACCEPTED, "True", "Valid", message, now)
     return status
 
 
@@ -465,15 +466,26 @@ def _eval_result(view: JobView | None, pods: list[dict[str, Any]]) -> EvalResult
     return None
 
 
-def _model_configs(specs: dict[str, dict[str, Any]]) -> dict[str, ModelConfig]:
-    """The model config of each TrainingRun an EvalRun loads (all have Succeeded), by label."""
-    out = {}
-    for label, raw in specs.items():
-        try:
-            out[label] = TrainingRunSpec.model_validate(raw).trainer.model
-        except ValidationError:
-            continue  # a run that Succeeded had a valid spec; nothing to check against otherwise
-    return out
+def _model_config(raw: dict[str, Any] | None) -> ModelConfig | None:
+    """The model config of a TrainingRun an EvalRun loads (it has Succeeded)."""
+    if raw is None:
+        return None
+    try:
+        return TrainingRunSpec.model_validate(raw).trainer.model
+    except ValidationError:
+        return None  # a run that Succeeded had a valid spec; nothing to check against otherwise
+
+
+def serving_message(serving: EvalServing) -> str:
+    """What the status and events say of a model the eval pod serves."""
+    return (
+        f"served by vLLM with tensor parallelism {serving.tensor_parallel_size} from {serving.model_dir}, "
+        f"scored at {serving.url}" + (f" ({serving.reason})" if serving.reason else "")
+    )
+
+
+def _accepted_message(serving: EvalServing | None) -> str:
+    return ACCEPTED_MESSAGE + (f"; the model is {serving_message(serving)}" if serving else "")
 
 
 def _reconcile_eval(
@@ -495,14 +507,15 @@ def _reconcile_eval(
         spec = EvalRunSpec.model_validate(obj.get("spec") or {})
     except ValidationError as err:
         return _fail(prev, now, generation, "InvalidSpec", format_validation_error(err, "spec."))
-    base = _accepted(prev, now)
+    base = _accepted(prev, now, _accepted_message(prev.serving))
     events: list[Event] = []
 
     job = cluster.get_job(namespace, jname)
     _check_owned(job, uid, jname)
     if job is None:
         source = None
-        loaded: dict[str, dict[str, Any]] = {}  # the raw spec of each TrainingRun the eval loads, by label
+        main_spec: dict[str, Any] | None = None  # the raw spec of the TrainingRun evaluated
+        compare_specs: dict[str, dict[str, Any]] = {}  # and of each compared one, by name
         if spec.model.training_run is not None:
             gate = _gate_on_dependency(
                 cluster,
@@ -522,7 +535,7 @@ def _reconcile_eval(
             if isinstance(gate, Outcome):
                 return gate
             source = gate[:2]
-            loaded["model"] = gate[2]
+            main_spec = gate[2]
             base.checkpoint = render.model_path(spec.model)
             base.results_path = render.eval_results_path(source[0], name)
         compare_runs: dict[str, tuple[str, str]] = {}
@@ -547,10 +560,29 @@ def _reconcile_eval(
             if isinstance(gate, Outcome):
                 return gate
             compare_runs[c.name] = gate[:2]
-            loaded[c.name] = gate[2]
-        problems = eval_feasibility(spec, _model_configs(loaded), config.gpu_memory_gib)
-        if problems:
-            return _fail(base, now, generation, "Infeasible", "; ".join(problems))
+            compare_specs[c.name] = gate[2]
+        compare_models = {n: m for n, raw in compare_specs.items() if (m := _model_config(raw)) is not None}
+        fit = eval_fit(spec, _model_config(main_spec), compare_models, config.gpu_memory_gib)
+        if fit.problems:
+            return _fail(base, now, generation, "Infeasible", "; ".join(fit.problems))
+        vllm = None
+        if fit.tensor_parallel is not None and source is not None:
+            assert fit.max_model_len is not None
+            vllm = render.VllmServing(
+                config.vllm_image, fit.tensor_parallel, fit.max_model_len, SERVE_GPU_MEMORY_UTILIZATION
+            )
+            base.serving = EvalServing(
+                server="vllm",
+                tensor_parallel_size=fit.tensor_parallel,
+                model_dir=render.hf_export_path(source[0]),
+                url=render.VLLM_URL,
+                reason=fit.reason,
+            )
+        elif base.serving is not None:
+            base.serving = None  # a spec fixed from one that needed serving
+        base.conditions = set_condition(
+            base.conditions, ConditionType.ACCEPTED, "True", "Valid", _accepted_message(base.serving), now
+        )
         job_obj = render.render_eval_job(
             name,
             namespace,
@@ -559,6 +591,7 @@ def _reconcile_eval(
             source=source,
             compare_runs=compare_runs,
             runtime_class=config.eval_runtime_class,
+            vllm=vllm,
         )
         base.completion_time = None  # a run that (re)starts has not completed
         try:
@@ -567,7 +600,8 @@ def _reconcile_eval(
             return _fail(base, now, generation, "CreateRejected", str(err))
         job = cluster.get_job(namespace, jname) or job_obj
         _check_owned(job, uid, jname)
-        events.append(("Normal", "Created", f"created Job {jname}"))
+        served = f": the model is {serving_message(base.serving)}" if base.serving else ""
+        events.append(("Normal", "Created", f"created Job {jname}{served}"))
         pods: list[dict[str, Any]] = []
     else:
         job, pods, drift_events = _follow_job(cluster, job, spec, base, namespace, jname, now)

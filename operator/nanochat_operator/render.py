@@ -19,6 +19,16 @@ finished model /data/runs/<run>/final, an EvalRun `e`'s full results
 /data/runs/<run>/eval/<e>.json). `nanochat run` renders with its own runs directory as
 the runs root (`resolved_trainer_config(..., runs_root=...)`).
 
+An EvalRun becomes a one-pod Job running `nanochat eval`, fenced by a NetworkPolicy. When its
+model does not fit one GPU (`checks.eval_fit`), the pod serves it first, with `VllmServing`:
+
+    init      sandbox   native sidecar: runs the completions' programs (every eval pod has it)
+    init      export    `nanochat export <checkpoint> --hf <run>/hf` (idempotent), trainer image
+    init      vllm      native sidecar: `vllm serve <run>/hf --tensor-parallel-size <gpus>` on
+                        127.0.0.1 only, holding the GPUs; its startupProbe (GET /health from
+                        inside) holds the eval container back until the model is loaded
+    container eval      `nanochat eval --endpoint http://127.0.0.1:8000/v1 --model <run>`
+
 Owner references are not set here: the handler adopts what it creates (kopf.adopt).
 """
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import PurePath, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -88,6 +99,15 @@ SANDBOX_CONTAINER_SECURITY = {**EVAL_CONTAINER_SECURITY, "runAsUser": 65534, "ru
 SANDBOX_RESOURCES = {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "5Gi"}}
 # Unique per pod even where pods share a network namespace (the e2e node agent, hostNetwork).
 SANDBOX_SOCKET = "@nanochat-sandbox-$(POD_UID)"
+# An EvalRun's model too large for one GPU: exported, then served by vLLM in the pod (VllmServing).
+EXPORT_CONTAINER = "export"
+VLLM_CONTAINER = "vllm"
+VLLM_PORT = 8000
+VLLM_URL = f"http://127.0.0.1:{VLLM_PORT}/v1"  # loopback only: nothing outside the pod reaches it
+# Loading tens of GiB of weights and capturing CUDA graphs: up to an hour before the eval starts.
+VLLM_STARTUP_PROBE = {"periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 360}
+# The eval container when vLLM holds the GPUs: an HTTP client and the sandbox's coordinator.
+EVAL_CLIENT_RESOURCES = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
 
 
 # ---------------------------------------------------------------------------- names and paths
@@ -136,6 +156,11 @@ def model_path(model: api.EvalModel, mount: str = DATA_MOUNT) -> str:
     assert model.training_run is not None
     layout = pod_layout(model.training_run, mount)
     return str(layout.best if model.checkpoint == "best" else layout.final)
+
+
+def hf_export_path(run_name: str, mount: str = DATA_MOUNT) -> str:
+    """A TrainingRun's Hugging Face export (`nanochat export --hf`), which vLLM serves."""
+    return str(pod_layout(run_name, mount).hf)
 
 
 def eval_results_path(run_name: str, eval_name: str, mount: str = DATA_MOUNT) -> str:
@@ -315,8 +340,9 @@ def _apply_pod_template(template: dict[str, Any], container: dict[str, Any], tpl
     ]
 
 
-def _job_spec(spec: api.RunCommon, pod_template: dict[str, Any], completions: int, container: str) -> dict[str, Any]:
-    """The Job spec around a pod template, from the fields both kinds share."""
+def _job_spec(spec: api.RunCommon, pod_template: dict[str, Any], completions: int, *containers: str) -> dict[str, Any]:
+    """The Job spec around a pod template, from the fields both kinds share. `containers`: those
+    whose exit codes spec.podFailurePolicy reads (the main one, and an eval pod's export step)."""
     job_spec: dict[str, Any] = {
         "completions": completions,
         "parallelism": completions,
@@ -326,7 +352,7 @@ def _job_spec(spec: api.RunCommon, pod_template: dict[str, Any], completions: in
     }
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    policy = _failure_policy(spec.pod_failure_policy, container)
+    policy = _failure_policy(spec.pod_failure_policy, *containers)
     if policy:
         job_spec["podFailurePolicy"] = policy
     return job_spec
@@ -339,10 +365,10 @@ def _placement(pod: dict[str, Any], res: api.PodResources) -> None:
         pod["nodeSelector"] = dict(res.node_selector)
 
 
-def _failure_policy(policy: api.PodFailurePolicy, container: str) -> dict[str, Any] | None:
+def _failure_policy(policy: api.PodFailurePolicy, *containers: str) -> dict[str, Any] | None:
     rules: list[dict[str, Any]] = []
     if policy.fail_on_exit_codes:
-        rules.append(
+        rules += [
             {
                 "action": "FailJob",
                 "onExitCodes": {
@@ -351,7 +377,8 @@ def _failure_policy(policy: api.PodFailurePolicy, container: str) -> dict[str, A
                     "values": sorted(set(policy.fail_on_exit_codes)),
                 },
             }
-        )
+            for container in containers
+        ]
     if policy.ignore_disruptions:
         rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]})
     return {"rules": rules} if rules else None
@@ -539,16 +566,19 @@ def eval_command(
     checkpoint: str | None = None,
     out: str | None = None,
     compare: dict[str, str] | None = None,
+    served: api.Endpoint | None = None,
 ) -> list[str]:
     """`nanochat eval ...` for a checkpoint on the PVC, or for an endpoint. `compare`: the
-    --compare source (checkpoint path or URL#MODEL) of each spec.compare entry, by name."""
+    --compare source (checkpoint path or URL#MODEL) of each spec.compare entry, by name.
+    `served`: where the pod serves spec.model's TrainingRun (vLLM), scored as an endpoint is."""
     cmd = ["nanochat", "eval"]
-    if spec.model.endpoint is not None:
+    endpoint = spec.model.endpoint or served
+    if endpoint is not None:
         cmd += [
             "--endpoint",
-            spec.model.endpoint.url,
+            endpoint.url,
             "--model",
-            spec.model.endpoint.model,
+            endpoint.model,
             "--api-key-env",
             EVAL_API_KEY_ENV,
         ]
@@ -618,6 +648,23 @@ def _compare_sources(
     return out
 
 
+@dataclass(frozen=True)
+class VllmServing:
+    """spec.model's TrainingRun served in the eval pod by vLLM (the reconciler decides, from
+    checks.eval_fit): `tensor_parallel` GPUs, sequences of `max_model_len` tokens at most."""
+
+    image: str
+    tensor_parallel: int
+    max_model_len: int
+    gpu_memory_utilization: float
+
+
+def served_endpoint(spec: EvalRunSpec) -> api.Endpoint:
+    """Where the eval container scores a model the pod serves: vLLM on loopback, under the run's name."""
+    assert spec.model.training_run is not None
+    return api.Endpoint(url=VLLM_URL, model=spec.model.training_run)
+
+
 def render_eval_job(
     eval_name: str,
     namespace: str,
@@ -627,10 +674,12 @@ def render_eval_job(
     source: tuple[str, str] | None = None,
     compare_runs: dict[str, tuple[str, str]] | None = None,
     runtime_class: str | None = None,
+    vllm: VllmServing | None = None,
 ) -> dict[str, Any]:
     """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run;
     `compare_runs`: (TrainingRun name, its PVC) of each spec.compare entry naming a run;
-    `runtime_class`: the operator's default RuntimeClass for eval pods."""
+    `runtime_class`: the operator's default RuntimeClass for eval pods; `vllm`: serve the run's
+    model in the pod (it does not fit one GPU) and score it there (see the module doc)."""
     name = eval_job_name(eval_name)
     labels = eval_labels(eval_name)
     env: list[dict[str, Any]] = [
@@ -657,10 +706,11 @@ def render_eval_job(
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": source[1]}})
     compare = _compare_sources(spec, source[1] if source else None, compare_runs or {}, mounts, volumes, env)
     env += _env(spec.env)
+    served = served_endpoint(spec) if vllm is not None else None
     container: dict[str, Any] = {
         "name": EVAL_CONTAINER,
         "image": image,
-        "command": eval_command(eval_name, spec, checkpoint, out, compare),
+        "command": eval_command(eval_name, spec, None if served else checkpoint, out, compare, served),
         "env": env,
         "volumeMounts": mounts,
         # The eval writes its compact JSON result here; the operator reads it from
@@ -670,6 +720,8 @@ def render_eval_job(
         "securityContext": dict(EVAL_CONTAINER_SECURITY),
     }
     resources = _container_resources(spec.resources, spec.resources.gpus, spec.pod.extra_resources)
+    if vllm is not None:
+        resources = EVAL_CLIENT_RESOURCES  # the GPUs, CPU and memory asked for are vLLM's
     if resources:
         container["resources"] = resources
     pod: dict[str, Any] = {
@@ -680,6 +732,9 @@ def render_eval_job(
         "volumes": volumes,
     }
     _add_sandbox(pod, container, image)
+    if vllm is not None:
+        assert source is not None and checkpoint is not None
+        _add_vllm(pod, spec, vllm, image, checkpoint, hf_export_path(source[0]))
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name  # the user asked for an identity: its token too
     else:
@@ -689,13 +744,96 @@ def render_eval_job(
     _placement(pod, spec.resources)
     template = {"metadata": {"labels": dict(labels)}, "spec": pod}
     _apply_pod_template(template, container, spec.pod)
-    job_spec = _job_spec(spec, template, 1, EVAL_CONTAINER)
+    for server in (c for c in pod["initContainers"] if c["name"] == VLLM_CONTAINER):
+        # The container with the GPUs gets the platform's device settings too (e.g. IPC_LOCK for RDMA).
+        server["securityContext"] = {**server["securityContext"], **spec.pod.container_security_context}
+    # A bad export (exit code 2: e.g. a model it cannot write) is as final as a bad eval.
+    job_spec = _job_spec(spec, template, 1, EVAL_CONTAINER, *([EXPORT_CONTAINER] if vllm else []))
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _job_metadata(name, namespace, labels, spec),
         "spec": job_spec,
     }
+
+
+def _add_vllm(
+    pod: dict[str, Any], spec: EvalRunSpec, vllm: VllmServing, image: str, checkpoint: str, hf_dir: str
+) -> None:
+    """The export step and the vLLM sidecar of an eval pod whose model does not fit one GPU (after
+    the sandbox, so the init containers run: sandbox, export, vllm; then the eval container)."""
+    scratch = {"name": "scratch", "mountPath": "/tmp"}
+    export = {
+        "name": EXPORT_CONTAINER,
+        "image": image,
+        # Idempotent: an export of the same checkpoint already there is kept (a retried pod, a second eval).
+        "command": ["nanochat", "export", checkpoint, "--hf", hf_dir],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}],
+        "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT}, scratch],
+        "terminationMessagePath": DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": dict(EVAL_CONTAINER_SECURITY),
+    }
+    resources = _container_resources(spec.resources, 0, {})
+    if resources:
+        export["resources"] = resources
+    health = f"http://127.0.0.1:{VLLM_PORT}/health"
+    server = {
+        "name": VLLM_CONTAINER,
+        "image": vllm.image,
+        "restartPolicy": "Always",  # a native sidecar: stopped once the eval container ends
+        "command": ["vllm", "serve"],
+        "args": [
+            hf_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(VLLM_PORT),
+            "--served-model-name",
+            served_endpoint(spec).model,
+            "--tensor-parallel-size",
+            str(vllm.tensor_parallel),
+            "--max-model-len",
+            str(vllm.max_model_len),
+            "--dtype",
+            "bfloat16",
+            "--gpu-memory-utilization",
+            f"{vllm.gpu_memory_utilization:g}",
+            # Sample as the request says (nanochat eval's temperature and top_p), not with the defaults
+            # of the export's generation_config.json.
+            "--generation-config",
+            "vllm",
+        ],
+        "env": [
+            # Non-root, no passwd entry: torch's caches ask getpass for a user name, which reads $USER first.
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "USER", "value": "vllm"},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+            {"name": "DO_NOT_TRACK", "value": "1"},
+        ],
+        "volumeMounts": [
+            {"name": "data", "mountPath": DATA_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "vllm-scratch", "mountPath": "/tmp"},
+        ],
+        # Listening on loopback alone, it is probed from inside: the eval starts once the model is loaded.
+        "startupProbe": {
+            "exec": {
+                "command": ["python3", "-c", f"import urllib.request; urllib.request.urlopen({health!r}, timeout=4)"]
+            },
+            **VLLM_STARTUP_PROBE,
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": dict(CONTAINER_SECURITY),
+        "resources": _container_resources(spec.resources, vllm.tensor_parallel, spec.pod.extra_resources),
+    }
+    pod["initContainers"] += [export, server]
+    pod["volumes"] += [
+        # Tensor parallelism's workers share memory through /dev/shm; the container default is 64Mi.
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "vllm-scratch", "emptyDir": {}},
+    ]
 
 
 def runs_programs(trainer: TrainerConfig) -> bool:

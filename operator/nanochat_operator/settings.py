@@ -13,11 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/nanochat/nanochat-trainer:0.1.0"
+# Serves an EvalRun's model that does not fit one GPU (tensor parallelism, in the eval pod). Pinned:
+# its `vllm serve` flags are what render.py writes.
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
 
 
 @dataclass
 class OperatorConfig:
     trainer_image: str = DEFAULT_TRAINER_IMAGE  # for runs without spec.image
+    vllm_image: str = DEFAULT_VLLM_IMAGE  # the server of an EvalRun's model too large for one GPU
     gpu_memory_gib: float = 80.0  # per GPU, for the feasibility check (H100/A100-80G)
     interval: float = 15.0  # seconds between looks at a live run besides its events: progress scrapes
     max_workers: int = 16  # reconcile worker threads: bounds concurrent API work
@@ -39,6 +43,11 @@ def parse_args(argv: Sequence[str] | None = None) -> OperatorConfig:
     p = argparse.ArgumentParser(prog="python -m nanochat_operator", description="Run the nanochat operator.")
     p.add_argument(
         "--trainer-image", default=_env("TRAINER_IMAGE", d.trainer_image), help="image of runs that set no spec.image"
+    )
+    p.add_argument(
+        "--vllm-image",
+        default=_env("VLLM_IMAGE", d.vllm_image),
+        help="vLLM image (`vllm serve`) of eval pods whose model does not fit one GPU",
     )
     p.add_argument(
         "--gpu-memory-gib",
@@ -84,6 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> OperatorConfig:
         p.error("--interval must be > 0 and --max-workers >= 1")
     return OperatorConfig(
         trainer_image=a.trainer_image,
+        vllm_image=a.vllm_image,
         gpu_memory_gib=a.gpu_memory_gib,
         interval=a.interval,
         max_workers=a.max_workers,

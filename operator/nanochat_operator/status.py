@@ -151,14 +151,17 @@ def _last_line(text: str | None) -> str:
 
 
 def _failed_pod_detail(pods: list[dict[str, Any]]) -> str:
-    """Exit code and last message of the most recent failed pod, for the Failed message."""
+    """Exit code and last message of the most recent failed pod, for the Failed message: of its
+    containers, or else of the init container that failed (e.g. an eval pod's export step)."""
     failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
     failed.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
     for pod in reversed(failed):
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        st = pod.get("status") or {}
+        inits = [(cs, f" container {cs.get('name')}") for cs in st.get("initContainerStatuses") or []]
+        for cs, which in [(cs, "") for cs in st.get("containerStatuses") or []] + inits:
             term = (cs.get("state") or {}).get("terminated")
-            if term:
-                detail = f"pod {pod['metadata'].get('name')} exited {term.get('exitCode')}"
+            if term and (not which or term.get("exitCode")):
+                detail = f"pod {pod['metadata'].get('name')}{which} exited {term.get('exitCode')}"
                 if term.get("reason"):
                     detail += f" ({term['reason']})"
                 last = _last_line(term.get("message"))

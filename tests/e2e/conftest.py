@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e import fake_vllm
 from e2e.cluster import ControlPlane
 from e2e.node_agent import TestNodeAgent
 from e2e.operator_local import ChartOperator
@@ -40,7 +41,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 @pytest.fixture(scope="session")
 def operator(control_plane: ControlPlane) -> Iterator[ChartOperator]:
     # A short interval: the tests wait on phase changes that the timer picks up.
-    op = ChartOperator(control_plane, values={"operator": {"interval": 2}}).install().start()
+    op = ChartOperator(control_plane, values={"operator": {"interval": 2}, "vllmImage": fake_vllm.IMAGE})
+    op.install().start()
     yield op
     op.stop()
 
@@ -69,8 +71,11 @@ def node_agent(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFac
         str(control_plane.kubeconfig),
         AGENT_NODE,
         tmp_path_factory.mktemp("agent"),
-        capacity={"cpu": "16", "memory": "64Gi", "pods": "110"},
+        # Two GPUs advertised (none used): an eval pod serving its model over them can be placed here,
+        # its vLLM sidecar run as e2e/fake_vllm.py (vLLM needs GPUs; see test_eval_vllm.py).
+        capacity={"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "2"},
         extra_env=env,
+        stand_ins={fake_vllm.IMAGE: fake_vllm.STAND_IN},
     )
     agent.start()
     control_plane.wait_for(lambda: _node_ready(control_plane, AGENT_NODE), 60, "the agent node Ready")

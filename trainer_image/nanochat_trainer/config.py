@@ -461,7 +461,11 @@ class TrainerConfig(Strict):
     seed: int = Field(1337, description="Seed of weights and sampling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available.")
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="auto: bf16 autocast on GPU.")
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the model. Unset: compiled on CUDA for dense models (MoE and hybrid models "
+        "run eager until the GPU check has shown them compiled), never on CPU.",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Keep only each block's input in the forward pass and recompute the block in the "

@@ -27,7 +27,7 @@
    * FSDP2 + EP without replicas (ep == world): every rank holds different experts, there is
      nothing to shard them over; FSDP2 ignores them and `reduce_expert_grads` divides their
      gradient by the world size.
-4. `torch.compile` (`compile: true`);
+4. `torch.compile` (`compiles`: `compile: true`, or unset on CUDA for a dense model);
 5. DDP otherwise (world > 1): the expert weights are left out of DDP and reduced by
    `reduce_expert_grads`.
 
@@ -54,6 +54,19 @@ from ..models.layers import Recompute
 from ..models.moe import Experts, MoE
 from .distributed import Env
 from .expert_parallel import ExpertParallel, ddp_ignore_experts, expert_params
+
+
+def compiles(cfg: TrainerConfig, env: Env) -> bool:
+    """Whether the model is compiled: `compile` when set; unset, on CUDA for a dense model. nanochat
+    always compiles; our MoE (data-dependent expert splits) and hybrid (FLA's Triton kernels)
+    forwards have not yet been compiled on a GPU (`make gpu-check` compiles the dense presets), so
+    they stay eager there unless asked, and the run says so."""
+    if cfg.compile is not None:
+        return cfg.compile
+    dense = cfg.model.moe is None and cfg.model.hybrid is None
+    if env.device.type == "cuda" and not dense and env.is_main:
+        print("compile unset: an MoE or hybrid model runs eager (set compile: true to compile it)", flush=True)
+    return env.device.type == "cuda" and dense
 
 
 def uses_fsdp(cfg: TrainerConfig, world: int) -> bool:
@@ -109,7 +122,7 @@ def wrap_model(model: GPT, cfg: TrainerConfig, env: Env, ep: ExpertParallel | No
     use_fsdp = uses_fsdp(cfg, env.world)
     if use_fsdp:
         shard_fsdp(model, env.device, ep)
-    wrapped: nn.Module = torch.compile(model) if cfg.compile else model
+    wrapped: nn.Module = torch.compile(model) if compiles(cfg, env) else model
     if env.world > 1 and not use_fsdp:
         if ep is not None:
             ddp_ignore_experts(wrapped)
