@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -145,17 +146,36 @@ spec:
 
 
 def test_an_eval_the_cluster_would_serve_with_vllm_stops_a_local_run_in_one_line(tmp_path, capsys):
-    """phase 3's EvalRun of the 80B student: the operator serves it with vLLM over 8 GPUs; here there is
-    no vLLM, so `nanochat run` says so in one line (exit 2) before anything runs, and the dry run
-    says what the cluster would do."""
-    phase3 = str(Path(__file__).parent.parent / "examples" / "phase3-production.yaml")
+    """An EvalRun of an 80B model trained in full precision: the operator serves it with vLLM over 8
+    GPUs; here there is no vLLM, so `nanochat run` says so in one line (exit 2) before anything runs,
+    and the dry run says what the cluster would do."""
+    manifest = tmp_path / "big.yaml"
+    manifest.write_text(
+        textwrap.dedent(
+            """
+            apiVersion: nanochat.io/v1alpha1
+            kind: TrainingRun
+            metadata: {name: big}
+            spec:
+              trainer: {preset: qwen3-hybrid, steps: 10}
+              resources: {nodes: 4, gpusPerNode: 8}
+            ---
+            apiVersion: nanochat.io/v1alpha1
+            kind: EvalRun
+            metadata: {name: big-humaneval}
+            spec:
+              model: {trainingRun: big}
+              resources: {gpus: 8}
+            """
+        )
+    )
     runs = tmp_path / "runs"
-    assert main(["run", phase3, "--runs-dir", str(runs)]) == 2
+    assert main(["run", str(manifest), "--runs-dir", str(runs)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    assert "EvalRun phase3-ternary-humaneval needs a cluster with GPUs" in err and "vLLM over 8 GPU(s)" in err
+    assert "EvalRun big-humaneval needs a cluster with GPUs" in err and "vLLM over 8 GPU(s)" in err
     assert not runs.exists()  # nothing ran
-    assert run_manifest(phase3, dry_run=True, runs_dir=str(runs)) == 0
+    assert run_manifest(str(manifest), dry_run=True, runs_dir=str(runs)) == 0
     out = capsys.readouterr().out
     assert "served by vLLM with tensor parallelism 8 in the eval pod" in out  # the cluster's plan
-    assert "EvalRun phase3-ternary-humaneval needs a cluster with GPUs" in out  # and this machine's
+    assert "EvalRun big-humaneval needs a cluster with GPUs" in out  # and this machine's

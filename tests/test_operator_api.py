@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
+import torch
 import yaml
 from pydantic import ValidationError
 
@@ -16,14 +17,18 @@ from nanochat_operator.checks import (
     eval_fit,
     feasibility,
     kv_cache_bytes,
+    linear_modules,
+    packed_eval_bytes,
     serving_bytes_per_gpu,
     tensor_parallel_problem,
+    ternary_modules,
 )
 from nanochat_operator.manifests import ManifestError, dry_run, parse_documents, validate_documents
 from nanochat_operator.metrics import OperatorMetrics, serve
 from nanochat_operator.settings import parse_args
-from nanochat_trainer.config import PRESETS, TrainerConfig, format_validation_error
-from nanochat_trainer.models.gpt import count_params
+from nanochat_trainer.config import PRESETS, TernaryConfig, TrainerConfig, format_validation_error
+from nanochat_trainer.models.gpt import GPT, count_params
+from nanochat_trainer.models.ternary import select_ternary
 
 TR = """apiVersion: nanochat.io/v1alpha1
 kind: TrainingRun
@@ -143,17 +148,21 @@ def evalrun(gpus: int = 0, **spec) -> api.EvalRunSpec:
     return api.EvalRunSpec.model_validate({"model": {"trainingRun": "r"}, "resources": {"gpus": gpus}, **spec})
 
 
+def trainer(preset: str, **over) -> TrainerConfig:
+    return TrainerConfig.model_validate({"preset": preset, "model": over})
+
+
 def model(preset: str, **over):
-    return TrainerConfig.model_validate({"preset": preset, "model": over}).model
+    return trainer(preset, **over).model
 
 
 def test_eval_fit_one_gpu_then_vllm_over_the_gpus_asked_then_refused():
     """The fit decision: whole in fp32 on one GPU (nanochat eval, as before); else in bf16 over
     resources.gpus GPUs with tensor parallelism (vLLM); else refused, naming the memory it needs and
     the GPUs that would do."""
-    big = model("qwen3-hybrid")  # ~79.7B: 297 GiB in fp32, 148 GiB in bf16
-    assert eval_fit(evalrun(8), model("nano-1B"), {}) == eval_fit(evalrun(8), None, {})  # fits: nothing to do
-    assert eval_fit(evalrun(1), model("nano-1B"), {}).tensor_parallel is None
+    big = trainer("qwen3-hybrid")  # ~79.7B: 297 GiB in fp32, 148 GiB in bf16
+    assert eval_fit(evalrun(8), trainer("nano-1B"), {}) == eval_fit(evalrun(8), None, {})  # fits: nothing to do
+    assert eval_fit(evalrun(1), trainer("nano-1B"), {}).tensor_parallel is None
     fit = eval_fit(evalrun(8), big, {})
     assert fit.problems == [] and fit.tensor_parallel == 8 and fit.max_model_len == 4096
     assert "needs 297 GiB in fp32, more than one GPU's 80 GiB" in fit.reason
@@ -170,6 +179,37 @@ def test_eval_fit_one_gpu_then_vllm_over_the_gpus_asked_then_refused():
     # On CPU (gpus 0) nothing changes: the pod's memory must hold the model in fp32.
     (cpu,) = eval_fit(evalrun(0, resources={"memory": "64Gi"}), big, {}).problems
     assert cpu.endswith("in the eval pod; resources.memory=64Gi is not enough") and "297 GiB" in cpu
+
+
+EXPERTS_ONLY = TernaryConfig(include=["layers.*.mlp.experts.*"])  # phase 3's choice
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe", "tiny-hybrid", "nano-125M", "qwen3-hybrid"])
+@pytest.mark.parametrize("ternary", [TernaryConfig(), EXPERTS_ONLY], ids=["default", "experts"])
+def test_the_operators_ternary_modules_are_the_trainers(preset, ternary):
+    """The operator (no torch) names and sizes the modules a TernaryConfig makes ternary as the
+    trainer's select_ternary does on the model itself (on the meta device)."""
+    cfg = model(preset)
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+    linear = {n: m.weight.numel() for n, m in gpt.named_modules() if n in linear_modules(cfg)}
+    assert linear == linear_modules(cfg)
+    assert ternary_modules(cfg, ternary) == {n: linear[n] for n in select_ternary(gpt, ternary)}
+
+
+def test_a_ternary_runs_final_model_is_scored_packed_on_one_gpu():
+    """Phase 3's student (qwen3-hybrid, experts ternary): its packed export fits one 80 GiB GPU, so the
+    eval loads it there (not vLLM, which would serve neither its ternary weights nor its 8-bit
+    activations); its best/ checkpoint is a full-precision model and takes the vLLM path."""
+    student = trainer("qwen3-hybrid").model_copy(update={"stage": "ternary", "ternary": EXPERTS_ONLY})
+    need = packed_eval_bytes(student.model, EXPERTS_ONLY)
+    assert 14 * GIB < need < 20 * GIB, need / GIB  # bench/ternary_memory.py: 16,354 MiB packed, plus workspace
+    fit = eval_fit(evalrun(8), student, {})
+    assert fit.problems == [] and fit.tensor_parallel is None and fit.packed == {"r"}
+    best = eval_fit(evalrun(8, model={"trainingRun": "r", "checkpoint": "best"}), student, {})
+    assert best.tensor_parallel == 8 and best.packed == frozenset()
+    (small,) = eval_fit(evalrun(8), student, {}, gpu_memory_gib=12).problems
+    assert "its packed ternary export" in small and "vLLM does not serve it packed" in small, small
 
 
 def test_serving_arithmetic_and_what_tensor_parallelism_can_split():
@@ -189,11 +229,16 @@ def test_serving_arithmetic_and_what_tensor_parallelism_can_split():
 
 
 def test_eval_fit_of_compared_runs():
-    big, small = model("qwen3-hybrid"), model("nano-125M")
-    (one,) = eval_fit(evalrun(1), small, {"parent": big}).problems  # compared runs are never served
+    big, small = trainer("qwen3-hybrid"), trainer("nano-125M")
+    (one,) = eval_fit(
+        evalrun(1, compare=[{"name": "parent", "trainingRun": "p"}]), small, {"parent": big}
+    ).problems  # compared runs are never served
     assert one.startswith("parent: a model of ~79.67B parameters needs 297 GiB in fp32 on one GPU"), one
-    assert eval_fit(evalrun(1), small, {"parent": small}).problems == []
-    (beside,) = eval_fit(evalrun(8), big, {"parent": small}).problems  # vLLM holds every GPU
+    assert (
+        eval_fit(evalrun(1, compare=[{"name": "parent", "trainingRun": "p"}]), small, {"parent": small}).problems == []
+    )
+    beside_spec = evalrun(8, compare=[{"name": "parent", "trainingRun": "p"}])
+    (beside,) = eval_fit(beside_spec, big, {"parent": small}).problems  # vLLM holds every GPU
     assert beside.startswith("compare parent: nanochat eval would load this TrainingRun beside vLLM"), beside
 
 
@@ -216,11 +261,15 @@ def test_feasibility_of_expert_parallel_layouts():
         feasibility(spec(trainer={"preset": "tiny-moe", "expert_parallel": 2, "device": "cpu"}, resources={"nodes": 2}))
         == []
     )
-    # Pod 0 holds a whole checkpoint: 80B parameters x 8 bytes do not fit in 500Gi.
-    small_host = feasibility(
-        spec(trainer={"preset": "qwen3-hybrid"}, resources={"nodes": 4, "gpusPerNode": 8, "memory": "500Gi"})
-    )
-    assert len(small_host) == 1 and "a checkpoint gathers at least 594 GiB" in small_host[0], small_host
+    # Sharded, nothing is gathered: 80B parameters train with 500Gi per pod. A replicated model's final/
+    # is written whole from pod 0: nano-1B's fp32 weights (~4 GiB) do not fit 2Gi.
+    big = {"preset": "qwen3-hybrid"}
+    assert feasibility(spec(trainer=big, resources={"nodes": 4, "gpusPerNode": 8, "memory": "500Gi"})) == []
+    ddp = {"preset": "nano-1B", "parallel": "ddp"}
+    small_host = feasibility(spec(trainer=ddp, resources={"nodes": 1, "gpusPerNode": 8, "memory": "2Gi"}))
+    assert len(small_host) == 1 and "its final/ is written whole from pod 0's host" in small_host[0], small_host
+    fsdp = {"preset": "nano-1B", "parallel": "fsdp"}  # each rank writes its part: 2Gi will do
+    assert feasibility(spec(trainer=fsdp, resources={"nodes": 1, "gpusPerNode": 8, "memory": "2Gi"})) == []
 
 
 def test_param_estimate_matches_the_model():

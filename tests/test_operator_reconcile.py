@@ -529,6 +529,25 @@ def test_an_eval_whose_model_fits_one_gpu_loads_it_in_nanochat_eval_as_before():
     assert ("Normal", "Created", "created Job ev-eval") in out.events
 
 
+def test_an_eval_of_a_ternary_run_loads_its_packed_export_on_one_gpu():
+    """Phase 3's student (qwen3-hybrid with ternary experts): 297 GiB in fp32, 16 GiB packed: the eval
+    loads the packed export (the ternary model as trained: 8-bit activations too) on one GPU, and
+    compares it with its parent's final/ in the same pod."""
+    c = FakeCluster()
+    student = {"preset": "qwen3-hybrid", "stage": "ternary", "ternary": {"include": ["layers.*.mlp.experts.*"]}}
+    c.runs["demo"] = tr(trainer=student, status={"phase": "Succeeded", "jobName": "demo-train"})
+    c.runs["base"] = tr(trainer={"preset": "nano-125M"}, status={"phase": "Succeeded", "jobName": "base-train"})
+    ev = er(resources={"gpus": 8}, compare=[{"name": "parent", "trainingRun": "base"}])
+    out = reconcile_eval(c, ev, CFG, now=NOW, adopt=adopt)
+    s = dump_status(out.status)
+    pod = c.job("ev-eval")["spec"]["template"]["spec"]
+    assert [i["name"] for i in pod["initContainers"]] == ["sandbox"]  # no export, no vLLM
+    command = pod["containers"][0]["command"]
+    assert command[:4] == ["nanochat", "eval", "--checkpoint", "/data/runs/demo/model.ternary.safetensors"]
+    assert command[command.index("--compare") + 1] == "parent=/data/runs/base/final"
+    assert s["checkpoint"] == "/data/runs/demo/model.ternary.safetensors" and "serving" not in s
+
+
 def test_an_eval_of_a_model_too_large_for_one_gpu_is_served_by_vllm_and_says_so():
     """qwen3-hybrid (~80B) does not fit one 80 GiB GPU in fp32; over 8 GPUs in bf16 it does: the pod
     exports it and serves it with vLLM (tensor parallelism 8), and the status and events say so."""

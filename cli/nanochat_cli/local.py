@@ -68,22 +68,24 @@ def trainer_config(run: TrainingRun, runs_dir: Path) -> TrainerConfig:
     return cfg
 
 
-def eval_argv(run: EvalRun, runs_dir: Path) -> list[str]:
+def eval_argv(run: EvalRun, runs_dir: Path, trainings: dict[str, TrainingRun]) -> list[str]:
     """`nanochat eval` arguments of an EvalRun: the operator's command, with local paths. Full
     results go where the operator puts them, beside the evaluated run (an endpoint's, which the
     operator keeps only in the status, to <runs-dir>/eval/<name>.json)."""
     spec: EvalRunSpec = run.spec
     name = run.metadata.name
+    packed = eval_fit_in_file(run, trainings).packed  # ternary runs' final models: their packed exports
     checkpoint: str | None = None
     if spec.model.training_run is not None:
         source = run_layout(runs_dir, spec.model.training_run)
-        checkpoint, out = str(source.final), source.eval_results(name)
+        checkpoint = str(source.evaluated(spec.model.checkpoint, spec.model.training_run in packed))
+        out = source.eval_results(name)
     else:
         out = runs_dir / "eval" / f"{name}.json"
     compare = {
         c.name: render.endpoint_source(c.endpoint)
         if c.endpoint is not None
-        else str(run_layout(runs_dir, c.training_run).final)
+        else str(run_layout(runs_dir, c.training_run).evaluated(c.checkpoint, c.training_run in packed))
         for c in spec.compare
     }
     return render.eval_command(name, spec, checkpoint, str(out), compare)[2:]  # past "nanochat eval"
@@ -147,7 +149,7 @@ def run_manifest(
             work = f"{cfg.generate.rows} documents" if cfg.generate else f"preset {cfg.preset}, {cfg.steps} steps"
             print(f"TrainingRun {run.metadata.name}: stage {cfg.stage}, {work} -> {cfg.checkpoint.dir}")
         else:
-            argv = eval_argv(run, root)
+            argv = eval_argv(run, root, trainings)
             plans.append((run, argv))
             print(f"EvalRun {run.metadata.name}: nanochat eval {' '.join(argv)}")
     if dry_run:

@@ -12,8 +12,8 @@ one moment but its AdamW half keeps two, so 16 is the round figure), spread over
 GPU when FSDP shards it, on each GPU when DDP replicates it (with expert parallelism
 under DDP, each GPU holds the dense part and 1/expert_parallel of the routed experts).
 Activations come on top, so a run that passes can still run out of memory; one that
-fails cannot fit. Pod 0's host memory must also hold a checkpoint, which rank 0 gathers
-whole (8 bytes per parameter at least: the fp32 weight and one optimizer moment).
+fails cannot fit. Checkpoints are sharded (each rank writes its part); a replicated (DDP)
+model's final/ is written whole from pod 0's host, which must hold its fp32 weights.
 
 The parameter count is computed from the config (no torch in the operator image); it
 matches nanochat_trainer.model.count_params within a few per cent (tested).
@@ -29,16 +29,17 @@ the difference for activations, CUDA graphs and the KV cache that batches the sa
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
-from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig
+from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig, TernaryConfig, TrainerConfig
 
 from .api import EvalRunSpec, TrainingRunSpec, parse_quantity
 
 BYTES_PER_PARAM = 16
 # `nanochat eval` builds the model in fp32 on the host, then moves it whole to one device.
 EVAL_BYTES_PER_PARAM = 4
-CHECKPOINT_BYTES_PER_PARAM = 8  # fp32 weight + one fp32 moment (Muon); AdamW parameters keep two
+FINAL_BYTES_PER_PARAM = 4  # a replicated model's final/: its fp32 weights, copied to rank 0's host
 GIB = 2**30
 # vLLM serving a model too large for one GPU (eval_fit): bf16 weights (`--dtype bfloat16`), the share
 # of each GPU vLLM takes (`--gpu-memory-utilization`), and of that what the weights and one sequence's
@@ -150,13 +151,13 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
                 f"over {gpus} GPUs ({how}); one GPU has {gpu_memory_gib:g} GiB: ask for more GPUs"
                 + ("" if shards else " or set trainer.parallel=fsdp")
             )
-        # Checkpoints are gathered whole on rank 0's host: fp32 weights plus at least one fp32
-        # optimizer moment per parameter must fit in pod 0's memory.
-        gathered = params * CHECKPOINT_BYTES_PER_PARAM
-        if res.memory is not None and gathered > parse_quantity(res.memory):
+        # Sharded layouts (FSDP2, expert parallelism) write checkpoints and final/ from each rank's
+        # part; a replicated model's final/ is copied whole to rank 0's host.
+        whole = params * FINAL_BYTES_PER_PARAM
+        if not shards and ep == 1 and res.memory is not None and whole > parse_quantity(res.memory):
             problems.append(
-                f"{what}: a checkpoint gathers at least {gathered / GIB:.0f} GiB (weights and "
-                f"optimizer state) in pod 0; resources.memory={res.memory} is not enough"
+                f"{what}: its final/ is written whole from pod 0's host ({whole / GIB:.0f} GiB of fp32 "
+                f"weights); resources.memory={res.memory} is not enough"
             )
     elif res.memory is not None:
         have = parse_quantity(res.memory)
@@ -178,6 +179,7 @@ class EvalFit:
     tensor_parallel: int | None = None
     max_model_len: int | None = None
     reason: str = ""
+    packed: frozenset[str] = frozenset()  # TrainingRuns whose packed ternary export is loaded, not final/
 
 
 def kv_cache_bytes(m: ModelConfig, tokens: int, tensor_parallel: int = 1) -> int:
@@ -225,40 +227,49 @@ def serving_bytes_per_gpu(m: ModelConfig, params: int, tp: int) -> int:
 
 def eval_fit(
     spec: EvalRunSpec,
-    model: ModelConfig | None,
-    compare: dict[str, ModelConfig],
+    run: TrainerConfig | None,
+    compare: dict[str, TrainerConfig],
     gpu_memory_gib: float = 80.0,
 ) -> EvalFit:
-    """How an EvalRun loads the checkpoints it scores, or why it cannot. `model`: the config of the
-    TrainingRun it evaluates (None for an endpoint); `compare`: those of its compared TrainingRuns,
-    by name. `nanochat eval` loads each in turn, whole, in fp32: into pod memory, then onto one GPU.
-    The main model, when it does not fit one GPU, is served by vLLM over `resources.gpus` GPUs if
-    they hold it; a compared model is not (score it through an endpoint)."""
+    """How an EvalRun loads the checkpoints it scores, or why it cannot. `run`: the trainer config
+    of the TrainingRun it evaluates (None for an endpoint); `compare`: those of its compared
+    TrainingRuns, by name. `nanochat eval` loads each in turn, whole: in fp32, or a ternary run's
+    final model as its packed export (what the ternary stage makes it for), into pod memory and
+    then onto one GPU. The main model, when it does not fit one GPU, is served by vLLM over
+    `resources.gpus` GPUs if they hold it (not a packed ternary model, whose 8-bit activations and
+    ternary weights vLLM does not reproduce); a compared model is not (score it through an endpoint)."""
     res = spec.resources
     gpu = gpu_memory_gib * GIB
     problems: list[str] = []
     fit = EvalFit()
-    if model is not None:
+    packed: set[str] = set()
+    if run is not None:
+        assert spec.model.training_run is not None
         name = f"TrainingRun {spec.model.training_run}"
-        params = estimate_params(model)
-        need = params * EVAL_BYTES_PER_PARAM
-        what = f"{name}: a model of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB in fp32"
-        if res.gpus > 0 and need > gpu:
+        need, what, ternary = _loaded(name, run, spec.model.checkpoint)
+        if ternary:
+            packed.add(spec.model.training_run)
+        if res.gpus > 0 and need > gpu and ternary:
+            problems.append(f"{what}, more than one GPU's {gpu_memory_gib:g} GiB (vLLM does not serve it packed)")
+        elif res.gpus > 0 and need > gpu:
             reason = f"{what}, more than one GPU's {gpu_memory_gib:g} GiB (nanochat eval does not shard a model)"
-            problem = _serving_problem(model, params, res.gpus, gpu_memory_gib)
+            params = estimate_params(run.model)
+            problem = _serving_problem(run.model, params, res.gpus, gpu_memory_gib)
             if problem:
                 problems.append(f"{reason}; {problem}")
             else:
-                fit = EvalFit(tensor_parallel=res.gpus, max_model_len=model.max_seq_len, reason=reason)
+                fit = EvalFit(tensor_parallel=res.gpus, max_model_len=run.model.max_seq_len, reason=reason)
         elif res.memory is not None and need > parse_quantity(res.memory):
             problems.append(f"{what} in the eval pod; resources.memory={res.memory} is not enough")
-    for label, cfg in compare.items():
-        params = estimate_params(cfg)
-        need = params * EVAL_BYTES_PER_PARAM
-        what = f"{label}: a model of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB in fp32"
+    for c in spec.compare:
+        if c.name not in compare:
+            continue
+        need, what, ternary = _loaded(c.name, compare[c.name], c.checkpoint)
+        if ternary and c.training_run:
+            packed.add(c.training_run)
         if fit.tensor_parallel:
             problems.append(
-                f"compare {label}: nanochat eval would load this TrainingRun beside vLLM, which holds all "
+                f"compare {c.name}: nanochat eval would load this TrainingRun beside vLLM, which holds all "
                 f"{res.gpus} GPUs for spec.model: score it through compare[].endpoint or in an EvalRun of its own"
             )
         elif res.gpus > 0 and need > gpu:
@@ -268,7 +279,85 @@ def eval_fit(
             )
         elif res.memory is not None and need > parse_quantity(res.memory):
             problems.append(f"{what} in the eval pod; resources.memory={res.memory} is not enough")
-    return EvalFit(problems, fit.tensor_parallel, fit.max_model_len, fit.reason) if problems else fit
+    return EvalFit(problems, fit.tensor_parallel, fit.max_model_len, fit.reason, frozenset(packed))
+
+
+def _loaded(label: str, run: TrainerConfig, checkpoint: str | None) -> tuple[int, str, bool]:
+    """(bytes `nanochat eval` holds on its device for a run's model, how to say so, whether that is
+    the packed ternary export): a ternary run's final model is packed, its best/ and every other
+    run's model load in fp32."""
+    params = estimate_params(run.model)
+    if run.stage == "ternary" and (checkpoint or "final") == "final":
+        need = packed_eval_bytes(run.model, run.ternary or TernaryConfig())
+        return (
+            need,
+            f"{label}: its packed ternary export of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB",
+            True,
+        )
+    need = params * EVAL_BYTES_PER_PARAM
+    return need, f"{label}: a model of ~{params / 1e9:.2f}B parameters needs {need / GIB:.0f} GiB in fp32", False
+
+
+def linear_modules(m: ModelConfig) -> dict[str, int]:
+    """The model's linear modules (nn.Linear, and the MoE's stacked experts) by the trainer's names,
+    with their weights' sizes: what `ternary.include` and `exclude` choose among
+    (`models/ternary.py`'s select_ternary; tested to agree)."""
+    d, hd = m.dim, m.resolved_head_dim
+    out = {"lm_head": m.vocab_size * d}
+    for i in range(m.n_layers):
+        a, p = f"layers.{i}.attn.", f"layers.{i}.mlp."
+        h = m.hybrid
+        if h is not None and (i + 1) % h.full_attention_interval:  # a Gated DeltaNet layer
+            key, value, nv = (
+                h.linear_num_key_heads * h.linear_key_head_dim,
+                h.linear_num_value_heads * h.linear_value_head_dim,
+                h.linear_num_value_heads,
+            )
+            sizes = {"q_proj": key, "k_proj": key, "v_proj": value, "z_proj": value, "b_proj": nv, "a_proj": nv}
+            out |= {a + n: d * k for n, k in sizes.items()} | {a + "out_proj": value * d}
+        else:
+            q, kv = d * m.n_heads * hd, d * m.n_kv_heads * hd
+            out |= {a + "q_proj": q, a + "k_proj": kv, a + "v_proj": kv, a + "o_proj": q}
+            if h is not None:
+                out[a + "g_proj"] = q  # Qwen3-Next's gated attention
+        if m.moe is None or i in m.moe.dense_layers:
+            f = d * m.resolved_ffn_dim
+            out |= {p + "gate_proj": f, p + "up_proj": f, p + "down_proj": f}
+            continue
+        e = m.moe
+        stacked = e.n_experts * d * e.expert_ffn_dim
+        out |= {p + "router": d * e.n_experts} | {
+            p + f"experts.{n}": stacked for n in ("gate_proj", "up_proj", "down_proj")
+        }
+        if e.n_shared_experts:
+            shared = d * e.shared_expert_ffn_dim
+            out |= {p + f"shared_expert.{n}": shared for n in ("gate_proj", "up_proj", "down_proj")}
+            out[p + "shared_expert_gate"] = d
+    return out
+
+
+def ternary_modules(m: ModelConfig, t: TernaryConfig) -> dict[str, int]:
+    """The linear modules `t` makes ternary, with their sizes (fnmatch globs, as the trainer)."""
+
+    def matches(name: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    return {n: k for n, k in linear_modules(m).items() if matches(n, t.include) and not matches(n, t.exclude)}
+
+
+def packed_eval_bytes(m: ModelConfig, t: TernaryConfig) -> int:
+    """What a packed ternary model takes on the device `nanochat eval` runs it on: ternary weights at
+    1.6 bits (5 per byte), every other tensor in bf16, the largest ternary module unpacked to bf16 for
+    its forward (the packed layers unpack per call when the dense weights would not fit), and one
+    full-length sequence's KV cache."""
+    ternary = ternary_modules(m, t)
+    n_ternary = sum(ternary.values())
+    return (
+        n_ternary // 5
+        + (estimate_params(m) - n_ternary) * SERVE_BYTES_PER_PARAM
+        + max(ternary.values(), default=0) * SERVE_BYTES_PER_PARAM
+        + kv_cache_bytes(m, m.max_seq_len)
+    )
 
 
 def _serving_problem(m: ModelConfig, params: int, gpus: int, gpu_memory_gib: float) -> str | None:

@@ -140,8 +140,8 @@ def eval_fit_in_file(run: EvalRun, trainings: Mapping[str, TrainingRun], gpu_mem
     `trainings` (by name); one that is not there cannot be checked, and is not."""
     s = run.spec
     main = trainings.get(s.model.training_run or "")
-    compare = {c.name: trainings[c.training_run].spec.trainer.model for c in s.compare if c.training_run in trainings}
-    return eval_fit(s, main.spec.trainer.model if main else None, compare, gpu_memory_gib)
+    compare = {c.name: trainings[c.training_run].spec.trainer for c in s.compare if c.training_run in trainings}
+    return eval_fit(s, main.spec.trainer if main else None, compare, gpu_memory_gib)
 
 
 def vllm_serving(fit: EvalFit, image: str) -> render.VllmServing | None:
@@ -157,7 +157,7 @@ def _describe_eval(run: EvalRun, in_file: set[str], fit: EvalFit) -> list[str]:
     if s.model.endpoint:
         what = f"endpoint {s.model.endpoint.url} model {s.model.endpoint.model}"
     else:
-        what = f"TrainingRun {src}'s {render.model_path(s.model)} once it Succeeded" + (
+        what = f"TrainingRun {src}'s {render.model_path(s.model, packed=src in fit.packed)} once it Succeeded" + (
             "" if src in in_file else " (not in this file)"
         )
     problems = f"first {s.max_problems}" if s.max_problems else "all 164"
@@ -213,6 +213,7 @@ def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
                 source=(s.model.training_run, "claim") if s.model.training_run else None,
                 compare_runs=runs,
                 vllm=vllm_serving(fit, "vllm-image"),
+                packed=fit.packed,
             )
             lines += _describe_eval(obj, in_file, fit)
     kinds: dict[str, int] = {}

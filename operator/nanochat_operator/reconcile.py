@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from nanochat_trainer.config import ModelConfig, format_validation_error
+from nanochat_trainer.config import TrainerConfig, format_validation_error
 from nanochat_trainer.contract import (
     EVAL_KIND,
     SPEC_ANNOTATION,
@@ -466,12 +466,12 @@ def _eval_result(view: JobView | None, pods: list[dict[str, Any]]) -> EvalResult
     return None
 
 
-def _model_config(raw: dict[str, Any] | None) -> ModelConfig | None:
-    """The model config of a TrainingRun an EvalRun loads (it has Succeeded)."""
+def _trainer_config(raw: dict[str, Any] | None) -> TrainerConfig | None:
+    """The trainer config of a TrainingRun an EvalRun loads (it has Succeeded)."""
     if raw is None:
         return None
     try:
-        return TrainingRunSpec.model_validate(raw).trainer.model
+        return TrainingRunSpec.model_validate(raw).trainer
     except ValidationError:
         return None  # a run that Succeeded had a valid spec; nothing to check against otherwise
 
@@ -561,10 +561,12 @@ def _reconcile_eval(
                 return gate
             compare_runs[c.name] = gate[:2]
             compare_specs[c.name] = gate[2]
-        compare_models = {n: m for n, raw in compare_specs.items() if (m := _model_config(raw)) is not None}
-        fit = eval_fit(spec, _model_config(main_spec), compare_models, config.gpu_memory_gib)
+        compare_runs_cfg = {n: c for n, raw in compare_specs.items() if (c := _trainer_config(raw)) is not None}
+        fit = eval_fit(spec, _trainer_config(main_spec), compare_runs_cfg, config.gpu_memory_gib)
         if fit.problems:
             return _fail(base, now, generation, "Infeasible", "; ".join(fit.problems))
+        if source is not None:
+            base.checkpoint = render.model_path(spec.model, packed=spec.model.training_run in fit.packed)
         vllm = None
         if fit.tensor_parallel is not None and source is not None:
             assert fit.max_model_len is not None
@@ -592,6 +594,7 @@ def _reconcile_eval(
             compare_runs=compare_runs,
             runtime_class=config.eval_runtime_class,
             vllm=vllm,
+            packed=fit.packed,
         )
         base.completion_time = None  # a run that (re)starts has not completed
         try:

@@ -151,11 +151,11 @@ def dataset_path(run_name: str, mount: str = DATA_MOUNT) -> str:
     return str(pod_layout(run_name, mount).dataset)
 
 
-def model_path(model: api.EvalModel, mount: str = DATA_MOUNT) -> str:
-    """The checkpoint an EvalRun's model names: its TrainingRun's final or best one."""
+def model_path(model: api.EvalModel, mount: str = DATA_MOUNT, packed: bool = False) -> str:
+    """The checkpoint an EvalRun's model names: its TrainingRun's final or best one; `packed`: a
+    ternary run's final model as its packed export (`checks.eval_fit` says which)."""
     assert model.training_run is not None
-    layout = pod_layout(model.training_run, mount)
-    return str(layout.best if model.checkpoint == "best" else layout.final)
+    return str(pod_layout(model.training_run, mount).evaluated(model.checkpoint, packed))
 
 
 def hf_export_path(run_name: str, mount: str = DATA_MOUNT) -> str:
@@ -624,6 +624,7 @@ def _compare_sources(
     mounts: list[dict[str, Any]],
     volumes: list[dict[str, Any]],
     env: list[dict[str, Any]],
+    packed: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """--compare sources; mounts each compared run's PVC (read-only, once) unless it is the main one."""
     out: dict[str, str] = {}
@@ -637,14 +638,14 @@ def _compare_sources(
             continue
         run, claim = runs[c.name]
         if claim == main_claim:
-            out[c.name] = model_path(c)
+            out[c.name] = model_path(c, packed=run in packed)
             continue
         if claim not in mounted:
             mounted[claim] = f"{MODELS_MOUNT}/{claim}"
             vol = f"model-{len(mounted)}"
             mounts.append({"name": vol, "mountPath": mounted[claim], "readOnly": True})
             volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
-        out[c.name] = model_path(c, mounted[claim])
+        out[c.name] = model_path(c, mounted[claim], packed=run in packed)
     return out
 
 
@@ -675,11 +676,13 @@ def render_eval_job(
     compare_runs: dict[str, tuple[str, str]] | None = None,
     runtime_class: str | None = None,
     vllm: VllmServing | None = None,
+    packed: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """The one-pod eval Job. `source`: (TrainingRun name, its PVC) when evaluating a run;
     `compare_runs`: (TrainingRun name, its PVC) of each spec.compare entry naming a run;
     `runtime_class`: the operator's default RuntimeClass for eval pods; `vllm`: serve the run's
-    model in the pod (it does not fit one GPU) and score it there (see the module doc)."""
+    model in the pod (it does not fit one GPU) and score it there (see the module doc); `packed`:
+    the TrainingRuns whose final model is loaded as its packed ternary export (`checks.eval_fit`)."""
     name = eval_job_name(eval_name)
     labels = eval_labels(eval_name)
     env: list[dict[str, Any]] = [
@@ -700,11 +703,11 @@ def render_eval_job(
     else:
         if source is None:
             raise ValueError("an EvalRun of a TrainingRun needs the source run and its PVC")
-        checkpoint = model_path(spec.model)
+        checkpoint = model_path(spec.model, packed=source[0] in packed)
         out = eval_results_path(source[0], eval_name)
         mounts.append({"name": "data", "mountPath": DATA_MOUNT})
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": source[1]}})
-    compare = _compare_sources(spec, source[1] if source else None, compare_runs or {}, mounts, volumes, env)
+    compare = _compare_sources(spec, source[1] if source else None, compare_runs or {}, mounts, volumes, env, packed)
     env += _env(spec.env)
     served = served_endpoint(spec) if vllm is not None else None
     container: dict[str, Any] = {

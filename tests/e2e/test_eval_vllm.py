@@ -95,8 +95,8 @@ def test_an_eval_too_large_for_one_gpu_is_exported_served_and_scored_in_its_pod(
     caplog.set_level(logging.INFO, logger="nanochat.e2e.node_agent")
     cp, op = control_plane, small_gpu_operator
     docs = manifests(namespace)
-    model = TrainerConfig.model_validate(TRAINER).model
-    fit = eval_fit(EvalRunSpec.model_validate(docs[1]["spec"]), model, {}, GPU_MEMORY_GIB)
+    run = TrainerConfig.model_validate(TRAINER)
+    fit = eval_fit(EvalRunSpec.model_validate(docs[1]["spec"]), run, {}, GPU_MEMORY_GIB)
     assert fit.tensor_parallel == GPUS, fit  # the premise: this model takes the vLLM path here
     cp.apply(docs)
     tr = wait_phase(cp, "trainingrun", "big", {"Succeeded", "Failed"}, 600, namespace, op)

@@ -294,8 +294,18 @@ def _load_packed(path: Path, device: str | torch.device) -> tuple[GPT, Any, Trai
         cfg = read_config(final)
     else:
         cfg = TrainerConfig.model_validate({"stage": "ternary", "model": header["model_config"]})
-    model = load_packed_model(path, device=device, cache_unpacked=True)
+    model = load_packed_model(path, device=device, cache_unpacked=_unpack_once(header, torch.device(device)))
     return model, load_tokenizer(path.parent), cfg
+
+
+def _unpack_once(header: dict[str, Any], device: torch.device) -> bool:
+    """Keep each packed layer's weights unpacked after its first forward (fast generation) unless
+    that would take more than a quarter of the GPU: then they are unpacked per forward, and the
+    1.6-bit codes stay the only copy (qwen3-hybrid: 16 GB packed, 160 GB unpacked)."""
+    if device.type != "cuda":
+        return True
+    n = sum(m["in_features"] * m["out_features"] * m.get("n_experts", 1) for m in header["modules"].values())
+    return n * 2 <= torch.cuda.get_device_properties(device).total_memory // 4
 
 
 def read_config(model_dir: Path) -> TrainerConfig:

@@ -181,6 +181,13 @@ class RunLayout(Generic[P]):
     def packed_ternary(self) -> P:
         return self.root / "model.ternary.safetensors"
 
+    def evaluated(self, checkpoint: str = "final", packed: bool = False) -> P:
+        """What an EvalRun of this run loads: best/, or final/, or for a ternary run's final model
+        (`packed`) its packed export."""
+        if checkpoint == "best":
+            return self.best
+        return self.packed_ternary if packed else self.final
+
     def eval_results(self, eval_name: str) -> P:
         return self.root / "eval" / f"{eval_name}.json"
 

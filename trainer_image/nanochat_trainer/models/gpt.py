@@ -79,6 +79,18 @@ class GPT(nn.Module):
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def finish_assigned(self, device: torch.device | str) -> None:
+        """After `load_state_dict(..., assign=True)` into a model built on the meta device: the head
+        tied again (assign replaced the shared Parameter), the RoPE tables (in no state dict)
+        rebuilt, and every other buffer no state dict holds (running counters) zeroed."""
+        self._tie()
+        cos, sin = self.rope_buffers()
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        for mod in self.modules():
+            for name, buf in list(mod._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
         """nn.Module.to_empty, keeping a tied head tied: it makes every module's parameters anew,
         so a head shared with the embedding would become a second, separately trained matrix."""

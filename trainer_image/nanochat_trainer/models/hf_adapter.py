@@ -505,16 +505,7 @@ def model_from_state_dict(
     if cfg.tie_embeddings:
         full["lm_head.weight"] = full["embed_tokens.weight"]
     model.load_state_dict(full, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared Parameter
-    # Non-persistent RoPE tables are not in any state dict: rebuild them as GPT.__init__ does.
-    cos, sin = model.rope_buffers()
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    # Other non-persistent buffers (running counters such as the MoE load tally) start at zero.
-    for mod in model.modules():
-        for name, buf in list(mod._buffers.items()):
-            if buf is not None and buf.is_meta:
-                mod._buffers[name] = torch.zeros(buf.shape, dtype=buf.dtype, device=device)
+    model.finish_assigned(device)
     if ternary is not None:
         set_ramp(model, 1.0)  # the ramp buffers were zeroed with the other non-persistent ones
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

@@ -293,9 +293,6 @@ class PackedStackedLinear(nn.Module):
         )
 
 
-_PACKED_TYPES = (PackedBitLinear, PackedStackedLinear)
-
-
 def to_packed_inference(model: nn.Module, cache_unpacked: bool = False) -> list[str]:
     """Swap every BitLinear of `model` for a PackedBitLinear and every BitStackedLinear for a
     PackedStackedLinear, in place; returns the names.
@@ -516,7 +513,9 @@ def load_packed_model(
     PackedStackedLinear for MoE experts), ready for generation."""
     header = read_packed_metadata(path)
     cfg = ModelConfig.model_validate(header["model_config"])
-    with torch.device(device):
+    # Built on the meta device: the file's tensors become the model's (assign), so the dense model
+    # (320 GB for qwen3-hybrid in fp32) is never allocated.
+    with torch.device("meta"):
         model = GPT(cfg)
     for name, m in header["modules"].items():
         parent_name, _, child = name.rpartition(".")
@@ -536,7 +535,7 @@ def load_packed_model(
                     m["out_features"],
                     activation_bits=m["activation_bits"],
                     cache_unpacked=cache_unpacked,
-                    device=device,
+                    device="meta",
                 ),
             )
             continue
@@ -549,17 +548,21 @@ def load_packed_model(
                 bias=m["bias"],
                 activation_bits=m["activation_bits"],
                 cache_unpacked=cache_unpacked,
-                device=device,
+                device="meta",
                 bias_dtype=None if old.bias is None else old.bias.dtype,
             ),
         )
     sd = load_packed(path, dequantize=False, device=device)
-    # Non-ternary tensors may be stored in bf16: match the file's dtype so nothing upcasts.
+    model.load_state_dict(sd, strict=True, assign=True)  # each tensor in the file's dtype (bf16; scales fp32)
+    model.finish_assigned(device)
+    # Non-ternary tensors may be stored in bf16: the buffers no file holds (RoPE tables) follow, so
+    # nothing upcasts.
     float_dtypes = {t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("weight_scale")}
     if len(float_dtypes) == 1:
-        model.to(float_dtypes.pop())
+        dtype = float_dtypes.pop()
         for mod in model.modules():
-            if isinstance(mod, _PACKED_TYPES):
-                mod.weight_scale.data = mod.weight_scale.data.float()  # scales stay fp32
-    model.load_state_dict(sd, strict=True)
+            for name in mod._non_persistent_buffers_set:
+                buf = mod._buffers.get(name)
+                if buf is not None and buf.is_floating_point():
+                    mod._buffers[name] = buf.to(dtype)
     return model.eval()
