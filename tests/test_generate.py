@@ -130,7 +130,7 @@ def test_eval_cli_errors(tmp_path, capsys) -> None:
     assert len(err.splitlines()) == 1 and "does not exist" in err
     assert run_eval_from_args(_args("--checkpoint", str(tmp_path), "--k", "5")) == 2
     assert run_eval_from_args(_args("--checkpoint", str(tmp_path))) == 2  # exists but holds no model
-    assert "no model.safetensors" in capsys.readouterr().err
+    assert "no model weights there (model.safetensors, or a sharded checkpoint's .metadata)" in capsys.readouterr().err
 
 
 def test_eval_results_default_beside_the_checkpoint(ckpt, tmp_path, monkeypatch) -> None:

@@ -95,6 +95,36 @@ def test_training_run_creates_children_and_follows_job():
     assert len(c.calls) == calls
 
 
+def test_a_run_that_ends_between_two_scrapes_reports_what_its_trainer_left_in_the_pod_status():
+    """A generate run of 40 rows can start and finish between two looks: its trainer's last gauges
+    (its termination message, as Kubernetes copies it into the pod's status) are its final figures."""
+    c = FakeCluster()
+    teacher = {"url": "http://teacher:8000/v1", "model": "Qwen/Qwen3-30B-A3B-FP8"}
+    run = tr(trainer={"preset": "tiny", "stage": "generate", "generate": {"rows": 40, "teacher": teacher}})
+    assert step(c, run)["phase"] == "Starting", run["status"]
+    env = {e["name"]: e.get("value") for e in c.job("demo-train")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["NANOCHAT_TERMINATION_LOG"] == "/dev/termination-log"
+    done = running_pod()
+    done["status"] = {
+        "phase": "Succeeded",
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {
+                        "exitCode": 0,
+                        "message": "nanochat_trainer_step 40.0\nnanochat_trainer_total_steps 40.0\n"
+                        'nanochat_trainer_generate_rejected_by_reason{reason="no_code"} 3.0\n',
+                    }
+                },
+            }
+        ],
+    }
+    c.set_job("demo-train", "Complete", pods=[done])
+    s = step(c, run)
+    assert s["phase"] == "Succeeded" and s["step"] == 40 and s["generation"]["rejected"] == {"no_code": 3}
+
+
 def test_patch_clears_eta_when_the_run_succeeds_and_never_writes_kopf():
     c = FakeCluster()
     run = tr()

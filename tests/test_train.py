@@ -107,3 +107,15 @@ def test_compile_unset_compiles_dense_models_on_cuda_only(tmp_path, capsys):
     assert not compiles(moe, cuda) and "runs eager" in capsys.readouterr().out
     assert compiles(moe.model_copy(update={"compile": True}), cpu)
     assert not compiles(dense.model_copy(update={"compile": False}), cuda)
+
+
+def test_the_last_figures_are_left_in_the_termination_log(tmp_path, monkeypatch):
+    """What the operator reads when a run ends between two scrapes: rank 0's last gauges, parsed as
+    it parses /metrics, within Kubernetes' 4 KiB limit."""
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv("NANOCHAT_TERMINATION_LOG", str(term))
+    train(micro_cfg(tmp_path / "run", steps=3))
+    text = term.read_text()
+    assert len(text) <= 4096 and "# HELP" not in text
+    last = parse_trainer_metrics(text)
+    assert (last.step, last.total_steps) == (3, 3) and last.loss == pytest.approx(read_log(tmp_path / "run")[3]["loss"])

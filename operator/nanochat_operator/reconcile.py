@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from nanochat_trainer.config import TrainerConfig, format_validation_error
 from nanochat_trainer.contract import (
+    COMPLETION_INDEX_ANNOTATION,
     EVAL_KIND,
     SPEC_ANNOTATION,
     TERMINAL_PHASES,
@@ -339,6 +340,20 @@ def _scrape_progress(cluster: Cluster, view: JobView | None, port: int | None) -
         return None
 
 
+def _final_progress(pods: list[dict[str, Any]]) -> Progress | None:
+    """The last figures pod 0's trainer left in its termination message when it succeeded
+    (`TrainerMetrics.write_termination_message`): a run that ended between two scrapes."""
+    for pod in pods:
+        index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+        if index == "0" and (pod.get("status") or {}).get("phase") == "Succeeded":
+            text = terminated_message(pod, render.TRAINER_CONTAINER)
+            try:
+                return parse_trainer_metrics(text) if text else None
+            except ValueError:
+                return None
+    return None
+
+
 def _summarised(outcome: Outcome, now: datetime) -> Outcome:
     return Outcome(summarise(outcome.status, now), outcome.events)
 
@@ -431,7 +446,7 @@ def _reconcile_training(
         events += drift_events
 
     view = _observe(cluster, job, pods, spec.resources.nodes, spec, namespace)
-    progress = _scrape_progress(cluster, view, spec.trainer.metrics.port)
+    progress = _scrape_progress(cluster, view, spec.trainer.metrics.port) or _final_progress(pods)
     generating = spec.trainer.stage == "generate"  # its output is a dataset, its steps documents kept
     output_path = render.dataset_path if generating else render.final_checkpoint_path
     new = training_status(

@@ -421,6 +421,8 @@ def render_training_job(
         {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{service_name(run_name)}"},
         {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # Rank 0 leaves its last gauges there (the pod's status), for a run that ends between two scrapes.
+        {"name": TERMINATION_LOG_ENV, "value": DEFAULT_TERMINATION_LOG},
     ] + _env(spec.env)
     ports = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
     if spec.trainer.metrics.port:

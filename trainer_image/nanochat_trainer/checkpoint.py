@@ -167,7 +167,10 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     newest = latest_checkpoint(p)
     if newest is not None:
         return newest
-    raise ValueError(f"checkpoint={str(path)!r}: no weights there, nor final/ or checkpoints/step_*")
+    raise ValueError(
+        f"checkpoint={str(path)!r}: no model weights there ({MODEL_WEIGHTS}, or a sharded checkpoint's "
+        f"{SHARDED_INDEX}), nor final/ or checkpoints/step_*"
+    )
 
 
 def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Tensor]:

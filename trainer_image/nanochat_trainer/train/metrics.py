@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -18,7 +19,13 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from ..config import ModelConfig
-from ..contract import GENERATE_REJECTED_BY_REASON, RunLayout, TrainerGauge
+from ..contract import (
+    GENERATE_REJECTED_BY_REASON,
+    MAX_TERMINATION_MESSAGE,
+    TERMINATION_LOG_ENV,
+    RunLayout,
+    TrainerGauge,
+)
 from ..models.gpt import active_params
 
 # Dense bf16 tensor-core peaks; MFU is only reported on devices listed here.
@@ -77,6 +84,27 @@ class TrainerMetrics:
     def set_rejected(self, by_reason: dict[str, int]) -> None:
         for reason, n in by_reason.items():
             self.rejected.labels(reason=reason).set(n)
+
+    def write_termination_message(self) -> None:
+        """The gauges' last values, in the exposition format, into the container's termination log
+        ($NANOCHAT_TERMINATION_LOG, which the operator sets), where Kubernetes copies them into the pod's
+        status: a run that ends between two of the operator's scrapes still reports its final figures.
+        Only samples with a value, without HELP/TYPE lines: the message is limited to 4 KiB."""
+        path = os.environ.get(TERMINATION_LOG_ENV)
+        if not (self.enabled and path):
+            return
+        lines = []
+        for family in self.registry.collect():
+            for s in family.samples:
+                if math.isnan(s.value):
+                    continue
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                lines.append(f"{s.name}{{{labels}}} {s.value!r}" if labels else f"{s.name} {s.value!r}")
+        text = "\n".join(lines) + "\n"
+        if len(text) > MAX_TERMINATION_MESSAGE:  # whole lines only: a cut sample would not parse
+            text = text[: text.rfind("\n", 0, MAX_TERMINATION_MESSAGE) + 1]
+        with open(path, "w") as f:
+            f.write(text)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

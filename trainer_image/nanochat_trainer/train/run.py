@@ -127,6 +127,7 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
     if start < cfg.steps or not layout.final.is_dir():
         save_final(model, cfg, env, ep, layout, tokenizer)  # collective
     barrier(env)
+    metrics.write_termination_message()  # rank 0's last figures, for the pod's status
     return record
 
 
@@ -158,6 +159,7 @@ def _generate(cfg: TrainerConfig) -> dict[str, Any]:
     metrics = TrainerMetrics(RunLayout(Path(cfg.checkpoint.dir)), cfg.metrics.port, enabled=True)
     generator = Generator(cfg, metrics)
     generator.run()
+    metrics.write_termination_message()
     return generator.figures()
 
 
