@@ -203,13 +203,21 @@ def test_a_ternary_runs_final_model_is_scored_packed_on_one_gpu():
     activations); its best/ checkpoint is a full-precision model and takes the vLLM path."""
     student = trainer("qwen3-hybrid").model_copy(update={"stage": "ternary", "ternary": EXPERTS_ONLY})
     need = packed_eval_bytes(student.model, EXPERTS_ONLY)
-    assert 14 * GIB < need < 20 * GIB, need / GIB  # bench/ternary_memory.py: 16,354 MiB packed, plus workspace
+    # bench/ternary_memory.py: 16,354 MiB packed with every layer ternary; here attention and shared experts stay
+    # bf16, and three expert stacks unpack at a time (3 GiB): ~22 GiB.
+    assert 16 * GIB < need < 24 * GIB, need / GIB
     fit = eval_fit(evalrun(8), student, {})
     assert fit.problems == [] and fit.tensor_parallel is None and fit.packed == {"r"}
-    best = eval_fit(evalrun(8, model={"trainingRun": "r", "checkpoint": "best"}), student, {})
-    assert best.tensor_parallel == 8 and best.packed == frozenset()
+    # best/ holds its latent weights (BitLinear): too large for one GPU, and not for vLLM either.
+    (best,) = eval_fit(evalrun(8, model={"trainingRun": "r", "checkpoint": "best"}), student, {}).problems
+    assert "vLLM serves neither ternary weights" in best and best.endswith("instead of checkpoint: best"), best
     (small,) = eval_fit(evalrun(8), student, {}, gpu_memory_gib=12).problems
-    assert "its packed ternary export" in small and "vLLM does not serve it packed" in small, small
+    assert "its packed ternary export" in small and "vLLM serves neither" in small, small
+    # A full-precision MoE whose routers learnt an aux-free bias has no Hugging Face form to serve.
+    aux_free = trainer("qwen3-hybrid").model_copy(deep=True)
+    aux_free.model.moe.balance = "aux_free"
+    (bias,) = eval_fit(evalrun(8), aux_free, {}).problems
+    assert "moe.balance=aux_free" in bias, bias
 
 
 def test_serving_arithmetic_and_what_tensor_parallelism_can_split():
@@ -267,9 +275,12 @@ def test_feasibility_of_expert_parallel_layouts():
     assert feasibility(spec(trainer=big, resources={"nodes": 4, "gpusPerNode": 8, "memory": "500Gi"})) == []
     ddp = {"preset": "nano-1B", "parallel": "ddp"}
     small_host = feasibility(spec(trainer=ddp, resources={"nodes": 1, "gpusPerNode": 8, "memory": "2Gi"}))
-    assert len(small_host) == 1 and "its final/ is written whole from pod 0's host" in small_host[0], small_host
+    assert len(small_host) == 1 and "its final/ is written whole on pod 0's host" in small_host[0], small_host
     fsdp = {"preset": "nano-1B", "parallel": "fsdp"}  # each rank writes its part: 2Gi will do
     assert feasibility(spec(trainer=fsdp, resources={"nodes": 1, "gpusPerNode": 8, "memory": "2Gi"})) == []
+    scored = {**fsdp, "evaluation": {"every": 100}}  # but in-training evaluation gathers the model on pod 0
+    (gathered,) = feasibility(spec(trainer=scored, resources={"nodes": 1, "gpusPerNode": 8, "memory": "2Gi"}))
+    assert "in-training evaluation gathers it whole on pod 0's host" in gathered, gathered
 
 
 def test_param_estimate_matches_the_model():

@@ -559,6 +559,22 @@ def test_an_eval_whose_model_fits_one_gpu_loads_it_in_nanochat_eval_as_before():
     assert ("Normal", "Created", "created Job ev-eval") in out.events
 
 
+def test_a_served_best_checkpoint_is_exported_apart_from_final():
+    """Evaluations of final/ and best/ of one run may run at once: each has its own export directory."""
+    c = FakeCluster()
+    c.runs["demo"] = tr(
+        trainer={"preset": "qwen3-hybrid", "evaluation": {"every": 100}},
+        status={"phase": "Succeeded", "jobName": "demo-train", "bestPassAt1": 0.3, "bestPassAt1Step": 500},
+    )
+    ev = er(resources={"gpus": 8}, model={"trainingRun": "demo", "checkpoint": "best"})
+    out = reconcile_eval(c, ev, OperatorConfig(trainer_image="t", vllm_image="v"), now=NOW, adopt=adopt)
+    _, export, vllm = c.job("ev-eval")["spec"]["template"]["spec"]["initContainers"]
+    assert export["command"] == ["nanochat", "export", "/data/runs/demo/best", "--hf", "/data/runs/demo/hf-best"]
+    assert "/data/runs/demo/hf-best" in vllm["args"] and dump_status(out.status)["serving"]["modelDir"].endswith(
+        "hf-best"
+    )
+
+
 def test_an_eval_of_a_ternary_run_loads_its_packed_export_on_one_gpu():
     """Phase 3's student (qwen3-hybrid with ternary experts): 297 GiB in fp32, 16 GiB packed: the eval
     loads the packed export (the ternary model as trained: 8-bit activations too) on one GPU, and

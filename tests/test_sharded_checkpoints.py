@@ -53,6 +53,7 @@ def test_a_sharded_checkpoint_exports_to_what_transformers_loads(tmp_path, capsy
     assert "up to date" in capsys.readouterr().out and (out / "config.json").stat().st_mtime_ns == written
     assert main(["export", str(run), "--hf", str(out), "--dtype", "float32"]) == 0
     assert "exported" in capsys.readouterr().out
+    assert main(["export", str(run)]) == 2 and "--hf/--ternary" in capsys.readouterr().err  # nothing asked
 
 
 def test_packing_a_tensor_at_a_time_equals_packing_the_model(tmp_path):
@@ -68,6 +69,10 @@ def test_packing_a_tensor_at_a_time_equals_packing_the_model(tmp_path):
         got = load_file(path)
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want), path
         assert read_packed_metadata(path) == read_packed_metadata(tmp_path / "whole.safetensors")
+    # Rank 0 died while packing: the restart finds final/ written, the packed file missing, and packs it.
+    RunLayout(run).packed_ternary.unlink()
+    train(micro_cfg(run, steps=2, stage="ternary"))
+    assert load_file(RunLayout(run).packed_ternary).keys() == want.keys()
 
 
 @pytest.mark.slow  # torchrun: three runs of tens of seconds

@@ -107,6 +107,8 @@ def cmd_tokenizer_gpt2(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from nanochat_trainer.export import export_hf_dir, export_ternary  # noqa: PLC0415 (torch: the trainer extra)
 
+    if not (args.hf or args.ternary):
+        raise ConfigError("--hf/--ternary", "neither", "say what to write: --hf DIR, --ternary FILE, or both")
     if args.hf:
         written = export_hf_dir(args.src, args.hf, args.dtype)
         print(f"{'exported' if written else 'up to date'}: {args.hf}")

@@ -152,12 +152,15 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
                 + ("" if shards else " or set trainer.parallel=fsdp")
             )
         # Sharded layouts (FSDP2, expert parallelism) write checkpoints and final/ from each rank's
-        # part; a replicated model's final/ is copied whole to rank 0's host.
+        # part; a replicated model's final/ is copied whole to rank 0's host, and in-training
+        # evaluation gathers even a sharded one there (train/evaluation.py).
         whole = params * FINAL_BYTES_PER_PARAM
-        if not shards and ep == 1 and res.memory is not None and whole > parse_quantity(res.memory):
+        gathers = (not shards and ep == 1) or cfg.evaluation is not None
+        if gathers and res.memory is not None and whole > parse_quantity(res.memory):
+            why = "in-training evaluation gathers it" if cfg.evaluation is not None else "its final/ is written"
             problems.append(
-                f"{what}: its final/ is written whole from pod 0's host ({whole / GIB:.0f} GiB of fp32 "
-                f"weights); resources.memory={res.memory} is not enough"
+                f"{what}: {why} whole on pod 0's host ({whole / GIB:.0f} GiB of fp32 weights); "
+                f"resources.memory={res.memory} is not enough"
             )
     elif res.memory is not None:
         have = parse_quantity(res.memory)
@@ -249,12 +252,16 @@ def eval_fit(
         need, what, ternary = _loaded(name, run, spec.model.checkpoint)
         if ternary:
             packed.add(spec.model.training_run)
-        if res.gpus > 0 and need > gpu and ternary:
-            problems.append(f"{what}, more than one GPU's {gpu_memory_gib:g} GiB (vLLM does not serve it packed)")
+        if res.gpus > 0 and need > gpu and run.stage == "ternary":
+            problems.append(
+                f"{what}, more than one GPU's {gpu_memory_gib:g} GiB: vLLM serves neither ternary weights nor "
+                "8-bit activations"
+                + ("" if ternary else "; score its final model (packed) instead of checkpoint: best")
+            )
         elif res.gpus > 0 and need > gpu:
             reason = f"{what}, more than one GPU's {gpu_memory_gib:g} GiB (nanochat eval does not shard a model)"
             params = estimate_params(run.model)
-            problem = _serving_problem(run.model, params, res.gpus, gpu_memory_gib)
+            problem = _serving_problem(run.model, params, res.gpus, gpu_memory_gib) or _export_problem(run.model)
             if problem:
                 problems.append(f"{reason}; {problem}")
             else:
@@ -280,6 +287,16 @@ def eval_fit(
         elif res.memory is not None and need > parse_quantity(res.memory):
             problems.append(f"{what} in the eval pod; resources.memory={res.memory} is not enough")
     return EvalFit(problems, fit.tensor_parallel, fit.max_model_len, fit.reason, frozenset(packed))
+
+
+def _export_problem(m: ModelConfig) -> str | None:
+    """Why the Hugging Face export vLLM serves would not be this model; None when it is."""
+    if m.moe is not None and m.moe.balance == "aux_free":
+        return (
+            "moe.balance=aux_free: its routers carry a selection bias Hugging Face's Qwen3 MoE has no place for, "
+            "so vLLM would route differently; score it through spec.model.endpoint"
+        )
+    return None
 
 
 def _loaded(label: str, run: TrainerConfig, checkpoint: str | None) -> tuple[int, str, bool]:
@@ -347,15 +364,15 @@ def ternary_modules(m: ModelConfig, t: TernaryConfig) -> dict[str, int]:
 
 def packed_eval_bytes(m: ModelConfig, t: TernaryConfig) -> int:
     """What a packed ternary model takes on the device `nanochat eval` runs it on: ternary weights at
-    1.6 bits (5 per byte), every other tensor in bf16, the largest ternary module unpacked to bf16 for
-    its forward (the packed layers unpack per call when the dense weights would not fit), and one
-    full-length sequence's KV cache."""
+    1.6 bits (5 per byte), every other tensor in bf16, three of the largest ternary modules unpacked
+    to bf16 for a forward (an MoE's gate, up and down experts together; the packed layers unpack per
+    call when the dense weights would not fit), and one full-length sequence's KV cache."""
     ternary = ternary_modules(m, t)
     n_ternary = sum(ternary.values())
     return (
         n_ternary // 5
         + (estimate_params(m) - n_ternary) * SERVE_BYTES_PER_PARAM
-        + max(ternary.values(), default=0) * SERVE_BYTES_PER_PARAM
+        + 3 * max(ternary.values(), default=0) * SERVE_BYTES_PER_PARAM
         + kv_cache_bytes(m, m.max_seq_len)
     )
 

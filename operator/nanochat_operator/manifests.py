@@ -168,8 +168,8 @@ def _describe_eval(run: EvalRun, in_file: set[str], fit: EvalFit) -> list[str]:
     ]
     if fit.tensor_parallel:
         lines.append(
-            f"  does not fit one GPU: exported to {render.hf_export_path(src)}, served by vLLM with tensor "
-            f"parallelism {fit.tensor_parallel} in the eval pod, scored at {render.VLLM_URL}"
+            f"  does not fit one GPU: exported to {render.hf_export_path(src, s.model.checkpoint)}, served by vLLM "
+            f"with tensor parallelism {fit.tensor_parallel} in the eval pod, scored at {render.VLLM_URL}"
         )
     return lines
 

@@ -591,7 +591,7 @@ def _reconcile_eval(
             base.serving = EvalServing(
                 server="vllm",
                 tensor_parallel_size=fit.tensor_parallel,
-                model_dir=render.hf_export_path(source[0]),
+                model_dir=render.hf_export_path(source[0], spec.model.checkpoint),
                 url=render.VLLM_URL,
                 reason=fit.reason,
             )

@@ -158,9 +158,9 @@ def model_path(model: api.EvalModel, mount: str = DATA_MOUNT, packed: bool = Fal
     return str(pod_layout(model.training_run, mount).evaluated(model.checkpoint, packed))
 
 
-def hf_export_path(run_name: str, mount: str = DATA_MOUNT) -> str:
+def hf_export_path(run_name: str, checkpoint: str = "final", mount: str = DATA_MOUNT) -> str:
     """A TrainingRun's Hugging Face export (`nanochat export --hf`), which vLLM serves."""
-    return str(pod_layout(run_name, mount).hf)
+    return str(pod_layout(run_name, mount).hf(checkpoint))
 
 
 def eval_results_path(run_name: str, eval_name: str, mount: str = DATA_MOUNT) -> str:
@@ -739,7 +739,7 @@ def render_eval_job(
     _add_sandbox(pod, container, image)
     if vllm is not None:
         assert source is not None and checkpoint is not None
-        _add_vllm(pod, spec, vllm, image, checkpoint, hf_export_path(source[0]))
+        _add_vllm(pod, spec, vllm, image, checkpoint, hf_export_path(source[0], spec.model.checkpoint))
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name  # the user asked for an identity: its token too
     else:

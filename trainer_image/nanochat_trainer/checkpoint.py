@@ -37,7 +37,7 @@ from .contract import MODEL_CONFIG, MODEL_WEIGHTS, SHARDED_INDEX, TRAIN_STATE, R
 from .models.gpt import GPT
 from .models.moe import held_expert_rows
 from .models.ternary import apply_ternary
-from .models.ternary_pack import load_packed_model, read_packed_metadata
+from .models.ternary_pack import load_packed_model, module_weights, read_packed_metadata
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -60,7 +60,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """Rename a fully written temporary directory into place, replacing an older one."""
     _fsync_tree(tmp)
     if final.exists():
-        old = final.with_name(final.name + f".old-{os.getpid()}")
+        old = final.with_name(final.name + f".old-{secrets.token_hex(4)}")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
@@ -303,12 +303,15 @@ def _load_packed(path: Path, device: str | torch.device) -> tuple[GPT, Any, Trai
 
 def _unpack_once(header: dict[str, Any], device: torch.device) -> bool:
     """Keep each packed layer's weights unpacked after its first forward (fast generation) unless
-    that would take more than a quarter of the GPU: then they are unpacked per forward, and the
-    1.6-bit codes stay the only copy (qwen3-hybrid: 16 GB packed, 160 GB unpacked)."""
-    if device.type != "cuda":
-        return True
-    n = sum(m["in_features"] * m["out_features"] * m.get("n_experts", 1) for m in header["modules"].values())
-    return n * 2 <= torch.cuda.get_device_properties(device).total_memory // 4
+    that would take more than a quarter of the device's memory (the GPU's, or the host's): then
+    they are unpacked per forward, and the 1.6-bit codes stay the only copy (qwen3-hybrid: 16 GB
+    packed, 160 GB unpacked)."""
+    n = sum(module_weights(m) for m in header["modules"].values())
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return n * 2 <= memory // 4
 
 
 def read_config(model_dir: Path) -> TrainerConfig:

@@ -108,10 +108,11 @@ class RunLayout(Generic[P]):
         <run>/tokenizer.json
         <run>/checkpoints/step_00000100/   the sharded weights and optimizers (.metadata, __<rank>_0.distcp),
                                            config.yaml, tokenizer.json, train_state.pt
-        <run>/final/                       model.safetensors, config.yaml, tokenizer.json
+        <run>/final/                       model.safetensors (DDP) or the sharded files (FSDP2, EP), config.yaml,
+                                           tokenizer.json
         <run>/best/, best.json             the best in-training pass@1 so far: its weights, step and score
         <run>/model.ternary.safetensors    a ternary run's packed export
-        <run>/hf/                          `nanochat export --hf`: a Hugging Face model directory (vLLM serves it)
+        <run>/hf/, hf-best/                `nanochat export --hf` of final/, best/: Hugging Face directories (vLLM)
         <run>/log.jsonl                    one JSON record per logged step
         <run>/expert_load.jsonl            MoE: routed tokens per expert, per checkpoint
         <run>/teacher-cache/               distillation: the teacher's answers
@@ -138,10 +139,10 @@ class RunLayout(Generic[P]):
         """best/'s step and pass@1, as JSON."""
         return self.root / "best.json"
 
-    @property
-    def hf(self) -> P:
-        """The Hugging Face export of the run's model (`nanochat export SRC --hf`), for vLLM or transformers."""
-        return self.root / "hf"
+    def hf(self, checkpoint: str = "final") -> P:
+        """The Hugging Face export (`nanochat export SRC --hf`, for vLLM or transformers) of the run's
+        final model, or of best/: one directory each, so evaluations of both never share one."""
+        return self.root / ("hf" if checkpoint == "final" else f"hf-{checkpoint}")
 
     @property
     def dataset(self) -> P:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,8 @@ def export_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "
     source = _source_record(model_dir, dtype)
     if _recorded(out) == source:
         return False
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A random suffix, not the pid: the exporter is pid 1 in every pod, and two pods may export at once.
+    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
     tokenizer = load_tokenizer(model_dir)
     with ModelTensors(model_dir) as tensors:
         write_hf(iter_hf_tensors(tensors, cfg.model), cfg.model, tmp, DTYPES[dtype])

@@ -34,7 +34,7 @@ whose vocabulary and merges come from the ranks, with GPT-2's byte-level pre-tok
 decoder, as in GPT-2's own Hugging Face files), tokenizer_config.json and
 special_tokens_map.json (end-of-text is also bos and unk, nothing is added around a text:
 GPT-2's Hugging Face defaults). Its tokenizer.json replaces one that `save` wrote in the same
-folder (for tiktoken ones, the pointer file), so export into a folder of its own (`RunLayout.hf`);
+folder (for tiktoken ones, the pointer file), so export into a folder of its own (`RunLayout.hf()`);
 `load_tokenizer` reads an export too and gets the same ids.
 
 The literal "<|endoftext|>": tokenizer.json marks it special, as every Hugging Face GPT-2

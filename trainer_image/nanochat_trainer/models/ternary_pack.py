@@ -323,7 +323,7 @@ def _packed_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def _n_weights(m: dict[str, Any]) -> int:
+def module_weights(m: dict[str, Any]) -> int:
     """Ternary weights of one module entry of the header (v1 entries are linear)."""
     return m.get("n_experts", 1) * m["in_features"] * m["out_features"]
 
@@ -410,7 +410,7 @@ def _holding(module: nn.Module, name: str, weights: Mapping[str, torch.Tensor] |
 
 def packed_stats(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, float]:
     """Sizes of a packed state dict: ternary weights, their bytes, bits per weight."""
-    n_tern = sum(_n_weights(m) for m in meta["modules"].values())
+    n_tern = sum(module_weights(m) for m in meta["modules"].values())
     tern_keys = {f"{n}.{s}" for n in meta["modules"] for s in ("weight_packed", "weight_scale")}
     tern_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k in tern_keys)
     other = {k: t for k, t in tensors.items() if k not in tern_keys}

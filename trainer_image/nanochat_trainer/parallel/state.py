@@ -1,8 +1,8 @@
-"""Model and optimizer state whatever the layout: sharded for step checkpoints, whole for final/.
+"""Model and optimizer state whatever the layout: sharded for checkpoints and final/, whole to evaluate.
 
     save_sharded(model, opts, ep, step_dir)            # collective: each rank writes its own shards
     load_sharded(model, opts, ep, step_dir)            # collective: each rank reads what it holds
-    whole = unsharded(model, cfg, env, ep)             # the model final/ is written from (rank 0)
+    whole = unsharded(model, cfg, env, ep)             # the whole model on rank 0 (in-training evaluation)
     msd, osds = full_state(model, opts, ep)            # collective; rank 0's dicts are complete
     load_full_state(model, opts, msd, osds, ep)        # checkpoints of earlier versions (whole files)
 
@@ -153,7 +153,7 @@ def load_full_state(
 
 
 def unsharded(model: GPT, cfg: TrainerConfig, env: Env, ep: ExpertParallel | None) -> GPT | None:
-    """The model whose weights go to final/: `model` itself when it holds all its weights; under
+    """The whole model, for in-training evaluation and best/: `model` itself when it holds all its weights; under
     FSDP2 (DTensor shards, which safetensors cannot write) or EP (a slice of the experts) a CPU
     model on rank 0 (None elsewhere) whose parameters are the gathered full state's tensors
     themselves, not a copy. Collective."""

@@ -124,9 +124,14 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
     finally:
         trainer.close()
 
-    if start < cfg.steps or not layout.final.is_dir():
+    wrote = start < cfg.steps or not layout.final.is_dir()
+    if wrote:
         save_final(model, cfg, env, ep, layout, tokenizer)  # collective
     barrier(env)
+    # After the last collective (packing 80B parameters outlasts a collective's timeout), and again on a
+    # restart that finds final/ written but no packed file (rank 0 died while packing).
+    if env.is_main and cfg.stage == "ternary" and (wrote or not layout.packed_ternary.is_file()):
+        export_ternary(layout.final, layout.packed_ternary)
     metrics.write_termination_message()  # rank 0's last figures, for the pod's status
     return record
 
@@ -135,8 +140,7 @@ def save_final(
     model: GPT, cfg: TrainerConfig, env: Env, ep: ExpertParallel | None, layout: RunLayout, tokenizer: Tokenizer
 ) -> None:
     """final/: one safetensors file from rank 0 when every rank holds the whole model; under FSDP2
-    or expert parallelism each rank writes its shards, so no rank gathers the model. A ternary
-    run's packed export is then read from final/ a tensor at a time. Collective."""
+    or expert parallelism each rank writes its shards, so no rank gathers the model. Collective."""
     if ep is None and not uses_fsdp(cfg, env.world):
         if env.is_main:
             save_weights(layout.final, model, cfg, tokenizer)
@@ -145,8 +149,6 @@ def save_final(
         save_sharded(model, [], ep, tmp)
         if env.is_main:
             publish_sharded(tmp, cfg, tokenizer)
-    if cfg.stage == "ternary" and env.is_main:
-        export_ternary(layout.final, layout.packed_ternary)
 
 
 def _generate(cfg: TrainerConfig) -> dict[str, Any]:

@@ -195,7 +195,7 @@ class Trainer:
         `path` (`parallel.state.save_sharded`) and return the rest of what the checkpoint holds, the
         train state: step, the optimizers' parameter groups, the data position of every rank merged,
         RNG, and the distillation feed's position per rank. Collective; rank 0's train state is the
-        complete one (`checkpoint.publish_checkpoint` writes it)."""
+        complete one (`checkpoint.publish_sharded` writes it)."""
         save_sharded(self.model, self.opts, self.ep, path)
         env = self.env
         state: dict[str, Any] = {
