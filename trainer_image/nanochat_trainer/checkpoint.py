@@ -175,8 +175,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 def read_weights(model: torch.nn.Module, model_dir: Path) -> dict[str, torch.Tensor]:
     """A model directory's weights as a state dict for `model`. Each expert weight that expert
-    parallelism split is read as this rank's rows alone (from a whole file, safetensors slices
-    the file), so no rank keeps all of an MoE's experts."""
+    parallelism split is kept as this rank's rows alone, so no rank keeps all of an MoE's experts
+    (a whole file is sliced by safetensors; a sharded one is read a tensor at a time and cut)."""
     rows = held_expert_rows(model)
     sd = {}
     with ModelTensors(model_dir) as tensors:
@@ -196,6 +196,16 @@ def read_checkpoint(model: torch.nn.Module, step_dir: Path) -> dict[str, Any]:
     return {**read_train_state(step_dir), "model": read_weights(model, step_dir)}
 
 
+class _IndexOnce(dcp.FileSystemReader):
+    """A reader that reads DCP's index once: every per-tensor load would read it again, and a step
+    checkpoint's index lists every optimizer entry too."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(self, "_index"):
+            self._index = super().read_metadata(*args, **kwargs)
+        return self._index
+
+
 class ModelTensors(Mapping[str, torch.Tensor]):
     """A model directory's weights by name, each read when asked for, one at a time (a model
     larger than memory is read tensor by tensor): a safetensors file or sharded DCP files.
@@ -208,7 +218,8 @@ class ModelTensors(Mapping[str, torch.Tensor]):
         self.dir = model_dir
         self._file = None
         if is_sharded(model_dir):
-            meta = dcp.FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
+            self._reader = _IndexOnce(str(model_dir))
+            meta = self._reader.read_metadata().state_dict_metadata
             # Model tensors are stored as "model.<name>"; optimizer states beside them are not weights.
             self._shapes = {
                 k.removeprefix("model."): (m.size, m.properties.dtype)
@@ -241,7 +252,7 @@ class ModelTensors(Mapping[str, torch.Tensor]):
         # no_dist: one process reads on its own, also inside a torchrun job (init_from, the parent).
         with warnings.catch_warnings():  # DCP warns that no_dist means one process: it does
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": {name: t}}, storage_reader=dcp.FileSystemReader(str(self.dir)), no_dist=True)
+            dcp.load({"model": {name: t}}, storage_reader=self._reader, no_dist=True)
         return t
 
     def rows(self, name: str, first: int, n: int) -> torch.Tensor:
