@@ -199,7 +199,9 @@ def test_rbac_is_least_privilege(helm, tmp_path):
     expected |= {("", "pods", v) for v in ("list", "watch")}
     expected |= {("", r, "create") for r in ("configmaps", "services", "persistentvolumeclaims", "events")}
     expected.add(("networking.k8s.io", "networkpolicies", "create"))  # each eval pod's
-    expected |= {(g, "podgroups", "create") for g in ("scheduling.x-k8s.io", "scheduling.volcano.sh")}  # spec.gang
+    expected |= {
+        (g, "podgroups", v) for g in ("scheduling.x-k8s.io", "scheduling.volcano.sh") for v in ("create", "get")
+    }
     expected.add(("", "events", "list"))  # a Job's FailedCreate: why its pods are refused
     expected |= {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
     expected |= {("", "namespaces", v) for v in ("list", "watch")}

@@ -163,6 +163,20 @@ def test_job_of_another_owner_is_left_alone():
         step(c, tr())
 
 
+def test_a_pod_group_of_another_owner_is_waited_for_not_used():
+    """A deleted run's PodGroup of the same name, not yet collected, would gang-schedule the new run's
+    pods by its numbers: the run waits for it to go, its own (a retry) is fine."""
+    c = FakeCluster()
+    gang = {"gang": {"scheduler": "coscheduling"}}
+    old = {"metadata": {"name": "demo-train", "ownerReferences": [{"uid": "old-uid"}]}, "spec": {"minMember": 9}}
+    c.objects[("PodGroup", "ml", "demo-train")] = old
+    with pytest.raises(NotOwned, match="PodGroup demo-train exists but does not belong to this run"):
+        step(c, tr(**gang))
+    assert ("Job", "ml", "demo-train") not in c.objects
+    old["metadata"]["ownerReferences"] = [{"uid": "uid-demo"}]  # this run's own, from an earlier attempt
+    assert step(c, tr(**gang))["phase"] == "Starting" and ("Job", "ml", "demo-train") in c.objects
+
+
 def test_invalid_spec_fails_without_touching_cluster_and_recovers_when_fixed():
     c = FakeCluster()
     bad = tr(trainer={"preset": "tiny", "model": {"n_heads": 4, "n_kv_heads": 3}})

@@ -71,6 +71,22 @@ class KubeCluster:
         resp = call(*args, _preload_content=False, **kwargs)
         return json.loads(resp.data)
 
+    def _custom_object(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored object of `obj`'s kind and name (None when it is gone again)."""
+        group, version = obj["apiVersion"].split("/")
+        meta = obj["metadata"]
+        try:
+            return self._json(
+                self.custom.get_namespaced_custom_object,
+                group,
+                version,
+                meta["namespace"],
+                CUSTOM_PLURALS[obj["kind"]],
+                meta["name"],
+            )
+        except ApiException:
+            return None
+
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create `obj`; the object as the API server stored it."""
         ns = obj["metadata"]["namespace"]
@@ -89,6 +105,8 @@ class KubeCluster:
                 )
             return self._json(creators[obj["kind"]], ns, obj)
         except ApiException as err:
+            if err.status == 409 and obj["kind"] in CUSTOM_PLURALS:  # not watched: whose is it?
+                raise AlreadyExists(obj["metadata"]["name"], existing=self._custom_object(obj)) from err
             if err.status == 409:
                 raise AlreadyExists(obj["metadata"]["name"]) from err
             if err.status in (400, 422):

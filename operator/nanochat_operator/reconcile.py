@@ -65,7 +65,13 @@ from .status import (
 
 
 class AlreadyExists(Exception):
-    """The object is there already (a retry, or made by a reconcile the watch had not yet shown): fine."""
+    """The object is there already (a retry, or made by a reconcile the watch had not yet shown): fine.
+    `existing`: the object found, where the caller must check whose it is and nothing watches it (a
+    PodGroup)."""
+
+    def __init__(self, name: str, existing: dict[str, Any] | None = None) -> None:
+        super().__init__(name)
+        self.existing = existing
 
 
 class Rejected(Exception):
@@ -143,11 +149,19 @@ def _create_all(
     """Create what is missing, owned by the run (so deleting it deletes them), except a PVC the
     run's storage.whenDeleted keeps: that one is only labelled with the run."""
     adopt([o for o in objs if not (keep_pvc and o["kind"] == "PersistentVolumeClaim")], owner)
+    uid = owner["metadata"].get("uid")
     for obj in objs:
         try:
             cluster.create(obj)
-        except AlreadyExists:
-            pass  # made by an earlier attempt; the Job is checked for ownership by the caller
+        except AlreadyExists as err:
+            # Made by an earlier attempt; the Job is checked for ownership by the caller. A PodGroup
+            # left by a deleted run of the same name would gang-schedule this run's pods by the old
+            # run's numbers until the garbage collector removed it under them: wait for it to go.
+            if err.existing is not None and uid and not owned_by(err.existing, uid):
+                raise NotOwned(
+                    f"{obj['kind']} {obj['metadata']['name']} exists but does not belong to this run (an older "
+                    "run's, still being deleted?); waiting"
+                ) from err
 
 
 def _check_owned(job: dict[str, Any] | None, uid: str | None, name: str) -> None:

@@ -7,6 +7,7 @@ controller, scheduler, operator and API server are real.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -240,3 +241,20 @@ def test_gang_runs_get_a_pod_group_and_a_missing_scheduler_is_named(
     failed = wait_phase(cp, "trainingrun", "nogang", {"Failed"}, 60, namespace, operator)
     message = _condition(failed, "Failed")["message"]
     assert "does not serve scheduling.volcano.sh/v1beta1" in message, message
+
+    # A PodGroup of the same name that is not the run's (a deleted run's, not yet collected): the run waits
+    # for it to go (the operator reads it through the chart's RBAC), then makes its own.
+    stray = {
+        "apiVersion": "scheduling.x-k8s.io/v1alpha1",
+        "kind": "PodGroup",
+        "metadata": {"name": "late-train", "namespace": namespace},
+        "spec": {"minMember": 9},
+    }
+    cp.apply([stray, training_run("late", namespace, resources=two_nodes, gang={"scheduler": "coscheduling"})])
+    time.sleep(5)
+    assert not cp.get("jobs", "-n", namespace, "-l", "app.kubernetes.io/instance=late")["items"]
+    assert "PodGroup late-train exists but does not belong to this run" in operator.log_path.read_text()
+    cp.kubectl("delete", "podgroups.scheduling.x-k8s.io", "late-train", "-n", namespace)
+    wait_phase(cp, "trainingrun", "late", {"Running", "Succeeded"}, 120, namespace, operator)
+    group = cp.get("podgroups.scheduling.x-k8s.io", "late-train", "-n", namespace)
+    assert group["spec"]["minMember"] == 2 and group["metadata"]["ownerReferences"][0]["name"] == "late"

@@ -56,10 +56,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: ["configmaps", "services", "persistentvolumeclaims"]
   verbs: ["create"]
-# The PodGroup of a run with spec.gang (scheduler-plugins' coscheduling, Volcano).
+# The PodGroup of a run with spec.gang (scheduler-plugins' coscheduling, Volcano); get: whose one
+# already there is (a deleted run's of the same name, not yet collected).
 - apiGroups: ["scheduling.x-k8s.io", "scheduling.volcano.sh"]
   resources: ["podgroups"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
 # The network policy of each eval pod (only what it scores is reachable).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
