@@ -111,10 +111,8 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
             if progress is not None and env.is_main:
                 progress(record)
             if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-                tmp = from_main(begin_sharded(layout.step(done)) if env.is_main else None, env)
-                state = trainer.save(tmp)  # collective: every rank writes its shards
+                write_sharded(layout.step(done), trainer.save, cfg, env, tokenizer)  # collective
                 if env.is_main:
-                    publish_sharded(tmp, cfg, tokenizer, state)
                     prune_checkpoints(layout.root, cfg.checkpoint.keep)
                 barrier(env)
                 metrics.set(checkpoint_step=done)
@@ -145,10 +143,19 @@ def save_final(
         if env.is_main:
             save_weights(layout.final, model, cfg, tokenizer)
     else:
-        tmp = from_main(begin_sharded(layout.final) if env.is_main else None, env)
-        save_sharded(model, [], ep, tmp)
-        if env.is_main:
-            publish_sharded(tmp, cfg, tokenizer)
+        write_sharded(layout.final, lambda tmp: save_sharded(model, [], ep, tmp), cfg, env, tokenizer)
+
+
+def write_sharded(
+    target: Path, write: Callable[[Path], dict[str, Any] | None], cfg: TrainerConfig, env: Env, tokenizer: Tokenizer
+) -> None:
+    """A model directory every rank writes its part of, published whole or not at all: rank 0 makes
+    the temporary directory, `write(tmp)` runs on every rank (returning the train state of a step
+    checkpoint, complete on rank 0), and rank 0 completes and renames it. Collective."""
+    tmp = from_main(begin_sharded(target) if env.is_main else None, env)
+    train_state = write(tmp)
+    if env.is_main:
+        publish_sharded(tmp, cfg, tokenizer, train_state)
 
 
 def _generate(cfg: TrainerConfig) -> dict[str, Any]:
