@@ -29,6 +29,7 @@ import yaml
 
 from nanochat_operator import render
 from nanochat_operator.api import EvalRun, EvalRunSpec, TrainingRun
+from nanochat_operator.checks import EvalFit
 from nanochat_operator.manifests import ManifestError, eval_fit_in_file, validate_documents
 from nanochat_operator.manifests import dry_run as cluster_dry_run
 from nanochat_trainer.config import TrainerConfig, deep_merge
@@ -68,13 +69,14 @@ def trainer_config(run: TrainingRun, runs_dir: Path) -> TrainerConfig:
     return cfg
 
 
-def eval_argv(run: EvalRun, runs_dir: Path, trainings: dict[str, TrainingRun]) -> list[str]:
+def eval_argv(run: EvalRun, runs_dir: Path, fit: EvalFit) -> list[str]:
     """`nanochat eval` arguments of an EvalRun: the operator's command, with local paths. Full
     results go where the operator puts them, beside the evaluated run (an endpoint's, which the
-    operator keeps only in the status, to <runs-dir>/eval/<name>.json)."""
+    operator keeps only in the status, to <runs-dir>/eval/<name>.json). `fit`: how it loads its
+    models (a ternary run's final model is its packed export)."""
     spec: EvalRunSpec = run.spec
     name = run.metadata.name
-    packed = eval_fit_in_file(run, trainings).packed  # ternary runs' final models: their packed exports
+    packed = fit.packed
     checkpoint: str | None = None
     if spec.model.training_run is not None:
         source = run_layout(runs_dir, spec.model.training_run)
@@ -91,10 +93,9 @@ def eval_argv(run: EvalRun, runs_dir: Path, trainings: dict[str, TrainingRun]) -
     return render.eval_command(name, spec, checkpoint, str(out), compare)[2:]  # past "nanochat eval"
 
 
-def needs_cluster(run: EvalRun, trainings: dict[str, TrainingRun]) -> str | None:
+def needs_cluster(run: EvalRun, fit: EvalFit) -> str | None:
     """Why `run` cannot run on this machine: the operator would serve its model with vLLM over
-    several GPUs (it does not fit one), which `nanochat run` does not do; None when it can."""
-    fit = eval_fit_in_file(run, trainings)
+    several GPUs (it does not fit one: `fit`), which `nanochat run` does not do; None when it can."""
     if fit.tensor_parallel is None:
         return None
     return (
@@ -138,20 +139,22 @@ def run_manifest(
     runs = dependency_order(read_manifest(path, overrides or {}))
     trainings = {r.metadata.name: r for r in runs if isinstance(r, TrainingRun)}
     for run in runs:
-        served = None if isinstance(run, TrainingRun) else needs_cluster(run, trainings)
-        if served and not dry_run:
-            raise ManifestError(f"{path}: {served}")
-        if served:
-            print(served)
-        elif isinstance(run, TrainingRun):
+        if isinstance(run, TrainingRun):
             cfg = trainer_config(run, root)
             plans.append((run, cfg))
             work = f"{cfg.generate.rows} documents" if cfg.generate else f"preset {cfg.preset}, {cfg.steps} steps"
             print(f"TrainingRun {run.metadata.name}: stage {cfg.stage}, {work} -> {cfg.checkpoint.dir}")
-        else:
-            argv = eval_argv(run, root, trainings)
-            plans.append((run, argv))
-            print(f"EvalRun {run.metadata.name}: nanochat eval {' '.join(argv)}")
+            continue
+        fit = eval_fit_in_file(run, trainings)
+        served = needs_cluster(run, fit)
+        if served and not dry_run:
+            raise ManifestError(f"{path}: {served}")
+        if served:
+            print(served)
+            continue
+        argv = eval_argv(run, root, fit)
+        plans.append((run, argv))
+        print(f"EvalRun {run.metadata.name}: nanochat eval {' '.join(argv)}")
     if dry_run:
         return 0
     # torch (the trainer extra) is needed from here on only: a dry run works without it.
