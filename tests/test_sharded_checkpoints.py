@@ -79,8 +79,10 @@ def test_packing_a_tensor_at_a_time_equals_packing_the_model(tmp_path):
 def test_a_sharded_checkpoint_resumes_on_other_world_sizes(tmp_path):
     """4 ranks (FSDP2) write steps 1-2, 2 ranks (FSDP2) resume to 4, one process to 6: the losses
     of one uninterrupted process (the same global batch of 4 throughout)."""
+    # Every leg under torchrun, one thread per process: the reference's reductions then run as the
+    # resumed legs' do (an in-process run uses every core and rounds differently).
     ref = micro_cfg(tmp_path / "ref", steps=6, checkpoint={"every": 2})
-    train(ref)
+    torchrun(1, ref, tmp_path)
     run = tmp_path / "run"
     torchrun(4, micro_cfg(run, steps=2, batch_size=1, parallel="fsdp", checkpoint={"every": 2}), tmp_path)
     shards = sorted(RunLayout(run).step(2).glob("*.distcp"))
@@ -88,7 +90,7 @@ def test_a_sharded_checkpoint_resumes_on_other_world_sizes(tmp_path):
     # Every rank wrote its own part, and none of them the whole: FSDP2 gives each a quarter.
     assert len(shards) == 4 and max(sizes) < 0.5 * sum(sizes), sizes
     torchrun(2, micro_cfg(run, steps=4, batch_size=2, parallel="fsdp", checkpoint={"every": 2}), tmp_path)
-    train(micro_cfg(run, steps=6, checkpoint={"every": 2}))
+    torchrun(1, micro_cfg(run, steps=6, checkpoint={"every": 2}), tmp_path)
     a, b = losses(tmp_path / "ref"), losses(run)
     assert sorted(b) == list(range(1, 7))
     for step in range(1, 7):
