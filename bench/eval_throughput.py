@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import threading
 import time
 
@@ -32,6 +33,7 @@ class _NoEot:
     """A stand-in tokenizer for speed runs: no token ends generation."""
 
     eot_id = -1
+    n_vocab = sys.maxsize  # every row of the model's vocabulary may be sampled
 
     def decode(self, ids) -> str:  # only used for the (empty) stop check and the final text
         return ""

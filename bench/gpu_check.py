@@ -519,6 +519,7 @@ class NoStop:
     """A stand-in tokenizer for speed runs (as bench/eval_throughput.py's): no token ends a row."""
 
     eot_id = -1
+    n_vocab = sys.maxsize  # every row of the model's vocabulary may be sampled
 
     def decode(self, ids: Sequence[int]) -> str:
         return ""

@@ -33,7 +33,7 @@ def test_nano_360m_is_the_shape_asked_for():
         16,
         4,
         2.667,
-        50257,
+        50304,
         2048,
     )
     assert (cfg.batch_size, cfg.optimizer.lr, cfg.steps, cfg.schedule.warmup_steps) == (4, 0.02, 50000, 2000)
@@ -53,7 +53,7 @@ def nanochat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_params_command(tmp_path):
     out = nanochat("params", "nano-1B", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "total" in out.stdout and "992,205,312" in out.stdout
+    assert "total" in out.stdout and "992,373,760" in out.stdout
 
 
 BAD = [

@@ -62,6 +62,31 @@ def test_sampling_seeded_and_top_p(loaded) -> None:
     assert nucleus == greedy
 
 
+class _PaddedVocab(torch.nn.Module):
+    """The model with 64 embedding rows past the tokenizer (a vocabulary padded to a multiple of
+    64) whose logits beat every real token's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+
+    def new_cache(self, *args, **kwargs):
+        return self.model.new_cache(*args, **kwargs)
+
+    def forward(self, ids, **kwargs):
+        logits = self.model(ids, **kwargs)
+        return torch.cat([logits, logits.new_full((*logits.shape[:-1], 64), 1e4)], dim=-1)
+
+
+def test_generation_never_picks_a_padding_row(loaded) -> None:
+    model, tok = loaded
+    ids = [tok.encode("def add(a, b):\n"), tok.encode("x = 1\n")]
+    for kw in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 5}):
+        want = generate_tokens(model, tok, ids, n=2, max_new_tokens=8, top_logprobs=3, **kw)
+        got = generate_tokens(_PaddedVocab(model), tok, ids, n=2, max_new_tokens=8, top_logprobs=3, **kw)
+        assert got == want
+
+
 def test_stop_sequences_cut(loaded) -> None:
     model, tok = loaded
     full = generate(model, tok, ["def g():\n"], max_new_tokens=40)[0][0]

@@ -5,10 +5,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +23,7 @@ from nanochat_trainer.models.moe import (
 )
 from nanochat_trainer.train import optim
 from nanochat_trainer.train.losses import model_loss
-from nanochat_trainer.train.optim import BatchedMuon, _newton_schulz_batched, build_optimizers
+from nanochat_trainer.train.optim import BatchedMuon, build_optimizers
 
 
 def _moe(seed: int = 0, **kw) -> MoE:
@@ -205,61 +201,6 @@ def test_active_params_of_tiny_moe_by_hand():
 
 
 # ----------------------------------------------------------------- Muon for stacked experts
-
-
-@pytest.mark.parametrize("shape,nesterov", [((5, 24, 40), True), ((4, 40, 24), True), ((3, 16, 16), False)])
-def test_batched_muon_equals_torch_muon_per_expert(shape, nesterov):
-
-    gen = torch.Generator().manual_seed(7)
-    w = torch.randn(shape, generator=gen)
-    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
-    kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn="original")
-    stacked = torch.nn.Parameter(w.clone())
-    batched = BatchedMuon([stacked], **kw)
-    slices = [torch.nn.Parameter(w[e].clone()) for e in range(shape[0])]
-    per_expert = torch.optim.Muon(slices, **kw)
-    for g in grads:
-        stacked.grad = g.clone()
-        batched.step()
-        for e, p in enumerate(slices):
-            p.grad = g[e].clone()
-        per_expert.step()
-    want = torch.stack([p.detach() for p in slices])
-    assert float((stacked.detach() - w).abs().max()) > 1e-3  # it moved
-    torch.testing.assert_close(stacked.detach(), want, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(
-        batched.state[stacked]["momentum_buffer"], torch.stack([per_expert.state[p]["momentum_buffer"] for p in slices])
-    )
-
-
-def test_newton_schulz_in_fp32_is_torchs_bf16_map_without_the_rounding():
-    """On the CPU, Muon orthogonalises in fp32 (bf16 matmuls are emulated there, ten times slower):
-    the same map as torch.optim.Muon's bf16 Newton-Schulz, closer to the exact fp64 one."""
-    from torch.optim._muon import _zeropower_via_newtonschulz  # noqa: PLC0415  torch's own, the reference
-
-    g = torch.randn(48, 80, generator=torch.Generator().manual_seed(3))
-    coeffs = (3.4445, -4.7750, 2.0315)
-    exact = _newton_schulz_batched(g[None].double(), coeffs, 5, 1e-7, torch.float64)[0]
-    ours = _newton_schulz_batched(g[None], coeffs, 5, 1e-7, torch.float32)[0].double()
-    torchs = _zeropower_via_newtonschulz(g, coeffs, 5, 1e-7).double()
-    assert float((ours - exact).abs().max()) < 1e-5 < float((torchs - exact).abs().max()) < 0.05
-
-
-def test_muon_orthogonalises_in_fp32_only_where_the_cpu_emulates_bf16(monkeypatch):
-    # With ATen and oneDNN held to AVX2, every x86 CPU emulates bf16 (363 ms against 7 ms for fp32
-    # Newton-Schulz of a 256 x 1024 matrix on this machine's AMX CPU): the check must say so.
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    probe = "from nanochat_trainer.train.optim import cpu_bf16_is_emulated as f; print(f())"
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
-    cpu, meta = [torch.zeros(2, 2)], [torch.zeros(2, 2, device="meta")]
-    monkeypatch.setattr(optim, "cpu_bf16_is_emulated", lambda: True)
-    assert optim.newton_schulz_dtype(cpu) == torch.float32 and optim.newton_schulz_dtype(meta) == torch.bfloat16
-    model = GPT(TrainerConfig(preset="tiny").model)
-    assert isinstance(optim.build_optimizers(model, TrainerConfig(preset="tiny").optimizer)[1], BatchedMuon)
-    monkeypatch.setattr(optim, "cpu_bf16_is_emulated", lambda: False)  # AVX512-BF16, AMX: torch's own
-    assert optim.newton_schulz_dtype(cpu) == torch.bfloat16
-    assert type(optim.build_optimizers(model, TrainerConfig(preset="tiny").optimizer)[1]) is torch.optim.Muon
 
 
 def test_build_optimizers_routes_experts_to_batched_muon_and_tiny_moe_learns(monkeypatch):

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import collections
+import gc
 import json
+import shutil
 
 import pytest
 import torch
 from prometheus_client import generate_latest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat_operator.progress import Progress, parse_trainer_metrics
 from nanochat_trainer.checkpoint import is_sharded
+from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.contract import RunLayout
-from nanochat_trainer.parallel.apply import compiles
+from nanochat_trainer.data.feed import TensorFeed
+from nanochat_trainer.errors import ConfigError
+from nanochat_trainer.models.gpt import GPT
+from nanochat_trainer.parallel.apply import compiles, wrap_model
 from nanochat_trainer.parallel.distributed import Env
 from nanochat_trainer.train import train
 from nanochat_trainer.train.metrics import TrainerMetrics
+from nanochat_trainer.train.optim import build_optimizers
+from nanochat_trainer.train.trainer import Trainer
 
 from micro import MICRO, MOE, losses, micro_cfg, read_log, torchrun, weights
 
@@ -36,9 +46,55 @@ def test_resume_matches_uninterrupted(tmp_path):
     a, b = losses(full), losses(part)
     for step in range(7, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    # The full run's step-6 checkpoint was taken with step 7's batch read ahead (the feed prefetches
+    # while the device works): resuming from it must train on that batch, not skip it.
+    shutil.rmtree(full / "final")
+    shutil.rmtree(full / "checkpoints" / "step_00000012")
+    train(micro_cfg(full, steps=12, checkpoint={"every": 6}))
+    again = losses(full)
+    for step in range(7, 13):
+        assert again[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, again)
 
 
 @pytest.mark.slow
+class _AtenCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_waits_for_the_device_once():
+    """A dense model's step reads its figures back in one transfer (on a GPU each .item(),
+    float(tensor) or `if tensor` is a wait for the device: aten._local_scalar_dense), and
+    after the first step the collector no longer walks the long-lived objects."""
+    cfg = TrainerConfig.model_validate({**MICRO, "steps": 4})
+    env = Env(0, 1, torch.device("cpu"))
+    model = GPT(cfg.model)
+    model.init_weights(0)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    opts = build_optimizers(model, cfg.optimizer)
+    trainer = Trainer(cfg, model, wrap_model(model, cfg, env), opts, TensorFeed([(x, x)]), env)
+    gc.unfreeze()
+    first = trainer.step()
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    with _AtenCalls() as seen:
+        record = trainer.step()
+    assert seen.calls["aten._local_scalar_dense.default"] == 0, seen.calls
+    assert record["loss"] < first["loss"] and record["grad_norm"] > 0
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path):
+    train(micro_cfg(tmp_path, steps=2, checkpoint={"every": 2}))
+    padded = {**MICRO["model"], "vocab_size": MICRO["model"]["vocab_size"] + 64}
+    with pytest.raises(ConfigError, match=r"checkpoint.dir=.*step_00000002 holds another model.*embed_tokens.weight"):
+        train(micro_cfg(tmp_path, steps=4, model=padded, checkpoint={"every": 2}))
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     # Same global batch: 1 x 4 sequences against 2 ranks x 2 sequences.
     one = micro_cfg(tmp_path / "one", steps=6, batch_size=4)

@@ -18,6 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# GPT-2's 50,257 tokens padded to a multiple of 64: the head's and embedding's matmuls tile evenly
+# on tensor cores (nanoGPT, nanochat). The rows past the tokenizer are never a target, and
+# sampling never picks them (eval/generate.py reads only the tokenizer's ids).
+GPT2_VOCAB_PADDED = 50304
+
 
 class Strict(BaseModel):
     """Unknown fields are errors: a typo must never silently fall back to a default."""
@@ -82,7 +87,7 @@ class HybridConfig(Strict):
 class ModelConfig(Strict):
     """Architecture: a Qwen3-style decoder (GQA, RoPE, RMSNorm, SwiGLU, QK-norm)."""
 
-    vocab_size: int = Field(50257, ge=2, description="Embedding rows; at least the tokenizer's vocabulary.")
+    vocab_size: int = Field(GPT2_VOCAB_PADDED, ge=2, description="Embedding rows; at least the tokenizer's vocabulary.")
     dim: int = Field(768, ge=8, description="Model width.")
     n_layers: int = Field(12, ge=1, description="Transformer blocks.")
     n_heads: int = Field(12, ge=1, description="Query heads.")
@@ -575,7 +580,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2-small shaped with GQA and tied embeddings (~121M).
     "nano-125M": {
         "model": {
-            "vocab_size": 50257,
+            "vocab_size": GPT2_VOCAB_PADDED,
             "dim": 768,
             "n_layers": 12,
             "n_heads": 12,
@@ -593,7 +598,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The shape first asked for as "1B": dim 1024, 24 layers, 16/4 heads. It is ~0.37B.
     "nano-360M": {
         "model": {
-            "vocab_size": 50257,
+            "vocab_size": GPT2_VOCAB_PADDED,
             "dim": 1024,
             "n_layers": 24,
             "n_heads": 16,
@@ -610,7 +615,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same recipe widened to dim 1792 (head_dim 112): ~0.99B.
     "nano-1B": {
         "model": {
-            "vocab_size": 50257,
+            "vocab_size": GPT2_VOCAB_PADDED,
             "dim": 1792,
             "n_layers": 24,
             "n_heads": 16,

@@ -4,6 +4,7 @@ distillation feeds in front of it.
     feed = LoaderFeed(loader)                    # or a distill feed (distill/topk.py, align.py, sequence.py)
     feed.start(micro_batches=steps_left * grad_accum, saved=None)
     batch = feed.next()                          # Batch(x, y, teacher=None or top-k targets)
+    feed.prefetch()                              # read the next one now, while the device computes
     feed.loader_state(); feed.state_dict()       # what a checkpoint keeps of this rank's position
     feed.load_loader_state(state)                # resume (before start)
     feed.record()                                # figures for the step's log.jsonl record
@@ -53,6 +54,12 @@ class BatchSource(Protocol):
 
     def next(self) -> Batch: ...
 
+    def prefetch(self) -> None:
+        """Make the next micro-batch now: the trainer calls it after a backward, while the device
+        still works through the queued kernels, so the host's tokenizing and packing overlap them
+        (a feed that reads ahead on its own threads does nothing). The checkpointed position
+        stays before the prefetched batch."""
+
     def loader_state(self) -> dict[str, Any]:
         """This rank's plain-loader state to checkpoint: before the oldest batch not yet trained on."""
 
@@ -75,18 +82,28 @@ class LoaderFeed:
 
     def __init__(self, loader: TokenLoader):
         self.loader = loader
+        self._ahead: tuple[Batch, dict[str, Any]] | None = None  # a prefetched batch, the state before it
 
     def start(self, micro_batches: int, saved: list[dict[str, Any]] | None) -> None:
-        pass  # the loader reads on demand and is never ahead of training
+        pass  # the loader reads on demand, at most one batch ahead of training
 
     def next(self) -> Batch:
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead[0], None
+            return batch
         x, y = self.loader.next_batch()
         return Batch(x, y)
 
+    def prefetch(self) -> None:
+        if self._ahead is None:
+            before = self.loader.state_dict()
+            self._ahead = (Batch(*self.loader.next_batch()), before)
+
     def loader_state(self) -> dict[str, Any]:
-        return self.loader.state_dict()
+        return self._ahead[1] if self._ahead is not None else self.loader.state_dict()
 
     def load_loader_state(self, state: dict[str, Any]) -> None:
+        assert self._ahead is None, "resume before the first batch"
         self.loader.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -115,6 +132,9 @@ class TensorFeed:
         x, y = self.batches[self.served % len(self.batches)]
         self.served += 1
         return Batch(x, y)
+
+    def prefetch(self) -> None:
+        pass  # the batches are made already
 
     def loader_state(self) -> dict[str, Any]:
         raise NotImplementedError("a TensorFeed has no data position to checkpoint")

@@ -470,6 +470,9 @@ class SequenceFeed:
             self._producer().finish()
         return Batch(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
+    def prefetch(self) -> None:
+        pass  # the producer's threads keep teacher rows ahead; the plain rows are read on demand
+
     def loader_state(self) -> dict[str, Any]:
         return self.loader.state_dict()  # the plain loader is never read ahead: its own state is exact
 

@@ -83,6 +83,9 @@ class TopkFeed:
         self._fill()  # keep `depth` requests in flight while this batch trains
         return Batch(x, y, self._targets(fut, x, y))
 
+    def prefetch(self) -> None:
+        pass  # `depth` batches are read and asked of the teacher ahead already
+
     def loader_state(self) -> dict[str, Any]:
         return self._queue[0][2] if self._queue else self.loader.state_dict()
 

@@ -127,7 +127,10 @@ def _generate_batch(
         mask[i, longest - len(p) :] = True
     budget = min(max_new_tokens, max_ctx - longest)
     cache = model.new_cache(b, longest + max(budget, 0))
-    logits = model(ids, cache=cache, pad_mask=mask)[:, -1].float()
+    # Only the tokenizer's ids: embedding rows past it (a vocabulary padded to a multiple of 64)
+    # were never a target, and decode has no text for them.
+    vocab = tokenizer.n_vocab
+    logits = model(ids, cache=cache, pad_mask=mask)[:, -1, :vocab].float()
     fan = torch.arange(b, device=device).repeat_interleave(n)
     cache.reorder(fan)
     logits = logits[fan]
@@ -177,7 +180,7 @@ def _generate_batch(
             rows = [rows[j] for j in alive]
             cache.reorder(index)
             nxt = nxt[index]
-        logits = model(nxt[:, None], cache=cache)[:, -1].float()
+        logits = model(nxt[:, None], cache=cache)[:, -1, :vocab].float()
     samples = [_finish(tokenizer, toks[s], lps[s], tops[s], finish[s], stop) for s in range(b * n)]
     return [samples[i * n : (i + 1) * n] for i in range(b)]
 

@@ -17,6 +17,7 @@ DDP, FSDP2, expert parallelism, activation checkpointing and compile are applied
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -254,3 +255,28 @@ def active_params(cfg: ModelConfig) -> dict[str, int]:
         "active_non_embedding": active - embedding,
         "total_non_embedding": total - embedding,
     }
+
+
+def architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[str]:
+    """What makes two ModelConfigs different models: parameter names and shapes, and the settings
+    that change the function they compute. How a config spells a shape (head_dim unset or equal
+    to dim / n_heads) and training settings (balancing, z-loss) do not count."""
+
+    def shapes(cfg: ModelConfig) -> dict[str, tuple]:
+        with torch.device("meta"):
+            return {n: tuple(t.shape) for n, t in GPT(cfg).state_dict().items()}
+
+    def function(cfg: ModelConfig) -> dict[str, Any]:
+        out = cfg.model_dump(include={"rope_theta", "norm_eps", "qk_norm", "tie_embeddings"})
+        if cfg.moe is not None:
+            out["moe"] = cfg.moe.model_dump(include={"top_k", "norm_topk_prob", "dense_layers"})
+        if cfg.hybrid is not None:
+            out["hybrid"] = cfg.hybrid.model_dump(include={"full_attention_interval", "partial_rotary_factor"})
+        return out
+
+    a, b = shapes(theirs.model_copy(update={"max_seq_len": ours.max_seq_len})), shapes(ours)
+    differ = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    fa, fb = function(theirs), function(ours)
+    return differ + [
+        f"{k}: {fa.get(k)} vs {fb.get(k)}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)
+    ]

@@ -52,13 +52,6 @@ def barrier(env: Env) -> None:
         dist.barrier()
 
 
-def mean_over_ranks(value: torch.Tensor, env: Env) -> torch.Tensor:
-    """In place: the mean of a tensor over the ranks."""
-    if env.world > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.AVG)
-    return value
-
-
 def sum_over_ranks(values: dict[str, torch.Tensor], env: Env) -> dict[str, torch.Tensor]:
     """Each tensor summed over the ranks, in one all-reduce (they must share a shape)."""
     if env.world == 1 or not values:

@@ -1,9 +1,10 @@
 """Optimizers and the learning-rate schedule.
 
-Muon (`torch.optim.Muon`) takes the 2-D hidden matrices of the blocks; `BatchedMuon`
-takes the stacked 3-D expert weights (E, out, in) of MoE layers, orthogonalising each
-expert's matrix on its own (torch's Muon is 2-D only); AdamW takes everything else:
-embeddings, the head, norms and gains, routers and gates, the DeltaNet convolution.
+Muon takes the 2-D hidden matrices of the blocks (`BatchedMuon`: torch's Muon batched by shape
+and, under DDP, split over the ranks; torch's own `torch.optim.Muon` on FSDP2's row shards), and,
+in a second `BatchedMuon`, the stacked 3-D expert weights (E, out, in) of MoE layers, each
+expert's matrix orthogonalised on its own; AdamW (fused) takes everything else: embeddings, the
+head, norms and gains, routers and gates, the DeltaNet convolution.
 
     opts = build_optimizers(model, cfg.optimizer)
     for step in ...: set_lr(opts, lr_multiplier(step, cfg.steps, cfg.schedule))
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -54,13 +57,20 @@ def _newton_schulz_batched(
 
 
 class BatchedMuon(torch.optim.Optimizer):
-    """Muon for stacks of matrices: a (E, m, n) parameter is E independent (m, n) matrices.
+    """Muon for matrices and stacks of matrices, orthogonalised in batches: the parameters of one
+    shape go through one batched Newton-Schulz (nano-1B's 168 matrices are 5 batches), and under
+    data parallelism each rank orthogonalises 1/world of every batch, the updates all-gathered.
 
-    Per matrix it is exactly `torch.optim.Muon` (same defaults): momentum buffer
-    B = lerp(B, g, 1 - momentum), Nesterov update lerp(g, B, momentum), 5 quintic
-    Newton-Schulz steps in `ns_dtype` (bf16 as torch's) after dividing by the matrix's Frobenius
-    norm, decoupled weight decay, lr scaled by `adjust_lr_fn` of the matrix shape (m, n). The E
-    orthogonalisations run as batched matmuls. 2-D parameters are accepted as a batch of 1.
+    Per matrix it is exactly `torch.optim.Muon` (same defaults and parameter-group keys, so its
+    checkpoints load): momentum buffer B = lerp(B, g, 1 - momentum), Nesterov update
+    lerp(g, B, momentum), 5 quintic Newton-Schulz steps in `ns_dtype` (bf16 as torch's) after
+    dividing by the matrix's Frobenius norm, decoupled weight decay, lr scaled by `adjust_lr_fn` of
+    the matrix shape (m, n). A 3-D parameter (E, m, n) is E independent matrices (MoE experts).
+
+    `split_over_ranks`: the parameters are replicated, with equal gradients, on every rank of the
+    default process group (DDP), so the ranks can share the orthogonalisation: the momentum stays
+    whole on every rank (checkpoints keep torch's layout), each rank runs Newton-Schulz on its
+    contiguous 1/world of the batch and one all-gather hands every rank the whole update.
 
     An FSDP2 parameter (DTensor sharded along dim 0, as `parallel.apply.shard_fsdp` shards expert
     stacks) is updated on its local shard: a dim-0 shard holds whole expert matrices, so the
@@ -79,6 +89,7 @@ class BatchedMuon(torch.optim.Optimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         ns_dtype: torch.dtype = torch.bfloat16,
+        split_over_ranks: bool = False,
     ):
         if adjust_lr_fn not in (None, "original", "match_rms_adamw", "spectral_unclamped"):
             raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r} is not supported")
@@ -93,12 +104,19 @@ class BatchedMuon(torch.optim.Optimizer):
             "adjust_lr_fn": adjust_lr_fn,
         }
         super().__init__(params, defaults)
-        # Not a group key: the groups are what a checkpoint stores, and the dtype is the machine's.
+        # Not group keys: the groups are what a checkpoint stores; these are the machine's and the layout's.
         self.ns_dtype = ns_dtype
+        self.split_over_ranks = split_over_ranks
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim not in (2, 3):
                     raise ValueError(f"BatchedMuon takes 2-D or 3-D parameters, not {tuple(p.shape)}")
+                if split_over_ranks and isinstance(p, DTensor):
+                    raise ValueError("split_over_ranks is for replicated parameters, not DTensors")
+        # Per batch of parameters: the momentum buffers as one stacked tensor whose rows are the
+        # state's buffers (views), so a step neither stacks nor scatters them. Rebuilt whenever
+        # the state's buffers are other tensors (a fresh optimizer, load_state_dict).
+        self._stacked: dict[tuple[int, ...], torch.Tensor] = {}
 
     @staticmethod
     def _adjust_lr(lr: float, fn: str | None, rows: int, cols: int) -> float:
@@ -115,30 +133,65 @@ class BatchedMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            batches: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                rows, cols = p.shape[-2], p.shape[-1]
-                p, grad, buf = (_dim0_local(t) for t in (p, p.grad, state["momentum_buffer"]))
-                buf.lerp_(grad, 1 - mom)
-                update = grad.lerp(buf, mom) if group["nesterov"] else buf
-                squeeze = update.ndim == 2
-                update = _newton_schulz_batched(
-                    update.unsqueeze(0) if squeeze else update,
-                    group["ns_coefficients"],
-                    group["ns_steps"],
-                    group["eps"],
-                    self.ns_dtype,
-                )
-                if squeeze:
-                    update = update.squeeze(0)
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], rows, cols))
+                if p.grad is not None:
+                    batches.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            for params in batches.values():
+                self._step_batch(params, group)
         return loss
+
+    def _step_batch(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """One Muon step of parameters of one shape: (K, *shape) stacks through every operation."""
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        rows, cols = params[0].shape[-2], params[0].shape[-1]
+        local = [_dim0_local(p) for p in params]
+        grads = torch.stack([_dim0_local(p.grad) for p in params])
+        buf = self._momentum(params, grads)
+        buf.lerp_(grads, 1 - mom)
+        update = grads.lerp_(buf, mom) if group["nesterov"] else buf
+        matrices = update.reshape(-1, rows, cols)  # a 3-D parameter's experts are matrices of the batch
+        ortho = self._orthogonalise(matrices, group).reshape(update.shape).to(update.dtype)
+        torch._foreach_mul_(local, 1 - lr * wd)
+        torch._foreach_add_(local, list(ortho.unbind(0)), alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], rows, cols))
+
+    def _orthogonalise(self, matrices: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        ns = functools.partial(
+            _newton_schulz_batched,
+            coeffs=group["ns_coefficients"],
+            steps=group["ns_steps"],
+            eps=group["eps"],
+            dtype=self.ns_dtype,
+        )
+        world = dist.get_world_size() if self.split_over_ranks and dist.is_initialized() else 1
+        if world == 1:
+            return ns(matrices)
+        # Rank r orthogonalises matrices [r*per, (r+1)*per); the last ranks pad with zeros (the
+        # Frobenius-norm clamp keeps a zero matrix zero) so every rank gathers equal pieces.
+        n, per = matrices.size(0), -(-matrices.size(0) // world)
+        mine = matrices[dist.get_rank() * per :][:per]
+        piece = torch.zeros((per, *matrices.shape[1:]), dtype=self.ns_dtype, device=matrices.device)
+        if len(mine):
+            piece[: len(mine)] = ns(mine)
+        gathered = torch.empty((per * world, *matrices.shape[1:]), dtype=self.ns_dtype, device=matrices.device)
+        dist.all_gather_into_tensor(gathered, piece)
+        return gathered[:n]
+
+    def _momentum(self, params: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The batch's momentum buffers as one (K, *local shape) tensor that the state shares."""
+        key = tuple(id(p) for p in params)
+        stacked = self._stacked.get(key)
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        if stacked is not None and all(
+            b is not None and _dim0_local(b).data_ptr() == row.data_ptr() for b, row in zip(bufs, stacked.unbind(0))
+        ):
+            return stacked
+        stacked = torch.stack([torch.zeros_like(g) if b is None else _dim0_local(b) for b, g in zip(bufs, like)])
+        for p, row in zip(params, stacked.unbind(0)):
+            # A DTensor's buffer wraps the row, so checkpoints see the same sharded tensor as before.
+            self.state[p]["momentum_buffer"] = _like_param(p, row)
+        self._stacked[key] = stacked
+        return stacked
 
 
 def _dim0_local(t: torch.Tensor) -> torch.Tensor:
@@ -152,6 +205,13 @@ def _dim0_local(t: torch.Tensor) -> torch.Tensor:
             f"not shape {tuple(t.shape)} with {t.placements}"
         )
     return t.to_local()
+
+
+def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`local` as the state of `p`: itself, or for a DTensor parameter a DTensor over it laid out as p."""
+    if not isinstance(p, DTensor):
+        return local
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def newton_schulz_dtype(params: list[torch.Tensor]) -> torch.dtype:
@@ -188,13 +248,15 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
             {"params": [p for _, p in named if id(p) in hidden], "lr": cfg.lr},
             {"params": [p for _, p in named if id(p) not in hidden], "lr": cfg.adam_lr},
         ]
+    adam_params = [p for g in adam_groups for p in g["params"]]
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
             [g for g in adam_groups if g["params"]],
             betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay,
             eps=1e-10,
-            fused=False,
+            # One kernel for every parameter (CPU and CUDA); FSDP2's DTensors take torch's default.
+            fused=not any(isinstance(p, DTensor) for p in adam_params),
         )
     ]
     # "original" scales the update by sqrt(max(1, rows/cols)), Keller Jordan's Muon, for which lr 0.02 is tuned.
@@ -206,12 +268,15 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
         "adjust_lr_fn": "original",
     }
     ns_dtype = newton_schulz_dtype(matrices + stacks)
-    if matrices and ns_dtype == torch.float32 and not any(isinstance(p, DTensor) for p in matrices):
-        opts.append(BatchedMuon(matrices, **muon, ns_dtype=ns_dtype))  # torch's Muon is bf16 only
+    if any(isinstance(p, DTensor) for p in matrices):
+        opts.append(torch.optim.Muon(matrices, **muon))  # FSDP2 shards rows: torch's Muon on the DTensors
     elif matrices:
-        opts.append(torch.optim.Muon(matrices, **muon))
+        # Plain tensors in a process group are DDP's replicas: the ranks share the orthogonalisation.
+        split = dist.is_initialized() and dist.get_world_size() > 1
+        opts.append(BatchedMuon(matrices, **muon, ns_dtype=ns_dtype, split_over_ranks=split))
     if stacks:
-        # Expert weights: the same Muon per expert matrix (lr scaled by that matrix's shape).
+        # Expert weights: the same Muon per expert matrix (lr scaled by that matrix's shape). Not split:
+        # under expert parallelism each rank holds other experts.
         opts.append(BatchedMuon(stacks, **muon, ns_dtype=ns_dtype))
     for opt in opts:
         for group in opt.param_groups:

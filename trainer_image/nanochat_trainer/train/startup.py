@@ -14,12 +14,11 @@ experts (the dense part is whole until FSDP2 shards it, in `parallel.apply.wrap_
 from __future__ import annotations
 
 import shutil
-from typing import Any
 
 import torch
 
 from ..checkpoint import load_state_into, read_config, resolve_model_dir
-from ..config import ModelConfig, TrainerConfig
+from ..config import TrainerConfig
 from ..contract import MODEL_CONFIG, TOKENIZER_FILE, RunLayout, is_hf_model_dir
 from ..data.feed import BatchSource, LoaderFeed
 from ..data.loader import TokenLoader
@@ -27,7 +26,7 @@ from ..distill.align import CrossTokenizerFeed
 from ..distill.sequence import SequenceFeed
 from ..distill.teacher import AsyncTeacher
 from ..distill.topk import TopkFeed
-from ..models.gpt import GPT
+from ..models.gpt import GPT, architecture_differences
 from ..models.hf_adapter import read_hf_state
 from ..models.moe import held_expert_rows
 from ..models.ternary import apply_ternary
@@ -109,31 +108,6 @@ def init_weights_from(model: GPT, source: str) -> None:
     # Hugging Face has no aux-free router bias: it keeps its zero init.
     if unexpected or any(not k.endswith("expert_bias") for k in missing):
         raise ValueError(f"checkpoint.init_from={source!r}: weights do not fit ({missing[:3]}, {unexpected[:3]})")
-
-
-def architecture_differences(theirs: ModelConfig, ours: ModelConfig) -> list[str]:
-    """What makes two ModelConfigs different models: parameter names and shapes, and the settings
-    that change the function they compute. How a config spells a shape (head_dim unset or equal
-    to dim / n_heads) and training settings (balancing, z-loss) do not count."""
-
-    def shapes(cfg: ModelConfig) -> dict[str, tuple]:
-        with torch.device("meta"):
-            return {n: tuple(t.shape) for n, t in GPT(cfg).state_dict().items()}
-
-    def function(cfg: ModelConfig) -> dict[str, Any]:
-        out = cfg.model_dump(include={"rope_theta", "norm_eps", "qk_norm", "tie_embeddings"})
-        if cfg.moe is not None:
-            out["moe"] = cfg.moe.model_dump(include={"top_k", "norm_topk_prob", "dense_layers"})
-        if cfg.hybrid is not None:
-            out["hybrid"] = cfg.hybrid.model_dump(include={"full_attention_interval", "partial_rotary_factor"})
-        return out
-
-    a, b = shapes(theirs.model_copy(update={"max_seq_len": ours.max_seq_len})), shapes(ours)
-    differ = [f"{k}: {a.get(k)} vs {b.get(k)}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-    fa, fb = function(theirs), function(ours)
-    return differ + [
-        f"{k}: {fa.get(k)} vs {fb.get(k)}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)
-    ]
 
 
 def load_parent(cfg: TrainerConfig, env: Env, ep: ExpertParallel | None) -> GPT:

@@ -14,6 +14,7 @@ aux-free routing bias); the loss averaged over the ranks.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from contextlib import nullcontext
@@ -22,15 +23,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
-from ..checkpoint import is_sharded, read_checkpoint, read_train_state
+from ..checkpoint import is_sharded, read_checkpoint, read_config, read_train_state
 from ..config import TrainerConfig
 from ..data.feed import Batch, BatchSource
 from ..data.loader import merge_states
-from ..models.gpt import GPT
+from ..errors import ConfigError
+from ..models.gpt import GPT, architecture_differences
 from ..models.moe import load_summary, take_expert_loads, update_moe_biases
 from ..models.ternary import ramp_value, set_ramp
-from ..parallel.distributed import Env, gather_objects, mean_over_ranks, sum_over_ranks
+from ..parallel.distributed import Env, gather_objects, sum_over_ranks
 from ..parallel.expert_parallel import ExpertParallel, clip_grad_norm_, reduce_expert_grads
 from ..parallel.state import load_full_state, load_sharded, save_sharded
 from .losses import full_kl_loss, lm_loss, mixed_loss, model_loss, topk_kl_loss
@@ -92,6 +95,8 @@ class Trainer:
                 loss = self._loss(batch, kd) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
+            if not last or self.steps_done + 1 < cfg.steps:
+                self.feed.prefetch()  # while the device works through the backward (and the step)
         if self.ep is not None:
             reduce_expert_grads(model, self.ep)  # DDP averaged the dense weights only
         grad_norm = clip_grad_norm_(
@@ -105,17 +110,20 @@ class Trainer:
         update_moe_biases(model, loads)
         for name, load in loads.items():
             self._loads_since_checkpoint[name] = self._loads_since_checkpoint.get(name, 0) + load
-        mean_over_ranks(loss_sum, env)
-        if self._distils:
-            kd = sum_over_ranks({"kd": kd}, env)["kd"]  # kd_loss: the mean over every rank's micro-batches
+        figures = self._step_figures(loss_sum, kd, grad_norm)  # the step's one wait for the device
         self.steps_done += 1
+        if self.steps_done == 1 or self.steps_done % 1000 == 0:
+            # What exists now (the model, its optimizer state, the data machinery) lives all run:
+            # out of the collector's view, a collection walks only what steps allocate.
+            gc.collect()
+            gc.freeze()
         dt = time.perf_counter() - t0
         tps = self.tokens_per_step / dt
         record: dict[str, Any] = {
             "step": self.steps_done,
-            "loss": loss_sum.item(),
+            "loss": figures["loss"],
             "lr": self.opts[-1].param_groups[0]["lr"],
-            "grad_norm": float(grad_norm),
+            "grad_norm": figures["grad_norm"],
             "tokens_per_second": tps,
             "step_time": dt,
             "mfu": (tps * self._flops_per_token / (self._peak * env.world)) if self._peak else None,
@@ -123,24 +131,35 @@ class Trainer:
         if loads and env.is_main:  # the summary reads the loads back to the host: only where it is logged
             record["moe"] = load_summary(loads)
         if self._distils:
-            record["kd_loss"] = (kd[0] / kd[1]).item() if kd[1] else None
+            record["kd_loss"] = figures["kd"] / figures["kd_count"] if figures["kd_count"] else None
         record.update(self.feed.record())
-        record.update(self._data_record())
+        if "data_tokens" in figures:
+            record["data_tokens"], record["decontaminated"] = figures["data_tokens"], figures["decontaminated"]
         return record
 
-    def _data_record(self) -> dict[str, Any]:
-        """Tokens trained on from each data source, and documents dropped for overlapping HumanEval,
-        over all ranks and the whole run. Collective."""
+    def _step_figures(self, loss_sum: torch.Tensor, kd: torch.Tensor, grad_norm: torch.Tensor) -> dict[str, Any]:
+        """The step's loss (mean over the ranks), KL sum and count, gradient norm, and the tokens
+        trained on from each data source and documents dropped for overlapping HumanEval (over all
+        ranks and the whole run), in one all-reduce and one read back: the host waits for the
+        device once per step (MoE layers' load summary aside), not once per figure. Collective."""
+        env = self.env
+        parts = [(loss_sum.double() / env.world).view(1), kd.double()]
         try:
-            state = self.feed.loader_state()
+            data = self.feed.loader_state()
+            names = list(data["source_tokens"])
+            parts.append(torch.tensor([*data["source_tokens"].values(), data["decontaminated"]], dtype=torch.float64))
         except NotImplementedError:  # a TensorFeed: batches of the caller's own
-            return {}
-        names = list(state["source_tokens"])
-        counts = torch.tensor(
-            [*state["source_tokens"].values(), state["decontaminated"]], dtype=torch.float64, device=self.env.device
-        )
-        counts = sum_over_ranks({"data": counts}, self.env)["data"].tolist()
-        return {"data_tokens": {n: int(c) for n, c in zip(names, counts)}, "decontaminated": int(counts[-1])}
+            names = None
+        summed = sum_over_ranks({"step": torch.cat([t.to(env.device, non_blocking=True) for t in parts])}, env)["step"]
+        if isinstance(grad_norm, DTensor):  # FSDP2: torch's clip returns the (replicated) norm as a DTensor
+            grad_norm = grad_norm.full_tensor()
+        values = torch.cat([summed, grad_norm.detach().double().view(1)]).tolist()
+        figures: dict[str, Any] = {"loss": values[0], "kd": values[1], "kd_count": values[2], "grad_norm": values[-1]}
+        if names is not None:
+            counts = values[3:-1]
+            figures["data_tokens"] = {n: int(c) for n, c in zip(names, counts)}
+            figures["decontaminated"] = int(counts[-1])
+        return figures
 
     def _loss(self, batch: Batch, kd: torch.Tensor) -> torch.Tensor:
         """The micro-batch's loss: model_loss, mixed with the full-vocabulary KL to the frozen parent
@@ -216,6 +235,16 @@ class Trainer:
         """Continue from a step checkpoint, sharded or (written by an earlier version) whole: each
         rank reads the weights and optimizer states it holds. Collective; call before the first step."""
         assert not self._feed_started, "resume() comes before the first step()"
+        differ = architecture_differences(read_config(step_dir).model, self.cfg.model)
+        if differ:
+            # A preset whose shape changed between trainer versions (GPT-2's vocabulary padded to
+            # 50,304 rows): the run must say which field to pin, not fail inside the loader.
+            raise ConfigError(
+                "checkpoint.dir",
+                str(step_dir.parent.parent),
+                f"{step_dir.name} holds another model than trainer.model ({'; '.join(differ[:4])}); "
+                "set trainer.model to the shape it was written with to resume it, or use a new directory",
+            )
         if not is_sharded(step_dir):
             self._resume_whole(read_checkpoint(self.model, step_dir), step_dir)
             return
