@@ -40,6 +40,9 @@ BYTES_PER_PARAM = 16
 # `nanochat eval` builds the model in fp32 on the host, then moves it whole to one device.
 EVAL_BYTES_PER_PARAM = 4
 FINAL_BYTES_PER_PARAM = 4  # a replicated model's final/: its fp32 weights, copied to rank 0's host
+# An asynchronous step checkpoint's host copy of what a rank holds: fp32 weights and optimizer state
+# (AdamW's two moments at most), not the gradients.
+STAGED_BYTES_PER_PARAM = BYTES_PER_PARAM - 4
 GIB = 2**30
 # vLLM serving a model too large for one GPU (eval_fit): bf16 weights (`--dtype bfloat16`), the share
 # of each GPU vLLM takes (`--gpu-memory-utilization`), and of that what the weights and one sequence's
@@ -169,6 +172,17 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
                 f"{what} needs at least {need / GIB:.1f} GiB per pod ({how}); "
                 f"resources.memory={res.memory} per pod is not enough"
             )
+    asynchronous = cfg.checkpoint.async_save
+    if asynchronous is None:  # as train/run.py decides: when the model is sharded
+        asynchronous = (shards and world > 1) or ep > 1
+    per_pod = max(res.gpus_per_node, 1) * held * STAGED_BYTES_PER_PARAM
+    if asynchronous and res.memory is not None and per_pod > parse_quantity(res.memory):
+        problems.append(
+            f"{what}: each step checkpoint is copied to host memory before it is written "
+            f"(trainer.checkpoint.async_save), {per_pod / GIB:.1f} GiB per pod for its "
+            f"{max(res.gpus_per_node, 1)} workers' weights and optimizer state; resources.memory={res.memory} "
+            "is not enough: raise it or set trainer.checkpoint.async_save=false"
+        )
     return problems
 
 

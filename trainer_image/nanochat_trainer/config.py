@@ -290,6 +290,15 @@ class CheckpointConfig(Strict):
     every: int = Field(1000, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep: int = Field(3, ge=1, description="Newest checkpoints kept.")
     resume: bool = Field(True, description="Resume from the newest checkpoint in dir when there is one.")
+    async_save: bool | None = Field(
+        None,
+        description=(
+            "Write step checkpoints while training goes on: each rank's weights and optimizer state "
+            "are copied to host memory first. Unset: when the model is sharded (FSDP2 or expert "
+            "parallel), where a save is long and a rank's copy is its share; under DDP every rank "
+            "would copy the whole replicated state to write 1/world of it."
+        ),
+    )
     init_from: str | None = Field(
         None, description="Start from these weights: a nanochat checkpoint dir, or a Hugging Face Qwen3 dir."
     )

@@ -1,6 +1,8 @@
 """Model and optimizer state whatever the layout: sharded for checkpoints and final/, whole to evaluate.
 
     save_sharded(model, opts, ep, step_dir)            # collective: each rank writes its own shards
+    group = checkpoint_group()                         # collective, once: the async writes' own gloo group
+    written = start_save_sharded(model, opts, ep, step_dir, group)   # staged; written in a thread (a Future)
     load_sharded(model, opts, ep, step_dir)            # collective: each rank reads what it holds
     whole = unsharded(model, cfg, env, ep)             # the whole model on rank 0 (in-training evaluation)
     msd, osds = full_state(model, opts, ep)            # collective; rank 0's dicts are complete
@@ -17,8 +19,10 @@ mesh (`ExpertParallel.mesh`), which says where its rows go.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -46,6 +51,14 @@ from .expert_parallel import ExpertParallel, expert_params, gather_full_state, s
 # Optimizer state keyed "state.<param>.<key>" and "param_groups.<param>.<key>": stored per
 # parameter, so it reshards like the weights and does not depend on how groups are numbered.
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+_ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A gloo group of every rank for the asynchronous writes' collectives, apart from the training
+    loop's (NCCL on GPU, or gloo in use by the main thread); None in one process. Collective: every
+    rank calls it once, in the same order among its other new_group calls."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
 def save_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: ExpertParallel | None, path: Path) -> None:
@@ -54,6 +67,77 @@ def save_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: Expert
     state, _ = _sharded_state(model, opts, ep)
     with _one_process_ok():
         dcp.save(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+
+
+def start_save_sharded(
+    model: nn.Module,
+    opts: list[torch.optim.Optimizer],
+    ep: ExpertParallel | None,
+    path: Path,
+    group: dist.ProcessGroup | None,
+) -> Future:
+    """`save_sharded` asynchronously: returns once this rank's state is copied to host memory (the
+    training may go on changing it), the write going on in a thread whose collectives use `group`
+    (`checkpoint_group`). The future's result is DCP's metadata, set on every rank once all of them
+    have written their shards and rank 0 the `.metadata` (DCP gathers every rank's write results
+    first). Collective, over `group`, from the thread."""
+    state, _ = _sharded_state(model, opts, ep)
+    if group is None:
+        # The writing thread's dcp.save warns that one process is one process; the filter is the
+        # process's (catch_warnings here would not cover that thread), limited to that message.
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS)
+    # Staged before async_save returns; a thread writes from that copy, mostly in file I/O, which
+    # releases the GIL. A process executor (spawned, with a process group of its own, the staged
+    # state pickled to it through a pipe) would copy the state once more, and start a process per save.
+    return dcp.async_save(
+        state, checkpoint_id=path, process_group=group, no_dist=group is None, async_stager=_HostCopy()
+    )
+
+
+class _HostCopy(AsyncStager):
+    """Stages a state dict synchronously as a host copy of each of its tensors (of a DTensor: its
+    local shard, under the same placements). Not DCP's DefaultStager: it copies whole storages and,
+    in torch 2.15, fails on a DTensor over a view with a storage offset (its data_ptr() is then the
+    offset, not 0, so the stager reads a storage the wrapper does not have): the expert parallel
+    view of a momentum buffer that is a row of a stacked one."""
+
+    _synchronize_after_execute = False  # stage() returns the copy: nothing left to wait for
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return _host_copy(state_dict, {})
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _host_copy(obj: Any, copied: dict[tuple, torch.Tensor]) -> Any:
+    """`obj` with every tensor copied to host memory, each view once: tied weights (two tensors of
+    one storage in the model's state dict) are copied once, and stay tied in the copy."""
+    if isinstance(obj, dict):
+        return {k: _host_copy(v, copied) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_host_copy(v, copied) for v in obj)
+    if not isinstance(obj, torch.Tensor):
+        return copy.deepcopy(obj)
+    local = obj.to_local() if isinstance(obj, DTensor) else obj
+    key = (
+        local.device,
+        local.dtype,
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        local.shape,
+        local.stride(),
+    )
+    if key not in copied:
+        copied[key] = local.detach().to("cpu", copy=True)
+    if not isinstance(obj, DTensor):
+        return copied[key]
+    return DTensor.from_local(
+        copied[key], obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
+    )
 
 
 def load_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: ExpertParallel | None, path: Path) -> None:
@@ -72,7 +156,7 @@ def load_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: Expert
 def _one_process_ok() -> Iterator[None]:
     """DCP warns on every call outside a process group; one process is a layout like any other."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore", message=_ONE_PROCESS)
         yield
 
 

@@ -10,6 +10,12 @@ resumes from the newest complete one: same weights, optimizer, schedule position
 and RNG, so the next losses are the ones an uninterrupted run would have had (on any world size
 that divides the data lanes, and any parallel layout).
 
+Step checkpoints are written while training goes on (`StepCheckpoints`): each rank's state is
+copied to host memory at the step and written from a thread; rank 0 publishes the checkpoint (train
+state added, renamed into place, older ones pruned) once every rank's write is complete, at the
+latest before the next checkpoint, before final/ (written synchronously) and when the run ends. A
+crash meanwhile leaves the previous checkpoint the newest.
+
 Stages: "pretrain" trains on the data; "distill" learns from a teacher endpoint by
 `distill.method` (`distill/`); "ternary" trains BitNet b1.58 layers (`models/ternary.py`)
 started from checkpoint.init_from, optionally distilling from its frozen full-precision parent
@@ -19,9 +25,13 @@ it makes training data with the teacher (`datagen/`).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +50,7 @@ from ..models.gpt import GPT
 from ..parallel.apply import uses_fsdp, wrap_model
 from ..parallel.distributed import Env, barrier, from_main, setup_distributed
 from ..parallel.expert_parallel import ExpertParallel
-from ..parallel.state import save_sharded
+from ..parallel.state import checkpoint_group, save_sharded, start_save_sharded
 from ..tokenizer import Tokenizer
 from .evaluation import InTrainingEval
 from .metrics import TrainerMetrics
@@ -95,9 +105,14 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
         metrics.set(best_pass_at_1=evals.best["pass_at_1"], best_step=evals.best["step"])
     record: dict[str, Any] = {"step": start}
     skipped_before = 0  # teacher_skipped after the previous step: teacher_up says whether this step skipped
+    asynchronous = cfg.checkpoint.async_save
+    if asynchronous is None:  # where a save is long and each rank's host copy is its share
+        asynchronous = uses_fsdp(cfg, env.world) or ep is not None
+    checkpoints = StepCheckpoints(cfg, env, layout, tokenizer, metrics, asynchronous)  # collective
     try:
         while trainer.steps_done < cfg.steps:
             record = trainer.step()
+            checkpoints.poll()
             done = record["step"]
             if heldout is not None and (done % cfg.validation.every == 0 or done == cfg.steps):
                 record["val_loss"] = trainer.eval_loss(heldout)  # collective
@@ -111,14 +126,15 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
             if progress is not None and env.is_main:
                 progress(record)
             if done % cfg.checkpoint.every == 0 or done == cfg.steps:
-                write_sharded(layout.step(done), trainer.save, cfg, env, tokenizer)  # collective
-                if env.is_main:
-                    prune_checkpoints(layout.root, cfg.checkpoint.keep)
-                barrier(env)
-                metrics.set(checkpoint_step=done)
+                checkpoints.start(done, trainer)  # collective
                 loads = trainer.take_expert_loads()
                 if loads and env.is_main:
                     _log_expert_load(layout, done, loads)
+    except BaseException:
+        checkpoints.finish_quietly()  # a checkpoint whose write completes is kept; the error is the run's
+        raise
+    else:
+        checkpoints.finish()
     finally:
         trainer.close()
 
@@ -149,13 +165,97 @@ def save_final(
 def write_sharded(
     target: Path, write: Callable[[Path], dict[str, Any] | None], cfg: TrainerConfig, env: Env, tokenizer: Tokenizer
 ) -> None:
-    """A model directory every rank writes its part of, published whole or not at all: rank 0 makes
-    the temporary directory, `write(tmp)` runs on every rank (returning the train state of a step
-    checkpoint, complete on rank 0), and rank 0 completes and renames it. Collective."""
+    """A model directory every rank writes its part of, synchronously, published whole or not at all
+    (a sharded final/; step checkpoints are `StepCheckpoints`'): rank 0 makes the temporary directory,
+    `write(tmp)` runs on every rank (returning a train state to add, complete on rank 0, or None),
+    and rank 0 completes and renames it. Collective."""
     tmp = from_main(begin_sharded(target) if env.is_main else None, env)
     train_state = write(tmp)
     if env.is_main:
         publish_sharded(tmp, cfg, tokenizer, train_state)
+
+
+@dataclass
+class _Pending:
+    """A step checkpoint being written: its temporary directory, this rank's write, and the train
+    state captured at its step (complete on rank 0)."""
+
+    step: int
+    tmp: Path
+    write: Future
+    train_state: dict[str, Any]
+
+
+class StepCheckpoints:
+    """Step checkpoints, each published (rank 0: the train state added, renamed into place, the
+    oldest pruned) once every rank has written its part; `asynchronous`: written while training
+    goes on, one at a time, from each rank's copy of its state in host memory.
+
+        checkpoints = StepCheckpoints(cfg, env, layout, tokenizer, metrics, asynchronous)   # collective
+        checkpoints.start(step, trainer)     # collective: staged (or written); the previous one published first
+        checkpoints.poll()                   # after each step: publish the pending one if written
+        checkpoints.finish()                 # wait for the pending one and publish it
+    """
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        env: Env,
+        layout: RunLayout,
+        tokenizer: Tokenizer,
+        metrics: TrainerMetrics,
+        asynchronous: bool,
+    ):
+        self.cfg, self.env, self.layout, self.tokenizer, self.metrics = cfg, env, layout, tokenizer, metrics
+        self.asynchronous = asynchronous
+        self.group = checkpoint_group() if asynchronous else None
+        self.pending: _Pending | None = None
+
+    def start(self, step: int, trainer: Trainer) -> None:
+        """Stage the trainer's state at `step` and start writing it into a new temporary directory
+        (or write it, and publish it, when not asynchronous). The previous checkpoint is finished
+        first: begin_sharded removes every unpublished step directory, and the writes' group carries
+        one save's collectives at a time. Collective."""
+        self.finish()
+        env = self.env
+        tmp = from_main(begin_sharded(self.layout.step(step)) if env.is_main else None, env)
+        if not self.asynchronous:
+            written: Future = Future()
+            train_state = trainer.save(tmp)
+            written.set_result(None)
+        else:
+            written = start_save_sharded(trainer.model, trainer.opts, trainer.ep, tmp, self.group)
+            # A copy: nothing the training does until the publication may change what this step saved.
+            train_state = copy.deepcopy(trainer.train_state())
+        self.pending = _Pending(step, tmp, written, train_state)
+        if not self.asynchronous:
+            self.finish()
+
+    def poll(self) -> None:
+        """Publish the pending checkpoint if its write is complete (no waiting; not collective)."""
+        if self.pending is not None and self.pending.write.done():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for the pending checkpoint's write and publish it. Its future completes on every rank
+        only after DCP gathered all ranks' write results and rank 0 wrote `.metadata` (a rank's failure
+        raises here on every rank, and nothing is published). Not collective."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        pending.write.result()
+        if self.env.is_main:
+            publish_sharded(pending.tmp, self.cfg, self.tokenizer, pending.train_state)
+            prune_checkpoints(self.layout.root, self.cfg.checkpoint.keep)
+        self.metrics.set(checkpoint_step=pending.step)
+
+    def finish_quietly(self) -> None:
+        """finish() while the run fails: the pending write completes if every rank's writer is
+        alive (a failed rank's peers raise), and its failure is reported, not raised over the run's."""
+        try:
+            self.finish()
+        except Exception as e:
+            print(f"step checkpoint not published: {e}", file=sys.stderr, flush=True)
 
 
 def _generate(cfg: TrainerConfig) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     trainer.resume(step_dir)          # collective: weights, optimizers, data, RNG, step
     record = trainer.step()           # one optimizer step over grad_accum micro-batches -> its log record
     state = trainer.save(tmp_dir)     # collective: every rank writes its shards; the train state (rank 0's complete)
+    state = trainer.train_state()     # collective: the train state alone (its shards written asynchronously)
 
 A step: the learning rate and the ternary ramp for this step; for each micro-batch of the feed
 the loss (`losses.model_loss`, mixed with the KL to the teacher's top-k targets or to the frozen
@@ -211,11 +212,15 @@ class Trainer:
 
     def save(self, path: Path) -> dict[str, Any]:
         """Write this rank's shards of the weights and optimizers into the checkpoint directory
-        `path` (`parallel.state.save_sharded`) and return the rest of what the checkpoint holds, the
-        train state: step, the optimizers' parameter groups, the data position of every rank merged,
-        RNG, and the distillation feed's position per rank. Collective; rank 0's train state is the
-        complete one (`checkpoint.publish_sharded` writes it)."""
+        `path` (`parallel.state.save_sharded`) and return the train state. Collective; rank 0's train
+        state is the complete one (`checkpoint.publish_sharded` writes it)."""
         save_sharded(self.model, self.opts, self.ep, path)
+        return self.train_state()
+
+    def train_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the shards: step, the optimizers' parameter groups, the
+        data position of every rank merged, RNG, and the distillation feed's position per rank.
+        Collective; complete on rank 0."""
         env = self.env
         state: dict[str, Any] = {
             "step": self.steps_done,
