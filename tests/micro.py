@@ -9,9 +9,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 import yaml
 
 from nanochat_trainer.checkpoint import ModelTensors
@@ -81,6 +85,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker: Callable[..., None], nprocs: int, out: Path, timeout_s: float = 150) -> None:
+    """Run `worker(rank, port, str(out))` in `nprocs` spawned processes (a test's own process
+    group on a free port) and wait; a worker's exception fails the test with its traceback, and
+    workers still running after `timeout_s` (a collective hung?) are killed."""
+    ctx = mp.start_processes(worker, args=(_free_port(), str(out)), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):  # raises with the worker's traceback if one failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{nprocs} spawned workers did not finish in {timeout_s:.0f} s (a collective hung?)")
 
 
 @torch.no_grad()

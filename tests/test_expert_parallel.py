@@ -14,13 +14,9 @@ compare that with single-process runs here:
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from pydantic import ValidationError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -40,7 +36,7 @@ from nanochat_trainer.train.losses import model_loss
 from nanochat_trainer.train.optim import BatchedMuon, build_optimizers
 from nanochat_trainer.train.trainer import Trainer
 
-from micro import perturb
+from micro import perturb, spawn_ranks
 
 pytestmark = pytest.mark.slow  # torchrun or spawned process groups: tens of seconds
 
@@ -209,22 +205,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 150
-    while not ctx.join(timeout=5):  # raises with the worker's traceback if one failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("expert-parallel workers did not finish in 150 s (a collective hung?)")
+    spawn_ranks(_worker, WORLD, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.train import optim
 from nanochat_trainer.train.optim import BatchedMuon, _newton_schulz_batched
+
+from micro import spawn_ranks
 
 KW = dict(lr=0.02, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
 # Three matrices of one shape, one of another (tall), one expert stack: three batches.
@@ -124,23 +123,9 @@ def _split_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_split_over_ranks_orthogonalises_a_share_each_and_equals_one_process(tmp_path):
-    ctx = mp.start_processes(
-        _split_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):  # raises with the worker's traceback if one failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("split-Muon workers did not finish in 120 s (a collective hung?)")
+    spawn_ranks(_split_worker, WORLD, tmp_path, timeout_s=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     one = _params()
     _run(BatchedMuon(one, **KW, ns_dtype=torch.float32), one, range(3))
