@@ -18,7 +18,7 @@ import torch.distributed as dist
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.train import optim
-from nanochat_trainer.train.optim import BatchedMuon, _newton_schulz_batched
+from nanochat_trainer.train.optim import BatchedMuon, _newton_schulz_batched, _quintic
 
 from micro import spawn_ranks
 
@@ -73,6 +73,17 @@ def test_batched_muon_equals_torch_muon_per_matrix(nesterov):
         batched.state[ours[-1]]["momentum_buffer"],
         torch.stack([per_matrix.state[p]["momentum_buffer"] for p in ref_flat[4:]]),
     )
+
+
+def test_the_batched_iteration_a_gpu_runs_equals_the_per_matrix_one_a_cpu_runs():
+    """On a CPU the batch is iterated one matrix at a time (oneDNN's 2-D GEMMs are faster there);
+    a GPU runs it as one batched GEMM per step: the same map."""
+    x = torch.randn(5, 24, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x /= torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    coeffs = (3.4445, -4.7750, 2.0315)
+    batched = _quintic(x, coeffs, 5)
+    assert float((batched - x).abs().max()) > 0.1  # it iterated
+    torch.testing.assert_close(batched, torch.stack([_quintic(m, coeffs, 5) for m in x]), rtol=1e-12, atol=1e-12)
 
 
 def test_batched_muon_resumes_from_a_state_dict_it_did_not_make():
