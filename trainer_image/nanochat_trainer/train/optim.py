@@ -70,7 +70,7 @@ def _quintic(x: torch.Tensor, coeffs: tuple[float, float, float], steps: int) ->
 
 class BatchedMuon(torch.optim.Optimizer):
     """Muon for matrices and stacks of matrices, orthogonalised in batches: the parameters of one
-    shape go through one batched Newton-Schulz (nano-1B's 168 matrices are 5 batches), and under
+    shape go through one batched Newton-Schulz (nano-1B's 168 matrices are 4 batches), and under
     data parallelism each rank orthogonalises 1/world of every batch, the updates all-gathered.
 
     Per matrix it is exactly `torch.optim.Muon` (same defaults and parameter-group keys, so its
