@@ -172,9 +172,7 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
                 f"{what} needs at least {need / GIB:.1f} GiB per pod ({how}); "
                 f"resources.memory={res.memory} per pod is not enough"
             )
-    asynchronous = cfg.checkpoint.async_save
-    if asynchronous is None:  # as train/run.py decides: when the model is sharded
-        asynchronous = (shards and world > 1) or ep > 1
+    asynchronous = cfg.checkpoint.saves_async(sharded=(shards and world > 1) or ep > 1)
     per_pod = max(res.gpus_per_node, 1) * held * STAGED_BYTES_PER_PARAM
     if asynchronous and res.memory is not None and per_pod > parse_quantity(res.memory):
         problems.append(

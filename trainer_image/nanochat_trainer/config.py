@@ -303,6 +303,11 @@ class CheckpointConfig(Strict):
         None, description="Start from these weights: a nanochat checkpoint dir, or a Hugging Face Qwen3 dir."
     )
 
+    def saves_async(self, sharded: bool) -> bool:
+        """async_save, or when unset whether the model is sharded (FSDP2 or expert parallel): the
+        one rule the trainer follows and the operator sizes pods by."""
+        return self.async_save if self.async_save is not None else sharded
+
 
 class MetricsConfig(Strict):
     """Rank 0's Prometheus endpoint and JSON-lines log."""

@@ -105,9 +105,7 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
         metrics.set(best_pass_at_1=evals.best["pass_at_1"], best_step=evals.best["step"])
     record: dict[str, Any] = {"step": start}
     skipped_before = 0  # teacher_skipped after the previous step: teacher_up says whether this step skipped
-    asynchronous = cfg.checkpoint.async_save
-    if asynchronous is None:  # where a save is long and each rank's host copy is its share
-        asynchronous = uses_fsdp(cfg, env.world) or ep is not None
+    asynchronous = cfg.checkpoint.saves_async(sharded=uses_fsdp(cfg, env.world) or ep is not None)
     checkpoints = StepCheckpoints(cfg, env, layout, tokenizer, metrics, asynchronous)  # collective
     try:
         while trainer.steps_done < cfg.steps:
@@ -159,20 +157,16 @@ def save_final(
         if env.is_main:
             save_weights(layout.final, model, cfg, tokenizer)
     else:
-        write_sharded(layout.final, lambda tmp: save_sharded(model, [], ep, tmp), cfg, env, tokenizer)
+        tmp = _begin_sharded(layout.final, env)
+        save_sharded(model, [], ep, tmp)
+        if env.is_main:
+            publish_sharded(tmp, cfg, tokenizer)
 
 
-def write_sharded(
-    target: Path, write: Callable[[Path], dict[str, Any] | None], cfg: TrainerConfig, env: Env, tokenizer: Tokenizer
-) -> None:
-    """A model directory every rank writes its part of, synchronously, published whole or not at all
-    (a sharded final/; step checkpoints are `StepCheckpoints`'): rank 0 makes the temporary directory,
-    `write(tmp)` runs on every rank (returning a train state to add, complete on rank 0, or None),
-    and rank 0 completes and renames it. Collective."""
-    tmp = from_main(begin_sharded(target) if env.is_main else None, env)
-    train_state = write(tmp)
-    if env.is_main:
-        publish_sharded(tmp, cfg, tokenizer, train_state)
+def _begin_sharded(target: Path, env: Env) -> Path:
+    """The temporary directory every rank writes its part of `target` into, made by rank 0 (which
+    publishes it whole or not at all). Collective."""
+    return from_main(begin_sharded(target) if env.is_main else None, env)
 
 
 @dataclass
@@ -217,8 +211,7 @@ class StepCheckpoints:
         first: begin_sharded removes every unpublished step directory, and the writes' group carries
         one save's collectives at a time. Collective."""
         self.finish()
-        env = self.env
-        tmp = from_main(begin_sharded(self.layout.step(step)) if env.is_main else None, env)
+        tmp = _begin_sharded(self.layout.step(step), self.env)
         if not self.asynchronous:
             written: Future = Future()
             train_state = trainer.save(tmp)
