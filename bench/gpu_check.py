@@ -10,6 +10,9 @@ Sections, each through the project's own code (nothing here reimplements a model
                    `Trainer.step` (Muon + AdamW, bf16 autocast on CUDA) on a `TensorFeed` batch, as
                    bench/train_throughput.py runs it, eager and under torch.compile: tokens/s, MFU
                    (train.metrics' FLOPs per token over the GPU's dense bf16 peak), peak memory
+  train-1B-fp8     nano-1B compiled with `fp8: true` (models/fp8.py: float8 GEMMs in the hidden layers),
+                   against train-1B-compile's bf16; on a GPU without FP8 tensor cores it trains bf16 and
+                   reads "fallback"
   moe-grouped_mm, moe-loop
                    nano-125M with 64 routed experts top-8: training steps through torch._grouped_mm
                    and through the per-expert loop, and both paths' logits on one batch
@@ -71,7 +74,8 @@ from nanochat_trainer.data.feed import TensorFeed
 from nanochat_trainer.data.synthetic import generate as synthetic_docs
 from nanochat_trainer.eval.generate import generate, generate_tokens
 from nanochat_trainer.eval.humaneval import STOP_SEQUENCES, evaluate_completions, load_problems
-from nanochat_trainer.models import hybrid
+from nanochat_trainer.models import hybrid, layers
+from nanochat_trainer.models.fp8 import Float8Linear, fp8_unsupported
 from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.models.hf_adapter import load_hf_checkpoint
 from nanochat_trainer.models.hybrid import GatedDeltaNet
@@ -312,6 +316,7 @@ def train_figures(ck: Check, cfg: TrainerConfig, setup: Callable[[GPT], None] | 
         "mfu": tps * model_flops_per_token(cfg.model, t) / peak if peak else None,
         "peak_mem_gib": peak_gib(ck),
         "loss": losses[-1],
+        "fp8_layers": sum(isinstance(m, Float8Linear) for m in model.modules()),
     }
 
 
@@ -342,6 +347,25 @@ def dense_section(preset: str, compiled: bool) -> Callable[[Check], Outcome]:
         return Outcome(f"{preset}{width}, {f['batch']}x{f['seq_len']}, {f['dtype']}{mode}", summary, f)
 
     return run
+
+
+def section_train_fp8(ck: Check) -> Outcome:
+    """nano-1B compiled with `fp8: true` against train-1B-compile's bf16. On CPU: eager, at width 128
+    (narrower layers stay bf16) and 2 x 32 tokens, torch's reference float8 GEMM being ~1000x
+    slower than bf16 there; apply_fp8 logs that, so the section reads "fallback"."""
+    spec: dict[str, Any] = {"preset": "nano-1B", "compile": ck.cuda, "fp8": True}
+    if not ck.cuda:
+        spec.update(model={**TINY_MODEL, "dim": 128, "ffn_dim": 256}, seq_len=32, batch_size=2)
+    cfg = train_config(ck, spec, steps=2 + TIMED_STEPS + 1)
+    f = train_figures(ck, cfg)
+    need(f["fp8_layers"] > 0 or fp8_unsupported(ck.device) is not None, "no linear layer was converted to float8")
+    summary = f"{train_summary(f)}, {f['fp8_layers']} fp8 layers"
+    bf16 = ck.figures.get("train-1B-compile")
+    if bf16:
+        f["speedup_vs_bf16"] = f["tokens_per_s"] / bf16["tokens_per_s"]
+        summary += f", {f['speedup_vs_bf16']:.2f}x bf16"
+    width = "" if ck.cuda else " at width 128, eager"
+    return Outcome(f"nano-1B{width}, {f['batch']}x{f['seq_len']}, fp8 matmuls", summary, f)
 
 
 def skip_on_cpu(section: Callable[[Check], Outcome], reason: str) -> Callable[[Check], Outcome]:
@@ -735,6 +759,7 @@ SECTIONS: dict[str, Callable[[Check], Outcome]] = {
         dense_section("nano-1B", compiled=True),
         "train-125M-compile ran the same compiled path; a second cold CPU compile costs 30-60 s of the 2 minutes",
     ),
+    "train-1B-fp8": section_train_fp8,
     "moe-grouped_mm": moe_section("grouped_mm"),
     "moe-loop": moe_section("loop"),
     "hybrid-parity": section_hybrid_parity,
@@ -843,8 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The models' fallback warnings go to stderr and into the report.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     fallbacks = FallbackLog()
-    for logger in (hybrid.__name__, MoE.__module__):  # the models that log a CUDA fallback
-        logging.getLogger(logger).addHandler(fallbacks)
+    layers.log.addHandler(fallbacks)  # where models.layers.warn_fallback says a faster path was not taken
     t0 = time.perf_counter()
     sections: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:

@@ -485,6 +485,12 @@ class TrainerConfig(Strict):
         description="torch.compile the model. Unset: compiled on CUDA for dense models (MoE and hybrid models "
         "run eager until the GPU check has shown them compiled), never on CPU.",
     )
+    fp8: bool = Field(
+        False,
+        description="FP8 matmuls in training: the hidden linear layers' GEMMs in float8 (e4m3 values, e5m2 "
+        "gradients, one scale per tensor), the output layer and router in bf16; evaluation stays bf16. Needs "
+        "FP8 tensor cores (compute capability 8.9+: L4, H100); elsewhere the run trains in bf16 and says so.",
+    )
     activation_checkpointing: bool = Field(
         False,
         description="Keep only each block's input in the forward pass and recompute the block in the "
@@ -542,6 +548,12 @@ class TrainerConfig(Strict):
                 )
         if self.seq_len is not None and self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if self.fp8 and (self.batch_size * self.resolved_seq_len) % 16:
+            # The weight gradient's GEMM runs over the micro-batch's tokens: FP8 tensor cores need 16 | it.
+            raise ValueError(
+                f"fp8 needs batch_size x seq_len a multiple of 16 (batch_size={self.batch_size}, "
+                f"seq_len={self.resolved_seq_len})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,9 @@
 
 `wrap_model` then does, in this order:
 
+0. FP8 matmuls (`fp8: true`): the hidden linear layers become `models.fp8.Float8Linear`, sharing
+   their weights, before anything wraps them (where the device has no FP8 tensor cores the run
+   trains in bf16 and says so);
 1. global-batch load balancing: every MoE block sums its expert loads over the ranks
    (`moe.balance_scope: global`);
 2. activation checkpointing (`activation_checkpointing: true`): each block's forward is recomputed
@@ -49,8 +52,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import FSDP_FROM_PARAMS, TrainerConfig
+from ..models.fp8 import fp8_unsupported, to_float8
 from ..models.gpt import GPT, count_params
-from ..models.layers import Recompute
+from ..models.layers import Recompute, warn_fallback
 from ..models.moe import Experts, MoE
 from .distributed import Env
 from .expert_parallel import ExpertParallel, ddp_ignore_experts, expert_params
@@ -67,6 +71,23 @@ def compiles(cfg: TrainerConfig, env: Env) -> bool:
     if env.device.type == "cuda" and not dense and env.is_main:
         print("compile unset: an MoE or hybrid model runs eager (set compile: true to compile it)", flush=True)
     return env.device.type == "cuda" and dense
+
+
+def apply_fp8(model: GPT, cfg: TrainerConfig, env: Env) -> list[str]:
+    """With `fp8: true`, the linear layers of `model` that multiply in float8 from now on (swapped in
+    place); none where the device cannot, with a warning naming why."""
+    if not cfg.fp8:
+        return []
+    reason = fp8_unsupported(env.device)
+    if reason is not None:
+        warn_fallback(f"fp8: true ignored, the matmuls stay bf16: {reason}")
+        return []
+    if env.device.type == "cpu":
+        warn_fallback("fp8 on a CPU: torch's reference float8 GEMM is exact but ~1000x slower than bf16")
+    names = to_float8(model)
+    if env.is_main:
+        print(f"fp8: {len(names)} linear layers multiply in float8 (output layer and routers stay bf16)", flush=True)
+    return names
 
 
 def uses_fsdp(cfg: TrainerConfig, world: int) -> bool:
@@ -113,8 +134,9 @@ def shard_fsdp(model: GPT, device: torch.device, ep: ExpertParallel | None = Non
 
 
 def wrap_model(model: GPT, cfg: TrainerConfig, env: Env, ep: ExpertParallel | None = None) -> nn.Module:
-    """Balancing, activation checkpointing, FSDP2, compile and DDP, in the module docstring's
+    """FP8, balancing, activation checkpointing, FSDP2, compile and DDP, in the module docstring's
     order; returns what forward and backward go through (`model` itself changes in place)."""
+    apply_fp8(model, cfg, env)
     if env.world > 1 and cfg.model.moe is not None and cfg.model.moe.balance_scope == "global":
         global_balancing(model)
     if cfg.activation_checkpointing:
