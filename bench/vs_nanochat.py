@@ -68,6 +68,12 @@ sequence length and batch. The two models are still different architectures:
     models are compiled on CUDA and neither on CPU.
   * nanochat's base_train freezes and disables the garbage collector after its first step; its
     side here does the same.
+  * FP8 (--fp8, what nanochat's speedrun trains with on an H100): both sides multiply in float8
+    with one scale per tensor, e4m3 values and e5m2 gradients. nanochat converts every linear layer
+    with both sides a multiple of 16 and at least 128 (base_train's filter, repeated here), its
+    output layer included; ours (`fp8: true`, models/fp8.py) the same cut but keeps the output
+    layer in bf16. On CPU both run torch's reference float8 GEMM (~1000x slower than bf16: use a
+    small custom shape there).
 
 What nanochat needs on CPU: nothing is patched. Its compute dtype falls back to fp32 (no CUDA), its
 attention to SDPA (FA3 is only tried on CUDA), and its optimizer's torch.compile'd kernels need a
@@ -244,6 +250,7 @@ def run_ours(args: argparse.Namespace, shape: Shape, device: torch.device, compi
         "seq_len": shape.seq_len,
         "steps": args.warmup + 2 * args.steps + 10,  # the LR schedule's horizon: past the last step
         "compile": compile_,
+        "fp8": args.fp8,
     }
     cfg = TrainerConfig.model_validate(spec)
     env = Env(0, 1, device)
@@ -280,7 +287,7 @@ def run_ours(args: argparse.Namespace, shape: Shape, device: torch.device, compi
         "mlp": f"SwiGLU {shape.ffn_dim} (ffn_mult {shape.ffn_dim / shape.dim:.3f})",
         "attention": "SDPA, full causal",
         "optimizer": " + ".join(type(o).__name__ for o in opts),
-        "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+        "dtype": ("bfloat16 autocast" if device.type == "cuda" else "float32") + with_fp8(model),
     }
 
 
@@ -309,6 +316,14 @@ def run_nanochat(args: argparse.Namespace, shape: Shape, device: torch.device, c
         raw = NanoGPT(config)
     raw.to_empty(device=device)
     raw.init_weights()
+    if args.fp8:  # base_train converts before compiling, with this filter
+        from nanochat.fp8 import convert_to_float8_training  # noqa: PLC0415
+
+        def fp8_module_filter(mod: torch.nn.Module, fqn: str) -> bool:
+            sides = (mod.in_features, mod.out_features)
+            return isinstance(mod, torch.nn.Linear) and all(n % 16 == 0 for n in sides) and min(sides) >= 128
+
+        convert_to_float8_training(raw, module_filter_fn=fp8_module_filter)
     model = torch.compile(raw, dynamic=False) if compile_ else raw
     opt = raw.setup_optimizer(**NANOCHAT_OPTIMIZER)
     x, y = random_batch(shape, device)
@@ -346,8 +361,14 @@ def run_nanochat(args: argparse.Namespace, shape: Shape, device: torch.device, c
         "mlp": f"relu^2 {4 * shape.dim}",
         "attention": f"{'FA3' if flash_attention.USE_FA3 else 'SDPA (no FA3)'}, {windows}",
         "optimizer": type(opt).__name__,
-        "dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
+        "dtype": str(COMPUTE_DTYPE).removeprefix("torch.") + with_fp8(raw),
     }
+
+
+def with_fp8(model: torch.nn.Module) -> str:
+    """ ", fp8 in N linear layers" when some multiply in float8 (both sides name the class Float8Linear)."""
+    n = sum(type(m).__name__ == "Float8Linear" for m in model.modules())
+    return f", fp8 in {n} linear layers" if n else ""
 
 
 def run_side(args: argparse.Namespace) -> None:
@@ -472,6 +493,7 @@ def main() -> None:
     ap.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, help="compile both models (default: on CUDA only)"
     )
+    ap.add_argument("--fp8", action="store_true", help="float8 matmuls on both sides (nanochat's speedrun: --fp8)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads on each side (default: 2 on CPU)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--side", choices=["ours", "nanochat"], help=argparse.SUPPRESS)
