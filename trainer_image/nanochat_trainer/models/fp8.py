@@ -35,7 +35,9 @@ def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     fmax = torch.finfo(dtype).max
     amax = x.detach().abs().amax().double().clamp(min=1e-12)
     scale = (fmax / amax).float()
-    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+    # Row-major whatever x's strides (a gradient may come as a view): `_scaled_mm`'s first operand must be.
+    q = (x.float() * scale).clamp(-fmax, fmax).to(dtype).contiguous()
+    return q, scale.reciprocal()
 
 
 def _column_major(x: torch.Tensor) -> torch.Tensor:
