@@ -63,6 +63,7 @@ bench: $(STAMP)
 ## make gpu-check: every CUDA path once (training eager and compiled, MoE grouped_mm and loop, the hybrid's
 ## kernels against transformers, packed ternary, generation, HumanEval, nanochat serve): one table and
 ## gpu_check.json; fails on any error. Under 8 minutes on one H100/H200; on CPU, tiny sizes in about a minute.
+## On a GPU machine without a package index: bench/gpu_prepare.sh here, bench/gpu_session.sh there.
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py
 

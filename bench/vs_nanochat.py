@@ -411,6 +411,12 @@ def si(value: float) -> str:
 
 
 def nanochat_commit(path: str) -> str:
+    """The checkout's commit; a copy made by bench/gpu_prepare.sh has no .git, and names it in COMMIT."""
+    recorded = Path(path) / "COMMIT"
+    if recorded.is_file():
+        return recorded.read_text().strip()
+    if not (Path(path) / ".git").exists():  # git would answer for a repository around the copy
+        return "unknown commit"
     out = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() or "unknown commit"
 

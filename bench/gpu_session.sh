@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# A lent GPU machine's session, prepared: what to run there, in the order its minutes are worth.
+#
+#     bench/gpu_prepare.sh /path/to/nanochat       # here, once: .whl/ and .nanochat/
+#     bench/gpu_session.sh check                   # there: bench/gpu_check.py (under 8 minutes)
+#     bench/gpu_session.sh vs-nanochat             # there: bench/vs_nanochat.py at nano-1B, bf16 then fp8
+#
+# Each stage fits one device call of 10 minutes. Figures and logs go to $OUT (the device call's
+# folder that comes back; out/gpu-session here), at most 8 files. The wheels in .whl/ are installed
+# into /tmp/site first, when there (the machine has no package index); the repository's packages
+# are put on PYTHONPATH, so nothing needs building. The Python is $PY (default python3, the
+# image's, which holds torch).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?usage: bench/gpu_session.sh check|vs-nanochat}
+PY=${PY:-python3}
+OUT=${OUT:-out/gpu-session}
+mkdir -p "$OUT"
+if [ -d .whl ] && ! [ -f /tmp/site/.installed ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH="/tmp/site:$PWD/trainer_image:$PWD/operator:$PWD/cli:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>&1 || echo "no nvidia-smi" > "$OUT/gpu.csv"
+
+case "$stage" in
+  check)
+    # Every CUDA path once; exits 1 on any failed section or past its 480 s limit, with every figure
+    # in the JSON either way.
+    "$PY" bench/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+    ;;
+  vs-nanochat)
+    # Ours against nanochat at nano-1B's shape on this GPU, bf16 then both sides in fp8 (nanochat's
+    # speedrun trains with --fp8). One round each: the machine is not shared. VS_SHAPE overrides the
+    # shape flags (e.g. "--shape tiny" to try the stage on a CPU).
+    status=0
+    for fp8 in "" --fp8; do
+      name=vs_nanochat${fp8:+-fp8}
+      timeout 280 "$PY" bench/vs_nanochat.py --nanochat "${NANOCHAT:-.nanochat}" ${VS_SHAPE:---shape nano-1B} --rounds 1 \
+        --steps 10 --warmup 3 $fp8 --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+    exit $status
+    ;;
+  *)
+    echo "unknown stage $stage: check or vs-nanochat" >&2
+    exit 2
+    ;;
+esac
