@@ -1,6 +1,6 @@
 """A model built on the meta device, materialised with `to_empty` and initialised equals one
 built eagerly: every parameter and buffer. The trainer builds models that way, so no rank ever
-holds the whole of a model it shards."""
+holds the whole of a model it shards. And the logits it starts from are of unit scale."""
 
 from __future__ import annotations
 
@@ -68,3 +68,19 @@ def test_expert_slices_initialise_and_load_as_rows_of_the_whole(tmp_path):
     loaded = read_weights(part, tmp_path)
     for k, v in part.state_dict().items():
         assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_initial_logits_are_of_unit_scale(tied):
+    """Tied embeddings are also the head: unit rows would make every logit ~ dim (nano-125M's
+    first loss was 769, against ln V = 10.8 untied)."""
+    cfg = TrainerConfig.model_validate({"preset": "nano-125M", "model": {"n_layers": 2, "tie_embeddings": tied}})
+    model = GPT(cfg.model)
+    model.init_weights(0)
+    tokens = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        logits = model(tokens).float()
+    others = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, tokens.unsqueeze(-1), False)
+    assert logits[others].std() < 1.5  # untied: the zeroed head gives 0
+    if tied:
+        assert 0.5 < logits[others].std()

@@ -80,7 +80,7 @@ def apply_fp8(model: GPT, cfg: TrainerConfig, env: Env) -> list[str]:
         return []
     reason = fp8_unsupported(env.device)
     if reason is not None:
-        warn_fallback(f"fp8: true ignored, the matmuls stay bf16: {reason}")
+        warn_fallback(f"fp8: true ignored, the matmuls keep the run's dtype: {reason}")
         return []
     if env.device.type == "cpu":
         warn_fallback("fp8 on a CPU: torch's reference float8 GEMM is exact but ~1000x slower than bf16")
