@@ -34,10 +34,12 @@ case "$stage" in
     ;;
   vs-nanochat)
     # Ours against nanochat at nano-1B's shape on this GPU, bf16 then both sides in fp8 (nanochat's
-    # speedrun trains with --fp8). One round each: the machine is not shared. VS_SHAPE overrides the
-    # shape flags (e.g. "--shape tiny" to try the stage on a CPU).
+    # speedrun trains with --fp8). One round each: the machine is not shared. VS_MODES picks (default
+    # "bf16 fp8"; each takes ~3-5 minutes); VS_SHAPE overrides the shape flags (e.g. "--shape tiny"
+    # to try the stage on a CPU).
     status=0
-    for fp8 in "" --fp8; do
+    for mode in ${VS_MODES:-bf16 fp8}; do
+      fp8=$([ "$mode" = fp8 ] && echo --fp8)
       name=vs_nanochat${fp8:+-fp8}
       timeout 280 "$PY" bench/vs_nanochat.py --nanochat "${NANOCHAT:-.gpu/nanochat}" ${VS_SHAPE:---shape nano-1B} \
         --rounds 1 --steps 10 --warmup 3 $fp8 --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log"
