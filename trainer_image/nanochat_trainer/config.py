@@ -489,7 +489,7 @@ class TrainerConfig(Strict):
         False,
         description="FP8 matmuls in training: the hidden linear layers' GEMMs in float8 (e4m3 values, e5m2 "
         "gradients, one scale per tensor), the output layer and router in bf16; evaluation stays bf16. Needs "
-        "FP8 tensor cores (compute capability 8.9+: L4, H100); elsewhere the run trains in bf16 and says so.",
+        "FP8 tensor cores (compute capability 8.9+: L4, H100); elsewhere the run keeps its dtype and says so.",
     )
     activation_checkpointing: bool = Field(
         False,
