@@ -16,7 +16,7 @@ from nanochat_trainer.parallel.apply import apply_fp8
 from nanochat_trainer.parallel.distributed import Env
 from nanochat_trainer.train import train
 
-from micro import MICRO, MOE, losses, micro_cfg, torchrun
+from micro import MICRO, MOE, losses, micro_cfg, perturb, torchrun
 
 # Wide enough that every hidden layer qualifies (>= 128, multiples of 16), except the GQA k/v
 # projections (2 heads x 32 = 64 features).
@@ -60,9 +60,7 @@ def wide_model(moe: bool = False) -> GPT:
     cfg = ModelConfig.model_validate({**WIDE, "moe": {**MOE, "shared_expert_ffn_dim": 128}} if moe else WIDE)
     model = GPT(cfg)
     model.init_weights(0)
-    for p in model.parameters():  # init_weights zeroes the output projections: give them weights
-        p.data += 0.02 * torch.randn_like(p)
-    return model
+    return perturb(model, 0.02)
 
 
 def test_only_hidden_layers_convert_and_evaluation_stays_exact():
