@@ -1,5 +1,5 @@
-"""Muon: `BatchedMuon` is torch's Muon per matrix, batched by shape, and under DDP split over the
-ranks; Newton-Schulz in fp32 where the CPU only emulates bf16.
+"""Muon: `BatchedMuon` is torch's Muon per matrix, batched by shape, and split over the ranks
+under DDP and under FSDP2; Newton-Schulz in fp32 where the CPU only emulates bf16.
 
 .venv/bin/pytest tests/test_muon.py -q
 """
@@ -7,6 +7,7 @@ ranks; Newton-Schulz in fp32 where the CPU only emulates bf16.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.models.gpt import GPT
@@ -27,20 +30,20 @@ KW = dict(lr=0.02, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
 SHAPES = [(24, 40), (24, 40), (24, 40), (40, 24), (5, 16, 16)]
 
 
-def _params(seed: int = 7) -> list[torch.nn.Parameter]:
+def _params(seed: int = 7, shapes=SHAPES) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
 
 
-def _grads(step: int) -> list[torch.Tensor]:
+def _grads(step: int, shapes=SHAPES) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(s, generator=gen) for s in SHAPES]
+    return [torch.randn(s, generator=gen) for s in shapes]
 
 
-def _run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: range) -> None:
+def _run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: range, shapes=SHAPES, place=None) -> None:
     for step in steps:
-        for p, g in zip(params, _grads(step)):
-            p.grad = g
+        for p, g in zip(params, _grads(step, shapes)):
+            p.grad = g if place is None else place(g)
         opt.step()
 
 
@@ -147,6 +150,63 @@ def test_split_over_ranks_orthogonalises_a_share_each_and_equals_one_process(tmp
     # lone tall matrix).
     assert ranks[0]["sizes"] == [2, 1, 3] * 3
     assert ranks[1]["sizes"] == [1, 2] * 3
+
+
+# ----------------------------------------------------------------- FSDP2's row shards
+
+FSDP_WORLD = 3
+# Over 3 ranks: 24 rows are 8 per rank, 40 are 14, 14, 12, and a 2-row matrix leaves rank 2 none.
+FSDP_SHAPES = [(24, 40)] * 5 + [(40, 24), (2, 16), (5, 16, 16)]
+
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=FSDP_WORLD)
+    mesh = init_device_mesh("cpu", (FSDP_WORLD,))
+    sizes: list[int] = []
+    ns = optim._newton_schulz_batched
+
+    def counted(matrices, **kw):
+        sizes.append(matrices.size(0))
+        return ns(matrices, **kw)
+
+    optim._newton_schulz_batched = counted
+    shard = functools.partial(distribute_tensor, device_mesh=mesh, placements=[Shard(0)])
+    params = [torch.nn.Parameter(shard(p.detach())) for p in _params(shapes=FSDP_SHAPES)]
+    opt = BatchedMuon(params, **KW, ns_dtype=torch.float32)
+    _run(opt, params, range(3), FSDP_SHAPES, place=shard)
+    buffers = [opt.state[p]["momentum_buffer"] for p in params]
+    torch.save(
+        {
+            "params": [p.detach().full_tensor() for p in params],
+            "buffers": [b.full_tensor() for b in buffers],
+            "sharded": [isinstance(b, DTensor) and b.placements == p.placements for b, p in zip(buffers, params)],
+            "sizes": sizes,
+        },
+        f"{out}/rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_row_shards_are_gathered_orthogonalised_in_shares_and_equal_one_process(tmp_path):
+    spawn_ranks(_fsdp_worker, FSDP_WORLD, tmp_path, timeout_s=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(FSDP_WORLD)]
+    one = _params(shapes=FSDP_SHAPES)
+    ref = BatchedMuon(one, **KW, ns_dtype=torch.float32)
+    _run(ref, one, range(3), FSDP_SHAPES)
+    for r in ranks:
+        for got, want, start in zip(r["params"], one, _params(shapes=FSDP_SHAPES)):
+            assert float((got - start.detach()).abs().max()) > 1e-3  # it moved
+            torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
+        for got, p in zip(r["buffers"], one):
+            torch.testing.assert_close(got, ref.state[p]["momentum_buffer"], atol=1e-6, rtol=1e-5)
+        assert all(r["sharded"])  # the momentum stays sharded as the parameter: torch's Muon's state layout
+    # Per step: the five wide matrices, whole two each on ranks 0 and 1 and one on rank 2; the tall
+    # and the 2-row matrix on rank 0; then each rank's own experts of the stack (2, 2, 1), which
+    # need no exchange.
+    assert [r["sizes"] for r in ranks] == [[2, 1, 1, 2] * 3, [2, 2] * 3, [1, 1] * 3]
 
 
 # ----------------------------------------------------------------- Newton-Schulz precision

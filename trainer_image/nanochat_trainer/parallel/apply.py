@@ -34,8 +34,9 @@
 5. DDP otherwise (world > 1): the expert weights are left out of DDP and reduced by
    `reduce_expert_grads`.
 
-Per-expert Muon (`train.optim.BatchedMuon`) stays exact under FSDP2: a dim-0 shard of a (E, out,
-in) stack holds whole expert matrices.
+Muon (`train.optim.BatchedMuon`) stays exact under FSDP2: a dim-0 shard of a (E, out, in) stack
+holds whole expert matrices, and a hidden matrix's row shards are gathered whole to be
+orthogonalised.
 """
 
 from __future__ import annotations

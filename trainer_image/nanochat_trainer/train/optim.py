@@ -1,7 +1,7 @@
 """Optimizers and the learning-rate schedule.
 
 Muon takes the 2-D hidden matrices of the blocks (`BatchedMuon`: torch's Muon batched by shape
-and, under DDP, split over the ranks; torch's own `torch.optim.Muon` on FSDP2's row shards), and,
+and split over the ranks, whether DDP replicates the matrices or FSDP2 shards their rows), and,
 in a second `BatchedMuon`, the stacked 3-D expert weights (E, out, in) of MoE layers, each
 expert's matrix orthogonalised on its own; AdamW (fused) takes everything else: embeddings, the
 head, norms and gains, routers and gates, the DeltaNet convolution.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,9 +86,13 @@ class BatchedMuon(torch.optim.Optimizer):
     whole on every rank (checkpoints keep torch's layout), each rank runs Newton-Schulz on its
     contiguous 1/world of the batch and one all-gather hands every rank the whole update.
 
-    An FSDP2 parameter (DTensor sharded along dim 0, as `parallel.apply.shard_fsdp` shards expert
-    stacks) is updated on its local shard: a dim-0 shard holds whole expert matrices, so the
-    result is the unsharded update, with no communication.
+    FSDP2's parameters are DTensors sharded along dim 0. A stack's shard holds whole expert
+    matrices: it is updated locally, with no communication. A matrix's shard is some of its rows,
+    and Newton-Schulz needs the whole matrix: the momentum stays sharded (as torch's Muon keeps it,
+    so checkpoints carry the same state), and the batch's Nesterov updates, in `ns_dtype`, go
+    through `_RowShard.orthogonalise`: each rank receives 1/world of the matrices whole, in one
+    all-to-all, and sends the results' rows back in another. torch's Muon on the DTensors instead
+    runs every Newton-Schulz matmul as DTensor ops, a redistribution each, ~15 per matrix.
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class BatchedMuon(torch.optim.Optimizer):
                     raise ValueError(f"BatchedMuon takes 2-D or 3-D parameters, not {tuple(p.shape)}")
                 if split_over_ranks and isinstance(p, DTensor):
                     raise ValueError("split_over_ranks is for replicated parameters, not DTensors")
+                _dim0_local(p)  # refuses a layout it cannot update
         # Per batch of parameters: the momentum buffers as one stacked tensor whose rows are the
         # state's buffers (views), so a step neither stacks nor scatters them. Rebuilt whenever
         # the state's buffers are other tensors (a fresh optimizer, load_state_dict).
@@ -162,12 +169,6 @@ class BatchedMuon(torch.optim.Optimizer):
         buf = self._momentum(params, grads)
         buf.lerp_(grads, 1 - mom)
         update = grads.lerp_(buf, mom) if group["nesterov"] else buf
-        matrices = update.reshape(-1, rows, cols)  # a 3-D parameter's experts are matrices of the batch
-        ortho = self._orthogonalise(matrices, group).reshape(update.shape)  # bf16 adds into fp32 as torch's
-        torch._foreach_mul_(local, 1 - lr * wd)
-        torch._foreach_add_(local, list(ortho.unbind(0)), alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], rows, cols))
-
-    def _orthogonalise(self, matrices: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         ns = functools.partial(
             _newton_schulz_batched,
             coeffs=group["ns_coefficients"],
@@ -175,18 +176,34 @@ class BatchedMuon(torch.optim.Optimizer):
             eps=group["eps"],
             dtype=self.ns_dtype,
         )
-        world = dist.get_world_size() if self.split_over_ranks and dist.is_initialized() else 1
+        rows_of = _RowShard.of(params[0])
+        if rows_of is None:
+            split = dist.group.WORLD if self.split_over_ranks and dist.is_initialized() else None
+            matrices = update.reshape(-1, rows, cols)  # a 3-D parameter's experts are matrices of the batch
+            ortho = self._orthogonalise(matrices, ns, split).reshape(update.shape)
+        else:
+            ortho = rows_of.orthogonalise(update.to(self.ns_dtype), rows, ns)
+        # bf16 adds into fp32 as torch's
+        torch._foreach_mul_(local, 1 - lr * wd)
+        torch._foreach_add_(local, list(ortho.unbind(0)), alpha=-self._adjust_lr(lr, group["adjust_lr_fn"], rows, cols))
+
+    def _orthogonalise(
+        self, matrices: torch.Tensor, ns: Callable[[torch.Tensor], torch.Tensor], split: dist.ProcessGroup | None
+    ) -> torch.Tensor:
+        """`ns` of each matrix of the batch; with `split`, shared over that group's ranks, which all
+        hold the same batch, and every rank gets every result."""
+        world = dist.get_world_size(split) if split is not None else 1
         if world == 1:
             return ns(matrices)
         # Rank r orthogonalises matrices [r*per, (r+1)*per); the last ranks pad with zeros (the
         # Frobenius-norm clamp keeps a zero matrix zero) so every rank gathers equal pieces.
         n, per = matrices.size(0), -(-matrices.size(0) // world)
-        mine = matrices[dist.get_rank() * per :][:per]
+        mine = matrices[dist.get_rank(split) * per :][:per]
         piece = torch.zeros((per, *matrices.shape[1:]), dtype=self.ns_dtype, device=matrices.device)
         if len(mine):
             piece[: len(mine)] = ns(mine)
         gathered = torch.empty((per * world, *matrices.shape[1:]), dtype=self.ns_dtype, device=matrices.device)
-        dist.all_gather_into_tensor(gathered, piece)
+        dist.all_gather_into_tensor(gathered, piece, group=split)
         return gathered[:n]
 
     def _momentum(self, params: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -208,15 +225,65 @@ class BatchedMuon(torch.optim.Optimizer):
 
 def _dim0_local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor sharded along dim 0 only (else t): in-place updates of it
-    update the DTensor."""
+    update the DTensor. A stack's shard may be replicated too; a matrix's is FSDP2's, on one mesh
+    dimension."""
     if not isinstance(t, DTensor):
         return t
-    if t.ndim != 3 or any(not (pl.is_replicate() or pl == Shard(0)) for pl in t.placements):
+    stack = t.ndim == 3 and all(pl.is_replicate() or pl == Shard(0) for pl in t.placements)
+    rows = t.ndim == 2 and tuple(t.placements) == (Shard(0),)
+    if not (stack or rows):
         raise ValueError(
-            f"BatchedMuon: a sharded parameter must be a (E, out, in) stack sharded along dim 0, "
-            f"not shape {tuple(t.shape)} with {t.placements}"
+            f"BatchedMuon: a sharded parameter must be a (E, out, in) stack sharded along dim 0 or a "
+            f"matrix sharded by rows on one mesh dimension, not shape {tuple(t.shape)} with {t.placements}"
         )
     return t.to_local()
+
+
+@dataclass(frozen=True)
+class _RowShard:
+    """Where a row-sharded matrix's local rows sit: torch.chunk's split, FSDP2's (ceil(rows/world)
+    rows per rank, so the last ranks may hold fewer or none)."""
+
+    group: dist.ProcessGroup
+    world: int
+    rank: int
+    chunk: int
+    size: int
+
+    @classmethod
+    def of(cls, p: torch.Tensor) -> _RowShard | None:
+        if not (isinstance(p, DTensor) and p.ndim == 2):
+            return None
+        mesh = p.device_mesh
+        world, rank, rows = mesh.size(), mesh.get_local_rank(), p.shape[0]
+        chunk = -(-rows // world)
+        start = min(rows, rank * chunk)
+        size = min(rows, start + chunk) - start
+        if p.to_local().shape[0] != size:
+            raise ValueError(f"BatchedMuon: rank {rank} holds {p.to_local().shape[0]} of {rows} rows, not {size}")
+        return cls(mesh.get_group(), world, rank, chunk, size)
+
+    def orthogonalise(self, local: torch.Tensor, rows: int, ns: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`ns` of a batch of K row-sharded matrices, from and to this rank's (K, size, cols) rows.
+        Matrix i belongs to rank i // per (per = ceil(K / world)): one all-to-all sends each owner
+        every rank's rows of its matrices, the owner orthogonalises them whole, and a second
+        all-to-all sends each rank its rows of the results. A rank moves twice its own rows and
+        holds 1/world of the batch whole, where gathering the batch on every rank would move and
+        hold it all."""
+        k, cols = local.size(0), local.size(-1)
+        world, chunk, per = self.world, self.chunk, -(-k // self.world)
+        send = local.new_zeros((world * per, chunk, cols))
+        send[:k, : self.size] = local
+        got = torch.empty_like(send)
+        dist.all_to_all_single(got, send, group=self.group)  # got[j]: rank j's rows of my matrices
+        whole = got.view(world, per, chunk, cols).transpose(0, 1).reshape(per, world * chunk, cols)
+        ortho = torch.zeros_like(whole)
+        n_mine = max(0, min(per, k - self.rank * per))
+        if n_mine:
+            ortho[:n_mine, :rows] = ns(whole[:n_mine, :rows])
+        back = torch.empty_like(send)
+        dist.all_to_all_single(back, ortho.view(per, world, chunk, cols).transpose(0, 1).contiguous(), group=self.group)
+        return back[:k, : self.size]
 
 
 def _like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
@@ -280,11 +347,11 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig) -> list[torch.optim
         "adjust_lr_fn": "original",
     }
     ns_dtype = newton_schulz_dtype(matrices + stacks)
-    if any(isinstance(p, DTensor) for p in matrices):
-        opts.append(torch.optim.Muon(matrices, **muon))  # FSDP2 shards rows: torch's Muon on the DTensors
-    elif matrices:
+    if matrices:
         # Plain tensors in a process group are DDP's replicas: the ranks share the orthogonalisation.
-        split = dist.is_initialized() and dist.get_world_size() > 1
+        # FSDP2's row shards (DTensors) always share it, over their mesh.
+        fsdp = any(isinstance(p, DTensor) for p in matrices)
+        split = dist.is_initialized() and dist.get_world_size() > 1 and not fsdp
         opts.append(BatchedMuon(matrices, **muon, ns_dtype=ns_dtype, split_over_ranks=split))
     if stacks:
         # Expert weights: the same Muon per expert matrix (lr scaled by that matrix's shape). Not split:
