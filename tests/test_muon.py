@@ -118,10 +118,12 @@ def test_batched_muon_resumes_from_a_state_dict_it_did_not_make():
 WORLD = 2
 
 
-def _split_worker(rank: int, port: int, out: str) -> None:
+def _join_counting_newton_schulz(rank: int, port: int, world: int) -> list[int]:
+    """In a spawned worker: join the test's gloo group; the returned list fills with the number of
+    matrices each Newton-Schulz call of this rank takes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     sizes: list[int] = []
     ns = optim._newton_schulz_batched
 
@@ -130,6 +132,11 @@ def _split_worker(rank: int, port: int, out: str) -> None:
         return ns(matrices, **kw)
 
     optim._newton_schulz_batched = counted
+    return sizes
+
+
+def _split_worker(rank: int, port: int, out: str) -> None:
+    sizes = _join_counting_newton_schulz(rank, port, WORLD)
     params = _params()
     opt = BatchedMuon(params, **KW, ns_dtype=torch.float32, split_over_ranks=True)
     _run(opt, params, range(3))
@@ -160,18 +167,8 @@ FSDP_SHAPES = [(24, 40)] * 5 + [(40, 24), (2, 16), (5, 16, 16)]
 
 
 def _fsdp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=FSDP_WORLD)
+    sizes = _join_counting_newton_schulz(rank, port, FSDP_WORLD)
     mesh = init_device_mesh("cpu", (FSDP_WORLD,))
-    sizes: list[int] = []
-    ns = optim._newton_schulz_batched
-
-    def counted(matrices, **kw):
-        sizes.append(matrices.size(0))
-        return ns(matrices, **kw)
-
-    optim._newton_schulz_batched = counted
     shard = functools.partial(distribute_tensor, device_mesh=mesh, placements=[Shard(0)])
     params = [torch.nn.Parameter(shard(p.detach())) for p in _params(shapes=FSDP_SHAPES)]
     opt = BatchedMuon(params, **KW, ns_dtype=torch.float32)
