@@ -7,6 +7,8 @@ hand the way the Job controller would."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -333,6 +335,29 @@ def test_eval_waits_runs_and_records_scores():
     assert "sandboxIsolation" not in s  # an older trainer's result says nothing of it
 
 
+def test_an_eval_whose_job_completes_before_its_pod_is_seen_waits_for_the_scores():
+    """Jobs and pods come on separate watches: a Job seen Complete while its pod still reads Running
+    waits (up to RESULT_GRACE after the Job's completion) for the pod's termination message."""
+    c = FakeCluster()
+    c.runs["demo"] = tr(status={"phase": "Succeeded", "storageClaim": "runs"})
+    ev = er()
+    step(c, ev, fn=reconcile_eval)
+    c.set_job("ev-eval", "Complete", pods=[{"metadata": {"name": "ev-eval-x"}, "status": {"phase": "Running"}}])
+    c.job("ev-eval")["status"]["completionTime"] = "2026-01-01T00:00:00Z"  # NOW
+    s = step(c, ev, now=NOW + timedelta(seconds=5), fn=reconcile_eval)
+    assert s["phase"] == "Starting" and get_condition(s, "ResultsRecorded") is None
+    c.pods["ev-eval"] = [succeeded_eval_pod('{"pass_at_k": {"1": 0.3}, "problems": 164, "samples": 1}')]
+    s = step(c, ev, now=NOW + timedelta(seconds=6), fn=reconcile_eval)
+    assert s["phase"] == "Succeeded" and s["passAt1"] == 0.3
+    # A pod never seen to succeed (deleted meanwhile): after the grace, the end is recorded without scores.
+    late = er("late")
+    step(c, late, fn=reconcile_eval)
+    c.set_job("late-eval", "Complete", pods=[])
+    c.job("late-eval")["status"]["completionTime"] = "2026-01-01T00:00:00Z"
+    s = step(c, late, now=NOW + timedelta(minutes=3), fn=reconcile_eval)
+    assert s["phase"] == "Succeeded" and get_condition(s, "ResultsRecorded")["reason"] == "NoResult"
+
+
 def test_eval_of_failed_run_fails_and_endpoint_eval_needs_no_run():
     c = FakeCluster()
     c.runs["demo"] = tr(status={"phase": "Failed"})
@@ -504,6 +529,21 @@ def test_pods_the_cluster_refuses_are_reported_with_the_reason():
     assert not any(x.startswith("events") for x in c.calls[calls:])  # every pod there: no event reads
 
 
+def test_a_live_run_is_not_failed_by_a_stricter_feasibility_check(monkeypatch):
+    """Feasibility gates the Job's creation. An operator restarted with less --gpu-memory-gib (or an
+    upgrade with a stricter check) leaves a running run running, and its end is still recorded."""
+    c = FakeCluster()
+    run = tr(trainer={"preset": "nano-1B"}, resources={"gpusPerNode": 8})
+    step(c, run)
+    c.pods["demo-train"] = [running_pod()]
+    assert step(c, run)["phase"] == "Running"
+    monkeypatch.setattr(sys.modules[__name__], "CFG", dataclasses.replace(CFG, gpu_memory_gib=1.0))
+    assert step(c, tr("other", trainer={"preset": "nano-1B"}, resources={"gpusPerNode": 8}))["phase"] == "Failed"
+    assert step(c, run)["phase"] == "Running"
+    c.set_job("demo-train", "Complete", pods=[])
+    assert step(c, run)["phase"] == "Succeeded"
+
+
 def test_ttl_is_set_on_the_job_once_the_outcome_is_recorded():
     c = FakeCluster()
     run = tr(ttlSecondsAfterFinished=300)
@@ -513,7 +553,12 @@ def test_ttl_is_set_on_the_job_once_the_outcome_is_recorded():
     assert "ttlSecondsAfterFinished" not in c.job("demo-train")["spec"]
     c.set_job("demo-train", "Complete", pods=[])
     assert step(c, run)["phase"] == "Succeeded"
+    # Not by the reconcile that computed Succeeded: its status write may yet be refused (a conflict),
+    # and a Job deleted under a run recorded as Running would be made again.
+    assert "ttlSecondsAfterFinished" not in c.job("demo-train")["spec"]
+    step(c, run)  # the next one reads the outcome back from the API server
     assert c.job("demo-train")["spec"]["ttlSecondsAfterFinished"] == 300
+    step(c, run)
     assert sum(x.startswith("patch demo-train ttl") for x in c.calls) == 1
 
 

@@ -155,6 +155,9 @@ def test_user_env_tolerations_node_selector_cpu_memory():
 def test_failure_policy_and_backoff():
     job = render.render_training_job("demo", "ml", training(backoffLimit=7), image="i")
     assert job["spec"]["backoffLimit"] == 7
+    # On 4 nodes one failure ends all 4 pods: backoffLimit counts pods, the field failures of the run.
+    four = render.render_training_job("demo", "ml", training(backoffLimit=2, resources={"nodes": 4}), image="i")
+    assert four["spec"]["backoffLimit"] == 8
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",

@@ -472,7 +472,13 @@ class RunCommon(Api):
         description="Kueue LocalQueue; the Job is created suspended and Kueue admits it.",
     )
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment variables.")
-    backoff_limit: int = Field(3, ge=0, le=100, description="Pod failures retried before the run fails.")
+    backoff_limit: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Failures retried before the run fails. On several nodes, one rank's failure ends every "
+        "node's pod (each torchrun exits when a peer does), so the Job allows this many times nodes pod failures.",
+    )
     pod_failure_policy: PodFailurePolicy = Field(
         default_factory=PodFailurePolicy, description="Failures that end the run at once."
     )

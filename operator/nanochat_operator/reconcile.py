@@ -23,7 +23,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
@@ -33,7 +33,6 @@ from nanochat_trainer.contract import (
     COMPLETION_INDEX_ANNOTATION,
     EVAL_KIND,
     SPEC_ANNOTATION,
-    TERMINAL_PHASES,
     TRAINING_KIND,
     ConditionType,
     EvalResult,
@@ -55,6 +54,7 @@ from .status import (
     live_pods,
     load_status,
     observe_job,
+    parse_time,
     remove_condition,
     rfc3339,
     set_condition,
@@ -224,12 +224,18 @@ def _observe(
     return _queue_view(view, spec)
 
 
-def _finish(cluster: Cluster, prev: S, new: S, spec: RunSpec, namespace: str, job_name: str) -> None:
-    """Once a run's outcome is recorded, its Job may go: spec.ttlSecondsAfterFinished is set on the
-    Job only now, so the Job controller never deletes a Job whose outcome the operator has not read."""
-    ttl = spec.ttl_seconds_after_finished
-    if ttl is not None and new.phase in TERMINAL_PHASES and prev.phase not in TERMINAL_PHASES:
-        cluster.patch_job(namespace, job_name, {"ttlSecondsAfterFinished": ttl})
+def _expire_job(cluster: Cluster, obj: dict[str, Any], job_name: str) -> None:
+    """A finished run's Job may go: spec.ttlSecondsAfterFinished is set on it by a reconcile that
+    reads the final status back from the API server, never by the one that computes it. Were it set
+    before that status is written and the write then refused (a conflict), the Job controller could
+    delete the Job under a run still recorded as Running, and the next reconcile would run it again."""
+    meta = obj["metadata"]
+    ttl = (obj.get("spec") or {}).get("ttlSecondsAfterFinished")
+    job = cluster.get_job(meta["namespace"], job_name) if ttl is not None else None
+    if job is None or not owned_by(job, meta.get("uid")):
+        return
+    if (job.get("spec") or {}).get("ttlSecondsAfterFinished") != ttl:
+        cluster.patch_job(meta["namespace"], job_name, {"ttlSecondsAfterFinished": ttl})
 
 
 def _queue_view(view: JobView | None, spec: RunSpec) -> JobView | None:
@@ -393,13 +399,20 @@ def _reconcile_training(
     prev = load_status(TrainingRunStatus, obj.get("status"))
     jname = render.job_name(name)
     if is_final(prev):
+        if prev.job_name:
+            _expire_job(cluster, obj, prev.job_name)
         return _finished_training(prev, generation, now)
 
     try:
         spec = TrainingRunSpec.model_validate(obj.get("spec") or {})
     except ValidationError as err:
         return _fail(prev, now, generation, "InvalidSpec", format_validation_error(err, "spec."))
-    problems = feasibility(spec, config.gpu_memory_gib)
+    job = cluster.get_job(namespace, jname)
+    _check_owned(job, uid, jname)
+    # Feasibility decides whether the Job may be made. Once it runs, the answer is its pods': an
+    # operator restarted with another --gpu-memory-gib, or an upgrade's stricter check, must not
+    # fail a live run whose Job would go on holding its GPUs unwatched.
+    problems = feasibility(spec, config.gpu_memory_gib) if job is None else []
     if problems:
         return _fail(prev, now, generation, "Infeasible", "; ".join(problems))
     base = _accepted(prev, now)
@@ -407,8 +420,6 @@ def _reconcile_training(
     base.run_dir = render.run_dir(name)
     events: list[Event] = []
 
-    job = cluster.get_job(namespace, jname)
-    _check_owned(job, uid, jname)
     if job is None:
 
         def gate(source_name: str, follow_chain: bool) -> Outcome | tuple[str, str, dict[str, Any]]:
@@ -476,7 +487,6 @@ def _reconcile_training(
         if generating
         else lambda step: render.checkpoint_step_path(name, step),
     )
-    _finish(cluster, prev, new, spec, namespace, jname)
     return Outcome(new, events + _phase_events(prev, new, TRAINING_KIND))
 
 
@@ -493,6 +503,22 @@ def _eval_result(view: JobView | None, pods: list[dict[str, Any]]) -> EvalResult
             if result is not None:
                 return result
     return None
+
+
+# How long an EvalRun whose Job is Complete waits to see its pod Succeeded, the scores in its
+# termination message: Jobs and pods come on separate watches, and the pod's last update can trail.
+RESULT_GRACE = timedelta(minutes=2)
+
+
+def _result_on_its_way(view: JobView | None, pods: list[dict[str, Any]], now: datetime) -> bool:
+    """The Job is Complete, its pod not yet seen Succeeded, and not for long: recording the end now
+    would record it without the scores, for good (a finished run is not looked at again)."""
+    if view is None or view.phase != Phase.SUCCEEDED:
+        return False
+    if any((pod.get("status") or {}).get("phase") == "Succeeded" for pod in pods):
+        return False
+    done = parse_time(view.completion_time)
+    return done is not None and now - done < RESULT_GRACE
 
 
 def _trainer_config(raw: dict[str, Any] | None) -> TrainerConfig | None:
@@ -526,6 +552,8 @@ def _reconcile_eval(
     prev = load_status(EvalRunStatus, obj.get("status"))
     jname = render.eval_job_name(name)
     if is_final(prev):
+        if prev.job_name:
+            _expire_job(cluster, obj, prev.job_name)
         if generation is None:
             return Outcome(prev)
         final = prev.model_copy(deep=True)
@@ -640,6 +668,7 @@ def _reconcile_eval(
         events += drift_events
 
     view = _observe(cluster, job, pods, 1, spec, namespace)
+    if _result_on_its_way(view, pods, now):
+        return Outcome(base, events)  # the pod's event brings the scores (else the next look, or the grace's end)
     new = eval_status(base, view, _eval_result(view, pods), now=now, generation=generation, job_name=jname)
-    _finish(cluster, prev, new, spec, namespace, jname)
     return Outcome(new, events + _phase_events(prev, new, EVAL_KIND))

@@ -342,11 +342,12 @@ def _apply_pod_template(template: dict[str, Any], container: dict[str, Any], tpl
 
 def _job_spec(spec: api.RunCommon, pod_template: dict[str, Any], completions: int, *containers: str) -> dict[str, Any]:
     """The Job spec around a pod template, from the fields both kinds share. `containers`: those
-    whose exit codes spec.podFailurePolicy reads (the main one, and an eval pod's export step)."""
+    whose exit codes spec.podFailurePolicy reads (the main one, and an eval pod's export step).
+    backoffLimit counts pods, and a failure of a run on N nodes fails N of them at once."""
     job_spec: dict[str, Any] = {
         "completions": completions,
         "parallelism": completions,
-        "backoffLimit": spec.backoff_limit,
+        "backoffLimit": spec.backoff_limit * completions,
         "suspend": _job_suspend(spec),
         "template": pod_template,
     }
