@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -317,6 +318,21 @@ def test_spec_change_while_running_is_refused_not_applied():
     assert get_condition(step(c, run), "SpecChangeRefused") is None  # reverted: the refusal goes away
 
 
+def test_a_field_added_by_an_operator_upgrade_is_not_a_spec_change():
+    """A Job made by an older operator carries the spec without the fields added since (here
+    trainer.fp8): this version reads that copy with its defaults, so a live run is not refused."""
+    c = FakeCluster()
+    run = tr()
+    step(c, run)
+    annotations = c.job("demo-train")["metadata"]["annotations"]
+    older = json.loads(annotations[render.SPEC_ANNOTATION])
+    del older["trainer"]["fp8"]
+    annotations[render.SPEC_ANNOTATION] = json.dumps(older)
+    assert get_condition(step(c, run), "SpecChangeRefused") is None
+    run["spec"]["trainer"]["fp8"] = True  # an edit of that field is still one
+    assert "spec.trainer.fp8" in get_condition(step(c, run), "SpecChangeRefused")["message"]
+
+
 def test_eval_waits_runs_and_records_scores():
     c = FakeCluster()
     ev = er(samplesPerProblem=2, k=[1, 2])
@@ -462,6 +478,29 @@ def test_after_waits_for_the_runs_that_make_its_data_on_the_same_claim():
     c.runs["other"] = tr("other", storage={"size": "1Gi"}, status={"phase": "Succeeded"})
     s = step(c, tr("train2", after=["other"], storage=shared))
     assert s["phase"] == "Failed" and get_condition(s, "DependenciesReady")["reason"] == "DifferentStorage"
+
+
+@pytest.mark.parametrize(
+    "links,loop",
+    [
+        ({"a": {"after": ["b"]}, "b": {"after": ["a"]}}, "a -> b -> a"),
+        (
+            {"a": {"init": {"fromTrainingRun": "b"}}, "b": {"after": ["c"]}, "c": {"init": {"fromTrainingRun": "a"}}},
+            "a -> b -> c -> a",
+        ),
+        ({"a": {"after": ["a"]}}, "a -> a"),  # CEL refuses only an init naming the run itself
+    ],
+)
+def test_runs_that_wait_for_each_other_in_a_loop_fail_naming_it(links, loop):
+    c = FakeCluster()
+    for name, spec in links.items():
+        c.runs[name] = tr(name, **spec)
+    # A run waiting for a run in a loop, not in it itself, waits: that run fails on its own reconcile.
+    assert step(c, tr("d", after=["a"]))["phase"] == "Pending"
+    s = step(c, c.runs["a"])
+    failed = get_condition(s, "DependenciesReady")
+    assert s["phase"] == "Failed" and failed["reason"] == "DependencyCycle", s
+    assert failed["message"].endswith(": " + loop), failed["message"]
 
 
 def summary(s: dict) -> dict[str, tuple[str, str]]:

@@ -11,7 +11,8 @@ wait for `a`:
     source Succeeded        -> ready (its final checkpoint and the PVC holding it)
     ... without a best one  -> fail  (NoBestCheckpoint: an EvalRun asked for checkpoint: best)
 
-A chain that loops back on itself (a -> b -> a) can never start: `find_cycle` spots it.
+Runs that wait for each other in a loop (a -> b -> a, through init.fromTrainingRun or `after`)
+can never start: `find_chain` spots it.
 """
 
 from __future__ import annotations
@@ -106,16 +107,30 @@ def resolve(source_name: str, source: dict[str, Any] | None, which: str = "final
     )
 
 
-def find_cycle(start: str, source_of: Callable[[str], str | None], limit: int = 32) -> list[str] | None:
-    """The loop `start -> ... -> start` of init.fromTrainingRun links, if there is one.
+def waits_for(run: dict[str, Any] | None) -> list[str]:
+    """The TrainingRuns a TrainingRun waits for: its init.fromTrainingRun and its `after` runs."""
+    spec = (run or {}).get("spec") or {}
+    source = (spec.get("init") or {}).get("fromTrainingRun")
+    return ([source] if source else []) + list(spec.get("after") or [])
 
-    `source_of(name)` returns the run's init.fromTrainingRun (None: no source, or no such run).
-    """
-    path = [start]
-    current = source_of(start)
-    while current is not None and len(path) <= limit:
-        if current in path:
-            return path[path.index(current) :] + [current]
-        path.append(current)
-        current = source_of(current)
-    return None
+
+def find_chain(run: str, target: str, waits: Callable[[str], list[str]], limit: int = 64) -> list[str] | None:
+    """A chain `run -> ... -> target` of runs each waiting for the next (`waits(name)`: none for a
+    run that does not exist), if there is one; at most `limit` runs are looked at. A run waiting
+    for `run` closes a loop when `target` is itself."""
+    path, seen = [run], {run}
+
+    def visit(current: str) -> list[str] | None:
+        if current == target:
+            return list(path)
+        for nxt in waits(current):
+            if nxt in seen or len(seen) >= limit:
+                continue
+            seen.add(nxt)
+            path.append(nxt)
+            if (chain := visit(nxt)) is not None:
+                return chain
+            path.pop()
+        return None
+
+    return visit(run)

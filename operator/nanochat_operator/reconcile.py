@@ -278,23 +278,21 @@ def _accepted(prev: S, now: datetime, message: str = ACCEPTED_MESSAGE) -> S:
 def _dependency(
     cluster: Cluster, namespace: str, name: str, source_name: str, follow_chain: bool, checkpoint: str = "final"
 ) -> deps.Dependency:
+    """`follow_chain`: `name` is a TrainingRun, whose waits (init and `after`) may loop back to it."""
     source = cluster.get_training_run(namespace, source_name)
     dep = deps.resolve(source_name, source, checkpoint)
     if dep.state == "wait" and follow_chain and source is not None:
         cache = {source_name: source}
 
-        def source_of(run: str) -> str | None:
-            obj = cache.get(run) if run in cache else cluster.get_training_run(namespace, run)
-            cache[run] = obj
-            if obj is None:
-                return None
-            return ((obj.get("spec") or {}).get("init") or {}).get("fromTrainingRun")
+        def waits(run: str) -> list[str]:
+            if run not in cache:
+                cache[run] = cluster.get_training_run(namespace, run)
+            return deps.waits_for(cache[run])
 
-        cycle = deps.find_cycle(name, source_of)
-        if cycle and cycle[0] == name:
-            return deps.Dependency(
-                "fail", "DependencyCycle", "init.fromTrainingRun forms a loop: " + " -> ".join(cycle), source_name
-            )
+        chain = deps.find_chain(source_name, name, waits)  # back to this run, which waits for the source
+        if chain is not None:
+            message = "the runs waited for (init.fromTrainingRun, after) form a loop: " + " -> ".join([name, *chain])
+            return deps.Dependency("fail", "DependencyCycle", message, source_name)
     return dep
 
 
@@ -429,7 +427,7 @@ def _reconcile_training(
             )  # fmt: skip
 
         for before in spec.after:  # datasets this run reads: made by runs on the same PVC
-            ready = gate(before, False)
+            ready = gate(before, True)
             if isinstance(ready, Outcome):
                 return ready
             if ready[1] != base.storage_claim:

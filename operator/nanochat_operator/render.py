@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from pydantic import ValidationError
 
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.contract import (
@@ -208,7 +209,14 @@ def spec_hash(spec: TrainingRunSpec | EvalRunSpec) -> str:
 
 
 def spec_drift(applied: dict[str, Any], spec: TrainingRunSpec | EvalRunSpec) -> list[str]:
-    """Dotted paths where the current spec differs from the one the Job was made from."""
+    """Dotted paths where the current spec differs from the one the Job was made from. The Job's
+    copy is read through this version's models first: a field added since the Job was made (by an
+    operator upgrade) takes its default on both sides instead of reading as an edit. (A default
+    changed since is still reported: the copy holds every value explicitly.)"""
+    try:
+        applied = applied_spec(type(spec).model_validate(applied))
+    except ValidationError:
+        pass  # a field this version no longer knows: compare the copy as it is
     return sorted(_diff(applied, applied_spec(spec), "spec"))
 
 
