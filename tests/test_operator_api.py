@@ -139,6 +139,13 @@ def test_feasibility_gpu_cpu_and_memory():
             )
         )[0]
     )
+    # GPUs a run would not use: asked with device cpu, or for stage generate (the teacher has them).
+    idle = feasibility(spec(trainer={"preset": "tiny", "device": "cpu"}, resources={"gpusPerNode": 2}))
+    assert idle and "trainer.device=cpu but resources ask for 2 GPUs" in idle[0]
+    teacher = {"url": "http://teacher:8000/v1", "model": "q"}
+    generate = {"preset": "tiny", "stage": "generate", "generate": {"teacher": teacher, "rows": 10}}
+    assert feasibility(spec(trainer=generate, resources={"gpusPerNode": 0})) == []
+    assert "stage generate runs as one process" in feasibility(spec(trainer=generate, resources={"gpusPerNode": 1}))[0]
     big = {"preset": "qwen3-hybrid"}
     assert feasibility(spec(trainer=big, resources={"nodes": 2, "gpusPerNode": 8})) == []
     assert feasibility(spec(trainer=big, resources={"nodes": 1, "gpusPerNode": 8}))
@@ -365,6 +372,7 @@ def test_ternary_distilled_from_parent_needs_a_parent():
         ({"volumeMounts": [{"name": "x", "mountPath": "/dev/shm"}]}, "volumeMounts: /dev/shm"),
         ({"volumeMounts": [{"name": "x"}]}, "pod.volumeMounts.0.mountPath"),
         ({"extraResources": {"rdma/ib": "lots"}}, "extraResources.rdma/ib"),
+        ({"extraResources": {"nvidia.com/gpu": "8"}}, "extraResources.nvidia.com/gpu: set resources.gpusPerNode"),
         ({"imagePullSecrets": ["Not_A_Name"]}, "pod.imagePullSecrets.0"),
     ],
 )

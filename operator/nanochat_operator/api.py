@@ -359,6 +359,15 @@ def _reserved_key_rule(field: str) -> dict[str, str]:
     )
 
 
+# Resources with fields of their own, which size the run (its world size, the feasibility check):
+# in extraResources they would override those fields on the container behind the checks' back.
+RESOURCES_OF_THEIR_OWN = {
+    "cpu": "resources.cpu",
+    "memory": "resources.memory",
+    "nvidia.com/gpu": "resources.gpusPerNode",
+}
+
+
 class PodTemplate(Api):
     """What a platform sets on every pod of a run, on top of what the operator renders (as
     Kubeflow Trainer's pod template overrides): metadata, identity, placement, security and
@@ -414,6 +423,11 @@ class PodTemplate(Api):
                     f"volumes: {', '.join(RESERVED_VOLUMES)} and {RESERVED_VOLUME_PREFIX}* are the operator's",
                 ),
                 cel(
+                    "!has(self.extraResources) || "
+                    f"!self.extraResources.exists(k, k in {_quoted(tuple(RESOURCES_OF_THEIR_OWN))})",
+                    "extraResources: " + ", ".join(f"set {k} as {f}" for k, f in RESOURCES_OF_THEIR_OWN.items()),
+                ),
+                cel(
                     "!has(self.volumeMounts) || "
                     f"self.volumeMounts.all(m, !(m.mountPath in {_quoted(RESERVED_MOUNT_PATHS)}))",
                     f"volumeMounts: {', '.join(RESERVED_MOUNT_PATHS)} are the operator's",
@@ -426,6 +440,8 @@ class PodTemplate(Api):
     @classmethod
     def _quantities(cls, v: dict[str, Quantity]) -> dict[str, Quantity]:
         for key, value in v.items():
+            if key in RESOURCES_OF_THEIR_OWN:
+                raise ValueError(f"extraResources.{key}: set {RESOURCES_OF_THEIR_OWN[key]} instead")
             _check_quantity(value, f"extraResources.{key}")
         return v
 

@@ -116,8 +116,13 @@ def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str
     gpus = res.nodes * res.gpus_per_node
     if cfg.device == "cuda" and gpus == 0:
         problems.append("trainer.device=cuda but resources ask for no GPUs (gpusPerNode=0)")
+    if cfg.device == "cpu" and gpus > 0 and cfg.stage != "generate":
+        problems.append(
+            f"trainer.device=cpu but resources ask for {gpus} GPUs (gpusPerNode={res.gpus_per_node}), which "
+            "would sit idle: set gpusPerNode 0, or device auto"
+        )
     if cfg.stage == "generate":  # no model: one process asks the teacher
-        if res.nodes > 1 or res.gpus_per_node > 1:
+        if res.nodes > 1 or res.gpus_per_node > 0:
             problems.append(
                 f"stage generate runs as one process (resources.nodes={res.nodes}, gpusPerNode="
                 f"{res.gpus_per_node}): ask for nodes 1 and gpusPerNode 0 (the teacher has the GPUs)"

@@ -57,6 +57,9 @@ def test_bad_manifest_is_refused_by_the_api_server(
     cel = training_run("bad-env", namespace, env=[{"name": "PET_NNODES", "value": "4"}])
     out = control_plane.apply(cel, check=False)
     assert out.returncode != 0 and "PET_" in out.stderr, out.stderr  # a CEL rule, evaluated by the API server
+    gpus = training_run("bad-gpus", namespace, pod={"extraResources": {"nvidia.com/gpu": "8", "rdma/ib": "1"}})
+    out = control_plane.apply(gpus, check=False)
+    assert out.returncode != 0 and "set nvidia.com/gpu as resources.gpusPerNode" in out.stderr, out.stderr
     assert control_plane.kubectl("get", "trainingruns", "-n", namespace, "-o", "name").stdout.strip() == ""
 
 
