@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +81,53 @@ def test_bad_config_is_one_line_exit_2(tmp_path, config, expected):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+def _config(tmp: Path, text: str) -> Path:
+    (tmp / "c.yaml").write_text(text)
+    return tmp / "c.yaml"
+
+
+def _run_under_a_file(tmp: Path) -> Path:
+    (tmp / "file").write_text("")
+    return _config(tmp, yaml.safe_dump({"preset": "tiny", "checkpoint": {"dir": str(tmp / "file" / "run")}}))
+
+
+# What the trainer cannot use although it validates, or cannot even read: (make the config, env, stderr's line).
+UNUSABLE = {
+    "yaml": (
+        lambda tmp: _config(tmp, "steps: 10\nmodel: {dim: 64\n"),
+        {},
+        r"^error: --config='.*c\.yaml': not valid YAML: expected ',' or '}', but got .* at line 3, column 1$",
+    ),
+    "config is a folder": (lambda tmp: tmp, {}, r"^error: --config='.*': is a directory, not a YAML or JSON file$"),
+    "checkpoint.dir under a file": (
+        _run_under_a_file,
+        {},
+        r"^error: checkpoint.dir='.*/file/run': .*/file is a file, not a directory$",
+    ),
+    "cuda without a GPU": (
+        lambda tmp: _config(tmp, yaml.safe_dump({"preset": "tiny", "device": "cuda"})),
+        {"CUDA_VISIBLE_DEVICES": ""},
+        r"^error: device='cuda': torch sees no GPU \(torch .*torch.cuda.is_available\(\) is False\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_unusable_input_is_one_line_exit_2_at_the_trainers_entry(tmp_path, case):
+    """What a pod runs (`python -m nanochat_trainer.train`): one line naming the file or field, and
+    exit 2, which the Job's failOnExitCodes fails for good (a traceback would be retried)."""
+    make, env, expected = UNUSABLE[case]
+    config = make(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "nanochat_trainer.train", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(expected, lines[0]), out.stderr

@@ -11,12 +11,13 @@ the sandbox, the counting and the best checkpoint, is the real path.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from nanochat_trainer.checkpoint import load_model
+from nanochat_trainer.checkpoint import load_model, write_text_atomic
 from nanochat_trainer.data.synthetic import document
 from nanochat_trainer.eval.humaneval import load_problems
 from nanochat_trainer.eval.sandbox import Sandbox
@@ -74,6 +75,37 @@ def test_the_best_checkpoint_follows_pass_at_1(tmp_path: Path, monkeypatch) -> N
     log = read_log(run)
     assert log[9]["pass_at_1"] == 0.25 and (log[9]["best_pass_at_1"], log[9]["best_step"]) == (0.75, 6)
     assert json.loads((run / "best.json").read_text())["step"] == 6
+
+
+@pytest.mark.parametrize("left", ["", '{"step": 3, "pass_'])
+def test_a_best_json_cut_short_is_no_best_and_the_run_resumes(tmp_path: Path, monkeypatch, caplog, left: str) -> None:
+    """What a kill mid-write left (an empty or truncated best.json) is logged and counts as no
+    best: the restart trains on, and its next score is the best."""
+    run = tmp_path / "run"
+    _canned({0, 1, 2}, monkeypatch)
+    train(_cfg(run, steps=3))
+    (run / "best.json").write_text(left)
+    _canned({1}, monkeypatch)  # worse than step 3's, but the only best there is
+    train(_cfg(run, steps=6))
+    assert read_log(run)[6]["pass_at_1"] == 0.25
+    assert json.loads((run / "best.json").read_text()) == {"step": 6, "pass_at_1": 0.25}
+    assert f"{run / 'best.json'} does not hold a best step" in caplog.text
+    assert [p.name for p in run.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_best_json_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A write that dies before the rename (here: at the fsync) leaves the previous best.json."""
+    path = tmp_path / "best.json"
+    write_text_atomic(path, '{"step": 3, "pass_at_1": 0.5}\n')
+
+    def dies(fd: int) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(os, "fsync", dies)
+    with pytest.raises(OSError, match="killed"):
+        write_text_atomic(path, '{"step": 6, "pass_at_1": 0.75}\n')
+    assert evaluation.read_best(path) == {"step": 3, "pass_at_1": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
 
 
 def test_a_broken_sandbox_is_counted_and_the_run_goes_on(tmp_path: Path, monkeypatch) -> None:

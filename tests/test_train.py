@@ -21,6 +21,7 @@ from nanochat_trainer.errors import ConfigError
 from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.parallel.apply import compiles, wrap_model
 from nanochat_trainer.parallel.distributed import Env
+from nanochat_trainer.parallel.state import load_sharded
 from nanochat_trainer.train import train
 from nanochat_trainer.train.metrics import TrainerMetrics
 from nanochat_trainer.train.optim import build_optimizers
@@ -54,6 +55,26 @@ def test_resume_matches_uninterrupted(tmp_path):
     again = losses(full)
     for step in range(7, 13):
         assert again[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, again)
+
+
+def test_a_resumed_run_takes_its_hyperparameters_from_the_config(tmp_path):
+    """A restart with another learning rate or weight decay trains with them (the checkpoint's
+    groups hold the old ones), and keeps the checkpoint's moments."""
+    sched = {"warmup_steps": 0, "decay": "constant"}
+    train(micro_cfg(tmp_path, steps=4, schedule=sched, optimizer={"lr": 0.02, "adam_lr": 0.003, "weight_decay": 0.0}))
+    cfg = micro_cfg(tmp_path, steps=8, schedule=sched, optimizer={"lr": 0.04, "adam_lr": 0.006, "weight_decay": 0.1})
+    model = GPT(cfg.model)
+    opts = build_optimizers(model, cfg.optimizer)
+    load_sharded(model, opts, None, tmp_path / "checkpoints" / "step_00000004")
+    built = build_optimizers(GPT(cfg.model), cfg.optimizer)
+    for opt, fresh in zip(opts, built, strict=True):
+        assert opt.state, type(opt).__name__  # the moments came back
+        for group, want in zip(opt.param_groups, fresh.param_groups, strict=True):
+            assert {k: v for k, v in group.items() if k != "params"} == {k: v for k, v in want.items() if k != "params"}
+    train(cfg)
+    assert {step: r["lr"] for step, r in read_log(tmp_path).items()} == {
+        s: 0.02 if s <= 4 else 0.04 for s in range(1, 9)
+    }
 
 
 @pytest.mark.slow

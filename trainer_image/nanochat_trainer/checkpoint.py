@@ -56,6 +56,21 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace the small file `path` with `text` in one step: a crash mid-write leaves the old file
+    (or none) and a `.tmp-*` sibling, never a truncated file that a restart cannot parse."""
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Rename a fully written temporary directory into place, replacing an older one."""
     _fsync_tree(tmp)

@@ -13,6 +13,8 @@ A `preset` fills in every field it names; fields the user writes win over the pr
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import PurePath
 from typing import Any, Literal
 
 import yaml
@@ -795,7 +797,35 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
 
 
 def load_trainer_config(path: str) -> TrainerConfig:
-    """Read a YAML or JSON trainer config file."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return TrainerConfig.model_validate(data)
+    """Read a YAML or JSON trainer config file. A directory, a file that does not parse, or a
+    checkpoint.dir under a regular file is a ValueError in `errors.ConfigError`'s one-line shape
+    (`field=value: message`; this layer sits below errors), which commands exit 2 on."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except IsADirectoryError:
+        raise ValueError(f"--config={path!r}: is a directory, not a YAML or JSON file") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config={path!r}: not valid YAML: {_yaml_problem(e)}") from None
+    cfg = TrainerConfig.model_validate(data)
+    blocker = _file_in_the_way(cfg.checkpoint.dir)
+    if blocker is not None:
+        # Found here, before rank 0 writes the tokenizer there and fails with a bare NotADirectoryError.
+        raise ValueError(f"checkpoint.dir={cfg.checkpoint.dir!r}: {blocker} is a file, not a directory")
+    return cfg
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint and where, on one line (its own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(e).split())
+    return f"{getattr(e, 'problem', None) or 'cannot parse'} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _file_in_the_way(path: str) -> str | None:
+    """The nearest existing one of `path` and its parents when it is not a directory, else None."""
+    for p in (path, *(str(a) for a in PurePath(path).parents)):
+        if os.path.exists(p):  # False on any error: a path that cannot be checked is left to its use
+            return None if os.path.isdir(p) else p
+    return None

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Env:
@@ -36,6 +38,8 @@ def setup_distributed(device_kind: str) -> Env:
     """This process's Env; starts the process group when torchrun's environment is present."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if device_kind == "cuda":
+        _check_cuda()
     use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -45,6 +49,20 @@ def setup_distributed(device_kind: str) -> Env:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
     return Env(rank, world, device)
+
+
+def _check_cuda() -> None:
+    """device: cuda on a machine where torch sees no GPU is the config's error, said up front:
+    torch's own (at set_device) is a traceback about drivers."""
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    raise ConfigError(
+        "device",
+        "cuda",
+        f"torch sees no GPU (torch {torch.__version__}, {build}: torch.cuda.is_available() is False); "
+        "use auto or cpu, or run where a GPU is visible",
+    )
 
 
 def barrier(env: Env) -> None:

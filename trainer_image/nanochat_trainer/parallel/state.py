@@ -51,6 +51,9 @@ from .expert_parallel import ExpertParallel, expert_params, gather_full_state, s
 # Optimizer state keyed "state.<param>.<key>" and "param_groups.<param>.<key>": stored per
 # parameter, so it reshards like the weights and does not depend on how groups are numbered.
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+# The group keys the run's config sets (optim.build_optimizers): a resumed run takes them from its
+# config, so a changed learning rate or weight decay applies; the checkpoint gives the moments.
+_CONFIG_KEYS = ("lr", "initial_lr", "weight_decay", "betas", "momentum", "eps")
 _ONE_PROCESS = "torch.distributed is disabled, unavailable or uninitialized"
 
 
@@ -149,7 +152,7 @@ def load_sharded(model: nn.Module, opts: list[torch.optim.Optimizer], ep: Expert
     unwrap()
     set_model_state_dict(model, state["model"])
     for i, opt in enumerate(opts):
-        set_optimizer_state_dict(model, opt, state["optimizers"][str(i)], options=_FLAT)
+        _load_optimizer(model, opt, state["optimizers"][str(i)], _FLAT)
 
 
 @contextmanager
@@ -233,7 +236,16 @@ def load_full_state(
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, msd, options=options)
     for opt, osd in zip(opts, osds or []):
-        set_optimizer_state_dict(model, opt, osd, options=options)
+        _load_optimizer(model, opt, osd, options)
+
+
+def _load_optimizer(model: nn.Module, opt: torch.optim.Optimizer, osd: dict, options: StateDictOptions) -> None:
+    """Load a checkpoint's optimizer state into `opt`, keeping its groups' `_CONFIG_KEYS` as built:
+    torch's loader takes them from the checkpoint, and the schedule scales `initial_lr`."""
+    built = [{k: g[k] for k in _CONFIG_KEYS if k in g} for g in opt.param_groups]
+    set_optimizer_state_dict(model, opt, osd, options=options)
+    for group, keys in zip(opt.param_groups, built, strict=True):
+        group.update(keys)
 
 
 def unsharded(model: GPT, cfg: TrainerConfig, env: Env, ep: ExpertParallel | None) -> GPT | None:

@@ -22,9 +22,10 @@ only the counts are summed. A sharded model (FSDP, expert parallelism) is gather
 others wait at the closing barrier.
 
 The best pass@1 so far is kept beside `final`: `<run>/best/` (weights, config, tokenizer: what an
-EvalRun with `checkpoint: best` loads) and `<run>/best.json` (step and pass@1), read back on
-resume. A sandbox that fails (it cannot start a program at all) is logged and counted
-(`humaneval.errors`); that evaluation then reports no pass@1 and the run goes on.
+EvalRun with `checkpoint: best` loads) and `<run>/best.json` (step and pass@1, written atomically),
+read back on resume: one that does not parse is logged and the run goes on with no best. A
+sandbox that fails (it cannot start a program at all) is logged and counted (`humaneval.errors`);
+that evaluation then reports no pass@1 and the run goes on.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import save_weights
+from ..checkpoint import save_weights, write_text_atomic
 from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.synthetic import document
@@ -106,6 +108,22 @@ def _judge_synthetic(prompt: sequence.Prompt, completion: str) -> CheckTask:
     return sequence.check_task(prompt, sequence.function_body(completion))
 
 
+def read_best(path: Path) -> dict[str, Any] | None:
+    """best.json's step and pass@1, or None when there is none yet. A file that does not parse
+    (left by a kill mid-write before it was written atomically) is logged and counts as none:
+    failing on it would fail every restart, and the next evaluation writes it again."""
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        best = None
+    if isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("pass_at_1"), float):
+        return best
+    LOG.warning("%s does not hold a best step and pass@1 (empty or cut short?); going on with no best", path)
+    return None
+
+
 class InTrainingEval:
     """The problems, the sandbox and the best pass@1 of one run (on every rank)."""
 
@@ -116,9 +134,7 @@ class InTrainingEval:
         self.problems = benchmark_problems(cfg)
         self.sandbox = Sandbox(timeout=e.timeout_s, workers=e.workers)
         self.errors = 0
-        self.best: dict[str, Any] | None = None
-        if layout.best_record.is_file():
-            self.best = json.loads(layout.best_record.read_text())
+        self.best = read_best(layout.best_record)
 
     def due(self, step: int) -> bool:
         e = self.cfg.evaluation
@@ -186,4 +202,4 @@ class InTrainingEval:
         if self.env.is_main:
             assert whole is not None
             save_weights(self.layout.best, whole, self.cfg, self.tokenizer)
-            self.layout.best_record.write_text(json.dumps(self.best) + "\n")
+            write_text_atomic(self.layout.best_record, json.dumps(self.best) + "\n")
