@@ -47,9 +47,7 @@ class FakeCluster:
         if self.reject and obj["kind"] == self.reject:
             raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: spec.template: Invalid value")
         if key in self.objects:
-            # As kube.Kubernetes does: the stored object comes back for kinds nothing watches (PodGroups).
-            existing = copy.deepcopy(self.objects[key]) if obj["kind"] == "PodGroup" else None
-            raise AlreadyExists(key[2], existing=existing)
+            raise AlreadyExists(key[2], existing=copy.deepcopy(self.objects[key]))  # as kube.Kubernetes reads it
         self.calls.append(f"create {obj['kind']} {key[2]}")
         self.objects[key] = copy.deepcopy(obj)
         return copy.deepcopy(obj)

@@ -166,18 +166,34 @@ def test_job_of_another_owner_is_left_alone():
         step(c, tr())
 
 
-def test_a_pod_group_of_another_owner_is_waited_for_not_used():
-    """A deleted run's PodGroup of the same name, not yet collected, would gang-schedule the new run's
-    pods by its numbers: the run waits for it to go, its own (a retry) is fine."""
+@pytest.mark.parametrize(
+    "kind,name,spec",
+    [
+        ("PodGroup", "demo-train", {"gang": {"scheduler": "coscheduling"}}),  # would gang-schedule by old numbers
+        ("ConfigMap", "demo-config", {}),  # would hand the new run's pods the old config
+        ("PersistentVolumeClaim", "demo-storage", {"storage": {"size": "1Gi", "whenDeleted": "Delete"}}),
+    ],
+)
+def test_a_deleted_runs_children_not_yet_collected_are_waited_for_not_used(kind, name, spec):
+    """A run re-created under the name of one just deleted finds the old run's children until the
+    garbage collector removes them (under its pods): it waits for them to go; its own (a retry) are fine."""
     c = FakeCluster()
-    gang = {"gang": {"scheduler": "coscheduling"}}
-    old = {"metadata": {"name": "demo-train", "ownerReferences": [{"uid": "old-uid"}]}, "spec": {"minMember": 9}}
-    c.objects[("PodGroup", "ml", "demo-train")] = old
-    with pytest.raises(NotOwned, match="PodGroup demo-train exists but does not belong to this run"):
-        step(c, tr(**gang))
+    old = {"metadata": {"name": name, "ownerReferences": [{"uid": "old-uid"}]}, "spec": {"minMember": 9}}
+    c.objects[(kind, "ml", name)] = old
+    with pytest.raises(NotOwned, match=f"{kind} {name} exists but does not belong to this run"):
+        step(c, tr(**spec))
     assert ("Job", "ml", "demo-train") not in c.objects
     old["metadata"]["ownerReferences"] = [{"uid": "uid-demo"}]  # this run's own, from an earlier attempt
-    assert step(c, tr(**gang))["phase"] == "Starting" and ("Job", "ml", "demo-train") in c.objects
+    assert step(c, tr(**spec))["phase"] == "Starting" and ("Job", "ml", "demo-train") in c.objects
+
+
+def test_a_kept_claim_of_a_deleted_run_is_what_its_successor_resumes_from():
+    """storage.whenDeleted: Retain keeps the PVC (labelled, not owned) past its run: a run
+    re-created under the name mounts it, and resumes from its checkpoints."""
+    c = FakeCluster()
+    kept = {"metadata": {"name": "demo-storage", "labels": {"nanochat.io/training-run": "demo"}}, "spec": {}}
+    c.objects[("PersistentVolumeClaim", "ml", "demo-storage")] = kept
+    assert step(c, tr(storage={"size": "1Gi", "whenDeleted": "Retain"}))["phase"] == "Starting"
 
 
 def test_invalid_spec_fails_without_touching_cluster_and_recovers_when_fixed():

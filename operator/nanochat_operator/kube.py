@@ -71,19 +71,24 @@ class KubeCluster:
         resp = call(*args, _preload_content=False, **kwargs)
         return json.loads(resp.data)
 
-    def _custom_object(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+    def _stored(self, obj: dict[str, Any]) -> dict[str, Any] | None:
         """The stored object of `obj`'s kind and name (None when it is gone again)."""
-        group, version = obj["apiVersion"].split("/")
         meta = obj["metadata"]
+        readers: dict[str, Callable[..., Any]] = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+            "Job": self.batch.read_namespaced_job,
+            "NetworkPolicy": self.networking.read_namespaced_network_policy,
+        }
         try:
-            return self._json(
-                self.custom.get_namespaced_custom_object,
-                group,
-                version,
-                meta["namespace"],
-                CUSTOM_PLURALS[obj["kind"]],
-                meta["name"],
-            )
+            if obj["kind"] in CUSTOM_PLURALS:
+                group, version = obj["apiVersion"].split("/")
+                plural = CUSTOM_PLURALS[obj["kind"]]
+                return self._json(
+                    self.custom.get_namespaced_custom_object, group, version, meta["namespace"], plural, meta["name"]
+                )
+            return self._json(readers[obj["kind"]], meta["name"], meta["namespace"])
         except ApiException:
             return None
 
@@ -105,10 +110,8 @@ class KubeCluster:
                 )
             return self._json(creators[obj["kind"]], ns, obj)
         except ApiException as err:
-            if err.status == 409 and obj["kind"] in CUSTOM_PLURALS:  # not watched: whose is it?
-                raise AlreadyExists(obj["metadata"]["name"], existing=self._custom_object(obj)) from err
-            if err.status == 409:
-                raise AlreadyExists(obj["metadata"]["name"]) from err
+            if err.status == 409:  # an earlier attempt's, or a deleted run's not yet collected: whose is it?
+                raise AlreadyExists(obj["metadata"]["name"], existing=self._stored(obj)) from err
             if err.status in (400, 422):
                 raise Rejected(f"{obj['kind']} {obj['metadata']['name']}: {_message(err)}") from err
             if err.status == 404 and obj["kind"] in CUSTOM_PLURALS:

@@ -148,16 +148,22 @@ def _create_all(
 ) -> None:
     """Create what is missing, owned by the run (so deleting it deletes them), except a PVC the
     run's storage.whenDeleted keeps: that one is only labelled with the run."""
-    adopt([o for o in objs if not (keep_pvc and o["kind"] == "PersistentVolumeClaim")], owner)
+
+    def kept(obj: dict[str, Any]) -> bool:
+        return keep_pvc and obj["kind"] == "PersistentVolumeClaim"
+
+    adopt([o for o in objs if not kept(o)], owner)
     uid = owner["metadata"].get("uid")
     for obj in objs:
         try:
             cluster.create(obj)
         except AlreadyExists as err:
-            # Made by an earlier attempt; the Job is checked for ownership by the caller. A PodGroup
-            # left by a deleted run of the same name would gang-schedule this run's pods by the old
-            # run's numbers until the garbage collector removed it under them: wait for it to go.
-            if err.existing is not None and uid and not owned_by(err.existing, uid):
+            # Made by an earlier attempt of this run: fine. Left by a deleted run of the same name and
+            # not yet garbage-collected: its ConfigMap would hand this run's pods the old config, its
+            # PodGroup gang-schedule them by the old numbers, until removed under them: wait for it
+            # to go. A kept PVC is meant to outlive its run: a run re-created under the name resumes
+            # from its checkpoints.
+            if uid and not kept(obj) and (err.existing is None or not owned_by(err.existing, uid)):
                 raise NotOwned(
                     f"{obj['kind']} {obj['metadata']['name']} exists but does not belong to this run (an older "
                     "run's, still being deleted?); waiting"

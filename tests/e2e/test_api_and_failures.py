@@ -11,10 +11,13 @@ import time
 from typing import Any
 
 import pytest
+from kubernetes import config
 from prometheus_client.parser import text_string_to_metric_families
 
 from e2e.cluster import KWOK_ANNOTATION, ControlPlane
 from e2e.operator_local import ChartOperator, events_of, wait_phase
+from nanochat_operator.kube import KubeCluster
+from nanochat_operator.reconcile import AlreadyExists
 
 pytestmark = pytest.mark.usefixtures("kwok_nodes")
 
@@ -61,6 +64,17 @@ def test_bad_manifest_is_refused_by_the_api_server(
     out = control_plane.apply(gpus, check=False)
     assert out.returncode != 0 and "set nvidia.com/gpu as resources.gpusPerNode" in out.stderr, out.stderr
     assert control_plane.kubectl("get", "trainingruns", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def test_creating_what_exists_says_whose_it_is(control_plane: ControlPlane, namespace: str) -> None:
+    """The operator's client reads back what a create found in place (409), so a run can tell its own
+    (an earlier attempt) from a deleted run's not yet collected."""
+    api = KubeCluster(config.new_client_from_config(config_file=str(control_plane.kubeconfig)))
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "taken", "namespace": namespace}}
+    made = api.create(cm)
+    with pytest.raises(AlreadyExists) as found:
+        api.create(cm)
+    assert found.value.existing is not None and found.value.existing["metadata"]["uid"] == made["metadata"]["uid"]
 
 
 def test_failed_source_fails_the_dependent_run_with_a_reason(
