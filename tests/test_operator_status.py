@@ -431,6 +431,8 @@ def test_parse_trainer_metrics_and_duration():
     want = prog.Progress(step=120, total_steps=10000, loss=2.5, val_loss=2.75, tokens_per_second=50000.0)
     assert p == want
     assert prog.parse_trainer_metrics("") == prog.Progress()
+    odd = 'nanochat_trainer_generate_rejected_by_reason{reason="a"} +Inf\nnanochat_trainer_loss -Inf\n'
+    assert prog.parse_trainer_metrics(odd) == prog.Progress()  # no number, not an error
     assert [prog.format_duration(s) for s in (5, 65, 3725, 90000)] == ["5s", "1m05s", "1h02m", "1d1h"]
 
 

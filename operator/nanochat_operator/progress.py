@@ -51,7 +51,7 @@ def _gauge_values(text: str) -> tuple[dict[TrainerGauge, float], dict[str, int]]
             if gauge is not None and not sample.labels:
                 values[gauge] = sample.value
             elif sample.name == GENERATE_REJECTED_BY_REASON and "reason" in sample.labels:
-                if not math.isnan(sample.value):
+                if math.isfinite(sample.value):  # int() of +Inf raises
                     rejected[sample.labels["reason"]] = int(sample.value)
     return values, rejected
 
