@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat_operator.progress import Progress, parse_trainer_metrics
-from nanochat_trainer.checkpoint import is_sharded
+from nanochat_trainer.checkpoint import is_sharded, list_checkpoints
 from nanochat_trainer.config import TrainerConfig
 from nanochat_trainer.contract import RunLayout
 from nanochat_trainer.data.feed import TensorFeed
@@ -55,6 +55,19 @@ def test_resume_matches_uninterrupted(tmp_path):
     again = losses(full)
     for step in range(7, 13):
         assert again[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, again)
+
+
+def test_a_run_that_must_not_resume_sets_an_earlier_runs_results_aside(tmp_path):
+    """checkpoint.resume: false where a run trained before: that run's checkpoints (higher steps,
+    which would win every prune over the new ones and a later resume), final/ and log move to
+    earlier-<stamp>/, kept; the new run's are its own."""
+    train(micro_cfg(tmp_path, steps=8, checkpoint={"every": 2, "keep": 2}))
+    train(micro_cfg(tmp_path, steps=4, checkpoint={"every": 2, "keep": 2, "resume": False}))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert sorted(read_log(tmp_path)) == [1, 2, 3, 4]  # the log's first record is the new run's step 1
+    (aside,) = tmp_path.glob("earlier-*")
+    assert [p.name for p in list_checkpoints(aside)] == ["step_00000006", "step_00000008"]
+    assert sorted(read_log(aside))[-1] == 8 and (aside / "final").is_dir() and (tmp_path / "final").is_dir()
 
 
 def test_a_resumed_run_takes_its_hyperparameters_from_the_config(tmp_path):

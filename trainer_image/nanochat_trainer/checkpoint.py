@@ -147,6 +147,26 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def set_aside_earlier_run(layout: RunLayout[Path], stamp: str) -> Path | None:
+    """For a run that must not resume (checkpoint.resume: false) in a directory an earlier run
+    trained in: move that run's checkpoints, best and final models and logs into
+    `<run>/earlier-<stamp>/`, kept, not deleted. Left in place, its checkpoints (higher steps)
+    would win every prune over the new run's, and be what a later resume picks; its best.json
+    would be the score to beat; its log would run on into the new one. The tokenizer and the
+    teacher's cache stay: inputs, not results. Returns where they went (None: nothing there)."""
+    earlier = [layout.checkpoints, layout.best, layout.best_record, layout.final, layout.packed_ternary]
+    earlier += [layout.log, layout.expert_load]
+    present = [p for p in earlier if p.exists()]
+    if not present:
+        return None
+    aside = layout.root / f"earlier-{stamp}"
+    aside.mkdir()
+    for path in present:
+        os.replace(path, aside / path.name)
+    _fsync_dir(layout.root)
+    return aside
+
+
 def is_sharded(model_dir: Path) -> bool:
     """Whether a model directory holds its weights as torch.distributed.checkpoint shards."""
     return (model_dir / SHARDED_INDEX).is_file()

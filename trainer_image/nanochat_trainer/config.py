@@ -291,7 +291,11 @@ class CheckpointConfig(Strict):
     dir: str = Field("runs/default", description="Run directory: checkpoints, logs, tokenizer.")
     every: int = Field(1000, ge=1, description="Steps between checkpoints (the last step always saves).")
     keep: int = Field(3, ge=1, description="Newest checkpoints kept.")
-    resume: bool = Field(True, description="Resume from the newest checkpoint in dir when there is one.")
+    resume: bool = Field(
+        True,
+        description="Resume from the newest checkpoint in dir when there is one. false: start over; an "
+        "earlier run's checkpoints, final and best models and logs in dir move to dir/earlier-<UTC time>/.",
+    )
     async_save: bool | None = Field(
         None,
         description=(

@@ -29,6 +29,7 @@ import copy
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -37,7 +38,14 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import begin_sharded, latest_checkpoint, prune_checkpoints, publish_sharded, save_weights
+from ..checkpoint import (
+    begin_sharded,
+    latest_checkpoint,
+    prune_checkpoints,
+    publish_sharded,
+    save_weights,
+    set_aside_earlier_run,
+)
 from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.heldout import heldout_rows
@@ -61,6 +69,17 @@ from .trainer import Trainer
 Progress = Callable[[dict[str, Any]], None]
 
 
+def _set_aside_earlier_run(layout: RunLayout[Path], env: Env) -> None:
+    """checkpoint.resume: false where a run trained before: rank 0 moves its results aside (kept),
+    the others wait, so that the new run starts, prunes and later resumes on its own."""
+    if env.is_main:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = set_aside_earlier_run(layout, stamp)
+        if aside is not None:
+            print(f"checkpoint.resume=false: the earlier run's checkpoints, models and logs are in {aside}", flush=True)
+    barrier(env)
+
+
 def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the last step's record. Rank 0 writes all files."""
     if cfg.stage == "generate":
@@ -73,6 +92,8 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
         )
     env = setup_distributed(cfg.device)
     layout = RunLayout(Path(cfg.checkpoint.dir))
+    if not cfg.checkpoint.resume:
+        _set_aside_earlier_run(layout, env)
     check_sources(cfg.data)  # an empty source fails here, naming it, not at the step that reaches it
     torch.manual_seed(cfg.seed)
     tokenizer = run_tokenizer(cfg, layout, env)
