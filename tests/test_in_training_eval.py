@@ -77,6 +77,22 @@ def test_the_best_checkpoint_follows_pass_at_1(tmp_path: Path, monkeypatch) -> N
     assert json.loads((run / "best.json").read_text())["step"] == 6
 
 
+def test_a_best_publish_killed_between_its_renames_is_undone_on_restart(tmp_path: Path, monkeypatch) -> None:
+    """publish_dir moves the old best/ aside, then the new one in: a kill between the two leaves no
+    best/. The restart puts the old one back (the one best.json still names) and removes the
+    temporaries, even before a better score publishes again."""
+    run = tmp_path / "run"
+    _canned({0, 2}, monkeypatch)
+    train(_cfg(run, steps=3))
+    weights = (run / "best" / "model.safetensors").read_bytes()
+    (run / "best").rename(run / "best.old-1a2b3c4d")
+    (run / "best.tmp-4242").mkdir()  # the new one, complete or not: never read
+    _canned({1}, monkeypatch)  # worse: nothing publishes best/ in this leg
+    train(_cfg(run, steps=6))
+    assert (run / "best" / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("best")) == ["best", "best.json"]
+
+
 @pytest.mark.parametrize("left", ["", '{"step": 3, "pass_'])
 def test_a_best_json_cut_short_is_no_best_and_the_run_resumes(tmp_path: Path, monkeypatch, caplog, left: str) -> None:
     """What a kill mid-write left (an empty or truncated best.json) is logged and counts as no

@@ -99,12 +99,24 @@ def _write_weights(out: Path, model_sd: dict[str, torch.Tensor], cfg: TrainerCon
     tokenizer.save(out)
 
 
+def clear_leftovers(target: Path, temporaries: str) -> None:
+    """Before a publish of `target` by its only writer (the run's rank 0): remove what killed ones
+    left, the temporaries (`temporaries`, a glob in target's folder) and replaced copies
+    (`.old-*`). A publish killed between its two renames left no `target`: its replaced copy, a
+    complete model (and the one best.json still names), goes back first."""
+    olds = sorted(target.parent.glob(f"{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        olds.pop().rename(target)
+    for stale in [*olds, *target.parent.glob(temporaries)]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, cfg: TrainerConfig, tokenizer) -> Path:
     """Write a self-contained model directory (weights, config, tokenizer) atomically."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    clear_leftovers(out, f"{out.name}.tmp-*")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     _write_weights(tmp, model.state_dict(), cfg, tokenizer)
     publish_dir(tmp, out)
@@ -116,9 +128,7 @@ def begin_sharded(target: Path) -> Path:
     every rank writes its shards into. Rank 0 makes it, after removing what an interrupted save
     of the same kind left (any step's, for a step checkpoint)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    leftovers = "*.tmp-*" if RunLayout.step_of(target) is not None else f"{target.name}.tmp-*"
-    for stale in target.parent.glob(leftovers):
-        shutil.rmtree(stale, ignore_errors=True)
+    clear_leftovers(target, "*.tmp-*" if RunLayout.step_of(target) is not None else f"{target.name}.tmp-*")
     # A random suffix, not the pid: the ranks that write into it are other processes, maybe on other nodes.
     tmp = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}")
     tmp.mkdir()

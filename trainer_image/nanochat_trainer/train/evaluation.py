@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import save_weights, write_text_atomic
+from ..checkpoint import clear_leftovers, save_weights, write_text_atomic
 from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.synthetic import document
@@ -134,6 +134,8 @@ class InTrainingEval:
         self.problems = benchmark_problems(cfg)
         self.sandbox = Sandbox(timeout=e.timeout_s, workers=e.workers)
         self.errors = 0
+        if env.is_main:  # best/ as a publish killed on the previous try left it, before it is read or scored
+            clear_leftovers(layout.best, f"{layout.best.name}.tmp-*")
         self.best = read_best(layout.best_record)
 
     def due(self, step: int) -> bool:
