@@ -199,6 +199,9 @@ def test_rbac_is_least_privilege(helm, tmp_path):
     expected |= {("", "pods", v) for v in ("list", "watch")}
     expected |= {("", r, "create") for r in ("configmaps", "services", "persistentvolumeclaims", "events")}
     expected.add(("networking.k8s.io", "networkpolicies", "create"))  # each eval pod's
+    # get, for every kind it creates: whose the object a create finds in place is.
+    created = [("batch", "jobs"), ("", "configmaps"), ("", "services"), ("", "persistentvolumeclaims")]
+    expected |= {(g, r, "get") for g, r in [*created, ("networking.k8s.io", "networkpolicies")]}
     expected |= {
         (g, "podgroups", v) for g in ("scheduling.x-k8s.io", "scheduling.volcano.sh") for v in ("create", "get")
     }

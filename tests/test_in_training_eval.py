@@ -87,6 +87,7 @@ def test_a_best_publish_killed_between_its_renames_is_undone_on_restart(tmp_path
     weights = (run / "best" / "model.safetensors").read_bytes()
     (run / "best").rename(run / "best.old-1a2b3c4d")
     (run / "best.tmp-4242").mkdir()  # the new one, complete or not: never read
+    (run / "best.json.tmp-99aa").write_text('{"step": 6')  # and a best.json write cut short
     _canned({1}, monkeypatch)  # worse: nothing publishes best/ in this leg
     train(_cfg(run, steps=6))
     assert (run / "best" / "model.safetensors").read_bytes() == weights

@@ -139,6 +139,12 @@ def test_feasibility_gpu_cpu_and_memory():
             )
         )[0]
     )
+    # A resource with a field of its own, in extraResources, would override that field behind the checks.
+    extra = {"extraResources": {"nvidia.com/gpu": "8", "rdma/ib": "1"}}
+    gpus = feasibility(spec(trainer={"preset": "tiny"}, pod=extra))
+    assert gpus == ["pod.extraResources.nvidia.com/gpu: set resources.gpusPerNode instead"]
+    fit = eval_fit(evalrun(pod={"extraResources": {"memory": "1Ti"}}), None, {})
+    assert fit.problems == ["pod.extraResources.memory: set resources.memory instead"]
     # GPUs a run would not use: asked with device cpu, or for stage generate (the teacher has them).
     idle = feasibility(spec(trainer={"preset": "tiny", "device": "cpu"}, resources={"gpusPerNode": 2}))
     assert idle and "trainer.device=cpu but resources ask for 2 GPUs" in idle[0]
@@ -372,7 +378,6 @@ def test_ternary_distilled_from_parent_needs_a_parent():
         ({"volumeMounts": [{"name": "x", "mountPath": "/dev/shm"}]}, "volumeMounts: /dev/shm"),
         ({"volumeMounts": [{"name": "x"}]}, "pod.volumeMounts.0.mountPath"),
         ({"extraResources": {"rdma/ib": "lots"}}, "extraResources.rdma/ib"),
-        ({"extraResources": {"nvidia.com/gpu": "8"}}, "extraResources.nvidia.com/gpu: set resources.gpusPerNode"),
         ({"imagePullSecrets": ["Not_A_Name"]}, "pod.imagePullSecrets.0"),
     ],
 )

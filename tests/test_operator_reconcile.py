@@ -187,13 +187,20 @@ def test_a_deleted_runs_children_not_yet_collected_are_waited_for_not_used(kind,
     assert step(c, tr(**spec))["phase"] == "Starting" and ("Job", "ml", "demo-train") in c.objects
 
 
-def test_a_kept_claim_of_a_deleted_run_is_what_its_successor_resumes_from():
+@pytest.mark.parametrize("when_deleted", ["Retain", "Delete"])
+def test_a_kept_claim_of_a_deleted_run_is_what_its_successor_resumes_from(when_deleted):
     """storage.whenDeleted: Retain keeps the PVC (labelled, not owned) past its run: a run
-    re-created under the name mounts it, and resumes from its checkpoints."""
+    re-created under the name mounts it, and resumes from its checkpoints, whatever its own
+    whenDeleted says (nothing will ever collect that claim to wait for). Another run's is not its."""
     c = FakeCluster()
     kept = {"metadata": {"name": "demo-storage", "labels": {"nanochat.io/training-run": "demo"}}, "spec": {}}
     c.objects[("PersistentVolumeClaim", "ml", "demo-storage")] = kept
-    assert step(c, tr(storage={"size": "1Gi", "whenDeleted": "Retain"}))["phase"] == "Starting"
+    assert step(c, tr(storage={"size": "1Gi", "whenDeleted": when_deleted}))["phase"] == "Starting"
+    other = FakeCluster()
+    another = {"metadata": {"name": "demo-storage", "labels": {"nanochat.io/training-run": "x"}}, "spec": {}}
+    other.objects[("PersistentVolumeClaim", "ml", "demo-storage")] = another
+    with pytest.raises(NotOwned, match="PersistentVolumeClaim demo-storage"):
+        step(other, tr(storage={"size": "1Gi", "whenDeleted": when_deleted}))
 
 
 def test_invalid_spec_fails_without_touching_cluster_and_recovers_when_fixed():
@@ -591,6 +598,9 @@ def test_a_live_run_is_not_failed_by_a_stricter_feasibility_check(monkeypatch):
     run = tr(trainer={"preset": "nano-1B"}, resources={"gpusPerNode": 8})
     step(c, run)
     c.pods["demo-train"] = [running_pod()]
+    assert step(c, run)["phase"] == "Running"
+    # A rule this version added (extraResources may not carry cpu), on a run an older one started.
+    run["spec"]["pod"] = {"extraResources": {"cpu": "4"}}
     assert step(c, run)["phase"] == "Running"
     monkeypatch.setattr(sys.modules[__name__], "CFG", dataclasses.replace(CFG, gpu_memory_gib=1.0))
     assert step(c, tr("other", trainer={"preset": "nano-1B"}, resources={"gpusPerNode": 8}))["phase"] == "Failed"

@@ -68,6 +68,11 @@ def test_a_run_that_must_not_resume_sets_an_earlier_runs_results_aside(tmp_path)
     (aside,) = tmp_path.glob("earlier-*")
     assert [p.name for p in list_checkpoints(aside)] == ["step_00000006", "step_00000008"]
     assert sorted(read_log(aside))[-1] == 8 and (aside / "final").is_dir() and (tmp_path / "final").is_dir()
+    # Each retry sets the last attempt aside (within one second too); the newest EARLIER_KEPT stay.
+    for _ in range(2):
+        train(micro_cfg(tmp_path, steps=2, checkpoint={"every": 2, "resume": False}))
+    kept = list(tmp_path.glob("earlier-*"))
+    assert len(kept) == 2 and aside not in kept, kept
 
 
 def test_a_resumed_run_takes_its_hyperparameters_from_the_config(tmp_path):

@@ -361,6 +361,8 @@ def _reserved_key_rule(field: str) -> dict[str, str]:
 
 # Resources with fields of their own, which size the run (its world size, the feasibility check):
 # in extraResources they would override those fields on the container behind the checks' back.
+# Refused at admission (CEL) and before a Job is made (checks.pod_problems), not by the model: a
+# run made before the rule (by an older operator) must still be followed to its end.
 RESOURCES_OF_THEIR_OWN = {
     "cpu": "resources.cpu",
     "memory": "resources.memory",
@@ -440,8 +442,6 @@ class PodTemplate(Api):
     @classmethod
     def _quantities(cls, v: dict[str, Quantity]) -> dict[str, Quantity]:
         for key, value in v.items():
-            if key in RESOURCES_OF_THEIR_OWN:
-                raise ValueError(f"extraResources.{key}: set {RESOURCES_OF_THEIR_OWN[key]} instead")
             _check_quantity(value, f"extraResources.{key}")
         return v
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from nanochat_trainer.config import FSDP_FROM_PARAMS, ModelConfig, TernaryConfig, TrainerConfig
 
-from .api import EvalRunSpec, TrainingRunSpec, parse_quantity
+from .api import RESOURCES_OF_THEIR_OWN, EvalRunSpec, PodTemplate, TrainingRunSpec, parse_quantity
 
 BYTES_PER_PARAM = 16
 # `nanochat eval` builds the model in fp32 on the host, then moves it whole to one device.
@@ -108,9 +108,18 @@ def training_memory_bytes(params: int) -> int:
     return params * BYTES_PER_PARAM
 
 
+def pod_problems(pod: PodTemplate) -> list[str]:
+    """spec.pod.extraResources naming a resource that has a field of its own."""
+    return [
+        f"pod.extraResources.{key}: set {field} instead"
+        for key, field in RESOURCES_OF_THEIR_OWN.items()
+        if key in pod.extra_resources
+    ]
+
+
 def feasibility(spec: TrainingRunSpec, gpu_memory_gib: float = 80.0) -> list[str]:
     """Reasons this run cannot run as asked; empty when it can."""
-    problems: list[str] = []
+    problems: list[str] = pod_problems(spec.pod)
     cfg = spec.trainer
     res = spec.resources
     gpus = res.nodes * res.gpus_per_node
@@ -260,7 +269,7 @@ def eval_fit(
     ternary weights vLLM does not reproduce); a compared model is not (score it through an endpoint)."""
     res = spec.resources
     gpu = gpu_memory_gib * GIB
-    problems: list[str] = []
+    problems: list[str] = pod_problems(spec.pod)
     fit = EvalFit()
     packed: set[str] = set()
     if run is not None:

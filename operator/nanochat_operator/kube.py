@@ -72,7 +72,8 @@ class KubeCluster:
         return json.loads(resp.data)
 
     def _stored(self, obj: dict[str, Any]) -> dict[str, Any] | None:
-        """The stored object of `obj`'s kind and name (None when it is gone again)."""
+        """The stored object of `obj`'s kind and name (None when it is gone again). Any other
+        error (RBAC, the API server) raises, retried: "cannot tell" is not "gone"."""
         meta = obj["metadata"]
         readers: dict[str, Callable[..., Any]] = {
             "ConfigMap": self.core.read_namespaced_config_map,
@@ -89,8 +90,10 @@ class KubeCluster:
                     self.custom.get_namespaced_custom_object, group, version, meta["namespace"], plural, meta["name"]
                 )
             return self._json(readers[obj["kind"]], meta["name"], meta["namespace"])
-        except ApiException:
-            return None
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise temporary(err) from err
 
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create `obj`; the object as the API server stored it."""

@@ -32,6 +32,7 @@ from nanochat_trainer.config import TrainerConfig, format_validation_error
 from nanochat_trainer.contract import (
     COMPLETION_INDEX_ANNOTATION,
     EVAL_KIND,
+    RUN_LABEL,
     SPEC_ANNOTATION,
     TRAINING_KIND,
     ConditionType,
@@ -149,11 +150,8 @@ def _create_all(
     """Create what is missing, owned by the run (so deleting it deletes them), except a PVC the
     run's storage.whenDeleted keeps: that one is only labelled with the run."""
 
-    def kept(obj: dict[str, Any]) -> bool:
-        return keep_pvc and obj["kind"] == "PersistentVolumeClaim"
-
-    adopt([o for o in objs if not kept(o)], owner)
-    uid = owner["metadata"].get("uid")
+    adopt([o for o in objs if not (keep_pvc and o["kind"] == "PersistentVolumeClaim")], owner)
+    meta = owner["metadata"]
     for obj in objs:
         try:
             cluster.create(obj)
@@ -162,12 +160,20 @@ def _create_all(
             # not yet garbage-collected: its ConfigMap would hand this run's pods the old config, its
             # PodGroup gang-schedule them by the old numbers, until removed under them: wait for it
             # to go. A kept PVC is meant to outlive its run: a run re-created under the name resumes
-            # from its checkpoints.
-            if uid and not kept(obj) and (err.existing is None or not owned_by(err.existing, uid)):
+            # from its checkpoints (whatever its own whenDeleted says).
+            found = err.existing
+            kept = obj["kind"] == "PersistentVolumeClaim" and found is not None and _kept_for(found, meta["name"])
+            if meta.get("uid") and not (kept or (found is not None and owned_by(found, meta["uid"]))):
                 raise NotOwned(
                     f"{obj['kind']} {obj['metadata']['name']} exists but does not belong to this run (an older "
                     "run's, still being deleted?); waiting"
                 ) from err
+
+
+def _kept_for(pvc: dict[str, Any], run: str) -> bool:
+    """A PVC that storage.whenDeleted: Retain kept for runs named `run`: labelled so, owned by none."""
+    meta = pvc.get("metadata") or {}
+    return not meta.get("ownerReferences") and (meta.get("labels") or {}).get(RUN_LABEL) == run
 
 
 def _check_owned(job: dict[str, Any] | None, uid: str | None, name: str) -> None:

@@ -48,6 +48,9 @@ def test_chart_installs_crds_and_the_operator_runs_with_its_rbac(
     assert can("create", "jobs.batch", "-n", "default") == "yes"
     assert can("patch", "trainingruns.nanochat.io/status", "-n", "default") == "yes"
     assert can("delete", "nodes") == "no"  # least privilege: nothing beyond what it needs
+    # What a create finds in place is read back (whose it is): every kind it creates is readable.
+    for kind in ("jobs.batch", "configmaps", "services", "persistentvolumeclaims", "networkpolicies.networking.k8s.io"):
+        assert can("get", kind, "-n", "default") == "yes", kind
 
 
 def test_bad_manifest_is_refused_by_the_api_server(

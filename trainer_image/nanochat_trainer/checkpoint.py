@@ -103,12 +103,16 @@ def clear_leftovers(target: Path, temporaries: str) -> None:
     """Before a publish of `target` by its only writer (the run's rank 0): remove what killed ones
     left, the temporaries (`temporaries`, a glob in target's folder) and replaced copies
     (`.old-*`). A publish killed between its two renames left no `target`: its replaced copy, a
-    complete model (and the one best.json still names), goes back first."""
-    olds = sorted(target.parent.glob(f"{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    complete model (and the one best.json still names), goes back first: the one set aside last
+    (a rename stamps its ctime)."""
+    olds = sorted(target.parent.glob(f"{target.name}.old-*"), key=lambda p: p.stat().st_ctime)
     if olds and not target.exists():
         olds.pop().rename(target)
     for stale in [*olds, *target.parent.glob(temporaries)]:
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, cfg: TrainerConfig, tokenizer) -> Path:
@@ -157,22 +161,34 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# Set-aside earlier runs kept in a run directory: every retry of a run that must not resume sets
+# its previous attempt aside, and a preempted run is retried without end; older ones are removed.
+EARLIER_KEPT = 2
+
+
 def set_aside_earlier_run(layout: RunLayout[Path], stamp: str) -> Path | None:
     """For a run that must not resume (checkpoint.resume: false) in a directory an earlier run
     trained in: move that run's checkpoints, best and final models and logs into
-    `<run>/earlier-<stamp>/`, kept, not deleted. Left in place, its checkpoints (higher steps)
-    would win every prune over the new run's, and be what a later resume picks; its best.json
-    would be the score to beat; its log would run on into the new one. The tokenizer and the
-    teacher's cache stay: inputs, not results. Returns where they went (None: nothing there)."""
+    `<run>/earlier-<stamp>/` (the newest EARLIER_KEPT such folders are kept). Left in place, its
+    checkpoints (higher steps) would win every prune over the new run's, and be what a later
+    resume picks; its best.json would be the score to beat; its log would run on into the new
+    one. The tokenizer and the teacher's cache stay: inputs, not results. Returns where they went
+    (None: nothing there)."""
     earlier = [layout.checkpoints, layout.best, layout.best_record, layout.final, layout.packed_ternary]
     earlier += [layout.log, layout.expert_load]
     present = [p for p in earlier if p.exists()]
     if not present:
         return None
     aside = layout.root / f"earlier-{stamp}"
+    n = 1
+    while aside.exists():  # two starts within the stamp's second
+        n += 1
+        aside = layout.root / f"earlier-{stamp}-{n}"
     aside.mkdir()
     for path in present:
         os.replace(path, aside / path.name)
+    for old in sorted(layout.root.glob("earlier-*"), key=lambda p: p.stat().st_ctime)[:-EARLIER_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(layout.root)
     return aside
 

@@ -294,7 +294,8 @@ class CheckpointConfig(Strict):
     resume: bool = Field(
         True,
         description="Resume from the newest checkpoint in dir when there is one. false: start over; an "
-        "earlier run's checkpoints, final and best models and logs in dir move to dir/earlier-<UTC time>/.",
+        "earlier run's checkpoints, final and best models and logs in dir move to dir/earlier-<UTC time>/ "
+        "(the newest two such folders are kept).",
     )
     async_save: bool | None = Field(
         None,

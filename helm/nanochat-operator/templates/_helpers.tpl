@@ -44,10 +44,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: ["trainingruns/status", "evalruns/status"]
   verbs: ["patch"]
 # The Jobs it makes: watched (by its label), created, and suspended/resumed (patch). Deletion is
-# the garbage collector's, through owner references.
+# the garbage collector's, through owner references. get, for every kind it creates: whose the
+# object a create finds in place is (an earlier attempt's, or a deleted run's not yet collected).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "get"]
 # Pods of those Jobs: watched by label to compute the status (no logs are read).
 - apiGroups: [""]
   resources: ["pods"]
@@ -55,7 +56,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 # Trainer config, headless Service, and the PVC for spec.storage.size.
 - apiGroups: [""]
   resources: ["configmaps", "services", "persistentvolumeclaims"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
 # The PodGroup of a run with spec.gang (scheduler-plugins' coscheduling, Volcano); get: whose one
 # already there is (a deleted run's of the same name, not yet collected).
 - apiGroups: ["scheduling.x-k8s.io", "scheduling.volcano.sh"]
@@ -64,7 +65,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 # The network policy of each eval pod (only what it scores is reachable).
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
 # Events on the runs (phase changes, refusals); listed for a Job's FailedCreate (why its pods
 # cannot be made: Pod Security, quota, a webhook).
 - apiGroups: [""]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ..errors import MachineError
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,15 @@ def setup_distributed(device_kind: str) -> Env:
 
 
 def _check_cuda() -> None:
-    """device: cuda on a machine where torch sees no GPU is the config's error, said up front:
-    torch's own (at set_device) is a traceback about drivers."""
+    """device: cuda on a machine where torch sees no GPU, said in one line: torch's own (at
+    set_device) is a traceback about drivers. A machine's fault, not the config's (the operator
+    refuses device cuda without GPUs): exit 1, retried."""
     if torch.cuda.is_available():
         return
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    raise ConfigError(
-        "device",
-        "cuda",
-        f"torch sees no GPU (torch {torch.__version__}, {build}: torch.cuda.is_available() is False); "
-        "use auto or cpu, or run where a GPU is visible",
+    raise MachineError(
+        f"device='cuda': torch sees no GPU (torch {torch.__version__}, {build}: torch.cuda.is_available() is "
+        "False); use auto or cpu, or run where a GPU is visible"
     )
 
 

@@ -134,8 +134,9 @@ class InTrainingEval:
         self.problems = benchmark_problems(cfg)
         self.sandbox = Sandbox(timeout=e.timeout_s, workers=e.workers)
         self.errors = 0
-        if env.is_main:  # best/ as a publish killed on the previous try left it, before it is read or scored
+        if env.is_main:  # best/ and best.json as writes killed on the previous try left them
             clear_leftovers(layout.best, f"{layout.best.name}.tmp-*")
+            clear_leftovers(layout.best_record, f"{layout.best_record.name}.tmp-*")
         self.best = read_best(layout.best_record)
 
     def due(self, step: int) -> bool:
