@@ -154,6 +154,9 @@ def test_eval_cli_errors(tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err
     assert run_eval_from_args(_args("--checkpoint", str(tmp_path), "--k", "5")) == 2
+    capsys.readouterr()
+    assert run_eval_from_args(_args("--checkpoint", str(tmp_path), "--samples", "10", "--k", "1,10")) == 2
+    assert "--samples 10 with --temperature 0: greedy completions are identical" in capsys.readouterr().err
     assert run_eval_from_args(_args("--checkpoint", str(tmp_path))) == 2  # exists but holds no model
     assert "no model weights there (model.safetensors, or a sharded checkpoint's .metadata)" in capsys.readouterr().err
 

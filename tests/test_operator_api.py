@@ -65,7 +65,10 @@ def test_operator_fields_are_camel_case_and_checked():
 
 
 def test_eval_spec_rules():
-    api.EvalRunSpec.model_validate({"model": {"trainingRun": "a"}, "samplesPerProblem": 10, "k": [1, 10]})
+    sampled = {"model": {"trainingRun": "a"}, "samplesPerProblem": 10, "temperature": 0.8, "k": [1, 10]}
+    api.EvalRunSpec.model_validate(sampled)
+    with pytest.raises(ValidationError, match="greedy completions are identical"):  # pass@10 would be pass@1
+        api.EvalRunSpec.model_validate({**sampled, "temperature": 0})
     for bad in [
         {"model": {}},
         {"model": {"trainingRun": "a", "endpoint": {"url": "http://x", "model": "m"}}},

@@ -358,7 +358,7 @@ def test_a_field_added_by_an_operator_upgrade_is_not_a_spec_change():
 
 def test_eval_waits_runs_and_records_scores():
     c = FakeCluster()
-    ev = er(samplesPerProblem=2, k=[1, 2])
+    ev = er(samplesPerProblem=2, temperature=0.8, k=[1, 2])
     s = step(c, ev, fn=reconcile_eval)
     assert s["phase"] == "Pending" and get_condition(s, "DependenciesReady")["reason"] == "SourceNotFound"
     c.runs["demo"] = tr(status={"phase": "Succeeded", "storageClaim": "runs"})

@@ -25,9 +25,11 @@ from pathlib import Path
 import pytest
 
 from nanochat_trainer.contract import SANDBOX_SOCKET_ENV
+from nanochat_trainer.errors import EXIT_MACHINE, run_guarded
+from nanochat_trainer.eval import sandbox as sandbox_module
 from nanochat_trainer.eval.humaneval import evaluate_completions, load_problems
 from nanochat_trainer.eval.passk import mean_pass_at_k, pass_at_k
-from nanochat_trainer.eval.sandbox import FAILED, PASSED, TIMED_OUT, CheckTask, Sandbox
+from nanochat_trainer.eval.sandbox import FAILED, PASSED, TIMED_OUT, CheckTask, Sandbox, SandboxUnavailable
 from nanochat_trainer.eval.sandbox_server import serve
 
 WRONG_ADD = "def add(a, b):\n    return 0\n"
@@ -326,6 +328,37 @@ def test_exit_tricks_fail(box: Sandbox) -> None:
     a, b = box.run_many(["import sys\nsys.exit(0)\nassert False", "import os\nos._exit(0)"])
     assert a.status == FAILED and a.error == "SystemExit"
     assert b.status == FAILED and b.error == "Crashed"
+
+
+def test_a_sandbox_that_cannot_run_programs_raises_instead_of_scoring_zero(monkeypatch) -> None:
+    """The sandbox container gone (restarted, never up) or a runner that cannot start: no verdict
+    on any program. Raised (a command's one line, exit 1, retried), never a pass@k of 0 that
+    would read as the model's; the samples queued behind are not each left to wait for it too."""
+    address = f"@nanochat-test-gone-{os.getpid()}"
+    ready, stop = threading.Event(), threading.Event()
+    server = threading.Thread(target=serve, args=(address,), kwargs={"ready": ready, "stop": stop}, daemon=True)
+    server.start()
+    assert ready.wait(30)
+    monkeypatch.setenv(SANDBOX_SOCKET_ENV, address)
+    box = Sandbox(timeout=3.0, workers=2)
+    assert box.isolation.level == "container"
+    stop.set()
+    server.join(5)  # the container is gone
+    monkeypatch.setattr(sandbox_module, "CONNECT_WAIT_S", 0.5)
+    started: list[int] = []
+    check = box.check
+    monkeypatch.setattr(box, "check", lambda task: started.append(1) or check(task))
+    problems = load_problems(10)
+    right = {p["task_id"]: [p["canonical_solution"]] for p in problems}
+    with pytest.raises(SandboxUnavailable, match="the sandbox container is not answering"):
+        evaluate_completions(problems, right, sandbox=box)
+    assert len(started) <= 2 * box.workers < len(problems), started  # the queued ones were cancelled
+    monkeypatch.delenv(SANDBOX_SOCKET_ENV)
+    here = Sandbox(timeout=3.0, workers=1, isolation="process")
+    monkeypatch.setattr(type(here.isolation), "command", lambda self, runner, margin: ["/nonexistent/python"])
+    with pytest.raises(SandboxUnavailable, match="the sandbox's runner does not start"):
+        here.run("x = 1")
+    assert run_guarded(lambda: here.run("x = 1")) == EXIT_MACHINE
 
 
 def test_weaker_isolation_is_said_and_the_verdict_still_holds() -> None:

@@ -100,10 +100,15 @@ def parse_compare(text: str) -> Source:
     return Source(name, checkpoint=source)
 
 
-def _ks(text: str, samples: int) -> list[int]:
+def _ks(text: str, samples: int, temperature: float) -> list[int]:
     ks = sorted({int(x) for x in text.split(",") if x.strip()})
     if not ks or ks[0] < 1 or ks[-1] > samples:
         raise ValueError(f"--k {text!r}: each k must be between 1 and --samples ({samples})")
+    if samples > 1 and temperature == 0:
+        raise ValueError(
+            f"--samples {samples} with --temperature 0: greedy completions are identical, so "
+            "pass@k for k > 1 would be pass@1; set --temperature (Codex's pass@k sampled at 0.2 to 0.8)"
+        )
     return ks
 
 
@@ -183,7 +188,7 @@ def comparison_table(rows: Sequence[dict], file=None) -> None:
 def run_eval_from_args(args: argparse.Namespace) -> int:
     """`nanochat eval`: 0 on success, 2 on a usage/input error, 1 when the endpoint fails."""
     try:
-        ks = _ks(args.k, args.samples)
+        ks = _ks(args.k, args.samples, args.temperature)
         if args.endpoint and not args.model:
             raise ValueError("--endpoint needs --model")
         if args.checkpoint and not Path(args.checkpoint).exists():

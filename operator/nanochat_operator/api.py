@@ -678,6 +678,14 @@ class CompareModel(EvalModel):
     )
 
 
+# Greedy decoding gives every sample of a problem the same completion: pass@k of identical samples
+# is pass@1 whatever k says.
+GREEDY_SAMPLES = (
+    "{n} with temperature 0: greedy completions are identical, so pass@k for k > 1 would be pass@1; "
+    "set temperature (Codex's pass@k sampled at 0.2 to 0.8)"
+)
+
+
 class EvalRunSpec(RunCommon):
     """An evaluation: one pod running `nanochat eval`, scores written to the status."""
 
@@ -714,6 +722,10 @@ class EvalRunSpec(RunCommon):
                     "self.k.all(x, x >= 1 && x <= self.samplesPerProblem)",
                     "each k must be between 1 and samplesPerProblem",
                 ),
+                cel(
+                    "self.samplesPerProblem == 1 || self.temperature > 0.0",
+                    GREEDY_SAMPLES.format(n="samplesPerProblem > 1"),
+                ),
             ]
         }
     )
@@ -723,6 +735,8 @@ class EvalRunSpec(RunCommon):
         bad = [x for x in self.k if x < 1 or x > self.samples_per_problem]
         if bad:
             raise ValueError(f"k={bad} must each be between 1 and samplesPerProblem={self.samples_per_problem}")
+        if self.samples_per_problem > 1 and self.temperature == 0:
+            raise ValueError(GREEDY_SAMPLES.format(n=f"samplesPerProblem={self.samples_per_problem}"))
         names = [c.name for c in self.compare]
         if len(set(names)) != len(names):
             raise ValueError(f"compare: names must be unique, got {names}")

@@ -66,6 +66,14 @@ def test_bad_manifest_is_refused_by_the_api_server(
     gpus = training_run("bad-gpus", namespace, pod={"extraResources": {"nvidia.com/gpu": "8", "rdma/ib": "1"}})
     out = control_plane.apply(gpus, check=False)
     assert out.returncode != 0 and "set nvidia.com/gpu as resources.gpusPerNode" in out.stderr, out.stderr
+    greedy = {
+        "apiVersion": "nanochat.io/v1alpha1",
+        "kind": "EvalRun",
+        "metadata": {"name": "greedy-k10", "namespace": namespace},
+        "spec": {"model": {"trainingRun": "x"}, "samplesPerProblem": 10, "k": [1, 10]},
+    }
+    out = control_plane.apply(greedy, check=False)
+    assert out.returncode != 0 and "greedy completions are identical" in out.stderr, out.stderr
     assert control_plane.kubectl("get", "trainingruns", "-n", namespace, "-o", "name").stdout.strip() == ""
 
 

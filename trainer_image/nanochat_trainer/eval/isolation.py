@@ -25,7 +25,7 @@ Levels, strongest first:
 - `network-namespace`: a plain process in its own session, `unshare -n` for the network
   (root or CAP_SYS_ADMIN); it can read what the evaluator's user can read and signal its
   processes.
-- `process`: a plain process in its own session, Python-level socket guards only.
+- `process`: a plain process in its own session with rlimits; the network is the host's, unguarded.
 
 Resource limits (rlimits: memory, CPU seconds, file size, open files, processes) apply at
 every level (sandbox_runner.py). Below `namespaces` the choice is logged as a warning and
@@ -102,8 +102,8 @@ class Isolation:
             "namespaces": "bubblewrap: user, PID, mount, network, IPC namespaces; read-only system, private /tmp",
             "network-namespace": "NO user/PID/mount namespaces (host forbids them): a separate process with "
             "rlimits and its own network namespace",
-            "process": "NO namespaces (host forbids them): a separate process with rlimits, Python-level "
-            "network guards",
+            "process": "NO namespaces (host forbids them): a separate process with rlimits, on the host's "
+            "network (no guard)",
         }[self.level]
 
     @property

@@ -53,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import MachineError
 from .isolation import CONNECT_WAIT_S, PROCESS_MARGIN, RUNNER, Isolation, Level, connect, detect
 from .sandbox_runner import Uncrossable, decode, encode
 
@@ -98,6 +99,12 @@ class CandidateRaised(Exception):
         self.name = name
 
 
+class SandboxUnavailable(MachineError):
+    """The sandbox cannot run programs at all (its container not answering, its runner not
+    starting): no verdict on any program. Raised, never scored: a pass@k of 0 from a broken
+    sandbox would read as the model's. One line and exit 1 from a command (retried)."""
+
+
 class _Timeout(Exception):
     pass
 
@@ -124,7 +131,9 @@ class Untrusted:
             try:
                 self.sock = connect(isolation.socket, CONNECT_WAIT_S)
             except OSError as exc:
-                raise _Crashed(f"the sandbox container is not answering at {isolation.socket}: {exc}") from None
+                raise SandboxUnavailable(
+                    f"the sandbox container is not answering at {isolation.socket} ({exc}): no program can be judged"
+                ) from None
             self._read_fd = self._write_fd = self.sock.fileno()
             self.deadline = time.monotonic() + timeout
             try:
@@ -133,14 +142,18 @@ class Untrusted:
                 self.sock.close()
                 raise
         else:
-            self.proc = subprocess.Popen(
-                isolation.command(RUNNER, margin),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                bufsize=0,
-            )
+            try:
+                self.proc = subprocess.Popen(
+                    isolation.command(RUNNER, margin),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    bufsize=0,
+                )
+            except OSError as exc:
+                why = f"the sandbox's runner does not start ({exc}): no program can be judged"
+                raise SandboxUnavailable(why) from None
             assert self.proc.stdin is not None and self.proc.stdout is not None
             self._read_fd, self._write_fd = self.proc.stdout.fileno(), self.proc.stdin.fileno()
             self.deadline = time.monotonic() + timeout
@@ -278,6 +291,8 @@ class Sandbox:
             for name in task.proxied:
                 namespace[name] = _proxy(untrusted, name)
             exec(compile(task.test, "<test>", "exec"), namespace)
+        except SandboxUnavailable:
+            raise
         except _Timeout:
             return _result(TIMED_OUT, "Timeout", f"no answer within {self.timeout:g} s", start)
         except _Crashed as exc:
@@ -298,7 +313,13 @@ class Sandbox:
         if not tasks:
             return []
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            return list(pool.map(self.check, tasks))
+            futures = [pool.submit(self.check, t) for t in tasks]
+            try:
+                return [f.result() for f in futures]
+            except SandboxUnavailable:
+                for f in futures:  # the rest would wait for it too, each in turn
+                    f.cancel()
+                raise
 
     def run(self, program: str) -> SandboxResult:
         """Whether `program` runs through without an exception, in its own word (no test)."""
