@@ -13,7 +13,8 @@ import torch
 
 from nanochat_cli.eval import add_eval_args, run_eval_from_args
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.eval.generate import generate, generate_tokens, prompt_logprobs
+from nanochat_trainer.eval.generate import _truncate_at_stop, generate, generate_tokens, prompt_logprobs
+from nanochat_trainer.eval.humaneval import STOP_SEQUENCES
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +183,10 @@ def test_generate_heals_the_prompts_last_token(loaded) -> None:
     # Unconstrained, this random model's first token is not a newline: the test can tell.
     (free,) = generate_tokens(model, tok, [ids[:-1]], max_new_tokens=1)
     assert not tok.decode(free[0].token_ids[:1]).startswith("\n")
+    # The "\n" given back is the prompt's, not the completion's: a stop string is looked for after it
+    # (a column-0 "# comment" first line is no "\n#"), so a stop of "\n" does not end it at once.
+    (stopped,) = generate_tokens(model, tok, [ids[:-1]], max_new_tokens=8, starts=["\n"], stop=["\n"])
+    assert stopped[0].text.startswith("\n") and stopped[0].finish_reason == "length", stopped[0]
+    comment_first = "\n# dedupe\n    return x\n"
+    assert _truncate_at_stop(comment_first, STOP_SEQUENCES, "\n") == (comment_first, False)
+    assert _truncate_at_stop(comment_first, STOP_SEQUENCES) == ("", True)

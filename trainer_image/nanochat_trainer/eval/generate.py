@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+STOP_WINDOW = 64  # tokens decoded per step to look for a stop string (longer than any stop string)
+
 
 @dataclass
 class Sample:
@@ -37,8 +39,12 @@ class Sample:
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
-def _truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+def _truncate_at_stop(text: str, stop: Sequence[str], healed: str = "") -> tuple[str, bool]:
+    """`text` up to the first stop string. `healed`: the prompt's own text that `text` begins with
+    (token healing gives it back): a stop string starting there is not the completion's (a
+    completion opening with a column-0 "#" after the prompt's "\n" is no "\n#")."""
+    skip = len(healed) if healed and text.startswith(healed) else 0
+    cut = min((i for i in (text.find(s, skip) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
@@ -169,7 +175,8 @@ def _generate_batch(
             lps[s].append(chosen[j])
             if top_logprobs:
                 tops[s].append(dict(zip(ti[j], tv[j])))
-            if stop and _truncate_at_stop(tokenizer.decode(toks[s][-64:]), stop)[1]:
+            healed = starts[s // n] if starts is not None and len(toks[s]) <= STOP_WINDOW else ""
+            if stop and _truncate_at_stop(tokenizer.decode(toks[s][-STOP_WINDOW:]), stop, healed)[1]:
                 finish[s] = "stop"
                 continue
             alive.append(j)
@@ -181,12 +188,13 @@ def _generate_batch(
             cache.reorder(index)
             nxt = nxt[index]
         logits = model(nxt[:, None], cache=cache)[:, -1, :vocab].float()
-    samples = [_finish(tokenizer, toks[s], lps[s], tops[s], finish[s], stop) for s in range(b * n)]
+    healed = [starts[s // n] if starts is not None else "" for s in range(b * n)]
+    samples = [_finish(tokenizer, toks[s], lps[s], tops[s], finish[s], stop, healed[s]) for s in range(b * n)]
     return [samples[i * n : (i + 1) * n] for i in range(b)]
 
 
-def _finish(tokenizer, toks, lps, tops, reason, stop) -> Sample:
-    text, hit = _truncate_at_stop(tokenizer.decode(toks), stop)
+def _finish(tokenizer, toks, lps, tops, reason, stop, healed: str = "") -> Sample:
+    text, hit = _truncate_at_stop(tokenizer.decode(toks), stop, healed)
     if hit:  # keep the tokens whose text lies before the stop string
         kept = 0
         while kept < len(toks) and len(tokenizer.decode(toks[: kept + 1])) <= len(text):
