@@ -12,8 +12,9 @@ because nothing else is mounted there. Its whole protocol is JSON lines on stdin
 
 Nothing here decides whether a program passed: the trusted checker (`sandbox.py`) runs the
 tests and calls these functions across the process boundary, and what comes back is plain data
-(`encode` / `decode`: exact built-in types only), so no object the program makes, however it
-overrides `__eq__`, reaches the checker. A program may write to this process's stdout itself:
+(`encode` / `decode`: exact built-in types only; `as_plain` first turns a result's subclasses of
+them, a Counter, a namedtuple, into them), so no object the program makes, however it overrides
+`__eq__`, reaches the checker. A program may write to this process's stdout itself:
 it can only make its own answers wrong.
 
 `encode` and `decode` are also what the checker uses; they are the one definition of the
@@ -27,6 +28,7 @@ import builtins
 import faulthandler
 import json
 import math
+import numbers
 import os
 import resource
 import sys
@@ -59,6 +61,34 @@ def encode(value: Any, depth: int = 0) -> Any:
     if kind is bytes:
         return {"bytes": base64.b64encode(value).decode("ascii")}
     raise Uncrossable(f"a {kind.__module__}.{kind.__qualname__}")
+
+
+_EXACT = (type(None), bool, int, float, str, bytes)
+
+
+def as_plain(value: Any, depth: int = 0) -> Any:
+    """A program's result as the built-in values it stands for: a Counter or OrderedDict a dict, a
+    namedtuple a tuple, an IntEnum an int, a Fraction its float value, as OpenAI's harness,
+    which compares them with ==, accepts them. Done here, in the untrusted process, before
+    `encode`: whatever the program's methods do, only plain data crosses to the checker."""
+    if depth > MAX_DEPTH:
+        raise Uncrossable(f"a value nested deeper than {MAX_DEPTH} levels")
+    if type(value) in _EXACT:
+        return value
+    if isinstance(value, dict):
+        return {as_plain(k, depth + 1): as_plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_plain(x, depth + 1) for x in value]
+    if isinstance(value, tuple):
+        return tuple(as_plain(x, depth + 1) for x in value)
+    if isinstance(value, (set, frozenset)):
+        return (frozenset if isinstance(value, frozenset) else set)(as_plain(x, depth + 1) for x in value)
+    for base in (int, float, str, bytes):  # bool cannot be subclassed
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, numbers.Real):  # a Fraction (an exact 1/3 becomes the float 1/3: a hair more lenient)
+        return float(value)
+    return value  # encode refuses it, naming it
 
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
@@ -171,7 +201,7 @@ def _answer(namespace: dict[str, Any], request: dict[str, Any]) -> dict[str, Any
     except BaseException as exc:  # the candidate's exception is its answer, whatever it is
         return {"raised": type(exc).__name__, "detail": str(exc)[:300]}
     try:
-        return {"value": encode(result)}
+        return {"value": encode(as_plain(result))}
     except Uncrossable as exc:
         return {"uncrossable": str(exc)}
 
