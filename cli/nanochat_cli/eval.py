@@ -46,7 +46,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= samples)")
     parser.add_argument("--max-problems", type=int, default=None, help="only the first N problems")
-    parser.add_argument("--max-new-tokens", type=int, default=384)
+    # HumanEval's canonical solutions take up to 513 GPT-2 tokens (3 over 384, 1 over 512).
+    parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16, help="rows per generation batch (checkpoint)")
     parser.add_argument("--workers", type=int, default=4, help="sandbox processes in parallel")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per completion in the sandbox")

@@ -697,7 +697,13 @@ class EvalRunSpec(RunCommon):
         [1], min_length=1, max_length=16, description="k values of pass@k; each at most samplesPerProblem."
     )
     max_problems: int | None = Field(None, ge=1, le=164, description="Only the first N problems (quick runs).")
-    max_new_tokens: int = Field(384, ge=1, le=8192, description="Completion length.")
+    max_new_tokens: int = Field(
+        512,
+        ge=1,
+        le=8192,
+        description="Completion length. HumanEval's canonical solutions take up to 513 GPT-2 tokens (3 over 384, "
+        "1 over 512): a shorter limit caps the score.",
+    )
     resources: EvalResources = Field(default_factory=EvalResources, description="GPUs, CPU, memory, placement.")
     backoff_limit: int = Field(1, ge=0, le=100, description="Pod failures retried before the eval fails.")
     runtime_class_name: str | None = Field(
