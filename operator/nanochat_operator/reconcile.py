@@ -148,8 +148,8 @@ def _create_all(
     cluster: Cluster, objs: list[dict[str, Any]], owner: dict[str, Any], adopt: Adopt, keep_pvc: bool = False
 ) -> None:
     """Create what is missing, owned by the run (so deleting it deletes them), except a PVC the
-    run's storage.whenDeleted keeps: that one is only labelled with the run."""
-
+    run's storage.whenDeleted keeps: that one is only labelled with the run. What a create finds in
+    place must be the run's own, or a PVC kept for runs of its name; anything else is waited for."""
     adopt([o for o in objs if not (keep_pvc and o["kind"] == "PersistentVolumeClaim")], owner)
     meta = owner["metadata"]
     for obj in objs:
