@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from nanochat_trainer.checkpoint import load_model, write_text_atomic
+from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.data.synthetic import document
 from nanochat_trainer.eval.humaneval import load_problems
 from nanochat_trainer.eval.sandbox import Sandbox
+from nanochat_trainer.files import write_atomic
 from nanochat_trainer.train import evaluation, train
 
 from micro import micro_cfg, read_log, torchrun
@@ -113,14 +114,14 @@ def test_a_best_json_cut_short_is_no_best_and_the_run_resumes(tmp_path: Path, mo
 def test_best_json_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
     """A write that dies before the rename (here: at the fsync) leaves the previous best.json."""
     path = tmp_path / "best.json"
-    write_text_atomic(path, '{"step": 3, "pass_at_1": 0.5}\n')
+    write_atomic(path, b'{"step": 3, "pass_at_1": 0.5}\n')
 
     def dies(fd: int) -> None:
         raise OSError("killed")
 
     monkeypatch.setattr(os, "fsync", dies)
     with pytest.raises(OSError, match="killed"):
-        write_text_atomic(path, '{"step": 6, "pass_at_1": 0.75}\n')
+        write_atomic(path, b'{"step": 6, "pass_at_1": 0.75}\n')
     assert evaluation.read_best(path) == {"step": 3, "pass_at_1": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
 

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from .config import TrainerConfig
 from .contract import MODEL_CONFIG, MODEL_WEIGHTS, SHARDED_INDEX, TRAIN_STATE, RunLayout
+from .files import fsync_dir
 from .models.gpt import GPT
 from .models.moe import held_expert_rows
 from .models.ternary import apply_ternary
@@ -41,34 +42,11 @@ from .models.ternary_pack import load_packed_model, module_weights, read_packed_
 from .tokenizer import Tokenizer, load_tokenizer
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace the small file `path` with `text` in one step: a crash mid-write leaves the old file
-    (or none) and a `.tmp-*` sibling, never a truncated file that a restart cannot parse."""
-    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path)
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
@@ -81,7 +59,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _write_weights(out: Path, model_sd: dict[str, torch.Tensor], cfg: TrainerConfig, tokenizer) -> None:
@@ -189,7 +167,7 @@ def set_aside_earlier_run(layout: RunLayout[Path], stamp: str) -> Path | None:
         os.replace(path, aside / path.name)
     for old in sorted(layout.root.glob("earlier-*"), key=lambda p: p.stat().st_ctime)[:-EARLIER_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(layout.root)
+    fsync_dir(layout.root)
     return aside
 
 

@@ -66,6 +66,7 @@ from .config import TrainerConfig, load_trainer_config
 from .contract import TOKENIZER_FILE
 from .data.sources import iter_documents
 from .errors import ConfigError
+from .files import write_atomic
 
 EOT = "<|endoftext|>"
 # Other spellings of end-of-text, for tokenizer.json files made elsewhere.
@@ -150,9 +151,9 @@ class Tokenizer:
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
         folder = Path(out_dir)
-        _write_atomic(folder / TOKENIZER_FILE, backend.to_str().encode())
-        _write_atomic(folder / HF_CONFIG_FILE, json.dumps(config, indent=2).encode())
-        _write_atomic(folder / HF_SPECIAL_TOKENS_FILE, json.dumps(special, indent=2).encode())
+        write_atomic(folder / TOKENIZER_FILE, backend.to_str().encode())
+        write_atomic(folder / HF_CONFIG_FILE, json.dumps(config, indent=2).encode())
+        write_atomic(folder / HF_SPECIAL_TOKENS_FILE, json.dumps(special, indent=2).encode())
         return folder
 
 
@@ -162,16 +163,6 @@ def _target(directory: PathLike) -> Path:
         path = path / TOKENIZER_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Several ranks may save the same tokenizer: never let one read a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from the other users of a shared cache
-    os.replace(tmp, path)
 
 
 class HFTokenizer(Tokenizer):
@@ -201,7 +192,7 @@ class HFTokenizer(Tokenizer):
 
     def save(self, directory: PathLike) -> Path:
         path = _target(directory)
-        _write_atomic(path, self._tok.to_str().encode())
+        write_atomic(path, self._tok.to_str().encode())
         return path
 
     def hf_backend(self) -> HFTok:
@@ -232,7 +223,7 @@ class TiktokenTokenizer(Tokenizer):
     def save(self, directory: PathLike) -> Path:
         path = _target(directory)
         ranks_file = path.with_suffix(".tiktoken")
-        _write_atomic(ranks_file, dump_tiktoken(self._ranks))
+        write_atomic(ranks_file, dump_tiktoken(self._ranks))
         meta = {
             _MARKER: "tiktoken",
             "name": self._name,
@@ -240,7 +231,7 @@ class TiktokenTokenizer(Tokenizer):
             "ranks_file": ranks_file.name,
             "eot_id": self.eot_id,
         }
-        _write_atomic(path, json.dumps(meta, indent=1).encode())
+        write_atomic(path, json.dumps(meta, indent=1).encode())
         return path
 
     def hf_backend(self) -> HFTok:
@@ -384,7 +375,7 @@ def gpt2_tokenizer(download_to: Path | None = None) -> Tokenizer:
         ) from e
     if not _is_r50k(data):
         raise ConfigError("tokenizer.path", None, f"{url} sent a file that is not GPT-2's BPE (sha256 mismatch)")
-    _write_atomic(download_to / R50K_FILE, data)
+    write_atomic(download_to / R50K_FILE, data)
     return TiktokenTokenizer(parse_tiktoken(data, url), "gpt2")
 
 
@@ -404,7 +395,7 @@ def install_gpt2_from_sdist(sdist: PathLike) -> Path:
     if not _is_r50k(data):
         raise ConfigError("--from-sdist", str(sdist), f"its {WHISPER_GPT2_MEMBER} is not GPT-2's BPE (sha256 mismatch)")
     target = tiktoken_cache_dir() / R50K_FILE
-    _write_atomic(target, data)
+    write_atomic(target, data)
     return target
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import clear_leftovers, save_weights, write_text_atomic
+from ..checkpoint import clear_leftovers, save_weights
 from ..config import TrainerConfig
 from ..contract import RunLayout
 from ..data.synthetic import document
@@ -50,6 +50,7 @@ from ..distill import sequence
 from ..eval.generate import generate
 from ..eval.humaneval import STOP_SEQUENCES, check_task, load_problems
 from ..eval.sandbox import PASSED, CheckTask, Sandbox
+from ..files import write_atomic
 from ..models.gpt import GPT
 from ..parallel.distributed import Env, barrier, sum_over_ranks
 from ..parallel.expert_parallel import ExpertParallel
@@ -205,4 +206,4 @@ class InTrainingEval:
         if self.env.is_main:
             assert whole is not None
             save_weights(self.layout.best, whole, self.cfg, self.tokenizer)
-            write_text_atomic(self.layout.best_record, json.dumps(self.best) + "\n")
+            write_atomic(self.layout.best_record, (json.dumps(self.best) + "\n").encode())
