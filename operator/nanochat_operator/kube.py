@@ -61,6 +61,20 @@ class KubeCluster:
         self.batch = client.BatchV1Api(api_client)
         self.networking = client.NetworkingV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        # The built-in kinds it creates: (create, read) each; a found one is read back (`_stored`).
+        self._kinds: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+            "ConfigMap": (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map),
+            "Service": (self.core.create_namespaced_service, self.core.read_namespaced_service),
+            "PersistentVolumeClaim": (
+                self.core.create_namespaced_persistent_volume_claim,
+                self.core.read_namespaced_persistent_volume_claim,
+            ),
+            "Job": (self.batch.create_namespaced_job, self.batch.read_namespaced_job),
+            "NetworkPolicy": (
+                self.networking.create_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy,
+            ),
+        }
         self.instance = socket.gethostname()  # the operator pod: events say which replica wrote them
         # One pooled HTTP client for trainer scrapes; short timeouts so a dead pod cannot
         # hold a worker thread.
@@ -75,13 +89,6 @@ class KubeCluster:
         """The stored object of `obj`'s kind and name (None when it is gone again). Any other
         error (RBAC, the API server) raises, retried: "cannot tell" is not "gone"."""
         meta = obj["metadata"]
-        readers: dict[str, Callable[..., Any]] = {
-            "ConfigMap": self.core.read_namespaced_config_map,
-            "Service": self.core.read_namespaced_service,
-            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
-            "Job": self.batch.read_namespaced_job,
-            "NetworkPolicy": self.networking.read_namespaced_network_policy,
-        }
         try:
             if obj["kind"] in CUSTOM_PLURALS:
                 group, version = obj["apiVersion"].split("/")
@@ -89,7 +96,7 @@ class KubeCluster:
                 return self._json(
                     self.custom.get_namespaced_custom_object, group, version, meta["namespace"], plural, meta["name"]
                 )
-            return self._json(readers[obj["kind"]], meta["name"], meta["namespace"])
+            return self._json(self._kinds[obj["kind"]][1], meta["name"], meta["namespace"])
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -98,20 +105,13 @@ class KubeCluster:
     def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Create `obj`; the object as the API server stored it."""
         ns = obj["metadata"]["namespace"]
-        creators: dict[str, Callable[..., Any]] = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "Service": self.core.create_namespaced_service,
-            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
-            "Job": self.batch.create_namespaced_job,
-            "NetworkPolicy": self.networking.create_namespaced_network_policy,
-        }
         try:
             if obj["kind"] in CUSTOM_PLURALS:  # a gang scheduler's PodGroup
                 group, version = obj["apiVersion"].split("/")
                 return self._json(
                     self.custom.create_namespaced_custom_object, group, version, ns, CUSTOM_PLURALS[obj["kind"]], obj
                 )
-            return self._json(creators[obj["kind"]], ns, obj)
+            return self._json(self._kinds[obj["kind"]][0], ns, obj)
         except ApiException as err:
             if err.status == 409:  # an earlier attempt's, or a deleted run's not yet collected: whose is it?
                 raise AlreadyExists(obj["metadata"]["name"], existing=self._stored(obj)) from err
