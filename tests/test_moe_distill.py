@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_moe_student_distills_from_a_served_teacher(kind, narrow_teacher, tmp_path) -> None:
     url, tdir, seen = narrow_teacher
     steps = 4
-    base = distill_cfg(tmp_path / kind, url, tdir, steps)
+    # alpha 1, pure distillation: the step's loss is the KL plus the balancing losses, which must
+    # keep their own weights (mixed in, they would vanish at this alpha and the router go unbalanced).
+    base = distill_cfg(tmp_path / kind, url, tdir, steps, alpha=1.0)
     # The shared helper builds a MICRO dense student: swap in the MoE / hybrid model, same vocabulary.
     cfg = TrainerConfig.model_validate(
         {**base.model_dump(mode="json"), "preset": PRESET[kind], "model": model_over(kind)}
@@ -45,6 +47,7 @@ def test_moe_student_distills_from_a_served_teacher(kind, narrow_teacher, tmp_pa
     for s in log:
         assert math.isfinite(log[s]["loss"]), log[s]
         assert log[s]["kd_loss"] is not None and math.isfinite(log[s]["kd_loss"]) and log[s]["kd_loss"] >= 0, log[s]
+        assert log[s]["loss"] - log[s]["kd_loss"] > 1e-4, log[s]  # the MoE auxiliary losses, unscaled
     assert rec["teacher"]["requests"] == steps * MICRO["batch_size"] and rec["teacher"]["errors"] == 0
     assert rec["teacher_skipped"] == 0
     assert seen["n"] - before > 0  # the served teacher itself saw the requests

@@ -2,8 +2,9 @@
 
 lm_loss: next-token cross-entropy in float32, ignoring targets of -1.
 
-model_loss: lm_loss plus the model's auxiliary losses of the same forward (MoE load balancing and
-router z-loss): what every training step minimises, alone or mixed with a distillation loss.
+model_loss: what every training step minimises: lm_loss, mixed with a distillation loss when there
+is one, plus the model's auxiliary losses of the same forward (MoE load balancing and router
+z-loss) outside the mix, so their configured weights hold at any distillation alpha.
 
 full_kl_loss: KL(teacher || student) over the whole vocabulary, for a teacher whose logits are at
 hand (the ternary stage's frozen full-precision parent): no top-k truncation, no rest bucket.
@@ -40,9 +41,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
-def model_loss(model: GPT, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """lm_loss plus the auxiliary losses `model` kept from the forward that made `logits`."""
-    return lm_loss(logits, targets) + model.aux_loss()
+def model_loss(
+    model: GPT, logits: torch.Tensor, targets: torch.Tensor, kd: torch.Tensor | None = None, alpha: float = 0.0
+) -> torch.Tensor:
+    """lm_loss, mixed with the distillation loss `kd` by `alpha` when given (mixed_loss), plus the
+    auxiliary losses `model` kept from the forward that made `logits`. Those stay out of the mix:
+    scaled by 1 - alpha, pure distillation (alpha 1) would leave an MoE router unbalanced."""
+    loss = lm_loss(logits, targets)
+    if kd is not None:
+        loss = mixed_loss(loss, kd, alpha)
+    return loss + model.aux_loss()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..models.ternary import ramp_value, set_ramp
 from ..parallel.distributed import Env, gather_objects, sum_over_ranks
 from ..parallel.expert_parallel import ExpertParallel, clip_grad_norm_, reduce_expert_grads
 from ..parallel.state import load_full_state, load_sharded, save_sharded
-from .losses import full_kl_loss, lm_loss, mixed_loss, model_loss, topk_kl_loss
+from .losses import full_kl_loss, lm_loss, model_loss, topk_kl_loss
 from .metrics import model_flops_per_token, peak_flops
 from .optim import lr_multiplier, set_lr
 
@@ -163,8 +163,8 @@ class Trainer:
         return figures
 
     def _loss(self, batch: Batch, kd: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's loss: model_loss, mixed with the full-vocabulary KL to the frozen parent
-        (ternary.distill_from_parent) or the top-k KL to the teacher's targets (logprob methods).
+        """The micro-batch's loss: model_loss, its cross-entropy mixed with the full-vocabulary KL to the
+        frozen parent (ternary.distill_from_parent) or the top-k KL to the teacher's targets (logprob methods).
         Adds each KL and a count of 1 to `kd`."""
         if self.parent is not None:
             with torch.no_grad():
@@ -173,16 +173,15 @@ class Trainer:
             ternary = self.cfg.ternary
             kl = full_kl_loss(logits, parent_logits, batch.y != -1, ternary.parent_temperature)
             kd += torch.stack([kl.detach().float(), kl.new_ones((), dtype=torch.float32)])
-            return mixed_loss(model_loss(self.model, logits, batch.y), kl, ternary.parent_alpha)
+            return model_loss(self.model, logits, batch.y, kl, ternary.parent_alpha)
         logits = self.wrapped(batch.x)
-        ce = model_loss(self.model, logits, batch.y)
         t = batch.teacher
         if t is None:
-            return ce
+            return model_loss(self.model, logits, batch.y)
         distill = self.cfg.distill
         kl = topk_kl_loss(logits, t.ids, t.logprobs, t.mask, distill.temperature)
         kd += torch.stack([kl.detach().float(), kl.new_ones((), dtype=torch.float32)])
-        return mixed_loss(ce, kl, distill.alpha)
+        return model_loss(self.model, logits, batch.y, kl, distill.alpha)
 
     @torch.no_grad()
     def eval_loss(self, rows: torch.Tensor) -> float:
