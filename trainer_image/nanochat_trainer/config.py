@@ -436,7 +436,13 @@ class TernaryConfig(Strict):
         default_factory=lambda: ["*embed*", "*lm_head*", "*norm*", "*router*", "*conv1d*"],
         description="Glob patterns never made ternary (wins over include).",
     )
-    ramp_steps: int = Field(0, ge=0, description="Mix full-precision into ternary weights over the first N steps.")
+    ramp_steps: int = Field(
+        0,
+        ge=0,
+        description="Mix full-precision into ternary weights over the first N steps. Checkpoints load and serve "
+        "fully ternary, and validation and in-training HumanEval score them so, mid-ramp too: a ramp longer "
+        "than the run ends it short of the model it is scored as.",
+    )
     activation_bits: int = Field(8, ge=2, le=16, description="Per-token absmax activation quantization bits.")
     distill_from_parent: bool = Field(
         False,

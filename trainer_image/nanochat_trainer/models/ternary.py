@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -336,6 +337,24 @@ def set_ramp(model: nn.Module, value: float) -> int:
             m.set_ramp(value)
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def fully_ternary(model: nn.Module) -> Iterator[None]:
+    """`model` at lambda 1 inside the block, whatever step the ramp is at: the weights as its
+    checkpoints load (`checkpoint.load_model`) and as the packed export serves them. Scores taken
+    mid-ramp at the ramp's lambda would describe a model no one gets: a nearly full-precision one
+    would win best/ and then serve fully ternary. The ramp is put back after."""
+    layers = [m for m in model.modules() if isinstance(m, TernaryLayer)]
+    before = [m.ramp.clone() for m in layers]  # on the device: no read back to the host
+    for m in layers:
+        m.set_ramp(1.0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, ramp in zip(layers, before):
+                m.ramp.copy_(ramp)
 
 
 def ramp_value(step: int, ramp_steps: int) -> float:

@@ -55,6 +55,7 @@ from ..datagen.run import Generator
 from ..errors import ConfigError
 from ..export import export_ternary
 from ..models.gpt import GPT
+from ..models.ternary import fully_ternary
 from ..parallel.apply import uses_fsdp, wrap_model
 from ..parallel.distributed import Env, barrier, from_main, setup_distributed
 from ..parallel.expert_parallel import ExpertParallel
@@ -133,10 +134,13 @@ def train(cfg: TrainerConfig, progress: Progress | None = None) -> dict[str, Any
             record = trainer.step()
             checkpoints.poll()
             done = record["step"]
-            if heldout is not None and (done % cfg.validation.every == 0 or done == cfg.steps):
-                record["val_loss"] = trainer.eval_loss(heldout)  # collective
-            if evals is not None and evals.due(done):
-                record.update(evals.run(model, ep, done))  # collective
+            validate = heldout is not None and (done % cfg.validation.every == 0 or done == cfg.steps)
+            if validate or (evals is not None and evals.due(done)):
+                with fully_ternary(model):  # a ternary run is scored as it is saved and served, also mid-ramp
+                    if validate:
+                        record["val_loss"] = trainer.eval_loss(heldout)  # collective
+                    if evals is not None and evals.due(done):
+                        record.update(evals.run(model, ep, done))  # collective
             skipped_before = _publish(record, metrics, skipped_before)
             evaluated = "val_loss" in record or "evaluation" in record
             logged = done % cfg.metrics.log_every == 0 or done in (cfg.steps, start + 1) or evaluated
