@@ -50,6 +50,19 @@ def test_batched_greedy_matches_uncached(loaded) -> None:
     ]
 
 
+def test_a_prompt_that_fits_is_read_whole_whatever_the_budget(loaded) -> None:
+    """A budget as long as the context leaves the new tokens the room the prompt does not take; it
+    never cuts a prompt that fits (it had cut this one to its last token)."""
+    model, tok = loaded
+    ids = tok.encode("def very_long_function_name(values):\n    total = 0\n    for v in values:\n")
+    ctx = model.cfg.max_seq_len
+    [[sample]] = generate_tokens(model, tok, [ids], max_new_tokens=ctx)
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)
+    assert sample.logprobs[0] == pytest.approx(first[sample.token_ids[0]].item(), abs=1e-4)
+    assert len(sample.token_ids) <= ctx - len(ids)
+
+
 def test_sampling_seeded_and_top_p(loaded) -> None:
     model, tok = loaded
     kw = dict(n=4, max_new_tokens=10, temperature=1.0)

@@ -64,8 +64,8 @@ def generate_tokens(
     starts: Sequence[str] | None = None,
 ) -> list[list[Sample]]:
     """For each prompt (token ids), `n` samples. Greedy when temperature == 0 (then the n samples
-    are identical). Stops at eot, at a stop string (cut off, not included) or after
-    max_new_tokens; prompts longer than the context keep their last tokens. `starts`: per
+    are identical). Stops at eot, at a stop string (cut off, not included), after max_new_tokens
+    or at the end of the context; prompts longer than the context keep their last tokens. `starts`: per
     prompt, text the first new token must begin with ("" for none)."""
     if not prompts:
         return []
@@ -122,8 +122,9 @@ def _generate_batch(
     model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, stop, gen, top_logprobs, device, starts
 ) -> list[list[Sample]]:
     max_ctx = model.cfg.max_seq_len
-    keep = max(1, max_ctx - max_new_tokens)
-    prompts = [list(p)[-keep:] if p else [tokenizer.eot_id] for p in prompts]
+    # The prompt before the budget: one that fits is read whole and the new tokens get the room left
+    # (cut to make room for max_new_tokens, a 512-token budget left a 256-token model 1 prompt token).
+    prompts = [list(p)[-(max_ctx - 1) :] if p else [tokenizer.eot_id] for p in prompts]
     longest = max(len(p) for p in prompts)
     b = len(prompts)
     ids = torch.zeros(b, longest, dtype=torch.long, device=device)
