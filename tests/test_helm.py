@@ -71,8 +71,10 @@ def run(helm: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-def template(helm: str, values: dict | None, tmp_path: Path) -> str:
-    args = ["template", "nanochat", str(CHART), "--namespace", "nanochat"]
+def template(
+    helm: str, values: dict | None, tmp_path: Path, release: str = "nanochat", namespace: str = "nanochat"
+) -> str:
+    args = ["template", release, str(CHART), "--namespace", namespace]
     if values is not None:
         path = tmp_path / "values.yaml"
         path.write_text(yaml.safe_dump(values))
@@ -226,13 +228,97 @@ def test_pod_security(helm, tmp_path):
 
 @pytest.mark.parametrize(
     "values",
-    [{"operator": {"logFormat": "xml"}}, {"replicaCount": "two"}, {"typo": 1}, {"watchNamespaces": ["Bad_NS"]}],
+    [
+        {"operator": {"logFormat": "xml"}},
+        {"replicaCount": "two"},
+        {"typo": 1},
+        {"watchNamespaces": ["Bad_NS"]},
+        {"metrics": {"serviceMonitor": {"interval": "1.5m"}}},  # no Prometheus duration
+        {"metrics": {"podMonitor": {"interval": "30"}}},
+    ],
 )
 def test_values_schema_refuses_bad_values(helm, tmp_path, values):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(values))
     out = run(helm, "template", "x", str(CHART), "-f", str(path), ok=False)
     assert out.returncode != 0 and "schema" in out.stderr.lower()
+
+
+def refused(helm: str, values: dict, tmp_path: Path) -> str:
+    """helm's message refusing the values."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    out = run(helm, "template", "x", str(CHART), "-f", str(path), ok=False)
+    assert out.returncode != 0
+    return out.stderr
+
+
+def test_more_than_one_replica_is_refused_without_peering(helm, tmp_path):
+    """Without peering each replica is a standalone kopf operator: two would reconcile every run twice."""
+    assert "needs peering.enabled" in refused(helm, {"replicaCount": 2}, tmp_path)
+    objs = docs(template(helm, {"replicaCount": 2, "peering": {"enabled": True}}, tmp_path))
+    dep = by_kind(objs, "Deployment")[0]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert dep["spec"]["replicas"] == 2 and "--peering=nanochat" in args
+
+
+def test_releases_of_one_name_in_two_namespaces_share_no_object(helm, tmp_path):
+    """Cluster-scoped objects, and Roles in a watched namespace, are outside the release namespace: named
+    after the release alone, a second release of the name took over (or failed on) the first one's."""
+    values = {"watchNamespaces": ["ml"]}
+    names = []
+    for ns in ("team-a", "team-b"):
+        objs = docs(template(helm, values, tmp_path, namespace=ns))
+        outside = {(o["kind"], o["metadata"]["name"]) for o in objs if o["metadata"].get("namespace") in (None, "ml")}
+        outside -= {(o["kind"], o["metadata"]["name"]) for o in by_kind(objs, "CustomResourceDefinition")}
+        assert {k for k, _ in outside} == {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+        for binding in by_kind(objs, "ClusterRoleBinding") + by_kind(objs, "RoleBinding"):
+            kind = binding["roleRef"]["kind"]
+            assert binding["roleRef"]["name"] in {o["metadata"]["name"] for o in by_kind(objs, kind)}
+        names.append(outside)
+    assert not names[0] & names[1]
+
+
+def test_a_long_release_name_gives_names_the_api_server_takes(helm, tmp_path):
+    """Service names are DNS labels (63 characters): the metrics Service was the 63-character full name
+    plus "-metrics". NanochatOperatorDown finds the operator by that name (its targets' job label)."""
+    release = "research-cluster-training-operator-production"
+    assert len(release) == 45
+    values = {"metrics": {"serviceMonitor": {"enabled": True}}, "prometheusRule": {"enabled": True}}
+    objs = docs(template(helm, values, tmp_path, release=release))
+    for obj in objs:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S, strict=True)
+    for svc in by_kind(objs, "Service"):
+        assert len(svc["metadata"]["name"]) <= 63, svc["metadata"]["name"]
+    (svc,) = [s for s in by_kind(objs, "Service") if s["metadata"]["name"].endswith("-metrics")]
+    rules = by_kind(objs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"]
+    down = next(r["expr"] for r in rules if r["alert"] == "NanochatOperatorDown")
+    assert f'job="{svc["metadata"]["name"]}"' in down
+    (sm,) = by_kind(objs, "ServiceMonitor")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_the_operator_image_can_be_pinned_by_digest(helm, tmp_path):
+    objs = docs(template(helm, {"image": {"tag": "1.2", "digest": DIGEST}}, tmp_path))
+    image = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"ghcr.io/nanochat/nanochat-operator@{DIGEST}"
+    # As a tag it rendered repository:sha256:..., a reference no runtime pulls; the schema says where it goes.
+    assert "/image/tag" in refused(helm, {"image": {"tag": DIGEST}}, tmp_path)
+    assert "/image/digest" in refused(helm, {"image": {"digest": "sha256:0123"}}, tmp_path)
+
+
+def test_scrape_intervals_are_prometheus_durations(helm, tmp_path):
+    """Any duration prometheus-operator takes: "<n><unit>" alone refused 1m30s and 1d. Quoted, so "0"
+    stays the string the CRD wants."""
+    for interval in ("30s", "1m30s", "1d", "1h30m", "500ms", "2w", "0"):
+        monitor = {"enabled": True, "interval": interval}
+        objs = docs(template(helm, {"metrics": {"serviceMonitor": monitor, "podMonitor": monitor}}, tmp_path))
+        assert by_kind(objs, "ServiceMonitor")[0]["spec"]["endpoints"][0]["interval"] == interval
+        assert by_kind(objs, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0]["interval"] == interval
 
 
 FREE_FORM = {"resources", "labels", "annotations", "nodeSelector", "podAnnotations", "podLabels", "affinity"}

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import UTC, datetime
 
 import kopf
 import pytest
+from kopf._cogs.aiokits import aiotoggles as kopf_toggles  # kopf's own peering decision, below
+from kopf._core.engines import peering as kopf_peering
 
-from nanochat_operator import handlers
+from nanochat_operator import controller, handlers
 from nanochat_operator.controller import CONFLICT_DELAY, ERROR_DELAYS, Controller
-from nanochat_operator.metrics import METRICS
+from nanochat_operator.metrics import METRICS, OperatorMetrics
 from nanochat_operator.settings import OperatorConfig
 from nanochat_operator.watched import WatchedCluster
 from nanochat_operator.workqueue import WorkQueue
@@ -74,6 +78,43 @@ def test_kopf_is_asked_for_indexes_and_event_handlers_only_so_runs_get_no_finali
     }
     # Timers, daemons and mandatory deletion handlers are what make kopf add a finalizer.
     assert reg._spawning.get_all_handlers() == [] and reg._changing.get_all_handlers() == []
+
+
+def test_peered_replicas_rank_by_start_so_one_runs_and_a_newcomer_stands_by():
+    """kopf pauses every peer, itself too, while another live one has its priority: replicas left at
+    the default 0 all stood by. kopf's own peering decides here, on the status two replicas wrote."""
+    standalone = kopf.OperatorSettings()
+    handlers.peering(standalone, OperatorConfig())
+    assert standalone.peering.standalone is True
+    replicas = {"replica-a": kopf.OperatorSettings(), "replica-b": kopf.OperatorSettings()}
+    for settings in replicas.values():
+        handlers.peering(settings, OperatorConfig(peering="nanochat"))
+        time.sleep(0.002)
+    now = datetime.now(UTC).isoformat()
+    status = {me: {"priority": s.peering.priority, "lifetime": 60, "lastseen": now} for me, s in replicas.items()}
+    event = {"type": "MODIFIED", "object": {"metadata": {"name": "nanochat"}, "status": status}}
+    resource = kopf.Resource("kopf.dev", "v1", "clusterkopfpeerings", namespaced=False)
+
+    async def paused(me: str) -> bool:
+        toggle = kopf_toggles.Toggle(False)
+        task = asyncio.create_task(
+            kopf_peering.process_peering_event(
+                raw_event=event,  # type: ignore[arg-type]
+                namespace=None,
+                resource=resource,
+                identity=kopf_peering.Identity(me),
+                settings=replicas[me],
+                autoclean=False,
+                conflicts_found=toggle,
+                stream_pressure=asyncio.Event(),
+            )
+        )
+        await asyncio.sleep(0.1)  # it decides, then sleeps until a peer would expire
+        task.cancel()
+        return toggle.is_on()
+
+    # The one started first runs: a replica that starts later (a rollout) does not pause it.
+    assert [me for me in replicas if not asyncio.run(paused(me))] == ["replica-a"]
 
 
 def test_child_events_queue_their_run(monkeypatch):
@@ -182,6 +223,27 @@ def test_a_job_of_someone_else_waits_and_a_bug_backs_off(monkeypatch, caplog):
         w.controller.process(KEY)
     assert "KeyError" in caplog.text and f"(attempt 2); retrying in {ERROR_DELAYS[1]} s" in caplog.text
     assert w.due(ERROR_DELAYS[0] - 0.1) == [] and w.due(0.2) == [KEY]  # the earlier schedule stands
+
+
+@pytest.mark.parametrize("port", [0, 9090])
+def test_a_run_whose_trainer_serves_no_metrics_exports_no_progress_time(monkeypatch, port):
+    """With spec.trainer.metrics.port: 0 its step is never read: a progress time would stay the run's
+    start, and NanochatTrainingNoProgress fire on a healthy run once the window passed."""
+    metrics = OperatorMetrics()
+    monkeypatch.setattr(controller, "METRICS", metrics)
+    w = World(tr("hdemo", trainer={"preset": "tiny", "metrics": {"port": port}}))
+    w.controller.process(KEY)
+    w.run["status"] = w.api.statuses[-1][2]
+    w.run["metadata"]["resourceVersion"] = "2"
+    index = {"batch.kubernetes.io/job-completion-index": "0"}
+    pod0 = {"metadata": {"name": "p0", "annotations": index}, "status": {"phase": "Running", "podIP": "10.1.0.5"}}
+    w.api.pods["hdemo-train"] = [pod0]
+    w.sync()
+    w.controller.process(KEY)
+    assert w.api.statuses[-1][2]["phase"] == "Running"
+    labels = {"namespace": "ml", "name": "hdemo"}
+    progress = metrics.registry.get_sample_value("nanochat_training_last_progress_timestamp_seconds", labels)
+    assert (progress is None) == (port == 0)
 
 
 def test_reads_come_from_the_indexes_and_scrapes_are_bounded_per_interval():

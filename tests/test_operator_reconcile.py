@@ -14,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from kubernetes import client
 
 from nanochat_operator import render
+from nanochat_operator.kube import KubeCluster
 from nanochat_operator.reconcile import (
     NotOwned,
     reconcile_eval,
@@ -96,6 +98,22 @@ def test_training_run_creates_children_and_follows_job():
     calls = len(c.calls)
     assert step(c, run)["phase"] == "Succeeded"  # final: no more reads
     assert len(c.calls) == calls
+
+
+@pytest.mark.parametrize("ip", ["fd00:10:244:1::5", "10.1.0.5"])
+def test_a_pod_ip_of_either_family_is_scraped_and_a_url_httpx_refuses_is_no_answer(ip):
+    """On an IPv6 (or dual-stack, IPv6 first) cluster pod 0's IP is IPv6: unbracketed, httpx raised
+    InvalidURL, which is no httpx.HTTPError, out of every reconcile of the Running run."""
+    c = FakeCluster()
+    run = tr()
+    step(c, run)
+    c.pods["demo-train"] = [running_pod(ip=ip)]
+    c.metrics = "nanochat_trainer_step 40\n"
+    assert step(c, run)["step"] == 40
+    host = f"[{ip}]" if ":" in ip else ip
+    assert c.calls[-1] == f"scrape http://{host}:9090/metrics"
+    real = KubeCluster(client.ApiClient(), scrape_timeout=0.1)
+    assert real.scrape("http://fd00:10:244:1::5:9090/metrics") is None
 
 
 def test_a_run_that_ends_between_two_scrapes_reports_what_its_trainer_left_in_the_pod_status():

@@ -136,7 +136,7 @@ class Controller:
                     self.api.post_event(obj, typ, reason, message)
                 except Exception as err:  # noqa: BLE001  the status says it too; never lose the rest for it
                     log.warning("event %s on %s/%s not posted: %s", reason, ns, name, err)
-        _observe(ns, name, outcome.status)
+        _observe(ns, name, outcome.status, obj.get("spec") or {})
 
 
 def _as_temporary(err: Exception) -> kopf.TemporaryError:
@@ -149,8 +149,9 @@ def _as_temporary(err: Exception) -> kopf.TemporaryError:
     return temporary(err)
 
 
-def _observe(namespace: str, name: str, status: TrainingRunStatus | EvalRunStatus) -> None:
+def _observe(namespace: str, name: str, status: TrainingRunStatus | EvalRunStatus, spec: dict[str, Any]) -> None:
     if isinstance(status, TrainingRunStatus):
-        METRICS.observe_training(namespace, name, status)
+        port = ((spec.get("trainer") or {}).get("metrics") or {}).get("port")  # 0: the trainer serves none
+        METRICS.observe_training(namespace, name, status, steps_read=port != 0)
     else:
         METRICS.observe_eval(namespace, name, status)

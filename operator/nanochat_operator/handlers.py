@@ -14,6 +14,8 @@ which used timers, left), so deleting a run or its namespace never waits on the 
 from __future__ import annotations
 
 import logging
+import random
+import time
 from typing import Any
 
 import kopf
@@ -34,7 +36,7 @@ from .controller import Controller, RunKey
 from .kube import KubeCluster, load_api_client
 from .metrics import READY
 from .render import EVAL_APP, MANAGED_BY, MANAGER, NAME_LABEL, TRAINER_APP
-from .settings import CONFIG
+from .settings import CONFIG, OperatorConfig
 from .watched import JOB_INDEX, POD_INDEX, RUN_INDEX, WatchedCluster
 from .workqueue import WorkQueue
 
@@ -63,11 +65,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **kwargs:
     settings.batching.error_delays = (5, 10, 30, 60, 120, 300, 600)
     # Only warnings become Kubernetes Events on their own; phase changes are posted explicitly.
     settings.posting.level = logging.WARNING
-    if CONFIG.peering is None:
-        settings.peering.standalone = True
-    else:
-        settings.peering.name = CONFIG.peering
-        settings.peering.clusterwide = not CONFIG.namespaces
+    peering(settings, CONFIG)
     api = KubeCluster(load_api_client(CONFIG.max_workers), scrape_timeout=CONFIG.scrape_timeout)
     # kopf hands every handler the indexes as keyword arguments, the same live objects throughout.
     indices = {i: kwargs[i] for i in (JOB_INDEX, POD_INDEX, *RUN_INDEX.values())}
@@ -75,6 +73,20 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **kwargs:
     _controller.start()
     READY.set()
     logger.info("nanochat operator ready: %s", CONFIG)
+
+
+def peering(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """Standalone, or one of several replicas of which one works and the others stand by."""
+    if config.peering is None:
+        settings.peering.standalone = True
+        return
+    settings.peering.name = config.peering
+    settings.peering.clusterwide = not config.namespaces
+    # kopf pauses a peer while a live one ranks higher, and every peer, itself too, while two rank
+    # alike (the default 0 stopped all replicas). The earlier started ranks higher, so a replica that
+    # starts (a rollout, a restart) stands by rather than pause the one at work; random breaks ties.
+    started_ms = time.time_ns() // 1_000_000
+    settings.peering.priority = -(started_ms * 1000 + random.SystemRandom().randrange(1000))
 
 
 @kopf.on.cleanup()

@@ -211,7 +211,7 @@ class KubeCluster:
         try:
             resp = self.http.get(url)
             return resp.text if resp.status_code == 200 else None
-        except httpx.HTTPError:
+        except (httpx.HTTPError, httpx.InvalidURL):  # InvalidURL is no HTTPError; a bad URL must not fail reconciles
             return None
 
 

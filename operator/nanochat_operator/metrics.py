@@ -11,7 +11,8 @@ Metric names are part of the product: the chart's dashboard and alerts read them
 is computed at scrape time from the last phase seen per run, so a deleted run disappears instead
 of leaving a stale series. `nanochat_training_last_progress_timestamp_seconds` is a time taken
 from the run's status, not from this process: "no progress for N minutes" stays right when the
-operator restarts and its series start anew (the chart's NanochatTrainingNoProgress alert).
+operator restarts and its series start anew (the chart's NanochatTrainingNoProgress alert). A run
+whose trainer serves no /metrics (spec.trainer.metrics.port: 0) has no such series: its step is never read.
 """
 
 from __future__ import annotations
@@ -134,13 +135,15 @@ class OperatorMetrics:
             "nanochat_eval_pass_at_k", "pass@k of an EvalRun.", labels + ["k"], registry=self.registry
         )
 
-    def observe_training(self, namespace: str, name: str, status: TrainingRunStatus) -> None:
+    def observe_training(self, namespace: str, name: str, status: TrainingRunStatus, steps_read: bool = True) -> None:
         """Progress series exist only while a run is Running: a suspended, restarting or
         finished run has no series, so "step did not change for N minutes" alerts mean a
-        stuck run (the final values stay in the run's status)."""
+        stuck run (the final values stay in the run's status). `steps_read` False: the trainer
+        serves no /metrics (spec.trainer.metrics.port 0), so its step is never read and a progress
+        time would only age until NanochatTrainingNoProgress fired on a healthy run: none is kept."""
         self.runs.set_phase(TRAINING_KIND, namespace, name, status.phase)
         for gauge, value_of in self._training_series.items():
-            value = value_of(status)
+            value = value_of(status) if steps_read or gauge is not self.training_last_progress else None
             if status.phase == Phase.RUNNING and value is not None:
                 gauge.labels(namespace, name).set(value)
             else:

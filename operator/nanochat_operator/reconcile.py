@@ -361,7 +361,8 @@ def _scrape_progress(cluster: Cluster, view: JobView | None, port: int | None) -
     if view is None or view.pod0 is None or not port:
         return None
     ip = (view.pod0.get("status") or {}).get("podIP")
-    text = cluster.scrape(f"http://{ip}:{port}/metrics") if ip else None
+    host = f"[{ip}]" if ip and ":" in ip else ip  # an IPv6 pod IP is bracketed in a URL (RFC 3986)
+    text = cluster.scrape(f"http://{host}:{port}/metrics") if ip else None
     if not text:
         return None
     try:

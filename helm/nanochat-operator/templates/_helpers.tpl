@@ -8,6 +8,28 @@
 {{- end -}}
 {{- end -}}
 
+{{/* Objects outside the release namespace (cluster-scoped, or Roles in a watched namespace) carry
+   that namespace in their name: releases of one name in two namespaces would otherwise share them.
+   ":" appears in no namespace or release name, so no two releases map to one name. */}}
+{{- define "nanochat.globalName" -}}
+{{- printf "%s:%s" .Release.Namespace (include "nanochat.fullname" .) -}}
+{{- end -}}
+
+{{/* The metrics Service: a DNS label (63 characters), and the `job` label of the operator's series
+   (the PrometheusRule's NanochatOperatorDown). */}}
+{{- define "nanochat.metricsService" -}}
+{{- printf "%s-metrics" (include "nanochat.fullname" . | trunc 55 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* The operator image: by digest when one is given (immutable), else by tag. */}}
+{{- define "nanochat.image" -}}
+{{- with .Values.image.digest -}}
+{{- printf "%s@%s" $.Values.image.repository . -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "nanochat.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
