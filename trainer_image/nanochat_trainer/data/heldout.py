@@ -14,9 +14,10 @@ Where the documents come from (`ValidationConfig`): `validation.data`, a source 
 repositories, by a hash of their name, that training never reads; `sources.py`).
 
 Before any step, the documents the rows use are compared with the first OVERLAP_SAMPLE
-training documents of the same rank (exact text after whitespace normalisation): a share above
-`validation.max_overlap` is a `ConfigError` naming the validation source, because a loss on
-them would partly be a training loss.
+training documents of the same rank (exact text after whitespace normalisation; empty and
+whitespace-only documents left out of both): a share above `validation.max_overlap` is a
+`ConfigError` naming the validation source, because a loss on them would partly be a training
+loss.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def heldout_rows(cfg: TrainerConfig, tokenizer: TextEncoder, rank: int, world: i
 def _check_overlap(cfg: TrainerConfig, texts: list[str], rank: int, world: int) -> None:
     v = cfg.validation
     assert v is not None
-    held = {_fingerprint(t) for t in texts}
-    train = {_fingerprint(t) for _, t in itertools.islice(iter_indexed(cfg.data, rank, world), OVERLAP_SAMPLE)}
-    share = len(held & train) / len(held)
+    # Empty files (__init__.py in every package; decontaminated documents) are in both yet teach nothing.
+    held = {_fingerprint(t) for t in texts if t.strip()}
+    sample = itertools.islice(iter_indexed(cfg.data, rank, world), OVERLAP_SAMPLE)
+    train = {_fingerprint(t) for _, t in sample if t.strip()}
+    share = len(held & train) / max(1, len(held))
     if share > v.max_overlap:
         field, value = (
             ("data.holdout_repos", cfg.data.holdout_repos) if v.heldout else ("validation.data", v.data.source)

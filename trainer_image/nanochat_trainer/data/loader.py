@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..config import TrainerConfig
+from ..config import DataConfig, TrainerConfig
 from ..errors import ConfigError
 from .mixture import LANES
 from .sources import iter_indexed, mixture_of
@@ -64,29 +64,36 @@ class _Lane:
     next_doc: int = 0  # lane-local number of the next document to tokenize
     buf: list[int] = field(default_factory=list)
     pos: int = 0  # first unread token in buf
-    left: deque = field(default_factory=deque)  # [unread tokens, source] of each document in buf
+    # [unread tokens, source, dropped for overlapping HumanEval] of each document in buf
+    left: deque = field(default_factory=deque)
 
 
 class _Dispatcher:
-    """Reads this rank's documents once, in order, and queues each for its lane."""
+    """Reads this rank's documents once, in order, and queues each for its lane, with whether
+    decontamination dropped it."""
 
-    def __init__(self, docs: Iterator[tuple[int, str]], lanes: int, first_needed: dict[int, int]):
-        self._docs = docs
+    def __init__(self, data: DataConfig, rank: int, world: int, lanes: int, first_needed: dict[int, int]):
+        self._dropped: set[int] = set()  # told by iter_indexed just before it yields the document
+        self._docs = iter_indexed(
+            data, rank, world, start=min(first_needed.values()), on_drop=lambda i, _task: self._dropped.add(i)
+        )
         self._lanes = lanes
         self._floor = first_needed  # documents below a lane's floor were used before a resume
         self._queues: dict[int, deque] = {lane: deque() for lane in first_needed}
 
-    def get(self, lane: int, index: int) -> str:
+    def get(self, lane: int, index: int) -> tuple[str, bool]:
         queue = self._queues[lane]
         while not queue:
             i, text = next(self._docs)
+            dropped = i in self._dropped
+            self._dropped.discard(i)
             owner = i % self._lanes
             if i >= self._floor[owner]:
-                self._queues[owner].append((i, text))
-        i, text = queue.popleft()
+                self._queues[owner].append((i, text, dropped))
+        i, text, dropped = queue.popleft()
         if i != index:
             raise RuntimeError(f"lane {lane} expected document {index}, got {i}: inconsistent loader state")
-        return text
+        return text, dropped
 
 
 class TokenLoader:
@@ -148,12 +155,12 @@ class TokenLoader:
         lane, need = self._lanes[lane_id], self.seq_len + 1
         while len(lane.buf) - lane.pos < need:
             index = lane_id + self.lanes * lane.next_doc
-            text = self._documents().get(lane_id, index)
+            text, dropped = self._documents().get(lane_id, index)
             tokens = self.tokenizer.encode(text) + [self.tokenizer.eot_id]
             if lane.next_doc == lane.doc:
                 tokens = tokens[lane.offset :]  # resuming inside this document
             lane.buf.extend(tokens)
-            lane.left.append([len(tokens), self.mixture.locate(index)[0]])
+            lane.left.append([len(tokens), self.mixture.locate(index)[0], dropped])
             lane.next_doc += 1
         row = lane.buf[lane.pos : lane.pos + need]
         lane.pos += need
@@ -162,11 +169,13 @@ class TokenLoader:
             lane.pos = 0
         used = need
         while used:
-            left, source = lane.left[0]
+            left, source, dropped = lane.left[0]
             take = min(left, used)
             self.source_tokens[source] += take
             used -= take
             if take == left:
+                # Counted as it leaves, as lane.doc moves past it: read-ahead and resumes count nothing twice.
+                self.decontaminated += dropped
                 lane.left.popleft()
                 lane.doc, lane.offset = lane.doc + 1, 0
             else:
@@ -177,12 +186,8 @@ class TokenLoader:
     def _documents(self) -> _Dispatcher:
         if self._dispatcher is None:
             first = {lane_id: lane_id + self.lanes * lane.doc for lane_id, lane in self._lanes.items()}
-            docs = iter_indexed(self.data, self.rank, self.world, start=min(first.values()), on_drop=self._dropped)
-            self._dispatcher = _Dispatcher(docs, self.lanes, first)
+            self._dispatcher = _Dispatcher(self.data, self.rank, self.world, self.lanes, first)
         return self._dispatcher
-
-    def _dropped(self, _index: int, _task: str) -> None:
-        self.decontaminated += 1
 
     # ------------------------------------------------------------------ checkpoint state
 

@@ -17,13 +17,20 @@ counting through later passes) unless `repeat=False`.
   a `.jsonl` file (key
   `data.text_field` of each line) or a `.parquet` file (column `data.text_field`).
   JSONL and Parquet are read front to back, so reaching index n means reading n rows.
+  When `data.glob` matches `.jsonl` or `.parquet` files (The Stack's `data/python/*.parquet`),
+  their rows are the documents, not the files: the files are read one after the other, in a
+  seeded order reshuffled every pass, as one long file.
 - stdlib: the Python standard library's modules (`stdlib.py`), read as a local folder.
 - huggingface: `datasets.load_dataset(data.dataset, data_dir=..., split=..., streaming=True)`
   with the token from `$data.token_env`, split across ranks with
   `datasets.distributed.split_dataset_by_node`. That splits by example (the layout
   above) unless the dataset's file count is a multiple of W, in which case each rank
   streams whole files: faster, but then what a rank sees depends on W. Reaching index n
-  means streaming past the rank's first n / W examples.
+  means streaming past the rank's first n / W examples. A finite dataset lines up across
+  world sizes in its first pass only: each rank's split restarts at every pass, so its j-th
+  example stays index rank + W * j, which is example (rank + W * j) mod length, as one process
+  numbers it, only when the length is a multiple of W. Matching them would need every rank to
+  stream every example.
 
 A mixture (`data.source: mixture`) interleaves its sources block by block (`mixture.py`); each
 source is read as above, sharded by rank, from where the mixture left it.
@@ -34,13 +41,17 @@ empty, so indices, sharding and resuming do not change.
 
 Held-out repositories (`data.holdout_repos` > 0): a document belongs to a repository (the
 `data.repo_field` of a JSONL, Parquet or dataset row, as The Stack's `max_stars_repo_name`;
-the first folder under `data.path` of a local folder), and the repositories whose name hashes
-below `holdout_repos` are held out: training never reads a file of theirs, `heldout=True`
-reads only those. Split before numbering, so indices and resuming work as without it.
+the first folder under `data.path` of a local folder of plain files), and the repositories
+whose name hashes below `holdout_repos` are held out: training never reads a file of theirs,
+`heldout=True` reads only those. Split before numbering, so indices and resuming work as
+without it.
+
+Texts are `str` that any tokenizer accepts: a null text is an empty document, and a lone
+surrogate (JSON may hold "\\udce9") becomes U+FFFD, as undecodable bytes of a local file do.
 
 Problems with the data itself (a missing path, no matching files, a missing text
-column) raise `ConfigError` naming the config field (`field`: "data", or where this
-DataConfig sits, "validation.data").
+column, a text that is not a string) raise `ConfigError` naming the config field (`field`:
+"data", or where this DataConfig sits, "validation.data").
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from random import Random
@@ -62,6 +74,9 @@ from .mixture import LANES, Mixture
 from .shards import TEXT, is_dataset, iter_rows, read_manifest
 from .stdlib import stdlib_files, stdlib_root
 from .synthetic import document
+
+ROW_SUFFIXES = (".jsonl", ".parquet")  # files whose rows, not their bytes, are documents
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def iter_documents(data: SourceConfig, rank: int = 0, world: int = 1) -> Iterator[str]:
@@ -240,24 +255,44 @@ class _Source:
             )
         if is_dataset(path):
             return self.dataset(path, rank, world, start)
-        if path.is_dir():
-            files = sorted(p for p in path.glob(data.glob) if p.is_file())
-            if not files:
-                raise ConfigError(
-                    f"{self.field}.glob", data.glob, f"matches no files under {self.field}.path={data.path!r}"
-                )
+        if not path.is_dir():
+            if path.suffix.lower() not in ROW_SUFFIXES:
+                raise ConfigError(f"{self.field}.path", data.path, "is neither a folder nor a .jsonl or .parquet file")
+            return self.row_files([path], rank, world, start)
+        files = sorted(p for p in path.glob(data.glob) if p.is_file())
+        if not files:
+            raise ConfigError(
+                f"{self.field}.glob",
+                data.glob,
+                f"matches no files under {self.field}.path={data.path!r} (for .parquet or .jsonl files of "
+                "rows, match those: e.g. '**/*.parquet')",
+            )
+        row_files = [p for p in files if p.suffix.lower() in ROW_SUFFIXES]
+        if not row_files:
             return self.folder(path, files, rank, world, start)
-        suffix = "".join(path.suffixes[-1:]).lower()
-        if suffix not in (".jsonl", ".parquet"):
-            raise ConfigError(f"{self.field}.path", data.path, "is neither a folder nor a .jsonl or .parquet file")
-        rows = self._jsonl_rows if suffix == ".jsonl" else self._parquet_rows
+        if len(row_files) < len(files):
+            raise ConfigError(
+                f"{self.field}.glob",
+                data.glob,
+                f"matches both .jsonl/.parquet files (whose rows are documents) and other files under "
+                f"{self.field}.path={data.path!r}: match one kind",
+            )
+        return self.row_files(row_files, rank, world, start)
 
-        def one_pass(_epoch: int) -> Iterator[str]:
-            for row, where in rows(path):
-                if self.keeps(self._repo_of(row, where)):
-                    yield self._text_of(row, where)
+    def row_files(self, paths: list[Path], rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
+        """The rows of JSONL and Parquet files, read front to back as one file; the files in a
+        seeded order, reshuffled every pass, as a folder's."""
 
-        return _mine(self.passes(data.path, one_pass), rank, world, start)
+        def one_pass(epoch: int) -> Iterator[str]:
+            order = list(paths)
+            Random(f"{self.data.seed}:{epoch}").shuffle(order)
+            for path in order:
+                rows = self._jsonl_rows if path.suffix.lower() == ".jsonl" else self._parquet_rows
+                for row, where in rows(path):
+                    if self.keeps(self._repo_of(row, where)):
+                        yield self._text_of(row, where)
+
+        return _mine(self.passes(self.data.path, one_pass), rank, world, start)
 
     def dataset(self, path: Path, rank: int, world: int, start: int) -> Iterator[tuple[int, str]]:
         """A generation run's dataset folder (shards.py): the `text` of each row of its listed
@@ -298,7 +333,17 @@ class _Source:
             yield i, Path(order[1][i % n]).read_text(encoding="utf-8", errors="replace")
 
     def _text_of(self, row: dict, where: str) -> str:
-        return str(self._key(row, self.data.text_field, "text_field", where))
+        text = self._key(row, self.data.text_field, "text_field", where)
+        if text is None:
+            return ""
+        if not isinstance(text, str):
+            raise ConfigError(
+                f"{self.field}.text_field",
+                self.data.text_field,
+                f"holds a {type(text).__name__}, not text, in {where}",
+            )
+        # Tokenizers refuse lone surrogates (TypeError in a trained BPE), which JSON can carry.
+        return _SURROGATE.sub("\ufffd", text)
 
     def _repo_of(self, row: dict, where: str) -> str:
         return str(self._key(row, self.data.repo_field, "repo_field", where)) if self.data.holdout_repos else ""
@@ -317,7 +362,9 @@ class _Source:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"{self.field}.path", self.data.path, f"line {number} is not JSON: {e}") from e
+                    raise ConfigError(
+                        f"{self.field}.path", self.data.path, f"{path} line {number} is not JSON: {e}"
+                    ) from e
                 yield row, f"{path} line {number}"
 
     def _parquet_rows(self, path: Path) -> Iterator[tuple[dict, str]]:
@@ -334,8 +381,6 @@ class _Source:
                 )
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
             for row in batch.to_pylist():
-                if row[self.data.text_field] is None:
-                    row[self.data.text_field] = ""
                 yield row, str(path)
 
     # ----------------------------------------------------------------------- Hugging Face
