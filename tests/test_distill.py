@@ -41,7 +41,8 @@ def teacher_server(ckpt):
             seen["auth"].append(request.headers.get("Authorization"))
         return await handler(request)
 
-    app = ModelServer(model, tok, model_name="tiny").app()
+    # Every id ranked (test_ids_sharing_a_text_stay_distinct): above vLLM's default --max-logprobs.
+    app = ModelServer(model, tok, model_name="tiny", max_logprobs=tok.n_vocab).app()
     app.middlewares.append(count)
     url, stop = serve_app(app)
     yield url, model, tok, seen

@@ -22,7 +22,7 @@ from nanochat_cli.eval import add_eval_args, run_eval_from_args
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.eval.client import CompletionsClient, EndpointError, parse_completion
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
-from nanochat_trainer.serve import ModelServer
+from nanochat_trainer.serve import MAX_CHOICES, MAX_LOGPROBS, ModelServer
 
 from serving import serve_app
 
@@ -87,7 +87,7 @@ def test_echo_prompt_logprobs(server) -> None:
     r = httpx.post(
         url + "/v1/completions", json={"prompt": long, "max_tokens": 0, "echo": True, "logprobs": 2}, timeout=60
     )
-    assert r.status_code == 400 and "exceeds the model's context" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "maximum context length is" in r.json()["error"]["message"]
 
 
 def test_streaming_and_chat(server) -> None:
@@ -103,23 +103,149 @@ def test_streaming_and_chat(server) -> None:
             elif line.startswith("data: "):
                 text += json.loads(line[6:])["choices"][0]["text"]
     assert done and text == full
-    chat = httpx.post(
-        url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0},
-        timeout=60,
-    ).json()
+    hi = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    chat = httpx.post(url + "/v1/chat/completions", json=hi, timeout=60).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
-    pieces = []
-    with httpx.stream(
-        "POST",
-        url + "/v1/chat/completions",
-        timeout=60,
-        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "stream": True},
-    ) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content", ""))
+    chunks = _events(url + "/v1/chat/completions", hi)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
     assert "".join(pieces) == chat["choices"][0]["message"]["content"]
+    assert all("usage" not in c for c in chunks)
+    # stream_options.include_usage: a last chunk with no choices carries the usage (null before).
+    for route, req in [("/v1/completions", body), ("/v1/chat/completions", hi)]:
+        want = httpx.post(url + route, json=req, timeout=60).json()["usage"]
+        chunks = _events(url + route, {**req, "stream_options": {"include_usage": True}})
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == want
+        assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def _events(url: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed answer, checking it ends in [DONE]."""
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def _fill(tok, ctx: int, room: int) -> str:
+    """A text prompt of exactly ctx - room tokens."""
+    ids = tok.encode("x = 1\n" * ctx)[: ctx - room]
+    assert tok.encode(tok.decode(ids)) == ids
+    return tok.decode(ids)
+
+
+def test_prompt_plus_max_tokens_over_context_is_refused(server) -> None:
+    """vLLM's rule: prompt tokens + max_tokens over the context is a 400 naming both, for text and
+    token-id prompts and for chat; generation would otherwise keep only the prompt's tail."""
+    url, model, tok = server
+    ctx = model.cfg.max_seq_len
+    prompt = _fill(tok, ctx, 8)
+    p = ctx - 8
+    ok = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == p
+    want = f"maximum context length is {ctx} tokens. However, you requested {p + 9} tokens ({p} in the messages, 9"
+    for route, body in [
+        ("/v1/completions", {"prompt": prompt}),
+        ("/v1/completions", {"prompt": tok.encode(prompt)}),
+        ("/v1/completions", {"prompt": ["x", tok.encode(prompt)]}),
+        ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": prompt}]}),
+    ]:
+        r = httpx.post(url + route, json={**body, "max_tokens": 9}, timeout=60)
+        assert r.status_code == 400 and want in r.json()["error"]["message"], (route, r.text)
+        assert r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x = 1\n" * ctx, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
+
+
+def test_sampling_without_seed_differs_with_seed_repeats(server) -> None:
+    url, _, _ = server
+    body = {"prompt": "def f(", "max_tokens": 12, "temperature": 1.0}
+
+    def text(**kw) -> str:
+        return httpx.post(url + "/v1/completions", json={**body, **kw}, timeout=60).json()["choices"][0]["text"]
+
+    assert text() != text()
+    assert text(seed=7) == text(seed=7)
+
+
+def test_bad_requests_are_json_400s_naming_the_field(server) -> None:
+    url, _, tok = server
+    cases = [
+        ("/v1/completions", [1, 2], None),
+        ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "stop": 3}, "stop"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 100000}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "n": "2"}, "n"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "n": 0}, "n"),
+        ("/v1/completions", {"prompt": ["x"] * (MAX_CHOICES // 64 + 1), "max_tokens": 1, "n": 64}, "n"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "temperature": -0.5}, "temperature"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "top_p": 0}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "top_p": 1.5}, "top_p"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "seed": "a"}, "seed"),
+        ("/v1/completions", {"prompt": [[1, tok.n_vocab]], "max_tokens": 1}, "prompt"),
+        ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": 1}, "stream_options"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
+        ("/v1/chat/completions", {"messages": ["hi"]}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": [None]}, "stop"),
+    ]
+    for route, body, param in cases:
+        r = httpx.post(url + route, json=body, timeout=60)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (body, r.text)
+        assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error", body
+    r = httpx.post(url + "/v1/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    body = {"prompt": "x", "max_tokens": 1, "logprobs": MAX_LOGPROBS, "return_tokens_as_token_ids": True}
+    top = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert len(top.json()["choices"][0]["logprobs"]["top_logprobs"][0]) == MAX_LOGPROBS
+    # OpenAI's content parts: the text parts are the message.
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    a, b = (
+        httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": c}], "max_tokens": 1})
+        for c in (parts, "hi")
+    )
+    assert a.status_code == 200 and a.json()["usage"] == b.json()["usage"]
+
+
+def test_unexpected_failures_and_unknown_routes_answer_json(ckpt) -> None:
+    model, tok, _ = load_model(ckpt)
+    srv = ModelServer(model, tok)
+
+    def boom(*args, **kw):
+        raise RuntimeError("kaput")
+
+    srv._complete_sync = boom  # type: ignore[method-assign]
+    url, stop = serve_app(srv.app())
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
+        assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+        assert r.json()["error"]["type"] == "server_error" and "kaput" in r.json()["error"]["message"]
+        assert 'code="500",route="completions"' in httpx.get(url + "/metrics").text
+        r = httpx.get(url + "/v1/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    finally:
+        stop()
+
+
+def test_chat_max_tokens_defaults_to_the_rest_of_the_context(server) -> None:
+    """OpenAI's chat default, not completions' 16 tokens; max_tokens null does the same (vLLM)."""
+    url, model, tok = server
+    ctx = model.cfg.max_seq_len
+    prompt = _fill(tok, ctx - 1, 40)  # with chat's newline: ctx - 40 tokens
+    for route, body in [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}),
+        ("/v1/completions", {"prompt": prompt + "\n", "max_tokens": None}),
+    ]:
+        data = httpx.post(url + route, json={**body, "temperature": 0}, timeout=60).json()
+        usage, finish = data["usage"], data["choices"][0]["finish_reason"]
+        assert usage["prompt_tokens"] == ctx - 40 and usage["completion_tokens"] > 16, (route, usage)
+        assert finish == "stop" or usage["total_tokens"] == ctx, (route, usage, finish)
+    short = httpx.post(url + "/v1/completions", json={"prompt": "x", "temperature": 0}, timeout=60).json()
+    assert short["usage"]["completion_tokens"] <= 16  # completions keep OpenAI's default of 16
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x = 1\n" * ctx}]})
+    assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -383,6 +383,43 @@ def test_packed_size_of_tiny_moe_and_old_files_still_load(tmp_path):
         read_packed_metadata(tmp_path / "future.safetensors")
 
 
+def test_bf16_export_keeps_the_aux_free_router_bias_float32(tmp_path):
+    """The router bias moves in steps of 1e-3: rounded to bf16 it would send tokens to other
+    experts. A bf16 export keeps it float32 and still serves in bf16 (RoPE tables too); a file
+    written before, with the bias in bf16, loads as it is."""
+    cfg = _small_cfg("moe")
+    cfg = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"balance": "aux_free"})})
+    model = random_gpt(cfg).eval()
+    apply_ternary(model, TernaryConfig())
+    biases = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, MoE):
+                m.expert_bias.copy_(0.001 * torch.randint(-3000, 3000, m.expert_bias.shape).float())
+                biases[f"{name}.expert_bias"] = m.expert_bias.clone()
+    assert biases and all(not torch.equal(b.bfloat16().float(), b) for b in biases.values())
+    path = tmp_path / "m.safetensors"
+    save_packed(model, cfg.model_dump(), path, dtype=torch.bfloat16, verbose=False)
+    raw = load_packed(path, dequantize=False)
+    assert all(torch.equal(raw[k], b) for k, b in biases.items())
+    assert raw["embed_tokens.weight"].dtype == torch.bfloat16
+    loaded = load_packed_model(path)
+    assert all(torch.equal(loaded.get_buffer(k), b) for k, b in biases.items())
+    assert loaded.rope_cos.dtype == torch.bfloat16
+    idx = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(loaded(idx).float()).all()
+
+    with safe_open(str(path), framework="pt") as f:
+        old = {k: f.get_tensor(k).bfloat16() if k in biases else f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    save_file(old, tmp_path / "old.safetensors", metadata=meta)
+    loaded_old = load_packed_model(tmp_path / "old.safetensors")
+    assert all(torch.equal(loaded_old.get_buffer(k), b.bfloat16()) for k, b in biases.items())
+    with torch.no_grad():
+        assert torch.isfinite(loaded_old(idx).float()).all()
+
+
 # --------------------------------------------------------------------------- the ternary stage end to end
 
 

@@ -4,29 +4,43 @@
     curl localhost:8000/v1/completions -d '{"prompt": "def f(", "max_tokens": 16, "logprobs": 5}'
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `"stream": true` as
-server-sent events), GET /v1/models, /health, /metrics (Prometheus).
-`logprobs: k` returns vLLM's shape (tokens, token_logprobs, top_logprobs, text_offset);
-`echo: true` prepends the prompt, and with `max_tokens: 0` returns only the prompt's
-token logprobs (first token None), which distillation uses; such a prompt longer than the
-model's context is refused (400) rather than scored in part. `prompt` may also be token ids
+server-sent events, and `stream_options.include_usage` for a last chunk with the usage),
+GET /v1/models, /health, /metrics (Prometheus).
+`logprobs: k` (k <= 20, vLLM's default cap) returns vLLM's shape (tokens, token_logprobs,
+top_logprobs, text_offset); `echo: true` prepends the prompt, and with `max_tokens: 0` returns
+only the prompt's token logprobs (first token None), which distillation uses. As in vLLM, a
+prompt whose tokens plus `max_tokens` exceed the model's context is refused (400), never cut;
+`max_tokens` defaults to 16 for completions and to the rest of the context for chat (or when
+null). Without a `seed` each request samples afresh. `prompt` may also be token ids
 (a list of ints, or a list of such lists), and `return_tokens_as_token_ids: true` (vLLM's
-flag) keys tokens and top_logprobs as "token_id:N" instead of decoded text. Requests are serialized
-through one lock and run in a worker thread. Streaming sends the finished generation as
-a series of small text events (it is not incremental while the model runs).
+flag) keys tokens and top_logprobs as "token_id:N" instead of decoded text. Every error is a
+JSON body in OpenAI's shape ({"error": {"message", "type", "param", "code"}}). Requests are
+serialized through one lock and run in a worker thread. Streaming sends the finished generation
+as a series of small text events (it is not incremental while the model runs).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from .eval.generate import Sample, generate_tokens, heal_prompts, prompt_logprobs, unheal
+
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # vLLM's default --max-logprobs: a response grows as logprobs * choices * max_tokens
+MAX_N = 64
+MAX_CHOICES = 128  # prompts * n in one request: every choice is generated and answered at once
+_ROUTES = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
 class _Metrics:
@@ -41,24 +55,41 @@ class _Metrics:
         )
 
 
-def _bad(msg: str, status: int = 400) -> web.Response:
+class RequestError(ValueError):
+    """A request refused with 400; `param` names the field at fault (OpenAI's error.param)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _error(message: str, status: int = 400, param: str | None = None) -> web.Response:
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return web.json_response(
-        {"error": {"message": msg, "type": "invalid_request_error", "code": status}}, status=status
+        {"error": {"message": message, "type": kind, "param": param, "code": status}}, status=status
     )
 
 
 class ModelServer:
     """Holds the model, tokenizer and lock; `app()` builds the aiohttp application."""
 
-    def __init__(self, model, tokenizer, model_name: str = "nanochat", max_tokens_limit: int = 2048):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        model_name: str = "nanochat",
+        max_tokens_limit: int = 2048,
+        max_logprobs: int = MAX_LOGPROBS,
+    ):
         self.model, self.tok, self.name = model, tokenizer, model_name
         self.max_tokens_limit = max_tokens_limit
+        self.max_logprobs = max_logprobs
         self.lock = asyncio.Lock()
         self.metrics = _Metrics()
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 * 2**20)
+        app = web.Application(client_max_size=8 * 2**20, middlewares=[self._json_errors])
         app.add_routes(
             [
                 web.post("/v1/completions", self.completions),
@@ -69,6 +100,23 @@ class ModelServer:
             ]
         )
         return app
+
+    @web.middleware
+    async def _json_errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """OpenAI clients parse every error body as JSON: aiohttp's own errors (404, 405, 413) and
+        any failure a handler did not foresee answer in OpenAI's shape, never text/plain."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.text or exc.reason, exc.status)
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.path)
+            self.metrics.requests.labels(_ROUTES.get(request.path, "other"), "500").inc()
+            return _error(f"internal server error: {type(exc).__name__}: {exc}", 500)
 
     # ------------------------------------------------------------------ simple routes
     async def health(self, request: web.Request) -> web.Response:
@@ -94,29 +142,68 @@ class ModelServer:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ------------------------------------------------------------------ generation
-    def _params(self, body: dict) -> dict:
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
-        if max_tokens is None:
-            max_tokens = 256
-        n = int(body.get("n", 1))
-        temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0)
-        top_p = float(body.get("top_p", 1.0) if body.get("top_p") is not None else 1.0)
-        if not 0 <= int(max_tokens) <= self.max_tokens_limit or not 1 <= n <= 64 or not 0 < top_p <= 1:
-            raise ValueError(f"need 0 <= max_tokens <= {self.max_tokens_limit}, 1 <= n <= 64, 0 < top_p <= 1")
+    def _params(self, body: dict, prompt_lens: list[int], chat: bool) -> dict:
+        """Sampling parameters, checked. `prompt_lens`: each prompt's tokens, whole: generation
+        keeps a prompt's last max_seq_len - max_tokens tokens, so a longer one is refused here
+        (vLLM's check and message) rather than answered from its tail."""
+        ctx = self.model.cfg.max_seq_len
+        key = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+        absent = "max_tokens" not in body and "max_completion_tokens" not in body
+        max_tokens = _integer(body, key, 16 if absent and not chat else None, 0, self.max_tokens_limit)
+        longest = max(prompt_lens)
+        if max_tokens is None:  # chat's default (OpenAI's), and null (vLLM's): the rest of the context
+            if longest >= ctx:
+                raise RequestError(
+                    f"This model's maximum context length is {ctx} tokens. However, you requested {longest} "
+                    "tokens in the messages. Please reduce the length of the messages.",
+                    "messages" if chat else "prompt",
+                )
+            max_tokens = min(ctx - longest, self.max_tokens_limit)
+        elif longest + max_tokens > ctx:
+            raise RequestError(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{longest + max_tokens} tokens ({longest} in the messages, {max_tokens} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                key,
+            )
+        n = _integer(body, "n", 1, 1, MAX_N)
+        assert n is not None
+        if len(prompt_lens) * n > MAX_CHOICES:
+            raise RequestError(f"{len(prompt_lens)} prompts * n={n} is over {MAX_CHOICES} choices per request", "n")
+        stop = body.get("stop")
+        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise RequestError(f"stop must be a string or a list of strings, got {stop!r}", "stop")
+        seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
         return {
-            "max_new_tokens": int(max_tokens),
+            "max_new_tokens": max_tokens,
             "n": n,
-            "temperature": temperature,
-            "top_p": top_p,
-            "stop": [s for s in stop if s],
-            "seed": int(body.get("seed") or 0),
+            "temperature": _number(body, "temperature", 1.0, lambda v: v >= 0, "a number >= 0"),
+            "top_p": _number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+            "stop": [s for s in stops if s],
+            # Without a seed every request samples afresh, as OpenAI's and vLLM's do.
+            "seed": secrets.randbits(63) if seed is None else seed,
         }
+
+    def _logprobs(self, body: dict) -> int | None:
+        if body.get("logprobs") is None or body.get("logprobs") is False:
+            return None
+        return _integer(body, "logprobs", None, 0, min(self.max_logprobs, self.tok.n_vocab))
+
+    async def _encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of each prompt, in a worker thread outside the lock (a long text is not
+        tokenized on the event loop, nor while the model waits)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [list(x) if isinstance(x, list) else self.tok.encode(x) for x in prompts]
+        )
 
     async def _run(self, fn, *args, **kw):
         async with self.lock:
             return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kw))
+
+    def _refuse(self, route: str, exc: RequestError) -> web.Response:
+        self.metrics.requests.labels(route, "400").inc()
+        return _error(str(exc), 400, exc.param)
 
     def _logprobs_block(
         self,
@@ -142,11 +229,11 @@ class ModelServer:
         return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": top_out, "text_offset": offsets}
 
     def _complete_sync(
-        self, prompts: list, p: dict, logprobs: int | None, echo: bool, as_ids: bool = False
+        self, prompts: list, ids_list: list[list[int]], p: dict, logprobs: int | None, echo: bool, as_ids: bool = False
     ) -> tuple[list, dict]:
-        """`prompts`: strings, or lists of token ids (OpenAI's pre-tokenized prompts)."""
+        """`prompts`: strings, or lists of token ids (OpenAI's pre-tokenized prompts); `ids_list`
+        their tokens."""
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0}
-        ids_list = [list(x) if isinstance(x, list) else self.tok.encode(x) for x in prompts]
         # Text prompts without logprobs are healed as `nanochat eval --checkpoint` heals them, so
         # an endpoint scores like its checkpoint; token-level answers keep their plain semantics.
         # Token-id prompts are the caller's exact tokens: never healed.
@@ -192,28 +279,17 @@ class ModelServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
         try:
-            body = await request.json()
-            prompt = body.get("prompt")
-            prompts = _prompt_list(prompt, self.tok.n_vocab, self.model.cfg.max_seq_len)
-            p = self._params(body)
-            lp = body.get("logprobs")
-            lp = None if lp is None or lp is False else int(lp)
+            body = await _json_body(request)
+            prompts = _prompt_list(body.get("prompt"), self.tok.n_vocab)
+            ids_list = await self._encode(prompts)
+            p = self._params(body, [len(x) for x in ids_list], chat=False)
+            lp = self._logprobs(body)
             echo = bool(body.get("echo", False))
             as_ids = bool(body.get("return_tokens_as_token_ids", False))
-            if echo and lp is not None:
-                # Prompt logprobs are computed in one forward pass: a longer prompt would come back
-                # with its logprobs shifted against its tokens, so refuse it (as vLLM does).
-                for x in prompts:
-                    n = len(x) if isinstance(x, list) else len(self.tok.encode(x))
-                    if n > self.model.cfg.max_seq_len:
-                        raise ValueError(
-                            f"prompt of {n} tokens exceeds the model's context of "
-                            f"{self.model.cfg.max_seq_len} tokens (echo with logprobs)"
-                        )
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            self.metrics.requests.labels("completions", "400").inc()
-            return _bad(str(exc))
-        choices, usage = await self._run(self._complete_sync, prompts, p, lp, echo, as_ids)
+            include_usage = _include_usage(body)
+        except RequestError as exc:
+            return self._refuse("completions", exc)
+        choices, usage = await self._run(self._complete_sync, prompts, ids_list, p, lp, echo, as_ids)
         self.metrics.tokens.inc(usage["completion_tokens"])
         self.metrics.requests.labels("completions", "200").inc()
         self.metrics.latency.labels("completions").observe(time.monotonic() - t0)
@@ -225,6 +301,7 @@ class ModelServer:
                 "text_completion",
                 [(c["index"], c["text"], c["finish_reason"]) for c in choices],
                 chat=False,
+                usage=usage if include_usage else None,
             )
         return web.json_response(
             {
@@ -240,19 +317,14 @@ class ModelServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
         try:
-            body = await request.json()
-            msgs = body.get("messages")
-            if not isinstance(msgs, list) or not msgs:
-                raise ValueError("messages must be a non-empty list")
-            # No chat template in a base code model: the turns are joined as plain text.
-            prompt = "".join(
-                f"{m.get('content', '')}\n" if m.get("role") != "assistant" else m.get("content", "") for m in msgs
-            )
-            p = self._params(body)
-        except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as exc:
-            self.metrics.requests.labels("chat", "400").inc()
-            return _bad(str(exc))
-        choices, usage = await self._run(self._complete_sync, [prompt], p, None, False)
+            body = await _json_body(request)
+            prompt = _chat_prompt(body.get("messages"))
+            ids_list = await self._encode([prompt])
+            p = self._params(body, [len(ids_list[0])], chat=True)
+            include_usage = _include_usage(body)
+        except RequestError as exc:
+            return self._refuse("chat", exc)
+        choices, usage = await self._run(self._complete_sync, [prompt], ids_list, p, None, False)
         self.metrics.tokens.inc(usage["completion_tokens"])
         self.metrics.requests.labels("chat", "200").inc()
         self.metrics.latency.labels("chat").observe(time.monotonic() - t0)
@@ -264,6 +336,7 @@ class ModelServer:
                 "chat.completion.chunk",
                 [(c["index"], c["text"], c["finish_reason"]) for c in choices],
                 chat=True,
+                usage=usage if include_usage else None,
             )
         return web.json_response(
             {
@@ -283,35 +356,102 @@ class ModelServer:
             }
         )
 
-    async def _stream(self, request: web.Request, rid: str, obj: str, items: list, chat: bool) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, rid: str, obj: str, items: list, chat: bool, usage: dict | None = None
+    ) -> web.StreamResponse:
+        """`usage` (stream_options.include_usage): as OpenAI, every chunk carries "usage": null
+        and a last chunk with no choices carries the usage."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         created = int(time.time())
 
-        async def send(index: int, text: str, finish: str | None) -> None:
-            choice: dict[str, Any] = {"index": index, "finish_reason": finish}
-            if chat:
-                choice["delta"] = {"content": text} if text or finish is None else {}
-            else:
-                choice["text"], choice["logprobs"] = text, None
-            chunk = {"id": rid, "object": obj, "created": created, "model": self.name, "choices": [choice]}
+        async def send(choices: list[dict], last_usage: dict | None = None) -> None:
+            chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": self.name}
+            chunk["choices"] = choices
+            if usage is not None:
+                chunk["usage"] = last_usage
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
+        def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+            if chat:
+                return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
         for index, text, finish in items:
-            pieces = [text[i : i + 8] for i in range(0, len(text), 8)]
-            for piece in pieces:
-                await send(index, piece, None)
-            await send(index, "", finish)
+            if chat:  # a choice's first delta names the role, as OpenAI's and vLLM's do
+                await send([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            for i in range(0, len(text), 8):
+                await send([choice(index, text[i : i + 8], None)])
+            await send([choice(index, "", finish)])
+        if usage is not None:
+            await send([], usage)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise RequestError(f"request body is not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    """body[key] as an int in [lo, hi] (an integral float such as 1500.0 too); `default` when absent or null."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise RequestError(f"{key} must be an integer in [{lo}, {hi}], got {v!r}", key)
+    return v
+
+
+def _number(body: dict, key: str, default: float, ok: Callable[[float], bool], want: str) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+        raise RequestError(f"{key} must be {want}, got {v!r}", key)
+    return float(v)
+
+
+def _include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise RequestError("stream_options must be an object", "stream_options")
+    return bool(opts.get("include_usage", False))
+
+
+def _chat_prompt(msgs: Any) -> str:
+    """No chat template in a base code model: the turns are joined as plain text, each but an
+    assistant's (which the model continues) ending its line. Content is a string or OpenAI's
+    list of text parts."""
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise RequestError("messages must be a non-empty list of objects", "messages")
+    out = []
+    for m in msgs:
+        c = m.get("content") or ""
+        if isinstance(c, list) and all(isinstance(x, dict) and isinstance(x.get("text"), str) for x in c):
+            c = "".join(x["text"] for x in c)
+        if not isinstance(c, str):
+            raise RequestError("message content must be a string or a list of text parts", "messages")
+        out.append(c if m.get("role") == "assistant" else f"{c}\n")
+    return "".join(out)
 
 
 def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def _prompt_list(prompt: Any, n_vocab: int, max_len: int) -> list:
+def _prompt_list(prompt: Any, n_vocab: int) -> list:
     """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of those."""
     if isinstance(prompt, str):
         return [prompt]
@@ -320,18 +460,25 @@ def _prompt_list(prompt: Any, n_vocab: int, max_len: int) -> list:
     elif isinstance(prompt, list) and prompt and all(isinstance(x, str) or _is_ids(x) for x in prompt):
         prompts = prompt
     else:
-        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of those")
+        raise RequestError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of those", "prompt"
+        )
     for x in prompts:
-        if isinstance(x, list):
-            if not all(0 <= t < n_vocab for t in x):
-                raise ValueError(f"prompt token ids must be in [0, {n_vocab})")
-            if len(x) > max_len:
-                raise ValueError(f"prompt of {len(x)} tokens exceeds the model's {max_len}")
+        if isinstance(x, list) and not all(0 <= t < n_vocab for t in x):
+            raise RequestError(f"prompt token ids must be in [0, {n_vocab})", "prompt")
     return prompts
 
 
-def run_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, model_name: str = "nanochat") -> None:
+def run_server(
+    model,
+    tokenizer,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "nanochat",
+    max_logprobs: int = MAX_LOGPROBS,
+) -> None:
     """Serve until interrupted. The listen backlog (aiohttp's default 128) is 1024: a distillation
     client opens its hundreds of connections at once, and each one past a full accept queue
     waits a second for its SYN to be sent again."""
-    web.run_app(ModelServer(model, tokenizer, model_name).app(), host=host, port=port, print=None, backlog=1024)
+    server = ModelServer(model, tokenizer, model_name, max_logprobs=max_logprobs)
+    web.run_app(server.app(), host=host, port=port, print=None, backlog=1024)

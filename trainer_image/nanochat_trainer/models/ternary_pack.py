@@ -6,7 +6,8 @@ the flattened weight, zero-padded to a multiple of 5. Each layer also keeps its 
 scale. MoE's ternary experts (BitStackedLinear, a (E, out, in) weight with one scale per
 expert) are packed the same way expert by expert: each expert's flattened (out, in)
 matrix is padded to a multiple of 5 on its own, so an expert's codes are one row of
-whole bytes. Everything else (embeddings, head, norms, router) keeps its dtype.
+whole bytes. Everything else (embeddings, head, norms, router) keeps its dtype, or the
+export's, except an MoE router's `expert_bias`, which stays float32 (as the scales do).
 
     from nanochat_trainer.models.ternary_pack import save_packed, load_packed_model, to_packed_inference
 
@@ -55,6 +56,11 @@ from .ternary import BitLinear, BitStackedLinear, expert_scales, quantize_activa
 FORMAT_V1 = "nanochat-ternary-v1"  # linear modules only
 FORMAT = "nanochat-ternary-v2"  # v1 plus MoE expert modules ("kind": "stacked")
 READABLE_FORMATS = (FORMAT_V1, FORMAT)
+# Stored float32 whatever the export's dtype: the aux-free router bias is added to float32 router
+# probabilities and trained in steps of bias_update_rate (1e-3), finer than bf16 holds at its size
+# (rounded, ~0.1% of tokens went to other experts). A file's dtypes are its own, so files that
+# hold it in bf16 load as they are.
+FLOAT32_SUFFIXES = (".expert_bias",)
 ENCODING = "base3-5-per-byte"
 META_KEY = "nanochat_ternary"
 TRITS_PER_BYTE = 5
@@ -336,7 +342,7 @@ def pack_ternary_state_dict(
 
     tensors: safetensors-ready (contiguous, CPU, one name per storage). `dtype` casts
     the non-ternary floating tensors (e.g. bf16 for serving); None keeps them; scales
-    stay float32. meta: {"modules": {name: {in_features, out_features, activation_bits,
+    and the router's expert_bias stay float32. meta: {"modules": {name: {in_features, out_features, activation_bits,
     bias}, plus "kind": "stacked" and n_experts for experts}, "aliases": {dropped_key:
     kept_key}} for tied tensors.
 
@@ -386,7 +392,7 @@ def pack_ternary_state_dict(
         seen[id(t)] = key
         t = (weights[key] if weights is not None else t).detach()
         if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
+            t = t.float() if key.endswith(FLOAT32_SUFFIXES) else t.to(dtype)
         out[key] = t
     tensors = {k: v.detach().cpu().contiguous() for k, v in out.items()}
     return tensors, {"modules": meta_modules, "aliases": aliases}
@@ -557,7 +563,8 @@ def load_packed_model(
     model.finish_assigned(device)
     # Non-ternary tensors may be stored in bf16: the buffers no file holds (RoPE tables) follow, so
     # nothing upcasts.
-    float_dtypes = {t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith("weight_scale")}
+    kept = (".weight_scale", *FLOAT32_SUFFIXES)
+    float_dtypes = {t.dtype for k, t in sd.items() if t.is_floating_point() and not k.endswith(kept)}
     if len(float_dtypes) == 1:
         dtype = float_dtypes.pop()
         for mod in model.modules():
