@@ -18,8 +18,9 @@ from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.serve import ModelServer
 
 
-def teacher_app(final_dir: Path, seen: dict[str, int]) -> web.Application:
-    """`nanochat serve` of a checkpoint as model "teacher", counting completion requests in seen["n"]."""
+def teacher_app(final_dir: Path, seen: dict[str, int], max_logprobs: int = 20) -> web.Application:
+    """`nanochat serve` of a checkpoint as model "teacher", counting completion requests in seen["n"];
+    `max_logprobs` as vLLM's --max-logprobs (20 by default there too)."""
     model, tok, _ = load_model(final_dir)
 
     @web.middleware
@@ -28,7 +29,7 @@ def teacher_app(final_dir: Path, seen: dict[str, int]) -> web.Application:
             seen["n"] += 1
         return await handler(request)
 
-    app = ModelServer(model, tok, model_name="teacher").app()
+    app = ModelServer(model, tok, model_name="teacher", max_logprobs=max_logprobs).app()
     app.middlewares.append(count)
     return app
 

@@ -9,7 +9,11 @@ aiohttp app (`FlakyServer503`) and httpx.MockTransport for malformed bodies.
 
 from __future__ import annotations
 
+import json
 import math
+import string
+import time
+from typing import Any
 
 import httpx
 import pytest
@@ -17,14 +21,23 @@ import torch
 from aiohttp import web
 
 from nanochat_trainer.checkpoint import load_model
-from nanochat_trainer.config import ModelConfig, TeacherConfig
-from nanochat_trainer.distill.teacher import AsyncTeacher, TeacherError, TeacherUnavailable, token_id_map, topk_tensors
+from nanochat_trainer.config import DistillConfig, ModelConfig, TeacherConfig
+from nanochat_trainer.contract import RunLayout
+from nanochat_trainer.distill import topk
+from nanochat_trainer.distill.align import CrossTokenizerFeed
+from nanochat_trainer.distill.cache import TOPK_MAGIC, decode_topk
+from nanochat_trainer.distill.teacher import AsyncTeacher, TeacherError, TeacherUnavailable
+from nanochat_trainer.distill.topk import TopkFeed, token_id_map, topk_tensors
+from nanochat_trainer.errors import ConfigError
 from nanochat_trainer.eval.generate import generate, prompt_logprobs
 from nanochat_trainer.models.gpt import GPT
 from nanochat_trainer.serve import ModelServer
+from nanochat_trainer.tokenizer import gpt2_tokenizer
 from nanochat_trainer.train.losses import mixed_loss, topk_kl_loss
+from nanochat_trainer.train.startup import build_feed
 
-from serving import completions_app, serve_app
+from micro import micro_cfg
+from serving import completions_app, free_port, run_on, serve_app
 
 PROMPTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "for i in range(10):\n    x = i\n"]
 
@@ -119,14 +132,14 @@ def test_cache_second_run_sends_no_requests(teacher_server, tmp_path) -> None:
     a = first.run_batch([first.prompt_topk(p, 3) for p in PROMPTS])
     assert seen["n"] - before == 3 and first.requests == 3 and first.cache_hits == 0
     files = sorted((tmp_path / "cache").rglob("*"))
-    assert len([f for f in files if f.is_file()]) == 3 and not any(f.name.startswith(".tmp") for f in files)
+    assert len([f for f in files if f.is_file()]) == 3 and not any(".tmp-" in f.name for f in files)
     second = AsyncTeacher(url, "tiny", cache_dir=tmp_path / "cache")
     b = second.run_batch([second.prompt_topk(p, 3) for p in PROMPTS])
     assert seen["n"] - before == 3 and second.requests == 0 and second.cache_hits == 3 and a == b
     # A different request is a miss; a torn cache file is a miss that gets rewritten.
     second.run_batch([second.prompt_topk(PROMPTS[0], 2)])
     assert seen["n"] - before == 4
-    victim = next(f for f in (tmp_path / "cache").rglob("*.json"))
+    victim = next(f for f in (tmp_path / "cache").rglob("*.bin"))
     victim.write_text('{"choices": [')
     third = AsyncTeacher(url, "tiny", cache_dir=tmp_path / "cache")
     third.run_batch([third.prompt_topk(p, 3) for p in PROMPTS] + [third.prompt_topk(PROMPTS[0], 2)])
@@ -274,7 +287,8 @@ def test_malformed_answers_raise(body, status, match, tmp_path) -> None:
     with pytest.raises(TeacherError, match=match) as err:
         teacher.run_batch([teacher.prompt_topk("ab", 2)])
     assert not isinstance(err.value, TeacherUnavailable) and err.value.status == (status if status >= 400 else None)
-    assert len(calls) == 1 and teacher.errors == 1 and not list(tmp_path.rglob("*.json"))  # not retried, not cached
+    posts = [c for c in calls if c.method == "POST"]  # the cache also asks GET /v1/models once
+    assert len(posts) == 1 and teacher.errors == 1 and not list(tmp_path.rglob("*.bin"))  # not retried, not cached
 
 
 def test_lenient_text_answers_for_cross_tokenizer() -> None:
@@ -340,10 +354,9 @@ def test_topk_kl_hand_computed() -> None:
     t = [0.6, 0.3, 0.1]
     want = sum(a * math.log(a / b) for a, b in zip(t, s))
     assert topk_kl_loss(logits, ids, lps, mask, 1.0).item() == pytest.approx(want, rel=1e-5)
-    # T = 2: both (k+1)-way distributions softened, the teacher's as softmax(log p / T); scaled by T^2.
-    zt = [math.exp(x / 2) for x in (1.0, 2.0, 0.0, -1.0)]
-    qt = [x / sum(zt) for x in zt]
-    st = [qt[1], qt[0], 1 - qt[1] - qt[0]]
+    # T = 2: both (k+1)-way distributions softened alike, as softmax(log p / T); scaled by T^2.
+    st = [math.sqrt(a) for a in s]
+    st = [a / sum(st) for a in st]
     tt = [math.sqrt(a) for a in t]
     tt = [a / sum(tt) for a in tt]
     want2 = 4 * sum(a * math.log(a / b) for a, b in zip(tt, st))
@@ -383,6 +396,25 @@ def test_topk_kl_zero_when_equal_and_grad_flows() -> None:
     assert topk_kl_loss(student, top_i, top_v, torch.zeros(b, t, dtype=torch.bool), 2.0).item() == 0.0
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_topk_kl_zero_for_the_teacher_itself_at_any_temperature(temperature: float) -> None:
+    """A student equal to the teacher is at the minimum at every T: its rest bucket must be the
+    same event as the teacher's (summed at T = 1, then softened), or training would move the
+    rest mass into the top-k. Also with an empty slot (cross-tokenizer)."""
+    torch.manual_seed(0)
+    v, k = 500, 8
+    z = torch.randn(2, 3, v) * 2.0
+    z[..., :4] += torch.tensor([9.0, 8.0, 7.5, 6.0])  # a peaked head, a long tail: rest mass matters
+    top = torch.log_softmax(z, -1).topk(k, -1)
+    lps = top.values.clone()
+    lps[1, 2, 3] = -float("inf")  # an empty slot: its mass joins the rest bucket on both sides
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    student = z.clone().requires_grad_(True)
+    loss = topk_kl_loss(student, top.indices, lps, mask, temperature)
+    loss.backward()
+    assert abs(loss.item()) < 1e-5 and student.grad.abs().max().item() < 1e-5
+
+
 def test_student_learns_teacher_topk_from_server(teacher_server) -> None:
     url, _, tok, _ = teacher_server
     k = 8
@@ -410,3 +442,223 @@ def test_student_learns_teacher_topk_from_server(teacher_server) -> None:
     with torch.no_grad():
         final = topk_kl_loss(student(x), ids, lps, mask, 1.0).item()
     assert final < 0.5 * losses[0], (losses[0], final)
+
+
+# ---------------------------------------------------------------------- vLLM's wire format
+class FakeVLLM:
+    """What vLLM answers the feeds, on a loopback port: echo + logprobs prompts (token ids:
+    "token_id:N" keys with the actual token added as a k+1-th; text: one token per character),
+    prompt_logprobs repeated as vLLM does, /v1/models with the checkpoint's `root`, and vLLM's
+    400 for logprobs above --max-logprobs or a prompt above --max-model-len (here in characters
+    or ids)."""
+
+    def __init__(self, root: str = "/models/a", lp: float = -0.5, max_logprobs: int = 20, max_model_len: int = 10**6):
+        self.root, self.lp, self.max_logprobs, self.max_model_len = root, lp, max_logprobs, max_model_len
+        self.posts = 0
+
+    @staticmethod
+    def _error(message: str) -> web.Response:
+        body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+        return web.json_response(body, status=400)
+
+    def _top(self, prompt: str | list[int], i: int, k: int) -> dict[str, float]:
+        if isinstance(prompt, list):
+            top = {f"token_id:{(prompt[i] + j) % 512}": self.lp - j for j in range(1, k + 1)}
+            return {**top, f"token_id:{prompt[i]}": self.lp}
+        return {**{c: self.lp - j for j, c in enumerate(string.ascii_letters[:k], 1)}, prompt[i]: self.lp}
+
+    async def completions(self, request: web.Request) -> web.Response:
+        self.posts += 1
+        body = await request.json()
+        prompt, k = body["prompt"], body.get("logprobs")
+        if k is None:  # the feeds' probe
+            return web.json_response({"choices": [{"index": 0, "text": "x", "finish_reason": "length"}]})
+        if k > self.max_logprobs:
+            return self._error(f"Requested prompt logprobs of {k}, which is greater than max allowed: 20")
+        if len(prompt) > self.max_model_len:
+            return self._error(f"This model's maximum context length is {self.max_model_len} tokens.")
+        n = len(prompt)
+        tokens = [f"token_id:{t}" for t in prompt] if isinstance(prompt, list) else list(prompt)
+        tops = [None] + [self._top(prompt, i, k) for i in range(1, n)]
+        choice = {
+            "index": 0,
+            "text": "",
+            "logprobs": {
+                "text_offset": list(range(n)),
+                "token_logprobs": [None] + [self.lp] * (n - 1),
+                "tokens": tokens,
+                "top_logprobs": tops,
+            },
+            "finish_reason": "length",
+            "prompt_logprobs": tops,
+        }
+        return web.json_response({"choices": [choice], "usage": {"prompt_tokens": n, "completion_tokens": 0}})
+
+    async def models(self, request: web.Request) -> web.Response:
+        entry = {"id": "qwen", "object": "model", "created": int(time.time()), "root": self.root, "max_model_len": 4096}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    def app(self) -> web.Application:
+        app = completions_app(self.completions)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+
+class Rows:
+    """A TokenLoader stand-in: the same rows every micro-batch."""
+
+    def __init__(self, rows: list[list[int]]):
+        self.rows, self.i = torch.tensor(rows), 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.i += 1
+        return self.rows[:, :-1], self.rows[:, 1:]
+
+
+def _dcfg(url: str, method: str = "topk_logprobs", **distill: Any) -> DistillConfig:
+    teacher = {"url": url, "model": "qwen", "max_retries": 3, **distill.pop("teacher", {})}
+    return DistillConfig.model_validate({"teacher": teacher, "method": method, **distill})
+
+
+def _rows(vocab: int = 512) -> list[list[int]]:
+    return [[(7 * r + 3 * i) % vocab for i in range(17)] for r in range(2)]
+
+
+@pytest.mark.parametrize("method", ["topk_logprobs", "cross_tokenizer"])
+def test_a_refusal_of_the_whole_micro_batch_stops_the_run(method: str) -> None:
+    """distill.top_k above vLLM's --max-logprobs: every request gets the same 400. Not retried,
+    and not an outage to train through: the run stops with the server's own words."""
+    fake = FakeVLLM(max_logprobs=20)
+    url, stop = serve_app(fake.app())
+    dcfg = _dcfg(url + "/v1", method, top_k=32)
+    tok = gpt2_tokenizer() if method == "cross_tokenizer" else None
+    if tok is None:
+        feed = TopkFeed(AsyncTeacher.from_config(dcfg.teacher), Rows(_rows()), dcfg, 512)
+    else:
+        rows = [tok.encode("def f(x):\n    return x + 1\n" * 2)[:17]] * 2
+        feed = CrossTokenizerFeed(AsyncTeacher.from_config(dcfg.teacher), Rows(rows), dcfg, tok)
+    feed.start(micro_batches=3, saved=None)
+    try:
+        with pytest.raises(ConfigError, match="distill.teacher=.*greater than max allowed: 20$"):
+            feed.next()
+    finally:
+        feed.close()
+        stop()
+    assert feed.teacher.retries == 0 and 2 <= fake.posts <= 2 * 3  # each row (piece) asked once: a 400 is not retried
+
+
+def test_piece_errors_are_teacher_skips() -> None:
+    """Cross-tokenizer: pieces the teacher refused (too long for its context) leave the micro-batch
+    too few aligned positions: that is the teacher failing (teacher_skipped, the TeacherAvailable
+    signal), not the alignment."""
+    tok = gpt2_tokenizer()
+    short, long = tok.encode("x = 1"), tok.encode("def f(x):\n    return x + 1\n" * 3)
+    row = (short + [tok.eot_id] + long)[:40]
+    fake = FakeVLLM(max_model_len=len(tok.decode(short)))
+    url, stop = serve_app(fake.app())
+    dcfg = _dcfg(url + "/v1", "cross_tokenizer", top_k=8, min_aligned_fraction=0.5)
+    feed = CrossTokenizerFeed(AsyncTeacher.from_config(dcfg.teacher), Rows([row, row]), dcfg, tok)
+    feed.start(micro_batches=2, saved=None)
+    try:
+        batches = [feed.next() for _ in range(2)]
+    finally:
+        feed.close()
+        stop()
+    rec = feed.record()
+    assert all(b.teacher is None for b in batches) and rec["teacher_skipped"] == 2
+    assert rec["alignment"]["piece_errors"] == 4 and rec["alignment"]["unaligned_skipped"] == 0
+    assert "maximum context length" in rec["teacher_error"]
+
+
+def test_a_malformed_teacher_url_is_a_config_error(tmp_path) -> None:
+    """Not an outage retried for the whole run: the start fails naming the field."""
+    for url in ("teacher:8000/v1", "htp://teacher:8000/v1", "http://:8000/v1"):
+        cfg = micro_cfg(
+            tmp_path, stage="distill", distill={"method": "topk_logprobs", "teacher": {"url": url, "model": "m"}}
+        )
+        with pytest.raises(ConfigError, match="^distill.teacher.url="):
+            build_feed(cfg, RunLayout(tmp_path), None, None, None)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="teacher url"):
+            AsyncTeacher(url, "m")
+
+
+def test_teacher_down_skips_at_once_then_resumes(monkeypatch) -> None:
+    """The first micro-batch spends the client's retries; the ones after it do not ask at all
+    (without the breaker each waited the whole schedule), and a probe finds the teacher back."""
+    monkeypatch.setattr(topk, "PROBE_S", 0.2)
+    port = free_port()
+    dcfg = _dcfg(f"http://127.0.0.1:{port}/v1", top_k=4)
+    teacher = AsyncTeacher.from_config(dcfg.teacher, backoff=0.2)  # 4 attempts: ~1.4-2.1 s
+    feed = TopkFeed(teacher, Rows(_rows()), dcfg, 512)
+    feed.start(micro_batches=100, saved=None)
+    stop = None
+    try:
+        t0 = time.monotonic()
+        assert feed.next().teacher is None
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert all(feed.next().teacher is None for _ in range(10))
+        rest = time.monotonic() - t0
+        assert first > 1.0 and rest < 0.5, (first, rest)
+        stop = run_on(FakeVLLM().app(), port)
+        deadline = time.monotonic() + 10
+        while feed.next().teacher is None:
+            assert time.monotonic() < deadline, "the teacher came back, the feed did not use it"
+            time.sleep(0.05)
+        rec = feed.record()
+        assert rec["teacher_outages"] == 1 and feed.down_since is None and "ConnectError" in rec["teacher_error"]
+    finally:
+        feed.close()
+        if stop is not None:
+            stop()
+
+
+# ---------------------------------------------------------------------- the cache
+def test_cache_rows_are_compact_and_keyed_by_the_teacher(tmp_path) -> None:
+    """A 2048-token top-20 row costs ~170 bytes a token (vLLM's JSON: ~840), replays exactly, and
+    a teacher redeployed with another checkpoint under the same URL and name is a miss; a cache
+    file of an older format is a miss that gets rewritten."""
+    prompt = [(i * 37) % 512 for i in range(2048)]
+    old = FakeVLLM(root="/models/a", lp=-0.5)
+    url, stop = serve_app(old.app())
+    try:
+        first = AsyncTeacher(url, "qwen", cache_dir=tmp_path)
+        a = first.run_batch([first.prompt_topk(prompt, 20)])[0]
+        (path,) = tmp_path.rglob("*.bin")
+        assert path.stat().st_size / len(prompt) < 200 and decode_topk(path.read_bytes()) == a
+        assert all(len(top) == 20 for _, top, _ in a[1:])  # vLLM's k+1-th, the actual token, is not kept
+        again = AsyncTeacher(url, "qwen", cache_dir=tmp_path)
+        assert again.run_batch([again.prompt_topk(prompt, 20)])[0] == a and old.posts == 1 and again.cache_hits == 1
+        old.root, old.lp = "/models/b", -2.0  # redeployed: same URL, same served name
+        swapped = AsyncTeacher(url, "qwen", cache_dir=tmp_path)
+        b = swapped.run_batch([swapped.prompt_topk(prompt, 20)])[0]
+        assert old.posts == 2 and swapped.cache_hits == 0 and b[1][1][prompt[1]] == -2.0
+        for f in tmp_path.rglob("*.bin"):  # an older client's file where this one looks
+            f.write_text(json.dumps({"choices": [{"text": "", "logprobs": None}]}))
+        fresh = AsyncTeacher(url, "qwen", cache_dir=tmp_path)
+        assert fresh.run_batch([fresh.prompt_topk(prompt, 20)])[0] == b and fresh.requests == 1
+        rewritten = [f for f in tmp_path.rglob("*.bin") if f.read_bytes().startswith(TOPK_MAGIC)]
+        assert len(rewritten) == 1 and decode_topk(rewritten[0].read_bytes()) == b
+    finally:
+        stop()
+
+
+def test_a_cache_that_cannot_be_written_keeps_the_answer(tmp_path) -> None:
+    """A full volume (here a file where the cache directory should be) costs the rerun its replay,
+    not this run its teacher."""
+    fake = FakeVLLM()
+    url, stop = serve_app(fake.app())
+    blocked = tmp_path / "cache"
+    blocked.write_text("")
+    try:
+        teacher = AsyncTeacher(url, "qwen", cache_dir=blocked)
+        out = teacher.run_batch([teacher.prompt_topk([1, 2, 3], 4), teacher.prompt_topk([4, 5, 6], 4)])
+    finally:
+        stop()
+    assert [e[0] for e in out[0]] == [1, 2, 3] and teacher.errors == 0 and fake.posts == 2

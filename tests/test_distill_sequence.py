@@ -21,17 +21,18 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from nanochat_trainer.config import TrainerConfig
+from nanochat_trainer.config import DistillConfig, TrainerConfig
 from nanochat_trainer.data.synthetic import generate as synthetic_docs
 from nanochat_trainer.distill.sequence import (
     Prompt,
+    SequenceProducer,
     _Packer,
     check_completion,
     filter_completions,
     function_body,
     split_prompt,
 )
-from nanochat_trainer.distill.teacher import TeacherError
+from nanochat_trainer.distill.teacher import AsyncTeacher, TeacherError
 from nanochat_trainer.eval.sandbox import Sandbox
 from nanochat_trainer.train import train
 
@@ -318,3 +319,49 @@ def test_slow_rejected_teacher_costs_at_most_row_wait_per_micro_batch(narrow, tm
     assert seq["plain_rows"] == 2 * MICRO["batch_size"] and rec["teacher_skipped"] == 2 * MICRO["batch_size"]
     # Two micro-batches, each waiting its second (and a little more for the poll and the last answer).
     assert seq["wait_s"] < 2 * (1.0 + 1.0), seq
+
+
+class _CharTok:
+    eot_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_completion_cut_at_max_tokens_is_rejected_unless_the_function_ended() -> None:
+    """finish_reason "length": the text stops where the token budget did, and a body missing its
+    end (here its `return`) still parses; it is kept only when a top-level line after it shows
+    the function had ended."""
+    cut = "\n    total = 0\n    for x in xs:\n        total += x\n"
+    answers = {
+        0: (cut, "length"),  # cut mid-function
+        1: (cut + "    return total\n\nprint(positive_sum([1]))", "length"),  # ended, then cut
+        2: (cut + "    return total\n", "stop"),  # a stop string ended it
+    }
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        text, finish = answers[body["seed"]]
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return web.json_response({"choices": [choice]})
+
+    url, stop = _stub(completions)
+    dcfg = DistillConfig.model_validate(
+        {"teacher": {"url": url + "/v1", "model": "teacher"}, "sample_temperature": 0.5, "filter_tests": False}
+    )
+    prompt = 'def positive_sum(xs):\n    """Sum of xs."""'
+    producer = SequenceProducer(
+        AsyncTeacher.from_config(dcfg.teacher),
+        iter([Prompt(i, prompt, "") for i in range(3)]),
+        dcfg,
+        _CharTok(),
+        window=3,
+        ahead_tokens=10**9,
+    )
+    try:
+        kept = [producer.take(timeout=10)[0] for _ in range(2)]
+    finally:
+        producer.finish()
+        producer.close()
+        stop()
+    assert kept == [1, 2] and producer.counts["rejected_truncated"] == 1 and producer.counts["accepted"] == 2

@@ -46,7 +46,7 @@ def test_distill_loss_falls_and_cache_replays(narrow_teacher, tmp_path) -> None:
     # One request per row, none past the run's last batch (prefetch stops at the end).
     assert last["teacher"]["requests"] == n_rows and seen["n"] - before == n_rows
     cache = tmp_path / "a" / "teacher-cache"  # the default cache dir
-    assert len(list(cache.rglob("*.json"))) == n_rows
+    assert len(list(cache.rglob("*.bin"))) == n_rows
 
     # (b) A second identical run in a fresh dir, sharing the cache: zero requests, same losses.
     before = seen["n"]
@@ -81,11 +81,9 @@ def test_teacher_down(narrow_teacher, tmp_path) -> None:
     log = read_log(tmp_path / "skip")
     print(f"\nteacher down: skipped {rec['teacher_skipped']} micro-batches, teacher {rec['teacher']}")
     assert rec["teacher_skipped"] == steps and log[1]["teacher_skipped"] == 1
-    assert (
-        rec["teacher"]["errors"] == steps * MICRO["batch_size"]
-        and rec["kd_loss"] is None
-        and "ConnectError" in rec["teacher_error"]
-    )
+    # Found down on the first micro-batch: the later ones were not asked (the breaker), only probed.
+    assert rec["teacher_outages"] == 1 and rec["kd_loss"] is None and "ConnectError" in rec["teacher_error"]
+    assert MICRO["batch_size"] <= rec["teacher"]["errors"] < steps * MICRO["batch_size"]
     assert (tmp_path / "skip" / "final" / "model.safetensors").is_file()
     with pytest.raises(TeacherError, match="continue_without_teacher is false"):
         train(distill_cfg(tmp_path / "strict", url, tdir, steps, continue_without_teacher=False))
@@ -155,7 +153,7 @@ def test_teacher_on_narrow_pattern_speeds_up_student(tmp_path) -> None:
     tdir = tmp_path / "teacher"
     train(micro_cfg(tdir, steps=300, data={"source": "local", "path": str(many)}))
     seen = {"n": 0}
-    url, stop = serve_app(teacher_app(tdir / "final", seen))
+    url, stop = serve_app(teacher_app(tdir / "final", seen, max_logprobs=32))  # top_k 32, below
     steps, data = 150, {"source": "local", "path": str(few)}
     try:
         train(

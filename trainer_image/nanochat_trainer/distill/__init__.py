@@ -13,6 +13,7 @@ Each feed is a `data.feed.BatchSource` the trainer draws its micro-batches from
   by character offsets, teacher top-k texts mapped into the student's vocabulary (exact-match
   MinED, Wan et al. 2024), KL at the aligned positions.
 
-`teacher.AsyncTeacher` is the OpenAI-compatible client they share (concurrency, retries, an
-on-disk answer cache); the KL losses are in `train/losses.py`.
+`teacher.AsyncTeacher` is the OpenAI-compatible client they share (concurrency, retries; its
+connection pool is `transport.py`), `cache.AnswerCache` its on-disk answer cache; the KL losses
+are in `train/losses.py`.
 """

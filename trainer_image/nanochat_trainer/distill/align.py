@@ -28,7 +28,9 @@ student that would write " ret" + "urn"), so the mapped KL is an approximation, 
 the LM loss (1 - alpha) still trains every position. Positions that do not align, pieces the
 teacher refused (a 400: too long for its context) and micro-batches with fewer than
 distill.min_aligned_fraction aligned positions (trained on the LM loss alone) are counted,
-never guessed.
+never guessed. A micro-batch left under that fraction because pieces failed is the teacher's
+failure (teacher_skipped, the TeacherAvailable signal; the run stops without
+continue_without_teacher); one refusal for every piece stops the run as `TopkFeed` does.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ import torch
 from ..config import DistillConfig
 from ..data.feed import TopkTargets
 from ..data.loader import TokenLoader
-from .teacher import FATAL_STATUS, AsyncTeacher, TeacherError, TeacherUnavailable, TopkEntry, token_id_map
-from .topk import PREFETCH_DEPTH, TopkFeed
+from .cache import TopkEntry
+from .teacher import AsyncTeacher, TeacherError
+from .topk import PREFETCH_DEPTH, TopkFeed, token_id_map
 
 
 def student_ends(tokenizer, ids: Sequence[int]) -> tuple[str, list[int | None]]:
@@ -152,20 +155,11 @@ class CrossTokenizerFeed(TopkFeed):
         return plans, list(await asyncio.gather(*coros, return_exceptions=True))
 
     def result(self, fut, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Targets for batch x. Raises TeacherError when the teacher is down (TeacherUnavailable)
-        or refuses every request (401/403/404); a piece it could not answer (a 400, a malformed
-        answer, fewer than k logprobs) is counted in piece_errors and left unaligned."""
-        try:
-            plans, answers = fut.result()
-        except TeacherError:
-            raise
-        except Exception as exc:
-            raise TeacherError(f"teacher request failed: {type(exc).__name__}: {exc}") from exc
-        for a in answers:
-            if isinstance(a, BaseException) and not isinstance(a, TeacherError):
-                raise TeacherError(f"teacher request failed: {type(a).__name__}: {a}") from a
-            if isinstance(a, TeacherUnavailable) or (isinstance(a, TeacherError) and a.status in FATAL_STATUS):
-                raise a
+        """Targets for batch x. Raises as `TopkFeed._failures` does; a piece the teacher could not
+        answer (a 400, a malformed answer, fewer than k logprobs) is counted in piece_errors and
+        left unaligned, and raises its TeacherError when that leaves the batch too few positions."""
+        plans, answers = self._answers(fut)
+        errors = self._failures(answers)
         b, t = x.shape
         ids = torch.zeros(b, t, self.k, dtype=torch.long)
         lps = torch.full((b, t, self.k), -float("inf"))
@@ -181,6 +175,8 @@ class CrossTokenizerFeed(TopkFeed):
             ids[r, s : s + n], lps[r, s : s + n], mask[r, s : s + n] = p_ids, p_lps, p_mask
         self.positions += b * t
         self.aligned += int(mask.sum())
+        if errors and mask.float().mean().item() < self.dcfg.min_aligned_fraction:
+            raise errors[-1]
         return ids.to(x.device), lps.to(x.device), mask.to(x.device)
 
     def _checked(self, targets: TopkTargets) -> TopkTargets | None:

@@ -14,7 +14,9 @@ generator's documents are exactly that shape: def, docstring, body, asserts.
 
 Completions: the teacher's `/v1/completions` (max_tokens = distill.max_new_tokens, temperature
 = distill.sample_temperature with a per-prompt seed, stop at the next top-level statement),
-cut at the first non-indented line (`function_body`): the end of the function.
+cut at the first non-indented line (`function_body`): the end of the function. A completion
+vLLM cut at max_tokens (finish_reason "length") is rejected as truncated unless such a line shows
+that the function had ended before the cut (`function_ended`).
 
 Quality filter (`filter_completions`): prompt + completion must parse (`ast.parse`), and when the
 prompt has tests and distill.filter_tests is on, prompt + completion + tests must pass in the
@@ -131,17 +133,28 @@ def literal_assert(stmt: ast.stmt, name: str) -> bool:
     return True
 
 
-def function_body(completion: str) -> str:
-    """The completion up to the end of the function: the rest of the prompt's last line, then
-    lines until the first non-empty one that is not indented; trailing blank lines dropped
-    and one newline added. "" when no code came back."""
+def _function_lines(completion: str) -> tuple[list[str], bool]:
+    """The completion's lines up to the end of the function (the rest of the prompt's last line,
+    then lines until the first non-empty one that is not indented), and whether that line came."""
     out = []
     for n, line in enumerate(completion.splitlines(keepends=True)):
         if n and line.strip() and not line[0].isspace():
-            break
+            return out, True
         out.append(line)
-    text = "".join(out).rstrip()
+    return out, False
+
+
+def function_body(completion: str) -> str:
+    """The completion up to the end of the function; trailing blank lines dropped and one
+    newline added. "" when no code came back."""
+    text = "".join(_function_lines(completion)[0]).rstrip()
     return text + "\n" if text.strip() else ""
+
+
+def function_ended(completion: str) -> bool:
+    """Whether a top-level line follows the function: a completion cut at max_tokens without one
+    may have lost the function's end, and can still parse (a loop missing its `return`)."""
+    return _function_lines(completion)[1]
 
 
 def check_completion(prompt: str, body: str) -> str | None:
@@ -275,6 +288,9 @@ class SequenceProducer:
                 if isinstance(a, TeacherError):
                     self.counts["teacher_errors"] += 1  # e.g. a 400 for a prompt too long: skip it
                     self.last_error = str(a)[:300]
+                    self.reject_streak += 1
+                elif a[1] == "length" and not function_ended(a[0]):
+                    self.counts["rejected_truncated"] += 1
                     self.reject_streak += 1
                 else:
                     bodies.append((p, function_body(a[0])))

@@ -5,27 +5,31 @@
     text, finish = await teacher.completion("def f(", 32, stop=["\ndef "])   # just the text
     top = await teacher.prompt_topk("def f(x):\n    return x\n", k=20)  # [(token, {tok: lp}|None, offset)]
     top = await teacher.prompt_topk([563, 269, 7], k=20)    # token-id prompt: exact alignment
+    results = teacher.run_batch([teacher.prompt_topk(p, 20) for p in prompts])   # from sync code
 
 - prompt_topk asks for vLLM's `return_tokens_as_token_ids`: tokens and top_logprobs keys come back
   as "token_id:N" and are parsed into ints, so ids that decode to the same text (lone UTF-8 bytes)
   stay distinct. A server that ignores the flag answers with text keys, which are kept as str.
-    results = teacher.run_batch([teacher.prompt_topk(p, 20) for p in prompts])   # from sync code
 
 - At most `concurrency` requests in flight (asyncio.Semaphore), and nothing below it caps them:
   sized for one vLLM server (the config's default, 256, for 8 GPUs). The requests go through an
-  httpx client whose transport is aiohttp's connection pool (`AiohttpTransport`): `concurrency`
-  connections, all kept alive between bursts (4 s idle at most, under uvicorn's 5 s), the host
-  name resolved once and cached. httpx's own pool (httpcore) spends time quadratic in its
-  connections on every request: at 256 connections ~11 ms of CPU per request (about 90 requests/s
-  for the whole client, taken from the training process), against ~0.3 ms through aiohttp's.
+  httpx client whose transport is aiohttp's connection pool (transport.py's `AiohttpTransport`,
+  which says why not httpx's own): `concurrency` connections, all kept alive between bursts.
   A `transport` passed in (httpx.MockTransport in tests) replaces it.
-- Retries with exponential backoff (honouring a numeric Retry-After) on 429, 5xx, timeouts and
+- The URL must be http(s)://host[:port][/path] (`url_problem`): a malformed one is refused when
+  the client is made, not retried as an outage.
+- Retries with exponential backoff (honouring a numeric Retry-After) on 408, 429, 5xx, timeouts and
   connection errors, then raises `TeacherUnavailable` (the teacher is down: try again later);
-  other 4xx (`TeacherError.status`) and bad bodies fail at once. Each wait is stretched by a
-  random 0-50%, so hundreds of requests refused together do not all come back together.
-- Answers are cached on disk, one JSON file per sha256 of the request (URL + body), written
-  atomically (tmp + os.replace): a repeated run sends zero requests. Only validated answers are
-  cached; an unreadable cache file counts as a miss and is rewritten.
+  other 4xx (`TeacherError.status`, `.refused`; the message quotes the server's own) and bad bodies
+  fail at once. Each wait is stretched by a random 0-50%, so hundreds of requests refused
+  together do not all come back together. `probe()`: one request, no retries, no cache: does the
+  teacher answer now (a caller that found it down asks this before sending real work again).
+- Answers are cached on disk (`cache_dir`, cache.py's `AnswerCache`): a repeated run sends no
+  completion requests. The key holds the teacher's identity, what GET /v1/models says of the
+  served model (id, root, parent, max_model_len), asked here once; a server that says nothing
+  there keys on URL + body alone, and while /v1/models cannot be reached the cache is not used.
+  A fresh answer goes through the cache's encoding too (the request's `Codec`), so a replay from
+  the cache is bit-identical to the first run.
 - Counters as attributes: requests (HTTP attempts sent), cache_hits, errors (calls that raised),
   retries, latency_s (total seconds spent in HTTP attempts), in_flight (HTTP attempts under way now)
   and peak_in_flight, prompt_tokens and completion_tokens (summed from each answer's `usage`, which
@@ -41,27 +45,31 @@ Anything malformed raises `TeacherError`: a distillation loss must never be sile
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
+import logging
 import os
 import random
-import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 import httpx
-import torch
 
-RETRY_STATUS = {429, 500, 502, 503, 504}
+from .cache import ANSWER, COMPLETION, TOPK, AnswerCache, Codec, TopkEntry
+from .transport import AiohttpTransport
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 FATAL_STATUS = {401, 403, 404}  # bad API key, unknown model: no later request can succeed
+IDENTITY_RETRY_S = 5.0  # while /v1/models cannot be reached, ask it again at most this often
+IDENTITY_FIELDS = ("id", "root", "parent", "max_model_len")  # not `created`: vLLM sets it per request
 
 RATE_KEYS = ("requests_per_s", "prompt_tokens_per_s", "completion_tokens_per_s")
 
-TopkEntry = tuple[str | int, dict[str | int, float] | None, int]
 TOKEN_ID_PREFIX = "token_id:"
 
 
@@ -73,63 +81,16 @@ class TeacherError(RuntimeError):
         super().__init__(message)
         self.status = status
 
+    @property
+    def refused(self) -> bool:
+        """The server understood the request and said no (a 4xx that is not retried): sending the
+        same request again gets the same answer."""
+        return self.status is not None and 400 <= self.status < 500
+
 
 class TeacherUnavailable(TeacherError):
     """The teacher could not be reached or stayed overloaded (connection errors, timeouts, 429,
     5xx) through all retries: it is down for now, and the same request may succeed later."""
-
-
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """An httpx transport over one aiohttp ClientSession (made on first use, in the running loop):
-    at most `limit` connections, kept alive `keepalive_s` when idle. Honours the connect and read
-    timeouts httpx passes with each request; aiohttp's errors become httpx's (ConnectError,
-    ConnectTimeout, ReadTimeout, RemoteProtocolError, ReadError), so callers see httpx only."""
-
-    def __init__(self, limit: int, keepalive_s: float = 4.0):
-        self.limit, self.keepalive_s = limit, keepalive_s
-        self._session: aiohttp.ClientSession | None = None
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.limit, limit_per_host=0, keepalive_timeout=self.keepalive_s)
-            # httpx sets the headers (Accept-Encoding, cookies) and decodes the body itself. trust_env:
-            # HTTP(S)_PROXY and NO_PROXY apply as they did to httpx's own transport.
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=True
-            )
-        return self._session
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        t = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
-        body = await request.aread()
-        try:
-            async with self._get_session().request(
-                request.method,
-                str(request.url),
-                headers=list(request.headers.multi_items()),
-                data=body,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as r:
-                content = await r.read()
-                headers = [(k, v) for k, v in r.raw_headers if k.lower() != b"transfer-encoding"]
-                return httpx.Response(r.status, headers=headers, content=content, request=request)
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise httpx.ConnectTimeout(str(exc) or "connect timed out", request=request) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise httpx.ReadTimeout(str(exc) or "read timed out", request=request) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise httpx.RemoteProtocolError(str(exc) or "server disconnected", request=request) from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError(f"{type(exc).__name__}: {exc}", request=request) from exc
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
 
 
 class AsyncTeacher:
@@ -149,12 +110,17 @@ class AsyncTeacher:
     ):
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or rate_window_s <= 0:
             raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0, rate_window_s > 0")
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(f"teacher url {url!r}: {problem}")
         base = url.rstrip("/")
-        self.url = base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+        api = base if base.endswith("/v1") else base + "/v1"
+        self.url, self.models_url = api + "/completions", api + "/models"
         self.model = model
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._cache = AnswerCache(self.cache_dir) if self.cache_dir is not None else None
         self._headers: dict[str, str] = {}
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
@@ -162,7 +128,10 @@ class AsyncTeacher:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._identity_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._identity: str | None = None  # the served model's identity; None until /v1/models answers
+        self._identity_after = 0.0  # monotonic time before which /v1/models is not asked again
         self.requests = self.cache_hits = self.errors = self.retries = 0
         self.latency_s = 0.0
         self.in_flight = self.peak_in_flight = 0
@@ -255,6 +224,7 @@ class AsyncTeacher:
                 transport=self._transport or AiohttpTransport(self.concurrency),
             )
             self._sem, self._loop = asyncio.Semaphore(self.concurrency), loop
+            self._identity_lock = asyncio.Lock()
         assert self._sem is not None
         return self._http, self._sem
 
@@ -281,62 +251,75 @@ class AsyncTeacher:
         return asyncio.run(go())
 
     # ------------------------------------------------------------------ cache
-    def _cache_path(self, body: dict) -> Path | None:
-        if self.cache_dir is None:
+    async def _cache_path(self, body: dict) -> Path | None:
+        """Where this request's answer is cached; None without a cache, or while the teacher's
+        identity is unknown (an answer filed under no identity could be another teacher's)."""
+        if self._cache is None:
             return None
-        key = hashlib.sha256(
-            json.dumps({"url": self.url, "body": body}, sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
-        return self.cache_dir / key[:2] / f"{key}.json"
-
-    @staticmethod
-    def _cache_read(path: Path | None) -> dict | None:
-        if path is None or not path.is_file():
+        identity = await self._teacher_identity()
+        if identity is None:
             return None
-        try:
-            return _validate(json.loads(path.read_text()))
-        except (OSError, ValueError, TeacherError):
-            return None  # torn or foreign file: a miss; the fresh answer overwrites it
+        return self._cache.path(self.url, identity, body)
 
-    @staticmethod
-    def _cache_write(path: Path | None, data: dict) -> None:
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+    async def _teacher_identity(self) -> str | None:
+        """The served model's identity (IDENTITY_FIELDS of its /v1/models entry, as JSON), asked
+        once; "" where the server gives none (no such route, or the model not listed); None while
+        it cannot be asked (down: asked again after IDENTITY_RETRY_S)."""
+        if self._identity is not None:
+            return self._identity
+        http, _ = self._client()
+        assert self._identity_lock is not None
+        async with self._identity_lock:
+            if self._identity is None and time.monotonic() >= self._identity_after:
+                try:
+                    r = await http.get(self.models_url)
+                except httpx.HTTPError:  # down: the cache waits until it can be asked
+                    self._identity_after = time.monotonic() + IDENTITY_RETRY_S
+                except Exception as exc:  # a transport that knows no such route (a test double): none
+                    log.warning("GET %s failed (%s): teacher cache keyed on URL + body", self.models_url, exc)
+                    self._identity = ""
+                else:
+                    if r.status_code in RETRY_STATUS or r.status_code >= 500:
+                        self._identity_after = time.monotonic() + IDENTITY_RETRY_S
+                    else:
+                        self._identity = _model_identity(r, self.model)
+        return self._identity
 
     # ------------------------------------------------------------------ requests
-    async def _post(self, body: dict, parse: Callable[[dict], Any] | None = None) -> Any:
-        """Cached POST; `parse` checks and unpacks the answer before it is cached (a cached file
-        that fails it is a miss)."""
-        parse = parse or (lambda d: d)
-        path = self._cache_path(body)
-        cached = self._cache_read(path)
-        if cached is not None:
-            try:
-                out = parse(cached)
+    async def _post(self, body: dict, parse: Callable[[dict], Any], codec: Codec) -> Any:
+        """Cached POST: `parse` checks and unpacks the answer, `codec` stores what it returns. A
+        cached file that does not decode is a miss."""
+        path = await self._cache_path(body)
+        if path is not None and self._cache is not None:
+            cached = self._cache.read(path, codec)
+            if cached is not None:
                 self.cache_hits += 1
-                return out
-            except TeacherError:
-                pass
+                return cached
+            # absent, torn or foreign (an older format): a miss; the fresh answer overwrites it
         try:
-            data = await self._send(body)
-            out = parse(data)
+            answer = parse(await self._send(body))
+            try:
+                blob = codec.encode(answer)
+            except ValueError as exc:  # an answer the cache's format cannot hold (a token id past int32)
+                raise TeacherError(str(exc)) from exc
         except TeacherError:
             self.errors += 1
             raise
-        self._cache_write(path, data)
-        return out
+        if path is not None and self._cache is not None:
+            self._cache.write(path, blob)  # a failure is logged once: the answer is still used
+        return codec.decode(blob)  # what a replay from the cache will return, exactly
+
+    async def probe(self) -> bool:
+        """One short request, no retries, no cache: True when the teacher answers (anything but
+        a timeout, a connection error, 408, 429 or 5xx)."""
+        http, sem = self._client()
+        async with sem:
+            self.requests += 1
+            try:
+                r = await http.post(self.url, json=self._body("\n", 1, 0.0, None, False))
+            except httpx.HTTPError:
+                return False
+        return r.status_code not in RETRY_STATUS and r.status_code < 500
 
     async def _send(self, body: dict) -> dict:
         http, sem = self._client()
@@ -354,6 +337,8 @@ class AsyncTeacher:
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 try:
                     r = await http.post(self.url, json=body)
+                except httpx.UnsupportedProtocol as exc:
+                    raise TeacherError(f"{self.url}: not a URL the client can use: {exc}") from exc
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
                     last = f"{type(exc).__name__}: {exc}"
                     r = None
@@ -369,7 +354,7 @@ class AsyncTeacher:
                         delay = 0.0
                 elif r.status_code >= 400:
                     raise TeacherError(
-                        f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}", status=r.status_code
+                        f"{self.url} answered HTTP {r.status_code}: {server_message(r)}", status=r.status_code
                     )
                 else:
                     try:
@@ -415,7 +400,7 @@ class AsyncTeacher:
         **extra: Any,
     ) -> dict:
         """POST one completion; returns the parsed JSON (validated: a non-empty `choices` list)."""
-        return await self._post(self._body(prompt, max_tokens, temperature, logprobs, echo, **extra))
+        return await self._post(self._body(prompt, max_tokens, temperature, logprobs, echo, **extra), _validate, ANSWER)
 
     async def completion(
         self,
@@ -433,7 +418,7 @@ class AsyncTeacher:
         if temperature > 0 and seed is not None:
             extra["seed"] = int(seed)
         body = self._body(prompt, max_tokens, temperature, None, False, **extra)
-        return await self._post(body, lambda data: parse_completion(data, where=self.url))
+        return await self._post(body, lambda data: parse_completion(data, where=self.url), COMPLETION)
 
     async def prompt_topk(
         self, prompt: str | list[int], k: int, token_ids: bool = True, strict: bool = True
@@ -443,7 +428,7 @@ class AsyncTeacher:
         `prompt` is text, or a list of token ids (the teacher must share the tokenizer; the echoed
         ids must equal them). Entry i is (token, top, text_offset) for prompt token i in the
         teacher's tokenization; `top` is the distribution that predicted token i ({token: logprob},
-        at least k entries; vLLM may add the actual token as a k+1-th), None for the first token.
+        the k most likely: vLLM's k+1-th, the actual token, is dropped), None for the first token.
         Tokens and keys are ints where the server honours `return_tokens_as_token_ids` (asked
         for unless token_ids=False), else decoded text. `strict=False` (text prompts, text tokens:
         cross-tokenizer use) accepts echoed tokens that do not spell the prompt exactly (a
@@ -458,7 +443,9 @@ class AsyncTeacher:
                 raise ValueError("empty token-id prompt")
         extra = {"return_tokens_as_token_ids": True} if token_ids else {}
         body = self._body(prompt, max_tokens=0, temperature=0.0, logprobs=k, echo=True, **extra)
-        return await self._post(body, lambda data: parse_prompt_topk(data, prompt, k, where=self.url, strict=strict))
+        return await self._post(
+            body, lambda data: parse_prompt_topk(data, prompt, k, where=self.url, strict=strict), TOPK
+        )
 
 
 def _validate(data: Any) -> dict:
@@ -468,6 +455,50 @@ def _validate(data: Any) -> dict:
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
         raise TeacherError(f"teacher answer has no choices: {str(data)[:200]}")
     return data
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a teacher's base URL (http(s)://host[:port][/path]), or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return "needs http:// or https:// and a host, e.g. http://teacher:8000/v1"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has port 0"
+    return None
+
+
+def server_message(r: httpx.Response) -> str:
+    """What an error answer says: vLLM's {"message": ...}, OpenAI's {"error": {"message": ...}},
+    else the start of the body."""
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        msg = data.get("message") or (err.get("message") if isinstance(err, dict) else err)
+        if isinstance(msg, str) and msg:
+            return msg[:500]
+    return r.text[:300]
+
+
+def _model_identity(r: httpx.Response, model: str) -> str:
+    """IDENTITY_FIELDS of `model`'s entry in a /v1/models answer, as JSON; "" when there is none."""
+    try:
+        data = r.json() if r.status_code == 200 else None
+    except ValueError:
+        data = None
+    entries = data.get("data") if isinstance(data, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model:
+            return json.dumps({f: entry.get(f) for f in IDENTITY_FIELDS}, sort_keys=True)
+    return ""
 
 
 def _token_key(t: Any) -> str | int:
@@ -528,6 +559,8 @@ def parse_prompt_topk(
                 if not v <= 0.0 + 1e-4:  # also rejects NaN
                     raise ValueError(f"position {i}: logprob {v} of {t!r} is not <= 0")
                 clean[_token_key(t)] = v
+            if len(clean) > k:  # vLLM adds the actual token: training uses the k best, the cache keeps them
+                clean = dict(sorted(clean.items(), key=lambda kv: kv[1], reverse=True)[:k])
             out.append((tok, clean, off))
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise TeacherError(f"{where}: bad prompt logprobs ({exc})") from exc
@@ -550,47 +583,3 @@ def parse_prompt_topk(
     elif not all(isinstance(t, int) for t in toks) or data["choices"][0].get("text", prompt) != prompt:
         raise TeacherError(f"{where}: echoed tokens do not spell the prompt")
     return out
-
-
-def token_id_map(tok) -> dict[str, int | None]:
-    """Decoded text -> token id for a tokenizer the teacher shares; None where several ids
-    decode to the same text (e.g. lone UTF-8 bytes), which cannot be told apart."""
-    out: dict[str, int | None] = {}
-    for i in range(tok.n_vocab):
-        try:
-            s = tok.decode([i])
-        except Exception:  # special or unused ids
-            continue
-        out[s] = None if s in out else i
-    return out
-
-
-def topk_tensors(
-    entries: list[TopkEntry], vocab: dict[str, int | None] | None, k: int, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-position teacher targets for `topk_kl_loss`, aligned with the prompt's token ids.
-
-    Row i holds the top-k that predicted token i+1 (i.e. for the student's logits at position i);
-    returns ids (T, k) long, logprobs (T, k) float and mask (T,) bool, T = len(entries). The last
-    row (nothing to predict) is masked. Int keys (token ids) are used as they are (`vocab` may
-    be None when all are ints); unknown or ambiguous token texts raise TeacherError.
-    """
-    t = len(entries)
-    ids = torch.zeros(t, k, dtype=torch.long)
-    lps = torch.full((t, k), -torch.log(torch.tensor(float(k))).item())
-    mask = torch.zeros(t, dtype=torch.bool)
-    for i in range(t - 1):
-        top = entries[i + 1][1]
-        if top is None or len(top) < k:
-            raise TeacherError(f"position {i + 1}: need {k} top logprobs")
-        best = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]
-        for j, (text, lp) in enumerate(best):
-            tid = text if isinstance(text, int) else (vocab or {}).get(text)
-            if tid is None:
-                raise TeacherError(
-                    f"position {i + 1}: teacher token {text!r} is "
-                    f"{'ambiguous' if text in (vocab or {}) else 'not'} in the student's vocabulary"
-                )
-            ids[i, j], lps[i, j] = tid, lp
-        mask[i] = True
-    return ids.to(device), lps.to(device), mask.to(device)

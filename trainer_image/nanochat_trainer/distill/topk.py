@@ -18,16 +18,27 @@ HTTP only when the teacher is slower than training. The loader state a checkpoin
 before the oldest batch not yet trained on (`loader_state`).
 
 A teacher that fails after the client's retries: with distill.continue_without_teacher the batch
-has no targets (the LM loss alone; counted as teacher_skipped), else the run stops; a 401, 403 or
-404 (bad key, unknown model) always stops it, since no later request would succeed.
+has no targets (the LM loss alone; counted as teacher_skipped), else the run stops. A refusal the
+same request would get again stops the run as a configuration error (`errors.ConfigError`, exit
+2): a 401, 403 or 404 (bad key, unknown model) at once, and any other 4xx (vLLM's 400 for top_k
+above its --max-logprobs, for a row longer than its max-model-len) when it answers every request
+of a micro-batch, quoting the server's message.
+
+A teacher found down (`TeacherUnavailable`: the client's whole retry schedule spent on one
+micro-batch) opens a circuit breaker, as `SequenceProducer.down_since` does: the requests under
+way are cancelled and later micro-batches train on the LM loss at once, without asking, while one
+`AsyncTeacher.probe` request every PROBE_S seconds asks whether it is back; the first answer
+closes the breaker and the queued micro-batches are asked again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,9 +46,23 @@ import torch
 from ..config import DistillConfig
 from ..data.feed import Batch, TopkTargets
 from ..data.loader import TokenLoader
-from .teacher import FATAL_STATUS, AsyncTeacher, TeacherError, token_id_map, topk_tensors
+from ..errors import ConfigError
+from .cache import TopkEntry
+from .teacher import FATAL_STATUS, AsyncTeacher, TeacherError, TeacherUnavailable
 
 PREFETCH_DEPTH = 4  # micro-batches whose teacher answers are fetched ahead
+PROBE_S = 2.0  # while the teacher is down, one probe request this often (read at run time: tests shorten it)
+
+
+@dataclass
+class _Pending:
+    """A micro-batch read ahead: its loader state before it, and its teacher request (None: read
+    while the teacher was down, not asked yet)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    state: dict[str, Any]
+    fut: Future | None
 
 
 class TopkFeed:
@@ -64,8 +89,12 @@ class TopkFeed:
         self.pulled = 0
         self.skipped = 0  # batches trained on the LM loss alone: the teacher failed
         self.last_error: str | None = None
+        self.down_since: float | None = None  # monotonic time the current outage began; None: it answers
+        self.outages = 0
+        self._probe: Future | None = None
+        self._probe_after = 0.0
         self._vocab: dict | None = None
-        self._queue: deque = deque()
+        self._queue: deque[_Pending] = deque()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-prefetch", daemon=True)
 
@@ -79,15 +108,15 @@ class TopkFeed:
         self._fill()
         if not self._queue:
             raise RuntimeError("the feed has served every micro-batch of the run")
-        x, y, _, fut = self._queue.popleft()
+        item = self._queue.popleft()
         self._fill()  # keep `depth` requests in flight while this batch trains
-        return Batch(x, y, self._targets(fut, x, y))
+        return Batch(item.x, item.y, self._targets(item))
 
     def prefetch(self) -> None:
         pass  # `depth` batches are read and asked of the teacher ahead already
 
     def loader_state(self) -> dict[str, Any]:
-        return self._queue[0][2] if self._queue else self.loader.state_dict()
+        return self._queue[0].state if self._queue else self.loader.state_dict()
 
     def load_loader_state(self, state: dict[str, Any]) -> None:
         assert not self._queue, "resume before the first batch"
@@ -97,14 +126,19 @@ class TopkFeed:
         return None
 
     def record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"teacher": self.teacher.record(), "teacher_skipped": self.skipped}
+        rec: dict[str, Any] = {
+            "teacher": self.teacher.record(),
+            "teacher_skipped": self.skipped,
+            "teacher_outages": self.outages,
+        }
         if self.last_error:
             rec["teacher_error"] = self.last_error
         return rec
 
     def close(self) -> None:
-        for *_, fut in self._queue:
-            fut.cancel()
+        for fut in [item.fut for item in self._queue] + [self._probe]:
+            if fut is not None:
+                fut.cancel()
         self._queue.clear()
         if not self._thread.is_alive():
             self._loop.close()
@@ -119,39 +153,98 @@ class TopkFeed:
 
     # ------------------------------------------------------------------ fetching
 
-    async def _fetch(self, rows: list[list[int]]) -> Any:
-        return list(await asyncio.gather(*(self.teacher.prompt_topk(r, self.k) for r in rows)))
+    async def _fetch(self, rows: list[list[int]]) -> list[Any]:
+        """Per row its entries, or the exception its request raised."""
+        return list(await asyncio.gather(*(self.teacher.prompt_topk(r, self.k) for r in rows), return_exceptions=True))
+
+    def _ask(self, x: torch.Tensor) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._fetch(x.tolist()), self._loop)
 
     def _fill(self) -> None:
         while len(self._queue) < self.depth and (self.limit is None or self.pulled < self.limit):
             self.pulled += 1
             state = self.loader.state_dict()
             x, y = self.loader.next_batch()
-            fut = asyncio.run_coroutine_threadsafe(self._fetch(x.tolist()), self._loop)
-            self._queue.append((x, y, state, fut))
+            self._queue.append(_Pending(x, y, state, None if self.down_since is not None else self._ask(x)))
 
-    def _targets(self, fut: Future, x: torch.Tensor, y: torch.Tensor) -> TopkTargets | None:
-        """The batch's targets; None when it trains on the LM loss alone (the teacher failed and
-        the run may go on without it)."""
+    def _targets(self, item: _Pending) -> TopkTargets | None:
+        """The batch's targets; None when it trains on the LM loss alone (the teacher failed or is
+        down, and the run may go on without it)."""
+        if item.fut is None and self._teacher_back():
+            for pending in (item, *self._queue):
+                pending.fut = pending.fut or self._ask(pending.x)
         try:
-            ids, lps, mask = self.result(fut, x)
+            if item.fut is None:
+                assert self.down_since is not None
+                raise TeacherUnavailable(
+                    f"down for {time.monotonic() - self.down_since:.0f}s, not asked: {self.last_error}"
+                )
+            ids, lps, mask = self.result(item.fut, item.x)
         except TeacherError as exc:
-            url = self.dcfg.teacher.url
-            if exc.status in FATAL_STATUS:
-                raise TeacherError(
-                    f"distillation teacher {url} refuses requests (HTTP {exc.status}): check "
-                    f"distill.teacher.url, .model and the API key: {exc}",
-                    status=exc.status,
-                ) from exc
+            if isinstance(exc, TeacherUnavailable) and item.fut is not None:
+                self._went_down()
             if not self.dcfg.continue_without_teacher:
                 raise TeacherError(
-                    f"distillation teacher {url} failed and distill.continue_without_teacher is false: {exc}"
+                    f"distillation teacher {self.dcfg.teacher.url} failed and "
+                    f"distill.continue_without_teacher is false: {exc}"
                 ) from exc
             self.skipped += 1
-            self.last_error = str(exc)[:300]
+            if item.fut is not None:  # a batch not asked adds nothing new to say
+                self.last_error = str(exc)[:300]
             return None
-        mask = mask & (y != -1)
+        mask = mask & (item.y != -1)
         return self._checked(TopkTargets(ids, lps, mask))
+
+    def _went_down(self) -> None:
+        """Open the breaker: the requests queued behind this one would spend the same retries."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.outages += 1
+            self._probe_after = self.down_since + PROBE_S
+        for pending in self._queue:
+            if pending.fut is not None and not pending.fut.done():
+                pending.fut.cancel()
+                pending.fut = None
+
+    def _teacher_back(self) -> bool:
+        """While the breaker is open: whether a probe got an answer (closing it); starts the next
+        probe when one is due."""
+        probe = self._probe
+        if probe is not None and probe.done():
+            self._probe = None
+            if not probe.cancelled() and probe.exception() is None and probe.result():
+                self.down_since = None
+                return True
+        now = time.monotonic()
+        if self._probe is None and now >= self._probe_after:
+            self._probe = asyncio.run_coroutine_threadsafe(self.teacher.probe(), self._loop)
+            self._probe_after = now + PROBE_S
+        return False
+
+    def _failures(self, answers: list[Any]) -> list[TeacherError]:
+        """The micro-batch's failed requests. Raises what the batch cannot go on from: the teacher
+        down (TeacherUnavailable), a refusal no request escapes (401/403/404), or one refusal
+        (a 4xx) for every request: the config asks for what this teacher does not do."""
+        errors: list[TeacherError] = []
+        for a in answers:
+            if isinstance(a, BaseException) and not isinstance(a, TeacherError):
+                raise TeacherError(f"teacher request failed: {type(a).__name__}: {a}") from a
+            if isinstance(a, TeacherError):
+                errors.append(a)
+        for e in errors:
+            if isinstance(e, TeacherUnavailable):
+                raise e
+        for e in errors:
+            if e.status in FATAL_STATUS:
+                raise self._config_error("refuses requests (check distill.teacher.url, .model and the API key)", e)
+        if errors and len(errors) == len(answers) and len({e.status for e in errors}) == 1 and errors[0].refused:
+            raise self._config_error(f"refused every one of a micro-batch's {len(answers)} requests", errors[0])
+        return errors
+
+    def _config_error(self, what: str, exc: TeacherError) -> ConfigError:
+        err = ConfigError("distill.teacher", self.dcfg.teacher.url, " ".join(f"{what}: {exc}".split()))
+        err.__cause__ = exc
+        return err
 
     def _checked(self, targets: TopkTargets) -> TopkTargets | None:
         """Targets the batch can distil on (every position has one here)."""
@@ -159,12 +252,10 @@ class TopkFeed:
 
     def result(self, fut: Future, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher targets for batch x; raises TeacherError when the teacher failed (after retries)."""
-        try:
-            answers = fut.result()
-        except TeacherError:
-            raise
-        except Exception as exc:  # anything unexpected from the client is a teacher failure too
-            raise TeacherError(f"teacher request failed: {type(exc).__name__}: {exc}") from exc
+        answers = self._answers(fut)
+        errors = self._failures(answers)
+        if errors:
+            raise errors[0]
         rows = []
         for row_ids, a in zip(x.tolist(), answers):
             vocab = None
@@ -188,9 +279,60 @@ class TopkFeed:
             torch.stack([r[2] for r in rows]).to(x.device),
         )
 
+    @staticmethod
+    def _answers(fut: Future) -> Any:
+        try:
+            return fut.result()
+        except Exception as exc:  # anything unexpected from the client is a teacher failure too
+            raise TeacherError(f"teacher request failed: {type(exc).__name__}: {exc}") from exc
+
     def _text_vocab(self) -> dict:
         if self._vocab is None:
             if self.tokenizer is None:
                 raise TeacherError("the teacher answered with token texts, not ids, and no tokenizer was given")
             self._vocab = token_id_map(self.tokenizer)
         return self._vocab
+
+
+def token_id_map(tok) -> dict[str, int | None]:
+    """Decoded text -> token id for a tokenizer the teacher shares; None where several ids
+    decode to the same text (e.g. lone UTF-8 bytes), which cannot be told apart."""
+    out: dict[str, int | None] = {}
+    for i in range(tok.n_vocab):
+        try:
+            s = tok.decode([i])
+        except Exception:  # special or unused ids
+            continue
+        out[s] = None if s in out else i
+    return out
+
+
+def topk_tensors(
+    entries: list[TopkEntry], vocab: dict[str, int | None] | None, k: int, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position teacher targets for `topk_kl_loss`, aligned with the prompt's token ids.
+
+    Row i holds the top-k that predicted token i+1 (i.e. for the student's logits at position i);
+    returns ids (T, k) long, logprobs (T, k) float and mask (T,) bool, T = len(entries). The last
+    row (nothing to predict) is masked. Int keys (token ids) are used as they are (`vocab` may
+    be None when all are ints); unknown or ambiguous token texts raise TeacherError.
+    """
+    t = len(entries)
+    ids = torch.zeros(t, k, dtype=torch.long)
+    lps = torch.full((t, k), -torch.log(torch.tensor(float(k))).item())
+    mask = torch.zeros(t, dtype=torch.bool)
+    for i in range(t - 1):
+        top = entries[i + 1][1]
+        if top is None or len(top) < k:
+            raise TeacherError(f"position {i + 1}: need {k} top logprobs")
+        best = sorted(top.items(), key=lambda kv: kv[1], reverse=True)[:k]
+        for j, (text, lp) in enumerate(best):
+            tid = text if isinstance(text, int) else (vocab or {}).get(text)
+            if tid is None:
+                raise TeacherError(
+                    f"position {i + 1}: teacher token {text!r} is "
+                    f"{'ambiguous' if text in (vocab or {}) else 'not'} in the student's vocabulary"
+                )
+            ids[i, j], lps[i, j] = tid, lp
+        mask[i] = True
+    return ids.to(device), lps.to(device), mask.to(device)

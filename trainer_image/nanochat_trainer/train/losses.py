@@ -14,13 +14,16 @@ the remaining probability mass, so an API that returns only k logprobs still giv
 between two (k+1)-way distributions:
 
     teacher: p_j = exp(lp_j) (j < k),   p_rest = 1 - sum_j p_j   (clamped at 0)
-    student: q_j = softmax(z / T)[id_j], q_rest = 1 - sum_j q_j
+    student: q_j = softmax(z)[id_j],    q_rest = 1 - sum_j q_j
     KL = sum_j p_j (log p_j - log q_j) + p_rest (log p_rest - log q_rest)
 
-With temperature T != 1 the teacher's (k+1)-way distribution is softened as
-softmax(log p / T) (the rest bucket treated as one token, an approximation since its members'
-individual logprobs are unknown) and the loss is scaled by T^2 (Hinton et al.), so its gradients
-keep their size across temperatures. The KL is averaged over positions where mask is True.
+With temperature T != 1 both (k+1)-way distributions are softened the same way, as
+softmax(log p / T) and softmax(log q / T) over the k+1 slots (the rest bucket one token on both
+sides, since the teacher's rest members are unknown), and the loss is scaled by T^2 (Hinton et
+al.), so its gradients keep their size across temperatures. The student must not be softened
+over its whole vocabulary before its rest is summed: its rest bucket would then hold a different
+event than the teacher's, and a student equal to the teacher would be pushed off it. The KL is
+averaged over positions where mask is True.
 
 A slot whose teacher logprob is -inf is empty: it is left out on both sides, so the teacher's
 probability missing from the remaining slots is rest mass, and the student's rest is everything
@@ -99,16 +102,18 @@ def topk_kl_loss(
     t_log = torch.cat([t_lp, torch.log(t_rest.clamp_min(1e-30))], dim=-1)
     t_zero = torch.cat([~slot, t_rest <= 0], dim=-1)
     t_log = t_log.masked_fill(t_zero, -float("inf"))
-    if temperature != 1.0:
-        t_log = F.log_softmax(t_log / temperature, dim=-1)
-    t_p = t_log.exp()
 
-    # Student (k+1)-way log distribution, on the same ids.
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    # Student (k+1)-way log distribution, on the same ids, at T = 1 like the teacher's.
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)
     # Empty slots: a finite, negligible logprob (not -inf, whose logsumexp gradient is NaN).
     s_top = s_logp.gather(-1, ids).masked_fill(~slot, -1e4)
     s_rest = _log1mexp(torch.logsumexp(s_top, dim=-1, keepdim=True))
     s_log = torch.cat([s_top, s_rest], dim=-1)
+
+    if temperature != 1.0:
+        t_log = F.log_softmax(t_log / temperature, dim=-1)
+        s_log = F.log_softmax(s_log / temperature, dim=-1)
+    t_p = t_log.exp()
 
     terms = torch.where(t_p > 0, t_p * (t_log.masked_fill(t_zero, 0.0) - s_log), torch.zeros_like(t_p))
     kl = terms.sum(-1)

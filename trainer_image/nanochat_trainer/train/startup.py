@@ -24,8 +24,9 @@ from ..data.feed import BatchSource, LoaderFeed
 from ..data.loader import TokenLoader
 from ..distill.align import CrossTokenizerFeed
 from ..distill.sequence import SequenceFeed
-from ..distill.teacher import AsyncTeacher
+from ..distill.teacher import AsyncTeacher, url_problem
 from ..distill.topk import TopkFeed
+from ..errors import ConfigError
 from ..models.gpt import GPT, architecture_differences
 from ..models.hf_adapter import read_hf_state
 from ..models.moe import held_expert_rows
@@ -146,6 +147,9 @@ def build_feed(
     `distill.method` (stage distill, or stage ternary with a distill block)."""
     if cfg.distill is None or cfg.stage not in ("distill", "ternary"):
         return LoaderFeed(loader)
+    problem = url_problem(cfg.distill.teacher.url)
+    if problem:  # else every request fails as if the teacher were down, and the run trains without it
+        raise ConfigError("distill.teacher.url", cfg.distill.teacher.url, problem)
     teacher = AsyncTeacher.from_config(cfg.distill.teacher, cache_dir=layout.teacher_cache)
     if cfg.distill.method == "topk_logprobs":
         return TopkFeed(teacher, loader, cfg.distill, cfg.model.vocab_size, tokenizer)
