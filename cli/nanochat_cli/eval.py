@@ -11,7 +11,9 @@ the trainer extra, is installed).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import torch
 
 from nanochat_trainer.checkpoint import load_model, resolve_model_dir
 from nanochat_trainer.contract import compare_key_env, split_endpoint_source
+from nanochat_trainer.errors import EXIT_CONFIG, EXIT_MACHINE, ConfigError
 from nanochat_trainer.eval.client import CompletionsClient, EndpointError
 from nanochat_trainer.eval.generate import generate
 from nanochat_trainer.eval.humaneval import (
@@ -32,6 +35,7 @@ from nanochat_trainer.eval.humaneval import (
     publish_result,
     summary_table,
 )
+from nanochat_trainer.parallel.distributed import _check_cuda as check_cuda  # the trainer's own wording
 from nanochat_trainer.serve import run_server
 
 
@@ -41,16 +45,16 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--endpoint", help="base URL of an OpenAI-compatible server (vLLM, nanochat serve)")
     parser.add_argument("--model", help="model name at the endpoint (required with --endpoint)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="env var holding the endpoint's API key")
-    parser.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
+    parser.add_argument("--samples", type=positive_int, default=1, help="completions per problem (n)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--k", default="1", help="comma-separated k values for pass@k (each <= samples)")
-    parser.add_argument("--max-problems", type=int, default=None, help="only the first N problems")
+    parser.add_argument("--max-problems", type=positive_int, default=None, help="only the first N problems")
     # HumanEval's canonical solutions take up to 513 GPT-2 tokens (3 over 384, 1 over 512).
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per generation batch (checkpoint)")
-    parser.add_argument("--workers", type=int, default=4, help="sandbox processes in parallel")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per completion in the sandbox")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="rows per generation batch (checkpoint)")
+    parser.add_argument("--workers", type=positive_int, default=4, help="sandbox processes in parallel")
+    parser.add_argument("--timeout", type=positive_float, default=10.0, help="seconds per completion in the sandbox")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--name", default="model", help="label of the model in a comparison")
@@ -68,6 +72,41 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write the full results JSON here (default with --checkpoint: humaneval.json beside it)",
     )
+
+
+# argparse types: downstream, 0 reads as "unset" (`--max-problems 0` scored all 164 problems).
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """A count where 0 or less means nothing: problems, samples, tokens, rows, workers."""
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A duration where 0 or less means nothing: seconds to wait."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    value = _whole(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -101,6 +140,20 @@ def parse_compare(text: str) -> Source:
     return Source(name, checkpoint=source)
 
 
+# Refusals that are a wait or an overload, not the request's fault.
+_TRANSIENT_4XX = {408, 429}
+
+
+def endpoint_exit_status(exc: EndpointError) -> int:
+    """2 when the endpoint refused the request itself (a wrong URL path, model name or API key:
+    the user's configuration, which a retry would not change); 1 for an endpoint that is down, slow,
+    overloaded or broken, which a retry (Kubernetes') may get past."""
+    status = exc.refused
+    if status is not None and 400 <= status < 500 and status not in _TRANSIENT_4XX:
+        return EXIT_CONFIG
+    return EXIT_MACHINE
+
+
 def _ks(text: str, samples: int, temperature: float) -> list[int]:
     ks = sorted({int(x) for x in text.split(",") if x.strip()})
     if not ks or ks[0] < 1 or ks[-1] > samples:
@@ -114,7 +167,16 @@ def _ks(text: str, samples: int, temperature: float) -> list[int]:
 
 
 def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """--device, checked as the trainer checks `device: cuda` (one line, not torch's traceback)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ConfigError("--device", name, "not a torch device: cpu, cuda, cuda:N, mps, ...") from None
+    if kind == "cuda":
+        check_cuda()
+    return name
 
 
 def completions_from_checkpoint(path: str, problems: Sequence[dict], args: argparse.Namespace) -> dict[str, list[str]]:
@@ -209,7 +271,7 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
         return 2
     except EndpointError as exc:
         print(f"nanochat eval: endpoint error: {exc}", file=sys.stderr)
-        return 1
+        return endpoint_exit_status(exc)
     report = evaluate_completions(problems, completions, ks=ks, workers=args.workers, timeout=args.timeout)
     report["generation"] = {
         "source": args.checkpoint or args.endpoint,
@@ -245,21 +307,53 @@ def run_eval_from_args(args: argparse.Namespace) -> int:
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (newest checkpoint)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="0: any free port")
     parser.add_argument("--model-name", default="nanochat", help="the name /v1/models reports")
     parser.add_argument("--device", default=None)
 
 
+_BIND_ERRNOS = {errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL}
+
+
+def bind_error(host: str, port: int, err: OSError) -> ConfigError:
+    """Why the server cannot listen, as the flag to change. A taken or privileged port is the
+    user's choice on their own machine (the operator never runs `nanochat serve`, so no retry
+    would help): exit 2, as metrics.port."""
+    if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+        return ConfigError("--host", host, f"cannot listen there: {err.strerror or err}")
+    return ConfigError("--port", port, f"cannot listen there: {err.strerror or err}")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind (host, port) once before the model loads, so a taken port is said at once, not after it."""
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+                s.bind(address)
+    except OSError as err:
+        raise bind_error(host, port, err) from None
+
+
 def run_serve_from_args(args: argparse.Namespace) -> int:
-    """`nanochat serve`: blocks until interrupted; 2 when the checkpoint is missing or unreadable."""
+    """`nanochat serve`: blocks until interrupted; 2 when the checkpoint is missing or unreadable or
+    the address cannot be listened on, 1 for a device the machine lacks."""
     if not Path(args.checkpoint).exists():
         print(f"nanochat serve: error: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
     try:
+        check_can_listen(args.host, args.port)
         model, tok, _ = load_model(args.checkpoint, device=_device(args.device))
     except ValueError as exc:
         print(f"nanochat serve: error: {exc}", file=sys.stderr)
         return 2
     print(f"serving {args.checkpoint} as {args.model_name!r} on http://{args.host}:{args.port}", file=sys.stderr)
-    run_server(model, tok, host=args.host, port=args.port, model_name=args.model_name)
+    try:
+        run_server(model, tok, host=args.host, port=args.port, model_name=args.model_name)
+    except OSError as err:
+        if err.errno not in _BIND_ERRNOS:
+            raise
+        # Taken while the model loaded.
+        print(f"nanochat serve: error: {bind_error(args.host, args.port, err)}", file=sys.stderr)
+        return 2
     return 0

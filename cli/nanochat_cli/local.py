@@ -21,6 +21,7 @@ anything starts, and the dry run says what the cluster would do.
 
 from __future__ import annotations
 
+import tempfile
 from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,15 @@ from nanochat_operator.manifests import ManifestError, eval_fit_in_file, validat
 from nanochat_operator.manifests import dry_run as cluster_dry_run
 from nanochat_trainer.config import TrainerConfig, deep_merge
 from nanochat_trainer.contract import TRAINING_KIND, run_layout
+from nanochat_trainer.errors import MachineError
 
 from .progress import progress_bar
 
 Run = TrainingRun | EvalRun
 
 
-def read_manifest(path: str, overrides: dict[str, Any]) -> list[Run]:
-    """The manifest's runs, validated by the operator's API models after `overrides` were laid over
-    every TrainingRun's spec."""
+def merged_documents(path: str, overrides: dict[str, Any]) -> list[Any]:
+    """The manifest's YAML documents with `overrides` laid over every TrainingRun's spec."""
     try:
         docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as err:
@@ -50,7 +51,28 @@ def read_manifest(path: str, overrides: dict[str, Any]) -> list[Run]:
     for doc in docs:
         if isinstance(doc, dict) and doc.get("kind") == TRAINING_KIND:
             doc["spec"] = deep_merge(doc.get("spec") or {}, overrides)
-    return validate_documents(docs, path)
+    return docs
+
+
+def read_manifest(path: str, overrides: dict[str, Any]) -> list[Run]:
+    """The manifest's runs, validated by the operator's API models after `overrides` were laid over
+    every TrainingRun's spec."""
+    return validate_documents(merged_documents(path, overrides), path)
+
+
+def dry_run_with(path: str, overrides: dict[str, Any]) -> str:
+    """The cluster's dry run of the manifest as overridden: what would run is what is checked."""
+    if not overrides:
+        return cluster_dry_run(path)
+    # The operator's dry run reads a file: give it the merged documents under the manifest's name,
+    # and put the real path back in what it says.
+    with tempfile.TemporaryDirectory(prefix="nanochat-dry-run-") as tmp:
+        merged = Path(tmp) / Path(path).name
+        merged.write_text(yaml.safe_dump_all(merged_documents(path, overrides), sort_keys=False))
+        try:
+            return cluster_dry_run(str(merged)).replace(str(merged), path)
+        except ManifestError as err:
+            raise ManifestError(str(err).replace(str(merged), path)) from None
 
 
 def trainer_config(run: TrainingRun, runs_dir: Path) -> TrainerConfig:
@@ -104,6 +126,23 @@ def needs_cluster(run: EvalRun, fit: EvalFit) -> str | None:
     )
 
 
+def train_locally(name: str, cfg: TrainerConfig) -> dict[str, Any]:
+    """Train one TrainingRun here, its progress on a bar; a teacher still down after the client's
+    retries is one line and exit 1 (its pod would be retried), not a traceback."""
+    from nanochat_trainer.distill.teacher import TeacherUnavailable  # noqa: PLC0415 (the trainer extra)
+    from nanochat_trainer.train import train  # noqa: PLC0415 (torch: the trainer extra)
+
+    # stage generate reports no steps to a bar (it counts documents in its log): a bar would sit at 0.
+    progress = progress_bar(cfg.total_steps) if cfg.generate is None else None
+    try:
+        record = train(cfg, progress=progress)
+    except TeacherUnavailable as err:
+        raise MachineError(f"TrainingRun {name}: the teacher is unavailable: {err}") from None
+    if cfg.generate is not None:
+        print(f"TrainingRun {name}: kept {record['step']} of {cfg.total_steps} documents -> {cfg.checkpoint.dir}")
+    return record
+
+
 def dependency_order(runs: list[Run]) -> list[Run]:
     """TrainingRuns before what depends on them; EvalRuns after the runs they read."""
 
@@ -134,7 +173,7 @@ def run_manifest(
     check the file as the cluster would (schema, storage, GPU fit) and print the plan only."""
     root = Path(runs_dir)
     if dry_run:
-        print(cluster_dry_run(path))
+        print(dry_run_with(path, overrides or {}))
     plans: list[tuple[Run, Any]] = []
     runs = dependency_order(read_manifest(path, overrides or {}))
     trainings = {r.metadata.name: r for r in runs if isinstance(r, TrainingRun)}
@@ -158,13 +197,11 @@ def run_manifest(
     if dry_run:
         return 0
     # torch (the trainer extra) is needed from here on only: a dry run works without it.
-    from nanochat_trainer.train import train  # noqa: PLC0415 (torch: the trainer extra)
-
     from .eval import add_eval_args, run_eval_from_args  # noqa: PLC0415 (torch, too)
 
     for run, plan in plans:
         if isinstance(run, TrainingRun):
-            train(plan, progress=progress_bar(plan.steps))
+            train_locally(run.metadata.name, plan)
             continue
         parser = ArgumentParser(prog="nanochat eval")
         add_eval_args(parser)

@@ -53,6 +53,12 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+MIN_BPE_VOCAB = 257  # 256 bytes + end-of-text
+
+# A local run serves no scraper, and 9090 may be taken (a second run, a local Prometheus).
+LOCAL_METRICS = {"metrics": {"port": 0}}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from nanochat_trainer.train import train  # noqa: PLC0415 (torch: the trainer extra)
 
@@ -60,9 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = load_trainer_config(args.config).model_dump(exclude_unset=True)
     else:
         base = {"preset": args.preset or "tiny"}
+    base = deep_merge(LOCAL_METRICS, base)  # under the config and --set: a port asked for is kept
     if args.out:
         base = deep_merge(base, {"checkpoint": {"dir": args.out}})
-    if args.steps:
+    if args.steps is not None:
         base["steps"] = args.steps
     cfg = TrainerConfig.model_validate(deep_merge(base, parse_sets(args.set)))
     record = train(cfg, progress=progress_bar(cfg.steps) if sys.stderr.isatty() else None)
@@ -87,6 +94,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from nanochat_trainer.tokenizer import train_tokenizer_cli  # noqa: PLC0415 (the trainer extra)
 
+    if args.vocab_size is not None and args.vocab_size < MIN_BPE_VOCAB:
+        # Checked here: below, 0 would read as "no size given" and train model.vocab_size tokens.
+        raise ConfigError("--vocab-size", args.vocab_size, f"a byte-level BPE needs at least {MIN_BPE_VOCAB} tokens")
     tok = train_tokenizer_cli(args.config, args.out, args.vocab_size)
     print(f"trained a {tok.n_vocab}-token byte-level BPE -> {args.out}/tokenizer.json")
     return 0
@@ -159,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("train", help="train a byte-level BPE on a config's data")
     t.add_argument("--config", required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--vocab-size", type=int)
+    t.add_argument("--vocab-size", type=int, help="default: the config's model.vocab_size")
     t.set_defaults(func=cmd_tokenizer_train)
     t = tsub.add_parser("gpt2", help="GPT-2's BPE in tiktoken's cache: say where, or put it there")
     how = t.add_mutually_exclusive_group()

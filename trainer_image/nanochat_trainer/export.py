@@ -9,6 +9,8 @@ written a tensor at a time (`checkpoint.ModelTensors`, `hf_adapter.iter_hf_tenso
 output shard at most, so a model larger than the host's memory exports on one machine. It is
 written into a temporary sibling and renamed into place, and records its source: asked again for
 the same source it says so and writes nothing (an EvalRun's pod runs it before every serving).
+What it replaces is only ever an earlier export: any other file or folder there (the run itself, a
+place where the export would be taken for the run's model) is refused, naming --hf or --ternary.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from typing import Any
 import torch
 
 from .checkpoint import ModelTensors, is_sharded, publish_dir, read_config, resolve_model_dir
-from .contract import MODEL_WEIGHTS, SHARDED_INDEX
+from .contract import MODEL_WEIGHTS, SHARDED_INDEX, RunLayout
 from .errors import ConfigError
 from .models.gpt import GPT
 from .models.hf_adapter import iter_hf_tensors, write_hf
 from .models.ternary import apply_ternary
-from .models.ternary_pack import save_packed
+from .models.ternary_pack import read_packed_metadata, save_packed
 from .tokenizer import load_tokenizer
 
 SOURCE_RECORD = "nanochat_export.json"
@@ -48,6 +50,7 @@ def export_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = "
             "ternary ones it was trained to use; export it with --ternary",
         )
     out = Path(out)
+    _check_hf_target(Path(src), model_dir, out)
     source = _source_record(model_dir, dtype)
     if _recorded(out) == source:
         return False
@@ -75,8 +78,53 @@ def export_ternary(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, 
     with torch.device("meta"):  # which modules are ternary, and their shapes; no memory
         model = GPT(cfg.model)
     apply_ternary(model, cfg.ternary, ramp=1.0)
+    _check_ternary_target(Path(out))
     with ModelTensors(model_dir) as weights:
         return save_packed(model, cfg.model.model_dump(mode="json"), out, dtype=torch.bfloat16, weights=weights)
+
+
+def _check_hf_target(src: Path, model_dir: Path, out: Path) -> None:
+    """Refuse an --hf directory whose replacement would lose data: publishing renames whatever is
+    there aside and deletes it, so only an earlier export (or nothing) may be there."""
+    target, model = out.resolve(), model_dir.resolve()
+    for source in (src.resolve(), model):
+        if target == source or target in source.parents:
+            raise ConfigError("--hf", str(out), f"holds the model it exports ({source}); name a new directory")
+    if model in target.parents:
+        raise ConfigError("--hf", str(out), "inside the model directory, which training replaces whole")
+    run = _run_of(model)
+    if run is not None and _taken_for_checkpoint(RunLayout(run), target):
+        # An export writes model.safetensors, so in these places it would be loaded as the run's model.
+        raise ConfigError("--hf", str(out), f"a checkpoint's place in run {run}; export to {RunLayout(run).hf()}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--hf", str(out), "is a file; an export is a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / SOURCE_RECORD).is_file():
+        raise ConfigError("--hf", str(out), f"holds files but no earlier export ({SOURCE_RECORD}); it would be deleted")
+
+
+def _run_of(model_dir: Path) -> Path | None:
+    # final/, best/ or checkpoints/step_N of a run directory; None for a model directory elsewhere.
+    if model_dir.parent.name == "checkpoints" and RunLayout.step_of(model_dir) is not None:
+        return model_dir.parent.parent
+    if model_dir.name in ("final", "best"):
+        return model_dir.parent
+    return None
+
+
+def _taken_for_checkpoint(layout: RunLayout[Path], target: Path) -> bool:
+    return target in (layout.final, layout.best) or layout.checkpoints == target or layout.checkpoints in target.parents
+
+
+def _check_ternary_target(out: Path) -> None:
+    """Refuse a --ternary path whose replacement would lose data: only an earlier packed file may be there."""
+    if out.is_dir():
+        raise ConfigError("--ternary", str(out), "is a directory; the packed export is one file")
+    if not out.exists():
+        return
+    try:
+        read_packed_metadata(out)
+    except Exception as e:  # any unreadable file: not ours to replace
+        raise ConfigError("--ternary", str(out), "exists and is not a packed ternary file; it would be replaced") from e
 
 
 def _source_record(model_dir: Path, dtype: str) -> dict[str, Any]:

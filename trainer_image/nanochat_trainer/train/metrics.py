@@ -9,6 +9,7 @@ The operator scrapes the gauges from pod 0 to fill a TrainingRun's status; their
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from ..contract import (
     RunLayout,
     TrainerGauge,
 )
+from ..errors import ConfigError, MachineError
 from ..models.gpt import active_params
 
 # Dense bf16 tensor-core peaks; MFU is only reported on devices listed here.
@@ -54,6 +56,19 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return flops_per_token(n, attn_layers, cfg.dim, seq_len)
 
 
+def _serve_metrics(port: int, registry: CollectorRegistry) -> None:
+    try:
+        start_http_server(port, registry=registry)
+    except OSError as e:
+        # A port taken (a second local run, a local Prometheus) or privileged is the config's to change;
+        # anything else is the machine's (exit 1, retried).
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise ConfigError(
+                "metrics.port", port, f"cannot serve the metrics there: {e.strerror}; 0 turns them off"
+            ) from e
+        raise MachineError(f"metrics.port={port}: cannot serve the metrics: {e}") from e
+
+
 class TrainerMetrics:
     """The gauges (served on `port` by rank 0 when `enabled`) and log.jsonl (written by rank 0)."""
 
@@ -73,7 +88,7 @@ class TrainerMetrics:
         )
         self.log_path = layout.log
         if enabled and port:
-            start_http_server(port, registry=self.registry)
+            _serve_metrics(port, self.registry)
 
     def set(self, **values: float | None) -> None:
         """Gauges by name (`TrainerGauge` values); None leaves a gauge as it is."""
