@@ -10,6 +10,8 @@ import pytest
 
 from nanochat_cli.local import run_manifest
 from nanochat_cli.main import main
+from nanochat_operator.manifests import ManifestError
+from nanochat_operator.manifests import dry_run as cluster_dry_run
 from nanochat_trainer.checkpoint import load_model
 from nanochat_trainer.serve import ModelServer
 
@@ -62,6 +64,19 @@ def test_bad_field_is_named_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"\(TrainingRun base\): spec.trainer.steps=0"):
         run_manifest(str(path), runs_dir=str(tmp_path / "runs"))  # refused before anything runs
     assert [p.name for p in tmp_path.iterdir()] == ["m.yaml"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_an_eval_of_a_best_checkpoint_that_will_never_be_is_refused_before_anything_runs(tmp_path, dry_run):
+    path = tmp_path / "m.yaml"
+    path.write_text(MANIFEST.replace("model: {trainingRun: base}", "model: {trainingRun: base, checkpoint: best}"))
+    assert "checkpoint: best" in path.read_text()
+    refused = r"EvalRun base-eval: TrainingRun base has no best checkpoint"
+    with pytest.raises(ValueError, match=refused):
+        run_manifest(str(path), dry_run=dry_run, runs_dir=str(tmp_path / "runs"))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.yaml"]
+    with pytest.raises(ManifestError, match=refused):  # the operator's own dry run, which the CLI's prints
+        cluster_dry_run(str(path))
 
 
 @pytest.mark.parametrize("example", sorted(str(p) for p in (Path(__file__).parent.parent / "examples").glob("*.yaml")))

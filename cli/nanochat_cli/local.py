@@ -31,7 +31,7 @@ import yaml
 from nanochat_operator import render
 from nanochat_operator.api import EvalRun, EvalRunSpec, TrainingRun
 from nanochat_operator.checks import EvalFit
-from nanochat_operator.manifests import ManifestError, eval_fit_in_file, validate_documents
+from nanochat_operator.manifests import ManifestError, eval_fit_in_file, missing_best, validate_documents
 from nanochat_operator.manifests import dry_run as cluster_dry_run
 from nanochat_trainer.config import TrainerConfig, deep_merge
 from nanochat_trainer.contract import TRAINING_KIND, run_layout
@@ -184,6 +184,9 @@ def run_manifest(
             work = f"{cfg.generate.rows} documents" if cfg.generate else f"preset {cfg.preset}, {cfg.steps} steps"
             print(f"TrainingRun {run.metadata.name}: stage {cfg.stage}, {work} -> {cfg.checkpoint.dir}")
             continue
+        missing = missing_best(run, trainings)
+        if missing:  # before anything trains, not after its source did
+            raise ManifestError(f"{path}: EvalRun {run.metadata.name}: {missing}")
         fit = eval_fit_in_file(run, trainings)
         served = needs_cluster(run, fit)
         if served and not dry_run:

@@ -28,6 +28,14 @@ from .api import TrainingRunStatus
 from .status import load_status
 
 
+def no_best_checkpoint(source_name: str) -> str:
+    """Why `checkpoint: best` of this TrainingRun cannot be: also the dry run's refusal."""
+    return (
+        f"TrainingRun {source_name} has no best checkpoint: it runs without spec.trainer.evaluation "
+        "(score its final one, checkpoint: final)"
+    )
+
+
 @dataclass(frozen=True)
 class Dependency:
     state: Literal["ready", "wait", "fail"]
@@ -88,13 +96,7 @@ def resolve(source_name: str, source: dict[str, Any] | None, which: str = "final
         )
     # Read from the spec, not the status: the last step always evaluates, often after the last scrape.
     if which == "best" and not ((source.get("spec") or {}).get("trainer") or {}).get("evaluation"):
-        return Dependency(
-            "fail",
-            "NoBestCheckpoint",
-            f"TrainingRun {source_name} has no best checkpoint: it ran without spec.trainer.evaluation "
-            "(score its final one, checkpoint: final)",
-            source_name,
-        )
+        return Dependency("fail", "NoBestCheckpoint", no_best_checkpoint(source_name), source_name)
     checkpoint = status.final_checkpoint or render.final_checkpoint_path(source_name)
     return Dependency(
         "ready",

@@ -25,6 +25,7 @@ from nanochat_trainer.contract import API_VERSION
 from . import api, render
 from .api import EvalRun, TrainingRun
 from .checks import SERVE_GPU_MEMORY_UTILIZATION, EvalFit, estimate_params, eval_fit, feasibility
+from .deps import no_best_checkpoint
 
 ApiObject = TrainingRun | EvalRun
 
@@ -144,6 +145,16 @@ def eval_fit_in_file(run: EvalRun, trainings: Mapping[str, TrainingRun], gpu_mem
     return eval_fit(s, main.spec.trainer if main else None, compare, gpu_memory_gib)
 
 
+def missing_best(run: EvalRun, trainings: Mapping[str, TrainingRun]) -> str | None:
+    """Why the EvalRun would fail for a `checkpoint: best` that a TrainingRun in `trainings` will
+    never have (it runs without evaluation), as deps.py fails it once that run exists; None if none."""
+    for m in (run.spec.model, *run.spec.compare):
+        source = trainings.get(m.training_run or "")
+        if m.checkpoint == "best" and source is not None and source.spec.trainer.evaluation is None:
+            return no_best_checkpoint(source.metadata.name)
+    return None
+
+
 def vllm_serving(fit: EvalFit, image: str) -> render.VllmServing | None:
     """How the operator's eval pod serves the model, when it does (a model too large for one GPU)."""
     if fit.tensor_parallel is None or fit.max_model_len is None:
@@ -200,6 +211,9 @@ def dry_run(path: str, gpu_memory_gib: float = 80.0) -> str:
             )
             lines += _describe_training(obj, in_file)
         else:
+            missing = missing_best(obj, trainings)
+            if missing:
+                raise ManifestError(f"{path}: EvalRun {obj.metadata.name}: {missing}")
             fit = eval_fit_in_file(obj, trainings, gpu_memory_gib)
             if fit.problems:
                 raise ManifestError(f"{path}: EvalRun {obj.metadata.name}: {'; '.join(fit.problems)}")
